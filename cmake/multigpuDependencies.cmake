@@ -1,0 +1,104 @@
+# Finds what multigpu needs and decides its feature switches.
+#
+# Used twice: by the project's own CMakeLists.txt and, after installation, by
+# multigpuConfig.cmake in the consumer's project, so that the switches follow
+# the LibTorch the consumer builds against, not the one multigpu was installed
+# with.
+#
+# In:  MULTIGPU_ENABLE_CUDA, MULTIGPU_ENABLE_NCCL (AUTO, ON or OFF; default AUTO)
+# Out: Torch, fmt and Threads found;
+#      MULTIGPU_HAS_CUDA, MULTIGPU_HAS_NCCL (TRUE/FALSE);
+#      MULTIGPU_DEPENDENCY_TARGETS (what the multigpu target links).
+
+include_guard(GLOBAL)
+
+if(NOT DEFINED MULTIGPU_ENABLE_CUDA)
+  set(MULTIGPU_ENABLE_CUDA AUTO)
+endif()
+if(NOT DEFINED MULTIGPU_ENABLE_NCCL)
+  set(MULTIGPU_ENABLE_NCCL AUTO)
+endif()
+
+find_package(Threads REQUIRED)
+if(NOT TARGET torch)
+  find_package(Torch REQUIRED)
+endif()
+if(NOT TARGET fmt::fmt AND NOT TARGET fmt::fmt-header-only)
+  find_package(fmt REQUIRED)
+endif()
+
+# Imported targets are visible only in the directory that found them. When
+# multigpu is a subdirectory (add_subdirectory, FetchContent), the consumer's
+# targets link ours from a parent directory, so what we found must be global.
+get_property(_multigpu_imported DIRECTORY PROPERTY IMPORTED_TARGETS)
+foreach(_target IN LISTS _multigpu_imported)
+  get_target_property(_global ${_target} IMPORTED_GLOBAL)
+  if(NOT _global)
+    set_target_properties(${_target} PROPERTIES IMPORTED_GLOBAL TRUE)
+  endif()
+endforeach()
+
+# A CUDA build of LibTorch exports torch_cuda (1.x and 2.x) and sets
+# CAFFE2_USE_CUDA; a CPU-only build has neither.
+set(_multigpu_torch_has_cuda FALSE)
+if(TARGET torch_cuda OR CAFFE2_USE_CUDA)
+  set(_multigpu_torch_has_cuda TRUE)
+endif()
+
+set(MULTIGPU_HAS_CUDA FALSE)
+if(MULTIGPU_ENABLE_CUDA STREQUAL "ON")
+  if(NOT _multigpu_torch_has_cuda)
+    message(FATAL_ERROR
+      "multigpu: MULTIGPU_ENABLE_CUDA=ON, but the LibTorch found at "
+      "'${Torch_DIR}' was built without CUDA. Point Torch_DIR (or "
+      "CMAKE_PREFIX_PATH) at a CUDA build of LibTorch, or use AUTO/OFF.")
+  endif()
+  set(MULTIGPU_HAS_CUDA TRUE)
+elseif(MULTIGPU_ENABLE_CUDA STREQUAL "AUTO")
+  set(MULTIGPU_HAS_CUDA ${_multigpu_torch_has_cuda})
+elseif(NOT MULTIGPU_ENABLE_CUDA STREQUAL "OFF")
+  message(FATAL_ERROR
+    "multigpu: MULTIGPU_ENABLE_CUDA='${MULTIGPU_ENABLE_CUDA}'; valid: AUTO, ON, OFF")
+endif()
+
+set(MULTIGPU_HAS_NCCL FALSE)
+if(NOT MULTIGPU_ENABLE_NCCL MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR
+    "multigpu: MULTIGPU_ENABLE_NCCL='${MULTIGPU_ENABLE_NCCL}'; valid: AUTO, ON, OFF")
+endif()
+if(MULTIGPU_HAS_CUDA AND NOT MULTIGPU_ENABLE_NCCL STREQUAL "OFF")
+  if(MULTIGPU_ENABLE_NCCL STREQUAL "ON")
+    find_package(NCCL REQUIRED)
+  else()
+    find_package(NCCL QUIET)
+  endif()
+  if(NCCL_FOUND)
+    set(MULTIGPU_HAS_NCCL TRUE)
+  endif()
+elseif(MULTIGPU_ENABLE_NCCL STREQUAL "ON")
+  message(FATAL_ERROR
+    "multigpu: MULTIGPU_ENABLE_NCCL=ON needs CUDA, and CUDA is off "
+    "(LibTorch without CUDA, or MULTIGPU_ENABLE_CUDA=OFF)")
+endif()
+
+set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS})
+if(TARGET fmt::fmt)
+  list(APPEND MULTIGPU_DEPENDENCY_TARGETS fmt::fmt)
+else()
+  list(APPEND MULTIGPU_DEPENDENCY_TARGETS fmt::fmt-header-only)
+endif()
+if(MULTIGPU_HAS_NCCL)
+  list(APPEND MULTIGPU_DEPENDENCY_TARGETS NCCL::NCCL)
+endif()
+
+if(MULTIGPU_HAS_CUDA)
+  set(_multigpu_cuda_text "ON")
+else()
+  set(_multigpu_cuda_text "OFF (LibTorch without CUDA or disabled)")
+endif()
+if(MULTIGPU_HAS_NCCL)
+  set(_multigpu_nccl_text "ON (${NCCL_LIBRARIES})")
+else()
+  set(_multigpu_nccl_text "OFF")
+endif()
+message(STATUS "multigpu: LibTorch ${Torch_VERSION}${TORCH_VERSION}, CUDA ${_multigpu_cuda_text}, NCCL ${_multigpu_nccl_text}")

@@ -1,0 +1,10 @@
+#pragma once
+/// @file
+/// Everything of multigpu, in dependency order. Include this one header:
+///   #include <multigpu/multigpu.hpp>
+
+#include "multigpu/config.hpp"
+#include "multigpu/error.hpp"
+#include "multigpu/device_spec.hpp"
+#include "multigpu/runtime.hpp"
+#include "multigpu/device.hpp"

@@ -1,0 +1,216 @@
+#pragma once
+/// @file
+/// The runtime policy of BasicDeviceManager: what it asks the machine, and the
+/// real answer (SystemRuntime: the CUDA runtime and NVML). A scripted fake for
+/// tests lives in multigpu/testing/fake_runtime.hpp.
+///
+/// A runtime policy is any copyable class with these members:
+///
+///   RuntimeInfo info();                          // versions, NVML, why no GPU
+///   std::vector<RuntimeGpu> visible_gpus();      // CUDA's view, logical order, fresh memory
+///   std::optional<std::string> getenv(const char* name) const;
+///   std::optional<bool> can_access_peer(int from, int to);  // logical numbers; nullopt: unknown
+
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/core.h>
+#include <torch/version.h>
+
+#include "multigpu/config.hpp"
+#include "multigpu/detail/nvml.hpp"
+
+#if MULTIGPU_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+#if MULTIGPU_WITH_NCCL
+#include <nccl.h>
+#endif
+
+namespace multigpu {
+
+/// One GPU as a runtime reports it.
+struct RuntimeGpu {
+  std::string name;
+  std::string pci_bus_id;  ///< "0000:3b:00.0"; "" when unknown
+  std::string uuid;        ///< "GPU-..."; "" when unknown
+  int cc_major = 0;        ///< Compute capability.
+  int cc_minor = 0;
+  std::int64_t total_bytes = -1;  ///< -1 when unknown
+  std::int64_t used_bytes = -1;   ///< Memory in use by every process; -1 when unknown
+  int nvml_index = -1;            ///< nvidia-smi's number for it; -1 when unknown
+};
+
+/// What a runtime knows about the machine as a whole.
+struct RuntimeInfo {
+  std::string torch_version = TORCH_VERSION;
+  /// LibTorch was built with CUDA and multigpu compiled its CUDA paths.
+  bool cuda_build = false;
+  std::string cuda_runtime_version;  ///< "12.4"; "" without CUDA
+  std::string driver_version;        ///< NVIDIA driver; "" when unknown
+  std::string nccl_version;          ///< "2.21.5"; "" when the NCCL backend is not compiled
+  /// Where memory figures come from: "NVML", "cudaMemGetInfo", "fake" or "none".
+  std::string memory_source = "none";
+  /// Why NVML is not used ("" when it is).
+  std::string nvml_problem;
+  /// Every GPU of the machine as NVML sees it, CUDA_VISIBLE_DEVICES or not;
+  /// empty without NVML. Lets the report say "4 GPUs here, LibTorch CPU-only".
+  std::vector<RuntimeGpu> machine_gpus;
+  /// The CUDA runtime's complaint when it finds no device ("" otherwise).
+  std::string cuda_error;
+};
+
+/// The real machine: the CUDA runtime (with MULTIGPU_WITH_CUDA) for the
+/// GPUs that this process can use, NVML for memory without creating CUDA
+/// contexts, the process environment for CUDA_VISIBLE_DEVICES.
+class SystemRuntime {
+ public:
+  RuntimeInfo info();
+  std::vector<RuntimeGpu> visible_gpus();
+  std::optional<std::string> getenv(const char* name) const {
+    const char* value = std::getenv(name);
+    return value == nullptr ? std::nullopt : std::optional<std::string>(value);
+  }
+  std::optional<bool> can_access_peer(int from, int to);
+
+ private:
+  std::string cuda_error_;
+  bool used_context_memory_ = false;
+};
+
+namespace detail {
+
+inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {
+  RuntimeGpu out;
+  out.name = gpu.name;
+  out.pci_bus_id = gpu.pci_bus_id;
+  out.uuid = gpu.uuid;
+  out.cc_major = gpu.cc_major;
+  out.cc_minor = gpu.cc_minor;
+  out.total_bytes = gpu.total_bytes;
+  out.used_bytes = gpu.used_bytes;
+  out.nvml_index = gpu.index;
+  return out;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------
+// Definitions
+
+inline RuntimeInfo SystemRuntime::info() {
+  RuntimeInfo info;
+  const auto& nvml = detail::Nvml::instance();
+  info.nvml_problem = nvml.unavailable_reason();
+  info.driver_version = nvml.driver_version();
+  for (const auto& gpu : nvml.gpus()) info.machine_gpus.push_back(detail::from_nvml(gpu));
+#if MULTIGPU_WITH_CUDA
+  info.cuda_build = true;
+  int runtime_version = 0;
+  if (cudaRuntimeGetVersion(&runtime_version) == cudaSuccess) {
+    info.cuda_runtime_version = fmt::format("{}.{}", runtime_version / 1000, (runtime_version % 1000) / 10);
+  }
+  if (info.driver_version.empty()) {
+    int driver = 0;
+    if (cudaDriverGetVersion(&driver) == cudaSuccess && driver > 0) {
+      info.driver_version = fmt::format("CUDA {}.{}", driver / 1000, (driver % 1000) / 10);
+    }
+  }
+  if (cuda_error_.empty()) visible_gpus();  // fills cuda_error_ when CUDA finds nothing
+  info.cuda_error = cuda_error_;
+#endif
+#if MULTIGPU_WITH_NCCL
+  int nccl = 0;
+  if (ncclGetVersion(&nccl) == ncclSuccess) {
+    // NCCL >= 2.9 encodes major*10000 + minor*100 + patch; older ones major*1000 + ...
+    info.nccl_version = nccl >= 10000
+                            ? fmt::format("{}.{}.{}", nccl / 10000, (nccl % 10000) / 100, nccl % 100)
+                            : fmt::format("{}.{}.{}", nccl / 1000, (nccl % 1000) / 100, nccl % 100);
+  }
+#endif
+  info.memory_source = nvml.available() ? "NVML" : (used_context_memory_ ? "cudaMemGetInfo" : "none");
+  return info;
+}
+
+inline std::vector<RuntimeGpu> SystemRuntime::visible_gpus() {
+  std::vector<RuntimeGpu> gpus;
+#if MULTIGPU_WITH_CUDA
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    cuda_error_ = fmt::format("cudaGetDeviceCount: {}", cudaGetErrorString(status));
+    cudaGetLastError();  // clear the sticky-free error so later CUDA calls start clean
+    return gpus;
+  }
+  cuda_error_.clear();
+  const auto nvml_gpus = detail::Nvml::instance().gpus();
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) {
+      cudaGetLastError();
+      RuntimeGpu unknown;
+      unknown.name = "(cudaGetDeviceProperties failed)";
+      gpus.push_back(unknown);
+      continue;
+    }
+    RuntimeGpu gpu;
+    gpu.name = prop.name;
+    gpu.cc_major = prop.major;
+    gpu.cc_minor = prop.minor;
+    gpu.total_bytes = static_cast<std::int64_t>(prop.totalGlobalMem);
+    gpu.pci_bus_id = detail::format_pci_bus_id(static_cast<unsigned>(prop.pciDomainID),
+                                               static_cast<unsigned>(prop.pciBusID),
+                                               static_cast<unsigned>(prop.pciDeviceID));
+    const auto* b = reinterpret_cast<const unsigned char*>(prop.uuid.bytes);
+    gpu.uuid = fmt::format(
+        "GPU-{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    bool from_nvml = false;
+    for (const auto& known : nvml_gpus) {
+      if (known.pci_bus_id == gpu.pci_bus_id) {
+        gpu.nvml_index = known.index;
+        gpu.used_bytes = known.used_bytes;
+        from_nvml = true;
+        break;
+      }
+    }
+    if (!from_nvml) {
+      // Without NVML the only way to read memory in use is through a context
+      // on that GPU. See Note [Why NVML] in detail/nvml.hpp.
+      int previous = 0;
+      cudaGetDevice(&previous);
+      std::size_t free_bytes = 0;
+      std::size_t total_bytes = 0;
+      if (cudaSetDevice(i) == cudaSuccess && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+        gpu.used_bytes = static_cast<std::int64_t>(total_bytes - free_bytes);
+        used_context_memory_ = true;
+      } else {
+        cudaGetLastError();
+      }
+      cudaSetDevice(previous);
+    }
+    gpus.push_back(std::move(gpu));
+  }
+#endif
+  return gpus;
+}
+
+inline std::optional<bool> SystemRuntime::can_access_peer(int from, int to) {
+#if MULTIGPU_WITH_CUDA
+  int can = 0;
+  if (cudaDeviceCanAccessPeer(&can, from, to) != cudaSuccess) {
+    cudaGetLastError();
+    return std::nullopt;
+  }
+  return can != 0;
+#else
+  (void)from;
+  (void)to;
+  return std::nullopt;
+#endif
+}
+
+}  // namespace multigpu

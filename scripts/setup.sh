@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that multigpu's build, tests and examples need,
+# when some are missing. Called by the README's two commands; safe to rerun.
+# MULTIGPU_SKIP_APT=1 skips it (bring LibTorch, fmt, doctest and CLI11
+# yourself and point CMake at them, e.g. with -DTorch_DIR=...).
+set -euo pipefail
+
+packages=(
+  cmake ninja-build g++ pkg-config
+  libtorch-dev          # LibTorch 1.13, CPU-only on Debian
+  libfmt-dev            # messages
+  doctest-dev           # tests
+  libcli11-dev          # command-line programs (examples, multigpu-run)
+  nlohmann-json3-dev    # summaries and benchmark results
+  dataset-fashion-mnist # the quickstart's data
+)
+
+if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then
+  exit 0
+fi
+if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+  echo "multigpu setup: no apt-get here; install these (or their equivalents) yourself: ${packages[*]}" >&2
+  exit 0
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$package")
+  fi
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+sudo=()
+if [[ "$(id -u)" != "0" ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo)
+  else
+    echo "multigpu setup: missing packages ${missing[*]}, and no root or sudo to install them" >&2
+    exit 1
+  fi
+fi
+echo "multigpu setup: installing ${missing[*]}"
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
