@@ -1,13 +1,24 @@
 #pragma once
-// Helpers shared by the tests.
+// Helpers shared by the tests. Include it first: LibTorch (through glog)
+// defines CHECK macros that clash with doctest's, so LibTorch comes first and
+// its macros are dropped before doctest defines its own.
 
 #include <mutex>
 #include <string>
 #include <vector>
 
-#include <doctest/doctest.h>
+#include <torch/torch.h>
 
-#include "multigpu/error.hpp"
+#include "multigpu/multigpu.hpp"
+
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_NE
+#undef CHECK_LT
+#undef CHECK_LE
+#undef CHECK_GT
+#undef CHECK_GE
+#include <doctest/doctest.h>
 
 namespace multigpu_test {
 

@@ -1,16 +1,14 @@
 // Device specs, CUDA_VISIBLE_DEVICES, busy detection, the report and batch
 // planning, on a scripted machine (FakeRuntime) and on this real one.
 
+#include "support.hpp"  // first: see its comment
+
 #include <cstdint>
 #include <random>
 #include <string>
 #include <vector>
 
-#include <doctest/doctest.h>
-
-#include "multigpu/multigpu.hpp"
 #include "multigpu/testing/fake_runtime.hpp"
-#include "support.hpp"
 
 using multigpu::BasicDeviceManager;
 using multigpu::DeviceError;

@@ -9,6 +9,7 @@
 ///   (CUDA_VISIBLE_DEVICES=0,1,4,7)
 
 #include <cstdio>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <stdexcept>
@@ -44,16 +45,20 @@ class CommError : public Error {
 class ReplicaError : public Error {
  public:
   /// `what` already names the replica and device; the fields are for code.
-  ReplicaError(const std::string& what, int replica, std::string device)
-      : Error(what), replica_(replica), device_(std::move(device)) {}
+  ReplicaError(const std::string& what, int replica, std::string device, std::exception_ptr cause = nullptr)
+      : Error(what), replica_(replica), device_(std::move(device)), cause_(std::move(cause)) {}
   /// Index of the replica (0 is the primary).
   int replica() const noexcept { return replica_; }
   /// The replica's device, as LibTorch writes it ("cuda:1", "cpu").
   const std::string& device() const noexcept { return device_; }
+  /// The exception the replica threw (null when the failure was detected, not thrown),
+  /// e.g. to tell a c10::OutOfMemoryError apart: std::rethrow_exception(e.cause()).
+  const std::exception_ptr& cause() const noexcept { return cause_; }
 
  private:
   int replica_;
   std::string device_;
+  std::exception_ptr cause_;
 };
 
 /// A task queue could not be run as asked (bad task file, bad options).

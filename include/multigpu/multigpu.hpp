@@ -8,3 +8,8 @@
 #include "multigpu/device_spec.hpp"
 #include "multigpu/runtime.hpp"
 #include "multigpu/device.hpp"
+#include "multigpu/scatter.hpp"
+#include "multigpu/worker.hpp"
+#include "multigpu/comm.hpp"
+#include "multigpu/backend.hpp"
+#include "multigpu/data_parallel.hpp"

@@ -1,0 +1,182 @@
+// Trains a small CNN on Fashion-MNIST over every usable GPU of this machine
+// (or the CPU, with a warning, when there is none):
+//
+//   quickstart                              # --devices auto
+//   quickstart --devices 0,1 --epochs 3
+//   quickstart --devices cpu,cpu --allow-duplicates   # two CPU replicas, to try it anywhere
+//
+// The training loop is plain LibTorch; multigpu adds three lines: choose the
+// devices, wrap the model, and train_step instead of forward/backward/step.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <multigpu/multigpu.hpp>
+
+#ifndef MULTIGPU_FASHION_MNIST_DIR
+#define MULTIGPU_FASHION_MNIST_DIR "fashion-mnist"
+#endif
+
+namespace {
+
+/// Two convolutions and two linear layers: about 90% test accuracy on Fashion-MNIST after a few epochs.
+struct NetImpl : torch::nn::Cloneable<NetImpl> {
+  NetImpl() { reset(); }
+  void reset() override {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)));
+    fc1 = register_module("fc1", torch::nn::Linear(64 * 7 * 7, 128));
+    fc2 = register_module("fc2", torch::nn::Linear(128, 10));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::max_pool2d(torch::relu(conv1(x)), 2);  // 32 x 14 x 14
+    x = torch::max_pool2d(torch::relu(conv2(x)), 2);  // 64 x 7 x 7
+    x = torch::relu(fc1(x.flatten(1)));
+    return torch::log_softmax(fc2(x), 1);
+  }
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// One line that redraws itself on a terminal, or an occasional plain line in a log.
+class Progress {
+ public:
+  Progress() : tty_(isatty(fileno(stdout)) != 0) {}
+  void update(int epoch, std::int64_t done, std::int64_t total, double loss, double samples_per_second) {
+    const auto now = std::chrono::steady_clock::now();
+    const bool last = done >= total;
+    if (!last && now - last_print_ < (tty_ ? std::chrono::milliseconds(100) : std::chrono::seconds(5))) return;
+    last_print_ = now;
+    const int width = 30;
+    const int filled = static_cast<int>(width * done / std::max<std::int64_t>(total, 1));
+    std::string bar(static_cast<std::size_t>(filled), '#');
+    bar.resize(width, '.');
+    fmt::print("{}epoch {} [{}] {:>5}/{} loss {:.4f} {:>8.0f} samples/s{}", tty_ ? "\r" : "", epoch, bar, done, total,
+               loss, samples_per_second, tty_ && !last ? "" : "\n");
+    std::fflush(stdout);
+  }
+
+ private:
+  bool tty_;
+  std::chrono::steady_clock::time_point last_print_{};
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Trains a small CNN on Fashion-MNIST with multigpu::DataParallel."};
+  std::string spec = "auto";
+  std::string data_dir = MULTIGPU_FASHION_MNIST_DIR;
+  std::string checkpoint;
+  int epochs = 1;
+  std::int64_t batch_size = 64;
+  double lr = 0.05;
+  std::int64_t max_batches = 0;
+  double min_accuracy = 0;
+  bool allow_duplicates = false;
+  app.add_option("-d,--devices", spec, "auto, auto:N, all, cpu, cuda, or GPU numbers like 0,1")->capture_default_str();
+  app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch-size", batch_size, "Samples per step, over all devices")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr", lr, "Learning rate (SGD with momentum 0.9)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--data", data_dir, "Folder with the uncompressed Fashion-MNIST files")->capture_default_str();
+  app.add_option("--checkpoint", checkpoint, "Save the trained model here (a plain LibTorch checkpoint)");
+  app.add_option("--max-batches", max_batches, "Stop each epoch after this many batches (0: the whole set)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--min-accuracy", min_accuracy, "Exit with status 3 if the final test accuracy (%) is below this")
+      ->check(CLI::Range(0.0, 100.0));
+  app.add_flag("--allow-duplicates", allow_duplicates, "Allow a device more than once (e.g. cpu,cpu)");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    multigpu::DeviceManagerOptions device_options;
+    device_options.allow_duplicates = allow_duplicates;
+    multigpu::DeviceManager device_manager(device_options);
+    const multigpu::DeviceSelection devices = device_manager.select(spec);
+    fmt::print("training on {}\n", devices.describe());
+
+    torch::manual_seed(0);
+    Net net;
+    multigpu::DataParallel<Net> dp(net, devices);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(lr).momentum(0.9));
+
+    using torch::data::datasets::MNIST;
+    auto train_set = MNIST(data_dir, MNIST::Mode::kTrain)
+                         .map(torch::data::transforms::Normalize<>(0.2860, 0.3530))
+                         .map(torch::data::transforms::Stack<>());
+    auto test_set = MNIST(data_dir, MNIST::Mode::kTest)
+                        .map(torch::data::transforms::Normalize<>(0.2860, 0.3530))
+                        .map(torch::data::transforms::Stack<>());
+    const std::int64_t train_size = static_cast<std::int64_t>(train_set.size().value());
+    auto train_loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
+        std::move(train_set), torch::data::DataLoaderOptions().batch_size(static_cast<std::size_t>(batch_size)));
+    auto test_loader = torch::data::make_data_loader(std::move(test_set),
+                                                     torch::data::DataLoaderOptions().batch_size(1000));
+
+    auto nll = [](NetImpl& model, const torch::data::Example<>& shard) {
+      return torch::nll_loss(model.forward(shard.data), shard.target);
+    };
+    const std::int64_t batches_per_epoch = max_batches > 0
+                                               ? std::min(max_batches, (train_size + batch_size - 1) / batch_size)
+                                               : (train_size + batch_size - 1) / batch_size;
+    double accuracy = 0;
+    for (int epoch = 1; epoch <= epochs; ++epoch) {
+      dp.train();
+      Progress progress;
+      const auto start = std::chrono::steady_clock::now();
+      std::int64_t seen = 0;
+      std::int64_t batches = 0;
+      double loss_sum = 0;
+      for (auto& batch : *train_loader) {
+        if (batches == batches_per_epoch) break;
+        loss_sum += dp.train_step(batch, nll);
+        seen += batch.data.size(0);
+        ++batches;
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        progress.update(epoch, batches, batches_per_epoch, loss_sum / static_cast<double>(batches),
+                        static_cast<double>(seen) / std::max(seconds, 1e-9));
+      }
+
+      dp.eval();
+      std::int64_t correct = 0;
+      std::int64_t total = 0;
+      for (const auto& batch : *test_loader) {
+        const auto output = dp.predict(batch.data, [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
+        correct += output.argmax(1).eq(batch.target.to(output.device())).sum().item<std::int64_t>();
+        total += batch.data.size(0);
+      }
+      accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(total);
+      fmt::print("epoch {}: test accuracy {:.2f}% ({} / {})\n", epoch, accuracy, correct, total);
+    }
+    if (!checkpoint.empty()) {
+      dp.save(checkpoint);
+      fmt::print("saved {} (load it with torch::load into a plain Net)\n", checkpoint);
+    }
+    if (accuracy < min_accuracy) {
+      fmt::print(stderr, "test accuracy {:.2f}% is below --min-accuracy {:.2f}%\n", accuracy, min_accuracy);
+      return 3;
+    }
+    return 0;
+  } catch (const multigpu::Error& e) {
+    fmt::print(stderr, "quickstart: {}\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "quickstart: {}\n", e.what_without_backtrace());
+    if (std::string(e.what()).find("Error opening") != std::string::npos) {
+      fmt::print(stderr, "Fashion-MNIST was not found in {}: install Debian's dataset-fashion-mnist (README command 1 "
+                         "does), or pass --data with a folder of the uncompressed files\n", data_dir);
+    }
+    return 1;
+  }
+}

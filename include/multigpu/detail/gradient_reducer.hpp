@@ -1,0 +1,538 @@
+#pragma once
+// Gradient synchronisation of in-process replicas, in buckets, overlapped
+// with backward.
+//
+// Note [Gradient buckets]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// Each replica's trainable parameters are grouped, in reverse registration
+// order (roughly the order backward produces their gradients), into buckets
+// of at most `bucket_cap_bytes` of one dtype. A bucket is one flat buffer per
+// replica, and each parameter's .grad() is an alias of its slot in that
+// buffer, so autograd accumulates straight into the buffer and the
+// all-reduce needs no copy in or out. The aliases are detached (not autograd
+// views), so LibTorch's own Optimizer::zero_grad can zero them in place. If
+// something replaces a .grad() (zero_grad(set_to_none), double backward), the
+// next hook or sync copies it back into its slot and points .grad() there
+// again.
+//
+// Note [Overlapping the all-reduce with backward]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A post-hook on every parameter's gradient accumulator (the AccumulateGrad
+// node, the same mechanism PyTorch's DDP reducer uses; it exists in LibTorch
+// 1.13 and 2.x) counts, per bucket, the gradients still to come from every
+// replica taking part in this step. When the count reaches zero the bucket
+// is complete everywhere and its all-reduce is launched on a communication
+// thread, while backward goes on with the earlier layers. After backward,
+// buckets that never completed hold parameters without a gradient in this
+// step: an error naming them, or (find_unused_parameters) reduced as they
+// are. The accumulators are kept alive here; hooks reach the reducer through
+// a weak pointer, so hooks that outlive it do nothing.
+//
+// Gradients are averaged over replicas; DataParallel scales each replica's
+// loss so that the average is the full-batch gradient. Averaging identical
+// values gives them back, so syncing twice is harmless.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <fmt/core.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include "multigpu/comm.hpp"
+#include "multigpu/detail/task_pool.hpp"
+#include "multigpu/error.hpp"
+#include "multigpu/worker.hpp"
+
+namespace multigpu {
+namespace detail {
+
+/// How the reducer buckets and synchronises.
+struct ReducerOptions {
+  std::int64_t bucket_cap_bytes = std::int64_t{25} << 20;
+  bool overlap = true;
+  bool find_unused_parameters = false;
+  std::size_t threads = 1;  ///< Threads that launch (local backend: run) the all-reduces.
+  std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+};
+
+/// One bucket, described for tests, benchmarks and messages.
+struct BucketInfo {
+  std::vector<std::size_t> parameters;  ///< Indices into the parameter list.
+  std::int64_t numel = 0;
+  std::int64_t bytes = 0;
+  at::ScalarType dtype = at::kFloat;
+};
+
+/// Timings of the last synchronisation (milliseconds).
+struct SyncStats {
+  std::size_t buckets = 0;
+  /// All-reduces launched while backward was still running somewhere.
+  std::size_t overlapped_buckets = 0;
+  /// From the end of the last replica's backward until every bucket was reduced.
+  double exposed_ms = 0;
+  /// The all-reduce of the bucket that finished last.
+  double last_bucket_ms = 0;
+  /// Sum of every bucket's all-reduce time.
+  double total_ms = 0;
+};
+
+class GradientReducer {
+ public:
+  /// params[r][i]: replica r's i-th trainable parameter (the same i is the
+  /// same parameter on every replica); names[i] for messages.
+  GradientReducer(std::vector<std::vector<at::Tensor>> params, std::vector<std::string> names,
+                  std::vector<ReplicaContext> replicas, Communicator& comm, ReducerOptions options);
+  ~GradientReducer();
+  GradientReducer(const GradientReducer&) = delete;
+  GradientReducer& operator=(const GradientReducer&) = delete;
+
+  const std::vector<BucketInfo>& buckets() const { return buckets_; }
+  const ReducerOptions& options() const { return options_; }
+  const SyncStats& last_stats() const { return stats_; }
+
+  /// Before the replicas' backward of one micro-step. `active[r]`: replica r
+  /// runs backward (a replica with an empty shard does not). `sync`: reduce
+  /// at the end of this backward (false inside no_sync()).
+  void prepare_backward(const std::vector<bool>& active, bool sync);
+  /// After every active replica's backward has returned: reduces whatever
+  /// the hooks did not launch, waits for every all-reduce, checks for
+  /// parameters without a gradient. Throws (Error, CommError) on failure.
+  void finish_backward();
+  /// Reduces every bucket not reduced since the last backward and waits
+  /// (for callers that ran backward themselves, or with overlap off).
+  void synchronize();
+  /// True when every replica holds the same gradients.
+  bool synchronized() const { return synchronized_; }
+  /// Zeroes replica r's gradients (run it on r's worker).
+  void zero(std::size_t replica);
+  /// Every replica was zeroed: gradients agree again.
+  void mark_zeroed() { synchronized_ = true; }
+  /// After a failed step: waits (up to the time-out) for launched work,
+  /// forgets this step's readiness. Gradients are left as they are (zero them).
+  void abandon_step() noexcept;
+  /// Why the reducer cannot be used any more ("" while it can): a collective
+  /// that timed out may still write into the buffers.
+  const std::string& broken() const { return broken_; }
+
+ private:
+  struct Shared;  // what hooks reach through a weak pointer
+  class ReadyHook;
+
+  struct Bucket {
+    BucketInfo info;
+    std::vector<at::Tensor> buffers;  // per replica
+    std::unique_ptr<std::atomic<int>> pending;
+    std::unique_ptr<std::atomic<bool>> launched;
+    std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
+    std::unique_ptr<std::atomic<bool>> event_recorded;
+  };
+
+  void build_buckets();
+  void attach_hooks();
+  void on_grad_ready(std::size_t replica, std::size_t param);
+  void ensure_slot(std::size_t replica, std::size_t param);
+  void launch(std::size_t bucket);
+  void reduce(std::size_t bucket);
+  void wait_for_launched(const char* what);
+  std::string describe_bucket(std::size_t bucket) const;
+
+  std::vector<std::vector<at::Tensor>> params_;
+  std::vector<std::string> names_;
+  std::vector<ReplicaContext> replicas_;
+  Communicator& comm_;
+  ReducerOptions options_;
+
+  std::vector<Bucket> bucket_state_;
+  std::vector<BucketInfo> buckets_;
+  std::vector<std::size_t> bucket_of_;                  // param -> bucket
+  std::vector<std::vector<at::Tensor>> slots_;          // [replica][param]
+  std::vector<std::vector<char>> fired_;                // [replica][param], written by r's backward only
+  std::vector<std::vector<std::shared_ptr<torch::autograd::Node>>> accumulators_;
+  std::shared_ptr<Shared> shared_;
+
+  std::atomic<bool> armed_{false};
+  std::atomic<bool> fired_twice_{false};
+  std::atomic<bool> backward_running_{false};
+  std::vector<bool> active_;
+  bool synchronized_ = true;
+  bool sync_this_step_ = true;
+  std::string broken_;
+  TaskPool pool_;
+
+  std::mutex stats_mutex_;
+  SyncStats stats_;
+  std::chrono::steady_clock::time_point last_finish_;
+};
+
+// ---------------------------------------------------------------------------
+// Definitions
+
+struct GradientReducer::Shared {
+  std::shared_mutex mutex;  // shared while a hook runs; exclusive to detach hooks on destruction
+  GradientReducer* reducer = nullptr;
+};
+
+class GradientReducer::ReadyHook : public torch::autograd::FunctionPostHook {
+ public:
+  ReadyHook(std::weak_ptr<Shared> shared, std::size_t replica, std::size_t param)
+      : shared_(std::move(shared)), replica_(replica), param_(param) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list& /*inputs*/) override {
+    if (auto shared = shared_.lock()) {
+      // Hooks of different replicas run concurrently; each touches its own
+      // replica's state, and the shared counters are atomic. The lock only
+      // keeps the reducer alive while the hook runs.
+      std::shared_lock<std::shared_mutex> lock(shared->mutex);
+      if (shared->reducer != nullptr) shared->reducer->on_grad_ready(replica_, param_);
+    }
+    return outputs;
+  }
+
+ private:
+  std::weak_ptr<Shared> shared_;
+  std::size_t replica_;
+  std::size_t param_;
+};
+
+inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> params, std::vector<std::string> names,
+                                        std::vector<ReplicaContext> replicas, Communicator& comm,
+                                        ReducerOptions options)
+    : params_(std::move(params)),
+      names_(std::move(names)),
+      replicas_(std::move(replicas)),
+      comm_(comm),
+      options_(options),
+      shared_(std::make_shared<Shared>()),
+      pool_(std::max<std::size_t>(options.threads, 1)) {
+  if (params_.size() != replicas_.size()) {
+    throw Error(fmt::format("gradient reducer: parameters of {} replicas for {} replicas", params_.size(),
+                            replicas_.size()));
+  }
+  for (std::size_t r = 0; r < params_.size(); ++r) {
+    if (params_[r].size() != names_.size()) {
+      throw Error(fmt::format("gradient reducer: replica {} has {} trainable parameters, replica 0 has {}", r,
+                              params_[r].size(), names_.size()));
+    }
+  }
+  shared_->reducer = this;
+  build_buckets();
+}
+
+inline GradientReducer::~GradientReducer() {
+  {
+    std::unique_lock<std::shared_mutex> lock(shared_->mutex);  // waits for a hook in progress
+    shared_->reducer = nullptr;
+  }
+  armed_ = false;
+  // pool_'s destructor waits for launched all-reduces.
+}
+
+inline void GradientReducer::build_buckets() {
+  at::NoGradGuard no_grad;
+  const std::size_t n_replicas = params_.size();
+  const std::size_t n_params = names_.size();
+  bucket_of_.assign(n_params, 0);
+
+  // Reverse registration order, one open bucket per dtype.
+  std::map<at::ScalarType, std::size_t> open;  // dtype -> index in buckets_
+  for (std::size_t k = n_params; k-- > 0;) {
+    const at::Tensor& p = params_[0][k];
+    for (std::size_t r = 1; r < n_replicas; ++r) {
+      const at::Tensor& other = params_[r][k];
+      if (other.sizes() != p.sizes() || other.scalar_type() != p.scalar_type()) {
+        throw Error(fmt::format("gradient reducer: parameter {} differs between replica 0 ({}{}) and replica {} ({}{})",
+                                names_[k], c10::toString(p.scalar_type()), shape_text(p.sizes()), r,
+                                c10::toString(other.scalar_type()), shape_text(other.sizes())));
+      }
+    }
+    const std::int64_t bytes = p.numel() * static_cast<std::int64_t>(p.element_size());
+    auto found = open.find(p.scalar_type());
+    std::size_t index = found == open.end() ? buckets_.size() : found->second;
+    if (index < buckets_.size() && buckets_[index].bytes + bytes > options_.bucket_cap_bytes) {
+      index = buckets_.size();  // full: start a new one of this dtype
+    }
+    if (index == buckets_.size()) {
+      buckets_.emplace_back();
+      buckets_.back().dtype = p.scalar_type();
+      open[p.scalar_type()] = index;
+    }
+    buckets_[index].parameters.push_back(k);
+    buckets_[index].numel += p.numel();
+    buckets_[index].bytes += bytes;
+    bucket_of_[k] = index;
+  }
+
+  slots_.assign(n_replicas, std::vector<at::Tensor>(n_params));
+  fired_.assign(n_replicas, std::vector<char>(n_params, 0));
+  accumulators_.assign(n_replicas, std::vector<std::shared_ptr<torch::autograd::Node>>(n_params));
+  bucket_state_.clear();
+  bucket_state_.resize(buckets_.size());
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    Bucket& bucket = bucket_state_[b];
+    bucket.info = buckets_[b];
+    bucket.pending = std::make_unique<std::atomic<int>>(0);
+    bucket.launched = std::make_unique<std::atomic<bool>>(false);
+    bucket.event_recorded = std::make_unique<std::atomic<bool>>(false);
+    for (std::size_t r = 0; r < n_replicas; ++r) {
+      const ReplicaContext::Scope scope(replicas_[r]);  // allocate on the replica's device and stream
+      at::Tensor buffer = at::zeros({bucket.info.numel}, params_[r][bucket.info.parameters[0]].options());
+      bucket.buffers.push_back(buffer);
+      bucket.ready_events.push_back(
+          replicas_[r].device().is_cpu() ? nullptr : std::make_unique<c10::Event>(replicas_[r].device().type()));
+      std::int64_t offset = 0;
+      for (std::size_t k : bucket.info.parameters) {
+        const at::Tensor& p = params_[r][k];
+        at::Tensor slot = p.is_non_overlapping_and_dense() && !p.is_contiguous()
+                              ? buffer.as_strided(p.sizes(), p.strides(), offset)
+                              : buffer.narrow(0, offset, p.numel()).view(p.sizes());
+        slot = slot.detach();  // an alias, not an autograd view: see Note [Gradient buckets]
+        if (p.grad().defined()) slot.copy_(p.grad());
+        p.mutable_grad() = slot;
+        slots_[r][k] = slot;
+        offset += p.numel();
+      }
+    }
+  }
+
+  attach_hooks();
+}
+
+// A parameter's gradient accumulator can be replaced behind our back:
+// Tensor::set_ (which torch::load uses) gives the parameter a new one. So the
+// hooks are checked, and attached to new accumulators, before each backward.
+inline void GradientReducer::attach_hooks() {
+  for (std::size_t r = 0; r < params_.size(); ++r) {
+    for (std::size_t k = 0; k < names_.size(); ++k) {
+      auto accumulator = torch::autograd::impl::grad_accumulator(params_[r][k]);
+      if (!accumulator) {
+        throw Error(fmt::format("gradient reducer: parameter {} of replica {} has no gradient accumulator (does it "
+                                "require grad, and is it a leaf?)",
+                                names_[k], r));
+      }
+      if (accumulator == accumulators_[r][k]) continue;
+      accumulator->add_post_hook(std::make_unique<ReadyHook>(shared_, r, k));
+      accumulators_[r][k] = std::move(accumulator);
+    }
+  }
+}
+
+inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param) {
+  at::Tensor& grad = params_[replica][param].mutable_grad();
+  const at::Tensor& slot = slots_[replica][param];
+  if (grad.defined() && grad.data_ptr() == slot.data_ptr() && grad.sizes() == slot.sizes() &&
+      grad.strides() == slot.strides()) {
+    return;
+  }
+  at::NoGradGuard no_grad;
+  if (grad.defined()) {
+    slot.copy_(grad);
+  } else {
+    slot.zero_();  // set to None means zero
+  }
+  grad = slot;
+}
+
+inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
+  ensure_slot(replica, param);
+  if (!armed_.load()) return;
+  if (fired_[replica][param] != 0) {
+    fired_twice_ = true;  // reported by finish_backward
+    return;
+  }
+  fired_[replica][param] = 1;
+  Bucket& bucket = bucket_state_[bucket_of_[param]];
+  if (auto& event = bucket.ready_events[replica]) {
+    // Order the all-reduce after the kernels that produced this gradient, on
+    // whatever stream the autograd engine ran them.
+    const c10::impl::VirtualGuardImpl guard(replicas_[replica].device().type());
+    event->record(guard.getStream(replicas_[replica].device()));
+    bucket.event_recorded->store(true);
+  }
+  if (bucket.pending->fetch_sub(1) == 1) launch(bucket_of_[param]);
+}
+
+inline void GradientReducer::prepare_backward(const std::vector<bool>& active, bool sync) {
+  if (!broken_.empty()) {
+    throw CommError(fmt::format("gradient sync is unusable after an earlier failure ({}); build a new "
+                                "DataParallel to go on",
+                                broken_));
+  }
+  attach_hooks();
+  active_ = active;
+  sync_this_step_ = sync;
+  synchronized_ = false;
+  fired_twice_ = false;
+  for (auto& row : fired_) std::fill(row.begin(), row.end(), 0);
+  int active_replicas = 0;
+  for (bool a : active_) active_replicas += a ? 1 : 0;
+  for (auto& bucket : bucket_state_) {
+    bucket.pending->store(active_replicas * static_cast<int>(bucket.info.parameters.size()));
+    bucket.launched->store(false);
+    bucket.event_recorded->store(false);
+  }
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    stats_ = SyncStats{};
+    stats_.buckets = buckets_.size();
+  }
+  backward_running_ = true;
+  armed_ = sync && options_.overlap && active_replicas > 0;
+}
+
+inline void GradientReducer::launch(std::size_t bucket) {
+  if (bucket_state_[bucket].launched->exchange(true)) return;
+  if (backward_running_.load()) {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    ++stats_.overlapped_buckets;
+  }
+  pool_.submit([this, bucket] { reduce(bucket); });
+}
+
+inline void GradientReducer::reduce(std::size_t bucket) {
+  Bucket& state = bucket_state_[bucket];
+  const auto start = std::chrono::steady_clock::now();
+  if (state.event_recorded->load()) {
+    for (std::size_t r = 0; r < replicas_.size(); ++r) {
+      if (state.ready_events[r] && replicas_[r].stream()) state.ready_events[r]->block(*replicas_[r].stream());
+    }
+  }
+  comm_.all_reduce(state.buffers, ReduceOp::kAverage);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  stats_.total_ms += ms;
+  stats_.last_bucket_ms = ms;
+}
+
+inline std::string GradientReducer::describe_bucket(std::size_t bucket) const {
+  const auto& info = buckets_[bucket];
+  return fmt::format("bucket {} ({} parameters, {:.2f} MiB of {})", bucket, info.parameters.size(),
+                     static_cast<double>(info.bytes) / (1 << 20), c10::toString(info.dtype));
+}
+
+inline void GradientReducer::wait_for_launched(const char* what) {
+  if (!pool_.wait_idle(options_.timeout)) {
+    broken_ = fmt::format("{}: the {} backend's all-reduce did not finish within {} ms", what, comm_.name(),
+                          options_.timeout.count());
+    throw CommError(broken_);
+  }
+  if (auto error = pool_.take_error()) {
+    throw CommError(fmt::format("{}: all-reduce on the {} backend failed: {}", what, comm_.name(),
+                                describe_exception(error)));
+  }
+  try {
+    comm_.wait(options_.timeout);
+  } catch (const std::exception& e) {
+    broken_ = e.what();
+    throw;
+  }
+}
+
+inline void GradientReducer::finish_backward() {
+  const auto backward_done = std::chrono::steady_clock::now();
+  armed_ = false;
+  backward_running_ = false;
+  if (!sync_this_step_) return;
+  if (fired_twice_) {
+    abandon_step();
+    throw Error("a parameter received its gradient twice in one step (backward ran twice, e.g. retain_graph), "
+                "which the overlapped gradient sync cannot follow; run one backward per forward_backward, or set "
+                "DataParallelOptions::overlap_sync_with_backward = false");
+  }
+  std::vector<std::size_t> missing;
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
+    if (!bucket_state_[b].launched->load()) missing.push_back(b);
+  }
+  if (!missing.empty() && options_.overlap && !options_.find_unused_parameters) {
+    std::vector<std::size_t> unused_params;
+    for (std::size_t b : missing) {
+      for (std::size_t k : buckets_[b].parameters) unused_params.push_back(k);
+    }
+    std::sort(unused_params.begin(), unused_params.end());  // registration order reads best
+    std::vector<std::string> unused;
+    for (std::size_t k : unused_params) {
+      for (std::size_t r = 0; r < fired_.size(); ++r) {
+        if (active_[r] && fired_[r][k] == 0) {
+          unused.push_back(fmt::format("{} (replica {})", names_[k], r));
+          break;
+        }
+      }
+    }
+    abandon_step();
+    std::string list;
+    const std::size_t shown = std::min<std::size_t>(unused.size(), 10);
+    for (std::size_t i = 0; i < shown; ++i) list += (i == 0 ? "" : ", ") + unused[i];
+    if (unused.size() > shown) list += fmt::format(" and {} more", unused.size() - shown);
+    throw Error(fmt::format("{} parameter(s) received no gradient in this step: {}. Their gradients cannot be "
+                            "synchronised during backward; if the model does not use them every step, set "
+                            "DataParallelOptions::find_unused_parameters = true (they count as zero), or freeze "
+                            "them (requires_grad false) before building DataParallel",
+                            unused.size(), list));
+  }
+  for (std::size_t b : missing) {
+    for (std::size_t r = 0; r < params_.size(); ++r) {
+      for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
+    }
+    launch(b);
+  }
+  try {
+    wait_for_launched("gradient sync");
+  } catch (...) {
+    abandon_step();
+    throw;
+  }
+  synchronized_ = true;
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  stats_.exposed_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - backward_done).count();
+}
+
+inline void GradientReducer::synchronize() {
+  if (synchronized_) return;
+  armed_ = false;
+  backward_running_ = false;
+  for (std::size_t r = 0; r < params_.size(); ++r) {
+    for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(r, k);
+  }
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
+    bucket_state_[b].launched->store(false);
+    bucket_state_[b].event_recorded->store(false);
+    launch(b);
+  }
+  wait_for_launched("gradient sync");
+  synchronized_ = true;
+}
+
+inline void GradientReducer::zero(std::size_t replica) {
+  at::NoGradGuard no_grad;
+  for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
+  for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
+}
+
+inline void GradientReducer::abandon_step() noexcept {
+  armed_ = false;
+  backward_running_ = false;
+  if (broken_.empty() && !pool_.wait_idle(options_.timeout)) {
+    broken_ = fmt::format("an all-reduce on the {} backend did not finish within {} ms", comm_.name(),
+                          options_.timeout.count());
+  }
+  pool_.take_error();
+  synchronized_ = false;
+}
+
+}  // namespace detail
+}  // namespace multigpu

@@ -1,0 +1,272 @@
+#pragma once
+/// @file
+/// Splitting a batch along its first dimension (samples) into per-replica
+/// shards, moving a shard to its replica's device, and gathering outputs.
+///
+/// multigpu knows these batch types:
+///   - at::Tensor (dim 0 is samples);
+///   - torch::data::Example<Data, Target> (data and target split alike;
+///     what a data loader with the Stack transform yields);
+///   - std::vector<T>: a list of samples, split into sub-lists (what a data
+///     loader without Stack yields, e.g. std::vector<Example<>>);
+///   - std::tuple<...> and std::pair<...>: fields, each split alike.
+/// For your own batch type, specialise multigpu::BatchTraits:
+///
+///   template <> struct multigpu::BatchTraits<MyBatch> {
+///     static std::int64_t size(const MyBatch& b) { return b.images.size(0); }
+///     static MyBatch slice(const MyBatch& b, std::int64_t begin, std::int64_t end) { ... }
+///     static MyBatch to(const MyBatch& b, const c10::Device& device) { ... }
+///     // optional, for DataParallel::predict outputs:
+///     static MyBatch gather(const std::vector<MyBatch>& parts, const c10::Device& device) { ... }
+///   };
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/core/Device.h>
+#include <fmt/core.h>
+#include <torch/data/example.h>
+
+#include "multigpu/error.hpp"
+
+namespace multigpu {
+
+namespace detail {
+template <class T>
+struct always_false : std::false_type {};
+}  // namespace detail
+
+/// How to split a batch of type Batch (see the file comment). The primary
+/// template is deliberately undefined in use: a batch type multigpu does not
+/// know fails to compile with a message saying what to specialise.
+template <class Batch, class Enable = void>
+struct BatchTraits {
+  static_assert(detail::always_false<Batch>::value,
+                "multigpu does not know how to split this batch type into shards: specialise "
+                "multigpu::BatchTraits<YourBatch> with size(), slice() and to() (see multigpu/scatter.hpp)");
+};
+
+/// Samples in a batch. A batch whose fields disagree on it is an error.
+template <class Batch>
+std::int64_t batch_size(const Batch& batch) {
+  return BatchTraits<Batch>::size(batch);
+}
+
+/// Splits `batch` into consecutive shards of the given sizes (which must add
+/// up to its size; zero sizes give empty shards). Shards share memory with
+/// the batch where the type allows (tensor views).
+template <class Batch>
+std::vector<Batch> split_shards(const Batch& batch, const std::vector<std::int64_t>& sizes);
+
+/// Copies (or, when already there, returns) a shard on `device`.
+template <class Batch>
+Batch shard_to(const Batch& shard, const c10::Device& device) {
+  return BatchTraits<Batch>::to(shard, device);
+}
+
+/// Joins per-replica outputs, in replica order, on `device` (concatenating
+/// along the first dimension).
+template <class Output>
+Output gather_outputs(const std::vector<Output>& parts, const c10::Device& device) {
+  if (parts.empty()) throw Error("gather: no outputs to gather");
+  return BatchTraits<Output>::gather(parts, device);
+}
+
+// --- specialisations ----------------------------------------------------------
+
+template <>
+struct BatchTraits<at::Tensor> {
+  static std::int64_t size(const at::Tensor& t) {
+    if (!t.defined()) throw Error("batch tensor is undefined");
+    if (t.dim() == 0) {
+      throw Error("batch tensor is a scalar (0 dimensions); its first dimension must count the samples");
+    }
+    return t.size(0);
+  }
+  static at::Tensor slice(const at::Tensor& t, std::int64_t begin, std::int64_t end) {
+    return t.narrow(0, begin, end - begin);
+  }
+  static at::Tensor to(const at::Tensor& t, const c10::Device& device) {
+    // non_blocking: a pinned source copies asynchronously on the replica's
+    // stream, ordered before the forward pass that reads it.
+    return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
+  }
+  static at::Tensor gather(const std::vector<at::Tensor>& parts, const c10::Device& device) {
+    std::vector<at::Tensor> moved;
+    moved.reserve(parts.size());
+    for (const auto& part : parts) moved.push_back(part.device() == device ? part : part.to(device));
+    return at::cat(moved, 0);
+  }
+};
+
+namespace detail {
+
+/// The common size of several fields (every field counts its samples).
+inline std::int64_t agree_on_size(const std::vector<std::int64_t>& sizes, const char* what) {
+  std::int64_t size = -1;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    if (size >= 0 && sizes[i] != size) {
+      std::string listed;
+      for (std::size_t j = 0; j < sizes.size(); ++j) {
+        listed += fmt::format("{}{}", j == 0 ? "" : ", ", sizes[j]);
+      }
+      throw Error(fmt::format("the fields of a {} batch disagree on the number of samples ({}); every field "
+                              "must have the samples along its first dimension",
+                              what, listed));
+    }
+    size = sizes[i];
+  }
+  return size;
+}
+
+}  // namespace detail
+
+template <class Data, class Target>
+struct BatchTraits<torch::data::Example<Data, Target>> {
+  using Example = torch::data::Example<Data, Target>;
+  static std::int64_t size(const Example& e) {
+    return detail::agree_on_size({BatchTraits<Data>::size(e.data), BatchTraits<Target>::size(e.target)},
+                                 "torch::data::Example");
+  }
+  static Example slice(const Example& e, std::int64_t begin, std::int64_t end) {
+    return Example(BatchTraits<Data>::slice(e.data, begin, end), BatchTraits<Target>::slice(e.target, begin, end));
+  }
+  static Example to(const Example& e, const c10::Device& device) {
+    return Example(BatchTraits<Data>::to(e.data, device), BatchTraits<Target>::to(e.target, device));
+  }
+  static Example gather(const std::vector<Example>& parts, const c10::Device& device) {
+    std::vector<Data> data;
+    std::vector<Target> targets;
+    for (const auto& part : parts) {
+      data.push_back(part.data);
+      targets.push_back(part.target);
+    }
+    return Example(BatchTraits<Data>::gather(data, device), BatchTraits<Target>::gather(targets, device));
+  }
+};
+
+/// An example without target (torch::data::TensorExample): just its data.
+template <class Data>
+struct BatchTraits<torch::data::Example<Data, torch::data::example::NoTarget>> {
+  using Example = torch::data::Example<Data, torch::data::example::NoTarget>;
+  static std::int64_t size(const Example& e) { return BatchTraits<Data>::size(e.data); }
+  static Example slice(const Example& e, std::int64_t begin, std::int64_t end) {
+    return Example(BatchTraits<Data>::slice(e.data, begin, end));
+  }
+  static Example to(const Example& e, const c10::Device& device) { return Example(BatchTraits<Data>::to(e.data, device)); }
+  static Example gather(const std::vector<Example>& parts, const c10::Device& device) {
+    std::vector<Data> data;
+    for (const auto& part : parts) data.push_back(part.data);
+    return Example(BatchTraits<Data>::gather(data, device));
+  }
+};
+
+template <class T, class Allocator>
+struct BatchTraits<std::vector<T, Allocator>> {
+  using List = std::vector<T, Allocator>;
+  static std::int64_t size(const List& list) { return static_cast<std::int64_t>(list.size()); }
+  static List slice(const List& list, std::int64_t begin, std::int64_t end) {
+    return List(list.begin() + begin, list.begin() + end);
+  }
+  static List to(const List& list, const c10::Device& device) {
+    List moved;
+    moved.reserve(list.size());
+    for (const auto& sample : list) moved.push_back(BatchTraits<T>::to(sample, device));
+    return moved;
+  }
+  static List gather(const std::vector<List>& parts, const c10::Device& device) {
+    List joined;
+    for (const auto& part : parts) {
+      for (const auto& sample : part) joined.push_back(BatchTraits<T>::to(sample, device));
+    }
+    return joined;
+  }
+};
+
+template <class... Fields>
+struct BatchTraits<std::tuple<Fields...>> {
+  using Tuple = std::tuple<Fields...>;
+  static std::int64_t size(const Tuple& t) {
+    return detail::agree_on_size(
+        std::apply([](const auto&... f) { return std::vector<std::int64_t>{batch_size(f)...}; }, t), "std::tuple");
+  }
+  static Tuple slice(const Tuple& t, std::int64_t begin, std::int64_t end) {
+    return std::apply(
+        [&](const auto&... f) { return Tuple(BatchTraits<std::decay_t<decltype(f)>>::slice(f, begin, end)...); }, t);
+  }
+  static Tuple to(const Tuple& t, const c10::Device& device) {
+    return std::apply([&](const auto&... f) { return Tuple(BatchTraits<std::decay_t<decltype(f)>>::to(f, device)...); },
+                      t);
+  }
+  static Tuple gather(const std::vector<Tuple>& parts, const c10::Device& device) {
+    return gather_fields(parts, device, std::index_sequence_for<Fields...>{});
+  }
+
+ private:
+  template <std::size_t... I>
+  static Tuple gather_fields(const std::vector<Tuple>& parts, const c10::Device& device, std::index_sequence<I...>) {
+    return Tuple(gather_field<I>(parts, device)...);
+  }
+  template <std::size_t I>
+  static std::tuple_element_t<I, Tuple> gather_field(const std::vector<Tuple>& parts, const c10::Device& device) {
+    using Field = std::tuple_element_t<I, Tuple>;
+    std::vector<Field> fields;
+    for (const auto& part : parts) fields.push_back(std::get<I>(part));
+    return BatchTraits<Field>::gather(fields, device);
+  }
+};
+
+template <class First, class Second>
+struct BatchTraits<std::pair<First, Second>> {
+  using Pair = std::pair<First, Second>;
+  static std::int64_t size(const Pair& p) {
+    return detail::agree_on_size({batch_size(p.first), batch_size(p.second)}, "std::pair");
+  }
+  static Pair slice(const Pair& p, std::int64_t begin, std::int64_t end) {
+    return Pair(BatchTraits<First>::slice(p.first, begin, end), BatchTraits<Second>::slice(p.second, begin, end));
+  }
+  static Pair to(const Pair& p, const c10::Device& device) {
+    return Pair(BatchTraits<First>::to(p.first, device), BatchTraits<Second>::to(p.second, device));
+  }
+  static Pair gather(const std::vector<Pair>& parts, const c10::Device& device) {
+    std::vector<First> firsts;
+    std::vector<Second> seconds;
+    for (const auto& part : parts) {
+      firsts.push_back(part.first);
+      seconds.push_back(part.second);
+    }
+    return Pair(BatchTraits<First>::gather(firsts, device), BatchTraits<Second>::gather(seconds, device));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Definitions
+
+template <class Batch>
+std::vector<Batch> split_shards(const Batch& batch, const std::vector<std::int64_t>& sizes) {
+  const std::int64_t total = batch_size(batch);
+  std::int64_t sum = 0;
+  for (auto size : sizes) {
+    if (size < 0) throw Error(fmt::format("split_shards: shard size {} is negative", size));
+    sum += size;
+  }
+  if (sum != total) {
+    throw Error(fmt::format("split_shards: shard sizes add up to {}, but the batch has {} samples", sum, total));
+  }
+  std::vector<Batch> shards;
+  shards.reserve(sizes.size());
+  std::int64_t begin = 0;
+  for (auto size : sizes) {
+    shards.push_back(BatchTraits<Batch>::slice(batch, begin, begin + size));
+    begin += size;
+  }
+  return shards;
+}
+
+}  // namespace multigpu
