@@ -45,8 +45,11 @@ class Communicator {
   virtual ~Communicator() = default;
   /// "local", "nccl", ...
   virtual std::string name() const = 0;
-  /// Number of replicas taking part.
+  /// Number of this process's replicas (tensors per collective).
   virtual std::size_t size() const = 0;
+  /// Replicas taking part over every process (size() for in-process
+  /// backends). Averages divide by it.
+  virtual std::size_t world_size() const { return size(); }
   /// Every tensors[r] becomes the sum (or average) over r. tensors[r] belongs
   /// to replica r and lives on its device; all have one shape and dtype.
   virtual void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) = 0;

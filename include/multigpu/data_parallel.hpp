@@ -97,6 +97,11 @@ struct DataParallelOptions {
   std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
   /// Threads that run the local backend's all-reduces (0: up to 2).
   std::size_t comm_threads = 0;
+  /// Makes the communicator instead of `backend`, from the replicas'
+  /// contexts: where multi-process training plugs in a communicator that
+  /// also reaches the other processes. Its broadcast from replica 0 is used
+  /// at construction, so every replica everywhere starts from rank 0's state.
+  std::function<std::unique_ptr<Communicator>(const std::vector<ReplicaContext>&)> make_communicator;
 };
 
 namespace detail {
@@ -152,6 +157,7 @@ class DataParallelCore {
 
  private:
   void require_usable(const char* what) const;
+  void broadcast_from_primary(bool parameters);
   void zero_after_failure() noexcept;
   std::vector<at::Tensor> same_tensor_on_every_replica(std::size_t index, bool buffer) const;
 
@@ -541,7 +547,12 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
   if (options_.collective_timeout.count() <= 0) throw Error("DataParallelOptions::collective_timeout must be positive");
   std::vector<ReplicaContext> contexts;
   for (std::size_t r = 0; r < size(); ++r) contexts.push_back(workers_.context(r));
-  comm_ = make_communicator(contexts, options_.backend);
+  comm_ = options_.make_communicator ? options_.make_communicator(contexts)
+                                     : multigpu::make_communicator(contexts, options_.backend);
+  if (!comm_ || comm_->size() != size()) {
+    throw Error(fmt::format("DataParallelOptions::make_communicator must return a communicator for the {} replicas",
+                            size()));
+  }
 
   parameters_.resize(size());
   buffers_.resize(size());
@@ -561,7 +572,8 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
                               buffer_names_.size()));
     }
   }
-  if (size() > 1) {
+  if (comm_->world_size() > 1) {
+    broadcast_from_primary(/*parameters=*/true);
     std::vector<std::string> trainable_names;
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
       if (!parameters_[0][i].requires_grad()) continue;
@@ -690,7 +702,7 @@ inline void DataParallelCore::step() {
     if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
     throw;
   }
-  if (options_.broadcast_buffers && size() > 1 && !buffer_names_.empty()) broadcast_buffers();
+  if (options_.broadcast_buffers && !buffer_names_.empty()) broadcast_buffers();
   ++steps_;
   if (options_.parity_check_every > 0 && steps_ % options_.parity_check_every == 0) check_parity();
 }
@@ -741,24 +753,25 @@ inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(st
   return tensors;
 }
 
-inline void DataParallelCore::broadcast_buffers() {
-  if (size() == 1) return;
+inline void DataParallelCore::broadcast_from_primary(bool parameters) {
+  if (comm_->world_size() == 1) return;
   const at::NoGradGuard no_grad;
+  if (parameters) {
+    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+      comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
+    }
+  }
   for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
-    if (!buffers_[0][i].defined()) continue;
-    comm_->broadcast(same_tensor_on_every_replica(i, true), 0);
+    if (buffers_[0][i].defined()) comm_->broadcast(same_tensor_on_every_replica(i, true), 0);
   }
   comm_->wait(options_.collective_timeout);
 }
 
+inline void DataParallelCore::broadcast_buffers() { broadcast_from_primary(/*parameters=*/false); }
+
 inline void DataParallelCore::resync_from_primary() {
+  broadcast_from_primary(/*parameters=*/true);
   if (size() > 1) {
-    const at::NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
-      comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
-    }
-    comm_->wait(options_.collective_timeout);
-    broadcast_buffers();
     if (!optimizers_.empty()) {
       std::ostringstream state;
       torch::serialize::OutputArchive archive;
@@ -814,16 +827,7 @@ inline void DataParallelCore::load(const std::string& path) {
   } catch (const c10::Error& e) {
     throw Error(fmt::format("cannot load the checkpoint {} into the module: {}", path, e.what_without_backtrace()));
   }
-  if (size() > 1) {
-    const at::NoGradGuard no_grad;
-    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
-      comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
-    }
-    for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
-      if (buffers_[0][i].defined()) comm_->broadcast(same_tensor_on_every_replica(i, true), 0);
-    }
-    comm_->wait(options_.collective_timeout);
-  }
+  broadcast_from_primary(/*parameters=*/true);
 }
 
 inline void DataParallelCore::save_optimizer(const std::string& path) {
