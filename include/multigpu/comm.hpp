@@ -60,6 +60,15 @@ class Communicator {
   virtual void wait(std::chrono::milliseconds timeout) { (void)timeout; }
 };
 
+// Note [Virtual functions in a header-only library]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A virtual function declared in its class without `inline` is the class's
+// "key function" (Itanium C++ ABI), even when defined `inline` later: then
+// every translation unit that includes the header emits the vtable and every
+// virtual function, used or not. That cost the umbrella header seconds of
+// compile time. Virtual functions defined outside their class are therefore
+// declared `inline` inside it.
+
 /// In-process collectives with plain memory operations (see the file comment).
 class LocalCommunicator : public Communicator {
  public:
@@ -68,8 +77,8 @@ class LocalCommunicator : public Communicator {
 
   std::string name() const override { return "local"; }
   std::size_t size() const override { return replicas_.size(); }
-  void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
-  void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
+  inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
+  inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
 
  private:
   std::vector<ReplicaContext> replicas_;

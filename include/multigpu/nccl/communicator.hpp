@@ -91,15 +91,15 @@ class NcclCommunicator : public Communicator {
  public:
   /// One replica per GPU; the GPUs must be distinct (NCCL refuses two ranks on one).
   explicit NcclCommunicator(std::vector<ReplicaContext> replicas);
-  ~NcclCommunicator() override;
+  inline ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   std::string name() const override { return "nccl"; }
   std::size_t size() const override { return replicas_.size(); }
-  void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
-  void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
-  void wait(std::chrono::milliseconds timeout) override;
+  inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
+  inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
+  inline void wait(std::chrono::milliseconds timeout) override;
 
  private:
   std::string context(std::size_t r) const {

@@ -1,0 +1,607 @@
+// multigpu's benchmarks, measured side by side in one run:
+//   1. training step time: a plain LibTorch loop on one device vs
+//      DataParallel with 1 replica vs K replicas (and, with CUDA,
+//      torch::nn::parallel::data_parallel), on an MLP, the quickstart CNN and
+//      a transformer block; with the exposed (not overlapped) gradient-sync
+//      time for K > 1;
+//   2. all-reduce bandwidth of each backend over message sizes, next to the
+//      memory-copy bandwidth of the same device;
+//   3. the compile-time cost of #include <multigpu/multigpu.hpp> in a
+//      translation unit that already includes <torch/torch.h>.
+// Writes JSON and a markdown table (benchmarks/plot.sh draws the JSON) and
+// prints the targets as ratios from this run.
+//
+//   bench                          # everything, on GPUs if any, else CPU
+//   bench --quick                  # a few steps of each, to see it works
+//   bench --only steps --models cnn --replicas 1,2
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <multigpu/multigpu.hpp>
+
+#include "bench_config.hpp"  // generated: compiler and flags for the compile-time benchmark
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Json = nlohmann::json;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+void synchronize(const c10::Device& device) {
+#if MULTIGPU_WITH_CUDA
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+#else
+  (void)device;
+#endif
+}
+
+// --- models -------------------------------------------------------------------
+
+struct MlpImpl : torch::nn::Cloneable<MlpImpl> {
+  MlpImpl() { reset(); }
+  void reset() override {
+    fc1 = register_module("fc1", torch::nn::Linear(784, 1024));
+    fc2 = register_module("fc2", torch::nn::Linear(1024, 1024));
+    fc3 = register_module("fc3", torch::nn::Linear(1024, 10));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+/// The quickstart's CNN.
+struct CnnImpl : torch::nn::Cloneable<CnnImpl> {
+  CnnImpl() { reset(); }
+  void reset() override {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)));
+    fc1 = register_module("fc1", torch::nn::Linear(64 * 7 * 7, 128));
+    fc2 = register_module("fc2", torch::nn::Linear(128, 10));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
+    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
+    return fc2(torch::relu(fc1(x.flatten(1))));
+  }
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Cnn);
+
+/// One transformer encoder block; takes batch-first input [batch, sequence, features].
+struct TransformerImpl : torch::nn::Cloneable<TransformerImpl> {
+  TransformerImpl() { reset(); }
+  void reset() override {
+    layer = register_module(
+        "layer", torch::nn::TransformerEncoderLayer(
+                     torch::nn::TransformerEncoderLayerOptions(256, 4).dim_feedforward(1024).dropout(0.0)));
+    head = register_module("head", torch::nn::Linear(256, 10));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return head(layer(x.transpose(0, 1)).mean(0));  // the layer wants [sequence, batch, features]
+  }
+  torch::nn::TransformerEncoderLayer layer{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(Transformer);
+
+struct Workload {
+  std::string name;
+  std::int64_t batch_size;
+  std::function<torch::data::Example<>()> make_batch;
+};
+
+std::vector<Workload> workloads(bool quick) {
+  const std::int64_t scale = quick ? 4 : 1;
+  return {
+      {"mlp", 256 / scale, [=] { return torch::data::Example<>(torch::randn({256 / scale, 784}), torch::randint(10, {256 / scale})); }},
+      {"cnn", 64 / scale, [=] { return torch::data::Example<>(torch::randn({64 / scale, 1, 28, 28}), torch::randint(10, {64 / scale})); }},
+      {"transformer", 16 / scale,
+       [=] { return torch::data::Example<>(torch::randn({16 / scale, 64, 256}), torch::randint(10, {16 / scale})); }},
+  };
+}
+
+template <class Holder>
+Holder make_model() {
+  torch::manual_seed(0);
+  return Holder();
+}
+
+// --- 1. training steps ----------------------------------------------------------
+
+/// One way of running a training step, timed in rounds interleaved with the others.
+struct Contender {
+  std::string name;
+  std::size_t replicas = 1;
+  std::function<void()> step;
+  std::function<std::optional<multigpu::detail::SyncStats>()> sync_stats;
+  c10::Device device{c10::kCPU};
+  std::vector<double> round_step_ms;
+  std::vector<multigpu::detail::SyncStats> stats;
+};
+
+template <class Holder>
+std::vector<Contender> contenders_for(const Workload& workload, const std::vector<c10::Device>& pool,
+                                      const std::vector<std::size_t>& replica_counts) {
+  using Module = typename Holder::ContainedType;
+  std::vector<Contender> out;
+  const c10::Device first = pool.front();
+  const auto batch = workload.make_batch();
+  auto cross_entropy = [](Module& net, const torch::data::Example<>& shard) {
+    return torch::nll_loss(torch::log_softmax(net.forward(shard.data), 1), shard.target);
+  };
+
+  {  // The plain LibTorch loop a user would write for one device.
+    auto model = std::make_shared<Holder>(make_model<Holder>());
+    (*model)->to(first);
+    auto optimizer = std::make_shared<torch::optim::SGD>((*model)->parameters(),
+                                                         torch::optim::SGDOptions(0.01).momentum(0.9));
+    auto data = std::make_shared<torch::data::Example<>>(batch.data.to(first), batch.target.to(first));
+    Contender plain;
+    plain.name = "plain LibTorch";
+    plain.device = first;
+    plain.step = [model, optimizer, data, cross_entropy] {
+      optimizer->zero_grad();
+      auto loss = cross_entropy(**model, *data);
+      loss.backward();
+      optimizer->step();
+      (void)loss.template item<double>();
+    };
+    out.push_back(std::move(plain));
+  }
+
+  for (std::size_t k : replica_counts) {
+    std::vector<c10::Device> devices;
+    for (std::size_t r = 0; r < k; ++r) devices.push_back(pool[r % pool.size()]);
+    auto dp = std::make_shared<multigpu::DataParallel<Holder>>(make_model<Holder>(), devices);
+    dp->template make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.01).momentum(0.9));
+    auto data = std::make_shared<torch::data::Example<>>(batch);
+    Contender contender;
+    contender.name = fmt::format("DataParallel({})", k);
+    contender.replicas = k;
+    contender.device = first;
+    contender.step = [dp, data, cross_entropy] { (void)dp->train_step(*data, cross_entropy); };
+    contender.sync_stats = [dp] { return dp->last_sync_stats(); };
+    out.push_back(std::move(contender));
+  }
+
+#if MULTIGPU_WITH_CUDA
+  if (first.is_cuda()) {
+    // LibTorch's own data_parallel replicates the module on every call.
+    std::vector<std::vector<c10::Device>> layouts = {{first, first}};
+    if (pool.size() > 1) layouts.push_back(pool);
+    for (const auto& layout : layouts) {
+      auto model = std::make_shared<Holder>(make_model<Holder>());
+      (*model)->to(first);
+      auto optimizer = std::make_shared<torch::optim::SGD>((*model)->parameters(),
+                                                           torch::optim::SGDOptions(0.01).momentum(0.9));
+      auto data = std::make_shared<torch::data::Example<>>(batch.data.to(first), batch.target.to(first));
+      Contender theirs;
+      std::string names;
+      for (const auto& d : layout) names += (names.empty() ? "" : ",") + d.str();
+      theirs.name = fmt::format("torch::nn::parallel::data_parallel({})", names);
+      theirs.replicas = layout.size();
+      theirs.device = first;
+      theirs.step = [model, optimizer, data, layout] {
+        optimizer->zero_grad();
+        auto output = torch::nn::parallel::data_parallel(*model, data->data, layout);
+        auto loss = torch::nll_loss(torch::log_softmax(output, 1), data->target);
+        loss.backward();
+        optimizer->step();
+        (void)loss.item<double>();
+      };
+      out.push_back(std::move(theirs));
+    }
+  }
+#endif
+  return out;
+}
+
+Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector<std::size_t>& replica_counts,
+                         const std::vector<std::string>& models, int warmup, int rounds, int steps, bool quick) {
+  Json results = Json::array();
+  for (const auto& workload : workloads(quick)) {
+    if (std::find(models.begin(), models.end(), workload.name) == models.end()) continue;
+    std::vector<Contender> contenders;
+    if (workload.name == "mlp") contenders = contenders_for<Mlp>(workload, pool, replica_counts);
+    if (workload.name == "cnn") contenders = contenders_for<Cnn>(workload, pool, replica_counts);
+    if (workload.name == "transformer") contenders = contenders_for<Transformer>(workload, pool, replica_counts);
+    fmt::print("steps: {} (batch {}), {} contenders, {} rounds of {} steps\n", workload.name, workload.batch_size,
+               contenders.size(), rounds, steps);
+    for (auto& c : contenders) {
+      for (int i = 0; i < warmup; ++i) c.step();
+      synchronize(c.device);
+    }
+    // Interleaved rounds: slow drifts of the machine hit every contender alike.
+    for (int round = 0; round < rounds; ++round) {
+      for (auto& c : contenders) {
+        const auto start = Clock::now();
+        for (int i = 0; i < steps; ++i) {
+          c.step();
+          if (c.sync_stats) {
+            if (auto stats = c.sync_stats()) c.stats.push_back(*stats);
+          }
+        }
+        synchronize(c.device);
+        c.round_step_ms.push_back(1000.0 * seconds_since(start) / steps);
+      }
+    }
+    const double plain_ms = median(contenders.front().round_step_ms);
+    for (auto& c : contenders) {
+      const double ms = median(c.round_step_ms);
+      Json entry = {{"model", workload.name},
+                    {"batch_size", workload.batch_size},
+                    {"contender", c.name},
+                    {"replicas", c.replicas},
+                    {"step_ms", ms},
+                    {"round_step_ms", c.round_step_ms},
+                    {"samples_per_second", 1000.0 * static_cast<double>(workload.batch_size) / ms},
+                    {"ratio_to_plain", ms / plain_ms}};
+      if (!c.stats.empty()) {
+        std::vector<double> exposed, last, total;
+        for (const auto& s : c.stats) {
+          exposed.push_back(s.exposed_ms);
+          last.push_back(s.last_bucket_ms);
+          total.push_back(s.total_ms);
+        }
+        const auto& buckets = c.stats.front().buckets;
+        entry["sync"] = {{"buckets", buckets},
+                         {"exposed_ms", median(exposed)},
+                         {"last_bucket_ms", median(last)},
+                         {"total_allreduce_ms", median(total)},
+                         {"exposed_below_last_bucket_plus_10pct_step",
+                          median(exposed) < median(last) + 0.1 * ms}};
+      }
+      fmt::print("  {:<48} {:>9.3f} ms/step {:>9.0f} samples/s  x{:.3f} of plain\n", c.name, ms,
+                 entry["samples_per_second"].get<double>(), ms / plain_ms);
+      results.push_back(entry);
+    }
+  }
+  return results;
+}
+
+// --- 2. all-reduce and copy bandwidth ------------------------------------------------
+
+/// Times `op` until it has run for `budget` seconds (at least `min_runs`), returns the median seconds.
+double time_op(const std::function<void()>& op, const c10::Device& device, double budget, int min_runs) {
+  op();  // warm-up: page faults, caches
+  synchronize(device);
+  std::vector<double> times;
+  const auto start = Clock::now();
+  while (static_cast<int>(times.size()) < min_runs || (seconds_since(start) < budget && times.size() < 1000)) {
+    const auto t0 = Clock::now();
+    op();
+    synchronize(device);
+    times.push_back(seconds_since(t0));
+  }
+  return median(times);
+}
+
+Json run_bandwidth_benchmarks(const std::vector<c10::Device>& pool, const std::vector<std::int64_t>& sizes,
+                              const std::vector<std::size_t>& replica_counts, double budget) {
+  Json results = Json::array();
+  const c10::Device device = pool.front();
+  for (std::int64_t bytes : sizes) {
+    const std::int64_t numel = bytes / 4;
+    auto src = torch::rand({numel}, torch::TensorOptions().device(device));
+    auto dst = torch::empty_like(src);
+    const double copy_s = time_op([&] { dst.copy_(src); }, device, budget, 5);
+    double memcpy_s = 0;
+    if (device.is_cpu()) {
+      memcpy_s = time_op(
+          [&] { std::memcpy(dst.data_ptr<float>(), src.data_ptr<float>(), static_cast<std::size_t>(bytes)); }, device,
+          budget, 5);
+    }
+    const double copy_seconds = memcpy_s > 0 ? std::min(copy_s, memcpy_s) : copy_s;
+    const double copy_gbps = static_cast<double>(bytes) / copy_seconds / 1e9;
+    Json entry = {{"bytes", bytes}, {"device", device.str()}, {"copy_gbps", copy_gbps},
+                  {"aten_copy_gbps", static_cast<double>(bytes) / copy_s / 1e9}};
+    if (memcpy_s > 0) entry["memcpy_gbps"] = static_cast<double>(bytes) / memcpy_s / 1e9;
+    Json backends = Json::array();
+    for (std::size_t k : replica_counts) {
+      if (k < 2) continue;
+      std::vector<multigpu::ReplicaContext> contexts;
+      std::vector<c10::Device> devices;
+      for (std::size_t r = 0; r < k; ++r) {
+        devices.push_back(pool[r % pool.size()]);
+        contexts.emplace_back(devices.back());
+      }
+      std::vector<std::string> backend_names = {"local"};
+      if (multigpu::choose_backend(devices, "auto") == "nccl") backend_names.push_back("nccl");
+      for (const auto& backend : backend_names) {
+        auto comm = multigpu::make_communicator(contexts, backend);
+        std::vector<torch::Tensor> tensors;
+        for (std::size_t r = 0; r < k; ++r) tensors.push_back(torch::rand({numel}, torch::TensorOptions().device(devices[r])));
+        const double s = time_op(
+            [&] {
+              comm->all_reduce(tensors, multigpu::ReduceOp::kAverage);
+              comm->wait(std::chrono::minutes(1));
+            },
+            device, budget, 3);
+        const double algbw = static_cast<double>(bytes) / s / 1e9;
+        const double busbw = algbw * 2.0 * static_cast<double>(k - 1) / static_cast<double>(k);
+        // Every buffer is read and written once at least: 2K bytes of memory
+        // traffic per byte of message, against a copy's 2.
+        const double traffic_gbps = static_cast<double>(k) * algbw;
+        backends.push_back({{"backend", backend},
+                            {"replicas", k},
+                            {"seconds", s},
+                            {"algbw_gbps", algbw},
+                            {"busbw_gbps", busbw},
+                            {"memory_traffic_ratio_to_copy", traffic_gbps / copy_gbps}});
+      }
+    }
+    entry["allreduce"] = backends;
+    std::string line = fmt::format("  {:>10} copy {:7.2f} GB/s", bytes, copy_gbps);
+    for (const auto& b : backends) {
+      line += fmt::format(" | {} x{} algbw {:6.2f} GB/s ({:.0f}% of copy traffic)", b["backend"].get<std::string>(),
+                          b["replicas"].get<std::size_t>(), b["algbw_gbps"].get<double>(),
+                          100 * b["memory_traffic_ratio_to_copy"].get<double>());
+    }
+    fmt::print("{}\n", line);
+    results.push_back(entry);
+  }
+  return results;
+}
+
+// --- 3. compile time --------------------------------------------------------------------
+
+Json run_compile_benchmark(int repeats, const std::string& scratch) {
+  const std::string plain_tu = scratch + "/compile_torch.cpp";
+  const std::string ours_tu = scratch + "/compile_torch_multigpu.cpp";
+  std::ofstream(plain_tu) << "#include <torch/torch.h>\nint main() { return 0; }\n";
+  std::ofstream(ours_tu) << "#include <torch/torch.h>\n#include <multigpu/multigpu.hpp>\nint main() { return 0; }\n";
+  auto compile = [&](const std::string& tu) {
+    const std::string command =
+        fmt::format("{} {} -c {} -o {}.o", MULTIGPU_BENCH_CXX, MULTIGPU_BENCH_CXX_FLAGS, tu, tu);
+    const auto start = Clock::now();
+    if (std::system(command.c_str()) != 0) throw std::runtime_error("compile failed: " + command);
+    return seconds_since(start);
+  };
+  std::vector<double> plain, ours;
+  for (int i = 0; i < repeats; ++i) {  // interleaved
+    plain.push_back(compile(plain_tu));
+    ours.push_back(compile(ours_tu));
+  }
+  const double ratio = median(ours) / median(plain);
+  fmt::print("compile: torch/torch.h alone {:.2f} s, with multigpu.hpp {:.2f} s: x{:.3f}\n", median(plain),
+             median(ours), ratio);
+  return {{"torch_only_seconds", plain}, {"with_multigpu_seconds", ours}, {"median_ratio", ratio}};
+}
+
+// --- the machine --------------------------------------------------------------------------
+
+Json describe_machine(const multigpu::DeviceSelection& selection) {
+  std::string cpu = "unknown CPU";
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);) {
+    if (line.rfind("model name", 0) == 0) {
+      cpu = line.substr(line.find(':') + 2);
+      break;
+    }
+  }
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  Json devices = Json::array();
+  for (const auto& d : selection) devices.push_back(d.is_cpu() ? std::string("cpu") : d.label());
+  return {{"host", host},
+          {"cpu", cpu},
+          {"hardware_threads", std::thread::hardware_concurrency()},
+          {"torch_intraop_threads", at::get_num_threads()},
+          {"libtorch", TORCH_VERSION},
+          {"cuda", MULTIGPU_WITH_CUDA != 0},
+          {"nccl", MULTIGPU_WITH_NCCL != 0},
+          {"devices", devices}};
+}
+
+std::string markdown(const Json& report) {
+  std::string md = fmt::format("# multigpu benchmarks\n\nMachine: {} ({} hardware threads, LibTorch {}), devices: {}.\n"
+                               "Date: {}. All figures below come from this one run.\n\n",
+                               report["machine"]["cpu"].get<std::string>(),
+                               report["machine"]["hardware_threads"].get<unsigned>(),
+                               report["machine"]["libtorch"].get<std::string>(), report["machine"]["devices"].dump(),
+                               report["date"].get<std::string>());
+  if (report.contains("steps")) {
+    md += "## Training step\n\n| model | batch | contender | ms/step | samples/s | x plain | exposed sync ms | last bucket ms |\n"
+          "|---|---|---|---|---|---|---|---|\n";
+    for (const auto& e : report["steps"]) {
+      std::string exposed = "", last = "";
+      if (e.contains("sync")) {
+        exposed = fmt::format("{:.3f}", e["sync"]["exposed_ms"].get<double>());
+        last = fmt::format("{:.3f}", e["sync"]["last_bucket_ms"].get<double>());
+      }
+      md += fmt::format("| {} | {} | {} | {:.3f} | {:.0f} | {:.3f} | {} | {} |\n", e["model"].get<std::string>(),
+                        e["batch_size"].get<std::int64_t>(), e["contender"].get<std::string>(),
+                        e["step_ms"].get<double>(), e["samples_per_second"].get<double>(),
+                        e["ratio_to_plain"].get<double>(), exposed, last);
+    }
+    md += "\n";
+  }
+  if (report.contains("bandwidth")) {
+    md += "## All-reduce and copy bandwidth\n\nalgbw = message bytes / time; busbw = algbw x 2(K-1)/K (NCCL's "
+          "convention); copy = the best of ATen's copy_ and memcpy on the same device. An all-reduce of K buffers in "
+          "one memory reads and writes each buffer at least once, so its memory traffic is 2K bytes per message "
+          "byte against a copy's 2: \"% of copy\" is that traffic's rate over the copy's.\n\n"
+          "| bytes | copy GB/s | backend | K | algbw GB/s | busbw GB/s | % of copy |\n|---|---|---|---|---|---|---|\n";
+    for (const auto& e : report["bandwidth"]) {
+      for (const auto& b : e["allreduce"]) {
+        md += fmt::format("| {} | {:.2f} | {} | {} | {:.2f} | {:.2f} | {:.0f}% |\n", e["bytes"].get<std::int64_t>(),
+                          e["copy_gbps"].get<double>(), b["backend"].get<std::string>(), b["replicas"].get<std::size_t>(),
+                          b["algbw_gbps"].get<double>(), b["busbw_gbps"].get<double>(),
+                          100 * b["memory_traffic_ratio_to_copy"].get<double>());
+      }
+    }
+    md += "\n";
+  }
+  if (report.contains("compile")) {
+    md += fmt::format("## Compile time\n\n`#include <multigpu/multigpu.hpp>` after `<torch/torch.h>`: median {:.2f} s "
+                      "against {:.2f} s, x{:.3f}.\n\n",
+                      median(report["compile"]["with_multigpu_seconds"].get<std::vector<double>>()),
+                      median(report["compile"]["torch_only_seconds"].get<std::vector<double>>()),
+                      report["compile"]["median_ratio"].get<double>());
+  }
+  md += "## Targets\n\n";
+  for (const auto& t : report["targets"]) {
+    md += fmt::format("- {}: {} ({})\n", t["target"].get<std::string>(), t["met"].get<bool>() ? "met" : "NOT met",
+                      t["measured"].get<std::string>());
+  }
+  return md;
+}
+
+Json evaluate_targets(const Json& report) {
+  Json targets = Json::array();
+  if (report.contains("steps")) {
+    for (const auto& e : report["steps"]) {
+      if (e["contender"] == "DataParallel(1)") {
+        const double ratio = e["ratio_to_plain"].get<double>();
+        targets.push_back({{"target", fmt::format("DataParallel(1) step time <= 1.02x plain ({})", e["model"].get<std::string>())},
+                           {"met", ratio <= 1.02},
+                           {"measured", fmt::format("x{:.3f}", ratio)}});
+      }
+      if (e.contains("sync")) {
+        targets.push_back({{"target", fmt::format("exposed sync < last bucket + 10% of step ({}, {})",
+                                                  e["model"].get<std::string>(), e["contender"].get<std::string>())},
+                           {"met", e["sync"]["exposed_below_last_bucket_plus_10pct_step"].get<bool>()},
+                           {"measured", fmt::format("exposed {:.3f} ms, last bucket {:.3f} ms, step {:.3f} ms",
+                                                    e["sync"]["exposed_ms"].get<double>(),
+                                                    e["sync"]["last_bucket_ms"].get<double>(), e["step_ms"].get<double>())}});
+      }
+    }
+  }
+  if (report.contains("bandwidth")) {
+    for (const auto& e : report["bandwidth"]) {
+      if (e["bytes"].get<std::int64_t>() < (1 << 20)) continue;
+      for (const auto& b : e["allreduce"]) {
+        if (b["backend"] != "local") continue;
+        const double ratio = b["memory_traffic_ratio_to_copy"].get<double>();
+        targets.push_back({{"target", fmt::format("local all-reduce >= 50% of copy bandwidth ({} bytes, K={})",
+                                                  e["bytes"].get<std::int64_t>(), b["replicas"].get<std::size_t>())},
+                           {"met", ratio >= 0.5},
+                           {"measured", fmt::format("{:.0f}%", 100 * ratio)}});
+      }
+    }
+  }
+  if (report.contains("compile")) {
+    const double ratio = report["compile"]["median_ratio"].get<double>();
+    targets.push_back({{"target", "umbrella header adds <= 15% to a torch/torch.h TU"},
+                       {"met", ratio <= 1.15},
+                       {"measured", fmt::format("x{:.3f}", ratio)}});
+  }
+  return targets;
+}
+
+std::vector<std::size_t> parse_counts(const std::string& text) {
+  std::vector<std::size_t> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(static_cast<std::size_t>(std::stoul(item)));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"multigpu benchmarks: step time, all-reduce bandwidth, compile time (see the file comment)."};
+  std::string spec = "auto";
+  std::string replicas_text = "1,2,4";
+  std::vector<std::string> models = {"mlp", "cnn", "transformer"};
+  std::vector<std::string> only = {"steps", "bandwidth", "compile"};
+  std::string output_dir = MULTIGPU_BENCH_RESULTS_DIR;
+  std::string label;
+  int warmup = 5, rounds = 7, steps = 10, compile_repeats = 3;
+  double budget = 1.0;
+  bool quick = false;
+  app.add_option("--devices", spec, "Device pool (a device spec); replicas cycle over it")->capture_default_str();
+  app.add_option("--replicas", replicas_text, "Replica counts to compare, e.g. 1,2,4")->capture_default_str();
+  app.add_option("--models", models, "mlp, cnn, transformer")->capture_default_str();
+  app.add_option("--only", only, "steps, bandwidth, compile")->capture_default_str();
+  app.add_option("--warmup", warmup, "Warm-up steps per contender")->capture_default_str();
+  app.add_option("--rounds", rounds, "Interleaved rounds (the median is reported)")->capture_default_str();
+  app.add_option("--steps", steps, "Steps per round")->capture_default_str();
+  app.add_option("--budget", budget, "Seconds per bandwidth measurement")->capture_default_str();
+  app.add_option("--compile-repeats", compile_repeats, "Compiles of each TU")->capture_default_str();
+  app.add_option("--output-dir", output_dir, "Where the JSON and markdown go")->capture_default_str();
+  app.add_option("--label", label, "Name of the result files (default: from the machine)");
+  app.add_flag("--quick", quick, "Tiny sizes and few repetitions: checks that it runs, measures nothing useful");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    multigpu::DeviceManagerOptions device_options;
+    device_options.allow_duplicates = true;
+    multigpu::DeviceManager manager(device_options);
+    const auto selection = manager.select(spec);
+    const auto pool = selection.torch_devices();
+    const auto replica_counts = parse_counts(replicas_text);
+    if (quick) {
+      warmup = 1;
+      rounds = 2;
+      steps = 2;
+      budget = 0.01;
+      compile_repeats = 1;
+    }
+    auto has = [&](const char* part) { return std::find(only.begin(), only.end(), part) != only.end(); };
+
+    Json report;
+    report["machine"] = describe_machine(selection);
+    const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+    char date[32];
+    std::strftime(date, sizeof(date), "%Y-%m-%d %H:%M", std::gmtime(&now));
+    report["date"] = std::string(date) + " UTC";
+    report["quick"] = quick;
+    fmt::print("multigpu benchmarks on {} ({})\n", report["machine"]["cpu"].get<std::string>(), selection.describe());
+    if (has("steps")) report["steps"] = run_step_benchmarks(pool, replica_counts, models, warmup, rounds, steps, quick);
+    if (has("bandwidth")) {
+      std::vector<std::int64_t> sizes;
+      for (std::int64_t s = 4 << 10; s <= (quick ? (1 << 20) : (256 << 20)); s *= 4) sizes.push_back(s);
+      report["bandwidth"] = run_bandwidth_benchmarks(pool, sizes, replica_counts, budget);
+    }
+    if (has("compile")) report["compile"] = run_compile_benchmark(compile_repeats, MULTIGPU_BENCH_SCRATCH_DIR);
+    report["targets"] = evaluate_targets(report);
+
+    if (label.empty()) {
+      label = selection.is_cpu() ? "cpu" : selection[0].name;
+      for (char& c : label) {
+        if (!std::isalnum(static_cast<unsigned char>(c))) c = '-';
+      }
+      label += quick ? "-quick" : "";
+    }
+    const std::string json_path = output_dir + "/" + label + ".json";
+    const std::string md_path = output_dir + "/" + label + ".md";
+    multigpu::detail::write_file_atomically(json_path, report.dump(2) + "\n");
+    multigpu::detail::write_file_atomically(md_path, markdown(report));
+    fmt::print("\n{}\nwrote {} and {}\n", markdown(report).substr(markdown(report).find("## Targets")), json_path,
+               md_path);
+    return 0;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "bench: {}\n", e.what());
+    return 1;
+  }
+}
