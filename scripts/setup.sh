@@ -13,6 +13,7 @@ packages=(
   libcli11-dev          # command-line programs (examples, multigpu-run)
   nlohmann-json3-dev    # summaries and benchmark results
   dataset-fashion-mnist # the quickstart's data
+  clang libclang-rt-14-dev  # the fuzz stage of the tests (libFuzzer)
 )
 
 if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then

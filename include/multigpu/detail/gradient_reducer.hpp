@@ -138,6 +138,7 @@ class GradientReducer {
     std::vector<at::Tensor> buffers;  // per replica
     std::unique_ptr<std::atomic<int>> pending;
     std::unique_ptr<std::atomic<bool>> launched;
+    std::unique_ptr<std::atomic<bool>> finished;  // its all-reduce returned (or threw)
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
     std::unique_ptr<std::atomic<bool>> event_recorded;
   };
@@ -150,6 +151,7 @@ class GradientReducer {
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
   std::string describe_bucket(std::size_t bucket) const;
+  std::string unfinished() const;
 
   std::vector<std::vector<at::Tensor>> params_;
   std::vector<std::string> names_;
@@ -287,6 +289,7 @@ inline void GradientReducer::build_buckets() {
     bucket.info = buckets_[b];
     bucket.pending = std::make_unique<std::atomic<int>>(0);
     bucket.launched = std::make_unique<std::atomic<bool>>(false);
+    bucket.finished = std::make_unique<std::atomic<bool>>(true);
     bucket.event_recorded = std::make_unique<std::atomic<bool>>(false);
     for (std::size_t r = 0; r < n_replicas; ++r) {
       const ReplicaContext::Scope scope(replicas_[r]);  // allocate on the replica's device and stream
@@ -396,6 +399,7 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
 
 inline void GradientReducer::launch(std::size_t bucket) {
   if (bucket_state_[bucket].launched->exchange(true)) return;
+  bucket_state_[bucket].finished->store(false);
   if (backward_running_.load()) {
     std::lock_guard<std::mutex> lock(stats_mutex_);
     ++stats_.overlapped_buckets;
@@ -405,6 +409,10 @@ inline void GradientReducer::launch(std::size_t bucket) {
 
 inline void GradientReducer::reduce(std::size_t bucket) {
   Bucket& state = bucket_state_[bucket];
+  struct MarkFinished {
+    std::atomic<bool>& flag;
+    ~MarkFinished() { flag.store(true); }
+  } mark_finished{*state.finished};
   const auto start = std::chrono::steady_clock::now();
   if (state.event_recorded->load()) {
     for (std::size_t r = 0; r < replicas_.size(); ++r) {
@@ -424,9 +432,21 @@ inline std::string GradientReducer::describe_bucket(std::size_t bucket) const {
                      static_cast<double>(info.bytes) / (1 << 20), c10::toString(info.dtype));
 }
 
+/// "the all-reduce of bucket 2 (...) over replicas 0..3", for time-outs.
+inline std::string GradientReducer::unfinished() const {
+  std::string buckets;
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
+    if (bucket_state_[b].launched->load() && !bucket_state_[b].finished->load()) {
+      buckets += (buckets.empty() ? "" : ", ") + describe_bucket(b);
+    }
+  }
+  if (buckets.empty()) buckets = "the last launched bucket";
+  return fmt::format("the all-reduce of {} over replicas 0..{}", buckets, replicas_.size() - 1);
+}
+
 inline void GradientReducer::wait_for_launched(const char* what) {
   if (!pool_.wait_idle(options_.timeout)) {
-    broken_ = fmt::format("{}: the {} backend's all-reduce did not finish within {} ms", what, comm_.name(),
+    broken_ = fmt::format("{}: {} on the {} backend did not finish within {} ms", what, unfinished(), comm_.name(),
                           options_.timeout.count());
     throw CommError(broken_);
   }
@@ -527,7 +547,7 @@ inline void GradientReducer::abandon_step() noexcept {
   armed_ = false;
   backward_running_ = false;
   if (broken_.empty() && !pool_.wait_idle(options_.timeout)) {
-    broken_ = fmt::format("an all-reduce on the {} backend did not finish within {} ms", comm_.name(),
+    broken_ = fmt::format("{} on the {} backend did not finish within {} ms", unfinished(), comm_.name(),
                           options_.timeout.count());
   }
   pool_.take_error();
