@@ -241,9 +241,12 @@ Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector
       for (int i = 0; i < warmup; ++i) c.step();
       synchronize(c.device);
     }
-    // Interleaved rounds: slow drifts of the machine hit every contender alike.
+    // Interleaved rounds, each starting with the next contender: slow drifts
+    // of the machine, and whatever running first or second costs, hit every
+    // contender alike.
     for (int round = 0; round < rounds; ++round) {
-      for (auto& c : contenders) {
+      for (std::size_t turn = 0; turn < contenders.size(); ++turn) {
+        auto& c = contenders[(turn + static_cast<std::size_t>(round)) % contenders.size()];
         const auto start = Clock::now();
         for (int i = 0; i < steps; ++i) {
           c.step();
@@ -536,7 +539,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> only = {"steps", "bandwidth", "compile"};
   std::string output_dir = MULTIGPU_BENCH_RESULTS_DIR;
   std::string label;
-  int warmup = 5, rounds = 7, steps = 10, compile_repeats = 3;
+  int warmup = 5, rounds = 11, steps = 10, compile_repeats = 5;
   double budget = 1.0;
   bool quick = false;
   app.add_option("--devices", spec, "Device pool (a device spec); replicas cycle over it")->capture_default_str();
