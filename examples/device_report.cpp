@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   app.add_option("--busy-threshold", options.busy_threshold_mib,
                  "MiB in use above which a GPU counts as busy")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 1000000000));
   app.add_flag("--allow-duplicates", options.allow_duplicates,
                "Allow a device more than once (several replicas on one device)");
   CLI11_PARSE(app, argc, argv);

@@ -85,15 +85,15 @@ int main(int argc, char** argv) {
   double min_accuracy = 0;
   bool allow_duplicates = false;
   app.add_option("-d,--devices", spec, "auto, auto:N, all, cpu, cuda, or GPU numbers like 0,1")->capture_default_str();
-  app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", batch_size, "Samples per step, over all devices")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("--lr", lr, "Learning rate (SGD with momentum 0.9)")->capture_default_str()->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--lr", lr, "Learning rate (SGD with momentum 0.9)")->capture_default_str()->check(CLI::Range(1e-9, 1e3));
   app.add_option("--data", data_dir, "Folder with the uncompressed Fashion-MNIST files")->capture_default_str();
   app.add_option("--checkpoint", checkpoint, "Save the trained model here (a plain LibTorch checkpoint)");
   app.add_option("--max-batches", max_batches, "Stop each epoch after this many batches (0: the whole set)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 1000000000));
   app.add_option("--min-accuracy", min_accuracy, "Exit with status 3 if the final test accuracy (%) is below this")
       ->check(CLI::Range(0.0, 100.0));
   app.add_flag("--allow-duplicates", allow_duplicates, "Allow a device more than once (e.g. cpu,cpu)");

@@ -13,3 +13,4 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/backend.hpp"
 #include "multigpu/data_parallel.hpp"
+#include "multigpu/scheduler.hpp"

@@ -1,0 +1,503 @@
+// The experiment scheduler on scripted GPUs (FakeRuntime): dispatch as
+// devices free up, busy devices, failures and retries, skip-if-done, command
+// tasks and their CUDA_VISIBLE_DEVICES and logs, Ctrl-C, summaries, task files.
+
+#include "support.hpp"  // first: see its comment
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <dirent.h>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "multigpu/testing/fake_runtime.hpp"
+
+using multigpu::RunSummary;
+using multigpu::SchedulerOptions;
+using multigpu::Task;
+using multigpu::TaskContext;
+using multigpu::TaskStatus;
+using multigpu::testing::FakeRuntime;
+using multigpu_test::CapturedLog;
+using multigpu_test::contains;
+using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
+
+namespace {
+
+/// A fresh folder for one test, under the current directory.
+std::string fresh_dir(const std::string& name) {
+  const std::string dir = fmt::format("scheduler_test_{}_{}", name, ::getpid());
+  std::system(fmt::format("rm -rf '{}'", dir).c_str());
+  multigpu::detail::make_directories(dir);
+  return dir;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+SchedulerOptions fast_options(const std::string& dir, const std::string& devices) {
+  SchedulerOptions options;
+  options.devices = devices;
+  options.log_dir = dir + "/logs";
+  options.poll_interval = std::chrono::milliseconds(5);
+  options.grace_period = std::chrono::seconds(5);
+  return options;
+}
+
+const multigpu::TaskResult& result_of(const RunSummary& summary, const std::string& name) {
+  for (const auto& r : summary.tasks) {
+    if (r.name == name) return r;
+  }
+  throw std::runtime_error("no task " + name);
+}
+
+/// Waits (bounded) until `condition` holds.
+template <class Condition>
+bool eventually(Condition condition, std::chrono::seconds limit = std::chrono::seconds(20)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return true;
+}
+
+/// Processes of this machine whose command line contains `text`.
+int processes_with(const std::string& text) {
+  int count = 0;
+  if (DIR* proc = opendir("/proc")) {
+    while (dirent* entry = readdir(proc)) {
+      if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+      std::string cmdline = read_file(std::string("/proc/") + entry->d_name + "/cmdline");
+      for (char& c : cmdline) c = c == '\0' ? ' ' : c;
+      count += contains(cmdline, text) ? 1 : 0;
+    }
+    closedir(proc);
+  }
+  return count;
+}
+
+}  // namespace
+
+TEST_SUITE("scheduler") {
+  TEST_CASE("12 tasks over 4 GPUs: one per GPU at a time, at most 4, all done, no fixed batches") {
+    const std::string dir = fresh_dir("twelve");
+    FakeScheduler scheduler(fast_options(dir, "0,1,2,3"), FakeRuntime::with_gpus(4));
+    std::mutex mutex;
+    std::map<int, int> active_on;  // device index -> tasks running there
+    int active = 0;
+    int most_active = 0;
+    int most_on_one_device = 0;
+    std::atomic<int> completed{0};
+    std::atomic<bool> others_progressed_while_slow_ran{false};
+    std::vector<Task> tasks;
+    for (int i = 0; i < 12; ++i) {
+      tasks.push_back(Task::callable(fmt::format("noise-{}", i), [&, i](TaskContext& context) {
+        const int device = context.devices().front().index;
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          ++active;
+          most_active = std::max(most_active, active);
+          most_on_one_device = std::max(most_on_one_device, ++active_on[device]);
+        }
+        if (i == 0) {
+          // The slow one: the others must go on without waiting for it.
+          others_progressed_while_slow_ran = eventually([&] { return completed.load() >= 8; });
+        } else {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          --active;
+          --active_on[device];
+        }
+        ++completed;
+      }));
+    }
+    const RunSummary summary = scheduler.run(tasks);
+    CHECK(summary.count(TaskStatus::kDone) == 12);
+    CHECK(summary.exit_code() == 0);
+    CHECK(most_on_one_device == 1);
+    CHECK(most_active <= 4);
+    CHECK(most_active >= 2);
+    CHECK(others_progressed_while_slow_ran.load());
+  }
+
+  TEST_CASE("several tasks per device, and CPU slots") {
+    const std::string dir = fresh_dir("slots");
+    auto options = fast_options(dir, "cpu");
+    options.max_per_device = 3;
+    multigpu::Scheduler scheduler(options);  // the real machine: "cpu" works everywhere
+    std::atomic<int> active{0};
+    std::atomic<int> most{0};
+    std::vector<Task> tasks;
+    for (int i = 0; i < 7; ++i) {
+      tasks.push_back(Task::callable(fmt::format("t{}", i), [&](TaskContext& context) {
+        CHECK(context.device().is_cpu());
+        const int now = ++active;
+        int seen = most.load();
+        while (now > seen && !most.compare_exchange_weak(seen, now)) {
+        }
+        eventually([&] { return most.load() >= 3; }, std::chrono::seconds(2));
+        --active;
+      }));
+    }
+    tasks.push_back(Task::shell("cvd", "echo \"cvd=[$CUDA_VISIBLE_DEVICES]\""));
+    const auto summary = scheduler.run(tasks);
+    CHECK(summary.count(TaskStatus::kDone) == 8);
+    CHECK(most.load() == 3);
+    CHECK(contains(read_file(result_of(summary, "cvd").log_path), "cvd=[]"));  // CPU slots hide every GPU
+  }
+
+  TEST_CASE("a task needing k GPUs gets k at once, and CUDA_VISIBLE_DEVICES lists them") {
+    const std::string dir = fresh_dir("k");
+    FakeScheduler scheduler(fast_options(dir, "auto"), FakeRuntime::with_gpus(4));
+    std::vector<Task> tasks;
+    for (int i = 0; i < 4; ++i) {
+      tasks.push_back(Task::shell(fmt::format("pair{}", i), "echo \"gpus={gpu} env=$CUDA_VISIBLE_DEVICES\"", "", 2));
+    }
+    const auto summary = scheduler.run(tasks);
+    CHECK(summary.count(TaskStatus::kDone) == 4);
+    for (const auto& r : summary.tasks) {
+      CHECK(r.devices.size() == 2);
+      CHECK(contains(read_file(r.log_path), fmt::format("gpus={} env={}", r.visible_devices, r.visible_devices)));
+    }
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                         scheduler.run({Task::shell("greedy", "true", "", 5)})),
+                   "task \"greedy\" needs 5 device(s), but the pool has 4"));
+  }
+
+  TEST_CASE("a command task sees its physical GPU in CUDA_VISIBLE_DEVICES, and its output is in its log") {
+    const std::string dir = fresh_dir("cvd");
+    auto machine = FakeRuntime::with_gpus(8);
+    machine.set_env("CUDA_VISIBLE_DEVICES", "2,5");  // this process sees physical 2 and 5 as cuda:0 and cuda:1
+    FakeScheduler scheduler(fast_options(dir, "0,1"), machine);
+    const auto summary = scheduler.run({
+        Task::shell("first", "echo \"task={task} gpu={gpu} env=$CUDA_VISIBLE_DEVICES name=$MULTIGPU_TASK\"; echo oops >&2"),
+        Task::shell("second", "echo \"env=$CUDA_VISIBLE_DEVICES\"; sleep 0.2"),
+    });
+    REQUIRE(summary.count(TaskStatus::kDone) == 2);
+    std::set<std::string> seen;
+    for (const auto& r : summary.tasks) {
+      seen.insert(r.visible_devices);
+      const std::string log = read_file(r.log_path);
+      CHECK(contains(log, "env=" + r.visible_devices));
+      CHECK(contains(log, "### multigpu: task " + r.name + ", attempt 1, on cuda:"));
+    }
+    CHECK(seen == std::set<std::string>{"2", "5"});
+    const std::string first = read_file(result_of(summary, "first").log_path);
+    CHECK(contains(first, "task=first gpu=" + result_of(summary, "first").visible_devices));
+    CHECK(contains(first, "name=first"));
+    CHECK(contains(first, "oops"));  // stderr too
+    CHECK(result_of(summary, "first").log_path == dir + "/logs/first.log");
+  }
+
+  TEST_CASE("failures do not stop the others, are reported, and retries work (on another device)") {
+    const std::string dir = fresh_dir("fail");
+    auto options = fast_options(dir, "0,1");
+    options.retries = 1;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    std::mutex mutex;
+    std::vector<int> flaky_devices;
+    std::vector<int> oom_devices;
+    const auto summary = scheduler.run({
+        Task::callable("throws", [](TaskContext&) { throw std::runtime_error("bad hyper-parameters"); }),
+        Task::shell("exits", "echo failing; exit 3"),
+        Task::shell("segfaults", "kill -SEGV $$"),
+        Task::callable("flaky",
+                       [&](TaskContext& context) {
+                         std::lock_guard<std::mutex> lock(mutex);
+                         flaky_devices.push_back(context.devices().front().index);
+                         if (context.attempt() == 1) throw std::runtime_error("transient");
+                       }),
+        Task::callable("oom",
+                       [&](TaskContext& context) {
+                         std::lock_guard<std::mutex> lock(mutex);
+                         oom_devices.push_back(context.devices().front().index);
+                         if (context.attempt() == 1) {
+                           throw std::runtime_error("CUDA out of memory. Tried to allocate 2.00 GiB");
+                         }
+                       }),
+        Task::shell("fine", "true"),
+    });
+    CHECK(summary.exit_code() == 1);
+    const auto& thrown = result_of(summary, "throws");
+    CHECK(thrown.status == TaskStatus::kFailed);
+    CHECK(thrown.attempts == 2);
+    CHECK(thrown.error == "bad hyper-parameters");
+    CHECK(contains(read_file(thrown.log_path), "### exception: bad hyper-parameters"));
+    const auto& exited = result_of(summary, "exits");
+    CHECK(exited.status == TaskStatus::kFailed);
+    CHECK(exited.exit_code == 3);
+    CHECK(exited.error == "exit code 3");
+    const auto& crashed = result_of(summary, "segfaults");
+    CHECK(crashed.status == TaskStatus::kFailed);
+    CHECK(crashed.error == "killed by SIGSEGV (signal 11)");
+    CHECK(result_of(summary, "flaky").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "flaky").attempts == 2);
+    REQUIRE(flaky_devices.size() == 2);
+    CHECK(flaky_devices[0] != flaky_devices[1]);  // retried elsewhere
+    CHECK(result_of(summary, "oom").status == TaskStatus::kDone);
+    REQUIRE(oom_devices.size() == 2);
+    CHECK(oom_devices[0] != oom_devices[1]);  // not again on the crowded GPU
+    CHECK(result_of(summary, "fine").status == TaskStatus::kDone);
+  }
+
+  TEST_CASE("a busy device is skipped until it frees up") {
+    const std::string dir = fresh_dir("busy");
+    auto machine = FakeRuntime::with_gpus(2);
+    machine.set_used_mib(1, 9000);  // someone else's job on GPU 1
+    CapturedLog log;
+    FakeScheduler scheduler(fast_options(dir, "0,1"), machine);
+    std::atomic<bool> first_running{false};
+    std::atomic<bool> second_done{false};
+    std::atomic<int> first_device{-1};
+    std::atomic<int> second_device{-1};
+    std::thread freer([&] {
+      eventually([&] { return first_running.load(); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the second task waits meanwhile
+      machine.set_used_mib(1, 0);                                  // the other job ends
+    });
+    const auto summary = scheduler.run({
+        Task::callable("first",
+                       [&](TaskContext& context) {
+                         first_device = context.devices().front().index;
+                         first_running = true;
+                         eventually([&] { return second_done.load(); });  // holds GPU 0 until the second ran
+                       }),
+        Task::callable("second",
+                       [&](TaskContext& context) {
+                         second_device = context.devices().front().index;
+                         second_done = true;
+                       }),
+    });
+    freer.join();
+    CHECK(summary.count(TaskStatus::kDone) == 2);
+    CHECK(first_device.load() == 0);
+    CHECK(second_device.load() == 1);  // started on GPU 1 once it was free, while GPU 0 was still taken
+    REQUIRE_FALSE(log.warnings().empty());
+    CHECK(contains(log.warnings()[0], "tasks wait for busy devices: cuda:1 (physical 1, NVIDIA RTX A5000) (9000 MiB in use)"));
+  }
+
+  TEST_CASE("a wait limit fails tasks that find every device busy") {
+    const std::string dir = fresh_dir("limit");
+    auto machine = FakeRuntime::with_gpus(1);
+    machine.set_used_mib(0, 20000);
+    auto options = fast_options(dir, "0");
+    options.busy_wait_limit = std::chrono::milliseconds(100);
+    CapturedLog log;
+    FakeScheduler scheduler(options, machine);
+    const auto summary = scheduler.run({Task::shell("stuck", "true")});
+    const auto& r = result_of(summary, "stuck");
+    CHECK(r.status == TaskStatus::kFailed);
+    CHECK(r.attempts == 0);
+    CHECK(contains(r.error, "no device became free within 0.1 s: cuda:0 (physical 0, NVIDIA RTX A5000) (20000 MiB in use)"));
+  }
+
+  TEST_CASE("skip-if-done, rerun after an interrupted run, and force") {
+    const std::string dir = fresh_dir("skip");
+    auto options = fast_options(dir, "0,1");
+    std::atomic<int> runs{0};
+    std::vector<Task> tasks;
+    for (int i = 0; i < 6; ++i) {
+      const std::string marker = fmt::format("{}/out-{}.done", dir, i);
+      tasks.push_back(Task::callable(fmt::format("train-{}", i),
+                                     [&runs, marker](TaskContext&) {
+                                       ++runs;
+                                       std::ofstream(marker) << "ok";
+                                     },
+                                     marker));
+    }
+    {
+      // The first run is stopped after three tasks finished.
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+      std::vector<Task> stopping = tasks;
+      std::atomic<bool> requested{false};
+      for (auto& task : stopping) {
+        auto inner = task.function;
+        task.function = [&, inner](TaskContext& context) {
+          inner(context);
+          if (runs.load() >= 3 && !requested.exchange(true)) scheduler.request_stop();
+        };
+      }
+      const auto summary = scheduler.run(stopping);
+      CHECK(summary.interrupted);
+      CHECK(summary.exit_code() == 130);
+      CHECK(summary.count(TaskStatus::kDone) >= 3);
+      CHECK(summary.count(TaskStatus::kPending) >= 1);
+    }
+    const int after_first = runs.load();
+    FakeScheduler again(options, FakeRuntime::with_gpus(2));
+    const auto rerun = again.run(tasks);
+    CHECK(rerun.exit_code() == 0);
+    CHECK(rerun.count(TaskStatus::kSkipped) == static_cast<std::size_t>(after_first));
+    CHECK(runs.load() == 6);  // each task ran exactly once over the two runs
+    const auto third = again.run(tasks);
+    CHECK(third.count(TaskStatus::kSkipped) == 6);
+    CHECK(runs.load() == 6);
+    options.force = true;
+    FakeScheduler forced(options, FakeRuntime::with_gpus(2));
+    CHECK(forced.run(tasks).count(TaskStatus::kDone) == 6);
+    CHECK(runs.load() == 12);
+  }
+
+  TEST_CASE("SIGINT during a run stops the children and writes the summary") {
+    const std::string dir = fresh_dir("sigint");
+    auto options = fast_options(dir, "0,1");
+    options.handle_signals = true;
+    options.grace_period = std::chrono::seconds(3);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const std::string token = fmt::format("31.{}", ::getpid());  // a sleep nobody else runs
+    std::thread interrupter([&] {
+      eventually([&] {
+        return multigpu::detail::path_exists(dir + "/started-a") && multigpu::detail::path_exists(dir + "/started-b");
+      });
+      ::kill(::getpid(), SIGINT);
+    });
+    const auto start = std::chrono::steady_clock::now();
+    const auto summary = scheduler.run({
+        Task::shell("a", fmt::format("touch {}/started-a; sleep {}", dir, token)),
+        Task::shell("b", fmt::format("touch {}/started-b; sleep {}", dir, token)),
+        Task::shell("c", fmt::format("sleep {}", token)),
+    });
+    interrupter.join();
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+    CHECK(summary.interrupted);
+    CHECK(summary.exit_code() == 130);
+    CHECK(result_of(summary, "a").status == TaskStatus::kInterrupted);
+    CHECK(result_of(summary, "b").status == TaskStatus::kInterrupted);
+    CHECK(result_of(summary, "c").status == TaskStatus::kPending);
+    CHECK(processes_with("sleep " + token) == 0);  // every child and grandchild is gone
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["interrupted"] == true);
+    CHECK(json["finished"] == true);
+    CHECK(json["counts"]["interrupted"] == 2);
+    CHECK(json["counts"]["pending"] == 1);
+  }
+
+  TEST_CASE("the summary, in JSON and CSV, says what happened to every task") {
+    const std::string dir = fresh_dir("summary");
+    auto options = fast_options(dir, "0");
+    options.summary_path = dir + "/results/run";
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({
+        Task::shell("good", "true"),
+        Task::shell("bad, \"quoted\"", "exit 2"),
+    });
+    CHECK(summary.json_path == dir + "/results/run.json");
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    REQUIRE(json["tasks"].size() == 2);
+    CHECK(json["tasks"][0]["task"] == "good");
+    CHECK(json["tasks"][0]["status"] == "done");
+    CHECK(json["tasks"][0]["devices"][0] == "cuda:0 (physical 0, NVIDIA RTX A5000)");
+    CHECK(json["tasks"][0]["cuda_visible_devices"] == "0");
+    CHECK(json["tasks"][0]["start"].get<std::string>().size() == 20);
+    CHECK(json["tasks"][1]["task"] == "bad, \"quoted\"");
+    CHECK(json["tasks"][1]["exit_code"] == 2);
+    CHECK(json["tasks"][1]["error"] == "exit code 2");
+    CHECK(json["tasks"][1]["log"] == dir + "/logs/bad___quoted_.log");
+    CHECK(json["counts"]["failed"] == 1);
+    const std::string csv = read_file(summary.csv_path);
+    CHECK(contains(csv, "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log\n"));
+    CHECK(contains(csv, "\"bad, \"\"quoted\"\"\",failed,\"cuda:0 (physical 0, NVIDIA RTX A5000)\",0,"));
+    CHECK(contains(csv, ",1,2,exit code 2," + dir + "/logs/bad___quoted_.log\n"));
+  }
+
+  TEST_CASE("a bad queue is refused with what is wrong") {
+    const std::string dir = fresh_dir("bad");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                         scheduler.run({Task::shell("x", "true"), Task::shell("x", "false")})),
+                   "two tasks are named \"x\""));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, scheduler.run({Task{}})), "has no name"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::DeviceError,
+                                         FakeScheduler(fast_options(dir, "0,7"), FakeRuntime::with_gpus(2))),
+                   "cuda:7 is not visible"));
+    auto zero = fast_options(dir, "0");
+    zero.max_per_device = 0;
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, FakeScheduler(zero, FakeRuntime::with_gpus(1))),
+                   "max_per_device must be 1 or more"));
+  }
+
+  TEST_CASE("a dry run plans without running") {
+    const std::string dir = fresh_dir("plan");
+    std::ofstream(dir + "/exists") << "x";
+    FakeScheduler scheduler(fast_options(dir, "0,1"), FakeRuntime::with_gpus(2));
+    const auto plan = scheduler.plan({Task::shell("a", "run --gpu {gpu} --name {task}"),
+                                      Task::shell("b", "run --gpu {gpu}", dir + "/exists"),
+                                      Task::shell("c", "run --gpu {gpu}"), Task::shell("d", "run --gpu {gpu}")});
+    REQUIRE(plan.size() == 4);
+    CHECK(plan[0].command == "run --gpu 0 --name a");
+    CHECK(plan[1].skipped);
+    CHECK(plan[2].command == "run --gpu 1");
+    CHECK(plan[3].command == "run --gpu 0");
+    CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/a.log"));
+  }
+}
+
+TEST_SUITE("task files") {
+  TEST_CASE("commands, options, comments, continued lines and a 6 x 2 grid") {
+    const auto tasks = multigpu::parse_tasks(
+        "# the seed's grid\n"
+        "grid noise_rate = 0.125 0.25 0.375 0.5 0.625 0.75\n"
+        "grid noise_type = sym asym\n"
+        "[name={noise_type}-{noise_rate} done=out/{noise_type}_{noise_rate}/model.pt] \\\n"
+        "  python train.py --noise-rate {noise_rate} --noise-type {noise_type} --gpu {gpu}\n"
+        "\n"
+        "echo plain; awk '{print $1}' file   # braces that are not placeholders stay\n"
+        "[gpus=2] echo {{literal}}\n",
+        "grid.tasks");
+    REQUIRE(tasks.size() == 14);
+    CHECK(tasks[0].name == "sym-0.125");
+    CHECK(tasks[1].name == "asym-0.125");
+    CHECK(tasks[11].name == "asym-0.75");
+    CHECK(tasks[0].command == "python train.py --noise-rate 0.125 --noise-type sym --gpu {gpu}");
+    CHECK(tasks[0].done_marker == "out/sym_0.125/model.pt");
+    CHECK(tasks[12].name == "task-13");
+    CHECK(tasks[12].command == "echo plain; awk '{print $1}' file   # braces that are not placeholders stay");
+    CHECK(tasks[13].command == "echo {literal}");
+    CHECK(tasks[13].devices == 2);
+  }
+
+  TEST_CASE("mistakes name the file, the line and what is valid") {
+    auto message = [](const std::string& text) {
+      return MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::parse_tasks(text, "my.tasks"));
+    };
+    CHECK(message("grid rate 0.1 0.2\n") ==
+          "my.tasks:1: a grid line reads `grid NAME = VALUE VALUE ...` (NAME: letters, digits, _)");
+    CHECK(message("\ngrid rate =\n") == "my.tasks:2: grid rate has no values");
+    CHECK(contains(message("grid rate = 1 2\ntrain --lr {rte}\n"),
+                   "my.tasks:2: unknown placeholder {rte}; known: {rate}, {gpu} and {task}"));
+    CHECK(message("[name=x gpu=2] run\n") == "my.tasks:1: unknown option \"gpu\"; valid: name, done, gpus");
+    CHECK(message("[gpus=0] run\n") == "my.tasks:1: gpus=0 is not a number of devices (1 or more)");
+    CHECK(message("[name=x run\n") == "my.tasks:1: an option list `[` has no closing `]`");
+    CHECK(message("[name=x]\n") == "my.tasks:1: the line has options but no command");
+    CHECK(contains(message("[name=same] a\n[name=same] b\n"), "my.tasks:2: task name \"same\" is already used on line 1"));
+    CHECK(message("grid gpu = 0 1\n") == "my.tasks:1: {gpu} is filled in at run time; choose another grid name");
+    CHECK(message("run \\\n") == "my.tasks:1: the last line ends with `\\` but nothing follows");
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_task_file("/no/such.tasks")),
+                   "cannot read the task file /no/such.tasks: No such file or directory"));
+  }
+
+  TEST_CASE("the example task file is the 12-task grid") {
+    const auto tasks = multigpu::read_task_file(MULTIGPU_SOURCE_DIR "/examples/tasks/noise_grid.tasks");
+    CHECK(tasks.size() == 12);
+    std::set<std::string> names;
+    for (const auto& task : tasks) names.insert(task.name);
+    CHECK(names.size() == 12);
+  }
+}

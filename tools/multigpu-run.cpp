@@ -1,0 +1,130 @@
+// multigpu-run: runs a task file over a pool of GPUs (or CPU slots), one task
+// per free device, with per-task logs, skip-if-done, retries and a summary.
+//
+//   multigpu-run --gpus 0,1,2,3 experiments.tasks
+//   multigpu-run --gpus cpu --max-per-gpu 4 examples/tasks/noise_grid.tasks
+//   multigpu-run --dry-run experiments.tasks
+//
+// Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
+// task file, 130 / 143 stopped by Ctrl-C / SIGTERM.
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <multigpu/scheduler.hpp>
+
+namespace {
+
+constexpr const char* kTaskFileHelp = R"(
+Task files: one shell command per line; '#' starts a comment; a line ending
+in '\' continues on the next. Options in brackets before a command:
+  [name=NAME]       the task's name (default task-01, task-02, ...): its log is LOG_DIR/NAME.log
+  [done=PATH]       skip the task when PATH exists (the task creates it when it has finished)
+  [gpus=N]          devices the task needs at once (default --gpus-per-task)
+Grids: 'grid NAME = V1 V2 ...' defines {NAME}; a later line using {NAME}
+runs once per value, and once per combination with several grids.
+{gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name;
+{{ and }} are literal braces. Example:
+  grid rate = 0.1 0.2 0.4
+  grid kind = sym asym
+  [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Runs a file of tasks over a pool of GPUs: each task starts as soon as a GPU is free."};
+  app.footer(kTaskFileHelp);
+  std::string task_file;
+  multigpu::SchedulerOptions options;
+  options.status_line = true;
+  int gpus_per_task = 1;
+  double grace_seconds = 10;
+  double busy_wait_seconds = 0;
+  bool skip_existing = true;
+  bool dry_run = false;
+  bool quiet = false;
+  app.add_option("task-file", task_file, "The task file (see below)")->required()->check(CLI::ExistingFile);
+  app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
+  app.add_option("--max-per-gpu", options.max_per_device, "Tasks at once on one device (or CPU slots)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--gpus-per-task", gpus_per_task, "Devices each task needs (a line's [gpus=N] wins)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--memory-threshold", options.memory_threshold_mib,
+                 "MiB in use by others above which a GPU is busy and waited for")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000000));
+  app.add_option("--log-dir", options.log_dir, "Per-task logs (and the summary) go here")->capture_default_str();
+  app.add_option("--summary", options.summary_path, "Write the summary to PATH.json and PATH.csv (default LOG_DIR/summary)");
+  app.add_flag("--skip-existing,!--force", skip_existing,
+               "Skip tasks whose done file exists (the default), or run them again (--force)");
+  app.add_option("--retries", options.retries, "Extra attempts for a failed task, on another GPU when one is free")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000000));
+  app.add_option("--grace-period", grace_seconds, "Seconds tasks get to end after Ctrl-C before they are killed")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000000));
+  app.add_option("--busy-wait-limit", busy_wait_seconds,
+                 "Fail a task that waited this many seconds for a busy GPU (0: wait forever)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000000));
+  app.add_flag("--dry-run", dry_run, "Print what would run where, run nothing");
+  app.add_flag("-q,--quiet", quiet, "No live status line");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  options.force = !skip_existing;
+  options.grace_period = std::chrono::milliseconds(static_cast<long>(grace_seconds * 1000));
+  options.busy_wait_limit = std::chrono::milliseconds(static_cast<long>(busy_wait_seconds * 1000));
+  options.handle_signals = true;
+  options.status_line = !quiet;
+
+  try {
+    const auto tasks = multigpu::read_task_file(task_file, gpus_per_task);
+    multigpu::Scheduler scheduler(options);
+    std::string pool;
+    for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());
+    fmt::print("{} task(s) from {} over {} ({} per device); logs in {}\n", tasks.size(), task_file, pool,
+               options.max_per_device, options.log_dir);
+    if (dry_run) {
+      for (const auto& planned : scheduler.plan(tasks)) {
+        if (planned.skipped) {
+          fmt::print("  skip {} (its done file exists)\n", planned.name);
+        } else {
+          fmt::print("  run  {} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name, planned.devices.front(),
+                     planned.visible_devices, planned.command);
+        }
+      }
+      return 0;
+    }
+    const auto summary = scheduler.run(tasks);
+    fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started\n",
+               summary.tasks.size(), multigpu::detail::clock_text(summary.seconds),
+               summary.count(multigpu::TaskStatus::kDone), summary.count(multigpu::TaskStatus::kFailed),
+               summary.count(multigpu::TaskStatus::kSkipped), summary.count(multigpu::TaskStatus::kInterrupted),
+               summary.count(multigpu::TaskStatus::kPending));
+    for (const auto& r : summary.tasks) {
+      if (r.status == multigpu::TaskStatus::kFailed) {
+        fmt::print("  failed: {} ({}{}), log {}\n", r.name, r.error, r.out_of_memory ? ", out of GPU memory" : "",
+                   r.log_path);
+      }
+    }
+    fmt::print("summary: {} and {}\n", summary.json_path, summary.csv_path);
+    return summary.exit_code();
+  } catch (const multigpu::Error& e) {
+    fmt::print(stderr, "multigpu-run: {}\n", e.what());
+    return 2;
+  }
+}
