@@ -110,6 +110,15 @@ DataParallelOptions with_faulty_comm(const std::shared_ptr<std::atomic<int>>& fa
 
 TEST_SUITE("faults") {
   TEST_CASE("an exception in one replica's forward: named, and the next step works") {
+    {
+      // LibTorch starts its own thread pools (OpenMP, intra-op) on first use
+      // and keeps them; start them here so that only our threads are counted.
+      Net warm_up;
+      DataParallel<Net> dp(warm_up, cpus(3));
+      dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+      dp.train_step(torch::randn({6, 4}), loss_of);
+      dp.predict(torch::randn({6, 4}), [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
+    }
     const int threads_before = thread_count();
     {
       Net net;
