@@ -22,7 +22,10 @@
 // 1.13 and 2.x) counts, per bucket, the gradients still to come from every
 // replica taking part in this step. When the count reaches zero the bucket
 // is complete everywhere and its all-reduce is launched on a communication
-// thread, while backward goes on with the earlier layers. After backward,
+// thread, while backward goes on with the earlier layers. Buckets are
+// launched in bucket order only (a complete bucket waits for the earlier ones
+// to be complete): collectives that span processes (c10d, NCCL) must be issued
+// in the same order by every process, and completion order is a race. After backward,
 // buckets that never completed hold parameters without a gradient in this
 // step: an error naming them, or (find_unused_parameters) reduced as they
 // are. The accumulators are kept alive here; hooks reach the reducer through
@@ -137,6 +140,7 @@ class GradientReducer {
     BucketInfo info;
     std::vector<at::Tensor> buffers;  // per replica
     std::unique_ptr<std::atomic<int>> pending;
+    std::unique_ptr<std::atomic<bool>> ready;  // every taking-part gradient is in (or the step forces it)
     std::unique_ptr<std::atomic<bool>> launched;
     std::unique_ptr<std::atomic<bool>> finished;  // its all-reduce returned (or threw)
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
@@ -147,6 +151,7 @@ class GradientReducer {
   void attach_hooks();
   void on_grad_ready(std::size_t replica, std::size_t param);
   void ensure_slot(std::size_t replica, std::size_t param);
+  void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
@@ -174,6 +179,8 @@ class GradientReducer {
   bool synchronized_ = true;
   bool sync_this_step_ = true;
   std::string broken_;
+  std::mutex launch_mutex_;
+  std::size_t next_launch_ = 0;  // buckets below it are launched; see Note [Overlapping the all-reduce with backward]
   TaskPool pool_;
 
   std::mutex stats_mutex_;
@@ -288,6 +295,7 @@ inline void GradientReducer::build_buckets() {
     Bucket& bucket = bucket_state_[b];
     bucket.info = buckets_[b];
     bucket.pending = std::make_unique<std::atomic<int>>(0);
+    bucket.ready = std::make_unique<std::atomic<bool>>(false);
     bucket.launched = std::make_unique<std::atomic<bool>>(false);
     bucket.finished = std::make_unique<std::atomic<bool>>(true);
     bucket.event_recorded = std::make_unique<std::atomic<bool>>(false);
@@ -366,7 +374,7 @@ inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t para
     event->record(guard.getStream(replicas_[replica].device()));
     bucket.event_recorded->store(true);
   }
-  if (bucket.pending->fetch_sub(1) == 1) launch(bucket_of_[param]);
+  if (bucket.pending->fetch_sub(1) == 1) mark_ready(bucket_of_[param]);
 }
 
 inline void GradientReducer::prepare_backward(const std::vector<bool>& active, bool sync) {
@@ -385,8 +393,13 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   for (bool a : active_) active_replicas += a ? 1 : 0;
   for (auto& bucket : bucket_state_) {
     bucket.pending->store(active_replicas * static_cast<int>(bucket.info.parameters.size()));
+    bucket.ready->store(false);
     bucket.launched->store(false);
     bucket.event_recorded->store(false);
+  }
+  {
+    std::lock_guard<std::mutex> lock(launch_mutex_);
+    next_launch_ = 0;
   }
   {
     std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -395,6 +408,12 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   }
   backward_running_ = true;
   armed_ = sync && options_.overlap && active_replicas > 0;
+}
+
+inline void GradientReducer::mark_ready(std::size_t bucket) {
+  bucket_state_[bucket].ready->store(true);
+  std::lock_guard<std::mutex> lock(launch_mutex_);
+  while (next_launch_ < bucket_state_.size() && bucket_state_[next_launch_].ready->load()) launch(next_launch_++);
 }
 
 inline void GradientReducer::launch(std::size_t bucket) {
@@ -475,7 +494,7 @@ inline void GradientReducer::finish_backward() {
   }
   std::vector<std::size_t> missing;
   for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
-    if (!bucket_state_[b].launched->load()) missing.push_back(b);
+    if (!bucket_state_[b].ready->load()) missing.push_back(b);
   }
   if (!missing.empty() && options_.overlap && !options_.find_unused_parameters) {
     std::vector<std::size_t> unused_params;
@@ -507,7 +526,7 @@ inline void GradientReducer::finish_backward() {
     for (std::size_t r = 0; r < params_.size(); ++r) {
       for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
     }
-    launch(b);
+    mark_ready(b);
   }
   try {
     wait_for_launched("gradient sync");
@@ -528,11 +547,16 @@ inline void GradientReducer::synchronize() {
   for (std::size_t r = 0; r < params_.size(); ++r) {
     for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(r, k);
   }
-  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
-    bucket_state_[b].launched->store(false);
-    bucket_state_[b].event_recorded->store(false);
-    launch(b);
+  for (auto& bucket : bucket_state_) {
+    bucket.ready->store(false);
+    bucket.launched->store(false);
+    bucket.event_recorded->store(false);
   }
+  {
+    std::lock_guard<std::mutex> lock(launch_mutex_);
+    next_launch_ = 0;
+  }
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) mark_ready(b);
   wait_for_launched("gradient sync");
   synchronized_ = true;
 }
