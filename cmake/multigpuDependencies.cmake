@@ -5,9 +5,10 @@
 # the LibTorch the consumer builds against, not the one multigpu was installed
 # with.
 #
-# In:  MULTIGPU_ENABLE_CUDA, MULTIGPU_ENABLE_NCCL (AUTO, ON or OFF; default AUTO)
+# In:  MULTIGPU_ENABLE_CUDA, MULTIGPU_ENABLE_NCCL, MULTIGPU_ENABLE_DISTRIBUTED
+#      (AUTO, ON or OFF; default AUTO)
 # Out: Torch, fmt and Threads found;
-#      MULTIGPU_HAS_CUDA, MULTIGPU_HAS_NCCL (TRUE/FALSE);
+#      MULTIGPU_HAS_CUDA, MULTIGPU_HAS_NCCL, MULTIGPU_HAS_DISTRIBUTED (TRUE/FALSE);
 #      MULTIGPU_DEPENDENCY_TARGETS (what the multigpu target links).
 
 include_guard(GLOBAL)
@@ -17,6 +18,9 @@ if(NOT DEFINED MULTIGPU_ENABLE_CUDA)
 endif()
 if(NOT DEFINED MULTIGPU_ENABLE_NCCL)
   set(MULTIGPU_ENABLE_NCCL AUTO)
+endif()
+if(NOT DEFINED MULTIGPU_ENABLE_DISTRIBUTED)
+  set(MULTIGPU_ENABLE_DISTRIBUTED AUTO)
 endif()
 
 find_package(Threads REQUIRED)
@@ -81,6 +85,28 @@ elseif(MULTIGPU_ENABLE_NCCL STREQUAL "ON")
     "(LibTorch without CUDA, or MULTIGPU_ENABLE_CUDA=OFF)")
 endif()
 
+# Multi-process training (multigpu/distributed.hpp) uses c10d's TCPStore and
+# ProcessGroupGloo, whose header needs Gloo's headers: LibTorch ships the
+# former, Gloo's may be apart (Debian: libgloo-dev).
+set(MULTIGPU_HAS_DISTRIBUTED FALSE)
+if(NOT MULTIGPU_ENABLE_DISTRIBUTED MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR
+    "multigpu: MULTIGPU_ENABLE_DISTRIBUTED='${MULTIGPU_ENABLE_DISTRIBUTED}'; valid: AUTO, ON, OFF")
+endif()
+if(NOT MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "OFF")
+  find_path(MULTIGPU_C10D_GLOO_INCLUDE_DIR torch/csrc/distributed/c10d/ProcessGroupGloo.hpp
+    HINTS ${TORCH_INCLUDE_DIRS} NO_CACHE)
+  find_path(MULTIGPU_GLOO_INCLUDE_DIR gloo/algorithm.h HINTS ${TORCH_INCLUDE_DIRS} NO_CACHE)
+  if(MULTIGPU_C10D_GLOO_INCLUDE_DIR AND MULTIGPU_GLOO_INCLUDE_DIR)
+    set(MULTIGPU_HAS_DISTRIBUTED TRUE)
+  elseif(MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "ON")
+    message(FATAL_ERROR
+      "multigpu: MULTIGPU_ENABLE_DISTRIBUTED=ON, but c10d's ProcessGroupGloo.hpp "
+      "(${MULTIGPU_C10D_GLOO_INCLUDE_DIR}) or Gloo's headers (${MULTIGPU_GLOO_INCLUDE_DIR}) "
+      "were not found; on Debian install libgloo-dev")
+  endif()
+endif()
+
 set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS})
 if(TARGET fmt::fmt)
   list(APPEND MULTIGPU_DEPENDENCY_TARGETS fmt::fmt)
@@ -101,4 +127,10 @@ if(MULTIGPU_HAS_NCCL)
 else()
   set(_multigpu_nccl_text "OFF")
 endif()
-message(STATUS "multigpu: LibTorch ${Torch_VERSION}${TORCH_VERSION}, CUDA ${_multigpu_cuda_text}, NCCL ${_multigpu_nccl_text}")
+if(MULTIGPU_HAS_DISTRIBUTED)
+  set(_multigpu_distributed_text "ON (c10d + Gloo)")
+else()
+  set(_multigpu_distributed_text "OFF")
+endif()
+message(STATUS "multigpu: LibTorch ${Torch_VERSION}${TORCH_VERSION}, CUDA ${_multigpu_cuda_text}, "
+  "NCCL ${_multigpu_nccl_text}, multi-process ${_multigpu_distributed_text}")

@@ -7,6 +7,11 @@
 //
 // The training loop is plain LibTorch; multigpu adds three lines: choose the
 // devices, wrap the model, and train_step instead of forward/backward/step.
+//
+// Started by a launcher (torchrun-style variables, srun, mpirun; see the
+// README), the same program trains as one of several processes: each takes
+// its part of every epoch and of the test set, and gradients are averaged
+// over all of them. --batch-size stays the batch over all processes.
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +26,7 @@
 #include <unistd.h>
 
 #include <multigpu/multigpu.hpp>
+#include <multigpu/distributed.hpp>
 
 #ifndef MULTIGPU_FASHION_MNIST_DIR
 #define MULTIGPU_FASHION_MNIST_DIR "fashion-mnist"
@@ -100,15 +106,20 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    // A single process unless a launcher says otherwise.
+    const auto group = multigpu::ProcessGroup::from_environment();
+    const bool primary = group->is_primary();
+    const std::string who = group->distributed() ? fmt::format("rank {}: ", group->rank()) : "";
     multigpu::DeviceManagerOptions device_options;
     device_options.allow_duplicates = allow_duplicates;
     multigpu::DeviceManager device_manager(device_options);
-    const multigpu::DeviceSelection devices = device_manager.select(spec);
-    fmt::print("training on {}\n", devices.describe());
+    const multigpu::DeviceSelection devices = device_manager.select(group->local_device_spec(spec));
+    fmt::print("{}training on {}{}\n", who, devices.describe(),
+               group->distributed() ? fmt::format(", as {}", group->env().describe()) : "");
 
     torch::manual_seed(0);
     Net net;
-    multigpu::DataParallel<Net> dp(net, devices);
+    multigpu::DataParallel<Net> dp(net, devices, group->data_parallel_options());
     dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(lr).momentum(0.9));
 
     using torch::data::datasets::MNIST;
@@ -118,18 +129,25 @@ int main(int argc, char** argv) {
     auto test_set = MNIST(data_dir, MNIST::Mode::kTest)
                         .map(torch::data::transforms::Normalize<>(0.2860, 0.3530))
                         .map(torch::data::transforms::Stack<>());
-    const std::int64_t train_size = static_cast<std::int64_t>(train_set.size().value());
-    auto train_loader = torch::data::make_data_loader<torch::data::samplers::RandomSampler>(
-        std::move(train_set), torch::data::DataLoaderOptions().batch_size(static_cast<std::size_t>(batch_size)));
-    auto test_loader = torch::data::make_data_loader(std::move(test_set),
+    // Each process its own part of the data, reshuffled every epoch.
+    const std::int64_t processes = group->size();
+    const std::int64_t local_batch = (batch_size + processes - 1) / processes;
+    const multigpu::DistributedSampler train_sampler(train_set.size().value(), group->size(), group->rank());
+    const std::int64_t train_size = static_cast<std::int64_t>(train_sampler.local_size());
+    auto train_loader = torch::data::make_data_loader(
+        std::move(train_set), train_sampler,
+        torch::data::DataLoaderOptions().batch_size(static_cast<std::size_t>(local_batch)));
+    const multigpu::DistributedSampler test_sampler(test_set.size().value(), group->size(), group->rank(),
+                                                    /*shuffle=*/false);
+    auto test_loader = torch::data::make_data_loader(std::move(test_set), test_sampler,
                                                      torch::data::DataLoaderOptions().batch_size(1000));
 
     auto nll = [](NetImpl& model, const torch::data::Example<>& shard) {
       return torch::nll_loss(model.forward(shard.data), shard.target);
     };
     const std::int64_t batches_per_epoch = max_batches > 0
-                                               ? std::min(max_batches, (train_size + batch_size - 1) / batch_size)
-                                               : (train_size + batch_size - 1) / batch_size;
+                                               ? std::min(max_batches, (train_size + local_batch - 1) / local_batch)
+                                               : (train_size + local_batch - 1) / local_batch;
     double accuracy = 0;
     for (int epoch = 1; epoch <= epochs; ++epoch) {
       dp.train();
@@ -144,8 +162,10 @@ int main(int argc, char** argv) {
         seen += batch.data.size(0);
         ++batches;
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        progress.update(epoch, batches, batches_per_epoch, loss_sum / static_cast<double>(batches),
-                        static_cast<double>(seen) / std::max(seconds, 1e-9));
+        if (primary) {  // the other processes' progress is the same
+          progress.update(epoch, batches, batches_per_epoch, loss_sum / static_cast<double>(batches),
+                          static_cast<double>(seen * processes) / std::max(seconds, 1e-9));
+        }
       }
 
       dp.eval();
@@ -156,15 +176,19 @@ int main(int argc, char** argv) {
         correct += output.argmax(1).eq(batch.target.to(output.device())).sum().item<std::int64_t>();
         total += batch.data.size(0);
       }
+      const auto counts = torch::tensor({correct, total});  // over every process's part of the test set
+      group->all_reduce_sum(counts);
+      correct = counts[0].item<std::int64_t>();
+      total = counts[1].item<std::int64_t>();
       accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(total);
-      fmt::print("epoch {}: test accuracy {:.2f}% ({} / {})\n", epoch, accuracy, correct, total);
+      if (primary) fmt::print("epoch {}: test accuracy {:.2f}% ({} / {})\n", epoch, accuracy, correct, total);
     }
-    if (!checkpoint.empty()) {
+    if (!checkpoint.empty() && primary) {  // every process holds the same model
       dp.save(checkpoint);
       fmt::print("saved {} (load it with torch::load into a plain Net)\n", checkpoint);
     }
     if (accuracy < min_accuracy) {
-      fmt::print(stderr, "test accuracy {:.2f}% is below --min-accuracy {:.2f}%\n", accuracy, min_accuracy);
+      fmt::print(stderr, "{}test accuracy {:.2f}% is below --min-accuracy {:.2f}%\n", who, accuracy, min_accuracy);
       return 3;
     }
     return 0;

@@ -8,6 +8,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ pkg-config
   libtorch-dev          # LibTorch 1.13, CPU-only on Debian
+  libgloo-dev           # Gloo's headers, for multi-process training over c10d's ProcessGroupGloo
   libfmt-dev            # messages
   doctest-dev           # tests
   libcli11-dev          # command-line programs (examples, multigpu-run)

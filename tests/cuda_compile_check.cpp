@@ -5,6 +5,7 @@
 #include <multigpu/multigpu.hpp>
 #include <multigpu/detail/cuda.hpp>
 #include <multigpu/nccl/communicator.hpp>
+#include <multigpu/distributed.hpp>
 
 #include <torch/torch.h>
 
@@ -30,4 +31,12 @@ void instantiate_the_cuda_paths() {
   nccl.all_reduce({torch::ones({4})}, multigpu::ReduceOp::kAverage);
   nccl.wait(std::chrono::seconds(1));
   std::lock_guard<std::mutex> lock(multigpu::detail::cuda_free_mutex());
+}
+
+void instantiate_the_multi_process_nccl_path() {
+  multigpu::NcclWorld world;
+  multigpu::NcclCommunicator across({multigpu::ReplicaContext(c10::Device("cuda:0"))}, world);
+  auto group = multigpu::ProcessGroup::from_environment();
+  auto comm = group->make_communicator({multigpu::ReplicaContext(c10::Device("cuda:0"))});
+  comm->all_reduce({torch::ones({4})}, multigpu::ReduceOp::kAverage);
 }

@@ -30,6 +30,15 @@
 #error "multigpu: MULTIGPU_WITH_NCCL=1 needs MULTIGPU_WITH_CUDA=1"
 #endif
 
+/// 1 when multi-process training (multigpu/distributed.hpp) can reach other
+/// processes: LibTorch's c10d with Gloo, and Gloo's headers, were found.
+/// CMake sets it (`MULTIGPU_ENABLE_DISTRIBUTED=AUTO|ON|OFF`). Without it a
+/// program still runs as a single process, and a launcher asking for more is
+/// a clear error.
+#ifndef MULTIGPU_WITH_DISTRIBUTED
+#define MULTIGPU_WITH_DISTRIBUTED 0
+#endif
+
 /// 1 to look for NVML (libnvidia-ml.so.1) at run time with dlopen. NVML tells
 /// the memory in use on every GPU without creating a CUDA context there, and
 /// sees GPUs even when LibTorch is CPU-only. Nothing is linked: where the

@@ -2,6 +2,8 @@
 /// @file
 /// Everything of multigpu, in dependency order. Include this one header:
 ///   #include <multigpu/multigpu.hpp>
+/// Multi-process training adds <multigpu/distributed.hpp> (c10d and Gloo's
+/// headers are heavy, so only programs that use them pay for them).
 
 #include "multigpu/config.hpp"
 #include "multigpu/error.hpp"
@@ -13,4 +15,6 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/backend.hpp"
 #include "multigpu/data_parallel.hpp"
+#include "multigpu/distributed_env.hpp"
+#include "multigpu/sampler.hpp"
 #include "multigpu/scheduler.hpp"

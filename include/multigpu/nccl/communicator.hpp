@@ -86,17 +86,32 @@ inline std::string nccl_failure(ncclResult_t result, const char* call, const std
 
 namespace multigpu {
 
+/// Where this process's GPUs sit in a communicator that spans processes:
+/// NCCL ranks first_rank .. first_rank + (local GPUs) - 1 of `ranks`, all
+/// joined by the same unique id (made by one process, passed to the others).
+struct NcclWorld {
+  ncclUniqueId id{};
+  int ranks = 0;
+  int first_rank = 0;
+};
+
 /// NCCL collectives over distinct GPUs of this process (see the file comment).
 class NcclCommunicator : public Communicator {
  public:
   /// One replica per GPU; the GPUs must be distinct (NCCL refuses two ranks on one).
   explicit NcclCommunicator(std::vector<ReplicaContext> replicas);
+  /// The same, as part of a communicator over the GPUs of several processes
+  /// (multigpu/distributed.hpp): every process calls it with the same id and
+  /// ranks. Averages divide by `world.ranks`; broadcast roots are the global
+  /// rank 0 .. replicas-1 of the process with first_rank 0.
+  NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world);
   inline ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   std::string name() const override { return "nccl"; }
   std::size_t size() const override { return replicas_.size(); }
+  std::size_t world_size() const override { return world_ranks_; }
   inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
   inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
   inline void wait(std::chrono::milliseconds timeout) override;
@@ -109,10 +124,13 @@ class NcclCommunicator : public Communicator {
   void check_usable() const;
   void record_completion();
   void abort_all();
+  void check_devices() const;
 
   std::vector<ReplicaContext> replicas_;
   std::vector<ncclComm_t> comms_;
   std::vector<std::unique_ptr<c10::Event>> done_;  // per replica: after the last collective
+  std::size_t world_ranks_ = 0;
+  std::size_t first_rank_ = 0;
   bool aborted_ = false;
   std::string abort_reason_;
   mutable std::mutex mutex_;  // one collective or wait at a time
@@ -143,7 +161,7 @@ inline ncclDataType_t nccl_type(at::ScalarType type) {
 // ---------------------------------------------------------------------------
 // Definitions
 
-inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas) : replicas_(std::move(replicas)) {
+inline void NcclCommunicator::check_devices() const {
   std::vector<int> devices;
   for (std::size_t r = 0; r < replicas_.size(); ++r) {
     const auto& device = replicas_[r].device();
@@ -159,11 +177,53 @@ inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas) 
     }
     devices.push_back(device.index());
   }
+}
+
+inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas) : replicas_(std::move(replicas)) {
+  check_devices();
+  world_ranks_ = replicas_.size();
+  std::vector<int> devices;
+  for (const auto& replica : replicas_) devices.push_back(replica.device().index());
   comms_.assign(replicas_.size(), nullptr);
   {
     std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
     MULTIGPU_NCCL_CHECK(ncclCommInitAll(comms_.data(), static_cast<int>(devices.size()), devices.data()),
                         fmt::format("{} GPUs", devices.size()), nullptr);
+  }
+  for (std::size_t r = 0; r < replicas_.size(); ++r) {
+    done_.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
+  }
+}
+
+inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world)
+    : replicas_(std::move(replicas)) {
+  check_devices();
+  if (world.ranks < static_cast<int>(replicas_.size()) || world.first_rank < 0 ||
+      world.first_rank + static_cast<int>(replicas_.size()) > world.ranks) {
+    throw CommError(fmt::format("NCCL backend: ranks {}..{} do not fit in a communicator of {}", world.first_rank,
+                                world.first_rank + static_cast<int>(replicas_.size()) - 1, world.ranks));
+  }
+  world_ranks_ = static_cast<std::size_t>(world.ranks);
+  first_rank_ = static_cast<std::size_t>(world.first_rank);
+  comms_.assign(replicas_.size(), nullptr);
+  {
+    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
+    // Several ranks from one thread: each init must be inside one group, or
+    // the first would wait for the others forever.
+    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
+    for (std::size_t r = 0; r < replicas_.size(); ++r) {
+      MULTIGPU_CUDA_CHECK(cudaSetDevice(replicas_[r].device().index()), context(r));
+      const ncclResult_t result =
+          ncclCommInitRank(&comms_[r], world.ranks, world.id, world.first_rank + static_cast<int>(r));
+      if (result != ncclSuccess) {
+        ncclGroupEnd();
+        throw CommError(detail::nccl_failure(result, "ncclCommInitRank", context(r), nullptr, __FILE__, __LINE__));
+      }
+    }
+    MULTIGPU_NCCL_CHECK(ncclGroupEnd(), fmt::format("NCCL ranks {}..{} of {}", world.first_rank,
+                                                    world.first_rank + static_cast<int>(replicas_.size()) - 1,
+                                                    world.ranks),
+                        nullptr);
   }
   for (std::size_t r = 0; r < replicas_.size(); ++r) {
     done_.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
@@ -224,7 +284,7 @@ inline void NcclCommunicator::all_reduce(const std::vector<at::Tensor>& tensors,
   if (divide_after) {
     for (std::size_t r = 0; r < tensors.size(); ++r) {
       const ReplicaContext::Scope scope(replicas_[r]);
-      tensors[r].div_(static_cast<double>(tensors.size()));
+      tensors[r].div_(static_cast<double>(world_ranks_));
     }
   }
   record_completion();

@@ -1,0 +1,61 @@
+#pragma once
+// One small, deterministic training run, shared by the multi-process worker
+// and the tests that check it: the same model, data and optimizer whether it
+// runs as one plain model, one process with K replicas, or P processes.
+
+#include <cstdint>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace multigpu_test {
+
+struct RecipeNetImpl : torch::nn::Cloneable<RecipeNetImpl> {
+  RecipeNetImpl() { reset(); }
+  void reset() override {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 2));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(RecipeNet);
+
+/// The initial model. Each process may pass its own seed: training must
+/// still start from rank 0's parameters (broadcast at construction).
+inline RecipeNet recipe_model(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return RecipeNet();
+}
+
+constexpr std::uint64_t kRecipeSeed = 1;
+constexpr std::int64_t kRecipeBatch = 24;  // divisible by 2, 4 and 8: every layout sees the same shards
+
+/// Step `step`'s whole batch: inputs and targets.
+inline std::pair<torch::Tensor, torch::Tensor> recipe_batch(int step) {
+  auto generator = at::detail::createCPUGenerator(static_cast<std::uint64_t>(1000 + step));
+  auto x = torch::randn({kRecipeBatch, 8}, generator, torch::kFloat);
+  auto y = torch::randn({kRecipeBatch, 2}, generator, torch::kFloat);
+  return {x, y};
+}
+
+/// Rows [rank * B / processes, (rank + 1) * B / processes): one process's part.
+inline torch::Tensor part_of(const torch::Tensor& whole, int processes, int rank) {
+  const std::int64_t rows = whole.size(0) / processes;
+  return whole.narrow(0, rank * rows, rows);
+}
+
+inline torch::optim::SGDOptions recipe_optimizer() { return torch::optim::SGDOptions(0.1).momentum(0.9); }
+
+inline torch::Tensor recipe_loss(RecipeNetImpl& net, const torch::Tensor& x, const torch::Tensor& y) {
+  return torch::mse_loss(net.forward(x), y);
+}
+
+/// Every parameter, flattened and concatenated, for comparisons.
+inline torch::Tensor flat_parameters(torch::nn::Module& module) {
+  std::vector<torch::Tensor> parts;
+  for (const auto& p : module.parameters()) parts.push_back(p.detach().flatten());
+  return torch::cat(parts);
+}
+
+}  // namespace multigpu_test

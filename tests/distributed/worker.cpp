@@ -1,0 +1,93 @@
+// One process of a multi-process test job: reads its place from the
+// environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains the
+// recipe with DataParallel over --replicas CPU replicas, and writes its final
+// parameters to --out. Faults on request: --die-at-step N makes rank
+// --fault-rank exit in the middle of step N (inside its loss function),
+// --hang-at-step N makes it stop there without exiting.
+//
+// Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <thread>
+
+#include <multigpu/multigpu.hpp>
+#include <multigpu/distributed.hpp>
+
+#include "recipe.hpp"
+
+namespace {
+
+struct Args {
+  int replicas = 2;
+  int steps = 4;
+  std::string out;
+  int die_at_step = -1;
+  int hang_at_step = -1;
+  int fault_rank = 1;
+  int timeout_ms = 300000;
+};
+
+Args parse(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string name = argv[i];
+    const std::string value = argv[i + 1];
+    if (name == "--replicas") args.replicas = std::stoi(value);
+    else if (name == "--steps") args.steps = std::stoi(value);
+    else if (name == "--out") args.out = value;
+    else if (name == "--die-at-step") args.die_at_step = std::stoi(value);
+    else if (name == "--hang-at-step") args.hang_at_step = std::stoi(value);
+    else if (name == "--fault-rank") args.fault_rank = std::stoi(value);
+    else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
+    else {
+      std::cerr << "distributed_worker: unknown option " << name << "\n";
+      std::exit(64);
+    }
+  }
+  return args;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = parse(argc, argv);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    multigpu::DistributedOptions options;
+    options.timeout = std::chrono::milliseconds(args.timeout_ms);
+    auto group = multigpu::ProcessGroup::from_environment(options);
+    const int rank = group->rank();
+
+    // Each rank starts from its own random model: the broadcast from rank 0
+    // must make them one.
+    auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
+    multigpu::DataParallel<multigpu_test::RecipeNet> dp(
+        net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device("cpu")),
+        group->data_parallel_options());
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+
+    for (int step = 0; step < args.steps; ++step) {
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      const auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank),
+                                        multigpu_test::part_of(y, group->size(), rank));
+      dp.train_step(batch, [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
+        if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
+        if (rank == args.fault_rank && step == args.hang_at_step) {
+          std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
+        }
+        return multigpu_test::recipe_loss(model, shard.first, shard.second);
+      });
+    }
+    torch::save(multigpu_test::flat_parameters(*net), args.out);
+    return 0;
+  } catch (const multigpu::Error& e) {
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::cerr << "distributed_worker: " << e.what() << "\n";
+    std::ofstream(args.out) << "failed after " << seconds << " s: " << e.what() << "\n";
+    return 2;
+  }
+}

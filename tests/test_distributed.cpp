@@ -1,0 +1,381 @@
+// Multi-process training: the environment a launcher sets, the rendezvous,
+// and P processes x K CPU replicas over loopback against one process and
+// one plain model. The processes are real: tests/distributed/worker.cpp,
+// started with the variables torchrun would set.
+
+#include "support.hpp"  // first: see its comment
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "multigpu/detail/process.hpp"
+#include "multigpu/distributed.hpp"
+
+#include "distributed/recipe.hpp"
+
+using multigpu::DistributedOptions;
+using multigpu::read_distributed_env;
+using multigpu_test::contains;
+
+namespace {
+
+multigpu::EnvLookup fake_env(std::map<std::string, std::string> values) {
+  return [values = std::move(values)](const std::string& name) -> std::optional<std::string> {
+    auto found = values.find(name);
+    if (found == values.end()) return std::nullopt;
+    return found->second;
+  };
+}
+
+std::string env_error(std::map<std::string, std::string> values, DistributedOptions options = {}) {
+  return MULTIGPU_TEST_MESSAGE(multigpu::DistributedError, read_distributed_env(options, fake_env(std::move(values))));
+}
+
+/// A TCP socket listening on a free loopback port (closed on destruction).
+class Listener {
+ public:
+  Listener() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_ANY);
+    address.sin_port = 0;
+    REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
+    REQUIRE(::listen(fd_, 4) == 0);
+    socklen_t length = sizeof(address);
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
+    port_ = ntohs(address.sin_port);
+  }
+  ~Listener() { ::close(fd_); }
+  Listener(const Listener&) = delete;
+  Listener& operator=(const Listener&) = delete;
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+/// A port nobody listens on right now (the kernel's choice, released).
+int free_port() { return Listener().port(); }
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+TEST_SUITE("distributed environment") {
+  TEST_CASE("no launcher: a single process") {
+    const auto env = read_distributed_env({}, fake_env({}));
+    CHECK(!env.distributed());
+    CHECK(env.rank == 0);
+    CHECK(env.world_size == 1);
+    CHECK(env.launcher == "none");
+    CHECK(env.describe() == "a single process");
+  }
+
+  TEST_CASE("torchrun's variables") {
+    const auto env = read_distributed_env(
+        {}, fake_env({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                      {"GROUP_RANK", "1"}, {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "29500"}}));
+    CHECK(env.launcher == "torchrun");
+    CHECK(env.rank == 3);
+    CHECK(env.world_size == 4);
+    CHECK(env.local_rank == 1);
+    CHECK(env.local_world_size == 2);
+    CHECK(env.node_rank == 1);
+    CHECK(env.nnodes == 2);
+    CHECK(env.describe() == "rank 3 of 4 (local 1 of 2, node 1 of 2) from torchrun, rendezvous at 10.0.0.1:29500");
+  }
+
+  TEST_CASE("one process per machine: NODE_RANK and NNODES") {
+    const auto env = read_distributed_env(
+        {}, fake_env({{"NODE_RANK", "1"}, {"NNODES", "3"}, {"MASTER_ADDR", "head"}, {"MASTER_PORT", "1234"}}));
+    CHECK(env.launcher == "nodes");
+    CHECK(env.rank == 1);
+    CHECK(env.world_size == 3);
+    CHECK(env.local_world_size == 1);
+    CHECK(env.node_rank == 1);
+  }
+
+  TEST_CASE("SLURM's and Open MPI's variables, and explicit values over them") {
+    const auto slurm = read_distributed_env(
+        {}, fake_env({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+                      {"SLURM_NTASKS_PER_NODE", "4(x2)"}, {"SLURM_NODEID", "1"}, {"SLURM_NNODES", "2"},
+                      {"MASTER_ADDR", "node1"}, {"MASTER_PORT", "29400"}}));
+    CHECK(slurm.launcher == "slurm");
+    CHECK(slurm.rank == 5);
+    CHECK(slurm.local_world_size == 4);
+    CHECK(slurm.node_rank == 1);
+    const auto mpi = read_distributed_env(
+        {}, fake_env({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "3"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
+                      {"OMPI_COMM_WORLD_LOCAL_SIZE", "1"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}));
+    CHECK(mpi.launcher == "openmpi");
+    CHECK(mpi.rank == 2);
+    CHECK(mpi.nnodes == 3);
+    DistributedOptions explicit_rank;
+    explicit_rank.rank = 0;
+    explicit_rank.master_port = 4321;
+    const auto overridden = read_distributed_env(
+        explicit_rank, fake_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "29500"}}));
+    CHECK(overridden.rank == 0);
+    CHECK(overridden.master_port == 4321);
+  }
+
+  TEST_CASE("a missing or inconsistent variable is an error naming it") {
+    CHECK(env_error({{"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}) ==
+          "WORLD_SIZE=2 is set but RANK is not: every process needs its own rank, 0..1");
+    CHECK(env_error({{"RANK", "0"}, {"WORLD_SIZE", "0"}}) ==
+          "WORLD_SIZE=0: it must be at least 1 (the number of processes in the job)");
+    CHECK(env_error({{"RANK", "1"}}) ==
+          "RANK=1 is set but WORLD_SIZE is not: every process needs the number of processes too");
+    CHECK(env_error({{"RANK", "2"}, {"WORLD_SIZE", "2"}}) ==
+          "RANK=2 is out of range for WORLD_SIZE=2: valid ranks are 0..1");
+    CHECK(env_error({{"RANK", "one"}, {"WORLD_SIZE", "2"}}) == "RANK='one' is not a whole number");
+    CHECK(env_error({{"LOCAL_RANK", "0"}}) ==
+          "LOCAL_RANK=0 is set, but neither the rank nor the world size is (RANK and WORLD_SIZE are unset); a "
+          "launcher sets all of them");
+    CHECK(env_error({{"RANK", "0"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}}) ==
+          "LOCAL_RANK=2 is out of range for 2 processes on this machine: valid local ranks are 0..1");
+    CHECK(contains(env_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}}), "MASTER_ADDR is not set"));
+    CHECK(contains(env_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}}), "MASTER_PORT is not set"));
+    CHECK(env_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}) ==
+          "MASTER_PORT=70000 is not a TCP port; valid ports are 1..65535");
+    CHECK(env_error({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}}) ==
+          "SLURM_PROCID=4 is out of range for SLURM_NTASKS=4: valid ranks are 0..3");
+  }
+}
+
+TEST_SUITE("distributed sampler") {
+  TEST_CASE("the parts are disjoint, cover the set, and change every epoch") {
+    const std::size_t size = 10;
+    std::vector<multigpu::DistributedSampler> samplers;
+    for (int rank = 0; rank < 3; ++rank) samplers.emplace_back(size, 3, rank, true, 7);
+    std::vector<std::size_t> first_epoch;
+    for (int epoch = 0; epoch < 2; ++epoch) {
+      std::vector<int> seen(size, 0);
+      std::vector<std::size_t> all;
+      for (auto& sampler : samplers) {
+        sampler.reset();
+        CHECK(sampler.epoch() == static_cast<std::size_t>(epoch));
+        std::size_t count = 0;
+        while (auto batch = sampler.next(2)) {
+          for (auto index : *batch) {
+            REQUIRE(index < size);
+            ++seen[index];
+            all.push_back(index);
+          }
+          count += batch->size();
+        }
+        CHECK(count == 4);  // ceil(10 / 3): two samples repeat as padding
+      }
+      int total = 0;
+      for (int n : seen) {
+        CHECK(n >= 1);
+        total += n;
+      }
+      CHECK(total == 12);
+      if (epoch == 0) first_epoch = all;
+      if (epoch == 1) CHECK(all != first_epoch);
+    }
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::DistributedSampler(10, 2, 2)) ==
+          "DistributedSampler: rank 2 is out of range for 2 processes: valid ranks are 0..1");
+  }
+}
+
+#if MULTIGPU_WITH_DISTRIBUTED
+
+namespace {
+
+/// Starts the worker as rank `rank` of `world` (torchrun's variables) with `arguments`.
+std::unique_ptr<multigpu::detail::ChildProcess> start_rank(int rank, int world, int port, const std::string& arguments,
+                                                           const std::string& log) {
+  const auto environment = multigpu::detail::environment_with({{"RANK", std::to_string(rank)},
+                                                               {"WORLD_SIZE", std::to_string(world)},
+                                                               {"LOCAL_RANK", std::to_string(rank)},
+                                                               {"LOCAL_WORLD_SIZE", std::to_string(world)},
+                                                               {"MASTER_ADDR", "127.0.0.1"},
+                                                               {"MASTER_PORT", std::to_string(port)},
+                                                               {"OMP_NUM_THREADS", "1"}});
+  std::remove(log.c_str());
+  return std::make_unique<multigpu::detail::ChildProcess>(
+      fmt::format("exec '{}' {}", MULTIGPU_DISTRIBUTED_WORKER, arguments), environment, log);
+}
+
+/// Waits for `child` at most `limit`; kills it after that.
+multigpu::detail::ProcessExit finish(multigpu::detail::ChildProcess& child, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!child.poll() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!child.poll()) child.kill_group(SIGKILL);
+  return child.wait_blocking();
+}
+
+std::string scratch(const std::string& name) {
+  return fmt::format("{}/multigpu_distributed_{}_{}", std::filesystem::temp_directory_path().string(), ::getpid(),
+                     name);
+}
+
+}  // namespace
+
+TEST_SUITE("distributed training") {
+  TEST_CASE("2 processes x 2 CPU replicas train like 1 process x 4 replicas and like one plain model") {
+    const int steps = 4;
+    // One plain model on the whole batch.
+    auto plain = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+    torch::optim::SGD plain_optimizer(plain->parameters(), multigpu_test::recipe_optimizer());
+    // One process, four replicas.
+    auto single = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+    multigpu::DataParallel<multigpu_test::RecipeNet> dp(single, std::vector<c10::Device>(4, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    for (int step = 0; step < steps; ++step) {
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      plain_optimizer.zero_grad();
+      multigpu_test::recipe_loss(*plain, x, y).backward();
+      plain_optimizer.step();
+      dp.train_step(std::make_pair(x, y), [](multigpu_test::RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+        return multigpu_test::recipe_loss(m, s.first, s.second);
+      });
+    }
+    // Two processes, two replicas each; each starts from its own random model.
+    const int port = free_port();
+    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+    for (int rank = 0; rank < 2; ++rank) {
+      ranks.push_back(start_rank(rank, 2, port,
+                                 fmt::format("--replicas 2 --steps {} --out {} --timeout-ms 60000", steps,
+                                             scratch(fmt::format("params{}", rank))),
+                                 scratch(fmt::format("log{}", rank))));
+    }
+    for (int rank = 0; rank < 2; ++rank) {
+      const auto exit = finish(*ranks[static_cast<std::size_t>(rank)], std::chrono::seconds(120));
+      INFO("rank ", rank, ": ", exit.describe(), "\n", read_text(scratch(fmt::format("log{}", rank))));
+      REQUIRE(exit.success());
+    }
+    const auto expected = multigpu_test::flat_parameters(*plain);
+    CHECK(torch::allclose(multigpu_test::flat_parameters(*single), expected, 1e-5, 1e-6));
+    for (int rank = 0; rank < 2; ++rank) {
+      torch::Tensor trained;
+      torch::load(trained, scratch(fmt::format("params{}", rank)));
+      INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
+      CHECK(torch::allclose(trained, expected, 1e-5, 1e-6));
+      std::remove(scratch(fmt::format("params{}", rank)).c_str());
+      std::remove(scratch(fmt::format("log{}", rank)).c_str());
+    }
+  }
+
+  TEST_CASE("a peer that exits in the middle of a step: the other gets an error naming it, within the time-out") {
+    const int port = free_port();
+    const int timeout_ms = 3000;
+    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+    for (int rank = 0; rank < 2; ++rank) {
+      ranks.push_back(start_rank(rank, 2, port,
+                                 fmt::format("--replicas 2 --steps 5 --die-at-step 2 --fault-rank 1 --out {} "
+                                             "--timeout-ms {}",
+                                             scratch(fmt::format("dead{}", rank)), timeout_ms),
+                                 scratch(fmt::format("deadlog{}", rank))));
+    }
+    const auto survivor = finish(*ranks[0], std::chrono::seconds(60));
+    const auto dead = finish(*ranks[1], std::chrono::seconds(5));
+    CHECK(dead.exit_code == 7);
+    const std::string report = read_text(scratch("dead0"));
+    INFO(report, read_text(scratch("deadlog0")));
+    CHECK(survivor.exit_code == 2);
+    CHECK(contains(report, "rank 1 ("));
+    CHECK(contains(report, "stopped responding"));
+    const double seconds = std::stod(report.substr(std::string("failed after ").size()));
+    CHECK(seconds < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
+    for (int rank = 0; rank < 2; ++rank) {
+      std::remove(scratch(fmt::format("dead{}", rank)).c_str());
+      std::remove(scratch(fmt::format("deadlog{}", rank)).c_str());
+    }
+  }
+
+  TEST_CASE("a peer stuck in the middle of a step: a time-out error, not a hang") {
+    const int port = free_port();
+    const int timeout_ms = 2000;
+    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+    for (int rank = 0; rank < 2; ++rank) {
+      ranks.push_back(start_rank(rank, 2, port,
+                                 fmt::format("--replicas 1 --steps 5 --hang-at-step 1 --fault-rank 1 --out {} "
+                                             "--timeout-ms {}",
+                                             scratch(fmt::format("stuck{}", rank)), timeout_ms),
+                                 scratch(fmt::format("stucklog{}", rank))));
+    }
+    const auto survivor = finish(*ranks[0], std::chrono::seconds(60));
+    ranks[1]->kill_group(SIGKILL);
+    const std::string report = read_text(scratch("stuck0"));
+    INFO(report, read_text(scratch("stucklog0")));
+    CHECK(survivor.exit_code == 2);
+    CHECK(contains(report, "time-out 2000 ms"));
+    CHECK(contains(report, "every other rank is still alive"));
+    for (int rank = 0; rank < 2; ++rank) {
+      std::remove(scratch(fmt::format("stuck{}", rank)).c_str());
+      std::remove(scratch(fmt::format("stucklog{}", rank)).c_str());
+    }
+  }
+}
+
+TEST_SUITE("distributed rendezvous") {
+  TEST_CASE("the rendezvous port in use: rank 0 says so") {
+    Listener taken;
+    DistributedOptions options;
+    options.rank = 0;
+    options.world_size = 2;
+    options.master_addr = "127.0.0.1";
+    options.master_port = taken.port();
+    options.timeout = std::chrono::seconds(2);
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
+    CHECK(contains(message, fmt::format("rank 0 could not serve the rendezvous store on port {} (MASTER_PORT)",
+                                        taken.port())));
+    CHECK(contains(message, "Choose a free MASTER_PORT"));
+  }
+
+  TEST_CASE("a peer that never comes: the rendezvous names it after the time-out") {
+    DistributedOptions options;
+    options.rank = 0;
+    options.world_size = 3;
+    options.master_addr = "127.0.0.1";
+    options.master_port = free_port();
+    options.timeout = std::chrono::milliseconds(1500);
+    const auto start = std::chrono::steady_clock::now();
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CHECK(contains(message, "2 of 3 processes did not join the rendezvous"));
+    CHECK(contains(message, "(missing ranks 1, 2)"));
+    CHECK(seconds < 10);
+  }
+
+  TEST_CASE("rank 0 that never comes: the others say whom they waited for") {
+    DistributedOptions options;
+    options.rank = 1;
+    options.world_size = 2;
+    options.master_addr = "127.0.0.1";
+    options.master_port = free_port();
+    options.timeout = std::chrono::milliseconds(1500);
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
+    CHECK(contains(message, fmt::format("rank 1 could not reach the rendezvous store of rank 0 at 127.0.0.1:{}",
+                                        *options.master_port)));
+  }
+}
+
+#endif  // MULTIGPU_WITH_DISTRIBUTED
