@@ -233,6 +233,35 @@ std::string scratch(const std::string& name) {
                      name);
 }
 
+/// What rank 0 of a two-process job with a fault in rank 1 saw.
+struct FaultyJob {
+  multigpu::detail::ProcessExit survivor;  // rank 0
+  multigpu::detail::ProcessExit peer;      // rank 1 (killed after rank 0 ended, if still there)
+  std::string report;                      // rank 0's --out: "failed after S s: message"
+  std::string log;                         // rank 0's output
+};
+
+FaultyJob run_faulty_job(const std::string& name, const std::string& arguments, int timeout_ms) {
+  const int port = free_port();
+  std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+  for (int rank = 0; rank < 2; ++rank) {
+    ranks.push_back(start_rank(rank, 2, port,
+                               fmt::format("{} --out {} --timeout-ms {}", arguments,
+                                           scratch(fmt::format("{}{}", name, rank)), timeout_ms),
+                               scratch(fmt::format("{}log{}", name, rank))));
+  }
+  FaultyJob job;
+  job.survivor = finish(*ranks[0], std::chrono::seconds(60));
+  job.peer = finish(*ranks[1], std::chrono::seconds(5));
+  job.report = read_text(scratch(name + "0"));
+  job.log = read_text(scratch(name + "log0"));
+  for (int rank = 0; rank < 2; ++rank) {
+    std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+    std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+  }
+  return job;
+}
+
 }  // namespace
 
 TEST_SUITE("distributed training") {
@@ -281,54 +310,22 @@ TEST_SUITE("distributed training") {
   }
 
   TEST_CASE("a peer that exits in the middle of a step: the other gets an error naming it, within the time-out") {
-    const int port = free_port();
-    const int timeout_ms = 3000;
-    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
-    for (int rank = 0; rank < 2; ++rank) {
-      ranks.push_back(start_rank(rank, 2, port,
-                                 fmt::format("--replicas 2 --steps 5 --die-at-step 2 --fault-rank 1 --out {} "
-                                             "--timeout-ms {}",
-                                             scratch(fmt::format("dead{}", rank)), timeout_ms),
-                                 scratch(fmt::format("deadlog{}", rank))));
-    }
-    const auto survivor = finish(*ranks[0], std::chrono::seconds(60));
-    const auto dead = finish(*ranks[1], std::chrono::seconds(5));
-    CHECK(dead.exit_code == 7);
-    const std::string report = read_text(scratch("dead0"));
-    INFO(report, read_text(scratch("deadlog0")));
-    CHECK(survivor.exit_code == 2);
-    CHECK(contains(report, "rank 1 ("));
-    CHECK(contains(report, "stopped responding"));
-    const double seconds = std::stod(report.substr(std::string("failed after ").size()));
+    const auto job = run_faulty_job("dead", "--replicas 2 --steps 5 --die-at-step 2 --fault-rank 1", 3000);
+    INFO(job.report, job.log);
+    CHECK(job.peer.exit_code == 7);
+    CHECK(job.survivor.exit_code == 2);
+    CHECK(contains(job.report, "rank 1 ("));
+    CHECK(contains(job.report, "stopped responding"));
+    const double seconds = std::stod(job.report.substr(std::string("failed after ").size()));
     CHECK(seconds < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
-    for (int rank = 0; rank < 2; ++rank) {
-      std::remove(scratch(fmt::format("dead{}", rank)).c_str());
-      std::remove(scratch(fmt::format("deadlog{}", rank)).c_str());
-    }
   }
 
   TEST_CASE("a peer stuck in the middle of a step: a time-out error, not a hang") {
-    const int port = free_port();
-    const int timeout_ms = 2000;
-    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
-    for (int rank = 0; rank < 2; ++rank) {
-      ranks.push_back(start_rank(rank, 2, port,
-                                 fmt::format("--replicas 1 --steps 5 --hang-at-step 1 --fault-rank 1 --out {} "
-                                             "--timeout-ms {}",
-                                             scratch(fmt::format("stuck{}", rank)), timeout_ms),
-                                 scratch(fmt::format("stucklog{}", rank))));
-    }
-    const auto survivor = finish(*ranks[0], std::chrono::seconds(60));
-    ranks[1]->kill_group(SIGKILL);
-    const std::string report = read_text(scratch("stuck0"));
-    INFO(report, read_text(scratch("stucklog0")));
-    CHECK(survivor.exit_code == 2);
-    CHECK(contains(report, "time-out 2000 ms"));
-    CHECK(contains(report, "every other rank is still alive"));
-    for (int rank = 0; rank < 2; ++rank) {
-      std::remove(scratch(fmt::format("stuck{}", rank)).c_str());
-      std::remove(scratch(fmt::format("stucklog{}", rank)).c_str());
-    }
+    const auto job = run_faulty_job("stuck", "--replicas 1 --steps 5 --hang-at-step 1 --fault-rank 1", 2000);
+    INFO(job.report, job.log);
+    CHECK(job.survivor.exit_code == 2);
+    CHECK(contains(job.report, "time-out 2000 ms"));
+    CHECK(contains(job.report, "every other rank is still alive"));
   }
 }
 
