@@ -106,20 +106,28 @@ DataParallelOptions with_faulty_comm(const std::shared_ptr<std::atomic<int>>& fa
   return options;
 }
 
+/// Threads of this process once LibTorch's own pools are running: LibTorch
+/// starts them (OpenMP, intra-op) on first use and keeps them, so a
+/// throwaway DataParallel trains one step first and only our threads are
+/// left to count.
+int threads_after_warm_up() {
+  static const bool warmed_up = [] {
+    Net net;
+    DataParallel<Net> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    dp.train_step(torch::randn({6, 4}), loss_of);
+    dp.predict(torch::randn({6, 4}), [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
+    return true;
+  }();
+  (void)warmed_up;
+  return thread_count();
+}
+
 }  // namespace
 
 TEST_SUITE("faults") {
   TEST_CASE("an exception in one replica's forward: named, and the next step works") {
-    {
-      // LibTorch starts its own thread pools (OpenMP, intra-op) on first use
-      // and keeps them; start them here so that only our threads are counted.
-      Net warm_up;
-      DataParallel<Net> dp(warm_up, cpus(3));
-      dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
-      dp.train_step(torch::randn({6, 4}), loss_of);
-      dp.predict(torch::randn({6, 4}), [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
-    }
-    const int threads_before = thread_count();
+    const int threads_before = threads_after_warm_up();
     {
       Net net;
       DataParallel<Net> dp(net, cpus(3));
@@ -168,7 +176,7 @@ TEST_SUITE("faults") {
   }
 
   TEST_CASE("a communicator that never completes: a time-out error instead of a hang, then a clear refusal") {
-    const int threads_before = thread_count();
+    const int threads_before = threads_after_warm_up();
     auto fault = std::make_shared<std::atomic<int>>(static_cast<int>(FaultyCommunicator::Fault::kNone));
     {
       auto options = with_faulty_comm(fault);
