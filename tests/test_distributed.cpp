@@ -70,7 +70,18 @@ class Listener {
 };
 
 /// A port nobody listens on right now (the kernel's choice, released).
-int free_port() { return Listener().port(); }
+[[maybe_unused]] int free_port() { return Listener().port(); }
+
+/// Rank `rank` of `world` meeting on 127.0.0.1:`port`, given in code (no environment).
+[[maybe_unused]] DistributedOptions loopback(int rank, int world, int port, std::chrono::milliseconds timeout) {
+  DistributedOptions options;
+  options.rank = rank;
+  options.world_size = world;
+  options.master_addr = "127.0.0.1";
+  options.master_port = port;
+  options.timeout = timeout;
+  return options;
+}
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path);
@@ -164,6 +175,34 @@ TEST_SUITE("distributed environment") {
 }
 
 TEST_SUITE("distributed sampler") {
+  TEST_CASE("resuming: save and load keep the epoch and the place in it; set_epoch replays an epoch") {
+    multigpu::DistributedSampler sampler(20, 2, 1, true, 3);
+    sampler.reset();
+    sampler.reset();  // epoch 1
+    const std::vector<std::size_t> epoch_one = sampler.indices();
+    const auto first = sampler.next(4);
+    REQUIRE(first);
+    torch::serialize::OutputArchive out;
+    sampler.save(out);
+    std::stringstream bytes;
+    out.save_to(bytes);
+
+    multigpu::DistributedSampler resumed(20, 2, 1, true, 3);
+    torch::serialize::InputArchive in;
+    in.load_from(bytes);
+    resumed.load(in);
+    CHECK(resumed.epoch() == 1);
+    const auto rest = resumed.next(100);
+    REQUIRE(rest);
+    CHECK(*rest == std::vector<std::size_t>(epoch_one.begin() + 4, epoch_one.end()));
+
+    multigpu::DistributedSampler replay(20, 2, 1, true, 3);
+    replay.set_epoch(1);
+    CHECK(replay.indices() == epoch_one);
+    replay.set_epoch(0);
+    CHECK(replay.indices() != epoch_one);
+  }
+
   TEST_CASE("the parts are disjoint, cover the set, and change every epoch") {
     const std::size_t size = 10;
     std::vector<multigpu::DistributedSampler> samplers;
@@ -195,6 +234,8 @@ TEST_SUITE("distributed sampler") {
       if (epoch == 0) first_epoch = all;
       if (epoch == 1) CHECK(all != first_epoch);
     }
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::DistributedSampler(10, 0, 0)) ==
+          "DistributedSampler: 0 processes; it needs at least 1");
     CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::DistributedSampler(10, 2, 2)) ==
           "DistributedSampler: rank 2 is out of range for 2 processes: valid ranks are 0..1");
   }
@@ -347,12 +388,7 @@ TEST_SUITE("distributed training") {
 TEST_SUITE("distributed rendezvous") {
   TEST_CASE("the rendezvous port in use: rank 0 says so") {
     Listener taken;
-    DistributedOptions options;
-    options.rank = 0;
-    options.world_size = 2;
-    options.master_addr = "127.0.0.1";
-    options.master_port = taken.port();
-    options.timeout = std::chrono::seconds(2);
+    const DistributedOptions options = loopback(0, 2, taken.port(), std::chrono::seconds(2));
     const std::string message = MULTIGPU_TEST_MESSAGE(
         multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
     CHECK(contains(message, fmt::format("rank 0 could not serve the rendezvous store on port {} (MASTER_PORT)",
@@ -361,12 +397,7 @@ TEST_SUITE("distributed rendezvous") {
   }
 
   TEST_CASE("a peer that never comes: the rendezvous names it after the time-out") {
-    DistributedOptions options;
-    options.rank = 0;
-    options.world_size = 3;
-    options.master_addr = "127.0.0.1";
-    options.master_port = free_port();
-    options.timeout = std::chrono::milliseconds(1500);
+    const DistributedOptions options = loopback(0, 3, free_port(), std::chrono::milliseconds(1500));
     const auto start = std::chrono::steady_clock::now();
     const std::string message = MULTIGPU_TEST_MESSAGE(
         multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
@@ -377,12 +408,7 @@ TEST_SUITE("distributed rendezvous") {
   }
 
   TEST_CASE("rank 0 that never comes: the others say whom they waited for") {
-    DistributedOptions options;
-    options.rank = 1;
-    options.world_size = 2;
-    options.master_addr = "127.0.0.1";
-    options.master_port = free_port();
-    options.timeout = std::chrono::milliseconds(1500);
+    const DistributedOptions options = loopback(1, 2, free_port(), std::chrono::milliseconds(1500));
     const std::string message = MULTIGPU_TEST_MESSAGE(
         multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
     CHECK(contains(message, fmt::format("rank 1 could not reach the rendezvous store of rank 0 at 127.0.0.1:{}",

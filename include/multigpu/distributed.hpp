@@ -171,6 +171,11 @@ class CrossProcessCommunicator : public Communicator {
   inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
 
  private:
+  /// Runs `fn` on a contiguous host copy of replica r's `tensor` (the tensor
+  /// itself when it is one already) and copies the result back.
+  template <class Fn>
+  void on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn);
+
   std::vector<ReplicaContext> replicas_;
   LocalCommunicator local_;
   std::shared_ptr<ProcessGroup> group_;
@@ -500,34 +505,31 @@ inline CrossProcessCommunicator::CrossProcessCommunicator(std::vector<ReplicaCon
   for (const auto& count : counts) world_replicas_ += std::stoul(count);
 }
 
+template <class Fn>
+void CrossProcessCommunicator::on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn) {
+  at::NoGradGuard no_grad;
+  const bool staged = !tensor.device().is_cpu() || !tensor.is_contiguous();
+  at::Tensor host = staged ? tensor.to(at::kCPU).contiguous() : tensor;
+  fn(host);
+  if (staged) {
+    const ReplicaContext::Scope scope(replicas_[r]);
+    tensor.copy_(host);
+    replicas_[r].synchronize();
+  }
+}
+
 inline void CrossProcessCommunicator::all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) {
   local_.all_reduce(tensors, ReduceOp::kSum);
-  at::NoGradGuard no_grad;
-  const at::Tensor& sum = tensors[0];
-  const bool staged = !sum.device().is_cpu() || !sum.is_contiguous();
-  at::Tensor host = staged ? sum.to(at::kCPU).contiguous() : sum;
-  group_->all_reduce_sum(host);
-  if (op == ReduceOp::kAverage) host.div_(static_cast<double>(world_replicas_));
-  if (staged) {
-    const ReplicaContext::Scope scope(replicas_[0]);
-    sum.copy_(host);
-    replicas_[0].synchronize();
-  }
+  on_host(tensors[0], 0, [&](const at::Tensor& host) {
+    group_->all_reduce_sum(host);
+    if (op == ReduceOp::kAverage) host.div_(static_cast<double>(world_replicas_));
+  });
   local_.broadcast(tensors, 0);
 }
 
 inline void CrossProcessCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
   if (root >= tensors.size()) throw CommError(fmt::format("broadcast: root {} is not a replica", root));
-  at::NoGradGuard no_grad;
-  const at::Tensor& source = tensors[root];
-  const bool staged = !source.device().is_cpu() || !source.is_contiguous();
-  at::Tensor host = staged ? source.to(at::kCPU).contiguous() : source;
-  group_->broadcast(host, 0);
-  if (staged) {
-    const ReplicaContext::Scope scope(replicas_[root]);
-    source.copy_(host);
-    replicas_[root].synchronize();
-  }
+  on_host(tensors[root], root, [&](const at::Tensor& host) { group_->broadcast(host, 0); });
   local_.broadcast(tensors, root);
 }
 

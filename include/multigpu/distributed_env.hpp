@@ -56,8 +56,7 @@ struct DistributedEnv {
   int master_port = 0;
   /// "torchrun", "nodes", "slurm", "openmpi", "explicit" or "none".
   std::string launcher = "none";
-  /// The variable each value came from, for messages: "RANK", "SLURM_PROCID"...
-  std::string rank_source = "rank";
+  /// The variable the world size came from, for messages: "WORLD_SIZE", "SLURM_NTASKS"...
   std::string world_size_source = "world size";
 
   bool distributed() const { return world_size > 1; }
@@ -150,12 +149,13 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
 
   const EnvInt node_rank_var = env_int(lookup, "NODE_RANK");
   const EnvInt nnodes_var = env_int(lookup, "NNODES");
+  const EnvInt group_rank_var = env_int(lookup, "GROUP_RANK");
   Launcher torchrun{"torchrun",
                     env_int(lookup, "RANK"),
                     env_int(lookup, "WORLD_SIZE"),
                     env_int(lookup, "LOCAL_RANK"),
                     env_int(lookup, "LOCAL_WORLD_SIZE"),
-                    env_int(lookup, "GROUP_RANK").value ? env_int(lookup, "GROUP_RANK") : node_rank_var,
+                    group_rank_var.value ? group_rank_var : node_rank_var,
                     nnodes_var};
   // One process per machine: NODE_RANK / NNODES name the process.
   Launcher nodes{"nodes",         node_rank_var, nnodes_var, {std::nullopt, "LOCAL_RANK"}, {std::nullopt, "LOCAL_WORLD_SIZE"},
@@ -224,7 +224,6 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
   }
   env.rank = *chosen.rank.value;
   env.world_size = *chosen.world_size.value;
-  env.rank_source = chosen.rank.source;
   env.world_size_source = chosen.world_size.source;
   if (env.rank < 0 || env.rank >= env.world_size) {
     throw DistributedError(fmt::format("{} is out of range for {}: valid ranks are 0..{}", detail::show(chosen.rank),

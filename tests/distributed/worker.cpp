@@ -82,6 +82,7 @@ int main(int argc, char** argv) {
         return multigpu_test::recipe_loss(model, shard.first, shard.second);
       });
     }
+    group->barrier();  // every rank finished training (exercised by the tests)
     torch::save(multigpu_test::flat_parameters(*net), args.out);
     return 0;
   } catch (const multigpu::Error& e) {
