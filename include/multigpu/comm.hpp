@@ -31,6 +31,7 @@
 #include <fmt/core.h>
 
 #include "multigpu/config.hpp"
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
 
@@ -179,7 +180,7 @@ inline void LocalCommunicator::all_reduce(const std::vector<at::Tensor>& tensors
   // Any other dtype or device: ATen ops. On GPUs the replicas' streams are
   // drained first and the result is complete before returning, so the
   // caller may hand the tensors to any stream.
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   for (const auto& replica : replicas_) replica.synchronize();
   at::Tensor sum = tensors[0];
   {
@@ -200,7 +201,7 @@ inline void LocalCommunicator::broadcast(const std::vector<at::Tensor>& tensors,
   if (root >= tensors.size()) {
     throw CommError(fmt::format("local broadcast: root {} is not a replica (0..{})", root, tensors.size() - 1));
   }
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   replicas_[root].synchronize();
   for (std::size_t r = 0; r < tensors.size(); ++r) {
     if (r == root) continue;

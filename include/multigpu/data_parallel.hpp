@@ -55,6 +55,7 @@
 
 #include "multigpu/backend.hpp"
 #include "multigpu/comm.hpp"
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/atomic_file.hpp"
 #include "multigpu/detail/gradient_reducer.hpp"
 #include "multigpu/device.hpp"
@@ -461,7 +462,7 @@ auto DataParallel<M>::predict(const Batch& batch, Fn&& fn) {
   for (std::size_t r = 0; r < size(); ++r) active[r] = sizes[r] > 0;
   core_.run(
       [&](std::size_t r) {
-        const at::NoGradGuard no_grad;
+        const compat::NoGradGuard no_grad;
         const Batch shard = shard_to(shards[r], core_.device(r));
         outputs[r].emplace(std::invoke(fn, *replicas_[r], shard));
       },
@@ -512,7 +513,7 @@ void DataParallel<M>::update_options(Fn&& fn) {
 namespace detail {
 
 inline void copy_module_state(const torch::nn::Module& source, torch::nn::Module& target, const char* origin) {
-  const at::NoGradGuard no_grad;
+  const compat::NoGradGuard no_grad;
   auto copy = [&](const auto& from, const auto& to, const char* kind) {
     if (from.size() != to.size()) {
       throw Error(fmt::format("DataParallel: {} has {} {}s, your module has {}", origin, to.size(), kind,
@@ -713,7 +714,7 @@ inline void DataParallelCore::zero_grad() {
     reducer_->mark_zeroed();
     return;
   }
-  const at::NoGradGuard no_grad;
+  const compat::NoGradGuard no_grad;
   for (auto& p : parameters_[0]) {
     if (p.grad().defined()) p.mutable_grad().zero_();
   }
@@ -755,7 +756,7 @@ inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(st
 
 inline void DataParallelCore::broadcast_from_primary(bool parameters) {
   if (comm_->world_size() == 1) return;
-  const at::NoGradGuard no_grad;
+  const compat::NoGradGuard no_grad;
   if (parameters) {
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
       comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
@@ -789,7 +790,7 @@ inline void DataParallelCore::resync_from_primary() {
 }
 
 inline void DataParallelCore::check_parity() {
-  const at::NoGradGuard no_grad;
+  const compat::NoGradGuard no_grad;
   auto compare = [&](const std::vector<std::string>& names, const std::vector<std::vector<at::Tensor>>& tensors,
                      const char* kind) {
     for (std::size_t r = 1; r < size(); ++r) {

@@ -41,12 +41,12 @@
 
 #include <ATen/ATen.h>
 #include <fmt/core.h>
-#include <fmt/format.h>  // fmt::join
 #include <unistd.h>
 
 #include "multigpu/backend.hpp"
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel.hpp"
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/distributed_env.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
@@ -507,7 +507,7 @@ inline CrossProcessCommunicator::CrossProcessCommunicator(std::vector<ReplicaCon
 
 template <class Fn>
 void CrossProcessCommunicator::on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn) {
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   const bool staged = !tensor.device().is_cpu() || !tensor.is_contiguous();
   at::Tensor host = staged ? tensor.to(at::kCPU).contiguous() : tensor;
   fn(host);

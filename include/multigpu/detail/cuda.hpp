@@ -11,14 +11,8 @@
 
 #include <cuda_runtime_api.h>
 #include <fmt/core.h>
-#include <torch/version.h>
 
-#if TORCH_VERSION_MAJOR >= 2
-#include <c10/cuda/CUDAMiscFunctions.h>
-#else
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
-
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/error.hpp"
 
 /// Throws multigpu::Error naming the call, `context` (e.g. "replica 1 (cuda:1)"),
@@ -46,13 +40,7 @@ namespace detail {
 /// with one mutex; every NCCL launch in multigpu holds the same mutex, and
 /// multigpu itself never frees device memory while a collective is in flight
 /// (its gradient buckets are allocated once, at construction).
-inline std::mutex& cuda_free_mutex() {
-#if TORCH_VERSION_MAJOR >= 2
-  return *c10::cuda::getFreeMutex();
-#else
-  return *c10::cuda::CUDACachingAllocator::getFreeMutex();
-#endif
-}
+inline std::mutex& cuda_free_mutex() { return compat::cuda_free_mutex(); }
 
 }  // namespace detail
 }  // namespace multigpu

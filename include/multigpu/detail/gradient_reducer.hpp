@@ -57,6 +57,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/task_pool.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
@@ -169,7 +170,7 @@ class GradientReducer {
   std::vector<std::size_t> bucket_of_;                  // param -> bucket
   std::vector<std::vector<at::Tensor>> slots_;          // [replica][param]
   std::vector<std::vector<char>> fired_;                // [replica][param], written by r's backward only
-  std::vector<std::vector<std::shared_ptr<torch::autograd::Node>>> accumulators_;
+  std::vector<std::vector<compat::NodePtr>> accumulators_;
   std::shared_ptr<Shared> shared_;
 
   std::atomic<bool> armed_{false};
@@ -252,7 +253,7 @@ inline GradientReducer::~GradientReducer() {
 }
 
 inline void GradientReducer::build_buckets() {
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   const std::size_t n_replicas = params_.size();
   const std::size_t n_params = names_.size();
   bucket_of_.assign(n_params, 0);
@@ -288,7 +289,7 @@ inline void GradientReducer::build_buckets() {
 
   slots_.assign(n_replicas, std::vector<at::Tensor>(n_params));
   fired_.assign(n_replicas, std::vector<char>(n_params, 0));
-  accumulators_.assign(n_replicas, std::vector<std::shared_ptr<torch::autograd::Node>>(n_params));
+  accumulators_.assign(n_replicas, std::vector<compat::NodePtr>(n_params));
   bucket_state_.clear();
   bucket_state_.resize(buckets_.size());
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
@@ -349,7 +350,7 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
       grad.strides() == slot.strides()) {
     return;
   }
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   if (grad.defined()) {
     slot.copy_(grad);
   } else {
@@ -562,7 +563,7 @@ inline void GradientReducer::synchronize() {
 }
 
 inline void GradientReducer::zero(std::size_t replica) {
-  at::NoGradGuard no_grad;
+  compat::NoGradGuard no_grad;
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
 }

@@ -29,6 +29,7 @@
 #include <nccl.h>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/cuda.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
@@ -47,15 +48,8 @@ namespace detail {
 
 inline std::string nccl_failure(ncclResult_t result, const char* call, const std::string& context, ncclComm_t comm,
                                 const char* file, int line) {
-  std::string last;
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)
-  if (comm != nullptr) {
-    const char* text = ncclGetLastError(comm);
-    if (text != nullptr && *text != '\0') last = fmt::format(" ({})", text);
-  }
-#else
-  (void)comm;
-#endif
+  std::string last = compat::nccl_last_error(comm);
+  if (!last.empty()) last = fmt::format(" ({})", last);
   return fmt::format("NCCL {} failed for {}: {}{} at {}:{}; NCCL {}", call, context, ncclGetErrorString(result), last,
                      file, line, nccl_version_string());
 }
@@ -143,17 +137,17 @@ inline ncclDataType_t nccl_type(at::ScalarType type) {
     case at::kFloat: return ncclFloat32;
     case at::kDouble: return ncclFloat64;
     case at::kHalf: return ncclFloat16;
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0)
-    case at::kBFloat16: return ncclBfloat16;
-#endif
     case at::kInt: return ncclInt32;
     case at::kLong: return ncclInt64;
     case at::kChar: return ncclInt8;
     case at::kByte: return ncclUint8;
     case at::kBool: return ncclUint8;
     default:
-      throw CommError(fmt::format("NCCL has no type for {}", c10::toString(type)));
+      break;
   }
+  ncclDataType_t bfloat16{};
+  if (type == at::kBFloat16 && compat::nccl_bfloat16(bfloat16)) return bfloat16;
+  throw CommError(fmt::format("NCCL {} has no type for {}", nccl_version_string(), c10::toString(type)));
 }
 
 }  // namespace detail
@@ -258,11 +252,8 @@ inline void NcclCommunicator::all_reduce(const std::vector<at::Tensor>& tensors,
   ncclRedOp_t nccl_op = ncclSum;
   bool divide_after = false;
   if (op == ReduceOp::kAverage) {
-#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0)
-    nccl_op = ncclAvg;
-#else
-    divide_after = true;
-#endif
+    nccl_op = compat::nccl_average_op();
+    divide_after = !compat::kNcclHasAverage;
   }
   for (const auto& t : tensors) {
     if (!t.is_contiguous()) throw CommError("NCCL all-reduce: tensors must be contiguous");

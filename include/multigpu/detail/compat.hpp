@@ -1,0 +1,112 @@
+#pragma once
+// Every LibTorch, NCCL and fmt difference between the versions multigpu
+// supports, in one place (LibTorch 1.13 to 2.x, NCCL 2.x, fmt 9 to 12). The
+// rest of the library calls these names and never tests a version itself.
+//
+// Note [Supported versions]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~
+// - LibTorch: 1.13 (Debian's, CPU) to the newest 2.x. Where a signature
+//   changed, a name here is deduced from the installed headers (decltype)
+//   rather than from a version number, so that an unexpected minor release
+//   keeps compiling; a version test is used only where the name itself moved.
+// - C++: the consumer's standard decides. LibTorch up to 2.11 compiles as
+//   C++17; newer LibTorch asks for C++20 (its CMake target says so) and its
+//   headers use C++20 bit-field initialisers, which GCC accepts in C++17 with
+//   a warning. multigpu's own code is C++17 and compiles as C++20 too.
+// - fmt: 9 (Debian) to 12 (bundled inside pip's LibTorch, header-only; see
+//   Note [Which fmt] in cmake/multigpuDependencies.cmake). fmt::join lives in
+//   <fmt/ranges.h> from fmt 11 on, and in <fmt/format.h> before: including
+//   <fmt/ranges.h> works for both.
+// - NCCL: 2.7 and newer; ncclAvg and bfloat16 from 2.10, ncclGetLastError
+//   from 2.13.
+
+#include "multigpu/config.hpp"
+
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/version.h>
+
+#if MULTIGPU_WITH_CUDA
+#include <mutex>
+#if TORCH_VERSION_MAJOR >= 2
+#include <c10/cuda/CUDAMiscFunctions.h>
+#else
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+#endif
+
+#if MULTIGPU_WITH_NCCL
+#include <string>
+
+#include <ATen/core/ATen_fwd.h>
+#include <nccl.h>
+#endif
+
+namespace multigpu {
+namespace compat {
+
+/// Turns autograd off for a scope (at::NoGradGuard in LibTorch 1.x only;
+/// c10::NoGradGuard everywhere).
+using NoGradGuard = c10::NoGradGuard;
+
+/// The pointer type of an autograd node as grad_accumulator() returns it:
+/// std::shared_ptr<Node> up to LibTorch 2.11, c10::intrusive_ptr<Node> after.
+using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
+
+#if MULTIGPU_WITH_CUDA
+/// The mutex LibTorch holds around its own cudaFree calls. See Note [NCCL and
+/// cudaFree] in detail/cuda.hpp. It moved from the caching allocator to
+/// CUDAMiscFunctions in LibTorch 2.0.
+inline std::mutex& cuda_free_mutex() {
+#if TORCH_VERSION_MAJOR >= 2
+  return *c10::cuda::getFreeMutex();
+#else
+  return *c10::cuda::CUDACachingAllocator::getFreeMutex();
+#endif
+}
+#endif  // MULTIGPU_WITH_CUDA
+
+#if MULTIGPU_WITH_NCCL
+/// NCCL can average in the collective itself (ncclAvg, NCCL >= 2.10).
+inline constexpr bool kNcclHasAverage = NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0);
+
+/// ncclAvg where NCCL has it, else ncclSum (the caller then divides).
+inline ncclRedOp_t nccl_average_op() {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0)
+  return ncclAvg;
+#else
+  return ncclSum;
+#endif
+}
+
+/// NCCL's bfloat16 type (NCCL >= 2.10); false where NCCL has none.
+inline bool nccl_bfloat16(ncclDataType_t& type) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 10, 0)
+  type = ncclBfloat16;
+  return true;
+#else
+  (void)type;
+  return false;
+#endif
+}
+
+/// The communicator's last error in words (NCCL >= 2.13); "" where unknown.
+inline std::string nccl_last_error(ncclComm_t comm) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)
+  if (comm == nullptr) return "";
+  const char* text = ncclGetLastError(comm);
+  return text == nullptr ? std::string() : std::string(text);
+#else
+  (void)comm;
+  return "";
+#endif
+}
+#endif  // MULTIGPU_WITH_NCCL
+
+}  // namespace compat
+}  // namespace multigpu
