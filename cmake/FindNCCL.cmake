@@ -2,16 +2,27 @@
 # --------
 # NCCL ships no CMake package, so this finds its header and library.
 #
-# Looks in NCCL_ROOT (variable or environment), NCCL_HOME, CUDA_HOME /
-# CUDA_PATH, the CUDA toolkit, and the `nvidia/nccl` folder of Python's
-# site-packages (where PyTorch wheels get NCCL from) when NCCL_ROOT points
-# there.
+# Looks in NCCL_ROOT (variable or environment), NCCL_HOME, then beside the
+# LibTorch found (pip's torch loads the NCCL of the nvidia-nccl wheel, in
+# site-packages/nvidia/nccl: the headers must be that NCCL's), then CUDA_HOME /
+# CUDA_PATH and the CUDA toolkit.
 #
 # Result: NCCL_FOUND, NCCL_INCLUDE_DIRS, NCCL_LIBRARIES, NCCL_VERSION, and the
 # imported target NCCL::NCCL.
 
 set(_nccl_hints)
-foreach(_var NCCL_ROOT NCCL_HOME CUDA_HOME CUDA_PATH CUDAToolkit_ROOT)
+foreach(_var NCCL_ROOT NCCL_HOME)
+  if(DEFINED ${_var})
+    list(APPEND _nccl_hints "${${_var}}")
+  endif()
+  if(DEFINED ENV{${_var}})
+    list(APPEND _nccl_hints "$ENV{${_var}}")
+  endif()
+endforeach()
+if(TORCH_INSTALL_PREFIX)
+  list(APPEND _nccl_hints "${TORCH_INSTALL_PREFIX}/../nvidia/nccl")
+endif()
+foreach(_var CUDA_HOME CUDA_PATH CUDAToolkit_ROOT)
   if(DEFINED ${_var})
     list(APPEND _nccl_hints "${${_var}}")
   endif()

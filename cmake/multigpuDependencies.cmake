@@ -25,10 +25,85 @@ endif()
 
 find_package(Threads REQUIRED)
 if(NOT TARGET torch)
-  find_package(Torch REQUIRED)
+  # A Torch_DIR that points nowhere would otherwise end in CMake's page about
+  # package configuration files.
+  if(Torch_DIR AND NOT Torch_DIR MATCHES "-NOTFOUND$"
+     AND NOT EXISTS "${Torch_DIR}/TorchConfig.cmake" AND NOT EXISTS "${Torch_DIR}/torch-config.cmake")
+    message(FATAL_ERROR
+      "multigpu: Torch_DIR is '${Torch_DIR}', which holds no TorchConfig.cmake. Torch_DIR must be the "
+      "folder with that file: <libtorch>/share/cmake/Torch for the LibTorch archive, or "
+      "$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')/Torch for pip's torch. "
+      "Or leave it unset: scripts/configure.sh finds a LibTorch by itself.")
+  endif()
+  # TorchConfig.cmake looks for its sibling Caffe2Config.cmake with PATHS,
+  # which CMake searches after the system's folders: with Debian's
+  # libtorch-dev installed, a pip LibTorch named by Torch_DIR alone gets
+  # Debian's Caffe2 (LibTorch 1.13) libraries. Name the sibling first.
+  if(Torch_DIR AND NOT Caffe2_DIR AND EXISTS "${Torch_DIR}/../Caffe2/Caffe2Config.cmake")
+    get_filename_component(Caffe2_DIR "${Torch_DIR}/../Caffe2" ABSOLUTE)
+    set(Caffe2_DIR "${Caffe2_DIR}" CACHE PATH "Caffe2's CMake folder, beside Torch_DIR")
+  endif()
+  # A CUDA LibTorch's config finds the CUDA toolkit with FindCUDA, which
+  # looks beside the nvcc on PATH: a wrapper script in /usr/local/bin leads
+  # it astray. Name the toolkit where one is known.
+  if(NOT CUDA_TOOLKIT_ROOT_DIR)
+    foreach(_multigpu_cuda "$ENV{CUDA_HOME}" "$ENV{CUDA_PATH}" /usr/local/cuda)
+      if(_multigpu_cuda AND EXISTS "${_multigpu_cuda}/include/cuda_runtime_api.h")
+        set(CUDA_TOOLKIT_ROOT_DIR "${_multigpu_cuda}" CACHE PATH "The CUDA toolkit (for a CUDA LibTorch)")
+        break()
+      endif()
+    endforeach()
+  endif()
+  find_package(Torch QUIET)
+  if(NOT Torch_FOUND)
+    message(FATAL_ERROR
+      "multigpu: no LibTorch found (Torch_DIR: '${Torch_DIR}', CMAKE_PREFIX_PATH: '${CMAKE_PREFIX_PATH}'). "
+      "Point CMake at one: -DTorch_DIR=<libtorch>/share/cmake/Torch, or "
+      "-DCMAKE_PREFIX_PATH=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') for pip's "
+      "torch; scripts/configure.sh finds or installs one by itself.")
+  endif()
 endif()
-if(NOT TARGET fmt::fmt AND NOT TARGET fmt::fmt-header-only)
-  find_package(fmt REQUIRED)
+include("${CMAKE_CURRENT_LIST_DIR}/multigpuTorchChecks.cmake")
+
+# Note [Which fmt]
+# ~~~~~~~~~~~~~~~~
+# pip's LibTorch (2.x) ships fmt's headers (fmt 11/12) in its own include
+# folder and uses them header-only; its headers include them. The compiler
+# searches that folder before the system's, so `#include <fmt/core.h>` finds
+# LibTorch's copy whatever fmt we ask CMake for, and linking the system's
+# libfmt (another major version, another inline namespace) then fails. So
+# where LibTorch brings fmt, multigpu uses that copy, header-only; elsewhere
+# (Debian's LibTorch 1.13) the fmt package found on the system.
+set(MULTIGPU_FMT_TARGET "")
+if(TORCH_INSTALL_PREFIX AND EXISTS "${TORCH_INSTALL_PREFIX}/include/fmt/format.h")
+  get_filename_component(_multigpu_torch_include "${TORCH_INSTALL_PREFIX}/include" REALPATH)
+  set(_multigpu_fmt_shadowed TRUE)
+  foreach(_dir IN LISTS CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES)
+    get_filename_component(_dir "${_dir}" REALPATH)
+    if(_dir STREQUAL _multigpu_torch_include)
+      set(_multigpu_fmt_shadowed FALSE)  # a system folder: searched last, like any system fmt
+    endif()
+  endforeach()
+  if(_multigpu_fmt_shadowed)
+    if(NOT TARGET multigpu::detail_fmt_from_torch)
+      add_library(multigpu::detail_fmt_from_torch INTERFACE IMPORTED GLOBAL)
+      set_target_properties(multigpu::detail_fmt_from_torch PROPERTIES
+        INTERFACE_COMPILE_DEFINITIONS FMT_HEADER_ONLY=1)
+    endif()
+    set(MULTIGPU_FMT_TARGET multigpu::detail_fmt_from_torch)
+    set(_multigpu_fmt_text "fmt from LibTorch (header-only)")
+  endif()
+endif()
+if(NOT MULTIGPU_FMT_TARGET)
+  if(NOT TARGET fmt::fmt AND NOT TARGET fmt::fmt-header-only)
+    find_package(fmt REQUIRED)
+  endif()
+  if(TARGET fmt::fmt)
+    set(MULTIGPU_FMT_TARGET fmt::fmt)
+  else()
+    set(MULTIGPU_FMT_TARGET fmt::fmt-header-only)
+  endif()
+  set(_multigpu_fmt_text "fmt ${fmt_VERSION}")
 endif()
 
 # Imported targets are visible only in the directory that found them. When
@@ -107,12 +182,7 @@ if(NOT MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "OFF")
   endif()
 endif()
 
-set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS})
-if(TARGET fmt::fmt)
-  list(APPEND MULTIGPU_DEPENDENCY_TARGETS fmt::fmt)
-else()
-  list(APPEND MULTIGPU_DEPENDENCY_TARGETS fmt::fmt-header-only)
-endif()
+set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS} ${MULTIGPU_FMT_TARGET})
 if(MULTIGPU_HAS_NCCL)
   list(APPEND MULTIGPU_DEPENDENCY_TARGETS NCCL::NCCL)
 endif()
@@ -132,5 +202,6 @@ if(MULTIGPU_HAS_DISTRIBUTED)
 else()
   set(_multigpu_distributed_text "OFF")
 endif()
-message(STATUS "multigpu: LibTorch ${Torch_VERSION}${TORCH_VERSION}, CUDA ${_multigpu_cuda_text}, "
-  "NCCL ${_multigpu_nccl_text}, multi-process ${_multigpu_distributed_text}")
+message(STATUS "multigpu: LibTorch ${MULTIGPU_TORCH_VERSION} at ${TORCH_INSTALL_PREFIX}, "
+  "C++${MULTIGPU_TORCH_CXX_STANDARD}, CUDA ${_multigpu_cuda_text}, NCCL ${_multigpu_nccl_text}, "
+  "multi-process ${_multigpu_distributed_text}, ${_multigpu_fmt_text}")
