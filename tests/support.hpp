@@ -3,6 +3,7 @@
 // defines CHECK macros that clash with doctest's, so LibTorch comes first and
 // its macros are dropped before doctest defines its own.
 
+#include <iostream>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -66,5 +67,25 @@ inline bool contains(const std::string& text, const std::string& part) {
     }                                                    \
     return std::string();                                \
   }()
+
+/// Why this process cannot run a test that needs `count` GPUs ("" when it can).
+inline std::string why_not_gpus(std::size_t count) {
+  multigpu::DeviceManager devices;
+  const std::size_t visible = devices.devices().size();
+  if (visible >= count) return "";
+  if (visible == 0) return "no GPU is visible: " + devices.no_gpu_reason();
+  return std::to_string(count) + " GPUs needed, " + std::to_string(visible) + " visible";
+}
+
+/// Ends a CUDA test early where it cannot run, printing the line by which
+/// ctest reports it skipped (SKIP_REGULAR_EXPRESSION in tests/CMakeLists.txt).
+#define MULTIGPU_TEST_NEEDS_GPUS(count)                                                   \
+  do {                                                                                    \
+    const std::string multigpu_why_not_ = ::multigpu_test::why_not_gpus(count);           \
+    if (!multigpu_why_not_.empty()) {                                                     \
+      std::cout << "multigpu test skipped: " << multigpu_why_not_ << std::endl;           \
+      return;                                                                             \
+    }                                                                                     \
+  } while (false)
 
 }  // namespace multigpu_test

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "multigpu/testing/fake_runtime.hpp"
 
 using multigpu::BasicDeviceManager;
@@ -414,6 +416,20 @@ TEST_SUITE("device manager on a scripted machine") {
   }
 }
 
+TEST_CASE("why a CUDA LibTorch sees no GPU, in words") {
+  using multigpu::detail::explain_cuda_failure;
+  const auto no_driver = explain_cuda_failure(35, "CUDA driver version is insufficient for CUDA runtime version",
+                                              13000, 0, "");
+  CHECK(contains(no_driver, "LibTorch was built with CUDA 13.0, but no NVIDIA driver was found"));
+  CHECK(contains(no_driver, "install the NVIDIA driver, or run on the CPU"));
+  const auto old_driver = explain_cuda_failure(35, "insufficient", 13000, 12020, "535.104.05");
+  CHECK(contains(old_driver, "NVIDIA driver 535.104.05 supports CUDA up to 12.2, but this LibTorch was built with "
+                             "CUDA 13.0: update the driver to one for CUDA 13.0 or newer"));
+  const auto no_device = explain_cuda_failure(100, "no CUDA-capable device is detected", 13000, 13000, "580.65");
+  CHECK(contains(no_device, "NVIDIA driver 580.65 is installed, but it finds no NVIDIA GPU"));
+  CHECK(explain_cuda_failure(999, "unknown error", 13000, 13000, "") == "cudaGetDeviceCount: unknown error (CUDA error 999)");
+}
+
 TEST_CASE("the real runtime of this machine") {
   CapturedLog log;
   multigpu::DeviceManager devices;
@@ -432,6 +448,12 @@ TEST_CASE("the real runtime of this machine") {
 #else
   if (devices.devices().empty()) {
     CHECK(devices.select("auto").is_cpu());
+    if (access("/proc/driver/nvidia/version", F_OK) != 0) {
+      // A CUDA LibTorch on a machine without the driver (CI): the report says so.
+      MESSAGE("no GPU here: " << report.verdict);
+      CHECK(contains(report.verdict, "LibTorch was built with CUDA"));
+      CHECK(contains(report.verdict, "no NVIDIA driver was found"));
+    }
   } else {
     CHECK(devices.select("cuda").size() == 1);
   }

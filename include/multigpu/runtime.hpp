@@ -83,6 +83,37 @@ class SystemRuntime {
 
 namespace detail {
 
+/// "13.0" from CUDA's integer version (13000); "" for 0.
+inline std::string cuda_version_text(int version) {
+  return version <= 0 ? std::string() : fmt::format("{}.{}", version / 1000, (version % 1000) / 10);
+}
+
+/// Why a CUDA build of LibTorch sees no GPU, in words a user can act on, from
+/// what cudaGetDeviceCount returned (`status`, `status_text`), the CUDA
+/// version LibTorch was built with (`runtime_version`, 13000 for 13.0) and the
+/// newest CUDA the installed driver supports (`driver_version`; 0: no driver
+/// could be loaded). CUDA's own codes: 35 cudaErrorInsufficientDriver,
+/// 100 cudaErrorNoDevice, 999 cudaErrorUnknown.
+inline std::string explain_cuda_failure(int status, const std::string& status_text, int runtime_version,
+                                        int driver_version, const std::string& driver_name) {
+  const std::string built = cuda_version_text(runtime_version);
+  const std::string driver = driver_name.empty() ? std::string("the NVIDIA driver") : fmt::format("NVIDIA driver {}", driver_name);
+  if (status == 35 && driver_version <= 0) {
+    return fmt::format("LibTorch was built with CUDA {}, but no NVIDIA driver was found (libcuda.so.1 could not be "
+                       "loaded), so no GPU can be used: install the NVIDIA driver, or run on the CPU with \"cpu\"",
+                       built.empty() ? "(unknown version)" : built);
+  }
+  if (status == 35 || (driver_version > 0 && runtime_version > driver_version)) {
+    return fmt::format("{} supports CUDA up to {}, but this LibTorch was built with CUDA {}: update the driver to one "
+                       "for CUDA {} or newer, or build against a LibTorch for CUDA {} or older",
+                       driver, cuda_version_text(driver_version), built, built, cuda_version_text(driver_version));
+  }
+  if (status == 100) {
+    return fmt::format("{} is installed, but it finds no NVIDIA GPU (cudaGetDeviceCount: {})", driver, status_text);
+  }
+  return fmt::format("cudaGetDeviceCount: {} (CUDA error {})", status_text, status);
+}
+
 inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {
   RuntimeGpu out;
   out.name = gpu.name;
@@ -111,12 +142,12 @@ inline RuntimeInfo SystemRuntime::info() {
   info.cuda_build = true;
   int runtime_version = 0;
   if (cudaRuntimeGetVersion(&runtime_version) == cudaSuccess) {
-    info.cuda_runtime_version = fmt::format("{}.{}", runtime_version / 1000, (runtime_version % 1000) / 10);
+    info.cuda_runtime_version = detail::cuda_version_text(runtime_version);
   }
   if (info.driver_version.empty()) {
     int driver = 0;
     if (cudaDriverGetVersion(&driver) == cudaSuccess && driver > 0) {
-      info.driver_version = fmt::format("CUDA {}.{}", driver / 1000, (driver % 1000) / 10);
+      info.driver_version = fmt::format("CUDA {}", detail::cuda_version_text(driver));
     }
   }
   if (cuda_error_.empty()) visible_gpus();  // fills cuda_error_ when CUDA finds nothing
@@ -141,8 +172,14 @@ inline std::vector<RuntimeGpu> SystemRuntime::visible_gpus() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
-    cuda_error_ = fmt::format("cudaGetDeviceCount: {}", cudaGetErrorString(status));
     cudaGetLastError();  // clear the sticky-free error so later CUDA calls start clean
+    int runtime_version = 0;
+    int driver_version = 0;
+    cudaRuntimeGetVersion(&runtime_version);
+    cudaDriverGetVersion(&driver_version);
+    cudaGetLastError();
+    cuda_error_ = detail::explain_cuda_failure(static_cast<int>(status), cudaGetErrorString(status), runtime_version,
+                                               driver_version, detail::Nvml::instance().driver_version());
     return gpus;
   }
   cuda_error_.clear();
