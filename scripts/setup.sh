@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that multigpu's build, tests and examples need,
 # when some are missing. Called by the README's two commands; safe to rerun.
-# MULTIGPU_SKIP_APT=1 skips it (bring LibTorch, fmt, doctest and CLI11
-# yourself and point CMake at them, e.g. with -DTorch_DIR=...).
+# LibTorch itself is chosen (and installed when missing) by
+# scripts/find-torch.sh, which scripts/configure.sh calls.
+# MULTIGPU_SKIP_APT=1 skips it (bring CMake, fmt, doctest, CLI11 and
+# nlohmann-json yourself).
 set -euo pipefail
 
 packages=(
   cmake ninja-build g++ pkg-config
-  libtorch-dev          # LibTorch 1.13, CPU-only on Debian
+  python3-venv          # the project's virtual environment with pip's torch (scripts/find-torch.sh)
   libgloo-dev           # Gloo's headers, for multi-process training over c10d's ProcessGroupGloo
   libfmt-dev            # messages
   doctest-dev           # tests

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # README command 2: installs what is missing, builds everything and runs the
 # whole test suite with ctest, in stages:
-#   main       the normal build (build/): every test, examples, consumers
-#   asan       the unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
-#   tsan       the unit tests again under ThreadSanitizer (build-tsan/)
-#   fuzz       the device-spec parsers under libFuzzer for MULTIGPU_FUZZ_SECONDS (build-fuzz/, clang)
-# MULTIGPU_TEST_STAGES picks stages ("main asan tsan fuzz" by default).
+#   main    the LibTorch scripts/find-torch.sh chooses (CI: pip's torch 2.13, CPU),
+#           every test, the examples, the consumers (build/)
+#   compat  Debian's LibTorch 1.13 (CPU), C++17: the unit tests (build-compat/)
+#   cuda    pip's CUDA torch 2.14.1 with CUDA and NCCL compiled in: every target,
+#           then the unit tests; without a GPU the CUDA tests report themselves
+#           skipped, with the reason (build-cuda/)
+#   asan    the unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+#   tsan    the unit tests under ThreadSanitizer (build-tsan/)
+#   fuzz    the device-spec parsers under libFuzzer for MULTIGPU_FUZZ_SECONDS (build-fuzz/, clang)
+# asan, tsan and fuzz use the main stage's LibTorch.
+# MULTIGPU_TEST_STAGES picks stages ("main compat cuda asan tsan fuzz" by default).
 # Arguments go to ctest; with arguments only the main stage runs, unless
 # MULTIGPU_TEST_STAGES says otherwise (scripts/test.sh -R device).
 set -euo pipefail
@@ -15,14 +21,39 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ $# -gt 0 ]]; then
   stages="${MULTIGPU_TEST_STAGES:-main}"
 else
-  stages="${MULTIGPU_TEST_STAGES:-main asan tsan fuzz}"
+  stages="${MULTIGPU_TEST_STAGES:-main compat cuda asan tsan fuzz}"
 fi
+for name in $stages; do
+  case "$name" in
+    main | compat | cuda | asan | tsan | fuzz) ;;
+    *)
+      echo "scripts/test.sh: unknown stage '$name' in MULTIGPU_TEST_STAGES; valid: main compat cuda asan tsan fuzz" >&2
+      exit 2
+      ;;
+  esac
+done
 jobs="$(nproc)"
 # Tests that build other projects, train the example or time things: main stage only.
 not_unit="consumer|example|benchmark|compile|fuzz"
+# The unit tests' programs (the compat and sanitizer stages); the header check
+# (every header compiles on its own) only where the compiler flags differ.
+unit_targets=(--target multigpu_tests distributed_worker)
 
-stage() { echo; echo "=== multigpu tests: $1"; }
+timings=()
+stage_start=0
+stage() {
+  echo
+  echo "=== multigpu tests: $1"
+  stage_start=$SECONDS
+}
+stage_done() {
+  local line
+  line="$(printf '%-8s %4d s' "$1" $((SECONDS - stage_start)))"
+  timings+=("$line")
+  echo "=== multigpu tests: $1 passed in $((SECONDS - stage_start)) s"
+}
 
+started=$SECONDS
 for name in $stages; do
   case "$name" in
     main)
@@ -31,34 +62,52 @@ for name in $stages; do
       cmake --build "$build" --parallel
       ctest --test-dir "$build" --output-on-failure --parallel "$jobs" "$@"
       ;;
+    compat)
+      stage "compatibility: Debian's LibTorch 1.13, C++17"
+      build="$(MULTIGPU_TORCH=debian MULTIGPU_BUILD_DIR="$root/build-compat" "$root/scripts/configure.sh" \
+        -DCMAKE_CXX_STANDARD=17 -DMULTIGPU_BUILD_EXAMPLES=OFF -DMULTIGPU_BUILD_BENCHMARKS=OFF \
+        -DMULTIGPU_BUILD_TOOLS=OFF)"
+      cmake --build "$build" --parallel "${unit_targets[@]}" multigpu_header_check
+      ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
+      ;;
+    cuda)
+      stage "CUDA: pip's CUDA LibTorch, CUDA and NCCL compiled in"
+      build="$(MULTIGPU_TORCH=cuda MULTIGPU_BUILD_DIR="$root/build-cuda" "$root/scripts/configure.sh" \
+        -DMULTIGPU_ENABLE_CUDA=ON -DMULTIGPU_ENABLE_NCCL=ON)"
+      cmake --build "$build" --parallel
+      "$build/examples/device_report" || true  # no GPU here: it says why, and exits 1
+      ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
+      ;;
     asan)
       stage "AddressSanitizer + UndefinedBehaviorSanitizer"
       build="$(MULTIGPU_BUILD_DIR="$root/build-asan" MULTIGPU_BUILD_TYPE=RelWithDebInfo "$root/scripts/configure.sh" \
         -DMULTIGPU_SANITIZE=address,undefined -DMULTIGPU_BUILD_EXAMPLES=OFF -DMULTIGPU_BUILD_BENCHMARKS=OFF)"
-      cmake --build "$build" --parallel
+      cmake --build "$build" --parallel "${unit_targets[@]}" multigpu-run
       ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1" \
       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-        ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
+        ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit|headers" "$@"
       ;;
     tsan)
       stage "ThreadSanitizer"
       build="$(MULTIGPU_BUILD_DIR="$root/build-tsan" MULTIGPU_BUILD_TYPE=RelWithDebInfo "$root/scripts/configure.sh" \
         -DMULTIGPU_SANITIZE=thread -DMULTIGPU_BUILD_EXAMPLES=OFF -DMULTIGPU_BUILD_BENCHMARKS=OFF)"
-      cmake --build "$build" --parallel
+      cmake --build "$build" --parallel "${unit_targets[@]}" multigpu-run
       TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/sanitizers/tsan.supp" \
-        ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
+        ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit|headers" "$@"
       ;;
     fuzz)
       stage "libFuzzer"
       build="$(MULTIGPU_BUILD_DIR="$root/build-fuzz" MULTIGPU_BUILD_TYPE=RelWithDebInfo CXX=clang++ \
         "$root/scripts/configure.sh" -DMULTIGPU_BUILD_FUZZERS=ON -DMULTIGPU_BUILD_EXAMPLES=OFF \
-        -DMULTIGPU_BUILD_BENCHMARKS=OFF -DMULTIGPU_FUZZ_SECONDS="${MULTIGPU_FUZZ_SECONDS:-60}")"
+        -DMULTIGPU_BUILD_BENCHMARKS=OFF -DMULTIGPU_BUILD_TOOLS=OFF -DMULTIGPU_BUILD_TESTS=ON \
+        -DMULTIGPU_FUZZ_SECONDS="${MULTIGPU_FUZZ_SECONDS:-60}")"
       cmake --build "$build" --parallel --target fuzz_device_specs
       ctest --test-dir "$build" --output-on-failure -L fuzz
       ;;
-    *)
-      echo "scripts/test.sh: unknown stage '$name' in MULTIGPU_TEST_STAGES; valid: main asan tsan fuzz" >&2
-      exit 2
-      ;;
   esac
+  stage_done "$name"
 done
+
+echo
+echo "=== multigpu tests: every stage passed in $((SECONDS - started)) s"
+printf '    %s\n' "${timings[@]}"

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Chooses the LibTorch that multigpu builds against, installing one when
+# none is at hand, and prints its CMake folder (what Torch_DIR takes) on
+# standard output; what it chose, and why, goes to standard error.
+#
+# MULTIGPU_TORCH says which one (default: auto):
+#   auto     the first of: the LibTorch you point at (Torch_DIR, or
+#            CMAKE_PREFIX_PATH, in the environment); the torch of the python3
+#            on PATH; the project's virtual environment with pip's torch
+#            (.venv/torch-cuda where an NVIDIA driver is present, else
+#            .venv/torch-cpu; made here when missing); Debian's libtorch-dev
+#   cpu      the project's virtual environment with pip's CPU torch (.venv/torch-cpu)
+#   cuda     the project's virtual environment with pip's CUDA torch (.venv/torch-cuda)
+#   python   the torch of the python3 on PATH
+#   debian   Debian's libtorch-dev (LibTorch 1.13, CPU), installed with apt-get
+#   PATH     a LibTorch folder (the archive's libtorch/, or a folder holding TorchConfig.cmake)
+# MULTIGPU_TORCH_PIP_CPU / MULTIGPU_TORCH_PIP_CUDA: what pip installs into
+# those environments (defaults: torch==2.13.0 and torch==2.14.1, the versions
+# CI tests; add --index-url ... to take them from another index).
+# MULTIGPU_VENV_DIR: where the environments live (default: .venv at the top).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+choice="${MULTIGPU_TORCH:-auto}"
+venv_root="${MULTIGPU_VENV_DIR:-$root/.venv}"
+pip_cpu="${MULTIGPU_TORCH_PIP_CPU:-torch==2.13.0}"
+pip_cuda="${MULTIGPU_TORCH_PIP_CUDA:-torch==2.14.1}"
+
+say() { echo "multigpu setup: $*" >&2; }
+fail() { say "$*"; exit 1; }
+
+have_driver() { [[ -e /proc/driver/nvidia/version ]] || nvidia-smi -L >/dev/null 2>&1; }
+
+# The folder holding TorchConfig.cmake under (or at) $1; nothing if none.
+torch_cmake_dir() {
+  local base="$1" candidate
+  for candidate in "$base" "$base/Torch" "$base/share/cmake/Torch" "$base/lib/cmake/Torch" \
+                   "$base/lib/x86_64-linux-gnu/cmake/Torch" "$base/torch/share/cmake/Torch"; do
+    if [[ -f "$candidate/TorchConfig.cmake" ]]; then
+      (cd "$candidate" && pwd)
+      return 0
+    fi
+  done
+  return 1
+}
+
+# LibTorch's version, from the version file next to its CMake config.
+torch_version() {
+  sed -n 's/^set(PACKAGE_VERSION "\(.*\)")$/\1/p' "$1/TorchConfigVersion.cmake" 2>/dev/null | head -n1
+}
+
+# "CUDA" or "CPU": a CUDA LibTorch has libtorch_cuda.so.
+torch_flavour() {
+  local lib
+  for lib in "$1/../../../lib" "$1/../../.."; do
+    if compgen -G "$lib/libtorch_cuda.so*" >/dev/null; then
+      echo CUDA
+      return
+    fi
+  done
+  echo CPU
+}
+
+# The torch of a python interpreter: its CMake folder, or nothing.
+python_torch() {
+  "$1" -c 'import os, torch; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))' 2>/dev/null
+}
+
+# The project's virtual environment $1 (cpu or cuda), made with pip's torch when missing.
+venv_torch() {
+  local kind="$1" venv="$venv_root/torch-$1" spec dir
+  spec="$pip_cpu"
+  [[ "$kind" == cuda ]] && spec="$pip_cuda"
+  if dir="$(python_torch "$venv/bin/python")" && [[ -n "$dir" ]]; then
+    echo "$dir"
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || { say "no python3 to make $venv with"; return 1; }
+  say "making the virtual environment $venv with pip's $spec (once; a CUDA build is several GB)"
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2 || { say "python3 -m venv failed (on Debian: apt-get install python3-venv)"; return 1; }
+  # shellcheck disable=SC2086  # the spec may carry pip options
+  "$venv/bin/pip" install --disable-pip-version-check -q $spec >&2 || { say "pip install $spec failed"; return 1; }
+  python_torch "$venv/bin/python"
+}
+
+debian_torch() {
+  local dir=/usr/lib/x86_64-linux-gnu/cmake/Torch
+  if [[ ! -f "$dir/TorchConfig.cmake" ]]; then
+    command -v apt-get >/dev/null 2>&1 || { say "no apt-get here to install Debian's libtorch-dev"; return 1; }
+    local sudo=()
+    [[ "$(id -u)" != 0 ]] && sudo=(sudo)
+    say "installing Debian's libtorch-dev (LibTorch 1.13, CPU)"
+    "${sudo[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends libtorch-dev >/dev/null
+  fi
+  dir="$(dpkg -L libtorch-dev 2>/dev/null | grep '/TorchConfig.cmake$' | head -n1)"
+  [[ -n "$dir" ]] && dirname "$dir"
+}
+
+dir=""
+how=""
+case "$choice" in
+  auto)
+    if [[ -n "${Torch_DIR:-}" ]]; then
+      dir="$(torch_cmake_dir "$Torch_DIR")" ||
+        fail "Torch_DIR is '$Torch_DIR', which holds no TorchConfig.cmake; it must be the folder with that file" \
+             "(<libtorch>/share/cmake/Torch), or unset"
+      how="Torch_DIR"
+    else
+      IFS=: read -r -a prefixes <<<"${CMAKE_PREFIX_PATH:-}"
+      for prefix in "${prefixes[@]}"; do
+        if [[ -n "$prefix" ]] && dir="$(torch_cmake_dir "$prefix")"; then
+          how="CMAKE_PREFIX_PATH"
+          break
+        fi
+        dir=""
+      done
+    fi
+    if [[ -z "$dir" ]] && command -v python3 >/dev/null 2>&1 && dir="$(python_torch python3)" && [[ -n "$dir" ]]; then
+      how="the torch of $(command -v python3)"
+    fi
+    if [[ -z "$dir" ]]; then
+      kind=cpu
+      have_driver && kind=cuda
+      if dir="$(venv_torch "$kind")"; then
+        how="the project's virtual environment $venv_root/torch-$kind"
+      else
+        say "no pip torch could be installed; falling back to Debian's LibTorch 1.13 (CPU only)"
+        dir="$(debian_torch)" || fail "no LibTorch found or installable: point Torch_DIR at one"
+        how="Debian's libtorch-dev"
+      fi
+    fi
+    ;;
+  cpu | cuda)
+    dir="$(venv_torch "$choice")" || fail "MULTIGPU_TORCH=$choice: could not install pip's torch into $venv_root/torch-$choice"
+    how="the project's virtual environment $venv_root/torch-$choice"
+    ;;
+  python)
+    dir="$(python_torch python3)" && [[ -n "$dir" ]] || fail "MULTIGPU_TORCH=python, but python3 ($(command -v python3 || echo none)) cannot import torch"
+    how="the torch of $(command -v python3)"
+    ;;
+  debian)
+    dir="$(debian_torch)" || fail "MULTIGPU_TORCH=debian: Debian's libtorch-dev could not be installed"
+    how="Debian's libtorch-dev"
+    ;;
+  *)
+    dir="$(torch_cmake_dir "$choice")" ||
+      fail "MULTIGPU_TORCH is '$choice': no TorchConfig.cmake there or in its share/cmake/Torch." \
+           "Valid: auto, cpu, cuda, python, debian, or a LibTorch folder"
+    how="MULTIGPU_TORCH"
+    ;;
+esac
+
+version="$(torch_version "$dir")"
+flavour="$(torch_flavour "$dir")"
+say "LibTorch ${version:-(unknown version)} ($flavour) from $how: $dir"
+if [[ "$flavour" == CPU ]] && have_driver; then
+  say "warning: this machine has an NVIDIA driver, but that LibTorch is CPU-only: nothing will run on the GPUs." \
+      "MULTIGPU_TORCH=cuda uses pip's CUDA torch instead"
+fi
+echo "$dir"
