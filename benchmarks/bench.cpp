@@ -35,6 +35,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
+#include <torch/nn/parallel/data_parallel.h>  // not in <torch/torch.h> since LibTorch 2.x
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -213,8 +214,8 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
       theirs.device = first;
       theirs.step = [model, optimizer, data, layout] {
         optimizer->zero_grad();
-        auto output = torch::nn::parallel::data_parallel(*model, data->data, layout);
-        auto loss = torch::nll_loss(torch::log_softmax(output, 1), data->target);
+        const torch::Tensor output = torch::nn::parallel::data_parallel(*model, data->data, layout);
+        const torch::Tensor loss = torch::nll_loss(torch::log_softmax(output, 1), data->target);
         loss.backward();
         optimizer->step();
         (void)loss.item<double>();

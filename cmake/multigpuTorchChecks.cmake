@@ -21,11 +21,21 @@ endif()
 # program builds and then crashes or fails to resolve symbols. Every library
 # named by path that lies outside the LibTorch found, and that this LibTorch
 # has itself, is replaced by its own copy.
+#
+# A CUDA LibTorch from pip also lists the CUDA toolkit's NVRTC, which a
+# toolkit without it (a minimal one, or pip's own CUDA libraries only) leaves
+# as CUDA_nvrtc_LIBRARY-NOTFOUND, and the link fails. LibTorch loads NVRTC
+# itself when it compiles a kernel at run time; a program built on multigpu
+# never links it directly, so such an entry is left out.
 if(TORCH_INSTALL_PREFIX)
   get_filename_component(_multigpu_torch_prefix "${TORCH_INSTALL_PREFIX}" REALPATH)
   set(_multigpu_mended "")
   set(_multigpu_libraries "")
   foreach(_library IN LISTS TORCH_LIBRARIES)
+    if(_library MATCHES "-NOTFOUND$")
+      list(APPEND _multigpu_mended "${_library}")
+      continue()
+    endif()
     if(IS_ABSOLUTE "${_library}" AND EXISTS "${_library}")
       get_filename_component(_real "${_library}" REALPATH)
       get_filename_component(_name "${_library}" NAME)
@@ -37,10 +47,10 @@ if(TORCH_INSTALL_PREFIX)
     endif()
     list(APPEND _multigpu_libraries "${_library}")
   endforeach()
-  if(_multigpu_mended)
+  if(NOT _multigpu_mended STREQUAL "")  # (a plain if() is false for a value ending in -NOTFOUND)
     set(TORCH_LIBRARIES "${_multigpu_libraries}")
-    message(STATUS "multigpu: TorchConfig.cmake picked ${_multigpu_mended} from another LibTorch; "
-      "using ${_multigpu_torch_prefix}/lib's own instead")
+    message(STATUS "multigpu: TorchConfig.cmake listed ${_multigpu_mended}, from another LibTorch or not "
+      "found; linking ${_multigpu_torch_prefix}/lib's own libraries instead")
   endif()
 endif()
 

@@ -50,7 +50,7 @@ Net reference(const Net& start, const c10::Device& device, int steps) {
   return net;
 }
 
-void check_same_parameters(torch::nn::Module& a, torch::nn::Module& b) {
+void check_same_parameters(const torch::nn::Module& a, const torch::nn::Module& b) {
   const auto pa = a.parameters();
   const auto pb = b.parameters();
   REQUIRE(pa.size() == pb.size());

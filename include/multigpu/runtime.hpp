@@ -10,6 +10,7 @@
 ///   std::vector<RuntimeGpu> visible_gpus();      // CUDA's view, logical order, fresh memory
 ///   std::optional<std::string> getenv(const char* name) const;
 ///   std::optional<bool> can_access_peer(int from, int to);  // logical numbers; nullopt: unknown
+///   static constexpr bool kRealDevices;          // its GPUs are CUDA's (code may make them current)
 
 #include <cstdint>
 #include <cstdlib>
@@ -68,6 +69,7 @@ struct RuntimeInfo {
 /// contexts, the process environment for CUDA_VISIBLE_DEVICES.
 class SystemRuntime {
  public:
+  static constexpr bool kRealDevices = true;
   RuntimeInfo info();
   std::vector<RuntimeGpu> visible_gpus();
   std::optional<std::string> getenv(const char* name) const {

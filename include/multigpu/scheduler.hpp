@@ -250,8 +250,10 @@ namespace detail {
 /// callback reports (see BasicScheduler).
 class SchedulerCore {
  public:
+  /// `real_devices`: the pool's GPUs are CUDA's, so in-process tasks run
+  /// with theirs current (false for a scripted machine).
   SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
-                std::function<std::vector<DeviceInfo>()> query);
+                std::function<std::vector<DeviceInfo>()> query, bool real_devices);
   RunSummary run(const std::vector<Task>& tasks);
   std::vector<PlannedTask> plan(const std::vector<Task>& tasks) const;
   void request_stop(int signal = SIGINT);
@@ -270,6 +272,7 @@ class SchedulerCore {
   SchedulerOptions options_;
   std::vector<DeviceInfo> pool_;
   std::function<std::vector<DeviceInfo>()> query_;
+  bool real_devices_ = true;
   std::vector<int> load_;  // our running tasks per pool device
   std::vector<std::unique_ptr<Running>> running_;
   std::atomic<bool> stop_{false};
@@ -493,8 +496,12 @@ struct SchedulerCore::Running {
 };
 
 inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
-                                    std::function<std::vector<DeviceInfo>()> query)
-    : options_(std::move(options)), pool_(std::move(pool)), query_(std::move(query)), load_(pool_.size(), 0) {
+                                    std::function<std::vector<DeviceInfo>()> query, bool real_devices)
+    : options_(std::move(options)),
+      pool_(std::move(pool)),
+      query_(std::move(query)),
+      real_devices_(real_devices),
+      load_(pool_.size(), 0) {
   if (pool_.empty()) throw SchedulerError("the device pool is empty");
   if (options_.max_per_device < 1) {
     throw SchedulerError(fmt::format("max_per_device must be 1 or more, got {}", options_.max_per_device));
@@ -582,12 +589,13 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   } else {
     Running* raw = running.get();
     const std::function<void(TaskContext&)>* function = &job.task.function;
-    running->thread = std::thread([this, raw, function, infos, name = job.task.name, log = result.log_path,
+    const bool on_cuda = real_devices_ && infos.front().is_cuda();
+    running->thread = std::thread([this, raw, function, infos, on_cuda, name = job.task.name, log = result.log_path,
                                    attempt = result.attempts] {
       try {
 #if MULTIGPU_WITH_CUDA
         std::optional<c10::cuda::CUDAGuard> guard;
-        if (infos.front().is_cuda()) guard.emplace(infos.front().device());
+        if (on_cuda) guard.emplace(infos.front().device());
 #endif
         TaskContext context(name, infos, log, attempt, &stop_);
         (*function)(context);
@@ -598,7 +606,9 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
       // Give the memory this task cached back, for the next task on this GPU
       // and for other processes. See Note [NCCL and cudaFree]: no collective
       // of ours is in flight here.
-      if (infos.front().is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+      if (on_cuda) c10::cuda::CUDACachingAllocator::emptyCache();
+#else
+      (void)on_cuda;
 #endif
       {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -920,7 +930,7 @@ BasicScheduler<Runtime>::BasicScheduler(SchedulerOptions options, Runtime runtim
           now.push_back(current);
         }
         return now;
-      }) {}
+      }, Runtime::kRealDevices) {}
 
 template <class Runtime>
 std::vector<DeviceInfo> BasicScheduler<Runtime>::resolve_pool(BasicDeviceManager<Runtime>& manager,

@@ -47,6 +47,9 @@ struct FakeGpu {
 /// A runtime policy (see runtime.hpp) that answers from a script.
 class FakeRuntime {
  public:
+  /// Its GPUs are scripted: nothing may make them CUDA's current device.
+  static constexpr bool kRealDevices = false;
+
   /// A machine with no GPU and a CUDA build of LibTorch.
   FakeRuntime() : state_(std::make_shared<State>()) {}
 
