@@ -35,13 +35,16 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
-#include <torch/nn/parallel/data_parallel.h>  // not in <torch/torch.h> since LibTorch 2.x
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <multigpu/multigpu.hpp>
 
 #include "bench_config.hpp"  // generated: compiler and flags for the compile-time benchmark
+
+#if MULTIGPU_WITH_CUDA
+#include <torch/nn/parallel/data_parallel.h>  // not part of <torch/torch.h> in LibTorch 2.x; needs CUDA's headers
+#endif
 
 namespace {
 
