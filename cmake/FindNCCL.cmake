@@ -10,26 +10,25 @@
 # Result: NCCL_FOUND, NCCL_INCLUDE_DIRS, NCCL_LIBRARIES, NCCL_VERSION, and the
 # imported target NCCL::NCCL.
 
+# Appends the value of each named variable, and of the environment variable
+# of the same name, to _nccl_hints.
+macro(_nccl_hints_from)
+  foreach(_var ${ARGN})
+    if(DEFINED ${_var})
+      list(APPEND _nccl_hints "${${_var}}")
+    endif()
+    if(DEFINED ENV{${_var}})
+      list(APPEND _nccl_hints "$ENV{${_var}}")
+    endif()
+  endforeach()
+endmacro()
+
 set(_nccl_hints)
-foreach(_var NCCL_ROOT NCCL_HOME)
-  if(DEFINED ${_var})
-    list(APPEND _nccl_hints "${${_var}}")
-  endif()
-  if(DEFINED ENV{${_var}})
-    list(APPEND _nccl_hints "$ENV{${_var}}")
-  endif()
-endforeach()
+_nccl_hints_from(NCCL_ROOT NCCL_HOME)
 if(TORCH_INSTALL_PREFIX)
   list(APPEND _nccl_hints "${TORCH_INSTALL_PREFIX}/../nvidia/nccl")
 endif()
-foreach(_var CUDA_HOME CUDA_PATH CUDAToolkit_ROOT)
-  if(DEFINED ${_var})
-    list(APPEND _nccl_hints "${${_var}}")
-  endif()
-  if(DEFINED ENV{${_var}})
-    list(APPEND _nccl_hints "$ENV{${_var}}")
-  endif()
-endforeach()
+_nccl_hints_from(CUDA_HOME CUDA_PATH CUDAToolkit_ROOT)
 list(APPEND _nccl_hints /usr/local/cuda /usr)
 
 find_path(NCCL_INCLUDE_DIR nccl.h

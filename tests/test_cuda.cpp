@@ -7,11 +7,9 @@
 
 #if MULTIGPU_WITH_CUDA
 
+#include <chrono>
 #include <cstdint>
-#include <string>
 #include <vector>
-
-#include <c10/cuda/CUDAFunctions.h>
 
 using multigpu::DataParallel;
 using multigpu::DataParallelOptions;
@@ -59,37 +57,36 @@ void check_same_parameters(const torch::nn::Module& a, const torch::nn::Module& 
   }
 }
 
+/// Trains a copy of a new Net with DataParallel on `devices`, and checks that
+/// it ends where reference() does, on every replica.
+void check_trains_like_reference(const std::vector<c10::Device>& devices, const DataParallelOptions& options = {}) {
+  const c10::Device& gpu = devices.front();
+  Net start;
+  const Net expected = reference(start, gpu, 5);
+  Net net = std::dynamic_pointer_cast<NetImpl>(start->clone());
+  DataParallel<Net> dp(net, devices, options);
+  dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05).momentum(0.9));
+  for (int s = 0; s < 5; ++s) dp.train_step(batch_on(gpu, 12, 100 + static_cast<std::uint64_t>(s)), mse);
+  CHECK(net->fc1->weight.device() == gpu);
+  check_same_parameters(*net, *expected);
+  for (std::size_t r = 1; r < dp.size(); ++r) check_same_parameters(dp.replica(0), dp.replica(r));
+}
+
 }  // namespace
 
 TEST_SUITE("CUDA") {
   TEST_CASE("CUDA: DataParallel on one GPU trains like a plain model") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
-    const c10::Device gpu("cuda:0");
     torch::manual_seed(1);
-    Net start;
-    const Net expected = reference(start, gpu, 5);
-    Net net = std::dynamic_pointer_cast<NetImpl>(start->clone());
-    DataParallel<Net> dp(net, std::vector<c10::Device>{gpu});
-    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05).momentum(0.9));
-    for (int s = 0; s < 5; ++s) dp.train_step(batch_on(gpu, 12, 100 + static_cast<std::uint64_t>(s)), mse);
-    CHECK(net->fc1->weight.device() == gpu);
-    check_same_parameters(*net, *expected);
+    check_trains_like_reference({c10::Device("cuda:0")});
   }
 
   TEST_CASE("CUDA: two replicas on one GPU (local backend) train like one model on the whole batch") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
-    const c10::Device gpu("cuda:0");
     torch::manual_seed(2);
-    Net start;
-    const Net expected = reference(start, gpu, 5);
-    Net net = std::dynamic_pointer_cast<NetImpl>(start->clone());
     DataParallelOptions options;
     options.backend = "local";
-    DataParallel<Net> dp(net, std::vector<c10::Device>{gpu, gpu}, options);
-    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05).momentum(0.9));
-    for (int s = 0; s < 5; ++s) dp.train_step(batch_on(gpu, 12, 100 + static_cast<std::uint64_t>(s)), mse);
-    check_same_parameters(*net, *expected);
-    check_same_parameters(dp.replica(0), dp.replica(1));
+    check_trains_like_reference({c10::Device("cuda:0"), c10::Device("cuda:0")}, options);
   }
 
 #if MULTIGPU_WITH_NCCL
