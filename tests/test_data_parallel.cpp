@@ -3,6 +3,7 @@
 
 #include "support.hpp"  // first: see its comment
 
+#include <atomic>
 #include <cstdio>
 #include <functional>
 #include <stdexcept>
@@ -618,6 +619,75 @@ TEST_SUITE("DataParallel failures") {
     CHECK(std::isfinite(freeze.train_step(batch, mse<UnusedNetImpl>)));
   }
 
+  TEST_CASE("a parameter frozen before wrapping stays frozen on every replica") {
+    for (int cloneable = 0; cloneable < 2; ++cloneable) {
+      CAPTURE(cloneable);
+      torch::manual_seed(3);
+      std::shared_ptr<torch::nn::Module> module;
+      std::unique_ptr<DataParallel<Mlp>> cloned;
+      std::unique_ptr<DataParallel<PlainNet>> built;
+      if (cloneable == 1) {
+        Mlp net;
+        net->fc1->weight.set_requires_grad(false);
+        cloned = std::make_unique<DataParallel<Mlp>>(net, cpus(3));
+        cloned->make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1).momentum(0.9));
+        module = net.ptr();
+      } else {
+        auto net = std::make_shared<PlainNet>();
+        net->fc1->weight.set_requires_grad(false);
+        built = std::make_unique<DataParallel<PlainNet>>(net, cpus(3));
+        built->make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1).momentum(0.9));
+        module = net;
+      }
+      const auto frozen = module->named_parameters()["fc1.weight"].clone();
+      for (int step = 0; step < 3; ++step) {
+        if (cloned) cloned->train_step(make_batch(7, 10 + step), mse<MlpImpl>);
+        if (built) built->train_step(make_batch(7, 10 + step), mse<PlainNet>);
+      }
+      for (std::size_t r = 0; r < 3; ++r) {
+        auto& replica = cloned ? static_cast<torch::nn::Module&>(cloned->replica(r))
+                               : static_cast<torch::nn::Module&>(built->replica(r));
+        const auto weight = replica.named_parameters()["fc1.weight"];
+        CHECK_FALSE(weight.requires_grad());
+        CHECK(torch::equal(weight, frozen));  // no replica trained it
+      }
+      if (cloned) cloned->check_parity();
+      if (built) built->check_parity();
+    }
+  }
+
+  TEST_CASE("an option changed on dp.optimizer() (a learning-rate schedule) reaches every replica") {
+    torch::manual_seed(4);
+    Mlp net;
+    Mlp plain = std::dynamic_pointer_cast<MlpImpl>(net->clone());
+    DataParallel<Mlp> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1).momentum(0.9));
+    torch::optim::SGD reference(plain->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    // LibTorch's own scheduler, holding the primary optimizer as users write it.
+    torch::optim::StepLR schedule(dp.optimizer(), /*step_size=*/1, /*gamma=*/0.5);
+    torch::optim::StepLR reference_schedule(reference, 1, 0.5);
+    for (int step = 0; step < 4; ++step) {
+      const auto batch = make_batch(9, 20 + step);
+      dp.train_step(batch, mse<MlpImpl>);
+      reference.zero_grad();
+      mse(*plain, batch).backward();
+      reference.step();
+      schedule.step();
+      reference_schedule.step();
+    }
+    dp.check_parity();  // the replicas did not drift apart
+    // The other replicas take the primary's options at each step: they hold
+    // the rate of the last step until the next one.
+    const auto optimizers = dp.optimizers();
+    CHECK(optimizers[0]->param_groups()[0].options().get_lr() == doctest::Approx(0.1 * 0.5 * 0.5 * 0.5));
+    for (std::size_t r = 1; r < optimizers.size(); ++r) {
+      CHECK(optimizers[r]->param_groups()[0].options().get_lr() == doctest::Approx(0.1 * 0.5 * 0.5));
+    }
+    for (std::size_t i = 0; i < plain->parameters().size(); ++i) {
+      CHECK(torch::allclose(net->parameters()[i], plain->parameters()[i], 1e-5, 1e-6));
+    }
+  }
+
   TEST_CASE("the parity check names the replica and parameter that drifted") {
     Mlp net;
     DataParallel<Mlp> dp(net, cpus(3));
@@ -719,9 +789,70 @@ class RecordingCommunicator : public multigpu::LocalCommunicator {
   std::shared_ptr<std::vector<std::int64_t>> log_;
 };
 
+/// The local backend, counting its broadcasts.
+class CountingCommunicator : public multigpu::LocalCommunicator {
+ public:
+  CountingCommunicator(std::vector<multigpu::ReplicaContext> replicas, std::shared_ptr<std::atomic<int>> broadcasts)
+      : LocalCommunicator(std::move(replicas)), broadcasts_(std::move(broadcasts)) {}
+  void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override {
+    ++*broadcasts_;
+    LocalCommunicator::broadcast(tensors, root);
+  }
+
+ private:
+  std::shared_ptr<std::atomic<int>> broadcasts_;
+};
+
+/// The same, as a backend that matches collectives by their order (NCCL, Gloo).
+class OrderedCommunicator : public RecordingCommunicator {
+ public:
+  using RecordingCommunicator::RecordingCommunicator;
+  bool needs_one_order() const override { return true; }
+};
+
 }  // namespace
 
 TEST_SUITE("DataParallel bucket order") {
+  TEST_CASE("buffers reach the replicas in one broadcast per dtype after each step") {
+    auto broadcasts = std::make_shared<std::atomic<int>>(0);
+    DataParallelOptions options;
+    options.make_communicator = [broadcasts](const std::vector<multigpu::ReplicaContext>& replicas) {
+      return std::make_unique<CountingCommunicator>(replicas, broadcasts);
+    };
+    torch::manual_seed(5);
+    BnNet net;  // buffers: running_mean and running_var (float), num_batches_tracked (int64)
+    DataParallel<BnNet> dp(net, cpus(3), options);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    const int at_construction = broadcasts->load();
+    CHECK(at_construction == static_cast<int>(net->parameters().size()) + 2);  // parameters one by one
+    for (int step = 1; step <= 3; ++step) {
+      dp.train_step(make_batch(9, 30 + static_cast<std::uint64_t>(step)), mse<BnNetImpl>);
+      CHECK(broadcasts->load() - at_construction == 2 * step);
+    }
+    dp.check_parity();  // every replica holds the primary's statistics
+    for (std::size_t r = 1; r < 3; ++r) {
+      CHECK(torch::equal(dp.replica(r).bn->running_var, net->bn->running_var));
+      CHECK(dp.replica(r).bn->num_batches_tracked.item<std::int64_t>() == 3);
+    }
+  }
+
+  TEST_CASE("several launch threads are refused for a backend that needs one order of collectives") {
+    auto log = std::make_shared<std::vector<std::int64_t>>();
+    DataParallelOptions options;
+    options.comm_threads = 2;
+    options.make_communicator = [log](const std::vector<multigpu::ReplicaContext>& replicas) {
+      return std::make_unique<OrderedCommunicator>(replicas, log);
+    };
+    Mlp net;
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, DataParallel<Mlp>(net, cpus(2), options)),
+                   "comm_threads is 2, but the local backend must receive every collective in one order"));
+    options.comm_threads = 1;
+    DataParallel<Mlp> dp(net, cpus(2), options);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    dp.train_step(make_batch(6), mse<MlpImpl>);
+    CHECK_FALSE(log->empty());
+  }
+
   TEST_CASE("buckets are all-reduced in bucket order even when later ones are ready first") {
     auto log = std::make_shared<std::vector<std::int64_t>>();
     DataParallelOptions options;

@@ -320,49 +320,63 @@ FaultyJob run_faulty_job(const std::string& name, const std::string& arguments, 
 
 }  // namespace
 
+/// Trains the recipe as one plain model, as 1 process x 4 replicas and as 2
+/// processes x 2 replicas (each starting from its own random model), and
+/// checks that all end with the same parameters. `summed`: a summed loss.
+void check_two_processes_train_like_one_model(bool summed) {
+  const int steps = 4;
+  auto loss = [summed](multigpu_test::RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+    return multigpu_test::recipe_loss(m, s.first, s.second, summed);
+  };
+  // One plain model on the whole batch.
+  auto plain = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+  torch::optim::SGD plain_optimizer(plain->parameters(), multigpu_test::recipe_optimizer(summed));
+  // One process, four replicas.
+  auto single = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+  multigpu::DataParallelOptions options;
+  if (summed) options.loss_reduction = multigpu::LossReduction::kSum;
+  multigpu::DataParallel<multigpu_test::RecipeNet> dp(single, std::vector<c10::Device>(4, c10::Device("cpu")), options);
+  dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(summed));
+  for (int step = 0; step < steps; ++step) {
+    auto [x, y] = multigpu_test::recipe_batch(step);
+    plain_optimizer.zero_grad();
+    multigpu_test::recipe_loss(*plain, x, y, summed).backward();
+    plain_optimizer.step();
+    dp.train_step(std::make_pair(x, y), loss);
+  }
+  // Two processes, two replicas each; each starts from its own random model.
+  const int port = free_port();
+  std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+  for (int rank = 0; rank < 2; ++rank) {
+    ranks.push_back(start_rank(rank, 2, port,
+                               fmt::format("--replicas 2 --steps {} --summed {} --out {} --timeout-ms 60000", steps,
+                                           summed ? 1 : 0, scratch(fmt::format("params{}", rank))),
+                               scratch(fmt::format("log{}", rank))));
+  }
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto exit = finish(*ranks[static_cast<std::size_t>(rank)], std::chrono::seconds(120));
+    INFO("rank ", rank, ": ", exit.describe(), "\n", read_text(scratch(fmt::format("log{}", rank))));
+    REQUIRE(exit.success());
+  }
+  const auto expected = multigpu_test::flat_parameters(*plain);
+  CHECK(torch::allclose(multigpu_test::flat_parameters(*single), expected, 1e-5, 1e-6));
+  for (int rank = 0; rank < 2; ++rank) {
+    torch::Tensor trained;
+    torch::load(trained, scratch(fmt::format("params{}", rank)));
+    INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
+    CHECK(torch::allclose(trained, expected, 1e-5, 1e-6));
+    std::remove(scratch(fmt::format("params{}", rank)).c_str());
+    std::remove(scratch(fmt::format("log{}", rank)).c_str());
+  }
+}
+
 TEST_SUITE("distributed training") {
   TEST_CASE("2 processes x 2 CPU replicas train like 1 process x 4 replicas and like one plain model") {
-    const int steps = 4;
-    // One plain model on the whole batch.
-    auto plain = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
-    torch::optim::SGD plain_optimizer(plain->parameters(), multigpu_test::recipe_optimizer());
-    // One process, four replicas.
-    auto single = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
-    multigpu::DataParallel<multigpu_test::RecipeNet> dp(single, std::vector<c10::Device>(4, c10::Device("cpu")));
-    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
-    for (int step = 0; step < steps; ++step) {
-      auto [x, y] = multigpu_test::recipe_batch(step);
-      plain_optimizer.zero_grad();
-      multigpu_test::recipe_loss(*plain, x, y).backward();
-      plain_optimizer.step();
-      dp.train_step(std::make_pair(x, y), [](multigpu_test::RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
-        return multigpu_test::recipe_loss(m, s.first, s.second);
-      });
-    }
-    // Two processes, two replicas each; each starts from its own random model.
-    const int port = free_port();
-    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
-    for (int rank = 0; rank < 2; ++rank) {
-      ranks.push_back(start_rank(rank, 2, port,
-                                 fmt::format("--replicas 2 --steps {} --out {} --timeout-ms 60000", steps,
-                                             scratch(fmt::format("params{}", rank))),
-                                 scratch(fmt::format("log{}", rank))));
-    }
-    for (int rank = 0; rank < 2; ++rank) {
-      const auto exit = finish(*ranks[static_cast<std::size_t>(rank)], std::chrono::seconds(120));
-      INFO("rank ", rank, ": ", exit.describe(), "\n", read_text(scratch(fmt::format("log{}", rank))));
-      REQUIRE(exit.success());
-    }
-    const auto expected = multigpu_test::flat_parameters(*plain);
-    CHECK(torch::allclose(multigpu_test::flat_parameters(*single), expected, 1e-5, 1e-6));
-    for (int rank = 0; rank < 2; ++rank) {
-      torch::Tensor trained;
-      torch::load(trained, scratch(fmt::format("params{}", rank)));
-      INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
-      CHECK(torch::allclose(trained, expected, 1e-5, 1e-6));
-      std::remove(scratch(fmt::format("params{}", rank)).c_str());
-      std::remove(scratch(fmt::format("log{}", rank)).c_str());
-    }
+    check_two_processes_train_like_one_model(/*summed=*/false);
+  }
+
+  TEST_CASE("the same with a summed loss (LossReduction::kSum): gradients are the sum over every process") {
+    check_two_processes_train_like_one_model(/*summed=*/true);
   }
 
   TEST_CASE("a peer that exits in the middle of a step: the other gets an error naming it, within the time-out") {

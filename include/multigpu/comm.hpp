@@ -51,6 +51,10 @@ class Communicator {
   /// Replicas taking part over every process (size() for in-process
   /// backends). Averages divide by it.
   virtual std::size_t world_size() const { return size(); }
+  /// True when collectives must be issued in one order everywhere (NCCL,
+  /// Gloo across processes match them by order), so that one thread
+  /// launches them. Only a purely local backend may say false.
+  virtual bool needs_one_order() const { return true; }
   /// Every tensors[r] becomes the sum (or average) over r. tensors[r] belongs
   /// to replica r and lives on its device; all have one shape and dtype.
   virtual void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) = 0;
@@ -78,6 +82,7 @@ class LocalCommunicator : public Communicator {
 
   std::string name() const override { return "local"; }
   std::size_t size() const override { return replicas_.size(); }
+  bool needs_one_order() const override { return false; }
   inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
   inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
 

@@ -34,6 +34,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -96,7 +97,9 @@ struct DataParallelOptions {
   int parity_check_every = 0;
   /// A collective that takes longer fails with CommError instead of hanging.
   std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
-  /// Threads that run the local backend's all-reduces (0: up to 2).
+  /// Threads that run the local backend's all-reduces (0: up to 2). More
+  /// than 1 is refused for backends that need one order of collectives
+  /// (NCCL, Gloo across processes).
   std::size_t comm_threads = 0;
   /// Makes the communicator instead of `backend`, from the replicas'
   /// contexts: where multi-process training plugs in a communicator that
@@ -158,7 +161,8 @@ class DataParallelCore {
 
  private:
   void require_usable(const char* what) const;
-  void broadcast_from_primary(bool parameters);
+  void follow_primary_options();
+  void broadcast_from_primary();
   void zero_after_failure() noexcept;
   std::vector<at::Tensor> same_tensor_on_every_replica(std::size_t index, bool buffer) const;
 
@@ -554,6 +558,11 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     throw Error(fmt::format("DataParallelOptions::make_communicator must return a communicator for the {} replicas",
                             size()));
   }
+  if (options_.comm_threads > 1 && comm_->needs_one_order()) {
+    throw Error(fmt::format("DataParallelOptions::comm_threads is {}, but the {} backend must receive every "
+                            "collective in one order, so one thread launches them: use 0 (the default) or 1",
+                            options_.comm_threads, comm_->name()));
+  }
 
   parameters_.resize(size());
   buffers_.resize(size());
@@ -573,8 +582,16 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
                               buffer_names_.size()));
     }
   }
+  // A parameter frozen in your module stays frozen on every replica: clones
+  // and factory-built replicas come with every parameter trainable.
+  for (std::size_t r = 1; r < size(); ++r) {
+    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+      const bool trainable_here = parameters_[0][i].requires_grad();
+      if (parameters_[r][i].requires_grad() != trainable_here) parameters_[r][i].set_requires_grad(trainable_here);
+    }
+  }
   if (comm_->world_size() > 1) {
-    broadcast_from_primary(/*parameters=*/true);
+    broadcast_from_primary();
     std::vector<std::string> trainable_names;
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
       if (!parameters_[0][i].requires_grad()) continue;
@@ -587,7 +604,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     reducer.find_unused_parameters = options_.find_unused_parameters;
     reducer.timeout = options_.collective_timeout;
     reducer.threads = options_.comm_threads > 0 ? options_.comm_threads
-                                                : (comm_->name() == "local" ? std::min<std::size_t>(2, size()) : 1);
+                                                : (comm_->needs_one_order() ? 1 : std::min<std::size_t>(2, size()));
     reducer_ = std::make_unique<GradientReducer>(std::move(trainable), std::move(trainable_names), contexts, *comm_,
                                                  reducer);
   }
@@ -614,7 +631,15 @@ inline void DataParallelCore::run(const std::function<void(std::size_t)>& job, c
 /// back-propagates K n_r / N times its loss: the average is then exactly the
 /// full-batch gradient, whatever the split, and a replica without samples
 /// adds nothing. Averaging (not summing) keeps a second sync of gradients
-/// that already agree harmless. With LossReduction::kSum the weight is K.
+/// that already agree harmless. With LossReduction::kSum the weight is the
+/// number of replicas the average divides by: W = K x P over P processes,
+/// so that the result is the sum of every replica's gradient.
+///
+/// Over several processes with kMean, each process weighs its own replicas
+/// by its own batch: the result is the mean of the processes' mean losses,
+/// which is the mean over all samples only when every process has the same
+/// batch size (DistributedSampler makes them so; a last, shorter batch on
+/// some ranks does not).
 inline double DataParallelCore::forward_backward(const std::vector<std::int64_t>& shard_sizes,
                                                  const std::function<at::Tensor(std::size_t)>& loss_of) {
   require_usable("forward_backward");
@@ -631,7 +656,7 @@ inline double DataParallelCore::forward_backward(const std::vector<std::int64_t>
     active[r] = shard_sizes[r] > 0;
     weights[r] = options_.loss_reduction == LossReduction::kMean
                      ? static_cast<double>(n) * static_cast<double>(shard_sizes[r]) / static_cast<double>(total)
-                     : static_cast<double>(n);
+                     : static_cast<double>(comm_->world_size());
   }
   std::vector<double> losses(n, 0.0);
   std::vector<const char*> stages(n, nullptr);
@@ -697,6 +722,7 @@ inline void DataParallelCore::step() {
   }
   if (optimizers_.empty()) throw Error("step: no optimizer yet; call make_optimizer<Opt>(options) first");
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
+  follow_primary_options();
   try {
     workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
   } catch (const ReplicaError& e) {
@@ -706,6 +732,30 @@ inline void DataParallelCore::step() {
   if (options_.broadcast_buffers && !buffer_names_.empty()) broadcast_buffers();
   ++steps_;
   if (options_.parity_check_every > 0 && steps_ % options_.parity_check_every == 0) check_parity();
+}
+
+// Note [The primary's optimizer options rule]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Every replica has its own optimizer, but the user sees one: dp.optimizer()
+// is the primary's, and a learning-rate schedule or any other option change
+// is made there (a LibTorch scheduler holds the primary's optimizer). Before
+// each step the other optimizers take the primary's options, group by group,
+// so that the replicas cannot drift apart; a change made to another replica's
+// optimizer alone is overwritten. Copying a few scalars per group per step
+// costs nothing next to the step.
+inline void DataParallelCore::follow_primary_options() {
+  auto& primary = optimizers_[0]->param_groups();
+  for (std::size_t r = 1; r < optimizers_.size(); ++r) {
+    auto& groups = optimizers_[r]->param_groups();
+    if (groups.size() != primary.size()) {
+      throw Error(fmt::format("step: the primary optimizer has {} parameter groups, replica {}'s has {}: add "
+                              "parameter groups to every optimizer in dp.optimizers(), not only to dp.optimizer()",
+                              primary.size(), r, groups.size()));
+    }
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      if (primary[g].has_options()) groups[g].set_options(primary[g].options().clone());
+    }
+  }
 }
 
 inline void DataParallelCore::zero_grad() {
@@ -754,24 +804,63 @@ inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(st
   return tensors;
 }
 
-inline void DataParallelCore::broadcast_from_primary(bool parameters) {
+inline void DataParallelCore::broadcast_from_primary() {
   if (comm_->world_size() == 1) return;
   const compat::NoGradGuard no_grad;
-  if (parameters) {
-    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
-      comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
-    }
+  for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+    comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
   }
-  for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
-    if (buffers_[0][i].defined()) comm_->broadcast(same_tensor_on_every_replica(i, true), 0);
-  }
-  comm_->wait(options_.collective_timeout);
+  broadcast_buffers();  // waits for these too
 }
 
-inline void DataParallelCore::broadcast_buffers() { broadcast_from_primary(/*parameters=*/false); }
+/// Note [Coalesced buffer broadcast]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// Buffers (BatchNorm's running statistics and counters) go from the
+/// primary to every replica after each step. One collective per buffer
+/// would cost a launch (and, across processes, a round trip) per BatchNorm
+/// tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
+/// into one flat tensor per replica, broadcast once, and unpacked on the
+/// other replicas: one collective per dtype (two for BatchNorm: float
+/// statistics, int64 counters). Parameters, broadcast only at construction
+/// and by resync_from_primary(), go one by one, so that a large model never
+/// needs a second copy of itself.
+inline void DataParallelCore::broadcast_buffers() {
+  if (comm_->world_size() == 1) return;
+  const compat::NoGradGuard no_grad;
+  std::map<at::ScalarType, std::vector<std::size_t>> by_type;  // dtype -> buffer indices, in module order
+  for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
+    if (buffers_[0][i].defined()) by_type[buffers_[0][i].scalar_type()].push_back(i);
+  }
+  std::vector<std::vector<at::Tensor>> packed;  // [dtype group][replica]
+  for (const auto& group : by_type) {
+    std::vector<at::Tensor> flat(size());
+    for (std::size_t r = 0; r < size(); ++r) {
+      std::vector<at::Tensor> parts;
+      for (std::size_t i : group.second) parts.push_back(buffers_[r][i].reshape({-1}));
+      flat[r] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
+    }
+    comm_->broadcast(flat, 0);
+    packed.push_back(std::move(flat));
+  }
+  comm_->wait(options_.collective_timeout);
+  // Replica 0 too: in another process than global rank 0 it receives as well
+  // (on the root itself it gets back its own values).
+  std::size_t g = 0;
+  for (const auto& group : by_type) {
+    for (std::size_t r = 0; r < size(); ++r) {
+      std::int64_t offset = 0;
+      for (std::size_t i : group.second) {
+        at::Tensor& buffer = buffers_[r][i];
+        buffer.copy_(packed[g][r].narrow(0, offset, buffer.numel()).view(buffer.sizes()));
+        offset += buffer.numel();
+      }
+    }
+    ++g;
+  }
+}
 
 inline void DataParallelCore::resync_from_primary() {
-  broadcast_from_primary(/*parameters=*/true);
+  broadcast_from_primary();
   if (size() > 1) {
     if (!optimizers_.empty()) {
       std::ostringstream state;
@@ -828,7 +917,7 @@ inline void DataParallelCore::load(const std::string& path) {
   } catch (const c10::Error& e) {
     throw Error(fmt::format("cannot load the checkpoint {} into the module: {}", path, e.what_without_backtrace()));
   }
-  broadcast_from_primary(/*parameters=*/true);
+  broadcast_from_primary();
 }
 
 inline void DataParallelCore::save_optimizer(const std::string& path) {

@@ -45,10 +45,15 @@ inline torch::Tensor part_of(const torch::Tensor& whole, int processes, int rank
   return whole.narrow(0, rank * rows, rows);
 }
 
-inline torch::optim::SGDOptions recipe_optimizer() { return torch::optim::SGDOptions(0.1).momentum(0.9); }
+/// `summed`: the loss is a sum over the samples (LossReduction::kSum), with a
+/// learning rate scaled down by the batch size to match.
+inline torch::optim::SGDOptions recipe_optimizer(bool summed = false) {
+  return torch::optim::SGDOptions(summed ? 0.1 / static_cast<double>(kRecipeBatch) : 0.1).momentum(0.9);
+}
 
-inline torch::Tensor recipe_loss(RecipeNetImpl& net, const torch::Tensor& x, const torch::Tensor& y) {
-  return torch::mse_loss(net.forward(x), y);
+inline torch::Tensor recipe_loss(RecipeNetImpl& net, const torch::Tensor& x, const torch::Tensor& y,
+                                 bool summed = false) {
+  return torch::mse_loss(net.forward(x), y, summed ? at::Reduction::Sum : at::Reduction::Mean);
 }
 
 /// Every parameter, flattened and concatenated, for comparisons.

@@ -29,6 +29,7 @@ struct Args {
   int hang_at_step = -1;
   int fault_rank = 1;
   int timeout_ms = 300000;
+  bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
 };
 
 Args parse(int argc, char** argv) {
@@ -43,6 +44,7 @@ Args parse(int argc, char** argv) {
     else if (name == "--hang-at-step") args.hang_at_step = std::stoi(value);
     else if (name == "--fault-rank") args.fault_rank = std::stoi(value);
     else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
+    else if (name == "--summed") args.summed = value == "1";
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -65,10 +67,11 @@ int main(int argc, char** argv) {
     // Each rank starts from its own random model: the broadcast from rank 0
     // must make them one.
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
+    multigpu::DataParallelOptions dp_options = group->data_parallel_options();
+    if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
-        net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device("cpu")),
-        group->data_parallel_options());
-    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+        net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device("cpu")), dp_options);
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
 
     for (int step = 0; step < args.steps; ++step) {
       auto [x, y] = multigpu_test::recipe_batch(step);
@@ -79,7 +82,7 @@ int main(int argc, char** argv) {
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
-        return multigpu_test::recipe_loss(model, shard.first, shard.second);
+        return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
       });
     }
     group->barrier();  // every rank finished training (exercised by the tests)
