@@ -16,12 +16,14 @@
 //   bench --only steps --models cnn --replicas 1,2
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -548,8 +550,14 @@ int main(int argc, char** argv) {
   bool quick = false;
   app.add_option("--devices", spec, "Device pool (a device spec); replicas cycle over it")->capture_default_str();
   app.add_option("--replicas", replicas_text, "Replica counts to compare, e.g. 1,2,4")->capture_default_str();
-  app.add_option("--models", models, "mlp, cnn, transformer")->capture_default_str();
-  app.add_option("--only", only, "steps, bandwidth, compile")->capture_default_str();
+  app.add_option("--models", models, "Models to time: mlp, cnn, transformer (several: mlp,cnn or mlp cnn)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"mlp", "cnn", "transformer"}))
+      ->capture_default_str();
+  app.add_option("--only", only, "Parts to run: steps, bandwidth, compile (several: steps,compile)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"steps", "bandwidth", "compile"}))
+      ->capture_default_str();
   app.add_option("--warmup", warmup, "Warm-up steps per contender")->capture_default_str();
   app.add_option("--rounds", rounds, "Interleaved rounds (the median is reported)")->capture_default_str();
   app.add_option("--steps", steps, "Steps per round")->capture_default_str();
@@ -559,6 +567,15 @@ int main(int argc, char** argv) {
   app.add_option("--label", label, "Name of the result files (default: from the machine)");
   app.add_flag("--quick", quick, "Tiny sizes and few repetitions: checks that it runs, measures nothing useful");
   CLI11_PARSE(app, argc, argv);
+
+  // The results folder is made (or found unwritable) before anything is measured.
+  std::error_code made;
+  std::filesystem::create_directories(output_dir, made);
+  if (made || access(output_dir.c_str(), W_OK) != 0) {
+    fmt::print(stderr, "bench: --output-dir {}: cannot create or write it ({})\n", output_dir,
+               made ? made.message() : std::string(std::strerror(errno)));
+    return 1;
+  }
 
   try {
     multigpu::DeviceManagerOptions device_options;
