@@ -55,7 +55,12 @@ if(NOT TARGET torch)
     endforeach()
   endif()
   find_package(Torch QUIET)
-  if(NOT Torch_FOUND)
+  if(NOT Torch_FOUND AND MULTIGPU_FIND_AS_PACKAGE)
+    # In an installed multigpu's config file, which then fails the way its
+    # caller asked for (QUIET, REQUIRED or optional).
+    set(MULTIGPU_TORCH_MISSING TRUE)
+    return()
+  elseif(NOT Torch_FOUND)
     message(FATAL_ERROR
       "multigpu: no LibTorch found (Torch_DIR: '${Torch_DIR}', CMAKE_PREFIX_PATH: '${CMAKE_PREFIX_PATH}'). "
       "Point CMake at one: -DTorch_DIR=<libtorch>/share/cmake/Torch, or "

@@ -8,6 +8,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${MULTIGPU_BUILD_DIR:-$root/build}"
 
+# A -DTorch_DIR=... among the arguments is the user pointing at a LibTorch.
+for argument in "$@"; do
+  case "$argument" in
+    -DTorch_DIR=* | -DTorch_DIR:PATH=*) export Torch_DIR="${argument#*=}" ;;
+  esac
+done
 torch_dir="$("$root/scripts/find-torch.sh")"
 
 # A build folder configured against another LibTorch keeps that one's cached

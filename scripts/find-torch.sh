@@ -30,6 +30,23 @@ fail() { say "$*"; exit 1; }
 
 have_driver() { [[ -e /proc/driver/nvidia/version ]] || nvidia-smi -L >/dev/null 2>&1; }
 
+# Why pip's CUDA torch cannot be built against here ("" when it can): it is
+# built for CUDA 13, which needs a driver for CUDA 13 or newer, and a CUDA
+# LibTorch's CMake package needs a CUDA toolkit.
+why_not_cuda() {
+  local driver_cuda toolkit=""
+  driver_cuda="$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\)\..*/\1/p' | head -n1 || true)"
+  if [[ -n "$driver_cuda" && "$driver_cuda" -lt 13 ]]; then
+    echo "the NVIDIA driver supports CUDA up to $driver_cuda.x, and pip's $pip_cuda is built for CUDA 13"
+    return
+  fi
+  for candidate in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
+    [[ -n "$candidate" && -f "$candidate/include/cuda_runtime_api.h" ]] && toolkit="$candidate"
+  done
+  [[ -z "$toolkit" ]] && echo "no CUDA toolkit was found (CUDA_HOME, /usr/local/cuda), which a CUDA LibTorch needs to build against"
+  return 0
+}
+
 # The folder holding TorchConfig.cmake under (or at) $1; nothing if none.
 torch_cmake_dir() {
   local base="$1" candidate
@@ -45,7 +62,7 @@ torch_cmake_dir() {
 
 # LibTorch's version, from the version file next to its CMake config.
 torch_version() {
-  sed -n 's/^set(PACKAGE_VERSION "\(.*\)")$/\1/p' "$1/TorchConfigVersion.cmake" 2>/dev/null | head -n1
+  sed -n 's/^set(PACKAGE_VERSION "\(.*\)")$/\1/p' "$1/TorchConfigVersion.cmake" 2>/dev/null | head -n1 || true
 }
 
 # "CUDA" or "CPU": a CUDA LibTorch has libtorch_cuda.so.
@@ -91,7 +108,7 @@ debian_torch() {
     [[ "$(id -u)" != 0 ]] && sudo=(sudo)
     say "installing Debian's libtorch-dev (LibTorch 1.13, CPU)"
     "${sudo[@]}" apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends libtorch-dev >/dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libtorch-dev >/dev/null
   fi
   dir="$(dpkg -L libtorch-dev 2>/dev/null | grep '/TorchConfig.cmake$' | head -n1)"
   [[ -n "$dir" ]] && dirname "$dir"
@@ -121,7 +138,15 @@ case "$choice" in
     fi
     if [[ -z "$dir" ]]; then
       kind=cpu
-      have_driver && kind=cuda
+      if have_driver; then
+        why="$(why_not_cuda)"
+        if [[ -z "$why" ]]; then
+          kind=cuda
+        else
+          say "warning: this machine has an NVIDIA driver, but $why: using pip's CPU torch." \
+              "Mend that and run again with MULTIGPU_TORCH=cuda, or point Torch_DIR at a LibTorch for your CUDA"
+        fi
+      fi
       if dir="$(venv_torch "$kind")"; then
         how="the project's virtual environment $venv_root/torch-$kind"
       else

@@ -27,6 +27,20 @@ struct NetImpl : torch::nn::Cloneable<NetImpl> {
 };
 TORCH_MODULE(Net);
 
+/// With buffers (BatchNorm's running statistics), which follow the primary.
+struct BnNetImpl : torch::nn::Cloneable<BnNetImpl> {
+  BnNetImpl() { reset(); }
+  void reset() override {
+    fc = register_module("fc", torch::nn::Linear(8, 16));
+    bn = register_module("bn", torch::nn::BatchNorm1d(16));
+    out = register_module("out", torch::nn::Linear(16, 4));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return out(torch::relu(bn(fc(x)))); }
+  torch::nn::Linear fc{nullptr}, out{nullptr};
+  torch::nn::BatchNorm1d bn{nullptr};
+};
+TORCH_MODULE(BnNet);
+
 torch::Tensor mse(NetImpl& net, const torch::data::Example<>& shard) {
   return torch::mse_loss(net.forward(shard.data), shard.target);
 }
@@ -89,7 +103,59 @@ TEST_SUITE("CUDA") {
     check_trains_like_reference({c10::Device("cuda:0"), c10::Device("cuda:0")}, options);
   }
 
+  TEST_CASE("CUDA: BatchNorm buffers follow the primary on two replicas of one GPU") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(3);
+    BnNet net;
+    DataParallelOptions options;
+    options.backend = "local";
+    DataParallel<BnNet> dp(net, std::vector<c10::Device>{gpu, gpu}, options);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    for (int s = 0; s < 3; ++s) {
+      dp.train_step(batch_on(gpu, 12, 200 + static_cast<std::uint64_t>(s)),
+                    [](BnNetImpl& m, const torch::data::Example<>& shard) {
+                      return torch::mse_loss(m.forward(shard.data), shard.target);
+                    });
+    }
+    dp.check_parity();  // parameters and buffers identical on both replicas
+    CHECK(torch::equal(dp.replica(1).bn->running_mean.cpu(), net->bn->running_mean.cpu()));
+    CHECK(dp.replica(1).bn->num_batches_tracked.item<std::int64_t>() == 3);
+  }
+
 #if MULTIGPU_WITH_NCCL
+  TEST_CASE("CUDA: the NCCL backend over two GPUs sums, averages and broadcasts values") {
+    MULTIGPU_TEST_NEEDS_GPUS(2);
+    const c10::Device first("cuda:0");
+    const c10::Device second("cuda:1");
+    multigpu::NcclCommunicator nccl({multigpu::ReplicaContext(first), multigpu::ReplicaContext(second)});
+    // The inputs are written on the default streams and NCCL runs on the
+    // replicas' own: settle() orders them the blunt way (this test checks
+    // values, not stream ordering).
+    auto settle = [] {
+      torch::cuda::synchronize(0);
+      torch::cuda::synchronize(1);
+    };
+    const auto base = torch::arange(6, torch::kFloat);
+    auto a = base.to(first);
+    auto b = (base * 10).to(second);
+    settle();
+    nccl.all_reduce({a, b}, multigpu::ReduceOp::kSum);
+    nccl.wait(std::chrono::seconds(30));
+    CHECK(torch::equal(a.cpu(), base * 11));
+    CHECK(torch::equal(b.cpu(), base * 11));
+    b.copy_((base * 3).to(second));
+    settle();
+    nccl.all_reduce({a, b}, multigpu::ReduceOp::kAverage);  // (11 + 3) / 2
+    nccl.wait(std::chrono::seconds(30));
+    CHECK(torch::allclose(a.cpu(), base * 7));
+    b.fill_(5);
+    settle();
+    nccl.broadcast({a, b}, 1);
+    nccl.wait(std::chrono::seconds(30));
+    CHECK(torch::equal(a.cpu(), torch::full({6}, 5.0f)));
+  }
+
   TEST_CASE("CUDA: the NCCL backend with one rank all-reduces and broadcasts values") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
     const c10::Device gpu("cuda:0");

@@ -835,6 +835,7 @@ inline void DataParallelCore::broadcast_buffers() {
   for (const auto& group : by_type) {
     std::vector<at::Tensor> flat(size());
     for (std::size_t r = 0; r < size(); ++r) {
+      const ReplicaContext::Scope scope(workers_.context(r));  // packed on the stream the broadcast runs on
       std::vector<at::Tensor> parts;
       for (std::size_t i : group.second) parts.push_back(buffers_[r][i].reshape({-1}));
       flat[r] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
@@ -848,6 +849,7 @@ inline void DataParallelCore::broadcast_buffers() {
   std::size_t g = 0;
   for (const auto& group : by_type) {
     for (std::size_t r = 0; r < size(); ++r) {
+      const ReplicaContext::Scope scope(workers_.context(r));  // unpacked there too, before its next forward
       std::int64_t offset = 0;
       for (std::size_t i : group.second) {
         at::Tensor& buffer = buffers_[r][i];

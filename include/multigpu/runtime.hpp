@@ -10,12 +10,13 @@
 ///   std::vector<RuntimeGpu> visible_gpus();      // CUDA's view, logical order, fresh memory
 ///   std::optional<std::string> getenv(const char* name) const;
 ///   std::optional<bool> can_access_peer(int from, int to);  // logical numbers; nullopt: unknown
-///   static constexpr bool kRealDevices;          // its GPUs are CUDA's (code may make them current)
+///   static constexpr bool kRealDevices;          // optional (default true): its GPUs are CUDA's
 
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/core.h>
@@ -114,6 +115,17 @@ inline std::string explain_cuda_failure(int status, const std::string& status_te
     return fmt::format("{} is installed, but it finds no NVIDIA GPU (cudaGetDeviceCount: {})", driver, status_text);
   }
   return fmt::format("cudaGetDeviceCount: {} (CUDA error {})", status_text, status);
+}
+
+/// Runtime::kRealDevices where the policy declares it, else true.
+template <class Runtime, class = void>
+struct real_devices_of : std::true_type {};
+template <class Runtime>
+struct real_devices_of<Runtime, std::void_t<decltype(Runtime::kRealDevices)>>
+    : std::integral_constant<bool, Runtime::kRealDevices> {};
+template <class Runtime>
+constexpr bool runtime_has_real_devices() {
+  return real_devices_of<Runtime>::value;
 }
 
 inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {

@@ -930,7 +930,7 @@ BasicScheduler<Runtime>::BasicScheduler(SchedulerOptions options, Runtime runtim
           now.push_back(current);
         }
         return now;
-      }, Runtime::kRealDevices) {}
+      }, detail::runtime_has_real_devices<Runtime>()) {}
 
 template <class Runtime>
 std::vector<DeviceInfo> BasicScheduler<Runtime>::resolve_pool(BasicDeviceManager<Runtime>& manager,
