@@ -77,6 +77,8 @@ for name in $stages; do
       cmake --build "$build" --parallel
       "$build/examples/device_report" || true  # no GPU here: it says why, and exits 1
       ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
+      echo "The CUDA tests, and why any of them was skipped:"
+      "$build/tests/multigpu_tests" --test-suite=CUDA
       ;;
     asan)
       stage "AddressSanitizer + UndefinedBehaviorSanitizer"
