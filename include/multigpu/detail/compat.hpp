@@ -43,7 +43,6 @@
 #if MULTIGPU_WITH_NCCL
 #include <string>
 
-#include <ATen/core/ATen_fwd.h>
 #include <nccl.h>
 #endif
 
