@@ -4,6 +4,7 @@
 #include "support.hpp"  // first: see its comment
 
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -392,6 +393,107 @@ TEST_SUITE("device manager on a scripted machine") {
     machine.set_env("CUDA_VISIBLE_DEVICES", "7");
     devices.refresh();
     CHECK(contains(devices.no_gpu_reason(), "names no GPU of this machine"));
+  }
+
+  TEST_CASE("idle datacenter GPUs are free: NVML's v2 query leaves driver-reserved memory out; v1 is the fallback") {
+    // Idle GPUs as `nvidia-smi -q` shows them (see Note [Reserved memory] in
+    // detail/nvml.hpp): an A100-SXM4-40GB with 620 MiB reserved and 4 MiB
+    // used, an H100 80GB HBM3 with 551 MiB reserved and 0 MiB used, and an
+    // H100 running someone's job.
+    FakeGpu a100;
+    a100.name = "NVIDIA A100-SXM4-40GB";
+    a100.total_mib = 40960;
+    a100.reserved_mib = 620;
+    a100.used_mib = 4;
+    FakeGpu h100;
+    h100.name = "NVIDIA H100 80GB HBM3";
+    h100.total_mib = 81559;
+    h100.reserved_mib = 551;
+    h100.used_mib = 0;
+    FakeGpu taken = h100;
+    taken.used_mib = 30000;
+    FakeRuntime machine({a100, h100, taken});
+    FakeManager devices(machine);  // the default threshold: more than 500 MiB in use is busy
+
+    const auto& gpus = devices.devices();
+    REQUIRE(gpus.size() == 3);
+    CHECK(gpus[0].used_bytes == std::int64_t{4} << 20);
+    CHECK(gpus[0].reserved_bytes == std::int64_t{620} << 20);
+    CHECK(gpus[0].memory_query == "nvmlDeviceGetMemoryInfo_v2");
+    CHECK(gpus[1].used_bytes == 0);
+    CHECK(indices(devices.select("auto")) == std::vector<int>{0, 1});
+    const std::string text = devices.report("auto").text();
+    CHECK(contains(text, "fake (nvmlDeviceGetMemoryInfo_v2: driver-reserved memory not counted)"));
+    CHECK_FALSE(contains(text, "v1 query"));
+
+    // A driver without v2 (before R510), or one whose v2 refuses: v1 counts
+    // the reserved memory as used, and both idle GPUs read busy.
+    for (const std::optional<int> v2 : {std::optional<int>(), std::optional<int>(3), std::optional<int>(13),
+                                        std::optional<int>(25)}) {
+      CAPTURE(v2.value_or(-1));
+      machine.set_memory_info_v2(v2);
+      devices.refresh();
+      CHECK(gpus[0].used_bytes == std::int64_t{624} << 20);
+      CHECK(gpus[0].reserved_bytes == -1);
+      CHECK(gpus[0].memory_query == "nvmlDeviceGetMemoryInfo");
+      CHECK(gpus[1].used_bytes == std::int64_t{551} << 20);
+      CHECK(gpus[0].busy);
+      CHECK(gpus[1].busy);
+      CHECK(contains(MULTIGPU_TEST_MESSAGE(DeviceError, devices.select("auto")), "all 3 visible GPU(s) are busy"));
+      const std::string fallback = devices.report("auto").text();
+      CHECK(contains(fallback, "fake (nvmlDeviceGetMemoryInfo: driver-reserved memory counted as used)"));
+      CHECK(contains(fallback, "memory in use on cuda:0, cuda:1, cuda:2 was read with NVML's v1 query"));
+      CHECK(contains(fallback, "update the driver (R510 or later) or raise DeviceManagerOptions::busy_threshold_mib"));
+      DeviceManagerOptions lenient;
+      lenient.busy_threshold_mib = 1024;
+      FakeManager raised(machine, lenient);
+      CHECK(indices(raised.select("auto")) == std::vector<int>{0, 1});
+    }
+  }
+
+  TEST_CASE("memory in use from NVML's answers, whichever way a driver counts v2's \"used\"") {
+    using multigpu::detail::NvmlMemoryV1;
+    using multigpu::detail::NvmlMemoryV2;
+    using multigpu::detail::read_nvml_memory;
+    const auto v1 = [](NvmlMemoryV1& memory) {
+      memory = {1000, 300, 700};
+      return 0;
+    };
+    // As drivers report it: total = reserved + used + free.
+    auto figures = read_nvml_memory(
+        [](NvmlMemoryV2& memory) {
+          CHECK(memory.version == (40u | (2u << 24)));
+          memory.total = 1000;
+          memory.reserved = 100;
+          memory.used = 600;
+          memory.free = 300;
+          return 0;
+        },
+        v1);
+    CHECK(figures.in_use_bytes == 600);
+    CHECK(figures.reserved_bytes == 100);
+    CHECK(figures.total_bytes == 1000);
+    CHECK(figures.query == "nvmlDeviceGetMemoryInfo_v2");
+    // As nvml.h describes it: `used` includes `reserved`.
+    figures = read_nvml_memory(
+        [](NvmlMemoryV2& memory) {
+          memory.total = 1000;
+          memory.reserved = 100;
+          memory.used = 700;
+          memory.free = 300;
+          return 0;
+        },
+        v1);
+    CHECK(figures.in_use_bytes == 600);
+    // No v2, then no answer at all.
+    figures = read_nvml_memory({}, v1);
+    CHECK(figures.in_use_bytes == 700);
+    CHECK(figures.reserved_bytes == -1);
+    CHECK(figures.query == "nvmlDeviceGetMemoryInfo");
+    figures = read_nvml_memory([](NvmlMemoryV2&) { return 999; }, [](NvmlMemoryV1&) { return 15; });
+    CHECK(figures.in_use_bytes == -1);
+    CHECK(figures.total_bytes == -1);
+    CHECK(figures.query.empty());
   }
 
   TEST_CASE("the report shows devices, peers and a verdict") {

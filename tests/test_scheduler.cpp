@@ -293,6 +293,39 @@ TEST_SUITE("scheduler") {
     CHECK(contains(log.warnings()[0], "tasks wait for busy devices: cuda:1 (physical 1, NVIDIA RTX A5000) (9000 MiB in use)"));
   }
 
+  TEST_CASE("the cache is emptied only when no other in-process task runs, on its GPU or another") {
+    // See Note [Emptying the cache between tasks] in scheduler.hpp.
+    for (const bool same_gpu : {false, true}) {
+      CAPTURE(same_gpu);
+      const std::string dir = fresh_dir(same_gpu ? "cache_same" : "cache_other");
+      auto machine = FakeRuntime::with_gpus(same_gpu ? 1 : 2);
+      auto options = fast_options(dir, same_gpu ? "0" : "0,1");
+      options.max_per_device = same_gpu ? 2 : 1;
+      options.busy_wait_limit = std::chrono::seconds(10);  // a failure must not hang
+      FakeScheduler scheduler(options, machine);
+      std::atomic<bool> third_started{false};
+      std::atomic<int> released_meanwhile{-1};
+      const auto summary = scheduler.run({
+          Task::callable("long",
+                         [&](TaskContext&) {
+                           const int before = machine.cache_releases();
+                           // "third" starts once "short" has ended and the scheduler has dealt with it.
+                           CHECK(eventually([&] { return third_started.load(); }));
+                           released_meanwhile = machine.cache_releases() - before;
+                         }),
+          Task::callable("short",
+                         [&](TaskContext& context) {
+                           // What the memory it leaves cached looks like to NVML.
+                           machine.set_used_mib(context.devices().front().index, 9000);
+                         }),
+          Task::callable("third", [&](TaskContext&) { third_started = true; }),
+      });
+      CHECK(summary.count(TaskStatus::kDone) == 3);
+      CHECK(released_meanwhile.load() == 0);
+      CHECK(machine.cache_releases() == 1);  // once "long", the last in-process task, had ended
+    }
+  }
+
   TEST_CASE("a wait limit fails tasks that find every device busy") {
     const std::string dir = fresh_dir("limit");
     auto machine = FakeRuntime::with_gpus(1);

@@ -52,7 +52,13 @@ struct DeviceInfo {
   int cc_major = 0;
   int cc_minor = 0;
   std::int64_t total_bytes = -1;  ///< -1 when unknown
-  std::int64_t used_bytes = -1;   ///< Memory in use by every process; -1 when unknown
+  /// Memory in use by every process; -1 when unknown. The memory the driver
+  /// reserves for itself is not counted, unless memory_query is NVML's v1
+  /// query (drivers before R510). See Note [Reserved memory] in detail/nvml.hpp.
+  std::int64_t used_bytes = -1;
+  std::int64_t reserved_bytes = -1;  ///< Reserved by the driver; -1 when unknown (or counted in used_bytes)
+  /// What used_bytes came from ("nvmlDeviceGetMemoryInfo_v2", ...; see RuntimeGpu).
+  std::string memory_query;
   /// Memory in use above the manager's threshold when it was last queried.
   bool busy = false;
 
@@ -280,6 +286,8 @@ DeviceInfo BasicDeviceManager<Runtime>::make_info(const RuntimeGpu& gpu, int log
   info.cc_minor = gpu.cc_minor;
   info.total_bytes = gpu.total_bytes;
   info.used_bytes = gpu.used_bytes;
+  info.reserved_bytes = gpu.reserved_bytes;
+  info.memory_query = gpu.memory_query;
   info.busy = gpu.used_bytes >= 0 && gpu.used_bytes > (options_.busy_threshold_mib << 20);
   const auto position = static_cast<std::size_t>(logical);
   if (!cvd.set) {
@@ -535,6 +543,21 @@ DeviceReport BasicDeviceManager<Runtime>::report(std::string_view spec) {
     report.notes.push_back("NVML is missing, so memory was read through a CUDA context on every GPU "
                            "(a few hundred MiB each)");
   }
+  std::string reserved_counted;
+  for (const auto& d : devices_) {
+    if (d.memory_query == detail::kNvmlMemoryQueryV1) {
+      reserved_counted += fmt::format("{}cuda:{}", reserved_counted.empty() ? "" : ", ", d.index);
+    }
+  }
+  if (!reserved_counted.empty()) {
+    // See Note [Reserved memory] in detail/nvml.hpp.
+    report.notes.push_back(fmt::format(
+        "memory in use on {} was read with NVML's v1 query (nvmlDeviceGetMemoryInfo; this driver has no working "
+        "nvmlDeviceGetMemoryInfo_v2), which counts the memory the driver reserves for itself as used: several "
+        "hundred MiB on an idle datacenter GPU. If idle GPUs show as BUSY, update the driver (R510 or later) or "
+        "raise DeviceManagerOptions::busy_threshold_mib",
+        reserved_counted));
+  }
 
   try {
     report.selection = resolve(spec);
@@ -569,7 +592,16 @@ inline std::string DeviceReport::text() const {
                    ? fmt::format("available, sees {} GPU(s)", runtime.machine_gpus.size())
                    : fmt::format("not available: {}", runtime.nvml_problem));
   line("NCCL", runtime.nccl_version.empty() ? "not compiled in (MULTIGPU_WITH_NCCL=0)" : runtime.nccl_version);
-  line("memory figures from", runtime.memory_source);
+  // Which NVML query answered: see Note [Reserved memory] in detail/nvml.hpp.
+  std::string queries;
+  for (const auto& [query, meaning] : {std::pair<const char*, const char*>{detail::kNvmlMemoryQueryV2, "not counted"},
+                                      {detail::kNvmlMemoryQueryV1, "counted as used"}}) {
+    if (std::any_of(devices.begin(), devices.end(), [&](const DeviceInfo& d) { return d.memory_query == query; })) {
+      queries += fmt::format("{}{}: driver-reserved memory {}", queries.empty() ? "" : ", ", query, meaning);
+    }
+  }
+  line("memory figures from",
+       queries.empty() ? runtime.memory_source : fmt::format("{} ({})", runtime.memory_source, queries));
   line("CUDA_VISIBLE_DEVICES", cuda_visible_devices.set ? detail::quote(cuda_visible_devices.value) : "(not set)");
   line("CUDA_DEVICE_ORDER", cuda_device_order ? detail::quote(*cuda_device_order)
                                               : "(not set: CUDA numbers the fastest GPU first)");

@@ -11,12 +11,15 @@
 ///   std::optional<std::string> getenv(const char* name) const;
 ///   std::optional<bool> can_access_peer(int from, int to);  // logical numbers; nullopt: unknown
 ///   static constexpr bool kRealDevices;          // optional (default true): its GPUs are CUDA's
+///   void release_cached_memory();                // optional: give back the memory LibTorch's
+///                                                // caching allocator holds, on every GPU
 
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <fmt/core.h>
@@ -26,6 +29,7 @@
 #include "multigpu/detail/nvml.hpp"
 
 #if MULTIGPU_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
 #endif
 #if MULTIGPU_WITH_NCCL
@@ -42,8 +46,16 @@ struct RuntimeGpu {
   int cc_major = 0;        ///< Compute capability.
   int cc_minor = 0;
   std::int64_t total_bytes = -1;  ///< -1 when unknown
-  std::int64_t used_bytes = -1;   ///< Memory in use by every process; -1 when unknown
-  int nvml_index = -1;            ///< nvidia-smi's number for it; -1 when unknown
+  /// Memory in use by every process; -1 when unknown. Without the memory the
+  /// driver reserves for itself unless memory_query is NVML's v1 query. See
+  /// Note [Reserved memory] in detail/nvml.hpp.
+  std::int64_t used_bytes = -1;
+  std::int64_t reserved_bytes = -1;  ///< Reserved by the driver; -1 when unknown (or counted in used_bytes)
+  /// What used_bytes came from: "nvmlDeviceGetMemoryInfo_v2",
+  /// "nvmlDeviceGetMemoryInfo" (v1: reserved memory counted as used),
+  /// "cudaMemGetInfo", or "" when unknown.
+  std::string memory_query;
+  int nvml_index = -1;  ///< nvidia-smi's number for it; -1 when unknown
 };
 
 /// What a runtime knows about the machine as a whole.
@@ -78,6 +90,8 @@ class SystemRuntime {
     return value == nullptr ? std::nullopt : std::optional<std::string>(value);
   }
   std::optional<bool> can_access_peer(int from, int to);
+  /// Empties LibTorch's CUDA caching allocator (every GPU of this process).
+  void release_cached_memory();
 
  private:
   std::string cuda_error_;
@@ -128,6 +142,18 @@ constexpr bool runtime_has_real_devices() {
   return real_devices_of<Runtime>::value;
 }
 
+template <class Runtime, class = void>
+struct has_release_cached_memory : std::false_type {};
+template <class Runtime>
+struct has_release_cached_memory<Runtime, std::void_t<decltype(std::declval<Runtime&>().release_cached_memory())>>
+    : std::true_type {};
+
+/// Calls runtime.release_cached_memory() where the policy has it.
+template <class Runtime>
+void release_cached_memory(Runtime& runtime) {
+  if constexpr (has_release_cached_memory<Runtime>::value) runtime.release_cached_memory();
+}
+
 inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {
   RuntimeGpu out;
   out.name = gpu.name;
@@ -135,8 +161,10 @@ inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {
   out.uuid = gpu.uuid;
   out.cc_major = gpu.cc_major;
   out.cc_minor = gpu.cc_minor;
-  out.total_bytes = gpu.total_bytes;
-  out.used_bytes = gpu.used_bytes;
+  out.total_bytes = gpu.memory.total_bytes;
+  out.used_bytes = gpu.memory.in_use_bytes;
+  out.reserved_bytes = gpu.memory.reserved_bytes;
+  out.memory_query = gpu.memory.query;
   out.nvml_index = gpu.index;
   return out;
 }
@@ -223,7 +251,9 @@ inline std::vector<RuntimeGpu> SystemRuntime::visible_gpus() {
     for (const auto& known : nvml_gpus) {
       if (known.pci_bus_id == gpu.pci_bus_id) {
         gpu.nvml_index = known.index;
-        gpu.used_bytes = known.used_bytes;
+        gpu.used_bytes = known.memory.in_use_bytes;
+        gpu.reserved_bytes = known.memory.reserved_bytes;
+        gpu.memory_query = known.memory.query;
         from_nvml = true;
         break;
       }
@@ -237,6 +267,7 @@ inline std::vector<RuntimeGpu> SystemRuntime::visible_gpus() {
       std::size_t total_bytes = 0;
       if (cudaSetDevice(i) == cudaSuccess && cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
         gpu.used_bytes = static_cast<std::int64_t>(total_bytes - free_bytes);
+        gpu.memory_query = "cudaMemGetInfo";
         used_context_memory_ = true;
       } else {
         cudaGetLastError();
@@ -261,6 +292,12 @@ inline std::optional<bool> SystemRuntime::can_access_peer(int from, int to) {
   (void)from;
   (void)to;
   return std::nullopt;
+#endif
+}
+
+inline void SystemRuntime::release_cached_memory() {
+#if MULTIGPU_WITH_CUDA
+  c10::cuda::CUDACachingAllocator::emptyCache();
 #endif
 }
 

@@ -67,7 +67,6 @@
 #include "multigpu/worker.hpp"
 
 #if MULTIGPU_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -199,8 +198,8 @@ struct SchedulerOptions {
   std::string devices = "auto";
   /// Tasks at once on one device (several small tasks per GPU; CPU slots).
   int max_per_device = 1;
-  /// Memory in use (MiB) above which a device without our tasks is busy
-  /// (someone else's job) and is not given a task.
+  /// Memory in use (MiB) above which a device without our tasks (or our
+  /// cached memory) is busy (someone else's job) and is not given a task.
   std::int64_t memory_threshold_mib = MULTIGPU_DEFAULT_BUSY_THRESHOLD_MIB;
   /// Fail a task that found no free device for this long (0: wait forever).
   std::chrono::milliseconds busy_wait_limit{0};
@@ -246,14 +245,31 @@ std::vector<Task> read_task_file(const std::string& path, int default_devices = 
 
 namespace detail {
 
+/// Note [Emptying the cache between tasks]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// An in-process task leaves the memory it used in LibTorch's caching
+/// allocator. The scheduler gives it back (emptyCache) when the task has
+/// ended, so that other processes, and command tasks, can use it. But
+/// emptyCache releases the cached blocks of every GPU of this process with
+/// cudaFree, which synchronises the device and can deadlock against the NCCL
+/// launches of an in-process task still running (see Note [NCCL and
+/// cudaFree] in detail/cuda.hpp). So the scheduler empties the cache, from
+/// its own thread, only when no other in-process task on a GPU is running;
+/// until then the GPUs of the tasks that ended keep our cache and are not
+/// judged busy by the memory in use there (a later in-process task reuses
+/// that cache). A task's own worker threads have ended with it.
+
 /// The non-template scheduler: dispatches over a pool whose busy state a
 /// callback reports (see BasicScheduler).
 class SchedulerCore {
  public:
   /// `real_devices`: the pool's GPUs are CUDA's, so in-process tasks run
   /// with theirs current (false for a scripted machine).
+  /// `release_cached_memory`: empties LibTorch's caching allocator, on every
+  /// GPU (see Note [Emptying the cache between tasks]).
   SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
-                std::function<std::vector<DeviceInfo>()> query, bool real_devices);
+                std::function<std::vector<DeviceInfo>()> query, bool real_devices,
+                std::function<void()> release_cached_memory = {});
   RunSummary run(const std::vector<Task>& tasks);
   std::vector<PlannedTask> plan(const std::vector<Task>& tasks) const;
   void request_stop(int signal = SIGINT);
@@ -266,6 +282,7 @@ class SchedulerCore {
   std::optional<std::vector<std::size_t>> place(const Job& job, const std::vector<DeviceInfo>& now) const;
   void start(Job& job, const std::vector<std::size_t>& devices);
   void finish(Running& running);
+  void release_cache_unless_in_use(const Running& ended);
   void write_summary(const std::vector<Job>& jobs, bool final_write);
   void print_status(const std::vector<Job>& jobs, bool force);
 
@@ -273,7 +290,9 @@ class SchedulerCore {
   std::vector<DeviceInfo> pool_;
   std::function<std::vector<DeviceInfo>()> query_;
   bool real_devices_ = true;
+  std::function<void()> release_cached_memory_;
   std::vector<int> load_;  // our running tasks per pool device
+  std::vector<bool> holds_our_cache_;  // per pool device: see Note [Emptying the cache between tasks]
   std::vector<std::unique_ptr<Running>> running_;
   std::atomic<bool> stop_{false};
   std::atomic<int> stop_signal_{0};
@@ -496,12 +515,15 @@ struct SchedulerCore::Running {
 };
 
 inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
-                                    std::function<std::vector<DeviceInfo>()> query, bool real_devices)
+                                    std::function<std::vector<DeviceInfo>()> query, bool real_devices,
+                                    std::function<void()> release_cached_memory)
     : options_(std::move(options)),
       pool_(std::move(pool)),
       query_(std::move(query)),
       real_devices_(real_devices),
-      load_(pool_.size(), 0) {
+      release_cached_memory_(std::move(release_cached_memory)),
+      load_(pool_.size(), 0),
+      holds_our_cache_(pool_.size(), false) {
   if (pool_.empty()) throw SchedulerError("the device pool is empty");
   if (options_.max_per_device < 1) {
     throw SchedulerError(fmt::format("max_per_device must be 1 or more, got {}", options_.max_per_device));
@@ -542,9 +564,9 @@ inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& j
   std::vector<std::size_t> avoided;
   for (std::size_t d = 0; d < pool_.size(); ++d) {
     if (load_[d] >= options_.max_per_device) continue;
-    // A device with a task of ours uses memory because of it: only devices
-    // without our tasks are judged busy.
-    if (load_[d] == 0 && d < now.size() && now[d].busy) continue;
+    // A device with a task of ours, or our cache, uses memory because of
+    // it: only devices without either are judged busy.
+    if (load_[d] == 0 && !holds_our_cache_[d] && d < now.size() && now[d].busy) continue;
     (job.avoid.count(d) != 0 ? avoided : preferred).push_back(d);
   }
   const auto needed = static_cast<std::size_t>(job.task.devices);
@@ -602,12 +624,7 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
       } catch (...) {
         raw->error = std::current_exception();
       }
-#if MULTIGPU_WITH_CUDA
-      // Give the memory this task cached back, for the next task on this GPU
-      // and for other processes. See Note [NCCL and cudaFree]: no collective
-      // of ours is in flight here.
-      if (on_cuda) c10::cuda::CUDACachingAllocator::emptyCache();
-#else
+#if !MULTIGPU_WITH_CUDA
       (void)on_cuda;
 #endif
       {
@@ -637,6 +654,10 @@ inline void SchedulerCore::finish(Running& running) {
     }
   } else {
     running.thread.join();
+    if (pool_[running.devices.front()].is_cuda()) {
+      for (std::size_t d : running.devices) holds_our_cache_[d] = true;
+      release_cache_unless_in_use(running);
+    }
     if (running.error) {
       result.error = describe_exception(running.error);
       result.out_of_memory = looks_like_out_of_memory(result.error);
@@ -667,6 +688,26 @@ inline void SchedulerCore::finish(Running& running) {
   } else {
     result.status = TaskStatus::kFailed;
     append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
+  }
+}
+
+inline void SchedulerCore::release_cache_unless_in_use(const Running& ended) {
+  // See Note [Emptying the cache between tasks].
+  const bool in_use = std::any_of(running_.begin(), running_.end(), [&](const std::unique_ptr<Running>& other) {
+    return other.get() != &ended && !other->child && pool_[other->devices.front()].is_cuda();
+  });
+  if (in_use || !release_cached_memory_) return;
+  try {
+#if MULTIGPU_WITH_CUDA
+    // On a GPU that has a context already, so that none is made on cuda:0.
+    std::optional<c10::cuda::CUDAGuard> guard;
+    if (real_devices_) guard.emplace(pool_[ended.devices.front()].device());
+#endif
+    release_cached_memory_();
+    std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
+  } catch (const std::exception& e) {
+    warn(fmt::format("could not give the cached GPU memory of task {} back: {}", (*jobs_)[ended.job].task.name,
+                     e.what()));
   }
 }
 
@@ -779,6 +820,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   stop_ = false;
   stop_signal_ = 0;
   std::fill(load_.begin(), load_.end(), 0);
+  std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
   const SignalWatch signals(options_.handle_signals);
   run_start_ = std::chrono::steady_clock::now();
   last_status_ = {};
@@ -838,7 +880,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
         // Waiting. Only waiting on someone else's busy device counts towards the limit.
         std::string busy;
         for (std::size_t d = 0; d < pool_.size(); ++d) {
-          if (load_[d] == 0 && d < devices_now->size() && (*devices_now)[d].busy) {
+          if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
             busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
                                 (*devices_now)[d].used_bytes >> 20);
           }
@@ -930,7 +972,8 @@ BasicScheduler<Runtime>::BasicScheduler(SchedulerOptions options, Runtime runtim
           now.push_back(current);
         }
         return now;
-      }, detail::runtime_has_real_devices<Runtime>()) {}
+      }, detail::runtime_has_real_devices<Runtime>(),
+      [manager = manager_] { detail::release_cached_memory(manager->runtime()); }) {}
 
 template <class Runtime>
 std::vector<DeviceInfo> BasicScheduler<Runtime>::resolve_pool(BasicDeviceManager<Runtime>& manager,

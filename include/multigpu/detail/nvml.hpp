@@ -9,8 +9,33 @@
 // see nothing when LibTorch is CPU-only. NVML answers without a context and
 // sees every GPU of the machine. It is opened with dlopen so that nothing is
 // linked and a machine without the driver library still runs.
+//
+// Note [Reserved memory]
+// ~~~~~~~~~~~~~~~~~~~~~~
+// NVML's first memory query (nvmlDeviceGetMemoryInfo, "v1") counts the
+// memory the driver and firmware reserve for themselves as used, so a GPU
+// that runs nothing reads several hundred MiB in use: about 900 MB on an
+// A100 (rust-nvml/nvml-wrapper#57: 912 MB with v1, 7.8 MB with v2, on
+// idle A100s); public `nvidia-smi -q` logs of idle GPUs show "Reserved"
+// 620 MiB ("Used" 4 MiB) on an A100-SXM4-40GB with driver 535, 551 MiB
+// ("Used" 0 MiB) on an H100 80GB HBM3, and 328-516 MiB on other 80 GB
+// Hoppers; modal-labs/gpu-glossary's nvidia-smi page shows idle H100s at
+// 1MiB / 81559MiB. With the default
+// busy threshold of 500 MiB, v1 would call most idle datacenter GPUs busy and
+// "auto" would refuse to train. nvmlDeviceGetMemoryInfo_v2 (drivers R510 and
+// later; nvidia-smi shows its figures) reports the reserved memory apart, so
+// memory in use by processes is total - free - reserved. (nvml.h says that
+// v2's `used` includes `reserved`, while drivers report it without;
+// total - free - reserved is right either way.) Where v2 gives no answer (an
+// older driver without the symbol, or NOT_SUPPORTED, FUNCTION_NOT_FOUND,
+// ARGUMENT_VERSION_MISMATCH or any other error) v1 is asked, and the figures
+// say which query answered, so that the device report can tell the user why
+// idle GPUs may read busy. read_nvml_memory() is the one path from NVML's
+// answers to "memory in use", for the real library and for
+// testing::FakeRuntime alike.
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -26,6 +51,67 @@
 namespace multigpu {
 namespace detail {
 
+/// nvmlMemory_t, v1's answer (layout of nvml.h).
+struct NvmlMemoryV1 {
+  unsigned long long total = 0;
+  unsigned long long free = 0;
+  unsigned long long used = 0;  ///< Includes the reserved memory.
+};
+
+/// nvmlMemory_v2_t, v2's answer (layout of nvml.h; `version` is set by the caller).
+struct NvmlMemoryV2 {
+  unsigned int version = 0;
+  unsigned long long total = 0;
+  unsigned long long reserved = 0;
+  unsigned long long free = 0;
+  unsigned long long used = 0;
+};
+static_assert(sizeof(NvmlMemoryV2) == 40, "nvmlMemory_v2_t is 40 bytes in nvml.h");
+
+/// nvml.h's nvmlMemory_v2: NVML_STRUCT_VERSION(Memory, 2), the size with the version in the top byte.
+inline constexpr unsigned int kNvmlMemoryV2Version = static_cast<unsigned int>(sizeof(NvmlMemoryV2)) | (2u << 24);
+
+/// The query names, as the device report shows them.
+inline constexpr const char* kNvmlMemoryQueryV2 = "nvmlDeviceGetMemoryInfo_v2";
+inline constexpr const char* kNvmlMemoryQueryV1 = "nvmlDeviceGetMemoryInfo";
+
+/// One GPU's memory as NVML reported it. See Note [Reserved memory].
+struct NvmlMemoryFigures {
+  std::int64_t total_bytes = -1;     ///< -1 when NVML gave no answer
+  std::int64_t in_use_bytes = -1;    ///< Allocated by processes; with v1, reserved memory too
+  std::int64_t reserved_bytes = -1;  ///< For the driver and firmware; -1 with v1 (counted in in_use_bytes)
+  std::string query;                 ///< kNvmlMemoryQueryV2, kNvmlMemoryQueryV1, or "" without an answer
+};
+
+/// Asks one GPU's memory the way NVML should be asked: `v2` (empty when the
+/// library has no nvmlDeviceGetMemoryInfo_v2), then `v1` when v2 gives no
+/// answer. Each returns NVML's status (0 for success) and fills its struct.
+/// See Note [Reserved memory].
+inline NvmlMemoryFigures read_nvml_memory(const std::function<int(NvmlMemoryV2&)>& v2,
+                                          const std::function<int(NvmlMemoryV1&)>& v1) {
+  NvmlMemoryFigures figures;
+  if (v2) {
+    NvmlMemoryV2 memory;
+    memory.version = kNvmlMemoryV2Version;
+    if (v2(memory) == 0) {
+      const unsigned long long unavailable = memory.free + memory.reserved;
+      figures.total_bytes = static_cast<std::int64_t>(memory.total);
+      figures.reserved_bytes = static_cast<std::int64_t>(memory.reserved);
+      figures.in_use_bytes =
+          memory.total > unavailable ? static_cast<std::int64_t>(memory.total - unavailable) : std::int64_t{0};
+      figures.query = kNvmlMemoryQueryV2;
+      return figures;
+    }
+  }
+  NvmlMemoryV1 memory;
+  if (v1 && v1(memory) == 0) {
+    figures.total_bytes = static_cast<std::int64_t>(memory.total);
+    figures.in_use_bytes = static_cast<std::int64_t>(memory.used);
+    figures.query = kNvmlMemoryQueryV1;
+  }
+  return figures;
+}
+
 /// One GPU as NVML sees it (NVML numbers GPUs as nvidia-smi does, by PCI bus).
 struct NvmlGpu {
   int index = -1;
@@ -34,8 +120,7 @@ struct NvmlGpu {
   std::string pci_bus_id;  // normalised: "0000:3b:00.0"
   int cc_major = 0;
   int cc_minor = 0;
-  std::int64_t total_bytes = -1;
-  std::int64_t used_bytes = -1;
+  NvmlMemoryFigures memory;
 };
 
 /// PCI bus id in one spelling for CUDA's and NVML's numbers alike.
@@ -68,9 +153,6 @@ class Nvml {
 #if MULTIGPU_WITH_NVML
   // The few NVML types used, with the layout of nvml.h (stable since NVML 10).
   using Device = struct NvmlDeviceOpaque*;
-  struct Memory {
-    unsigned long long total, free, used;
-  };
   struct PciInfo {
     char bus_id_legacy[16];
     unsigned int domain, bus, device, pci_device_id, pci_subsystem_id;
@@ -81,7 +163,8 @@ class Nvml {
   using HandleFn = int (*)(unsigned int, Device*);
   using StringFn = int (*)(Device, char*, unsigned int);
   using PciFn = int (*)(Device, PciInfo*);
-  using MemoryFn = int (*)(Device, Memory*);
+  using MemoryFn = int (*)(Device, NvmlMemoryV1*);
+  using MemoryV2Fn = int (*)(Device, NvmlMemoryV2*);
   using CapabilityFn = int (*)(Device, int*, int*);
   using DriverFn = int (*)(char*, unsigned int);
   using ErrorStringFn = const char* (*)(int);
@@ -100,6 +183,7 @@ class Nvml {
   StringFn uuid_ = nullptr;
   PciFn pci_ = nullptr;
   MemoryFn memory_ = nullptr;
+  MemoryV2Fn memory_v2_ = nullptr;  // drivers before R510 have none
   CapabilityFn capability_ = nullptr;
   DriverFn driver_ = nullptr;
   ErrorStringFn error_string_ = nullptr;
@@ -129,6 +213,7 @@ inline Nvml::Nvml() {
       !bind(driver_, "nvmlSystemGetDriverVersion") || !bind(error_string_, "nvmlErrorString")) {
     return;
   }
+  memory_v2_ = reinterpret_cast<MemoryV2Fn>(dlsym(handle_, kNvmlMemoryQueryV2));
   const int status = init();
   if (status != 0) {
     reason_ = fmt::format("nvmlInit failed: {}", error_string_(status));
@@ -165,11 +250,9 @@ inline std::vector<NvmlGpu> Nvml::gpus() const {
     if (uuid_(device, uuid, sizeof(uuid)) == 0) gpu.uuid = uuid;
     PciInfo pci{};
     if (pci_(device, &pci) == 0) gpu.pci_bus_id = format_pci_bus_id(pci.domain, pci.bus, pci.device);
-    Memory memory{};
-    if (memory_(device, &memory) == 0) {
-      gpu.total_bytes = static_cast<std::int64_t>(memory.total);
-      gpu.used_bytes = static_cast<std::int64_t>(memory.used);
-    }
+    std::function<int(NvmlMemoryV2&)> v2;
+    if (memory_v2_ != nullptr) v2 = [&](NvmlMemoryV2& memory) { return memory_v2_(device, &memory); };
+    gpu.memory = read_nvml_memory(v2, [&](NvmlMemoryV1& memory) { return memory_(device, &memory); });
     capability_(device, &gpu.cc_major, &gpu.cc_minor);
     gpus.push_back(std::move(gpu));
   }

@@ -1,9 +1,11 @@
 #pragma once
 /// @file
-/// A scripted machine for tests: N GPUs with names, memory in use, PCI bus
-/// ids and UUIDs, its own environment (CUDA_VISIBLE_DEVICES,
-/// CUDA_DEVICE_ORDER), and a LibTorch with or without CUDA. Plug it into
-/// BasicDeviceManager (and the scheduler) to test device logic on any machine:
+/// A scripted machine for tests: N GPUs with names, memory in use (and
+/// reserved by the driver, answered through the same NVML queries as the real
+/// machine's), PCI bus ids and UUIDs, its own environment
+/// (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), and a LibTorch with or without
+/// CUDA. Plug it into BasicDeviceManager (and the scheduler) to test device
+/// logic on any machine:
 ///
 ///   auto machine = multigpu::testing::FakeRuntime::with_gpus(8);
 ///   machine.set_used_mib(2, 9000).set_env("CUDA_VISIBLE_DEVICES", "0,1,4,7");
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,6 +27,7 @@
 
 #include <fmt/core.h>
 
+#include "multigpu/detail/nvml.hpp"
 #include "multigpu/device_spec.hpp"
 #include "multigpu/runtime.hpp"
 
@@ -34,7 +38,11 @@ namespace testing {
 struct FakeGpu {
   std::string name = "NVIDIA RTX A5000";
   std::int64_t total_mib = 24564;
+  /// Allocated by processes: nvidia-smi's "Used" (NVML v2's figure).
   std::int64_t used_mib = 0;
+  /// Set aside by the driver and firmware: nvidia-smi's "Reserved". NVML's v1
+  /// query counts it as used. See Note [Reserved memory] in detail/nvml.hpp.
+  std::int64_t reserved_mib = 0;
   std::string pci_bus_id;  ///< Default: derived from the position.
   std::string uuid;        ///< Default: derived from the position.
   int cc_major = 8;
@@ -83,10 +91,28 @@ class FakeRuntime {
     return *this;
   }
 
-  /// Memory in use on the GPU with this nvidia-smi number.
+  /// Memory allocated by processes on the GPU with this nvidia-smi number.
   FakeRuntime& set_used_mib(int nvml_index, std::int64_t mib) {
     std::lock_guard<std::mutex> lock(state_->mutex);
     state_->gpus.at(static_cast<std::size_t>(nvml_index)).used_mib = mib;
+    return *this;
+  }
+
+  /// Memory the driver reserves on the GPU with this nvidia-smi number.
+  FakeRuntime& set_reserved_mib(int nvml_index, std::int64_t mib) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->gpus.at(static_cast<std::size_t>(nvml_index)).reserved_mib = mib;
+    return *this;
+  }
+
+  /// How the driver answers nvmlDeviceGetMemoryInfo_v2: 0 (the default) with
+  /// the scripted figures; an NVML error code (3 NOT_SUPPORTED,
+  /// 13 FUNCTION_NOT_FOUND, 25 ARGUMENT_VERSION_MISMATCH, ...); nullopt: the
+  /// library has no such function (drivers before R510). NVML's v1 query
+  /// always answers.
+  FakeRuntime& set_memory_info_v2(std::optional<int> status) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->memory_v2_status = status;
     return *this;
   }
 
@@ -108,6 +134,12 @@ class FakeRuntime {
   int query_count() const {
     std::lock_guard<std::mutex> lock(state_->mutex);
     return state_->queries;
+  }
+
+  /// How many times release_cached_memory() was called.
+  int cache_releases() const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->cache_releases;
   }
 
   // --- the runtime policy ---------------------------------------------------
@@ -161,6 +193,12 @@ class FakeRuntime {
     return state_->peer_access;
   }
 
+  /// Counts the call (see cache_releases()); a scripted machine caches nothing.
+  void release_cached_memory() {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    ++state_->cache_releases;
+  }
+
  private:
   struct State {
     mutable std::mutex mutex;
@@ -168,7 +206,9 @@ class FakeRuntime {
     std::map<std::string, std::optional<std::string>> env;
     bool cuda_build = true;
     bool peer_access = true;
+    std::optional<int> memory_v2_status = 0;
     int queries = 0;
+    int cache_releases = 0;
   };
 
   std::optional<std::string> env_locked(const std::string& name) const {
@@ -184,8 +224,33 @@ class FakeRuntime {
     out.uuid = gpu.uuid;
     out.cc_major = gpu.cc_major;
     out.cc_minor = gpu.cc_minor;
-    out.total_bytes = gpu.total_mib << 20;
-    out.used_bytes = gpu.used_mib << 20;
+    // The figures as the driver would give them, read as the real NVML's are.
+    const auto total = static_cast<unsigned long long>(gpu.total_mib) << 20;
+    const auto reserved = static_cast<unsigned long long>(gpu.reserved_mib) << 20;
+    const auto used = static_cast<unsigned long long>(gpu.used_mib) << 20;
+    const auto taken = std::min(total, reserved + used);
+    std::function<int(detail::NvmlMemoryV2&)> v2;
+    if (const auto status = state_->memory_v2_status) {
+      v2 = [&, status = *status](detail::NvmlMemoryV2& memory) {
+        if (status != 0) return status;
+        if (memory.version != detail::kNvmlMemoryV2Version) return 25;  // NVML_ERROR_ARGUMENT_VERSION_MISMATCH
+        memory.total = total;
+        memory.reserved = reserved;
+        memory.used = used;
+        memory.free = total - taken;
+        return 0;
+      };
+    }
+    const auto figures = detail::read_nvml_memory(v2, [&](detail::NvmlMemoryV1& memory) {
+      memory.total = total;
+      memory.used = taken;
+      memory.free = total - taken;
+      return 0;
+    });
+    out.total_bytes = figures.total_bytes;
+    out.used_bytes = figures.in_use_bytes;
+    out.reserved_bytes = figures.reserved_bytes;
+    out.memory_query = figures.query;
     out.nvml_index = static_cast<int>(nvml_index);
     return out;
   }
