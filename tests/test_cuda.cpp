@@ -11,6 +11,11 @@
 #include <cstdint>
 #include <vector>
 
+#include <ATen/cuda/Sleep.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
 using multigpu::DataParallel;
 using multigpu::DataParallelOptions;
 
@@ -86,9 +91,111 @@ void check_trains_like_reference(const std::vector<c10::Device>& devices, const 
   for (std::size_t r = 1; r < dp.size(); ++r) check_same_parameters(dp.replica(0), dp.replica(r));
 }
 
+/// Keeps the current stream of cuda:0 busy for about half a second (a spin
+/// kernel): work queued after it on that stream runs late, which is what
+/// makes a missing stream dependency show up as a wrong value.
+void hold_current_stream() { at::cuda::sleep(1'000'000'000); }
+
+/// The same on `device`'s current stream (inside a replica: its own stream).
+void hold_current_stream_of(const c10::Device& device) {
+  const c10::DeviceGuard on(device);
+  at::cuda::sleep(1'000'000'000);
+}
+
+bool current_stream_busy() {
+  return cudaStreamQuery(c10::cuda::getCurrentCUDAStream(0).stream()) == cudaErrorNotReady;
+}
+
+/// Two replicas on one GPU (the local backend): replica streams, the
+/// communication stream and every fence, with the one GPU a machine has.
+DataParallel<Net> two_on_one_gpu(const Net& net) {
+  DataParallelOptions options;
+  options.backend = "local";
+  const c10::Device gpu("cuda:0");
+  return DataParallel<Net>(net, std::vector<c10::Device>{gpu, gpu}, options);
+}
+
 }  // namespace
 
 TEST_SUITE("CUDA") {
+  TEST_CASE("CUDA: a training step does not wait for the GPU, and its loss is right when read") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(4);
+    Net net;
+    Net copy = std::dynamic_pointer_cast<NetImpl>(net->clone(gpu));
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    for (int s = 0; s < 2; ++s) dp.train_step(batch_on(gpu, 12, 300 + static_cast<std::uint64_t>(s)), mse).item();
+    const auto batch = batch_on(gpu, 12, 302);
+    torch::cuda::synchronize(0);
+    hold_current_stream();
+    const auto start = std::chrono::steady_clock::now();
+    const multigpu::StepLoss loss = dp.train_step(batch, mse);
+    const auto host_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    CHECK_MESSAGE(current_stream_busy(), "train_step waited for the GPU (" << host_ms << " ms on the host)");
+    CHECK_FALSE(loss.read());
+    // The loss, read now, is the one of the parameters before this step.
+    copy->to(gpu);
+    for (int s = 0; s < 2; ++s) {
+      torch::optim::SGD sgd(copy->parameters(), torch::optim::SGDOptions(0.05));
+      sgd.zero_grad();
+      mse(*copy, batch_on(gpu, 12, 300 + static_cast<std::uint64_t>(s))).backward();
+      sgd.step();
+    }
+    CHECK(loss.item() == doctest::Approx(mse(*copy, batch).item<double>()).epsilon(1e-4));
+  }
+
+  TEST_CASE("CUDA: the replicas read a batch the caller wrote on its own stream just before the step") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(5);
+    Net net;
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    auto batch = batch_on(gpu, 12, 400);
+    const auto fresh = batch_on(gpu, 12, 401);
+    const double expected = mse(*net, fresh).item<double>();
+    hold_current_stream();
+    batch.data.copy_(fresh.data);  // lands late, after the spin, on the caller's stream
+    batch.target.copy_(fresh.target);
+    const double loss = dp.train_step(batch, mse);
+    CHECK(loss == doctest::Approx(expected).epsilon(1e-4));
+  }
+
+  TEST_CASE("CUDA: predict's outputs are complete when the caller's stream reads them") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(6);
+    Net net;
+    auto dp = two_on_one_gpu(net);
+    const auto x = torch::randn({10, 8}).to(gpu);
+    const auto expected = net->forward(x).cpu();
+    const auto out = dp.predict(x, [](NetImpl& m, const torch::Tensor& shard) {
+      hold_current_stream_of(shard.device());
+      return m.forward(shard);
+    });
+    CHECK(torch::allclose(out.cpu(), expected, 1e-5, 1e-6));
+  }
+
+  TEST_CASE("CUDA: gradients zeroed in place by the caller's own optimizer are zero for the next step") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(7);
+    Net net;
+    Net copy = std::dynamic_pointer_cast<NetImpl>(net->clone(gpu));
+    auto dp = two_on_one_gpu(net);
+    auto& sgd = dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    const auto batch = batch_on(gpu, 12, 500);
+    dp.forward_backward(batch, mse);
+    hold_current_stream();
+    sgd.zero_grad(/*set_to_none=*/false);  // zero kernels on the caller's stream, late
+    dp.forward_backward(batch, mse);
+    mse(*copy, batch).backward();
+    const auto ours = net->fc1->weight.grad().cpu();
+    CHECK(torch::allclose(ours, copy->fc1->weight.grad().cpu(), 1e-4, 1e-6));
+  }
+
   TEST_CASE("CUDA: DataParallel on one GPU trains like a plain model") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
     torch::manual_seed(1);
@@ -129,28 +236,20 @@ TEST_SUITE("CUDA") {
     const c10::Device first("cuda:0");
     const c10::Device second("cuda:1");
     multigpu::NcclCommunicator nccl({multigpu::ReplicaContext(first), multigpu::ReplicaContext(second)});
-    // The inputs are written on the default streams and NCCL runs on the
-    // replicas' own: settle() orders them the blunt way (this test checks
-    // values, not stream ordering).
-    auto settle = [] {
-      torch::cuda::synchronize(0);
-      torch::cuda::synchronize(1);
-    };
+    // Collectives run on the current (here default) streams, after the
+    // writes queued there: no synchronisation is needed around them.
     const auto base = torch::arange(6, torch::kFloat);
     auto a = base.to(first);
     auto b = (base * 10).to(second);
-    settle();
     nccl.all_reduce({a, b}, multigpu::ReduceOp::kSum);
     nccl.wait(std::chrono::seconds(30));
     CHECK(torch::equal(a.cpu(), base * 11));
     CHECK(torch::equal(b.cpu(), base * 11));
     b.copy_((base * 3).to(second));
-    settle();
     nccl.all_reduce({a, b}, multigpu::ReduceOp::kAverage);  // (11 + 3) / 2
     nccl.wait(std::chrono::seconds(30));
     CHECK(torch::allclose(a.cpu(), base * 7));
     b.fill_(5);
-    settle();
     nccl.broadcast({a, b}, 1);
     nccl.wait(std::chrono::seconds(30));
     CHECK(torch::equal(a.cpu(), torch::full({6}, 5.0f)));

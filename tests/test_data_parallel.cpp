@@ -290,6 +290,26 @@ TEST_SUITE("DataParallel modules") {
     CHECK(contains(message, "parameter fc.weight has shape [4, 6], yours [3, 6]"));
   }
 
+  TEST_CASE("train_step's loss stays on the device until it is read") {
+    Mlp net;
+    DataParallel<Mlp> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    const auto batch = make_batch(7);
+    const double before_step = mse(*net, batch).item<double>();
+    const multigpu::StepLoss loss = dp.train_step(batch, mse<MlpImpl>);
+    CHECK_FALSE(loss.read());
+    REQUIRE(loss.tensor().defined());
+    CHECK(loss.tensor().dim() == 0);
+    CHECK((loss.tensor().scalar_type() == torch::kDouble));
+    CHECK(loss.tensor().device() == dp.devices()[0]);
+    CHECK_FALSE(loss.tensor().requires_grad());
+    CHECK(loss.item() == doctest::Approx(before_step).epsilon(1e-6));  // the whole batch's, from before the step
+    CHECK(loss.read());
+    const double converted = loss;
+    CHECK(converted == loss.item());
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::StepLoss().item()), "no loss"));
+  }
+
   TEST_CASE("module holders: torch::nn::Linear and TORCH_MODULE types") {
     torch::nn::Linear linear(4, 2);
     DataParallel<torch::nn::Linear> dp(linear, cpus(2));
@@ -853,7 +873,7 @@ TEST_SUITE("DataParallel bucket order") {
     CHECK_FALSE(log->empty());
   }
 
-  TEST_CASE("buckets are all-reduced in bucket order even when later ones are ready first") {
+  TEST_CASE("buckets are all-reduced in bucket order, and rebuilt once in the order gradients become ready") {
     auto log = std::make_shared<std::vector<std::int64_t>>();
     DataParallelOptions options;
     options.bucket_cap_mib = 1e-6;  // one parameter per bucket
@@ -864,17 +884,47 @@ TEST_SUITE("DataParallel bucket order") {
     OutOfOrder net;
     DataParallel<OutOfOrder> dp(net, cpus(2), options);
     dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
-    const auto* buckets = dp.gradient_buckets();
-    REQUIRE(buckets != nullptr);
-    REQUIRE(buckets->size() == 4);
-    std::vector<std::int64_t> bucket_order;
-    for (const auto& bucket : *buckets) bucket_order.push_back(bucket.numel);
-    // The set-up does what it claims: b's parameters (5 and 15 values) lead.
-    CHECK(bucket_order == std::vector<std::int64_t>{5, 15, 2, 10});
-    for (int step = 0; step < 3; ++step) {
+    auto bucket_sizes = [&] {
+      std::vector<std::int64_t> sizes;
+      for (const auto& bucket : *dp.gradient_buckets()) sizes.push_back(bucket.numel);
+      return sizes;
+    };
+    REQUIRE(dp.gradient_buckets() != nullptr);
+    REQUIRE(dp.gradient_buckets()->size() == 4);
+    // Reverse registration order puts b's parameters (5 and 15 values)
+    // first, but backward finishes a's (2 and 10) first.
+    const std::vector<std::int64_t> registered = bucket_sizes();
+    CHECK(registered == std::vector<std::int64_t>{5, 15, 2, 10});
+    auto loss = [](OutOfOrderImpl& m, const torch::Tensor& x) { return m.forward(x).pow(2).mean(); };
+    // The same training without overlap, where nothing is rebuilt: the reference.
+    DataParallelOptions plain_options;
+    plain_options.overlap_sync_with_backward = false;
+    DataParallel<OutOfOrder> plain(std::dynamic_pointer_cast<OutOfOrderImpl>(net->clone()), cpus(2), plain_options);
+    plain.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    torch::manual_seed(3);
+    std::vector<torch::Tensor> batches;
+    for (int step = 0; step < 4; ++step) batches.push_back(torch::randn({4, 3}));
+
+    dp.train_step(batches[0], loss);
+    plain.train_step(batches[0], loss);
+    CHECK(*log == registered);  // launched in bucket order, a complete bucket waiting for the earlier ones
+    CHECK(bucket_sizes() == registered);  // rebuilt only before the next synchronising backward
+    for (int step = 1; step < 4; ++step) {
       log->clear();
-      dp.train_step(torch::randn({4, 3}), [](OutOfOrderImpl& m, const torch::Tensor& x) { return m.forward(x).pow(2).mean(); });
-      CHECK(*log == bucket_order);
+      dp.train_step(batches[static_cast<std::size_t>(step)], loss);
+      plain.train_step(batches[static_cast<std::size_t>(step)], loss);
+      const std::vector<std::int64_t> order = bucket_sizes();
+      CHECK(*log == order);
+      REQUIRE(order.size() == 4);
+      CHECK(std::min(order[0], order[1]) == 2);  // a's parameters now lead
+      CHECK(std::max(order[0], order[1]) == 10);
+      CHECK(std::min(order[2], order[3]) == 5);
+      CHECK(std::max(order[2], order[3]) == 15);
+    }
+    dp.check_parity();
+    for (const auto& item : plain.module().named_parameters()) {
+      CHECK(torch::allclose(*dp.module().named_parameters().find(item.key()), item.value(), 1e-6, 1e-7));
     }
   }
+
 }

@@ -3,6 +3,7 @@
 /// Choosing and making the communicator for a set of replicas: NCCL for
 /// distinct GPUs when it is compiled in, the local backend otherwise.
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,8 +28,10 @@ namespace multigpu {
 std::string choose_backend(const std::vector<c10::Device>& devices, const std::string& requested);
 
 /// Makes the communicator for these replicas (see choose_backend).
+/// `timeout` bounds NCCL's set-up and every collective (see NcclCommunicator).
 std::unique_ptr<Communicator> make_communicator(const std::vector<ReplicaContext>& replicas,
-                                                const std::string& requested = "auto");
+                                                const std::string& requested = "auto",
+                                                std::chrono::milliseconds timeout = std::chrono::minutes(5));
 
 // ---------------------------------------------------------------------------
 // Definitions
@@ -61,12 +64,15 @@ inline std::string choose_backend(const std::vector<c10::Device>& devices, const
 }
 
 inline std::unique_ptr<Communicator> make_communicator(const std::vector<ReplicaContext>& replicas,
-                                                       const std::string& requested) {
+                                                       const std::string& requested,
+                                                       std::chrono::milliseconds timeout) {
   std::vector<c10::Device> devices;
   for (const auto& replica : replicas) devices.push_back(replica.device());
   const std::string backend = choose_backend(devices, requested);
 #if MULTIGPU_WITH_NCCL
-  if (backend == "nccl") return std::make_unique<NcclCommunicator>(replicas);
+  if (backend == "nccl") return std::make_unique<NcclCommunicator>(replicas, timeout);
+#else
+  (void)timeout;
 #endif
   return std::make_unique<LocalCommunicator>(replicas);
 }

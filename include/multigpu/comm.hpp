@@ -3,13 +3,19 @@
 /// Collective operations over the replicas of one process: all-reduce
 /// (average or sum) and broadcast, in place on one tensor per replica.
 ///
+/// Streams: like any ATen op, a collective on GPU tensors is enqueued on the
+/// calling thread's current stream of each tensor's device, after the work
+/// already queued there, and the call returns without waiting for the
+/// device. See Note [Streams] in detail/streams.hpp.
+///
 /// Backends:
 ///   - LocalCommunicator (this header): CPU replicas, and several replicas on
-///     one GPU (or GPUs without NCCL). Runs on the calling thread and returns
-///     when the result is in place.
+///     one GPU (or GPUs without NCCL). On CPUs it computes on the calling
+///     thread and returns when the result is in place; on GPUs it enqueues
+///     ATen copies and sums.
 ///   - NcclCommunicator (multigpu/nccl/communicator.hpp, with
-///     MULTIGPU_WITH_NCCL): distinct GPUs. Enqueues on the replicas' streams
-///     and returns; wait() waits, with a time-out.
+///     MULTIGPU_WITH_NCCL): distinct GPUs. Enqueues NCCL kernels; a watchdog
+///     aborts collectives that outlive the time-out; wait() waits.
 /// make_communicator() (multigpu/backend.hpp) chooses between them.
 ///
 /// Thread safety: one collective at a time per communicator unless the
@@ -182,23 +188,13 @@ inline void LocalCommunicator::all_reduce(const std::vector<at::Tensor>& tensors
     }
     return;
   }
-  // Any other dtype or device: ATen ops. On GPUs the replicas' streams are
-  // drained first and the result is complete before returning, so the
-  // caller may hand the tensors to any stream.
+  // Any other dtype or device: ATen ops on the current streams, which a
+  // copy between GPUs orders against each other (see the file comment).
   compat::NoGradGuard no_grad;
-  for (const auto& replica : replicas_) replica.synchronize();
-  at::Tensor sum = tensors[0];
-  {
-    const ReplicaContext::Scope scope(replicas_[0]);
-    for (std::size_t r = 1; r < tensors.size(); ++r) sum.add_(tensors[r].to(sum.device()));
-    if (average) sum.div_(static_cast<double>(tensors.size()));
-  }
-  replicas_[0].synchronize();
-  for (std::size_t r = 1; r < tensors.size(); ++r) {
-    const ReplicaContext::Scope scope(replicas_[r]);
-    tensors[r].copy_(sum);
-    replicas_[r].synchronize();
-  }
+  const at::Tensor& sum = tensors[0];
+  for (std::size_t r = 1; r < tensors.size(); ++r) sum.add_(tensors[r].to(sum.device()));
+  if (average) sum.div_(static_cast<double>(tensors.size()));
+  for (std::size_t r = 1; r < tensors.size(); ++r) tensors[r].copy_(sum);
 }
 
 inline void LocalCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
@@ -207,12 +203,8 @@ inline void LocalCommunicator::broadcast(const std::vector<at::Tensor>& tensors,
     throw CommError(fmt::format("local broadcast: root {} is not a replica (0..{})", root, tensors.size() - 1));
   }
   compat::NoGradGuard no_grad;
-  replicas_[root].synchronize();
   for (std::size_t r = 0; r < tensors.size(); ++r) {
-    if (r == root) continue;
-    const ReplicaContext::Scope scope(replicas_[r]);
-    tensors[r].copy_(tensors[root]);
-    replicas_[r].synchronize();
+    if (r != root) tensors[r].copy_(tensors[root]);
   }
 }
 

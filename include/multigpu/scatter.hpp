@@ -33,6 +33,7 @@
 #include <fmt/core.h>
 #include <torch/data/example.h>
 
+#include "multigpu/detail/streams.hpp"
 #include "multigpu/error.hpp"
 
 namespace multigpu {
@@ -94,8 +95,14 @@ struct BatchTraits<at::Tensor> {
   }
   static at::Tensor to(const at::Tensor& t, const c10::Device& device) {
     // non_blocking: a pinned source copies asynchronously on the replica's
-    // stream, ordered before the forward pass that reads it.
-    return t.device() == device ? t : t.to(device, /*non_blocking=*/true);
+    // stream, ordered before the forward pass that reads it. A shard already
+    // there is a view of the caller's batch, read on the replica's stream:
+    // see Note [Streams], rule 4.
+    if (t.device() == device) {
+      detail::mark_used_on_current_stream(t);
+      return t;
+    }
+    return t.to(device, /*non_blocking=*/true);
   }
   static at::Tensor gather(const std::vector<at::Tensor>& parts, const c10::Device& device) {
     std::vector<at::Tensor> moved;

@@ -107,6 +107,7 @@ class ReplicaWorkers {
 
   std::size_t size() const { return contexts_.size(); }
   const ReplicaContext& context(std::size_t replica) const { return contexts_.at(replica); }
+  const std::vector<ReplicaContext>& contexts() const { return contexts_; }
   const c10::Device& device(std::size_t replica) const { return contexts_.at(replica).device(); }
 
   /// Runs `job(r)` for every replica r with `active[r]` (all when empty), each

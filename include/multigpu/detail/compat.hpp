@@ -94,6 +94,42 @@ inline bool nccl_bfloat16(ncclDataType_t& type) {
 #endif
 }
 
+/// Whether communicators can be made non-blocking (ncclConfig_t, NCCL >= 2.14):
+/// then their set-up and every group call return at once and report
+/// progress through ncclCommGetAsyncError (ncclInProgress).
+inline constexpr bool kNcclNonBlocking = NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0);
+
+/// ncclCommInitRank, non-blocking where NCCL can (see kNcclNonBlocking).
+inline ncclResult_t nccl_init_rank(ncclComm_t* comm, int ranks, const ncclUniqueId& id, int rank) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0)
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return ncclCommInitRankConfig(comm, ranks, id, rank, &config);
+#else
+  return ncclCommInitRank(comm, ranks, id, rank);
+#endif
+}
+
+/// Whether `result` says a non-blocking call is still under way.
+inline bool nccl_in_progress(ncclResult_t result) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0)
+  return result == ncclInProgress;
+#else
+  (void)result;
+  return false;
+#endif
+}
+
+/// ncclCommFinalize where NCCL has it (2.14), so that destroying does not block.
+inline ncclResult_t nccl_finalize(ncclComm_t comm) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0)
+  return ncclCommFinalize(comm);
+#else
+  (void)comm;
+  return ncclSuccess;
+#endif
+}
+
 /// The communicator's last error in words (NCCL >= 2.13); "" where unknown.
 inline std::string nccl_last_error(ncclComm_t comm) {
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 13, 0)

@@ -6,7 +6,14 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~
 // Each replica's trainable parameters are grouped, in reverse registration
 // order (roughly the order backward produces their gradients), into buckets
-// of at most `bucket_cap_bytes` of one dtype. A bucket is one flat buffer per
+// of at most `bucket_cap_bytes` of one dtype. Registration order can be far
+// from the order backward really follows (a module registered before the
+// one it feeds, shared layers): then a bucket waits for a gradient that
+// comes late and nothing overlaps. So, as DDP does, the buckets are rebuilt
+// once, before the second synchronising backward, in the order in which
+// replica 0's gradients became ready in the first (parameters that got none
+// go last); across processes rank 0's order is broadcast, since every
+// process must reduce the same buckets in the same order. A bucket is one flat buffer per
 // replica, and each parameter's .grad() is an alias of its slot in that
 // buffer, so autograd accumulates straight into the buffer and the
 // all-reduce needs no copy in or out. The aliases are detached (not autograd
@@ -34,6 +41,9 @@
 // Gradients are averaged over replicas; DataParallel scales each replica's
 // loss so that the average is the full-batch gradient. Averaging identical
 // values gives them back, so syncing twice is harmless.
+//
+// On GPUs the all-reduces run on a communication stream per GPU, each
+// after its bucket's ready event: see Note [Streams] in detail/streams.hpp.
 
 #include <algorithm>
 #include <atomic>
@@ -43,6 +53,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <utility>
@@ -50,6 +61,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <fmt/core.h>
 #include <torch/csrc/autograd/function.h>
@@ -58,6 +71,7 @@
 
 #include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
+#include "multigpu/detail/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
@@ -82,7 +96,8 @@ struct BucketInfo {
   at::ScalarType dtype = at::kFloat;
 };
 
-/// Timings of the last synchronisation (milliseconds).
+/// Timings of the last synchronisation (milliseconds, on the host: on GPUs,
+/// where nothing waits for the device, the time to enqueue the work).
 struct SyncStats {
   std::size_t buckets = 0;
   /// All-reduces launched while backward was still running somewhere.
@@ -106,6 +121,9 @@ class GradientReducer {
   GradientReducer& operator=(const GradientReducer&) = delete;
 
   const std::vector<BucketInfo>& buckets() const { return buckets_; }
+  /// Whether the buckets were rebuilt in the order gradients became ready
+  /// (see Note [Gradient buckets]).
+  bool rebuilt() const { return rebuilt_; }
   const ReducerOptions& options() const { return options_; }
   const SyncStats& last_stats() const { return stats_; }
 
@@ -144,11 +162,14 @@ class GradientReducer {
     std::unique_ptr<std::atomic<bool>> ready;  // every taking-part gradient is in (or the step forces it)
     std::unique_ptr<std::atomic<bool>> launched;
     std::unique_ptr<std::atomic<bool>> finished;  // its all-reduce returned (or threw)
+    std::vector<int> remaining;  // per replica: its gradients still to come (each written by r's backward only)
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
-    std::unique_ptr<std::atomic<bool>> event_recorded;
   };
 
-  void build_buckets();
+  void build_buckets(const std::vector<std::size_t>& order);
+  void rebuild_buckets();
+  void record_ready_events(std::size_t bucket);
+  void join_communication();
   void attach_hooks();
   void on_grad_ready(std::size_t replica, std::size_t param);
   void ensure_slot(std::size_t replica, std::size_t param);
@@ -172,6 +193,13 @@ class GradientReducer {
   std::vector<std::vector<char>> fired_;                // [replica][param], written by r's backward only
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   std::shared_ptr<Shared> shared_;
+  std::vector<c10::Stream> comm_streams_;        // one per GPU; see Note [Streams]
+  std::vector<std::size_t> comm_stream_of_;      // replica -> index into comm_streams_
+  std::vector<std::unique_ptr<c10::Event>> join_events_;  // per comm stream
+  std::vector<std::size_t> ready_order_;         // replica 0's parameters as their gradients became ready
+  bool record_order_ = false;
+  bool rebuild_due_ = false;
+  bool rebuilt_ = false;
 
   std::atomic<bool> armed_{false};
   std::atomic<bool> fired_twice_{false};
@@ -240,7 +268,23 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
     }
   }
   shared_->reducer = this;
-  build_buckets();
+  for (const auto& replica : replicas_) {
+    std::size_t index = comm_streams_.size();
+    if (replica.stream()) {
+      for (std::size_t i = 0; i < comm_streams_.size(); ++i) {
+        if (comm_streams_[i].device() == replica.device()) index = i;
+      }
+      if (index == comm_streams_.size()) {
+        const c10::impl::VirtualGuardImpl guard(replica.device().type());
+        comm_streams_.push_back(guard.getStreamFromGlobalPool(replica.device()));
+        join_events_.push_back(std::make_unique<c10::Event>(replica.device().type()));
+      }
+    }
+    comm_stream_of_.push_back(index);
+  }
+  std::vector<std::size_t> order;  // reverse registration order
+  for (std::size_t k = names_.size(); k-- > 0;) order.push_back(k);
+  build_buckets(order);
 }
 
 inline GradientReducer::~GradientReducer() {
@@ -252,15 +296,16 @@ inline GradientReducer::~GradientReducer() {
   // pool_'s destructor waits for launched all-reduces.
 }
 
-inline void GradientReducer::build_buckets() {
+inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order) {
   compat::NoGradGuard no_grad;
   const std::size_t n_replicas = params_.size();
   const std::size_t n_params = names_.size();
   bucket_of_.assign(n_params, 0);
+  buckets_.clear();
 
-  // Reverse registration order, one open bucket per dtype.
+  // In `order`, one open bucket per dtype.
   std::map<at::ScalarType, std::size_t> open;  // dtype -> index in buckets_
-  for (std::size_t k = n_params; k-- > 0;) {
+  for (std::size_t k : order) {
     const at::Tensor& p = params_[0][k];
     for (std::size_t r = 1; r < n_replicas; ++r) {
       const at::Tensor& other = params_[r][k];
@@ -289,7 +334,7 @@ inline void GradientReducer::build_buckets() {
 
   slots_.assign(n_replicas, std::vector<at::Tensor>(n_params));
   fired_.assign(n_replicas, std::vector<char>(n_params, 0));
-  accumulators_.assign(n_replicas, std::vector<compat::NodePtr>(n_params));
+  if (accumulators_.empty()) accumulators_.assign(n_replicas, std::vector<compat::NodePtr>(n_params));
   bucket_state_.clear();
   bucket_state_.resize(buckets_.size());
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
@@ -299,10 +344,11 @@ inline void GradientReducer::build_buckets() {
     bucket.ready = std::make_unique<std::atomic<bool>>(false);
     bucket.launched = std::make_unique<std::atomic<bool>>(false);
     bucket.finished = std::make_unique<std::atomic<bool>>(true);
-    bucket.event_recorded = std::make_unique<std::atomic<bool>>(false);
+    bucket.remaining.assign(n_replicas, 0);
     for (std::size_t r = 0; r < n_replicas; ++r) {
       const ReplicaContext::Scope scope(replicas_[r]);  // allocate on the replica's device and stream
       at::Tensor buffer = at::zeros({bucket.info.numel}, params_[r][bucket.info.parameters[0]].options());
+      if (replicas_[r].stream()) mark_used_on(buffer, comm_streams_[comm_stream_of_[r]]);  // reduced there
       bucket.buffers.push_back(buffer);
       bucket.ready_events.push_back(
           replicas_[r].device().is_cpu() ? nullptr : std::make_unique<c10::Event>(replicas_[r].device().type()));
@@ -329,6 +375,9 @@ inline void GradientReducer::build_buckets() {
 // hooks are checked, and attached to new accumulators, before each backward.
 inline void GradientReducer::attach_hooks() {
   for (std::size_t r = 0; r < params_.size(); ++r) {
+    // An accumulator made now takes the current stream as its own: autograd
+    // then accumulates on the replica's stream (Note [Streams], rule 1).
+    const ReplicaContext::Scope scope(replicas_[r]);
     for (std::size_t k = 0; k < names_.size(); ++k) {
       auto accumulator = torch::autograd::impl::grad_accumulator(params_[r][k]);
       if (!accumulator) {
@@ -367,13 +416,13 @@ inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t para
     return;
   }
   fired_[replica][param] = 1;
+  if (replica == 0 && record_order_) ready_order_.push_back(param);
   Bucket& bucket = bucket_state_[bucket_of_[param]];
-  if (auto& event = bucket.ready_events[replica]) {
-    // Order the all-reduce after the kernels that produced this gradient, on
-    // whatever stream the autograd engine ran them.
-    const c10::impl::VirtualGuardImpl guard(replicas_[replica].device().type());
-    event->record(guard.getStream(replicas_[replica].device()));
-    bucket.event_recorded->store(true);
+  auto& event = bucket.ready_events[replica];
+  if (--bucket.remaining[replica] == 0 && event) {
+    // The bucket's last gradient on this replica: the all-reduce goes after
+    // the kernels that produced it, on the stream autograd ran them on.
+    event->record(*current_stream(replicas_[replica].device()));
   }
   if (bucket.pending->fetch_sub(1) == 1) mark_ready(bucket_of_[param]);
 }
@@ -384,6 +433,7 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
                                 "DataParallel to go on",
                                 broken_));
   }
+  if (sync && rebuild_due_) rebuild_buckets();
   attach_hooks();
   active_ = active;
   sync_this_step_ = sync;
@@ -396,7 +446,13 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
     bucket.pending->store(active_replicas * static_cast<int>(bucket.info.parameters.size()));
     bucket.ready->store(false);
     bucket.launched->store(false);
-    bucket.event_recorded->store(false);
+    for (std::size_t r = 0; r < active_.size(); ++r) {
+      const int count = static_cast<int>(bucket.info.parameters.size());
+      bucket.remaining[r] = active_[r] ? count : 0;
+      // A replica without samples fires no hook; its (unchanged) gradients
+      // are ready now.
+      if (!active_[r] && bucket.ready_events[r]) bucket.ready_events[r]->record(*replicas_[r].stream());
+    }
   }
   {
     std::lock_guard<std::mutex> lock(launch_mutex_);
@@ -409,6 +465,63 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   }
   backward_running_ = true;
   armed_ = sync && options_.overlap && active_replicas > 0;
+  record_order_ = armed_ && !rebuilt_ && !rebuild_due_ && active_[0];
+  ready_order_.clear();
+}
+
+inline void GradientReducer::rebuild_buckets() {
+  rebuild_due_ = false;
+  rebuilt_ = true;
+  const std::size_t n = names_.size();
+  std::vector<std::size_t> order;
+  std::vector<char> placed(n, 0);
+  for (std::size_t k : ready_order_) {
+    if (k < n && placed[k] == 0) order.push_back(k);
+    if (k < n) placed[k] = 1;
+  }
+  for (std::size_t k = n; k-- > 0;) {
+    if (placed[k] == 0) order.push_back(k);
+  }
+  if (comm_.world_size() > comm_.size()) {
+    // Every process must bucket alike: rank 0's order, once (a host wait).
+    const compat::NoGradGuard no_grad;
+    const ReplicaStreamsCurrent on_replicas(replicas_);
+    std::vector<std::int64_t> values(order.begin(), order.end());
+    std::vector<at::Tensor> tensors;
+    for (const auto& replica : replicas_) {
+      tensors.push_back(at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(replica.device()));
+    }
+    comm_.broadcast(tensors, 0);
+    const at::Tensor agreed = tensors[0].cpu();
+    std::vector<char> seen(n, 0);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::int64_t k = agreed.data_ptr<std::int64_t>()[i];
+      if (k < 0 || static_cast<std::size_t>(k) >= n || seen[static_cast<std::size_t>(k)] != 0) {
+        throw CommError(fmt::format("gradient buckets: rank 0's parameter order is not one of this process's {} "
+                                    "trainable parameters; every process must train the same model",
+                                    n));
+      }
+      seen[static_cast<std::size_t>(k)] = 1;
+      order[i] = static_cast<std::size_t>(k);
+    }
+  }
+  std::vector<std::size_t> current;
+  for (const auto& bucket : buckets_) current.insert(current.end(), bucket.parameters.begin(), bucket.parameters.end());
+  if (order != current) build_buckets(order);
+}
+
+inline void GradientReducer::record_ready_events(std::size_t bucket) {
+  for (std::size_t r = 0; r < replicas_.size(); ++r) {
+    if (auto& event = bucket_state_[bucket].ready_events[r]) event->record(*replicas_[r].stream());
+  }
+}
+
+inline void GradientReducer::join_communication() {
+  if (comm_streams_.empty()) return;
+  for (std::size_t i = 0; i < comm_streams_.size(); ++i) join_events_[i]->record(comm_streams_[i]);
+  for (std::size_t r = 0; r < replicas_.size(); ++r) {
+    if (replicas_[r].stream()) join_events_[comm_stream_of_[r]]->block(*replicas_[r].stream());
+  }
 }
 
 inline void GradientReducer::mark_ready(std::size_t bucket) {
@@ -434,10 +547,10 @@ inline void GradientReducer::reduce(std::size_t bucket) {
     ~MarkFinished() { flag.store(true); }
   } mark_finished{*state.finished};
   const auto start = std::chrono::steady_clock::now();
-  if (state.event_recorded->load()) {
-    for (std::size_t r = 0; r < replicas_.size(); ++r) {
-      if (state.ready_events[r] && replicas_[r].stream()) state.ready_events[r]->block(*replicas_[r].stream());
-    }
+  std::optional<c10::MultiStreamGuard> on_comm_streams;
+  if (!comm_streams_.empty()) on_comm_streams.emplace(comm_streams_);
+  for (std::size_t r = 0; r < replicas_.size(); ++r) {
+    if (state.ready_events[r]) state.ready_events[r]->block(comm_streams_[comm_stream_of_[r]]);
   }
   comm_.all_reduce(state.buffers, ReduceOp::kAverage);
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
@@ -464,21 +577,20 @@ inline std::string GradientReducer::unfinished() const {
   return fmt::format("the all-reduce of {} over replicas 0..{}", buckets, replicas_.size() - 1);
 }
 
+// Waits on the host only until every all-reduce is launched (the local
+// backend on CPUs computes while launching); on GPUs the replicas' streams
+// then wait for the communication streams, and a collective that never ends
+// is the NCCL watchdog's to abort (Note [Streams], rule 5).
 inline void GradientReducer::wait_for_launched(const char* what) {
   if (!pool_.wait_idle(options_.timeout)) {
     broken_ = fmt::format("{}: {} on the {} backend did not finish within {} ms", what, unfinished(), comm_.name(),
                           options_.timeout.count());
     throw CommError(broken_);
   }
+  join_communication();
   if (auto error = pool_.take_error()) {
     throw CommError(fmt::format("{}: all-reduce on the {} backend failed: {}", what, comm_.name(),
                                 describe_exception(error)));
-  }
-  try {
-    comm_.wait(options_.timeout);
-  } catch (const std::exception& e) {
-    broken_ = e.what();
-    throw;
   }
 }
 
@@ -527,6 +639,7 @@ inline void GradientReducer::finish_backward() {
     for (std::size_t r = 0; r < params_.size(); ++r) {
       for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
     }
+    record_ready_events(b);
     mark_ready(b);
   }
   try {
@@ -536,6 +649,8 @@ inline void GradientReducer::finish_backward() {
     throw;
   }
   synchronized_ = true;
+  if (record_order_) rebuild_due_ = true;
+  record_order_ = false;
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - backward_done).count();
@@ -551,13 +666,15 @@ inline void GradientReducer::synchronize() {
   for (auto& bucket : bucket_state_) {
     bucket.ready->store(false);
     bucket.launched->store(false);
-    bucket.event_recorded->store(false);
   }
   {
     std::lock_guard<std::mutex> lock(launch_mutex_);
     next_launch_ = 0;
   }
-  for (std::size_t b = 0; b < bucket_state_.size(); ++b) mark_ready(b);
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
+    record_ready_events(b);
+    mark_ready(b);
+  }
   wait_for_launched("gradient sync");
   synchronized_ = true;
 }
@@ -576,7 +693,13 @@ inline void GradientReducer::abandon_step() noexcept {
                           options_.timeout.count());
   }
   pool_.take_error();
+  record_order_ = false;
   synchronized_ = false;
+  try {
+    if (broken_.empty()) join_communication();  // zeroing the gradients goes after what was launched
+  } catch (const std::exception& e) {
+    warn(fmt::format("could not order the replicas after the gradient sync: {}", e.what()));
+  }
 }
 
 }  // namespace detail

@@ -1,21 +1,24 @@
 #pragma once
 /// @file
-/// The in-process NCCL backend: one communicator per GPU from
-/// ncclCommInitAll, collectives grouped with ncclGroupStart/End on the
-/// replicas' own streams. Compiled only with MULTIGPU_WITH_NCCL.
+/// The NCCL backend: one NCCL communicator per GPU of this process (part of
+/// one over several processes with NcclWorld), collectives grouped with
+/// ncclGroupStart/End on the calling thread's current streams (see
+/// Note [Streams] in detail/streams.hpp). Compiled only with
+/// MULTIGPU_WITH_NCCL.
 ///
-/// Collectives return once enqueued; wait() polls for completion and for
-/// NCCL's asynchronous errors, and after a time-out or an error aborts the
-/// communicators (ncclCommAbort) instead of waiting forever, so that a stuck
-/// GPU becomes a CommError naming the replica. An aborted communicator stays
-/// unusable: every later call throws.
+/// Collectives return once enqueued; a watchdog aborts the communicators
+/// when one does not finish within the time-out or NCCL reports an error
+/// (Note [NCCL watchdog]). An aborted communicator stays unusable: every
+/// later call throws CommError saying why.
 
 #include "multigpu/config.hpp"
 
 #if MULTIGPU_WITH_NCCL
 
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -24,6 +27,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <fmt/core.h>
 #include <nccl.h>
@@ -31,6 +35,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/cuda.hpp"
+#include "multigpu/detail/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/worker.hpp"
 
@@ -89,16 +94,38 @@ struct NcclWorld {
   int first_rank = 0;
 };
 
-/// NCCL collectives over distinct GPUs of this process (see the file comment).
+/// Note [NCCL watchdog]
+/// ~~~~~~~~~~~~~~~~~~~~
+/// Nothing on the host waits for a collective to finish (Note [Streams]). A
+/// collective that never finishes (a GPU or a peer process gone, processes
+/// that issued different collectives) would leave the streams blocked, and
+/// the program with them at the next value it reads. So, as ProcessGroupNCCL
+/// does, every collective leaves behind one completion event per GPU and a
+/// deadline, and a watchdog thread looks, every few milliseconds, at the
+/// oldest unfinished one and at NCCL's asynchronous errors. On an error or a
+/// missed deadline it aborts every communicator (ncclCommAbort ends their
+/// kernels, so the streams move on with whatever the buffers hold) and
+/// records why; the next collective, wait() or the next training step
+/// throws CommError with that reason. The set-up has a deadline too:
+/// communicators are made non-blocking (NCCL >= 2.14) and polled, and one
+/// small all-reduce at construction makes NCCL connect the GPUs (it does so
+/// lazily) and checks the sum, so that a broken interconnect fails here with
+/// a clear message and not in the middle of the first step. Every call
+/// restores the caller's current device.
+
+/// NCCL collectives over distinct GPUs (see the file comment).
 class NcclCommunicator : public Communicator {
  public:
-  /// One replica per GPU; the GPUs must be distinct (NCCL refuses two ranks on one).
-  explicit NcclCommunicator(std::vector<ReplicaContext> replicas);
+  /// One replica per GPU; the GPUs must be distinct (NCCL refuses two ranks
+  /// on one). `timeout` bounds the set-up and every collective.
+  explicit NcclCommunicator(std::vector<ReplicaContext> replicas,
+                            std::chrono::milliseconds timeout = std::chrono::minutes(5));
   /// The same, as part of a communicator over the GPUs of several processes
   /// (multigpu/distributed.hpp): every process calls it with the same id and
   /// ranks. Averages divide by `world.ranks`; broadcast roots are the global
   /// rank 0 .. replicas-1 of the process with first_rank 0.
-  NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world);
+  NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world,
+                   std::chrono::milliseconds timeout = std::chrono::minutes(5));
   inline ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -111,23 +138,40 @@ class NcclCommunicator : public Communicator {
   inline void wait(std::chrono::milliseconds timeout) override;
 
  private:
+  struct Outstanding {
+    std::vector<std::unique_ptr<c10::Event>> done;  // per GPU
+    std::chrono::steady_clock::time_point deadline;
+    std::string what;
+  };
+
   std::string context(std::size_t r) const {
     return fmt::format("replica {} ({})", r, replicas_[r].device().str());
   }
-  cudaStream_t stream(std::size_t r) const { return c10::cuda::CUDAStream(*replicas_[r].stream()).stream(); }
-  void check_usable() const;
-  void record_completion();
-  void abort_all();
   void check_devices() const;
+  void init(const NcclWorld& world);
+  void warm_up();
+  void finish_group(const char* what, std::chrono::steady_clock::time_point deadline);
+  std::string await_ready(const char* what, std::chrono::steady_clock::time_point deadline);
+  void stop_watchdog() noexcept;
+  template <class Launch>
+  void collective(const char* what, const std::vector<at::Tensor>& tensors, bool copy_back, Launch&& launch);
+  void check_usable() const;
+  bool settle(std::chrono::steady_clock::time_point now);  // under mutex_; true when nothing is outstanding
+  void abort_all(const std::string& reason);               // under mutex_
+  void watch();
 
   std::vector<ReplicaContext> replicas_;
   std::vector<ncclComm_t> comms_;
-  std::vector<std::unique_ptr<c10::Event>> done_;  // per replica: after the last collective
   std::size_t world_ranks_ = 0;
   std::size_t first_rank_ = 0;
+  std::chrono::milliseconds timeout_;
+  std::deque<Outstanding> outstanding_;
   bool aborted_ = false;
   std::string abort_reason_;
-  mutable std::mutex mutex_;  // one collective or wait at a time
+  bool stopping_ = false;
+  mutable std::mutex mutex_;  // comms_, outstanding_, aborted_: one collective, wait or check at a time
+  std::condition_variable wake_;
+  std::thread watchdog_;
 };
 
 namespace detail {
@@ -149,6 +193,25 @@ inline ncclDataType_t nccl_type(at::ScalarType type) {
   if (type == at::kBFloat16 && compat::nccl_bfloat16(bfloat16)) return bfloat16;
   throw CommError(fmt::format("NCCL {} has no type for {}", nccl_version_string(), c10::toString(type)));
 }
+
+/// The current device on entry, made current again on exit.
+class RestoreCudaDevice {
+ public:
+  RestoreCudaDevice() {
+    if (cudaGetDevice(&device_) != cudaSuccess) {
+      cudaGetLastError();
+      device_ = -1;
+    }
+  }
+  ~RestoreCudaDevice() {
+    if (device_ >= 0) cudaSetDevice(device_);
+  }
+  RestoreCudaDevice(const RestoreCudaDevice&) = delete;
+  RestoreCudaDevice& operator=(const RestoreCudaDevice&) = delete;
+
+ private:
+  int device_ = -1;
+};
 
 }  // namespace detail
 
@@ -173,33 +236,34 @@ inline void NcclCommunicator::check_devices() const {
   }
 }
 
-inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas) : replicas_(std::move(replicas)) {
+inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas, std::chrono::milliseconds timeout)
+    : replicas_(std::move(replicas)), timeout_(timeout) {
   check_devices();
-  world_ranks_ = replicas_.size();
-  std::vector<int> devices;
-  for (const auto& replica : replicas_) devices.push_back(replica.device().index());
-  comms_.assign(replicas_.size(), nullptr);
-  {
-    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
-    MULTIGPU_NCCL_CHECK(ncclCommInitAll(comms_.data(), static_cast<int>(devices.size()), devices.data()),
-                        fmt::format("{} GPUs", devices.size()), nullptr);
-  }
-  for (std::size_t r = 0; r < replicas_.size(); ++r) {
-    done_.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
-  }
+  NcclWorld world;
+  MULTIGPU_NCCL_CHECK(ncclGetUniqueId(&world.id), "this process", nullptr);
+  world.ranks = static_cast<int>(replicas_.size());
+  init(world);
 }
 
-inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world)
-    : replicas_(std::move(replicas)) {
+inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas, const NcclWorld& world,
+                                          std::chrono::milliseconds timeout)
+    : replicas_(std::move(replicas)), timeout_(timeout) {
   check_devices();
   if (world.ranks < static_cast<int>(replicas_.size()) || world.first_rank < 0 ||
       world.first_rank + static_cast<int>(replicas_.size()) > world.ranks) {
     throw CommError(fmt::format("NCCL backend: ranks {}..{} do not fit in a communicator of {}", world.first_rank,
                                 world.first_rank + static_cast<int>(replicas_.size()) - 1, world.ranks));
   }
+  init(world);
+}
+
+inline void NcclCommunicator::init(const NcclWorld& world) {
+  if (timeout_.count() <= 0) throw CommError("NCCL backend: the time-out must be positive");
   world_ranks_ = static_cast<std::size_t>(world.ranks);
   first_rank_ = static_cast<std::size_t>(world.first_rank);
+  const detail::RestoreCudaDevice restore_device;
   comms_.assign(replicas_.size(), nullptr);
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
   {
     std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
     // Several ranks from one thread: each init must be inside one group, or
@@ -208,28 +272,92 @@ inline NcclCommunicator::NcclCommunicator(std::vector<ReplicaContext> replicas, 
     for (std::size_t r = 0; r < replicas_.size(); ++r) {
       MULTIGPU_CUDA_CHECK(cudaSetDevice(replicas_[r].device().index()), context(r));
       const ncclResult_t result =
-          ncclCommInitRank(&comms_[r], world.ranks, world.id, world.first_rank + static_cast<int>(r));
-      if (result != ncclSuccess) {
+          compat::nccl_init_rank(&comms_[r], world.ranks, world.id, world.first_rank + static_cast<int>(r));
+      if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
         ncclGroupEnd();
         throw CommError(detail::nccl_failure(result, "ncclCommInitRank", context(r), nullptr, __FILE__, __LINE__));
       }
     }
-    MULTIGPU_NCCL_CHECK(ncclGroupEnd(), fmt::format("NCCL ranks {}..{} of {}", world.first_rank,
-                                                    world.first_rank + static_cast<int>(replicas_.size()) - 1,
-                                                    world.ranks),
-                        nullptr);
+    std::lock_guard<std::mutex> lock(mutex_);
+    finish_group("setting up NCCL ranks", deadline);
   }
-  for (std::size_t r = 0; r < replicas_.size(); ++r) {
-    done_.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
+  watchdog_ = std::thread([this] { watch(); });
+  try {
+    warm_up();
+  } catch (...) {
+    stop_watchdog();
+    std::lock_guard<std::mutex> lock(mutex_);
+    abort_all("the warm-up all-reduce failed");
+    throw;
   }
 }
 
-inline NcclCommunicator::~NcclCommunicator() {
+inline void NcclCommunicator::stop_watchdog() noexcept {
+  if (!watchdog_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  watchdog_.join();
+}
+
+inline void NcclCommunicator::warm_up() {
+  std::vector<at::Tensor> ones;
+  for (const auto& replica : replicas_) {
+    ones.push_back(at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
+  }
+  all_reduce(ones, ReduceOp::kSum);
+  wait(timeout_);
+  for (std::size_t r = 0; r < ones.size(); ++r) {
+    const double sum = ones[r].item<double>();
+    if (sum != static_cast<double>(world_ranks_)) {
+      throw CommError(fmt::format("NCCL's first all-reduce gave {} on {} instead of {} (the number of GPUs): the "
+                                  "GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows how NCCL connected them",
+                                  sum, context(r), world_ranks_));
+    }
+  }
+}
+
+// Ends a group of NCCL calls; with non-blocking communicators, polls until
+// every one has taken its part (enqueued, not finished), up to `deadline`.
+// Called with mutex_ held.
+inline void NcclCommunicator::finish_group(const char* what, std::chrono::steady_clock::time_point deadline) {
+  const ncclResult_t ended = ncclGroupEnd();
+  if (ended != ncclSuccess && !compat::nccl_in_progress(ended)) {
+    const std::string reason = detail::nccl_failure(ended, "ncclGroupEnd", what, nullptr, __FILE__, __LINE__);
+    abort_all(reason);
+    throw CommError(reason + "; the communicator was aborted");
+  }
+  const std::string failure = await_ready(what, deadline);
+  if (!failure.empty()) {
+    abort_all(failure);
+    throw CommError(failure + "; the communicator was aborted");
+  }
+}
+
+// With non-blocking communicators, polls each until it has finished its
+// last call (ncclInProgress no more). Returns "" or what went wrong.
+inline std::string NcclCommunicator::await_ready(const char* what, std::chrono::steady_clock::time_point deadline) {
+  if (!compat::kNcclNonBlocking) return "";
   for (std::size_t r = 0; r < comms_.size(); ++r) {
     if (comms_[r] == nullptr) continue;
-    if (aborted_) continue;  // already released by ncclCommAbort
-    MULTIGPU_NCCL_CHECK_NOTHROW(ncclCommDestroy(comms_[r]), context(r), nullptr);
+    while (true) {
+      ncclResult_t state = ncclSuccess;
+      const ncclResult_t queried = ncclCommGetAsyncError(comms_[r], &state);
+      if (queried != ncclSuccess) state = queried;
+      if (state == ncclSuccess) break;
+      if (!compat::nccl_in_progress(state)) {
+        return detail::nccl_failure(state, what, context(r), comms_[r], __FILE__, __LINE__);
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return fmt::format("{}: NCCL was still busy after {} ms on {}; NCCL {}", what, timeout_.count(), context(r),
+                           nccl_version_string());
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
+  return "";
 }
 
 inline void NcclCommunicator::check_usable() const {
@@ -240,117 +368,172 @@ inline void NcclCommunicator::check_usable() const {
   }
 }
 
-inline void NcclCommunicator::record_completion() {
-  for (std::size_t r = 0; r < replicas_.size(); ++r) done_[r]->record(*replicas_[r].stream());
+// A tensor NCCL can use in place is dense; a dense one that is not
+// contiguous (channels-last) is used as its memory, in memory order, when
+// every replica lays it out alike. Anything else goes through a contiguous
+// copy, on the same stream, copied back after the collective when
+// `copy_back` (the copy is used on that stream only).
+template <class Launch>
+void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor>& tensors, bool copy_back,
+                                  Launch&& launch) {
+  detail::check_collective_tensors(tensors, replicas_, what);
+  const ncclDataType_t type = detail::nccl_type(tensors[0].scalar_type());
+  bool same_layout = true;
+  for (const auto& t : tensors) same_layout = same_layout && t.strides() == tensors[0].strides();
+  std::vector<at::Tensor> io(tensors.size());
+  {
+    const compat::NoGradGuard no_grad;
+    for (std::size_t r = 0; r < tensors.size(); ++r) {
+      const at::Tensor& t = tensors[r];
+      io[r] = t.is_contiguous() || (same_layout && t.is_non_overlapping_and_dense()) ? t : t.contiguous();
+    }
+  }
+  const detail::RestoreCudaDevice restore_device;
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_usable();
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  {
+    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
+    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
+    for (std::size_t r = 0; r < io.size(); ++r) {
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(replicas_[r].device().index()).stream();
+      const ncclResult_t result =
+          launch(io[r].data_ptr(), static_cast<std::size_t>(io[r].numel()), type, comms_[r], stream);
+      if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
+        ncclGroupEnd();
+        throw CommError(detail::nccl_failure(result, what, context(r), comms_[r], __FILE__, __LINE__));
+      }
+    }
+    finish_group(what, deadline);
+  }
+  Outstanding work;
+  work.deadline = deadline;
+  work.what = what;
+  for (std::size_t r = 0; r < io.size(); ++r) {
+    const c10::Stream stream = *detail::current_stream(replicas_[r].device());
+    if (copy_back && !io[r].is_same(tensors[r])) {
+      const compat::NoGradGuard no_grad;
+      tensors[r].copy_(io[r]);
+    }
+    work.done.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
+    work.done.back()->record(stream);
+  }
+  outstanding_.push_back(std::move(work));
 }
 
 inline void NcclCommunicator::all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_usable();
-  detail::check_collective_tensors(tensors, replicas_, "NCCL all-reduce");
-  const ncclDataType_t type = detail::nccl_type(tensors[0].scalar_type());
-  ncclRedOp_t nccl_op = ncclSum;
-  bool divide_after = false;
-  if (op == ReduceOp::kAverage) {
-    nccl_op = compat::nccl_average_op();
-    divide_after = !compat::kNcclHasAverage;
+  const bool average = op == ReduceOp::kAverage;
+  const ncclRedOp_t nccl_op = average ? compat::nccl_average_op() : ncclSum;
+  collective("NCCL all-reduce", tensors, true,
+             [&](void* data, std::size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
+               return ncclAllReduce(data, data, count, type, nccl_op, comm, stream);
+             });
+  if (average && !compat::kNcclHasAverage) {
+    const compat::NoGradGuard no_grad;
+    for (const auto& t : tensors) t.div_(static_cast<double>(world_ranks_));
   }
-  for (const auto& t : tensors) {
-    if (!t.is_contiguous()) throw CommError("NCCL all-reduce: tensors must be contiguous");
-  }
-  {
-    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
-    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
-    for (std::size_t r = 0; r < tensors.size(); ++r) {
-      void* data = tensors[r].data_ptr();
-      const ncclResult_t result = ncclAllReduce(data, data, static_cast<std::size_t>(tensors[r].numel()), type,
-                                                nccl_op, comms_[r], stream(r));
-      if (result != ncclSuccess) {
-        ncclGroupEnd();
-        throw CommError(detail::nccl_failure(result, "ncclAllReduce", context(r), comms_[r], __FILE__, __LINE__));
-      }
-    }
-    MULTIGPU_NCCL_CHECK(ncclGroupEnd(), "all replicas", nullptr);
-  }
-  if (divide_after) {
-    for (std::size_t r = 0; r < tensors.size(); ++r) {
-      const ReplicaContext::Scope scope(replicas_[r]);
-      tensors[r].div_(static_cast<double>(world_ranks_));
-    }
-  }
-  record_completion();
 }
 
 inline void NcclCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_usable();
-  detail::check_collective_tensors(tensors, replicas_, "NCCL broadcast");
   if (root >= tensors.size()) throw CommError(fmt::format("NCCL broadcast: root {} is not a replica", root));
-  const ncclDataType_t type = detail::nccl_type(tensors[0].scalar_type());
-  {
-    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
-    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
-    for (std::size_t r = 0; r < tensors.size(); ++r) {
-      if (!tensors[r].is_contiguous()) {
-        ncclGroupEnd();
-        throw CommError("NCCL broadcast: tensors must be contiguous");
-      }
-      void* data = tensors[r].data_ptr();
-      const ncclResult_t result = ncclBroadcast(data, data, static_cast<std::size_t>(tensors[r].numel()), type,
-                                                static_cast<int>(root), comms_[r], stream(r));
-      if (result != ncclSuccess) {
-        ncclGroupEnd();
-        throw CommError(detail::nccl_failure(result, "ncclBroadcast", context(r), comms_[r], __FILE__, __LINE__));
-      }
-    }
-    MULTIGPU_NCCL_CHECK(ncclGroupEnd(), "all replicas", nullptr);
+  collective("NCCL broadcast", tensors, true,
+             [&](void* data, std::size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
+               return ncclBroadcast(data, data, count, type, static_cast<int>(root), comm, stream);
+             });
+}
+
+// Drops finished collectives; aborts on an NCCL error or a missed deadline.
+inline bool NcclCommunicator::settle(std::chrono::steady_clock::time_point now) {
+  if (aborted_) return true;
+  while (!outstanding_.empty()) {
+    bool finished = true;
+    for (const auto& event : outstanding_.front().done) finished = finished && event->query();
+    if (!finished) break;
+    outstanding_.pop_front();
   }
-  record_completion();
+  for (std::size_t r = 0; r < comms_.size(); ++r) {
+    ncclResult_t state = ncclSuccess;
+    if (ncclCommGetAsyncError(comms_[r], &state) != ncclSuccess) continue;
+    if (state != ncclSuccess && !compat::nccl_in_progress(state)) {
+      abort_all(detail::nccl_failure(state, "a collective", context(r), comms_[r], __FILE__, __LINE__));
+      return true;
+    }
+  }
+  if (!outstanding_.empty() && now >= outstanding_.front().deadline) {
+    const Outstanding& late = outstanding_.front();
+    std::size_t stuck = 0;
+    while (stuck + 1 < late.done.size() && late.done[stuck]->query()) ++stuck;
+    abort_all(fmt::format("{} did not finish within {} ms; {} had not finished", late.what, timeout_.count(),
+                          context(stuck)));
+    return true;
+  }
+  return outstanding_.empty();
+}
+
+inline void NcclCommunicator::abort_all(const std::string& reason) {
+  if (aborted_) return;
+  aborted_ = true;
+  abort_reason_ = reason;
+  warn(fmt::format("aborting the NCCL communicator: {}", reason));
+  for (std::size_t r = 0; r < comms_.size(); ++r) {
+    if (comms_[r] != nullptr) MULTIGPU_NCCL_CHECK_NOTHROW(ncclCommAbort(comms_[r]), context(r), nullptr);
+  }
+  outstanding_.clear();
+}
+
+inline void NcclCommunicator::watch() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stopping_) {
+    wake_.wait_for(lock, std::chrono::milliseconds(10));
+    if (stopping_) break;
+    try {
+      settle(std::chrono::steady_clock::now());
+    } catch (const std::exception& e) {
+      warn(fmt::format("the NCCL watchdog failed: {}", e.what()));
+    }
+  }
 }
 
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_usable();
   const auto start = std::chrono::steady_clock::now();
-  const auto deadline = start + timeout;
-  std::size_t pending = 0;
   while (true) {
-    pending = replicas_.size();
-    for (std::size_t r = 0; r < replicas_.size(); ++r) {
-      if (done_[r]->query()) --pending;
-    }
-    if (pending == 0) return;
-    for (std::size_t r = 0; r < comms_.size(); ++r) {
-      ncclResult_t async_error = ncclSuccess;
-      MULTIGPU_NCCL_CHECK(ncclCommGetAsyncError(comms_[r], &async_error), context(r), comms_[r]);
-      if (async_error != ncclSuccess) {
-        abort_reason_ = detail::nccl_failure(async_error, "collective", context(r), comms_[r], __FILE__, __LINE__);
-        abort_all();
-        throw CommError(abort_reason_ + "; the communicator was aborted");
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto now = std::chrono::steady_clock::now();
+      if (settle(now)) {
+        check_usable();
+        return;
+      }
+      if (now - start >= timeout) {
+        abort_all(fmt::format("waiting for {} took longer than {} ms", outstanding_.front().what, timeout.count()));
+        check_usable();
       }
     }
-    const auto now = std::chrono::steady_clock::now();
-    if (now >= deadline) {
-      std::size_t stuck = 0;
-      while (stuck < replicas_.size() && done_[stuck]->query()) ++stuck;
-      abort_reason_ = fmt::format("an NCCL collective did not complete within {} ms; {} had not finished",
-                                  timeout.count(), context(stuck));
-      abort_all();
-      throw CommError(abort_reason_ + "; the communicator was aborted");
-    }
-    // Spin briefly (collectives are usually short), then back off.
-    if (now - start < std::chrono::milliseconds(2)) {
-      std::this_thread::yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
 }
 
-inline void NcclCommunicator::abort_all() {
-  aborted_ = true;
+// Waits (up to the time-out) for what is still running, then finalizes and
+// destroys the communicators; aborts them instead when they do not finish.
+inline NcclCommunicator::~NcclCommunicator() {
+  stop_watchdog();
+  try {
+    wait(timeout_);
+  } catch (const std::exception&) {
+    return;  // aborted (ncclCommAbort released them); the reason was logged
+  }
+  const detail::RestoreCudaDevice restore_device;
+  std::lock_guard<std::mutex> lock(mutex_);
   for (std::size_t r = 0; r < comms_.size(); ++r) {
-    if (comms_[r] != nullptr) MULTIGPU_NCCL_CHECK_NOTHROW(ncclCommAbort(comms_[r]), context(r), nullptr);
+    if (comms_[r] != nullptr) MULTIGPU_NCCL_CHECK_NOTHROW(compat::nccl_finalize(comms_[r]), context(r), nullptr);
+  }
+  const std::string failure = await_ready("finalizing NCCL", std::chrono::steady_clock::now() + timeout_);
+  if (!failure.empty()) {
+    abort_all(failure);
+    return;
+  }
+  for (std::size_t r = 0; r < comms_.size(); ++r) {
+    if (comms_[r] != nullptr) MULTIGPU_NCCL_CHECK_NOTHROW(ncclCommDestroy(comms_[r]), context(r), nullptr);
   }
 }
 

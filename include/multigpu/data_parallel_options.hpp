@@ -1,0 +1,59 @@
+#pragma once
+/// @file
+/// How a DataParallel trains and synchronises: DataParallelOptions.
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "multigpu/comm.hpp"
+#include "multigpu/worker.hpp"
+
+namespace multigpu {
+
+/// How the loss function reduces over its shard's samples.
+enum class LossReduction {
+  kMean,  ///< The loss is a mean over the shard (LibTorch's default): gradients are weighted by shard size.
+  kSum,   ///< The loss is a sum over the shard: gradients are summed.
+};
+
+/// How a DataParallel trains and synchronises.
+struct DataParallelOptions {
+  /// Collective backend: "auto" (NCCL for distinct GPUs when compiled in,
+  /// else local), "local" or "nccl".
+  std::string backend = "auto";
+  /// Copy the primary's buffers (BatchNorm running statistics) to every
+  /// replica after each optimizer step.
+  bool broadcast_buffers = true;
+  /// Gradient bucket size (see Note [Gradient buckets]).
+  double bucket_cap_mib = 25.0;
+  /// All-reduce each bucket as soon as its gradients are ready, while
+  /// backward goes on. Off: one synchronisation after backward.
+  bool overlap_sync_with_backward = true;
+  /// Parameters that get no gradient in a step count as zero. Off: such a
+  /// step is an error naming them (with overlap on), never a hang.
+  bool find_unused_parameters = false;
+  /// Whether the loss function returns a mean or a sum over its shard.
+  LossReduction loss_reduction = LossReduction::kMean;
+  /// Fail the step, naming the replica, when a loss is NaN or infinite.
+  bool check_finite_loss = false;
+  /// Check every N optimizer steps that all replicas hold identical
+  /// parameters and buffers (0: only when check_parity() is called).
+  int parity_check_every = 0;
+  /// A collective that takes longer fails with CommError instead of hanging.
+  std::chrono::milliseconds collective_timeout = std::chrono::minutes(5);
+  /// Threads that run the local backend's all-reduces (0: up to 2). More
+  /// than 1 is refused for backends that need one order of collectives
+  /// (NCCL, Gloo across processes).
+  std::size_t comm_threads = 0;
+  /// Makes the communicator instead of `backend`, from the replicas'
+  /// contexts: where multi-process training plugs in a communicator that
+  /// also reaches the other processes. Its broadcast from replica 0 is used
+  /// at construction, so every replica everywhere starts from rank 0's state.
+  std::function<std::unique_ptr<Communicator>(const std::vector<ReplicaContext>&)> make_communicator;
+};
+
+}  // namespace multigpu

@@ -1,0 +1,51 @@
+#pragma once
+/// @file
+/// StepLoss: the loss of a training step, kept on the device until read.
+///
+///   multigpu::StepLoss loss = dp.train_step(batch, loss_fn);  // returns without waiting for the GPU
+///   running += loss.tensor();                                 // accumulate on the device, still no wait
+///   double value = loss;                                      // reading waits for the step to finish
+///
+/// Reading the value on every step makes the host wait for the GPU on every
+/// step, which keeps the GPU idle while the host prepares the next batch;
+/// read it every few steps, or accumulate tensor() on the device.
+
+#include <optional>
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+
+#include "multigpu/error.hpp"
+
+namespace multigpu {
+
+/// The whole batch's loss of one step (see the file comment).
+class StepLoss {
+ public:
+  StepLoss() = default;
+  /// `value`: a one-element tensor (float64) on the first replica's device.
+  explicit StepLoss(at::Tensor value) : value_(std::move(value)) {}
+
+  /// The loss as a number; waits for the step's work on the device the
+  /// first time. Throws multigpu::Error for an empty StepLoss.
+  double item() const {
+    if (!cached_) {
+      if (!value_.defined()) throw Error("StepLoss: no loss here (a default-constructed StepLoss)");
+      cached_ = value_.item<double>();
+    }
+    return *cached_;
+  }
+  /// The same as item(): `double loss = dp.train_step(...)` reads it at once.
+  operator double() const { return item(); }  // NOLINT(google-explicit-constructor): reads like the double it was
+  /// The loss as a 0-dimensional float64 tensor on the first replica's
+  /// device, ordered after the step on the caller's current stream.
+  const at::Tensor& tensor() const { return value_; }
+  /// Whether the value has been read already (the host waited for it).
+  bool read() const { return cached_.has_value(); }
+
+ private:
+  at::Tensor value_;
+  mutable std::optional<double> cached_;
+};
+
+}  // namespace multigpu
