@@ -4,6 +4,7 @@
 //   quickstart                              # --devices auto
 //   quickstart --devices 0,1 --epochs 3
 //   quickstart --devices cpu,cpu --allow-duplicates   # two CPU replicas, to try it anywhere
+//   quickstart --timeout 300                # wait longer for the other processes (default 60 s)
 //
 // The training loop is plain LibTorch; multigpu adds three lines: choose the
 // devices, wrap the model, and train_step instead of forward/backward/step.
@@ -90,6 +91,7 @@ int main(int argc, char** argv) {
   std::int64_t max_batches = 0;
   double min_accuracy = 0;
   bool allow_duplicates = false;
+  int timeout_seconds = 60;
   app.add_option("-d,--devices", spec, "auto, auto:N, all, cpu, cuda, or GPU numbers like 0,1")->capture_default_str();
   app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", batch_size, "Samples per step, over all devices")
@@ -103,11 +105,19 @@ int main(int argc, char** argv) {
   app.add_option("--min-accuracy", min_accuracy, "Exit with status 3 if the final test accuracy (%) is below this")
       ->check(CLI::Range(0.0, 100.0));
   app.add_flag("--allow-duplicates", allow_duplicates, "Allow a device more than once (e.g. cpu,cpu)");
+  app.add_option("--timeout", timeout_seconds,
+                 "Seconds before waiting for another process or device becomes an error naming the one that "
+                 "stopped answering (crashed, hung, stopped). Every process must start within it; a step of this "
+                 "model takes a small fraction of it. Raise it for slow starts across machines")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 86400));
   CLI11_PARSE(app, argc, argv);
 
   try {
     // A single process unless a launcher says otherwise.
-    const auto group = multigpu::ProcessGroup::from_environment();
+    multigpu::DistributedOptions distributed_options;
+    distributed_options.timeout = std::chrono::seconds(timeout_seconds);
+    const auto group = multigpu::ProcessGroup::from_environment(distributed_options);
     const bool primary = group->is_primary();
     const std::string who = group->distributed() ? fmt::format("rank {}: ", group->rank()) : "";
     multigpu::DeviceManagerOptions device_options;
@@ -119,7 +129,9 @@ int main(int argc, char** argv) {
 
     torch::manual_seed(0);
     Net net;
-    multigpu::DataParallel<Net> dp(net, devices, group->data_parallel_options());
+    multigpu::DataParallelOptions dp_options;
+    dp_options.collective_timeout = std::chrono::seconds(timeout_seconds);
+    multigpu::DataParallel<Net> dp(net, devices, group->data_parallel_options(dp_options));
     dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(lr).momentum(0.9));
 
     using torch::data::datasets::MNIST;

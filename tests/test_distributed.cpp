@@ -44,10 +44,15 @@ std::string env_error(std::map<std::string, std::string> values, DistributedOpti
   return MULTIGPU_TEST_MESSAGE(multigpu::DistributedError, read_distributed_env(options, fake_env(std::move(values))));
 }
 
-/// A TCP socket listening on a free loopback port (closed on destruction).
+/// A TCP socket listening on a free loopback port (closed on destruction),
+/// standing for another program on MASTER_PORT: one that never accepts, one
+/// that accepts and closes every connection at once, or one that accepts
+/// and never answers.
 class Listener {
  public:
-  Listener() {
+  enum class Answer { kNothing, kClose, kSilence };
+
+  explicit Listener(Answer answer = Answer::kNothing) {
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in address{};
     address.sin_family = AF_INET;
@@ -58,8 +63,23 @@ class Listener {
     socklen_t length = sizeof(address);
     ::getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
     port_ = ntohs(address.sin_port);
+    if (answer == Answer::kNothing) return;
+    acceptor_ = std::thread([this, answer] {
+      for (int connection; (connection = ::accept(fd_, nullptr, nullptr)) >= 0;) {
+        if (answer == Answer::kClose) {
+          ::close(connection);
+        } else {
+          held_.push_back(connection);
+        }
+      }
+    });
   }
-  ~Listener() { ::close(fd_); }
+  ~Listener() {
+    ::shutdown(fd_, SHUT_RDWR);  // ends a blocked accept
+    if (acceptor_.joinable()) acceptor_.join();
+    for (int connection : held_) ::close(connection);
+    ::close(fd_);
+  }
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
   int port() const { return port_; }
@@ -67,6 +87,8 @@ class Listener {
  private:
   int fd_ = -1;
   int port_ = 0;
+  std::thread acceptor_;
+  std::vector<int> held_;  // the acceptor's until it is joined
 };
 
 /// A port nobody listens on right now (the kernel's choice, released).
@@ -297,6 +319,29 @@ struct FaultyJob {
   std::string log;                         // rank 0's output
 };
 
+/// The seconds in a worker's --out after a failure ("failed after S s: message").
+double seconds_in(const std::string& report) {
+  const std::string prefix = "failed after ";
+  if (report.rfind(prefix, 0) != 0) return 1e9;
+  return std::stod(report.substr(prefix.size()));
+}
+
+/// What from_environment threw in this process, and after how long.
+struct RendezvousFailure {
+  std::string message;  // "" when it did not throw a DistributedError
+  double seconds = 0;
+};
+
+RendezvousFailure rendezvous_failure(const DistributedOptions& options,
+                                     const multigpu::EnvLookup& lookup = fake_env({})) {
+  const auto start = std::chrono::steady_clock::now();
+  RendezvousFailure failure;
+  failure.message = MULTIGPU_TEST_MESSAGE(multigpu::DistributedError,
+                                          multigpu::ProcessGroup::from_environment(options, lookup));
+  failure.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return failure;
+}
+
 FaultyJob run_faulty_job(const std::string& name, const std::string& arguments, int timeout_ms) {
   const int port = free_port();
   std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
@@ -386,8 +431,7 @@ TEST_SUITE("distributed training") {
     CHECK(job.survivor.exit_code == 2);
     CHECK(contains(job.report, "rank 1 ("));
     CHECK(contains(job.report, "stopped responding"));
-    const double seconds = std::stod(job.report.substr(std::string("failed after ").size()));
-    CHECK(seconds < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
+    CHECK(seconds_in(job.report) < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
   }
 
   TEST_CASE("a peer stuck in the middle of a step: a time-out error, not a hang") {
@@ -411,22 +455,94 @@ TEST_SUITE("distributed rendezvous") {
   }
 
   TEST_CASE("a peer that never comes: the rendezvous names it after the time-out") {
-    const DistributedOptions options = loopback(0, 3, free_port(), std::chrono::milliseconds(1500));
-    const auto start = std::chrono::steady_clock::now();
-    const std::string message = MULTIGPU_TEST_MESSAGE(
-        multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    CHECK(contains(message, "2 of 3 processes did not join the rendezvous"));
-    CHECK(contains(message, "(missing ranks 1, 2)"));
-    CHECK(seconds < 10);
+    const auto failure = rendezvous_failure(loopback(0, 3, free_port(), std::chrono::milliseconds(1500)));
+    CHECK(contains(failure.message, "2 of 3 processes did not join the rendezvous"));
+    CHECK(contains(failure.message, "(missing ranks 1, 2)"));
+    CHECK(failure.seconds < 10);
   }
 
   TEST_CASE("rank 0 that never comes: the others say whom they waited for") {
     const DistributedOptions options = loopback(1, 2, free_port(), std::chrono::milliseconds(1500));
-    const std::string message = MULTIGPU_TEST_MESSAGE(
-        multigpu::DistributedError, multigpu::ProcessGroup::from_environment(options, fake_env({})));
-    CHECK(contains(message, fmt::format("rank 1 could not reach the rendezvous store of rank 0 at 127.0.0.1:{}",
-                                        *options.master_port)));
+    const auto failure = rendezvous_failure(options);
+    CHECK(contains(failure.message, fmt::format("rank 1 could not reach the rendezvous store of rank 0 at 127.0.0.1:{}",
+                                                *options.master_port)));
+    CHECK(failure.seconds < 10);
+  }
+
+  TEST_CASE("another program on MASTER_PORT that accepts and closes: a DistributedError at once, not an abort") {
+    Listener other(Listener::Answer::kClose);
+    const auto failure = rendezvous_failure(loopback(1, 2, other.port(), std::chrono::seconds(30)));
+    CHECK(failure.message ==
+          fmt::format("rank 1: what listens at 127.0.0.1:{0} (MASTER_ADDR:MASTER_PORT) is not rank 0's rendezvous "
+                      "store: it accepted the connection and closed it at once. Another program uses port {0} on "
+                      "127.0.0.1: start every process with the same free MASTER_PORT",
+                      other.port()));
+    CHECK(failure.seconds < 10);
+  }
+
+  TEST_CASE("another program on MASTER_PORT that accepts and never answers: an error after the time-out, not a hang") {
+    Listener other(Listener::Answer::kSilence);
+    const auto failure = rendezvous_failure(loopback(1, 2, other.port(), std::chrono::milliseconds(1000)));
+    CHECK(contains(failure.message,
+                   fmt::format("rank 1: what listens at 127.0.0.1:{} (MASTER_ADDR:MASTER_PORT) accepted the "
+                               "connection but did not answer as rank 0's rendezvous store within 2000 ms",
+                               other.port())));
+    CHECK(failure.seconds < 10);
+  }
+
+  TEST_CASE("an unresolvable MASTER_ADDR: said at once on every rank, naming the variable and its value") {
+    for (int rank = 0; rank < 2; ++rank) {
+      CAPTURE(rank);
+      DistributedOptions options;
+      options.timeout = std::chrono::seconds(30);
+      const auto failure = rendezvous_failure(
+          options, fake_env({{"RANK", std::to_string(rank)}, {"WORLD_SIZE", "2"},
+                             {"MASTER_ADDR", "no-such-host.invalid"}, {"MASTER_PORT", std::to_string(free_port())}}));
+      CHECK(contains(failure.message, fmt::format("rank {}: MASTER_ADDR='no-such-host.invalid' is not a host name this "
+                                                  "machine can resolve (",
+                                                  rank)));
+      CHECK(contains(failure.message, "set it to the host name or IP address of rank 0's machine"));
+      CHECK(failure.seconds < 10);
+    }
+    DistributedOptions in_code = loopback(1, 2, free_port(), std::chrono::seconds(30));
+    in_code.master_addr = "no-such-host.invalid";
+    CHECK(contains(rendezvous_failure(in_code).message,
+                   "rank 1: DistributedOptions::master_addr='no-such-host.invalid' is not a host name"));
+  }
+
+  TEST_CASE("ranks started with different WORLD_SIZE: both are told at once what each said") {
+    for (const auto& [world0, world1] : {std::pair<int, int>{2, 3}, std::pair<int, int>{3, 2}}) {
+      CAPTURE(world0);
+      CAPTURE(world1);
+      const int port = free_port();
+      auto rank1 = start_rank(1, world1, port, fmt::format("--out {} --timeout-ms 30000", scratch("world1")),
+                              scratch("worldlog1"));
+      DistributedOptions options;
+      options.timeout = std::chrono::seconds(30);
+      const auto rank0 = rendezvous_failure(
+          options, fake_env({{"RANK", "0"}, {"WORLD_SIZE", std::to_string(world0)}, {"MASTER_ADDR", "127.0.0.1"},
+                             {"MASTER_PORT", std::to_string(port)}}));
+      const auto exit = finish(*rank1, std::chrono::seconds(20));
+      const std::string report = read_text(scratch("world1"));
+      INFO("rank 0: ", rank0.message, "\nrank 1 (", exit.describe(), "): ", report, read_text(scratch("worldlog1")));
+      // Who came first is stated first; each rank is named with what it said.
+      const std::string said0 =
+          fmt::format("rank 0 ({} (pid {})) with WORLD_SIZE={}", multigpu::detail::this_host(), ::getpid(), world0);
+      const std::string said1 =
+          fmt::format("rank 1 ({} (pid {})) with WORLD_SIZE={}", multigpu::detail::this_host(), rank1->pid(), world1);
+      for (const std::string& message : {rank0.message, report}) {
+        CHECK(contains(message, "the processes were started with different numbers of processes: "));
+        CHECK(contains(message, said0));
+        CHECK(contains(message, said1));
+        CHECK(contains(message, "start every process with the same WORLD_SIZE"));
+      }
+      CHECK(contains(rank0.message, "rank 0: "));
+      CHECK(rank0.seconds < 10);
+      CHECK(exit.exit_code == 2);
+      CHECK(seconds_in(report) < 10);
+      std::remove(scratch("world1").c_str());
+      std::remove(scratch("worldlog1").c_str());
+    }
   }
 }
 

@@ -19,7 +19,8 @@
 /// without it a single process still works and more are a clear error.
 ///
 /// Time-outs: the rendezvous, every collective and the wait for a peer fail
-/// with a DistributedError after DistributedOptions::timeout. The error names
+/// with a DistributedError after DistributedOptions::timeout; what cannot
+/// succeed fails at once (see Note [Rendezvous failures]). The error names
 /// the ranks that stopped answering: every process adds to a heartbeat
 /// counter in the store once a second, and after a failure the counters that
 /// no longer move show who is gone. A failed collective leaves the group
@@ -30,9 +31,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -40,7 +43,11 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <fcntl.h>
 #include <fmt/core.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "multigpu/backend.hpp"
@@ -125,6 +132,8 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
  private:
   inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout);
   inline void connect();
+  /// Checks in at the store and waits for the others (see Note [Rendezvous failures]).
+  inline void meet(const std::string& where);
   inline void start_heartbeat();
   inline void stop_heartbeat() noexcept;
   /// Runs a collective under the group's lock, turning failures and
@@ -196,8 +205,113 @@ inline std::string this_host() {
 /// The first line of an error (c10 errors carry a backtrace after it).
 inline std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
+/// The first line of the exception being handled, whatever its type: every
+/// failure of c10d reaches the user as a DistributedError (c10d throws
+/// c10::Error, std::system_error and std::runtime_error, depending on the
+/// call and the LibTorch version).
+inline std::string current_error() {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  } catch (...) {
+    return "an exception of unknown type";
+  }
+}
+
 inline bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+// Note [Rendezvous failures]
+// A rendezvous that cannot succeed fails at once, on every rank it concerns;
+// only a process that is really missing costs the time-out:
+// - MASTER_ADDR is resolved (getaddrinfo) before anything else: a name that
+//   does not resolve would otherwise look like an unreachable rank 0.
+// - Before c10d's client connects, a rank other than 0 connects once itself
+//   and listens briefly. A c10d store never speaks first nor closes an idle
+//   connection, so a listener that does is another program on MASTER_PORT.
+//   c10d would retry it until the time-out (LibTorch 2.x) or accept it, fail
+//   on the first operation with a std::system_error and end the process from
+//   its own thread (1.13).
+// - A listener that accepts and then stays silent is no better: c10d's
+//   client waits for its first answer without any time-out. The store is
+//   therefore constructed on a thread of its own that the rank waits for at
+//   most the time-out (and some grace, since c10d's own retries overrun it);
+//   past that the thread is left to end when the peer does.
+// - Processes started with different world sizes: the first rank to arrive
+//   states its world size in the store (compare-and-set); every rank compares
+//   with it before it checks in, and the one that disagrees leaves the
+//   reason in the store. The others poll for it while they wait for the
+//   missing ranks, so every rank is told at once what each one said. Rank 0,
+//   which serves the store, leaves only after every rank that came has read it.
+// - Every store operation, in the rendezvous, the heartbeat thread and the
+//   destructor, catches whatever c10d throws: an exception escaping a thread
+//   or a destructor would end the process.
+
+/// getaddrinfo's answer, freed with it.
+using AddressList = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
+
+/// The stream addresses of `env`'s MASTER_ADDR:MASTER_PORT; a DistributedError
+/// naming the variable and its value when the name does not resolve.
+inline AddressList resolve_master(const DistributedEnv& env) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int status = ::getaddrinfo(env.master_addr.c_str(), std::to_string(env.master_port).c_str(), &hints, &found);
+  if (status != 0) {
+    throw DistributedError(fmt::format(
+        "rank {}: {}='{}' is not a host name this machine can resolve ({}); set it to the host name or IP address of "
+        "rank 0's machine, the same for every process",
+        env.rank, env.master_addr_source, env.master_addr,
+        status == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(status)));
+  }
+  return AddressList(found, &::freeaddrinfo);
+}
+
+/// What a first connection to rank 0's address found.
+struct ListenerProbe {
+  bool connected = false;  ///< something accepted the connection
+  std::string foreign;     ///< how it showed that it is not a c10d store ("" when it stayed silent, as a store does)
+};
+
+/// Connects to the first of `addresses` that answers within `connect_limit`
+/// and watches the connection for `watch` (see Note [Rendezvous failures]).
+/// Nothing listening yet is no error here: rank 0 may still be starting.
+inline ListenerProbe probe_listener(const addrinfo* addresses, std::chrono::milliseconds connect_limit,
+                                    std::chrono::milliseconds watch) {
+  ListenerProbe probe;
+  for (const addrinfo* address = addresses; address != nullptr && !probe.connected; address = address->ai_next) {
+    const int fd = ::socket(address->ai_family, address->ai_socktype, address->ai_protocol);
+    if (fd < 0) continue;
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    if (::connect(fd, address->ai_addr, address->ai_addrlen) == 0) {
+      probe.connected = true;
+    } else if (errno == EINPROGRESS) {
+      pollfd writable{fd, POLLOUT, 0};
+      int error = 0;
+      socklen_t length = sizeof(error);
+      probe.connected = ::poll(&writable, 1, static_cast<int>(connect_limit.count())) == 1 &&
+                        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0;
+    }
+    pollfd readable{fd, POLLIN, 0};
+    if (probe.connected && ::poll(&readable, 1, static_cast<int>(watch.count())) == 1) {
+      char bytes[48] = {};
+      const ssize_t received = ::recv(fd, bytes, sizeof(bytes), 0);
+      if (received > 0) {
+        std::string text(bytes, static_cast<std::size_t>(received));
+        for (char& c : text) c = c >= 0x20 && c < 0x7f ? c : '.';
+        probe.foreign = fmt::format("it spoke first (\"{}\"), which a store never does", text);
+      } else if (received == 0) {
+        probe.foreign = "it accepted the connection and closed it at once";
+      } else {
+        probe.foreign = fmt::format("it reset the connection ({})", std::strerror(errno));
+      }
+    }
+    ::close(fd);
+  }
+  return probe;
 }
 
 }  // namespace detail
@@ -234,7 +348,7 @@ inline ProcessGroup::~ProcessGroup() {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
     }
-  } catch (const std::exception&) {
+  } catch (...) {
     // The store is gone (rank 0 ended first): nothing left to say goodbye to.
   }
   gloo_.reset();
@@ -245,69 +359,112 @@ inline ProcessGroup::~ProcessGroup() {
 
 #if MULTIGPU_WITH_DISTRIBUTED
 
+namespace detail {
+
+/// A TCPStore constructed on a thread of its own, waited for at most
+/// `limit`: null past it, the thread left to end on its own (see Note
+/// [Rendezvous failures]). What the constructor throws is rethrown here.
+inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& host,
+                                                            const c10d::TCPStoreOptions& options,
+                                                            std::chrono::milliseconds limit) {
+  struct Attempt {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    c10::intrusive_ptr<c10d::TCPStore> store;
+    std::exception_ptr error;
+  };
+  auto attempt = std::make_shared<Attempt>();
+  std::thread opener([attempt, host, options] {
+    c10::intrusive_ptr<c10d::TCPStore> store;
+    std::exception_ptr error;
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(host, options);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(attempt->mutex);
+    attempt->store = std::move(store);
+    attempt->error = error;
+    attempt->done = true;
+    attempt->done_cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(attempt->mutex);
+  if (!attempt->done_cv.wait_for(lock, limit, [&] { return attempt->done; })) {
+    opener.detach();
+    return {};
+  }
+  lock.unlock();
+  opener.join();
+  if (attempt->error) std::rethrow_exception(attempt->error);
+  return std::move(attempt->store);
+}
+
+}  // namespace detail
+
 inline void ProcessGroup::connect() {
+  // See Note [Rendezvous failures].
   const std::string where = fmt::format("{}:{}", env_.master_addr, env_.master_port);
+  const detail::AddressList addresses = detail::resolve_master(env_);
+  detail::ListenerProbe probe;
+  if (!is_primary()) {
+    probe = detail::probe_listener(addresses.get(), std::min(timeout_, std::chrono::milliseconds(2000)),
+                                   std::chrono::milliseconds(200));
+    if (!probe.foreign.empty()) {
+      throw DistributedError(fmt::format(
+          "rank {}: what listens at {} (MASTER_ADDR:MASTER_PORT) is not rank 0's rendezvous store: {}. Another "
+          "program uses port {} on {}: start every process with the same free MASTER_PORT",
+          env_.rank, where, probe.foreign, env_.master_port, env_.master_addr));
+    }
+  }
+
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(env_.master_port);
   options.isServer = is_primary();
   options.numWorkers = static_cast<std::size_t>(env_.world_size);
   options.waitWorkers = false;  // we wait ourselves, to name who is missing
   options.timeout = timeout_;
-  try {
-    store_ = c10::make_intrusive<c10d::TCPStore>(env_.master_addr, options);
-    options.isServer = false;
-    heartbeat_store_ = c10::make_intrusive<c10d::TCPStore>(env_.master_addr, options);
-  } catch (const std::exception& e) {
-    const std::string cause = e.what();
+  // c10d's own retries overrun its time-out by a few seconds.
+  const auto limit = timeout_ + std::max(timeout_ / 4, std::min(timeout_, std::chrono::milliseconds(5000)));
+  const auto unreachable = [&](const std::string& cause) {
     if (is_primary()) {
-      throw DistributedError(fmt::format(
+      return DistributedError(fmt::format(
           "rank 0 could not serve the rendezvous store on port {} (MASTER_PORT){}: {}. Choose a free MASTER_PORT",
           env_.master_port,
           cause.find("in use") != std::string::npos || cause.find("EADDRINUSE") != std::string::npos
               ? " because the port is in use"
               : "",
-          detail::first_line(cause)));
+          cause));
     }
-    throw DistributedError(fmt::format("rank {} could not reach the rendezvous store of rank 0 at {} (MASTER_ADDR:"
-                                       "MASTER_PORT) within {} ms: {}. Is rank 0 running, and are MASTER_ADDR and "
-                                       "MASTER_PORT the same for every process?",
-                                       env_.rank, where, timeout_.count(), detail::first_line(cause)));
-  }
-
-  // Check in, then wait for everyone, naming who never came.
-  const std::string me = fmt::format("{} (pid {}) world {}", detail::this_host(), ::getpid(), env_.world_size);
-  store_->set(fmt::format("multigpu/rank/{}", env_.rank), std::vector<std::uint8_t>(me.begin(), me.end()));
-  std::vector<std::string> keys;
-  for (int r = 0; r < env_.world_size; ++r) keys.push_back(fmt::format("multigpu/rank/{}", r));
+    return DistributedError(fmt::format("rank {} could not reach the rendezvous store of rank 0 at {} (MASTER_ADDR:"
+                                        "MASTER_PORT) within {} ms: {}. Is rank 0 running, and are MASTER_ADDR and "
+                                        "MASTER_PORT the same for every process?",
+                                        env_.rank, where, timeout_.count(), cause));
+  };
   try {
-    store_->wait(keys, timeout_);
-  } catch (const std::exception& e) {
-    std::vector<std::string> missing;
-    try {
-      for (int r = 0; r < env_.world_size; ++r) {
-        if (!store_->check({keys[static_cast<std::size_t>(r)]})) missing.push_back(std::to_string(r));
-      }
-    } catch (const std::exception&) {
-      missing.clear();
-    }
-    throw DistributedError(fmt::format("rank {}: {} of {} processes did not join the rendezvous at {} within {} ms "
-                                       "(missing rank{} {}): {}",
-                                       env_.rank, missing.size(), env_.world_size, where, timeout_.count(),
-                                       missing.size() == 1 ? "" : "s", fmt::format("{}", fmt::join(missing, ", ")),
-                                       detail::first_line(e.what())));
+    store_ = detail::open_store_within(env_.master_addr, options, limit);
+    options.isServer = false;
+    if (store_) heartbeat_store_ = detail::open_store_within(env_.master_addr, options, limit);
+  } catch (...) {
+    throw unreachable(detail::current_error());
   }
-  for (int r = 0; r < env_.world_size; ++r) {
-    const auto bytes = store_->get(keys[static_cast<std::size_t>(r)]);
-    const std::string text(bytes.begin(), bytes.end());
-    const auto world_at = text.rfind(" world ");
-    peers_[static_cast<std::size_t>(r)] = text.substr(0, world_at);
-    const std::string their_world = world_at == std::string::npos ? "?" : text.substr(world_at + 7);
-    if (their_world != std::to_string(env_.world_size)) {
-      throw DistributedError(fmt::format("rank {} says the job has {} processes, rank {} ({}) says {}: every process "
-                                         "must be started with the same {}",
-                                         env_.rank, env_.world_size, r, peers_[static_cast<std::size_t>(r)],
-                                         their_world, env_.world_size_source));
-    }
+  if (!heartbeat_store_ && probe.connected) {
+    throw DistributedError(fmt::format("rank {}: what listens at {} (MASTER_ADDR:MASTER_PORT) accepted the connection "
+                                       "but did not answer as rank 0's rendezvous store within {} ms. Is another "
+                                       "program using port {} on {}? Start every process with the same free "
+                                       "MASTER_PORT",
+                                       env_.rank, where, limit.count(), env_.master_port, env_.master_addr));
+  }
+  if (!heartbeat_store_) throw unreachable("no answer");
+
+  try {
+    meet(where);
+  } catch (const DistributedError&) {
+    throw;
+  } catch (...) {
+    throw DistributedError(fmt::format("rank {}: the rendezvous store at {} stopped answering during the rendezvous "
+                                       "({}): did rank 0 end? Its output says why",
+                                       env_.rank, where, detail::current_error()));
   }
 
   auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout_);
@@ -321,13 +478,74 @@ inline void ProcessGroup::connect() {
     }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("multigpu/gloo", store_);
     gloo_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env_.rank, env_.world_size, gloo_options);
-  } catch (const std::exception& e) {
+  } catch (...) {
     throw DistributedError(fmt::format("rank {}: the Gloo process group could not connect the {} processes: {}. "
                                        "On machines with several networks set GLOO_SOCKET_IFNAME to the interface "
                                        "that reaches the others",
-                                       env_.rank, env_.world_size, detail::first_line(e.what())));
+                                       env_.rank, env_.world_size, detail::current_error()));
   }
   start_heartbeat();
+}
+
+inline void ProcessGroup::meet(const std::string& where) {
+  // See Note [Rendezvous failures].
+  const auto bytes = [](const std::string& text) { return std::vector<std::uint8_t>(text.begin(), text.end()); };
+  const auto text = [](const std::vector<std::uint8_t>& data) { return std::string(data.begin(), data.end()); };
+  const std::string kWorldKey = "multigpu/world";
+  const std::string kMismatchKey = "multigpu/world_mismatch";
+  const std::string me = fmt::format("{} (pid {})", detail::this_host(), ::getpid());
+  store_->add("multigpu/joined", 1);
+
+  // "4\nWORLD_SIZE\nrank 1 (host (pid N))": the world size, its variable, who said it.
+  const std::string claim = fmt::format("{}\n{}\nrank {} ({})", env_.world_size, env_.world_size_source, env_.rank, me);
+  const std::string first = text(store_->compareSet(kWorldKey, {}, bytes(claim)));
+  const auto said = [](const std::string& stated) {
+    const auto world_end = stated.find('\n');
+    const auto source_end = stated.find('\n', world_end + 1);
+    return fmt::format("{} with {}={}", stated.substr(source_end + 1),
+                       stated.substr(world_end + 1, source_end - world_end - 1), stated.substr(0, world_end));
+  };
+  if (first.substr(0, first.find('\n')) != std::to_string(env_.world_size)) {
+    store_->set(kMismatchKey, bytes(fmt::format("the processes were started with different numbers of processes: {}, "
+                                                "but {}; start every process with the same {}",
+                                                said(first), said(claim), env_.world_size_source)));
+  }
+  const auto fail_on_mismatch = [&] {
+    const std::string reason = text(store_->get(kMismatchKey));
+    store_->add("multigpu/told", 1);
+    if (is_primary()) {  // it serves the store: it stays until every rank that came has read the reason
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+      while (store_->add("multigpu/told", 0) < store_->add("multigpu/joined", 0) &&
+             std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+    throw DistributedError(fmt::format("rank {}: {}", env_.rank, reason));
+  };
+
+  // Check in, then wait for everyone, naming who never came.
+  std::vector<std::string> keys;
+  for (int r = 0; r < env_.world_size; ++r) keys.push_back(fmt::format("multigpu/rank/{}", r));
+  if (store_->check({kMismatchKey})) fail_on_mismatch();
+  store_->set(keys[static_cast<std::size_t>(env_.rank)], bytes(me));
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  const auto poll = std::clamp(timeout_ / 50, std::chrono::milliseconds(10), std::chrono::milliseconds(100));
+  while (!store_->check(keys)) {
+    if (store_->check({kMismatchKey})) fail_on_mismatch();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::vector<std::string> missing;
+      for (const auto& key : keys) {
+        if (!store_->check({key})) missing.push_back(key.substr(key.rfind('/') + 1));
+      }
+      throw DistributedError(fmt::format("rank {}: {} of {} processes did not join the rendezvous at {} within {} ms "
+                                         "(missing rank{} {}); were they started, with the same MASTER_ADDR and "
+                                         "MASTER_PORT?",
+                                         env_.rank, missing.size(), env_.world_size, where, timeout_.count(),
+                                         missing.size() == 1 ? "" : "s", fmt::join(missing, ", ")));
+    }
+    std::this_thread::sleep_for(poll);
+  }
+  for (std::size_t r = 0; r < keys.size(); ++r) peers_[r] = text(store_->get(keys[r]));
 }
 
 inline void ProcessGroup::start_heartbeat() {
@@ -338,8 +556,8 @@ inline void ProcessGroup::start_heartbeat() {
       lock.unlock();
       try {
         heartbeat_store_->add(key, 1);
-      } catch (const std::exception&) {
-        return;  // the store is gone: a failing collective will say so
+      } catch (...) {
+        return;  // the store is gone: a failing collective will say so (nothing may escape a thread)
       }
       lock.lock();
       heartbeat_cv_.wait_for(lock, interval, [this] { return heartbeat_stop_; });
@@ -362,7 +580,7 @@ inline std::string ProcessGroup::diagnose_peers() {
     }
     if (silent.empty()) return "every other rank is still alive, so one of them is stuck or took another path";
     return fmt::format("{} stopped responding (exited or killed)", fmt::join(silent, ", "));
-  } catch (const std::exception&) {
+  } catch (...) {
     return fmt::format("rank 0 ({}), which serves the rendezvous store, is unreachable (exited or killed)",
                        peers_.empty() ? "" : peers_[0]);
   }
@@ -375,11 +593,11 @@ void ProcessGroup::collective(const char* what, Fn&& fn) {
   const auto start = std::chrono::steady_clock::now();
   try {
     fn();
-  } catch (const std::exception& e) {
+  } catch (...) {
+    const std::string cause = detail::current_error();
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
     broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}", env_.rank,
-                          what, env_.world_size, ms.count(), timeout_.count(), diagnose_peers(),
-                          detail::first_line(e.what()));
+                          what, env_.world_size, ms.count(), timeout_.count(), diagnose_peers(), cause);
     throw DistributedError(broken_);
   }
 }

@@ -58,6 +58,8 @@ struct DistributedEnv {
   std::string launcher = "none";
   /// The variable the world size came from, for messages: "WORLD_SIZE", "SLURM_NTASKS"...
   std::string world_size_source = "world size";
+  /// Where master_addr came from, for messages: "MASTER_ADDR" or "DistributedOptions::master_addr".
+  std::string master_addr_source = "MASTER_ADDR";
 
   bool distributed() const { return world_size > 1; }
   /// "rank 1 of 4 (local 1 of 2, node 0 of 2) from torchrun, rendezvous at 10.0.0.1:29500"
@@ -283,6 +285,7 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
     }
   }
   env.master_addr = addr.value_or("");
+  if (options.master_addr) env.master_addr_source = "DistributedOptions::master_addr";
   env.master_port = port.value.value_or(0);
   return env;
 }
