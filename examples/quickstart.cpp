@@ -59,7 +59,10 @@ TORCH_MODULE(Net);
 class Progress {
  public:
   Progress() : tty_(isatty(fileno(stdout)) != 0) {}
-  void update(int epoch, std::int64_t done, std::int64_t total, double loss, double samples_per_second) {
+  /// `loss()` is called only when a line is printed: reading the loss waits
+  /// for the GPU, which a step otherwise never does.
+  template <class Loss>
+  void update(int epoch, std::int64_t done, std::int64_t total, const Loss& loss, double samples_per_second) {
     const auto now = std::chrono::steady_clock::now();
     const bool last = done >= total;
     if (!last && now - last_print_ < (tty_ ? std::chrono::milliseconds(100) : std::chrono::seconds(5))) return;
@@ -69,7 +72,7 @@ class Progress {
     std::string bar(static_cast<std::size_t>(filled), '#');
     bar.resize(width, '.');
     fmt::print("{}epoch {} [{}] {:>5}/{} loss {:.4f} {:>8.0f} samples/s{}", tty_ ? "\r" : "", epoch, bar, done, total,
-               loss, samples_per_second, tty_ && !last ? "" : "\n");
+               loss(), samples_per_second, tty_ && !last ? "" : "\n");
     std::fflush(stdout);
   }
 
@@ -167,16 +170,19 @@ int main(int argc, char** argv) {
       const auto start = std::chrono::steady_clock::now();
       std::int64_t seen = 0;
       std::int64_t batches = 0;
-      double loss_sum = 0;
+      torch::Tensor loss_sum;  // on the device: summed without waiting for it
       for (auto& batch : *train_loader) {
         if (batches == batches_per_epoch) break;
-        loss_sum += dp.train_step(batch, nll);
+        const multigpu::StepLoss loss = dp.train_step(batch, nll);
+        loss_sum = loss_sum.defined() ? loss_sum + loss.tensor() : loss.tensor();
         seen += batch.data.size(0);
         ++batches;
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (primary) {  // the other processes' progress is the same
-          progress.update(epoch, batches, batches_per_epoch, loss_sum / static_cast<double>(batches),
-                          static_cast<double>(seen * processes) / std::max(seconds, 1e-9));
+          progress.update(
+              epoch, batches, batches_per_epoch,
+              [&] { return loss_sum.item<double>() / static_cast<double>(batches); },
+              static_cast<double>(seen * processes) / std::max(seconds, 1e-9));
         }
       }
 

@@ -185,11 +185,13 @@ TEST_SUITE("CUDA") {
     Net net;
     Net copy = std::dynamic_pointer_cast<NetImpl>(net->clone(gpu));
     auto dp = two_on_one_gpu(net);
-    auto& sgd = dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
     const auto batch = batch_on(gpu, 12, 500);
     dp.forward_backward(batch, mse);
     hold_current_stream();
-    sgd.zero_grad(/*set_to_none=*/false);  // zero kernels on the caller's stream, late
+    // Zero kernels on the caller's stream, late; every replica's optimizer
+    // (zeroing only the primary's would leave the others' gradients in).
+    for (auto* optimizer : dp.optimizers()) optimizer->zero_grad(/*set_to_none=*/false);
     dp.forward_backward(batch, mse);
     mse(*copy, batch).backward();
     const auto ours = net->fc1->weight.grad().cpu();

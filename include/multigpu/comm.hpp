@@ -69,6 +69,9 @@ class Communicator {
   /// Waits until every collective issued so far is complete on every
   /// replica. Throws CommError when one failed or `timeout` passed first.
   virtual void wait(std::chrono::milliseconds timeout) { (void)timeout; }
+  /// Why the communicator cannot be used any more ("" while it can), e.g.
+  /// an NCCL communicator its watchdog aborted after a time-out.
+  virtual std::string failure() const { return ""; }
 };
 
 // Note [Virtual functions in a header-only library]

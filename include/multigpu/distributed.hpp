@@ -710,7 +710,7 @@ inline std::unique_ptr<Communicator> ProcessGroup::make_communicator(const std::
     std::copy(id_text.begin(), id_text.end(), reinterpret_cast<char*>(&world.id));
     world.ranks = static_cast<int>(total);
     world.first_rank = static_cast<int>(first);
-    return std::make_unique<NcclCommunicator>(replicas, world);
+    return std::make_unique<NcclCommunicator>(replicas, world, timeout_);
   }
 #endif
   return std::make_unique<CrossProcessCommunicator>(replicas, shared_from_this());

@@ -10,11 +10,14 @@
 /// step, which keeps the GPU idle while the host prepares the next batch;
 /// read it every few steps, or accumulate tensor() on the device.
 
+#include <memory>
 #include <optional>
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Event.h>
 
+#include "multigpu/detail/compat.hpp"
 #include "multigpu/error.hpp"
 
 namespace multigpu {
@@ -23,14 +26,18 @@ namespace multigpu {
 class StepLoss {
  public:
   StepLoss() = default;
-  /// `value`: a one-element tensor (float64) on the first replica's device.
-  explicit StepLoss(at::Tensor value) : value_(std::move(value)) {}
+  /// `value`: a one-element tensor (float64) on the first replica's device;
+  /// `ready`: recorded where it was computed (null on the CPU).
+  explicit StepLoss(at::Tensor value, std::shared_ptr<c10::Event> ready = nullptr)
+      : value_(std::move(value)), ready_(std::move(ready)) {}
 
   /// The loss as a number; waits for the step's work on the device the
   /// first time. Throws multigpu::Error for an empty StepLoss.
   double item() const {
     if (!cached_) {
       if (!value_.defined()) throw Error("StepLoss: no loss here (a default-constructed StepLoss)");
+      // Whatever thread or stream reads it: the value is complete first.
+      if (ready_) compat::wait_for_event(*ready_);
       cached_ = value_.item<double>();
     }
     return *cached_;
@@ -45,6 +52,7 @@ class StepLoss {
 
  private:
   at::Tensor value_;
+  std::shared_ptr<c10::Event> ready_;
   mutable std::optional<double> cached_;
 };
 

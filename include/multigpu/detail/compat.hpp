@@ -22,9 +22,12 @@
 
 #include "multigpu/config.hpp"
 
+#include <chrono>
+#include <thread>
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Event.h>
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -56,6 +59,21 @@ using NoGradGuard = c10::NoGradGuard;
 /// The pointer type of an autograd node as grad_accumulator() returns it:
 /// std::shared_ptr<Node> up to LibTorch 2.11, c10::intrusive_ptr<Node> after.
 using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
+
+namespace detail {
+template <class Event>
+auto wait_for_event(const Event& event, int) -> decltype(event.synchronize(), void()) {
+  event.synchronize();
+}
+template <class Event>
+void wait_for_event(const Event& event, long) {
+  while (!event.query()) std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
+}  // namespace detail
+
+/// Blocks the host until the work recorded by `event` is done
+/// (c10::Event::synchronize from LibTorch 2.0; polling before).
+inline void wait_for_event(const c10::Event& event) { detail::wait_for_event(event, 0); }
 
 #if MULTIGPU_WITH_CUDA
 /// The mutex LibTorch holds around its own cudaFree calls. See Note [NCCL and

@@ -98,6 +98,7 @@ class DataParallelCore {
 
  private:
   void require_usable(const char* what) const;
+  void check_communicator(const char* what) const;
   void follow_primary_options();
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
@@ -260,7 +261,22 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
   }
 }
 
+// A collective that failed after the call that launched it returned (the
+// NCCL watchdog aborted it) may have left partly reduced gradients behind,
+// which a step may already have applied: nothing trained here can be
+// trusted any more, the primary's parameters included.
+inline void DataParallelCore::check_communicator(const char* what) const {
+  std::string failed = comm_->failure();
+  if (failed.empty() && reducer_) failed = reducer_->broken();
+  if (failed.empty()) return;
+  throw CommError(fmt::format("{}: the gradient sync is unusable after an earlier failure ({}); the last step "
+                              "may have applied partly reduced gradients, so the parameters cannot be trusted: build "
+                              "a new DataParallel and load the last checkpoint",
+                              what, failed));
+}
+
 inline void DataParallelCore::require_usable(const char* what) const {
+  check_communicator(what);
   if (!diverged_.empty()) {
     throw Error(fmt::format("{}: {}. Call resync_from_primary() to copy the primary replica to the others, or "
                             "build a new DataParallel",
@@ -370,13 +386,19 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
     if (weights[r] != 1.0) part = part * weights[r];
     sum = sum.defined() ? sum + part : part;
   }
-  if (caller) mark_used_on(sum, *caller);
-  return StepLoss(sum);
+  std::shared_ptr<c10::Event> ready;
+  if (caller) {
+    mark_used_on(sum, *caller);
+    ready = std::make_shared<c10::Event>(devices_[0].type());
+    ready->record(*current_stream(devices_[0]));
+  }
+  return StepLoss(sum, std::move(ready));
 }
 
 inline void DataParallelCore::zero_after_failure() noexcept {
   try {
     if (reducer_) reducer_->abandon_step();
+    if (reducer_ && !reducer_->broken().empty()) return;  // its buffers may still be written: leave them
     zero_grad();
   } catch (const std::exception& e) {
     warn(fmt::format("could not zero the gradients after a failed step: {}", e.what()));
@@ -593,6 +615,7 @@ inline void DataParallelCore::train(bool on) {
 }
 
 inline void DataParallelCore::save(const std::string& path) {
+  check_communicator("save");
   const auto fence = fenced();
   const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
   replace_file_atomically(path, [&](const std::string& temporary) { torch::save(replicas_[0], temporary); });

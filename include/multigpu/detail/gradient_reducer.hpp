@@ -166,6 +166,7 @@ class GradientReducer {
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
   };
 
+  void check_usable() const;
   void build_buckets(const std::vector<std::size_t>& order);
   void rebuild_buckets();
   void record_ready_events(std::size_t bucket);
@@ -276,7 +277,9 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
       }
       if (index == comm_streams_.size()) {
         const c10::impl::VirtualGuardImpl guard(replica.device().type());
-        comm_streams_.push_back(guard.getStreamFromGlobalPool(replica.device()));
+        // From the high-priority pool, as ProcessGroupNCCL can: never one of
+        // the replicas' (low-priority) streams, and ahead of compute.
+        comm_streams_.push_back(guard.getStreamFromGlobalPool(replica.device(), /*isHighPriority=*/true));
         join_events_.push_back(std::make_unique<c10::Event>(replica.device().type()));
       }
     }
@@ -427,12 +430,16 @@ inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t para
   if (bucket.pending->fetch_sub(1) == 1) mark_ready(bucket_of_[param]);
 }
 
-inline void GradientReducer::prepare_backward(const std::vector<bool>& active, bool sync) {
+inline void GradientReducer::check_usable() const {
   if (!broken_.empty()) {
     throw CommError(fmt::format("gradient sync is unusable after an earlier failure ({}); build a new "
                                 "DataParallel to go on",
                                 broken_));
   }
+}
+
+inline void GradientReducer::prepare_backward(const std::vector<bool>& active, bool sync) {
+  check_usable();
   if (sync && rebuild_due_) rebuild_buckets();
   attach_hooks();
   active_ = active;
@@ -465,7 +472,11 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   }
   backward_running_ = true;
   armed_ = sync && options_.overlap && active_replicas > 0;
-  record_order_ = armed_ && !rebuilt_ && !rebuild_due_ && active_[0];
+  // The first armed step records the order; the next synchronising step
+  // rebuilds, whatever became of this one, so that every process rebuilds
+  // at the same step (a step that failed on one rank only must not shift it).
+  record_order_ = armed_ && !rebuilt_ && !rebuild_due_;
+  if (record_order_) rebuild_due_ = true;
   ready_order_.clear();
 }
 
@@ -637,6 +648,7 @@ inline void GradientReducer::finish_backward() {
   }
   for (std::size_t b : missing) {
     for (std::size_t r = 0; r < params_.size(); ++r) {
+      const ReplicaContext::Scope scope(replicas_[r]);  // copied on r's stream, before its ready event
       for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
     }
     record_ready_events(b);
@@ -649,7 +661,6 @@ inline void GradientReducer::finish_backward() {
     throw;
   }
   synchronized_ = true;
-  if (record_order_) rebuild_due_ = true;
   record_order_ = false;
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
@@ -658,9 +669,11 @@ inline void GradientReducer::finish_backward() {
 
 inline void GradientReducer::synchronize() {
   if (synchronized_) return;
+  check_usable();
   armed_ = false;
   backward_running_ = false;
   for (std::size_t r = 0; r < params_.size(); ++r) {
+    const ReplicaContext::Scope scope(replicas_[r]);  // copied on r's stream, before its ready event
     for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(r, k);
   }
   for (auto& bucket : bucket_state_) {
@@ -680,6 +693,7 @@ inline void GradientReducer::synchronize() {
 }
 
 inline void GradientReducer::zero(std::size_t replica) {
+  check_usable();  // a timed-out all-reduce may still write the buffers
   compat::NoGradGuard no_grad;
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);

@@ -17,8 +17,8 @@
 //    backward goes on while buckets are reduced.
 //
 // 2. Entry and exit (StreamFence). The caller works on its own current
-//    streams: a batch copied with non_blocking, a LibTorch optimizer's
-//    zero_grad, an evaluation of dp.module(). At the entry of every public
+//    streams: a batch copied with non_blocking, zero_grad on each optimizer
+//    of dp.optimizers(), an evaluation of dp.module(). At the entry of every public
 //    operation each S_r waits for the work queued so far on the caller's
 //    current stream of every replica GPU; at its exit the caller's current
 //    stream of every replica GPU waits for every S_r. So whatever the caller

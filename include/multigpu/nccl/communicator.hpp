@@ -21,6 +21,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -136,11 +137,13 @@ class NcclCommunicator : public Communicator {
   inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
   inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
   inline void wait(std::chrono::milliseconds timeout) override;
+  inline std::string failure() const override;
 
  private:
+  using Clock = std::chrono::steady_clock;
   struct Outstanding {
     std::vector<std::unique_ptr<c10::Event>> done;  // per GPU
-    std::chrono::steady_clock::time_point deadline;
+    Clock::time_point deadline;
     std::string what;
   };
 
@@ -150,14 +153,15 @@ class NcclCommunicator : public Communicator {
   void check_devices() const;
   void init(const NcclWorld& world);
   void warm_up();
-  void finish_group(const char* what, std::chrono::steady_clock::time_point deadline);
-  std::string await_ready(const char* what, std::chrono::steady_clock::time_point deadline);
+  std::string end_group(const char* what);
+  std::string await_ready(const char* what, Clock::time_point deadline);
+  [[noreturn]] void abort_and_throw(const std::string& reason);
   void stop_watchdog() noexcept;
   template <class Launch>
-  void collective(const char* what, const std::vector<at::Tensor>& tensors, bool copy_back, Launch&& launch);
+  void collective(const char* what, const std::vector<at::Tensor>& tensors, Launch&& launch);
   void check_usable() const;
-  bool settle(std::chrono::steady_clock::time_point now);  // under mutex_; true when nothing is outstanding
-  void abort_all(const std::string& reason);               // under mutex_
+  std::string overdue(Clock::time_point now);  // under state_mutex_
+  void abort_all(const std::string& reason);   // under state_mutex_, with no launch under way (see watch())
   void watch();
 
   std::vector<ReplicaContext> replicas_;
@@ -165,11 +169,15 @@ class NcclCommunicator : public Communicator {
   std::size_t world_ranks_ = 0;
   std::size_t first_rank_ = 0;
   std::chrono::milliseconds timeout_;
+  // Lock order: launch_mutex_, then state_mutex_ (the watchdog only tries
+  // launch_mutex_ while holding state_mutex_).
+  std::mutex launch_mutex_;          // one collective (or wait) at a time
+  mutable std::mutex state_mutex_;   // what follows
   std::deque<Outstanding> outstanding_;
+  std::optional<Clock::time_point> launching_until_;  // a launch under way, and its deadline
   bool aborted_ = false;
   std::string abort_reason_;
   bool stopping_ = false;
-  mutable std::mutex mutex_;  // comms_, outstanding_, aborted_: one collective, wait or check at a time
   std::condition_variable wake_;
   std::thread watchdog_;
 };
@@ -263,30 +271,39 @@ inline void NcclCommunicator::init(const NcclWorld& world) {
   first_rank_ = static_cast<std::size_t>(world.first_rank);
   const detail::RestoreCudaDevice restore_device;
   comms_.assign(replicas_.size(), nullptr);
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
-  {
-    std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
-    // Several ranks from one thread: each init must be inside one group, or
-    // the first would wait for the others forever.
-    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
-    for (std::size_t r = 0; r < replicas_.size(); ++r) {
-      MULTIGPU_CUDA_CHECK(cudaSetDevice(replicas_[r].device().index()), context(r));
-      const ncclResult_t result =
-          compat::nccl_init_rank(&comms_[r], world.ranks, world.id, world.first_rank + static_cast<int>(r));
-      if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
-        ncclGroupEnd();
-        throw CommError(detail::nccl_failure(result, "ncclCommInitRank", context(r), nullptr, __FILE__, __LINE__));
-      }
+  const auto deadline = Clock::now() + timeout_;
+  // Not under LibTorch's free mutex: the set-up waits for the other ranks,
+  // maybe for minutes. Several ranks from one thread: each init must be
+  // inside one group, or the first would wait for the others forever.
+  MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
+  std::string failure;
+  for (std::size_t r = 0; r < replicas_.size() && failure.empty(); ++r) {
+    const cudaError_t set = cudaSetDevice(replicas_[r].device().index());
+    if (set != cudaSuccess) {
+      cudaGetLastError();
+      failure = fmt::format("cudaSetDevice failed for {}: {}", context(r), cudaGetErrorString(set));
+      break;
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    finish_group("setting up NCCL ranks", deadline);
+    const ncclResult_t result =
+        compat::nccl_init_rank(&comms_[r], world.ranks, world.id, world.first_rank + static_cast<int>(r));
+    if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
+      failure = detail::nccl_failure(result, "ncclCommInitRank", context(r), nullptr, __FILE__, __LINE__);
+    }
   }
+  const std::string ended = end_group(fmt::format("setting up NCCL ranks {}..{} of {}", world.first_rank,
+                                                  world.first_rank + static_cast<int>(replicas_.size()) - 1,
+                                                  world.ranks)
+                                          .c_str());
+  if (failure.empty()) failure = ended;
+  if (failure.empty()) failure = await_ready("setting up NCCL", deadline);
+  if (!failure.empty()) abort_and_throw(failure);
   watchdog_ = std::thread([this] { watch(); });
   try {
     warm_up();
   } catch (...) {
     stop_watchdog();
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> launch(launch_mutex_);
+    std::lock_guard<std::mutex> state(state_mutex_);
     abort_all("the warm-up all-reduce failed");
     throw;
   }
@@ -295,7 +312,7 @@ inline void NcclCommunicator::init(const NcclWorld& world) {
 inline void NcclCommunicator::stop_watchdog() noexcept {
   if (!watchdog_.joinable()) return;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> state(state_mutex_);
     stopping_ = true;
   }
   wake_.notify_all();
@@ -319,26 +336,18 @@ inline void NcclCommunicator::warm_up() {
   }
 }
 
-// Ends a group of NCCL calls; with non-blocking communicators, polls until
-// every one has taken its part (enqueued, not finished), up to `deadline`.
-// Called with mutex_ held.
-inline void NcclCommunicator::finish_group(const char* what, std::chrono::steady_clock::time_point deadline) {
+// ncclGroupEnd; returns "" or what went wrong.
+inline std::string NcclCommunicator::end_group(const char* what) {
   const ncclResult_t ended = ncclGroupEnd();
-  if (ended != ncclSuccess && !compat::nccl_in_progress(ended)) {
-    const std::string reason = detail::nccl_failure(ended, "ncclGroupEnd", what, nullptr, __FILE__, __LINE__);
-    abort_all(reason);
-    throw CommError(reason + "; the communicator was aborted");
-  }
-  const std::string failure = await_ready(what, deadline);
-  if (!failure.empty()) {
-    abort_all(failure);
-    throw CommError(failure + "; the communicator was aborted");
-  }
+  if (ended == ncclSuccess || compat::nccl_in_progress(ended)) return "";
+  return detail::nccl_failure(ended, "ncclGroupEnd", what, nullptr, __FILE__, __LINE__);
 }
 
-// With non-blocking communicators, polls each until it has finished its
-// last call (ncclInProgress no more). Returns "" or what went wrong.
-inline std::string NcclCommunicator::await_ready(const char* what, std::chrono::steady_clock::time_point deadline) {
+// With non-blocking communicators, polls each until its last call has taken
+// effect (ncclInProgress no more: the set-up done, or the kernels enqueued,
+// not finished). Returns "" or what went wrong. Called with launch_mutex_
+// held, so the watchdog cannot abort the communicators meanwhile.
+inline std::string NcclCommunicator::await_ready(const char* what, Clock::time_point deadline) {
   if (!compat::kNcclNonBlocking) return "";
   for (std::size_t r = 0; r < comms_.size(); ++r) {
     if (comms_[r] == nullptr) continue;
@@ -350,7 +359,7 @@ inline std::string NcclCommunicator::await_ready(const char* what, std::chrono::
       if (!compat::nccl_in_progress(state)) {
         return detail::nccl_failure(state, what, context(r), comms_[r], __FILE__, __LINE__);
       }
-      if (std::chrono::steady_clock::now() >= deadline) {
+      if (Clock::now() >= deadline) {
         return fmt::format("{}: NCCL was still busy after {} ms on {}; NCCL {}", what, timeout_.count(), context(r),
                            nccl_version_string());
       }
@@ -360,7 +369,17 @@ inline std::string NcclCommunicator::await_ready(const char* what, std::chrono::
   return "";
 }
 
+// Called with launch_mutex_ held (or before the watchdog exists).
+inline void NcclCommunicator::abort_and_throw(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> state(state_mutex_);
+    abort_all(reason);
+  }
+  throw CommError(reason + "; the communicator was aborted");
+}
+
 inline void NcclCommunicator::check_usable() const {
+  std::lock_guard<std::mutex> state(state_mutex_);
   if (aborted_) {
     throw CommError(fmt::format("the NCCL communicator was aborted after an earlier failure ({}); build a new "
                                 "DataParallel (or communicator) to go on",
@@ -368,14 +387,19 @@ inline void NcclCommunicator::check_usable() const {
   }
 }
 
+inline std::string NcclCommunicator::failure() const {
+  std::lock_guard<std::mutex> state(state_mutex_);
+  return aborted_ ? abort_reason_ : std::string();
+}
+
 // A tensor NCCL can use in place is dense; a dense one that is not
 // contiguous (channels-last) is used as its memory, in memory order, when
 // every replica lays it out alike. Anything else goes through a contiguous
-// copy, on the same stream, copied back after the collective when
-// `copy_back` (the copy is used on that stream only).
+// copy on the same stream, copied back after the collective (the copy is
+// used on that stream only). LibTorch's free mutex is held from group start
+// to group end only (see Note [NCCL and cudaFree]).
 template <class Launch>
-void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor>& tensors, bool copy_back,
-                                  Launch&& launch) {
+void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor>& tensors, Launch&& launch) {
   detail::check_collective_tensors(tensors, replicas_, what);
   const ncclDataType_t type = detail::nccl_type(tensors[0].scalar_type());
   bool same_layout = true;
@@ -389,42 +413,50 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
     }
   }
   const detail::RestoreCudaDevice restore_device;
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> launching(launch_mutex_);
   check_usable();
-  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  const auto deadline = Clock::now() + timeout_;
+  {
+    std::lock_guard<std::mutex> state(state_mutex_);
+    launching_until_ = deadline;
+  }
+  std::string failure;
   {
     std::lock_guard<std::mutex> free_lock(detail::cuda_free_mutex());  // See Note [NCCL and cudaFree]
-    MULTIGPU_NCCL_CHECK(ncclGroupStart(), "all replicas", nullptr);
-    for (std::size_t r = 0; r < io.size(); ++r) {
+    MULTIGPU_NCCL_CHECK(ncclGroupStart(), what, nullptr);
+    for (std::size_t r = 0; r < io.size() && failure.empty(); ++r) {
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(replicas_[r].device().index()).stream();
       const ncclResult_t result =
           launch(io[r].data_ptr(), static_cast<std::size_t>(io[r].numel()), type, comms_[r], stream);
       if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
-        ncclGroupEnd();
-        throw CommError(detail::nccl_failure(result, what, context(r), comms_[r], __FILE__, __LINE__));
+        failure = detail::nccl_failure(result, what, context(r), comms_[r], __FILE__, __LINE__);
       }
     }
-    finish_group(what, deadline);
+    const std::string ended = end_group(what);
+    if (failure.empty()) failure = ended;
   }
+  if (failure.empty()) failure = await_ready(what, deadline);
+  if (!failure.empty()) abort_and_throw(failure);
   Outstanding work;
   work.deadline = deadline;
   work.what = what;
   for (std::size_t r = 0; r < io.size(); ++r) {
-    const c10::Stream stream = *detail::current_stream(replicas_[r].device());
-    if (copy_back && !io[r].is_same(tensors[r])) {
+    if (!io[r].is_same(tensors[r])) {
       const compat::NoGradGuard no_grad;
       tensors[r].copy_(io[r]);
     }
     work.done.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
-    work.done.back()->record(stream);
+    work.done.back()->record(*detail::current_stream(replicas_[r].device()));
   }
+  std::lock_guard<std::mutex> state(state_mutex_);
+  launching_until_.reset();
   outstanding_.push_back(std::move(work));
 }
 
 inline void NcclCommunicator::all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) {
   const bool average = op == ReduceOp::kAverage;
   const ncclRedOp_t nccl_op = average ? compat::nccl_average_op() : ncclSum;
-  collective("NCCL all-reduce", tensors, true,
+  collective("NCCL all-reduce", tensors,
              [&](void* data, std::size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
                return ncclAllReduce(data, data, count, type, nccl_op, comm, stream);
              });
@@ -436,15 +468,16 @@ inline void NcclCommunicator::all_reduce(const std::vector<at::Tensor>& tensors,
 
 inline void NcclCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
   if (root >= tensors.size()) throw CommError(fmt::format("NCCL broadcast: root {} is not a replica", root));
-  collective("NCCL broadcast", tensors, true,
+  collective("NCCL broadcast", tensors,
              [&](void* data, std::size_t count, ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) {
                return ncclBroadcast(data, data, count, type, static_cast<int>(root), comm, stream);
              });
 }
 
-// Drops finished collectives; aborts on an NCCL error or a missed deadline.
-inline bool NcclCommunicator::settle(std::chrono::steady_clock::time_point now) {
-  if (aborted_) return true;
+// Drops finished collectives; returns why the communicators must be aborted
+// (an NCCL error, a missed deadline), or "".
+inline std::string NcclCommunicator::overdue(Clock::time_point now) {
+  if (aborted_) return "";
   while (!outstanding_.empty()) {
     bool finished = true;
     for (const auto& event : outstanding_.front().done) finished = finished && event->query();
@@ -455,19 +488,20 @@ inline bool NcclCommunicator::settle(std::chrono::steady_clock::time_point now) 
     ncclResult_t state = ncclSuccess;
     if (ncclCommGetAsyncError(comms_[r], &state) != ncclSuccess) continue;
     if (state != ncclSuccess && !compat::nccl_in_progress(state)) {
-      abort_all(detail::nccl_failure(state, "a collective", context(r), comms_[r], __FILE__, __LINE__));
-      return true;
+      return detail::nccl_failure(state, "a collective", context(r), comms_[r], __FILE__, __LINE__);
     }
   }
   if (!outstanding_.empty() && now >= outstanding_.front().deadline) {
     const Outstanding& late = outstanding_.front();
     std::size_t stuck = 0;
     while (stuck + 1 < late.done.size() && late.done[stuck]->query()) ++stuck;
-    abort_all(fmt::format("{} did not finish within {} ms; {} had not finished", late.what, timeout_.count(),
-                          context(stuck)));
-    return true;
+    return fmt::format("{} did not finish within {} ms; {} had not finished", late.what, timeout_.count(),
+                       context(stuck));
   }
-  return outstanding_.empty();
+  if (launching_until_ && now >= *launching_until_) {
+    return fmt::format("launching an NCCL collective took longer than {} ms", timeout_.count());
+  }
+  return "";
 }
 
 inline void NcclCommunicator::abort_all(const std::string& reason) {
@@ -481,13 +515,21 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
   outstanding_.clear();
 }
 
+// The watchdog aborts only when no launch is under way (a launch polls its
+// own deadline), except a launch blocked past its deadline inside a
+// blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
-  std::unique_lock<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> state(state_mutex_);
   while (!stopping_) {
-    wake_.wait_for(lock, std::chrono::milliseconds(10));
+    wake_.wait_for(state, std::chrono::milliseconds(10));
     if (stopping_) break;
     try {
-      settle(std::chrono::steady_clock::now());
+      const auto now = Clock::now();
+      const std::string reason = overdue(now);
+      if (reason.empty()) continue;
+      std::unique_lock<std::mutex> launching(launch_mutex_, std::try_to_lock);
+      const bool blocked_launch = !compat::kNcclNonBlocking && launching_until_ && now >= *launching_until_;
+      if (launching.owns_lock() || blocked_launch) abort_all(reason);
     } catch (const std::exception& e) {
       warn(fmt::format("the NCCL watchdog failed: {}", e.what()));
     }
@@ -495,19 +537,21 @@ inline void NcclCommunicator::watch() {
 }
 
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
-  const auto start = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> launching(launch_mutex_);
+  const auto start = Clock::now();
   while (true) {
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      const auto now = std::chrono::steady_clock::now();
-      if (settle(now)) {
-        check_usable();
-        return;
+      std::lock_guard<std::mutex> state(state_mutex_);
+      const auto now = Clock::now();
+      std::string reason = overdue(now);
+      if (reason.empty() && !outstanding_.empty() && now - start >= timeout) {
+        reason = fmt::format("waiting for {} took longer than {} ms", outstanding_.front().what, timeout.count());
       }
-      if (now - start >= timeout) {
-        abort_all(fmt::format("waiting for {} took longer than {} ms", outstanding_.front().what, timeout.count()));
-        check_usable();
+      if (!reason.empty()) abort_all(reason);
+      if (aborted_) {
+        throw CommError(fmt::format("the NCCL communicator was aborted ({})", abort_reason_));
       }
+      if (outstanding_.empty()) return;
     }
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
@@ -523,11 +567,16 @@ inline NcclCommunicator::~NcclCommunicator() {
     return;  // aborted (ncclCommAbort released them); the reason was logged
   }
   const detail::RestoreCudaDevice restore_device;
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::lock_guard<std::mutex> launching(launch_mutex_);
   for (std::size_t r = 0; r < comms_.size(); ++r) {
-    if (comms_[r] != nullptr) MULTIGPU_NCCL_CHECK_NOTHROW(compat::nccl_finalize(comms_[r]), context(r), nullptr);
+    if (comms_[r] == nullptr) continue;
+    const ncclResult_t result = compat::nccl_finalize(comms_[r]);
+    if (result != ncclSuccess && !compat::nccl_in_progress(result)) {
+      warn(detail::nccl_failure(result, "ncclCommFinalize", context(r), comms_[r], __FILE__, __LINE__));
+    }
   }
-  const std::string failure = await_ready("finalizing NCCL", std::chrono::steady_clock::now() + timeout_);
+  const std::string failure = await_ready("finalizing NCCL", Clock::now() + timeout_);
+  std::lock_guard<std::mutex> state(state_mutex_);
   if (!failure.empty()) {
     abort_all(failure);
     return;
