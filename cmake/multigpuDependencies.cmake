@@ -23,6 +23,12 @@ if(NOT DEFINED MULTIGPU_ENABLE_DISTRIBUTED)
   set(MULTIGPU_ENABLE_DISTRIBUTED AUTO)
 endif()
 
+# The header-only dependencies' vendored copies, where the system has none.
+# See Note [Vendored dependencies] in multigpuVendored.cmake.
+if(NOT MULTIGPU_FIND_AS_PACKAGE)
+  include("${CMAKE_CURRENT_LIST_DIR}/multigpuVendored.cmake")
+endif()
+
 find_package(Threads REQUIRED)
 if(NOT TARGET torch)
   # A Torch_DIR that points nowhere would otherwise end in CMake's page about
@@ -109,6 +115,13 @@ if(NOT MULTIGPU_FMT_TARGET)
     set(MULTIGPU_FMT_TARGET fmt::fmt-header-only)
   endif()
   set(_multigpu_fmt_text "fmt ${fmt_VERSION}")
+  if(MULTIGPU_VENDORED_DIR AND fmt_DIR)
+    get_filename_component(_multigpu_vendored "${MULTIGPU_VENDORED_DIR}" ABSOLUTE)
+    string(FIND "${fmt_DIR}" "${_multigpu_vendored}/" _at)
+    if(_at EQUAL 0)
+      string(APPEND _multigpu_fmt_text " (vendored, header-only)")
+    endif()
+  endif()
 endif()
 
 # Imported targets are visible only in the directory that found them. When
@@ -169,6 +182,7 @@ endif()
 # ProcessGroupGloo, whose header needs Gloo's headers: LibTorch ships the
 # former, Gloo's may be apart (Debian: libgloo-dev).
 set(MULTIGPU_HAS_DISTRIBUTED FALSE)
+set(_multigpu_gloo_target "")
 if(NOT MULTIGPU_ENABLE_DISTRIBUTED MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR
     "multigpu: MULTIGPU_ENABLE_DISTRIBUTED='${MULTIGPU_ENABLE_DISTRIBUTED}'; valid: AUTO, ON, OFF")
@@ -176,9 +190,35 @@ endif()
 if(NOT MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "OFF")
   find_path(MULTIGPU_C10D_GLOO_INCLUDE_DIR torch/csrc/distributed/c10d/ProcessGroupGloo.hpp
     HINTS ${TORCH_INCLUDE_DIRS} NO_CACHE)
-  find_path(MULTIGPU_GLOO_INCLUDE_DIR gloo/algorithm.h HINTS ${TORCH_INCLUDE_DIRS} NO_CACHE)
+  # Gloo's headers: the system's (or LibTorch's), else the vendored copy;
+  # the copy first with MULTIGPU_PREFER_VENDORED (Note [Vendored dependencies]).
+  if(MULTIGPU_VENDORED_GLOO_FIRST)
+    set(_multigpu_gloo_hints "${MULTIGPU_VENDORED_GLOO_INCLUDE_DIR}")
+  else()
+    set(_multigpu_gloo_hints ${TORCH_INCLUDE_DIRS})
+  endif()
+  find_path(MULTIGPU_GLOO_INCLUDE_DIR gloo/algorithm.h HINTS ${_multigpu_gloo_hints}
+    PATHS ${MULTIGPU_VENDORED_GLOO_INCLUDE_DIR} NO_CACHE)
   if(MULTIGPU_C10D_GLOO_INCLUDE_DIR AND MULTIGPU_GLOO_INCLUDE_DIR)
     set(MULTIGPU_HAS_DISTRIBUTED TRUE)
+    # Gloo's headers outside the compiler's and LibTorch's include folders
+    # (the vendored copy) go on the include path of multigpu's users.
+    get_filename_component(_multigpu_gloo_dir "${MULTIGPU_GLOO_INCLUDE_DIR}" REALPATH)
+    set(_multigpu_gloo_on_path FALSE)
+    foreach(_dir IN LISTS CMAKE_CXX_IMPLICIT_INCLUDE_DIRECTORIES TORCH_INCLUDE_DIRS)
+      get_filename_component(_dir "${_dir}" REALPATH)
+      if(_dir STREQUAL _multigpu_gloo_dir)
+        set(_multigpu_gloo_on_path TRUE)
+      endif()
+    endforeach()
+    if(NOT _multigpu_gloo_on_path)
+      if(NOT TARGET multigpu::detail_gloo_headers)
+        add_library(multigpu::detail_gloo_headers INTERFACE IMPORTED GLOBAL)
+        set_target_properties(multigpu::detail_gloo_headers PROPERTIES
+          INTERFACE_INCLUDE_DIRECTORIES "${_multigpu_gloo_dir}")
+      endif()
+      set(_multigpu_gloo_target multigpu::detail_gloo_headers)
+    endif()
   elseif(MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "ON")
     message(FATAL_ERROR
       "multigpu: MULTIGPU_ENABLE_DISTRIBUTED=ON, but c10d's ProcessGroupGloo.hpp "
@@ -190,6 +230,9 @@ endif()
 set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS} ${MULTIGPU_FMT_TARGET})
 if(MULTIGPU_HAS_NCCL)
   list(APPEND MULTIGPU_DEPENDENCY_TARGETS NCCL::NCCL)
+endif()
+if(MULTIGPU_HAS_DISTRIBUTED AND _multigpu_gloo_target)
+  list(APPEND MULTIGPU_DEPENDENCY_TARGETS ${_multigpu_gloo_target})
 endif()
 
 if(MULTIGPU_HAS_CUDA)
@@ -203,7 +246,8 @@ else()
   set(_multigpu_nccl_text "OFF")
 endif()
 if(MULTIGPU_HAS_DISTRIBUTED)
-  set(_multigpu_distributed_text "ON (c10d + Gloo)")
+  get_filename_component(_multigpu_gloo_dir "${MULTIGPU_GLOO_INCLUDE_DIR}" ABSOLUTE)
+  set(_multigpu_distributed_text "ON (c10d + Gloo, Gloo's headers in ${_multigpu_gloo_dir})")
 else()
   set(_multigpu_distributed_text "OFF")
 endif()

@@ -4,9 +4,10 @@
 #   main    the LibTorch scripts/find-torch.sh chooses (CI: pip's torch 2.13, CPU),
 #           every test, the examples, the consumers (build/)
 #   compat  Debian's LibTorch 1.13 (CPU), C++17: the unit tests (build-compat/)
-#   cuda    pip's CUDA torch 2.14.1 with CUDA and NCCL compiled in: every target,
-#           then the unit tests; without a GPU the CUDA tests report themselves
-#           skipped, with the reason (build-cuda/)
+#   cuda    pip's CUDA torch 2.14.1 with CUDA and NCCL compiled in, through
+#           scripts/gpu-check.sh: every target, the device report, the unit
+#           tests and the CUDA suite; without a GPU the CUDA tests report
+#           themselves skipped, with the reason, and the GPU parts are skipped (build-cuda/)
 #   asan    the unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
 #   tsan    the unit tests under ThreadSanitizer (build-tsan/)
 #   fuzz    the device-spec parsers under libFuzzer for MULTIGPU_FUZZ_SECONDS (build-fuzz/, clang)
@@ -71,14 +72,14 @@ for name in $stages; do
       ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
       ;;
     cuda)
-      stage "CUDA: pip's CUDA LibTorch, CUDA and NCCL compiled in"
-      build="$(MULTIGPU_TORCH=cuda MULTIGPU_BUILD_DIR="$root/build-cuda" "$root/scripts/configure.sh" \
-        -DMULTIGPU_ENABLE_CUDA=ON -DMULTIGPU_ENABLE_NCCL=ON)"
-      cmake --build "$build" --parallel
-      "$build/examples/device_report" || true  # no GPU here: it says why, and exits 1
-      ctest --test-dir "$build" --output-on-failure --parallel "$jobs" -LE "$not_unit" "$@"
-      echo "The CUDA tests, and why any of them was skipped:"
-      "$build/tests/multigpu_tests" --test-suite=CUDA
+      stage "CUDA: pip's CUDA LibTorch, CUDA and NCCL compiled in, through scripts/gpu-check.sh"
+      # The GPU check as a GPU machine runs it, so that it cannot rot: it
+      # configures and builds every target, prints the device report, runs
+      # the unit tests and the CUDA suite (each case says why it skipped),
+      # and names the GPU parts it skipped. Its logs go beside the build.
+      MULTIGPU_TORCH=cuda MULTIGPU_BUILD_DIR="$root/build-cuda" \
+      MULTIGPU_GPU_CHECK_RESULTS="${MULTIGPU_GPU_CHECK_RESULTS:-$root/build-cuda/gpu-check}" \
+        "$root/scripts/gpu-check.sh" -- -LE "$not_unit" "$@"
       ;;
     asan)
       stage "AddressSanitizer + UndefinedBehaviorSanitizer"
