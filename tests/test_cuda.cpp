@@ -8,7 +8,13 @@
 #if MULTIGPU_WITH_CUDA
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/cuda/Sleep.h>
@@ -18,6 +24,7 @@
 
 using multigpu::DataParallel;
 using multigpu::DataParallelOptions;
+using multigpu_test::contains;
 
 namespace {
 
@@ -108,11 +115,15 @@ bool current_stream_busy() {
 
 /// Two replicas on one GPU (the local backend): replica streams, the
 /// communication stream and every fence, with the one GPU a machine has.
-DataParallel<Net> two_on_one_gpu(const Net& net) {
-  DataParallelOptions options;
+DataParallel<Net> two_on_one_gpu(const Net& net, DataParallelOptions options = {}) {
   options.backend = "local";
   const c10::Device gpu("cuda:0");
   return DataParallel<Net>(net, std::vector<c10::Device>{gpu, gpu}, options);
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(bool adam, std::vector<torch::Tensor> parameters) {
+  if (adam) return std::make_unique<torch::optim::Adam>(parameters, torch::optim::AdamOptions(1e-2));
+  return std::make_unique<torch::optim::SGD>(parameters, torch::optim::SGDOptions(0.05).momentum(0.9));
 }
 
 }  // namespace
@@ -175,6 +186,7 @@ TEST_SUITE("CUDA") {
       hold_current_stream_of(shard.device());
       return m.forward(shard);
     });
+    CHECK(out.device() == gpu);
     CHECK(torch::allclose(out.cpu(), expected, 1e-5, 1e-6));
   }
 
@@ -230,6 +242,130 @@ TEST_SUITE("CUDA") {
     dp.check_parity();  // parameters and buffers identical on both replicas
     CHECK(torch::equal(dp.replica(1).bn->running_mean.cpu(), net->bn->running_mean.cpu()));
     CHECK(dp.replica(1).bn->num_batches_tracked.item<std::int64_t>() == 3);
+  }
+
+  TEST_CASE("CUDA: two replicas train like one GPU: SGD and Adam, overlap on and off, uneven and empty shards, no_sync") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    for (const bool adam : {false, true}) {
+      for (const bool overlap : {true, false}) {
+        for (const std::int64_t batch_size : {7, 1}) {  // shards of 4 and 3; of 1 and 0 (replica 1 sits out)
+          CAPTURE(adam);
+          CAPTURE(overlap);
+          CAPTURE(batch_size);
+          torch::manual_seed(8);
+          Net start;
+          Net expected = std::dynamic_pointer_cast<NetImpl>(start->clone(gpu));
+          auto expected_optimizer = make_optimizer(adam, expected->parameters());
+          Net net = std::dynamic_pointer_cast<NetImpl>(start->clone());
+          DataParallelOptions options;
+          options.overlap_sync_with_backward = overlap;
+          auto dp = two_on_one_gpu(net, options);
+          if (adam) {
+            dp.make_optimizer<torch::optim::Adam>(torch::optim::AdamOptions(1e-2));
+          } else {
+            dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05).momentum(0.9));
+          }
+          for (int s = 0; s < 4; ++s) {
+            const auto a = batch_on(gpu, batch_size, 600 + static_cast<std::uint64_t>(s));
+            expected_optimizer->zero_grad();
+            mse(*expected, a).backward();
+            if (s == 2) {  // gradient accumulation: two micro-batches, one step
+              const auto b = batch_on(gpu, batch_size, 700);
+              mse(*expected, b).backward();
+              {
+                auto guard = dp.no_sync();
+                dp.forward_backward(a, mse);
+              }
+              dp.forward_backward(b, mse);
+              dp.step();
+              dp.zero_grad();
+            } else {
+              dp.train_step(a, mse);
+            }
+            expected_optimizer->step();
+          }
+          check_same_parameters(*net, *expected);
+          dp.check_parity();
+        }
+      }
+    }
+  }
+
+  TEST_CASE("CUDA: the caller reads the parameters a step wrote, without synchronising") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(9);
+    Net start;
+    Net expected = std::dynamic_pointer_cast<NetImpl>(start->clone(gpu));
+    Net net = std::dynamic_pointer_cast<NetImpl>(start->clone());
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    const auto batch = batch_on(gpu, 12, 800);
+    dp.train_step(batch, [](NetImpl& m, const torch::data::Example<>& shard) {
+      hold_current_stream_of(shard.data.device());  // the replicas' work ends late
+      return mse(m, shard);
+    });
+    const auto read = net->fc1->weight.clone();  // on the caller's stream, at once
+    torch::optim::SGD sgd(expected->parameters(), torch::optim::SGDOptions(0.05));
+    mse(*expected, batch).backward();
+    sgd.step();
+    CHECK(torch::allclose(read.cpu(), expected->fc1->weight.cpu(), 1e-4, 1e-5));
+  }
+
+  TEST_CASE("CUDA: every replica works on its own shard, and a failing one is named with its message") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    Net net;
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    std::mutex mutex;
+    std::vector<std::pair<const NetImpl*, c10::Device>> calls;
+    dp.train_step(batch_on(gpu, 6, 900), [&](NetImpl& m, const torch::data::Example<>& shard) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      calls.emplace_back(&m, shard.data.device());
+      return mse(m, shard);
+    });
+    REQUIRE(calls.size() == 2);
+    CHECK(calls[0].first != calls[1].first);
+    for (const auto& call : calls) CHECK(call.second == gpu);
+    const NetImpl* second = &dp.replica(1);
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::ReplicaError, dp.train_step(batch_on(gpu, 6, 901), [&](NetImpl& m, const torch::data::Example<>& s) {
+          if (&m == second) throw std::runtime_error("boom on the GPU");
+          return mse(m, s);
+        }));
+    CHECK(contains(message, "replica 1 of 2 (cuda:0) failed in the loss function (forward): boom on the GPU"));
+    CHECK(std::isfinite(dp.train_step(batch_on(gpu, 6, 902), mse)));  // and the next step works
+    dp.check_parity();
+  }
+
+  TEST_CASE("CUDA: the device report names the GPU; auto takes an idle one; an allocation makes it busy") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    multigpu::DeviceManager manager;
+    const multigpu::DeviceReport report = manager.report("auto");
+    MESSAGE(report.text());
+    const auto& before = manager.devices();
+    REQUIRE_FALSE(before.empty());
+    const multigpu::DeviceInfo& gpu = before.front();
+    CHECK(gpu.is_cuda());
+    CHECK_FALSE(gpu.name.empty());
+    CHECK(gpu.cc_major >= 5);
+    CHECK(gpu.total_bytes > (std::int64_t{1} << 30));
+    if (gpu.busy) {
+      MESSAGE("cuda:0 is in use by another process: the idle-GPU check is left out");
+    } else {
+      CHECK(manager.select("auto").torch_devices().front() == c10::Device("cuda:0"));
+    }
+    const std::int64_t hog_bytes = (manager.options().busy_threshold_mib + 1024) << 20;
+    const auto hog = torch::ones({hog_bytes}, torch::TensorOptions().dtype(torch::kByte).device("cuda:0"));
+    torch::cuda::synchronize(0);
+    multigpu::DeviceManager after;
+    const multigpu::DeviceInfo& used = after.devices().front();
+    CHECK(used.used_bytes >= hog_bytes);
+    CHECK(used.busy);
+    MESSAGE("memory figures from " << used.memory_query << ": " << (used.used_bytes >> 20) << " MiB in use of "
+                                   << (used.total_bytes >> 20) << " MiB");
   }
 
 #if MULTIGPU_WITH_NCCL
