@@ -147,6 +147,17 @@ mkdir -p "$cmake_dir"
 config_file nlohmann_json nlohmann_json::nlohmann_json "" >"$cmake_dir/nlohmann_jsonConfig.cmake"
 version_file "${version[nlohmann_json]}" >"$cmake_dir/nlohmann_jsonConfigVersion.cmake"
 
+# Fashion-MNIST for the quickstart (30 MB, gzipped as Debian ships it), so
+# that a GPU machine without the package can run it; MULTIGPU_VENDOR_DATASET=0
+# leaves it out.
+dataset_from="${MULTIGPU_FASHION_MNIST_SOURCE:-/usr/share/datasets/fashion-mnist}"
+dataset=""
+if [[ "${MULTIGPU_VENDOR_DATASET:-1}" != 0 && -f "$dataset_from/train-images-idx3-ubyte.gz" ]]; then
+  mkdir -p "$new/fashion-mnist"
+  cp "$dataset_from"/*-ubyte.gz "$new/fashion-mnist/"
+  dataset="| Fashion-MNIST (data) | - | $dataset_from | the quickstart's data (examples/CMakeLists.txt) |"
+fi
+
 {
   echo "# Vendored header-only dependencies"
   echo
@@ -162,6 +173,7 @@ version_file "${version[nlohmann_json]}" >"$cmake_dir/nlohmann_jsonConfigVersion
   echo "| CLI11 | ${version[CLI11]} | $(origin CLI11) | \`find_package(CLI11)\`: CLI11::CLI11 |"
   echo "| nlohmann-json | ${version[nlohmann_json]} | $(origin nlohmann_json) | \`find_package(nlohmann_json)\`: nlohmann_json::nlohmann_json |"
   echo "| Gloo (headers) | - | $(origin gloo) | \`find_path(gloo/algorithm.h)\` in multigpuDependencies.cmake |"
+  [[ -z "$dataset" ]] || echo "$dataset"
 } >"$new/MANIFEST.md"
 
 size="$(du -sk "$new" | cut -f1)"

@@ -32,7 +32,8 @@ endfunction()
 
 # The copies.
 set(vendored "${WORK_DIR}/vendored")
-execute_process(COMMAND bash "${SOURCE_DIR}/scripts/vendor-deps.sh" "${vendored}"
+execute_process(COMMAND "${CMAKE_COMMAND}" -E env MULTIGPU_VENDOR_DATASET=0
+                        bash "${SOURCE_DIR}/scripts/vendor-deps.sh" "${vendored}"
   RESULT_VARIABLE result OUTPUT_VARIABLE output ERROR_VARIABLE output)
 if(NOT result EQUAL 0)
   if(EXISTS "${VENDORED_DIR}/MANIFEST.md")
