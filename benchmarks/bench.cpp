@@ -1,9 +1,9 @@
 // multigpu's benchmarks, measured side by side in one run:
 //   1. training step time: a plain LibTorch loop on one device vs
 //      DataParallel with 1 replica vs K replicas (and, with CUDA,
-//      torch::nn::parallel::data_parallel), on an MLP, the quickstart CNN and
-//      a transformer block; with the exposed (not overlapped) gradient-sync
-//      time for K > 1;
+//      torch::nn::parallel::data_parallel on the first device, on it twice
+//      and on the whole pool), on the models of benchmarks/models.hpp; with
+//      the exposed (not overlapped) gradient-sync time for K > 1;
 //   2. all-reduce bandwidth of each backend over message sizes, next to the
 //      memory-copy bandwidth of the same device;
 //   3. the compile-time cost of #include <multigpu/multigpu.hpp> in a
@@ -14,8 +14,14 @@
 //   bench                          # everything, on GPUs if any, else CPU
 //   bench --quick                  # a few steps of each, to see it works
 //   bench --only steps --models cnn --replicas 1,2
+//   bench --models resnet18,transformer-lm --batch resnet18=128
+//
+// Every contender starts a step from the same batch, already on the first
+// device, and none reads its loss: the device is synchronised around each
+// timed round only (StepLoss does not wait for the device; see step_loss.hpp).
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -43,6 +49,7 @@
 #include <multigpu/multigpu.hpp>
 
 #include "bench_config.hpp"  // generated: compiler and flags for the compile-time benchmark
+#include "models.hpp"
 
 #if MULTIGPU_WITH_CUDA
 #include <torch/nn/parallel/data_parallel.h>  // not part of <torch/torch.h> in LibTorch 2.x; needs CUDA's headers
@@ -70,78 +77,6 @@ void synchronize(const c10::Device& device) {
 #endif
 }
 
-// --- models -------------------------------------------------------------------
-
-struct MlpImpl : torch::nn::Cloneable<MlpImpl> {
-  MlpImpl() { reset(); }
-  void reset() override {
-    fc1 = register_module("fc1", torch::nn::Linear(784, 1024));
-    fc2 = register_module("fc2", torch::nn::Linear(1024, 1024));
-    fc3 = register_module("fc3", torch::nn::Linear(1024, 10));
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr};
-};
-TORCH_MODULE(Mlp);
-
-/// The quickstart's CNN.
-struct CnnImpl : torch::nn::Cloneable<CnnImpl> {
-  CnnImpl() { reset(); }
-  void reset() override {
-    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)));
-    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)));
-    fc1 = register_module("fc1", torch::nn::Linear(64 * 7 * 7, 128));
-    fc2 = register_module("fc2", torch::nn::Linear(128, 10));
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = torch::max_pool2d(torch::relu(conv1(x)), 2);
-    x = torch::max_pool2d(torch::relu(conv2(x)), 2);
-    return fc2(torch::relu(fc1(x.flatten(1))));
-  }
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(Cnn);
-
-/// One transformer encoder block; takes batch-first input [batch, sequence, features].
-struct TransformerImpl : torch::nn::Cloneable<TransformerImpl> {
-  TransformerImpl() { reset(); }
-  void reset() override {
-    layer = register_module(
-        "layer", torch::nn::TransformerEncoderLayer(
-                     torch::nn::TransformerEncoderLayerOptions(256, 4).dim_feedforward(1024).dropout(0.0)));
-    head = register_module("head", torch::nn::Linear(256, 10));
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    return head(layer(x.transpose(0, 1)).mean(0));  // the layer wants [sequence, batch, features]
-  }
-  torch::nn::TransformerEncoderLayer layer{nullptr};
-  torch::nn::Linear head{nullptr};
-};
-TORCH_MODULE(Transformer);
-
-struct Workload {
-  std::string name;
-  std::int64_t batch_size;
-  std::function<torch::data::Example<>()> make_batch;
-};
-
-std::vector<Workload> workloads(bool quick) {
-  const std::int64_t scale = quick ? 4 : 1;
-  return {
-      {"mlp", 256 / scale, [=] { return torch::data::Example<>(torch::randn({256 / scale, 784}), torch::randint(10, {256 / scale})); }},
-      {"cnn", 64 / scale, [=] { return torch::data::Example<>(torch::randn({64 / scale, 1, 28, 28}), torch::randint(10, {64 / scale})); }},
-      {"transformer", 16 / scale,
-       [=] { return torch::data::Example<>(torch::randn({16 / scale, 64, 256}), torch::randint(10, {16 / scale})); }},
-  };
-}
-
-template <class Holder>
-Holder make_model() {
-  torch::manual_seed(0);
-  return Holder();
-}
-
 // --- 1. training steps ----------------------------------------------------------
 
 /// One way of running a training step, timed in rounds interleaved with the others.
@@ -156,14 +91,14 @@ struct Contender {
 };
 
 template <class Holder>
-std::vector<Contender> contenders_for(const Workload& workload, const std::vector<c10::Device>& pool,
+std::vector<Contender> contenders_for(const torch::data::Example<>& batch, const std::vector<c10::Device>& pool,
                                       const std::vector<std::size_t>& replica_counts) {
   using Module = typename Holder::ContainedType;
+  using bench::make_model;
   std::vector<Contender> out;
   const c10::Device first = pool.front();
-  const auto batch = workload.make_batch();
   auto cross_entropy = [](Module& net, const torch::data::Example<>& shard) {
-    return torch::nll_loss(torch::log_softmax(net.forward(shard.data), 1), shard.target);
+    return bench::cross_entropy(net.forward(shard.data), shard.target);
   };
 
   {  // The plain LibTorch loop a user would write for one device.
@@ -177,10 +112,8 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
     plain.device = first;
     plain.step = [model, optimizer, data, cross_entropy] {
       optimizer->zero_grad();
-      auto loss = cross_entropy(**model, *data);
-      loss.backward();
+      cross_entropy(**model, *data).backward();
       optimizer->step();
-      (void)loss.template item<double>();
     };
     out.push_back(std::move(plain));
   }
@@ -190,7 +123,7 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
     for (std::size_t r = 0; r < k; ++r) devices.push_back(pool[r % pool.size()]);
     auto dp = std::make_shared<multigpu::DataParallel<Holder>>(make_model<Holder>(), devices);
     dp->template make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.01).momentum(0.9));
-    auto data = std::make_shared<torch::data::Example<>>(batch);
+    auto data = std::make_shared<torch::data::Example<>>(batch.data.to(first), batch.target.to(first));
     Contender contender;
     contender.name = fmt::format("DataParallel({})", k);
     contender.replicas = k;
@@ -202,8 +135,9 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
 
 #if MULTIGPU_WITH_CUDA
   if (first.is_cuda()) {
-    // LibTorch's own data_parallel replicates the module on every call.
-    std::vector<std::vector<c10::Device>> layouts = {{first, first}};
+    // LibTorch's own data_parallel: on one device it calls the module; on
+    // more (the same GPU twice included) it replicates the module every step.
+    std::vector<std::vector<c10::Device>> layouts = {{first}, {first, first}};
     if (pool.size() > 1) layouts.push_back(pool);
     for (const auto& layout : layouts) {
       auto model = std::make_shared<Holder>(make_model<Holder>());
@@ -220,10 +154,8 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
       theirs.step = [model, optimizer, data, layout] {
         optimizer->zero_grad();
         const torch::Tensor output = torch::nn::parallel::data_parallel(*model, data->data, layout);
-        const torch::Tensor loss = torch::nll_loss(torch::log_softmax(output, 1), data->target);
-        loss.backward();
+        bench::cross_entropy(output, data->target).backward();
         optimizer->step();
-        (void)loss.item<double>();
       };
       out.push_back(std::move(theirs));
     }
@@ -233,16 +165,23 @@ std::vector<Contender> contenders_for(const Workload& workload, const std::vecto
 }
 
 Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector<std::size_t>& replica_counts,
-                         const std::vector<std::string>& models, int warmup, int rounds, int steps, bool quick) {
+                         const std::vector<std::string>& models, const std::map<std::string, std::int64_t>& batches,
+                         int warmup, int rounds, int steps) {
   Json results = Json::array();
-  for (const auto& workload : workloads(quick)) {
+  for (const auto& workload : bench::workloads()) {
     if (std::find(models.begin(), models.end(), workload.name) == models.end()) continue;
+    const std::int64_t batch_size = batches.at(workload.name);
+    torch::manual_seed(1);
+    const auto batch = workload.make_batch(batch_size);
     std::vector<Contender> contenders;
-    if (workload.name == "mlp") contenders = contenders_for<Mlp>(workload, pool, replica_counts);
-    if (workload.name == "cnn") contenders = contenders_for<Cnn>(workload, pool, replica_counts);
-    if (workload.name == "transformer") contenders = contenders_for<Transformer>(workload, pool, replica_counts);
-    fmt::print("steps: {} (batch {}), {} contenders, {} rounds of {} steps\n", workload.name, workload.batch_size,
-               contenders.size(), rounds, steps);
+    std::int64_t parameters = 0;
+    bench::with_model_type(workload.name, [&](auto type) {
+      using Holder = typename decltype(type)::type;
+      parameters = bench::parameter_count(*bench::make_model<Holder>());
+      contenders = contenders_for<Holder>(batch, pool, replica_counts);
+    });
+    fmt::print("steps: {} ({}, {} parameters), batch {}, {} contenders, {} rounds of {} steps\n", workload.name,
+               workload.description, parameters, batch_size, contenders.size(), rounds, steps);
     for (auto& c : contenders) {
       for (int i = 0; i < warmup; ++i) c.step();
       synchronize(c.device);
@@ -268,12 +207,13 @@ Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector
     for (auto& c : contenders) {
       const double ms = median(c.round_step_ms);
       Json entry = {{"model", workload.name},
-                    {"batch_size", workload.batch_size},
+                    {"parameters", parameters},
+                    {"batch_size", batch_size},
                     {"contender", c.name},
                     {"replicas", c.replicas},
                     {"step_ms", ms},
                     {"round_step_ms", c.round_step_ms},
-                    {"samples_per_second", 1000.0 * static_cast<double>(workload.batch_size) / ms},
+                    {"samples_per_second", 1000.0 * static_cast<double>(batch_size) / ms},
                     {"ratio_to_plain", ms / plain_ms}};
       if (!c.stats.empty()) {
         std::vector<double> exposed, last, total;
@@ -422,7 +362,11 @@ Json describe_machine(const multigpu::DeviceSelection& selection) {
   gethostname(host, sizeof(host) - 1);
   Json devices = Json::array();
   for (const auto& d : selection) devices.push_back(d.is_cpu() ? std::string("cpu") : d.label());
+  double load[3] = {};
+  const std::string load_average =
+      getloadavg(load, 3) == 3 ? fmt::format("{:.2f} {:.2f} {:.2f}", load[0], load[1], load[2]) : "unknown";
   return {{"host", host},
+          {"load_average", load_average},  // other work on a shared machine shows here
           {"cpu", cpu},
           {"hardware_threads", std::thread::hardware_concurrency()},
           {"torch_intraop_threads", at::get_num_threads()},
@@ -440,7 +384,16 @@ std::string markdown(const Json& report) {
                                report["machine"]["libtorch"].get<std::string>(), report["machine"]["devices"].dump(),
                                report["date"].get<std::string>());
   if (report.contains("steps")) {
-    md += "## Training step\n\n| model | batch | contender | ms/step | samples/s | x plain | exposed sync ms | last bucket ms |\n"
+    md += "## Training step\n\nParameters:";
+    std::string last_model;
+    for (const auto& e : report["steps"]) {
+      if (e["model"] == last_model) continue;
+      last_model = e["model"].get<std::string>();
+      md += fmt::format(" {} {};", last_model, e["parameters"].get<std::int64_t>());
+    }
+    md.back() = '.';
+    md += " Every contender starts each step from the same batch on the first device; none reads its loss.\n\n"
+          "| model | batch | contender | ms/step | samples/s | x plain | exposed sync ms | last bucket ms |\n"
           "|---|---|---|---|---|---|---|---|\n";
     for (const auto& e : report["steps"]) {
       std::string exposed = "", last = "";
@@ -528,10 +481,19 @@ Json evaluate_targets(const Json& report) {
   return targets;
 }
 
+/// --replicas: counts separated by commas, each at least 1.
 std::vector<std::size_t> parse_counts(const std::string& text) {
   std::vector<std::size_t> out;
   std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(static_cast<std::size_t>(std::stoul(item)));
+  for (std::string item; std::getline(in, item, ',');) {
+    const bool digits =
+        !item.empty() && std::all_of(item.begin(), item.end(), [](unsigned char c) { return std::isdigit(c); });
+    if (!digits || item.size() > 6 || std::stoul(item) == 0) {
+      throw std::invalid_argument(fmt::format("--replicas {}: \"{}\" is not a replica count (1, 2, ...)", text, item));
+    }
+    out.push_back(static_cast<std::size_t>(std::stoul(item)));
+  }
+  if (out.empty()) throw std::invalid_argument(fmt::format("--replicas {}: no replica count given", text));
   return out;
 }
 
@@ -541,7 +503,8 @@ int main(int argc, char** argv) {
   CLI::App app{"multigpu benchmarks: step time, all-reduce bandwidth, compile time (see the file comment)."};
   std::string spec = "auto";
   std::string replicas_text = "1,2,4";
-  std::vector<std::string> models = {"mlp", "cnn", "transformer"};
+  std::vector<std::string> models;  // empty: bench::default_models for the device
+  std::vector<std::string> batch_items;
   std::vector<std::string> only = {"steps", "bandwidth", "compile"};
   std::string output_dir = MULTIGPU_BENCH_RESULTS_DIR;
   std::string label;
@@ -550,10 +513,16 @@ int main(int argc, char** argv) {
   bool quick = false;
   app.add_option("--devices", spec, "Device pool (a device spec); replicas cycle over it")->capture_default_str();
   app.add_option("--replicas", replicas_text, "Replica counts to compare, e.g. 1,2,4")->capture_default_str();
-  app.add_option("--models", models, "Models to time: mlp, cnn, transformer (several: mlp,cnn or mlp cnn)")
+  std::vector<std::string> model_names;
+  for (const auto& w : bench::workloads()) model_names.push_back(w.name);
+  app.add_option("--models", models,
+                 "Models to time (several: mlp,cnn or mlp cnn); default: mlp,cnn,transformer on a CPU, all on GPUs")
       ->delimiter(',')
-      ->check(CLI::IsMember({"mlp", "cnn", "transformer"}))
-      ->capture_default_str();
+      ->check(CLI::IsMember(model_names));
+  app.add_option("--batch", batch_items,
+                 "Batch size: N for every model, or model=N (several: resnet18=128,transformer-lm=32); default: "
+                 "per model and device kind (see benchmarks/models.hpp)")
+      ->delimiter(',');
   app.add_option("--only", only, "Parts to run: steps, bandwidth, compile (several: steps,compile)")
       ->delimiter(',')
       ->check(CLI::IsMember({"steps", "bandwidth", "compile"}))
@@ -567,6 +536,13 @@ int main(int argc, char** argv) {
   app.add_option("--label", label, "Name of the result files (default: from the machine)");
   app.add_flag("--quick", quick, "Tiny sizes and few repetitions: checks that it runs, measures nothing useful");
   CLI11_PARSE(app, argc, argv);
+  std::map<std::string, std::int64_t> chosen_batches;
+  try {
+    chosen_batches = bench::parse_batches(batch_items);
+  } catch (const std::invalid_argument& e) {
+    fmt::print(stderr, "bench: {}\n", e.what());
+    return 1;
+  }
 
   // The results folder is made (or found unwritable) before anything is measured.
   std::error_code made;
@@ -584,6 +560,10 @@ int main(int argc, char** argv) {
     const auto selection = manager.select(spec);
     const auto pool = selection.torch_devices();
     const auto replica_counts = parse_counts(replicas_text);
+    const bool gpu = !selection.is_cpu();
+    if (models.empty()) models = bench::default_models(gpu);
+    const std::size_t most_replicas = *std::max_element(replica_counts.begin(), replica_counts.end());
+    const auto batches = bench::batch_sizes(gpu, quick, most_replicas, chosen_batches);
     if (quick) {
       warmup = 1;
       rounds = 2;
@@ -600,8 +580,11 @@ int main(int argc, char** argv) {
     std::strftime(date, sizeof(date), "%Y-%m-%d %H:%M", std::gmtime(&now));
     report["date"] = std::string(date) + " UTC";
     report["quick"] = quick;
+    report["settings"] = {{"warmup", warmup}, {"rounds", rounds}, {"steps", steps}, {"replicas", replica_counts}};
     fmt::print("multigpu benchmarks on {} ({})\n", report["machine"]["cpu"].get<std::string>(), selection.describe());
-    if (has("steps")) report["steps"] = run_step_benchmarks(pool, replica_counts, models, warmup, rounds, steps, quick);
+    if (has("steps")) {
+      report["steps"] = run_step_benchmarks(pool, replica_counts, models, batches, warmup, rounds, steps);
+    }
     if (has("bandwidth")) {
       std::vector<std::int64_t> sizes;
       for (std::int64_t s = 4 << 10; s <= (quick ? (1 << 20) : (256 << 20)); s *= 4) sizes.push_back(s);
