@@ -366,9 +366,11 @@ FaultyJob run_faulty_job(const std::string& name, const std::string& arguments, 
 }  // namespace
 
 /// Trains the recipe as one plain model, as 1 process x 4 replicas and as 2
-/// processes x 2 replicas (each starting from its own random model), and
-/// checks that all end with the same parameters. `summed`: a summed loss.
-void check_two_processes_train_like_one_model(bool summed) {
+/// processes x `replicas` replicas on `device` (each starting from its own
+/// random model), and checks that all end with the same parameters.
+/// `summed`: a summed loss.
+void check_two_processes_train_like_one_model(bool summed, const std::string& device = "cpu", int replicas = 2) {
+  const double rtol = device == "cpu" ? 1e-5 : 1e-4;  // a GPU's float sums differ from the CPU's in the last bits
   const int steps = 4;
   auto loss = [summed](multigpu_test::RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
     return multigpu_test::recipe_loss(m, s.first, s.second, summed);
@@ -394,8 +396,9 @@ void check_two_processes_train_like_one_model(bool summed) {
   std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
   for (int rank = 0; rank < 2; ++rank) {
     ranks.push_back(start_rank(rank, 2, port,
-                               fmt::format("--replicas 2 --steps {} --summed {} --out {} --timeout-ms 60000", steps,
-                                           summed ? 1 : 0, scratch(fmt::format("params{}", rank))),
+                               fmt::format("--replicas {} --device {} --steps {} --summed {} --out {} --timeout-ms 60000",
+                                           replicas, device, steps, summed ? 1 : 0,
+                                           scratch(fmt::format("params{}", rank))),
                                scratch(fmt::format("log{}", rank))));
   }
   for (int rank = 0; rank < 2; ++rank) {
@@ -409,7 +412,7 @@ void check_two_processes_train_like_one_model(bool summed) {
     torch::Tensor trained;
     torch::load(trained, scratch(fmt::format("params{}", rank)));
     INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
-    CHECK(torch::allclose(trained, expected, 1e-5, 1e-6));
+    CHECK(torch::allclose(trained, expected, rtol, 1e-6));
     std::remove(scratch(fmt::format("params{}", rank)).c_str());
     std::remove(scratch(fmt::format("log{}", rank)).c_str());
   }
@@ -545,5 +548,17 @@ TEST_SUITE("distributed rendezvous") {
     }
   }
 }
+
+#if MULTIGPU_WITH_CUDA
+TEST_SUITE("CUDA") {
+  // Two processes on one GPU: NCCL refuses two ranks on one GPU, so the
+  // processes must see that they share it and go through Gloo, with the
+  // replicas' CUDA tensors staged through the host.
+  TEST_CASE("CUDA: 2 processes sharing one GPU (Gloo with CUDA tensors) train like one plain model") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    check_two_processes_train_like_one_model(/*summed=*/false, "cuda:0", 1);
+  }
+}
+#endif  // MULTIGPU_WITH_CUDA
 
 #endif  // MULTIGPU_WITH_DISTRIBUTED

@@ -35,9 +35,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -690,17 +692,46 @@ inline std::unique_ptr<Communicator> ProcessGroup::make_communicator(const std::
     distinct_gpus = distinct_gpus && replicas[i].device().is_cuda();
     for (std::size_t j = 0; j < i; ++j) distinct_gpus = distinct_gpus && replicas[j].device() != replicas[i].device();
   }
-  // Every process must take the same path: agree on it first.
-  const auto votes = all_gather_text(fmt::format("{} {}", distinct_gpus ? 1 : 0, replicas.size()));
+  // Every process must take the same path: agree on it first. A vote is
+  // "<distinct GPUs: 0|1> <replicas> <host/PCI bus id of each GPU>...": NCCL
+  // refuses two ranks on one GPU, so processes sharing one (several
+  // processes on a one-GPU machine) use Gloo.
+  std::string vote_text = fmt::format("{} {}", distinct_gpus ? 1 : 0, replicas.size());
+  for (const auto& replica : replicas) {
+    if (!replica.device().is_cuda()) continue;
+    char bus_id[64] = {};
+    if (cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), replica.device().index()) != cudaSuccess) {
+      cudaGetLastError();
+      std::snprintf(bus_id, sizeof(bus_id), "cuda:%d", static_cast<int>(replica.device().index()));
+    }
+    vote_text += fmt::format(" {}/{}", detail::this_host(), bus_id);
+  }
+  const auto votes = all_gather_text(vote_text);
   bool all_gpus = true;
   std::size_t total = 0;
   std::size_t first = 0;
+  std::vector<std::string> gpus;
+  std::string shared_gpu;
   for (int r = 0; r < size(); ++r) {
-    const auto& vote = votes[static_cast<std::size_t>(r)];
-    all_gpus = all_gpus && vote[0] == '1';
-    const std::size_t count = std::stoul(vote.substr(2));
+    std::istringstream vote(votes[static_cast<std::size_t>(r)]);
+    int distinct = 0;
+    std::size_t count = 0;
+    vote >> distinct >> count;
+    all_gpus = all_gpus && distinct == 1;
     if (r < rank()) first += count;
     total += count;
+    for (std::string gpu; vote >> gpu;) {
+      if (std::find(gpus.begin(), gpus.end(), gpu) != gpus.end() && shared_gpu.empty()) shared_gpu = gpu;
+      gpus.push_back(gpu);
+    }
+  }
+  if (all_gpus && !shared_gpu.empty()) {
+    if (is_primary()) {
+      log(LogLevel::kInfo, fmt::format("the processes share the GPU {} and NCCL refuses two ranks on one GPU: the "
+                                       "gradients go through Gloo (slower; one process per GPU uses NCCL)",
+                                       shared_gpu));
+    }
+    all_gpus = false;
   }
   if (all_gpus) {
     NcclWorld world;

@@ -1,6 +1,7 @@
 // One process of a multi-process test job: reads its place from the
 // environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains the
-// recipe with DataParallel over --replicas CPU replicas, and writes its final
+// recipe with DataParallel over --replicas replicas on --device (default
+// cpu; cuda:0 puts every replica on that GPU), and writes its final
 // parameters to --out. Faults on request: --die-at-step N makes rank
 // --fault-rank exit in the middle of step N (inside its loss function),
 // --hang-at-step N makes it stop there without exiting.
@@ -30,6 +31,7 @@ struct Args {
   int fault_rank = 1;
   int timeout_ms = 300000;
   bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
+  std::string device = "cpu";
 };
 
 Args parse(int argc, char** argv) {
@@ -45,6 +47,7 @@ Args parse(int argc, char** argv) {
     else if (name == "--fault-rank") args.fault_rank = std::stoi(value);
     else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
     else if (name == "--summed") args.summed = value == "1";
+    else if (name == "--device") args.device = value;
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -70,7 +73,7 @@ int main(int argc, char** argv) {
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
-        net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device("cpu")), dp_options);
+        net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
     dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
 
     for (int step = 0; step < args.steps; ++step) {
@@ -86,7 +89,7 @@ int main(int argc, char** argv) {
       });
     }
     group->barrier();  // every rank finished training (exercised by the tests)
-    torch::save(multigpu_test::flat_parameters(*net), args.out);
+    torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);
     return 0;
   } catch (const multigpu::Error& e) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
