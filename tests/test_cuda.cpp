@@ -19,6 +19,7 @@
 
 #include <ATen/cuda/Sleep.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
@@ -171,6 +172,22 @@ TEST_SUITE("CUDA") {
     batch.data.copy_(fresh.data);  // lands late, after the spin, on the caller's stream
     batch.target.copy_(fresh.target);
     const double loss = dp.train_step(batch, mse);
+    CHECK(loss == doctest::Approx(expected).epsilon(1e-4));
+  }
+
+  TEST_CASE("CUDA: a batch copied from pinned memory with non_blocking just before the step is what the replicas read") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(10);
+    Net net;
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    const auto x = torch::randn({12, 8}).pin_memory();
+    const auto y = torch::randn({12, 4}).pin_memory();
+    const double expected = mse(*net, torch::data::Example<>(x.to(gpu), y.to(gpu))).item<double>();
+    hold_current_stream();
+    const torch::data::Example<> batch(x.to(gpu, /*non_blocking=*/true), y.to(gpu, /*non_blocking=*/true));
+    const double loss = dp.train_step(batch, mse);  // the copies land after the spin
     CHECK(loss == doctest::Approx(expected).epsilon(1e-4));
   }
 
@@ -366,6 +383,32 @@ TEST_SUITE("CUDA") {
     CHECK(used.busy);
     MESSAGE("memory figures from " << used.memory_query << ": " << (used.used_bytes >> 20) << " MiB in use of "
                                    << (used.total_bytes >> 20) << " MiB");
+  }
+
+  TEST_CASE("CUDA: a replica is built straight on its GPU: nothing of it passes through the first") {
+    MULTIGPU_TEST_NEEDS_GPUS(2);
+    namespace allocator = c10::cuda::CUDACachingAllocator;
+    auto allocated = [](c10::DeviceIndex device) { return allocator::getDeviceStats(device).allocated_bytes[0]; };
+    torch::nn::Linear big(2048, 2048);  // 16 MiB of parameters, on the CPU
+    const std::int64_t bytes = (2048 * 2048 + 2048) * 4;
+    torch::cuda::synchronize();
+    allocator::resetPeakStats(0);
+    allocator::resetPeakStats(1);
+    const std::int64_t before0 = allocated(0).current;
+    const std::int64_t before1 = allocated(1).current;
+    DataParallelOptions options;
+    options.backend = "local";  // NCCL's own buffers stay out of the figures
+    DataParallel<torch::nn::Linear> dp(big, std::vector<c10::Device>{c10::Device("cuda:0"), c10::Device("cuda:1")},
+                                       options);
+    torch::cuda::synchronize();
+    // Each GPU holds its replica's parameters and one gradient bucket of the
+    // same size; cuda:0 never held a second copy on the way to cuda:1.
+    const std::int64_t slack = std::int64_t{1} << 20;
+    CHECK(allocated(0).peak - before0 <= 2 * bytes + slack);
+    CHECK(allocated(1).current - before1 >= 2 * bytes);
+    CHECK(allocated(1).current - before1 <= 2 * bytes + slack);
+    CHECK(big->weight.device() == c10::Device("cuda:0"));
+    CHECK(dp.replica(1).weight.device() == c10::Device("cuda:1"));
   }
 
 #if MULTIGPU_WITH_NCCL
