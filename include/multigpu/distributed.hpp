@@ -363,7 +363,7 @@ inline ProcessGroup::~ProcessGroup() {
 
 namespace detail {
 
-/// A TCPStore constructed on a thread of its own, waited for at most
+/// A TCPStore constructed (and, for a client, asked once) on a thread of its own, waited for at most
 /// `limit`: null past it, the thread left to end on its own (see Note
 /// [Rendezvous failures]). What the constructor throws is rethrown here.
 inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& host,
@@ -382,6 +382,10 @@ inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& h
     std::exception_ptr error;
     try {
       store = c10::make_intrusive<c10d::TCPStore>(host, options);
+      // One round trip, within the limit too: LibTorch 1.13's constructor
+      // does not speak to the server, so a peer that accepts and never
+      // answers would block the first store call instead, with no time-out.
+      if (!options.isServer) store->check({"multigpu/hello"});
     } catch (...) {
       error = std::current_exception();
     }
