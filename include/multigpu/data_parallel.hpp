@@ -53,12 +53,15 @@
 #include <torch/nn/pimpl.h>
 #include <torch/optim/optimizer.h>
 
+#include "multigpu/checkpoint.hpp"
 #include "multigpu/data_parallel_options.hpp"
+#include "multigpu/detail/checkpoint_io.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/data_parallel_core.hpp"
 #include "multigpu/detail/streams.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/sampler.hpp"
 #include "multigpu/scatter.hpp"
 #include "multigpu/step_loss.hpp"
 
@@ -207,17 +210,39 @@ class DataParallel {
   /// How the gradients are bucketed (nullptr with one replica).
   const std::vector<detail::BucketInfo>* gradient_buckets() const { return core_.buckets(); }
 
-  // --- checkpoints --------------------------------------------------------------------
+  // --- checkpoints (see Note [Checkpoints] in multigpu/checkpoint.hpp) ---------------------
+
+  /// Saves the whole training: module, optimizer state, step count, the
+  /// attached sampler's place in the data, random states and values().
+  /// Written atomically, by rank 0; collective over processes.
+  void save_state(const std::string& path) { detail::save_training_state(core_, path, values_); }
+  /// Resumes the training saved by save_state, also on another number of
+  /// replicas or processes (ResumeInfo says what changed). Checks everything
+  /// before changing anything: a checkpoint of another model, or a damaged
+  /// one, is refused and every replica stays as it was. Make the optimizer
+  /// and attach the sampler first. Collective over processes.
+  ResumeInfo load_state(const std::string& path) { return detail::load_training_state(core_, path, values_); }
+  /// The sampler whose place in the data checkpoints record (a handle that
+  /// shares its state with the loader's copy); load_state makes it skip
+  /// what was already trained on.
+  void attach(const DistributedSampler& sampler) { detail::attach_sampler(core_, sampler); }
+  /// Your own numbers and tensors, saved and restored with the training.
+  CheckpointValues& values() { return values_; }
+  /// Optimizer steps taken (restored by load_state).
+  std::int64_t steps() const { return core_.steps(); }
 
   /// Saves your module with plain torch::save (no "module." prefix): a plain
   /// `Net` loads it with torch::load. Written atomically.
-  void save(const std::string& path) { core_.save(path); }
-  /// Loads a plain LibTorch checkpoint of the module into every replica.
-  void load(const std::string& path) { core_.load(path); }
+  void save(const std::string& path) { detail::save_module(core_, path); }
+  /// Loads a module checkpoint (torch::save of the module, dp.save, or the
+  /// module part of save_state's) into every replica. A checkpoint of
+  /// another model is refused, naming the first difference, before any
+  /// replica changes.
+  void load(const std::string& path) { detail::load_module(core_, path); }
   /// Saves the primary optimizer's state (torch::save of the optimizer).
-  void save_optimizer(const std::string& path) { core_.save_optimizer(path); }
-  /// Loads an optimizer state into every replica's optimizer.
-  void load_optimizer(const std::string& path) { core_.load_optimizer(path); }
+  void save_optimizer(const std::string& path) { detail::save_optimizer(core_, path); }
+  /// Loads an optimizer state into every replica's optimizer (all or none).
+  void load_optimizer(const std::string& path) { detail::load_optimizer(core_, path); }
 
  private:
   static Factory default_factory() {
@@ -236,6 +261,7 @@ class DataParallel {
   ModulePtr module_;
   std::vector<ModulePtr> replicas_;
   detail::DataParallelCore core_;
+  CheckpointValues values_;
 };
 
 // ---------------------------------------------------------------------------

@@ -54,6 +54,11 @@ struct DataParallelOptions {
   /// also reaches the other processes. Its broadcast from replica 0 is used
   /// at construction, so every replica everywhere starts from rank 0's state.
   std::function<std::unique_ptr<Communicator>(const std::vector<ReplicaContext>&)> make_communicator;
+  /// This process's rank and the number of processes training together
+  /// (set by ProcessGroup::data_parallel_options): checkpoints are written
+  /// by rank 0 and say on how many processes they were made.
+  int process_rank = 0;
+  int processes = 1;
 };
 
 }  // namespace multigpu

@@ -685,6 +685,8 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
   // The group's own time-out must fire first: it names the silent ranks.
   // DataParallel's is the back-stop, after the group's diagnosis.
   base.collective_timeout = std::max(base.collective_timeout, timeout_ + 4 * heartbeat_interval() + std::chrono::seconds(2));
+  base.process_rank = env_.rank;
+  base.processes = env_.world_size;
   return base;
 }
 

@@ -15,6 +15,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/backend.hpp"
 #include "multigpu/data_parallel.hpp"
+#include "multigpu/checkpoint.hpp"
 #include "multigpu/distributed_env.hpp"
 #include "multigpu/sampler.hpp"
 #include "multigpu/scheduler.hpp"

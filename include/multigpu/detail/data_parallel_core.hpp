@@ -30,8 +30,10 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/detail/training_progress.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/gradient_reducer.hpp"
+#include "multigpu/detail/module_state.hpp"
 #include "multigpu/detail/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/step_loss.hpp"
@@ -85,23 +87,40 @@ class DataParallelCore {
   void check_parity();
   void train(bool on);
 
-  void save(const std::string& path);
-  void load(const std::string& path);
-  void save_optimizer(const std::string& path);
-  void load_optimizer(const std::string& path);
-
   const Communicator& communicator() const { return *comm_; }
   /// Timings of the last gradient sync; nullopt with one replica.
   std::optional<SyncStats> last_sync_stats() const;
   const std::vector<BucketInfo>* buckets() const { return reducer_ ? &reducer_->buckets() : nullptr; }
   std::int64_t steps() const { return steps_; }
 
- private:
+  // --- for checkpoints (detail/checkpoint_io.hpp) ---
+  const std::vector<std::string>& parameter_names() const { return parameter_names_; }
+  const std::vector<std::string>& buffer_names() const { return buffer_names_; }
+  const std::vector<at::Tensor>& parameters(std::size_t r) const { return parameters_.at(r); }
+  const std::vector<at::Tensor>& buffers(std::size_t r) const { return buffers_.at(r); }
+  const std::vector<ReplicaContext>& contexts() const { return contexts_; }
+  Communicator& comm() { return *comm_; }
+  TrainingProgress& progress() { return progress_; }
+  /// Throws when the replicas cannot be trusted (a failed sync, a failed step).
   void require_usable(const char* what) const;
+  /// Throws when the communicator failed (see check_usable's callers).
   void check_communicator(const char* what) const;
+  /// Copies `parameters` and `buffers` (in the order of parameter_names()
+  /// and buffer_names(), matching shapes and dtypes, on any device) into
+  /// every replica; the replicas agree again afterwards.
+  void assign_module_state(const std::vector<at::Tensor>& parameters, const std::vector<at::Tensor>& buffers);
+  /// The primary optimizer's state, serialised.
+  std::string optimizer_state();
+  /// Loads a serialised optimizer state into every replica's optimizer:
+  /// into all of them or, when it does not fit, into none.
+  void load_optimizer_state(const std::string& state, const std::string& origin);
+  void set_steps(std::int64_t steps) { steps_ = steps; }
+
+ private:
   void follow_primary_options();
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
+  void load_optimizer_into(std::size_t r, const std::string& state);
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
   std::vector<at::Tensor> same_tensor_on_every_replica(std::size_t index, bool buffer) const;
 
@@ -120,6 +139,7 @@ class DataParallelCore {
   std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers_;
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
+  TrainingProgress progress_;
   std::string diverged_;  // why the replicas may differ ("" when they cannot)
 };
 
@@ -134,57 +154,12 @@ struct module_class<M, std::void_t<typename M::ContainedType>> {
   using type = typename M::ContainedType;
 };
 
-/// Keeps LibTorch's CPU random stream where it was: building replicas runs
-/// module constructors and reset(), which draw random initial values that
-/// are then overwritten. Without this, wrapping a model would change the
-/// random numbers (dropout masks, shuffles) of the rest of the program.
-class PreserveCpuRandomState {
- public:
-  PreserveCpuRandomState() : state_(at::detail::getDefaultCPUGenerator().get_state()) {}
-  ~PreserveCpuRandomState() {
-    auto generator = at::detail::getDefaultCPUGenerator();
-    generator.set_state(state_);
-  }
-  PreserveCpuRandomState(const PreserveCpuRandomState&) = delete;
-  PreserveCpuRandomState& operator=(const PreserveCpuRandomState&) = delete;
-
- private:
-  at::Tensor state_;
-};
-
-/// Copies `source`'s parameters and buffers into `target` (same structure).
-void copy_module_state(const torch::nn::Module& source, torch::nn::Module& target, const char* origin);
-
 }  // namespace detail
 
 // ---------------------------------------------------------------------------
 // Definitions
 
 namespace detail {
-
-inline void copy_module_state(const torch::nn::Module& source, torch::nn::Module& target, const char* origin) {
-  const compat::NoGradGuard no_grad;
-  auto copy = [&](const auto& from, const auto& to, const char* kind) {
-    if (from.size() != to.size()) {
-      throw Error(fmt::format("DataParallel: {} has {} {}s, your module has {}", origin, to.size(), kind,
-                              from.size()));
-    }
-    for (const auto& item : from) {
-      const at::Tensor* destination = to.find(item.key());
-      if (destination == nullptr) {
-        throw Error(fmt::format("DataParallel: {} has no {} named {}", origin, kind, item.key()));
-      }
-      if (destination->sizes() != item.value().sizes()) {
-        throw Error(fmt::format("DataParallel: {} {} has shape {}, yours {}", kind, item.key(),
-                                shape_text(destination->sizes()), shape_text(item.value().sizes())));
-      }
-      at::Tensor target_tensor = *destination;
-      target_tensor.copy_(item.value());
-    }
-  };
-  copy(source.named_parameters(), target.named_parameters(), "parameter");
-  copy(source.named_buffers(), target.named_buffers(), "buffer");
-}
 
 inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn::Module>> replicas,
                                           std::vector<c10::Device> devices, DataParallelOptions options)
@@ -361,6 +336,7 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
     zero_after_failure();
     throw;
   }
+  progress_.on_batch(total);
   std::vector<double> loss_weights(n, 1.0);
   if (options_.loss_reduction == LossReduction::kMean) {
     for (std::size_t r = 0; r < n; ++r) {
@@ -428,6 +404,7 @@ inline void DataParallelCore::step() {
   }
   if (options_.broadcast_buffers && !buffer_names_.empty()) broadcast_buffers();
   ++steps_;
+  progress_.on_step();
   if (options_.parity_check_every > 0 && steps_ % options_.parity_check_every == 0) check_parity();
 }
 
@@ -457,6 +434,7 @@ inline void DataParallelCore::follow_primary_options() {
 
 inline void DataParallelCore::zero_grad() {
   const auto fence = fenced();
+  progress_.on_zero_grad();
   if (reducer_) {
     workers_.run([&](std::size_t r) { reducer_->zero(r); }, "zeroing gradients");
     reducer_->mark_zeroed();
@@ -566,19 +544,10 @@ inline void DataParallelCore::broadcast_buffers() {
 inline void DataParallelCore::resync_from_primary() {
   const auto fence = fenced();
   broadcast_from_primary();
-  if (size() > 1) {
-    if (!optimizers_.empty()) {
-      std::ostringstream state;
-      torch::serialize::OutputArchive archive;
-      optimizers_[0]->save(archive);
-      archive.save_to(state);
-      for (std::size_t r = 1; r < size(); ++r) {
-        std::istringstream input(state.str());
-        torch::serialize::InputArchive in;
-        in.load_from(input, devices_[r]);
-        optimizers_[r]->load(in);
-      }
-    }
+  if (size() > 1 && !optimizers_.empty()) {
+    const std::string state = optimizer_state();
+    const ReplicaStreamsCurrent on_replicas(contexts_);
+    for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
   }
   diverged_.clear();
 }
@@ -614,43 +583,62 @@ inline void DataParallelCore::train(bool on) {
   for (auto& replica : replicas_) replica->train(on);
 }
 
-inline void DataParallelCore::save(const std::string& path) {
-  check_communicator("save");
-  const auto fence = fenced();
-  const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
-  replace_file_atomically(path, [&](const std::string& temporary) { torch::save(replicas_[0], temporary); });
-}
-
-inline void DataParallelCore::load(const std::string& path) {
-  const auto fence = fenced();
-  try {
-    const ReplicaStreamsCurrent on_replicas(contexts_);
-    torch::load(replicas_[0], path, devices_[0]);
-  } catch (const c10::Error& e) {
-    throw Error(fmt::format("cannot load the checkpoint {} into the module: {}", path, e.what_without_backtrace()));
+inline void DataParallelCore::assign_module_state(const std::vector<at::Tensor>& parameters,
+                                                  const std::vector<at::Tensor>& buffers) {
+  if (parameters.size() != parameter_names_.size() || buffers.size() != buffer_names_.size()) {
+    throw Error(fmt::format("DataParallel: {} parameters and {} buffers given for a module of {} and {}",
+                            parameters.size(), buffers.size(), parameter_names_.size(), buffer_names_.size()));
   }
-  broadcast_from_primary();
-}
-
-inline void DataParallelCore::save_optimizer(const std::string& path) {
-  auto& primary = optimizer(0);
   const auto fence = fenced();
-  const ReplicaStreamsCurrent on_replicas(contexts_);
-  replace_file_atomically(path, [&](const std::string& temporary) { torch::save(primary, temporary); });
-}
-
-inline void DataParallelCore::load_optimizer(const std::string& path) {
-  optimizer(0);  // throws when there is none
-  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
   const ReplicaStreamsCurrent on_replicas(contexts_);
   for (std::size_t r = 0; r < size(); ++r) {
-    try {
-      torch::load(*optimizers_[r], path, devices_[r]);
-    } catch (const c10::Error& e) {
-      throw Error(fmt::format("cannot load the optimizer state {} into replica {}'s optimizer: {}", path, r,
-                              e.what_without_backtrace()));
+    for (std::size_t i = 0; i < parameters.size(); ++i) parameters_[r][i].copy_(parameters[i]);
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      if (buffers_[r][i].defined()) buffers_[r][i].copy_(buffers[i]);
     }
   }
+  diverged_.clear();
+}
+
+inline std::string DataParallelCore::optimizer_state() {
+  auto& primary = optimizer(0);
+  const auto fence = fenced();
+  const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
+  std::ostringstream state;
+  torch::serialize::OutputArchive archive;
+  primary.save(archive);
+  archive.save_to(state);
+  return state.str();
+}
+
+// All or none: the primary's state is kept first, so that a state which
+// fails half-way (another optimizer, another number of parameters) can be
+// put back; once it fits the primary, it fits every replica (same module).
+inline void DataParallelCore::load_optimizer_state(const std::string& state, const std::string& origin) {
+  optimizer(0);  // throws when there is none
+  const std::string previous = optimizer_state();
+  const auto fence = fenced();
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  try {
+    load_optimizer_into(0, state);
+  } catch (const c10::Error& e) {
+    try {
+      load_optimizer_into(0, previous);
+    } catch (const c10::Error&) {
+      diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
+    }
+    throw Error(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged", origin,
+                            e.what_without_backtrace()));
+  }
+  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
+}
+
+inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::string& state) {
+  std::istringstream input(state);
+  torch::serialize::InputArchive archive;
+  archive.load_from(input, devices_[r]);
+  optimizers_[r]->load(archive);
 }
 
 inline std::optional<SyncStats> DataParallelCore::last_sync_stats() const {

@@ -1,0 +1,601 @@
+#pragma once
+// Reading and writing checkpoints of a DataParallel: the module alone
+// (dp.save / dp.load), the optimizer alone, and the whole training
+// (dp.save_state / dp.load_state). See Note [Checkpoints] in
+// multigpu/checkpoint.hpp for what they hold and guarantee.
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <fmt/core.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include "multigpu/checkpoint.hpp"
+#include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/detail/data_parallel_core.hpp"
+#include "multigpu/detail/module_state.hpp"
+#include "multigpu/detail/streams.hpp"
+#include "multigpu/error.hpp"
+#include "multigpu/sampler.hpp"
+
+namespace multigpu {
+namespace detail {
+
+/// Keys of a training checkpoint's own parts (beside the module's).
+inline constexpr const char* kCheckpointPrefix = "__multigpu_";
+inline constexpr std::int64_t kCheckpointFormat = 1;
+
+void save_module(DataParallelCore& core, const std::string& path);
+void load_module(DataParallelCore& core, const std::string& path);
+void save_optimizer(DataParallelCore& core, const std::string& path);
+void load_optimizer(DataParallelCore& core, const std::string& path);
+/// The sampler whose place a checkpoint records (see TrainingProgress).
+void attach_sampler(DataParallelCore& core, const DistributedSampler& sampler);
+void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointValues& values);
+ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointValues& values);
+
+// ---------------------------------------------------------------------------
+// Definitions
+
+namespace checkpoint {
+
+inline std::string key(const char* part) { return std::string(kCheckpointPrefix) + part; }
+
+/// Every process's `values` summed, over the communicator (replica 0 of
+/// each process gives its values, the others zeros). Collective.
+inline std::vector<double> all_reduce_sum(DataParallelCore& core, const std::vector<double>& values) {
+  if (core.options().processes == 1) return values;
+  const auto cpu = at::tensor(values, at::kDouble);
+  std::vector<at::Tensor> tensors;
+  for (std::size_t r = 0; r < core.size(); ++r) {
+    tensors.push_back(r == 0 ? cpu.to(core.device(r)) : at::zeros_like(cpu, cpu.options().device(core.device(r))));
+  }
+  core.comm().all_reduce(tensors, ReduceOp::kSum);
+  const at::Tensor sum = tensors[0].to(at::kCPU);
+  return {sum.data_ptr<double>(), sum.data_ptr<double>() + sum.numel()};
+}
+
+/// A value of each process, gathered: row k is rank k's. Collective.
+inline std::vector<std::vector<double>> all_gather(DataParallelCore& core, const std::vector<double>& mine) {
+  const auto processes = static_cast<std::size_t>(core.options().processes);
+  if (processes == 1) return {mine};
+  const auto rank = static_cast<std::size_t>(core.options().process_rank);
+  std::vector<double> lengths(processes, 0.0);
+  lengths[rank] = static_cast<double>(mine.size());
+  lengths = all_reduce_sum(core, lengths);
+  const auto width = static_cast<std::size_t>(*std::max_element(lengths.begin(), lengths.end()));
+  std::vector<double> rows(processes * width, 0.0);
+  std::copy(mine.begin(), mine.end(), rows.begin() + static_cast<std::ptrdiff_t>(rank * width));
+  rows = all_reduce_sum(core, rows);
+  std::vector<std::vector<double>> out(processes);
+  for (std::size_t k = 0; k < processes; ++k) {
+    const auto begin = rows.begin() + static_cast<std::ptrdiff_t>(k * width);
+    out[k].assign(begin, begin + static_cast<std::ptrdiff_t>(lengths[k]));
+  }
+  return out;
+}
+
+/// This process's random states: the CPU generator's, then the GPU
+/// generator's of each CUDA replica (undefined for CPU replicas).
+inline std::vector<at::Tensor> local_random_states(const std::vector<c10::Device>& devices) {
+  std::vector<at::Tensor> states;
+  {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    const std::lock_guard<std::mutex> lock(cpu.mutex());
+    states.push_back(cpu.get_state());
+  }
+  for (const auto& device : devices) {
+    if (!device.is_cuda()) {
+      states.emplace_back();
+      continue;
+    }
+    auto generator = at::globalContext().defaultGenerator(device);
+    const std::lock_guard<std::mutex> lock(generator.mutex());
+    states.push_back(generator.get_state());
+  }
+  return states;
+}
+
+/// Every process's random states, by rank, as "rank{k}_cpu" and
+/// "rank{k}_replica{r}" (CUDA replicas). Collective.
+inline std::map<std::string, at::Tensor> gather_random_states(DataParallelCore& core) {
+  // One row of doubles per process: [count, length..., bytes...].
+  const std::vector<at::Tensor> states = local_random_states(core.devices());
+  std::vector<double> row{static_cast<double>(states.size())};
+  for (const auto& state : states) row.push_back(state.defined() ? static_cast<double>(state.numel()) : -1.0);
+  for (const auto& state : states) {
+    if (!state.defined()) continue;
+    const auto* bytes = state.data_ptr<std::uint8_t>();
+    row.insert(row.end(), bytes, bytes + state.numel());
+  }
+  std::map<std::string, at::Tensor> out;
+  const auto rows = all_gather(core, row);
+  for (std::size_t k = 0; k < rows.size(); ++k) {
+    const auto count = static_cast<std::size_t>(rows[k].at(0));
+    std::size_t offset = 1 + count;
+    for (std::size_t i = 0; i < count; ++i) {
+      const double length = rows[k].at(1 + i);
+      if (length < 0) continue;
+      at::Tensor state = at::empty({static_cast<std::int64_t>(length)}, at::kByte);
+      auto* bytes = state.data_ptr<std::uint8_t>();
+      for (std::int64_t b = 0; b < state.numel(); ++b) bytes[b] = static_cast<std::uint8_t>(rows[k][offset++]);
+      out[i == 0 ? fmt::format("rank{}_cpu", k) : fmt::format("rank{}_replica{}", k, i - 1)] = state;
+    }
+  }
+  return out;
+}
+
+inline at::Tensor bytes_tensor(const std::string& bytes) {
+  at::Tensor tensor = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  if (!bytes.empty()) std::memcpy(tensor.data_ptr(), bytes.data(), bytes.size());
+  return tensor;
+}
+
+inline std::string tensor_bytes(const at::Tensor& tensor) {
+  const at::Tensor data = tensor.to(at::kCPU).contiguous();
+  return std::string(static_cast<const char*>(data.data_ptr()), static_cast<std::size_t>(data.numel()));
+}
+
+/// The module's tensors (primary replica), checksummed in a fixed order.
+inline void add_module(Checksum& sum, const std::vector<at::Tensor>& parameters, const std::vector<at::Tensor>& buffers) {
+  for (const auto& tensor : parameters) sum.add(tensor);
+  for (const auto& tensor : buffers) {
+    if (tensor.defined()) sum.add(tensor);
+  }
+}
+
+/// Every rank says whether it read `path` and what (a fingerprint); all go
+/// on only when every rank read the same. Collective.
+inline void agree(DataParallelCore& core, const std::string& what, const std::string& path,
+                  const std::string& failure, std::uint64_t fingerprint) {
+  const int processes = core.options().processes;
+  if (processes == 1) {
+    if (!failure.empty()) throw Error(failure);
+    return;
+  }
+  const auto rank = static_cast<std::size_t>(core.options().process_rank);
+  std::vector<double> rows(static_cast<std::size_t>(processes) * 3, 0.0);
+  rows[rank * 3] = failure.empty() ? 1.0 : 0.0;
+  rows[rank * 3 + 1] = static_cast<double>(fingerprint >> 32);
+  rows[rank * 3 + 2] = static_cast<double>(fingerprint & 0xFFFFFFFFULL);
+  rows = all_reduce_sum(core, rows);
+  std::vector<int> failed;
+  std::vector<int> different;
+  for (int k = 0; k < processes; ++k) {
+    const std::size_t at = static_cast<std::size_t>(k) * 3;
+    if (rows[at] == 0.0) {
+      failed.push_back(k);
+    } else if (rows[0] != 0.0 && (rows[at + 1] != rows[1] || rows[at + 2] != rows[2])) {
+      different.push_back(k);
+    }
+  }
+  if (!failure.empty()) throw Error(failure);
+  if (failed.empty() && different.empty()) return;
+  auto list = [](const std::vector<int>& ranks) {
+    std::string out;
+    for (int k : ranks) out += (out.empty() ? "" : ", ") + std::to_string(k);
+    return out;
+  };
+  std::string why;
+  if (!failed.empty()) why = fmt::format("rank(s) {} could not read it (their output says why)", list(failed));
+  if (!different.empty()) {
+    why += fmt::format("{}rank(s) {} read another file there than rank 0 (another checksum)", why.empty() ? "" : "; ",
+                       list(different));
+  }
+  throw Error(fmt::format("{} {}: {}; every rank stopped before changing anything, so that all resume from one "
+                          "checkpoint",
+                          what, path, why));
+}
+
+/// Opens `path` as an archive on the CPU; errors name the file and why.
+inline torch::serialize::InputArchive open(const std::string& path, const char* what) {
+  std::error_code error;
+  if (!std::filesystem::exists(path, error)) throw Error(fmt::format("{}: there is no file {}", what, path));
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(path, c10::Device(c10::kCPU));
+  } catch (const c10::Error& e) {
+    throw Error(fmt::format("{}: cannot read {} as a LibTorch checkpoint (damaged, or not written by torch::save): {}",
+                            what, path, e.what_without_backtrace()));
+  }
+  return archive;
+}
+
+/// Writes `archive` to `path` atomically; errors name `path` and why.
+inline void write(torch::serialize::OutputArchive& archive, const std::string& path) {
+  check_checkpoint_path(path);
+  replace_file_atomically(path, [&](const std::string& temporary) {
+    errno = 0;
+    try {
+      archive.save_to(temporary);
+    } catch (const c10::Error& e) {
+      const int saved = errno;
+      throw Error(fmt::format("cannot write the checkpoint {}: {}{}", path, e.what_without_backtrace(),
+                              saved != 0 ? fmt::format(" ({})", std::strerror(saved)) : ""));
+    }
+  });
+}
+
+inline ModuleTensors read_module(DataParallelCore& core, torch::serialize::InputArchive& archive,
+                                 const std::string& origin) {
+  return read_module_tensors(archive, origin, core.parameter_names(), core.parameters(0), core.buffer_names(),
+                             core.buffers(0), kCheckpointPrefix);
+}
+
+/// What a training checkpoint holds, read and checked, not applied yet.
+struct Loaded {
+  std::map<std::string, std::int64_t> meta;
+  ModuleTensors module;
+  std::string optimizer;  // serialised; empty: none saved
+  std::map<std::string, at::Tensor> random;
+  CheckpointValues values;
+  std::uint64_t checksum = 0;
+};
+
+/// The checkpoint's description fields, checksummed in one order.
+inline void add_meta(Checksum& sum, const std::map<std::string, std::int64_t>& meta) {
+  for (const auto& [name, value] : meta) {
+    sum.add(name);
+    sum.add(value);
+  }
+}
+
+inline void add_values(Checksum& sum, const std::map<std::string, c10::IValue>& values) {
+  for (const auto& [name, value] : values) {
+    sum.add(name);
+    if (value.isTensor()) {
+      sum.add(value.toTensor());
+    } else if (value.isInt()) {
+      sum.add(value.toInt());
+    } else {
+      const double number = value.toDouble();
+      std::int64_t bits = 0;
+      std::memcpy(&bits, &number, sizeof bits);
+      sum.add(bits);
+    }
+  }
+}
+
+inline void add_random(Checksum& sum, const std::map<std::string, at::Tensor>& random) {
+  for (const auto& [name, state] : random) {
+    sum.add(name);
+    sum.add(state);
+  }
+}
+
+inline std::int64_t meta_value(const Loaded& loaded, const char* name, const std::string& path) {
+  const auto found = loaded.meta.find(name);
+  if (found == loaded.meta.end()) {
+    throw Error(fmt::format("load_state: the checkpoint {} lacks its field {}: it is damaged", path, name));
+  }
+  return found->second;
+}
+
+inline Loaded read_training_state(DataParallelCore& core, const std::string& path) {
+  const std::string origin = "load_state: the checkpoint " + path;
+  torch::serialize::InputArchive archive = open(path, "load_state");
+  Loaded loaded;
+  c10::IValue format;
+  if (!archive.try_read(key("format"), format) || !format.isInt()) {
+    throw Error(fmt::format("load_state: {} is not a training checkpoint of multigpu (it has no {}); a module "
+                            "saved with torch::save or dp.save loads with dp.load",
+                            path, key("format")));
+  }
+  if (format.toInt() > kCheckpointFormat) {
+    throw Error(fmt::format("load_state: {} has checkpoint format {}, this multigpu reads up to {}: it was written "
+                            "by a newer multigpu",
+                            path, format.toInt(), kCheckpointFormat));
+  }
+  torch::serialize::InputArchive part;
+  if (!archive.try_read(key("meta"), part)) throw Error(fmt::format("{} lacks its description: it is damaged", origin));
+  for (const std::string& name : part.keys()) {
+    c10::IValue value;
+    if (part.try_read(name, value) && value.isInt()) loaded.meta[name] = value.toInt();
+  }
+  loaded.module = read_module(core, archive, origin);
+  at::Tensor optimizer;
+  if (archive.try_read(key("optimizer"), optimizer, /*is_buffer=*/true)) {
+    if (!core.has_optimizer()) {
+      throw Error(fmt::format("{} holds an optimizer state, and this DataParallel has no optimizer yet: call "
+                              "make_optimizer<Opt>(options) before load_state, so that it is restored",
+                              origin));
+    }
+    loaded.optimizer = tensor_bytes(optimizer);
+  }
+  torch::serialize::InputArchive random;
+  if (archive.try_read(key("random"), random)) {
+    for (const std::string& name : random.keys()) {
+      at::Tensor state;
+      if (random.try_read(name, state, /*is_buffer=*/true)) loaded.random[name] = state;
+    }
+  }
+  torch::serialize::InputArchive values;
+  if (archive.try_read(key("values"), values)) {
+    std::vector<std::string> names = values.keys();
+    std::sort(names.begin(), names.end());
+    for (const std::string& name : names) {
+      c10::IValue value;
+      if (!values.try_read(name, value)) continue;
+      if (value.isTensor()) {
+        loaded.values.set(name, value.toTensor());
+      } else if (value.isInt()) {
+        loaded.values.set(name, value.toInt());
+      } else if (value.isDouble()) {
+        loaded.values.set(name, value.toDouble());
+      }
+    }
+  }
+  c10::IValue stored;
+  if (!archive.try_read(key("checksum"), stored) || !stored.isInt()) {
+    throw Error(fmt::format("{} lacks its checksum: it is damaged", origin));
+  }
+  Checksum sum;
+  add_meta(sum, loaded.meta);
+  add_module(sum, loaded.module.parameters, loaded.module.buffers);
+  sum.add(loaded.optimizer);
+  add_random(sum, loaded.random);
+  add_values(sum, loaded.values.items());
+  loaded.checksum = sum.value();
+  const auto expected = static_cast<std::uint64_t>(stored.toInt());
+  if (loaded.checksum != expected) {
+    throw Error(fmt::format("{} is damaged: its contents do not match its checksum (stored {:016x}, computed "
+                            "{:016x}); nothing was loaded. Resume from an earlier checkpoint",
+                            origin, expected, loaded.checksum));
+  }
+  // The data the place refers to must be the same data, in the same order.
+  const auto& sampler = core.progress().sampler();
+  if (sampler && meta_value(loaded, "has_data_position", path) != 0) {
+    const auto size = static_cast<std::size_t>(meta_value(loaded, "data_size", path));
+    const auto seed = static_cast<std::uint64_t>(meta_value(loaded, "data_seed", path));
+    const bool shuffle = meta_value(loaded, "data_shuffle", path) != 0;
+    if (size != sampler->size() || seed != sampler->seed() || shuffle != sampler->shuffle()) {
+      throw Error(fmt::format("{} was saved for a data set of {} samples, {}, seed {}; the attached sampler has {} "
+                              "samples, {}, seed {}: its place in the data would mean other samples",
+                              origin, size, shuffle ? "shuffled" : "in order", seed, sampler->size(),
+                              sampler->shuffle() ? "shuffled" : "in order", sampler->seed()));
+    }
+  }
+  return loaded;
+}
+
+/// Sets this process's generators from the gathered states; says what it could not.
+inline void restore_random_states(DataParallelCore& core, const std::map<std::string, at::Tensor>& random,
+                                  ResumeInfo& info) {
+  const int rank = core.options().process_rank;
+  const auto cpu_state = random.find(fmt::format("rank{}_cpu", rank));
+  if (cpu_state == random.end()) {
+    info.notes.push_back(fmt::format("random states: the checkpoint has none of rank {} (saved on {} processes); this "
+                                     "process keeps its own",
+                                     rank, info.saved_processes));
+    return;
+  }
+  {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    const std::lock_guard<std::mutex> lock(cpu.mutex());
+    cpu.set_state(cpu_state->second);
+  }
+  std::size_t missing = 0;
+  for (std::size_t r = 0; r < core.size(); ++r) {
+    if (!core.device(r).is_cuda()) continue;
+    const auto state = random.find(fmt::format("rank{}_replica{}", rank, r));
+    if (state == random.end()) {
+      ++missing;
+      continue;
+    }
+    auto generator = at::globalContext().defaultGenerator(core.device(r));
+    const std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(state->second);
+  }
+  if (missing > 0) {
+    info.notes.push_back(fmt::format("random states: {} GPU replica(s) of rank {} had none saved and keep their own",
+                                     missing, rank));
+  }
+}
+
+}  // namespace checkpoint
+
+inline void save_module(DataParallelCore& core, const std::string& path) {
+  core.check_communicator("save");
+  const auto fence = core.fenced();
+  const ReplicaStreamsCurrent on_replicas(core.contexts());  // read after the replicas' work
+  torch::serialize::OutputArchive archive;
+  core.replica(0).save(archive);
+  checkpoint::write(archive, path);
+}
+
+inline void load_module(DataParallelCore& core, const std::string& path) {
+  const auto fence = core.fenced();
+  const ReplicaStreamsCurrent on_replicas(core.contexts());
+  std::string failure;
+  ModuleTensors module;
+  Checksum sum;
+  try {
+    torch::serialize::InputArchive archive = checkpoint::open(path, "load");
+    module = checkpoint::read_module(core, archive, "load: the checkpoint " + path);
+    checkpoint::add_module(sum, module.parameters, module.buffers);
+  } catch (const Error& e) {
+    failure = e.what();
+  }
+  checkpoint::agree(core, "load: the checkpoint", path, failure, sum.value());
+  core.assign_module_state(module.parameters, module.buffers);
+}
+
+inline void save_optimizer(DataParallelCore& core, const std::string& path) {
+  const std::string state = core.optimizer_state();
+  replace_file_atomically(path, [&](const std::string& temporary) {
+    std::ofstream out(temporary, std::ios::binary);
+    out << state;
+    out.close();
+    if (!out) throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
+  });
+}
+
+inline void load_optimizer(DataParallelCore& core, const std::string& path) {
+  core.optimizer(0);  // throws when there is none
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(fmt::format("load_optimizer: cannot open {}: {}", path, std::strerror(errno)));
+  const std::string state((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  core.load_optimizer_state(state, path);
+}
+
+inline void attach_sampler(DataParallelCore& core, const DistributedSampler& sampler) {
+  const auto& options = core.options();
+  if (sampler.processes() != options.processes || sampler.rank() != options.process_rank) {
+    throw Error(fmt::format("attach: the sampler is rank {}'s part for {} processes, and this DataParallel trains as "
+                            "rank {} of {}: make it DistributedSampler(size, group->size(), group->rank())",
+                            sampler.rank(), sampler.processes(), options.process_rank, options.processes));
+  }
+  core.progress().attach(sampler);
+}
+
+inline void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointValues& values) {
+  core.require_usable("save_state");
+  if (core.progress().pending() > 0) {
+    throw Error("save_state after forward_backward and before step(): the accumulated gradients are not part of a "
+                "checkpoint; save after the step");
+  }
+  const auto fence = core.fenced();
+  const ReplicaStreamsCurrent on_replicas(core.contexts());  // read after the replicas' work
+  const auto random = checkpoint::gather_random_states(core);  // collective
+  const auto& options = core.options();
+  std::string failure;
+  if (options.process_rank == 0) {
+    try {
+      const TrainingProgress& progress = core.progress();
+      std::map<std::string, std::int64_t> meta{
+          {"step", core.steps()},
+          {"processes", options.processes},
+          {"replicas", static_cast<std::int64_t>(core.size())},
+          {"batch", progress.largest_step() * options.processes},
+          {"has_data_position", progress.sampler() ? 1 : 0}};
+      if (const auto& sampler = progress.sampler()) {
+        std::size_t epoch = progress.epoch();
+        std::int64_t seen = progress.epoch_samples();
+        if (seen >= static_cast<std::int64_t>(sampler->local_size())) {  // the epoch is done: the next one's start
+          ++epoch;
+          seen = 0;
+        }
+        meta["epoch"] = static_cast<std::int64_t>(epoch);
+        meta["epoch_samples"] = seen * options.processes;
+        meta["data_size"] = static_cast<std::int64_t>(sampler->size());
+        meta["data_seed"] = static_cast<std::int64_t>(sampler->seed());
+        meta["data_shuffle"] = sampler->shuffle() ? 1 : 0;
+      }
+      torch::serialize::OutputArchive archive;
+      core.replica(0).save(archive);  // the module at the top: torch::load(net, path) reads it
+      archive.write(checkpoint::key("format"), c10::IValue(kCheckpointFormat));
+      torch::serialize::OutputArchive meta_part;
+      for (const auto& [name, value] : meta) meta_part.write(name, c10::IValue(value));
+      archive.write(checkpoint::key("meta"), meta_part);
+      const std::string optimizer = core.has_optimizer() ? core.optimizer_state() : std::string();
+      if (core.has_optimizer()) {
+        archive.write(checkpoint::key("optimizer"), checkpoint::bytes_tensor(optimizer), /*is_buffer=*/true);
+      }
+      torch::serialize::OutputArchive random_part;
+      for (const auto& [name, state] : random) random_part.write(name, state, /*is_buffer=*/true);
+      archive.write(checkpoint::key("random"), random_part);
+      torch::serialize::OutputArchive values_part;
+      for (const auto& [name, value] : values.items()) {
+        if (value.isTensor()) {
+          values_part.write(name, value.toTensor(), /*is_buffer=*/true);
+        } else {
+          values_part.write(name, value);
+        }
+      }
+      archive.write(checkpoint::key("values"), values_part);
+      Checksum sum;
+      checkpoint::add_meta(sum, meta);
+      std::vector<at::Tensor> buffers;
+      for (const auto& buffer : core.buffers(0)) buffers.push_back(buffer);
+      checkpoint::add_module(sum, core.parameters(0), buffers);
+      sum.add(optimizer);
+      checkpoint::add_random(sum, random);
+      checkpoint::add_values(sum, values.items());
+      archive.write(checkpoint::key("checksum"), c10::IValue(static_cast<std::int64_t>(sum.value())));
+      checkpoint::write(archive, path);
+    } catch (const Error& e) {
+      failure = fmt::format("save_state: {}", e.what());
+    }
+  }
+  if (options.processes > 1) {
+    const auto failed = checkpoint::all_reduce_sum(core, {failure.empty() ? 0.0 : 1.0});
+    if (failed[0] > 0 && failure.empty()) {
+      failure = fmt::format("save_state: rank 0 could not write the checkpoint {} (its output says why)", path);
+    }
+  }
+  if (!failure.empty()) throw Error(failure);
+}
+
+inline ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointValues& values) {
+  core.check_communicator("load_state");
+  const auto fence = core.fenced();
+  const ReplicaStreamsCurrent on_replicas(core.contexts());
+  std::string failure;
+  checkpoint::Loaded loaded;
+  try {
+    loaded = checkpoint::read_training_state(core, path);
+  } catch (const Error& e) {
+    failure = e.what();
+  }
+  checkpoint::agree(core, "load_state: the checkpoint", path, failure, loaded.checksum);  // collective
+
+  // Everything was read and checked: now it is applied, the optimizer first
+  // (all or none), then what cannot fail.
+  if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, "the checkpoint " + path);
+  core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
+  ResumeInfo info;
+  info.path = path;
+  info.step = checkpoint::meta_value(loaded, "step", path);
+  info.saved_processes = static_cast<int>(checkpoint::meta_value(loaded, "processes", path));
+  info.saved_replicas = static_cast<std::size_t>(checkpoint::meta_value(loaded, "replicas", path));
+  info.processes = core.options().processes;
+  info.replicas = core.size();
+  info.batch = checkpoint::meta_value(loaded, "batch", path);
+  info.has_data_position = checkpoint::meta_value(loaded, "has_data_position", path) != 0;
+  core.set_steps(info.step);
+  if (loaded.optimizer.empty() && core.has_optimizer()) {
+    info.notes.push_back("the checkpoint has no optimizer state: the optimizer starts afresh");
+  }
+  const std::int64_t processes = info.processes;
+  std::int64_t local = 0;
+  if (info.has_data_position) {
+    info.epoch = static_cast<std::size_t>(checkpoint::meta_value(loaded, "epoch", path));
+    info.epoch_samples = checkpoint::meta_value(loaded, "epoch_samples", path);
+    local = info.epoch_samples / processes;
+    if (info.epoch_samples % processes != 0) {
+      info.notes.push_back(fmt::format("the {} samples already seen of epoch {} do not split evenly over {} "
+                                       "processes: each resumes after {}, so {} are seen again",
+                                       info.epoch_samples, info.epoch, processes, local,
+                                       info.epoch_samples - local * processes));
+    }
+    if (const auto& sampler = core.progress().sampler()) {
+      DistributedSampler handle = *sampler;
+      handle.resume_at(info.epoch, static_cast<std::size_t>(local));
+    } else {
+      info.notes.push_back(fmt::format("no sampler is attached: attach it (dp.attach) before load_state to resume "
+                                       "at epoch {} after {} samples",
+                                       info.epoch, info.epoch_samples));
+    }
+  }
+  core.progress().restore(info.epoch, local, (info.batch + processes - 1) / processes);
+  checkpoint::restore_random_states(core, loaded.random, info);
+  values = std::move(loaded.values);
+  return info;
+}
+
+}  // namespace detail
+}  // namespace multigpu

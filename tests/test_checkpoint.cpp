@@ -1,0 +1,342 @@
+// Checkpoints of a whole training: save_state / load_state (Note
+// [Checkpoints]), and dp.load refusing another model without damage.
+
+#include "support.hpp"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "distributed/recipe.hpp"
+
+namespace {
+
+using multigpu_test::contains;
+using multigpu_test::RecipeNet;
+using multigpu_test::RecipeNetImpl;
+
+/// A data set of `size` samples of the recipe's shapes, the same every time.
+class Samples : public torch::data::datasets::Dataset<Samples> {
+ public:
+  explicit Samples(std::int64_t size) {
+    auto generator = at::detail::createCPUGenerator(77);
+    x_ = torch::randn({size, 8}, generator, torch::kFloat);
+    y_ = torch::randn({size, 2}, generator, torch::kFloat);
+  }
+  torch::data::Example<> get(std::size_t index) override {
+    const auto i = static_cast<std::int64_t>(index);
+    return {x_[i], y_[i]};
+  }
+  c10::optional<std::size_t> size() const override { return static_cast<std::size_t>(x_.size(0)); }
+
+ private:
+  torch::Tensor x_, y_;
+};
+
+constexpr std::int64_t kSamples = 40;  // 5 batches of 8 per epoch
+constexpr std::size_t kBatch = 8;
+constexpr int kEpochs = 3;
+
+torch::Tensor loss_of(RecipeNetImpl& net, const torch::data::Example<>& shard) {
+  return multigpu_test::recipe_loss(net, shard.data, shard.target);
+}
+
+/// A folder of its own for each test, removed afterwards.
+struct Scratch {
+  Scratch() : path(std::filesystem::temp_directory_path() / ("multigpu-ckpt-" + std::to_string(::getpid()))) {
+    std::filesystem::create_directories(path);
+  }
+  ~Scratch() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  std::filesystem::path path;
+};
+
+/// Trains the recipe model on `replicas` CPU replicas with Adam over
+/// kEpochs epochs of the shuffled data set. With `resume_from`, starts from
+/// that checkpoint (the model built from another seed, to show that it is
+/// all restored). With `stop_after` > 0, saves to `save_to` after that many
+/// steps and stops. Returns the trained parameters.
+torch::Tensor train(std::size_t replicas, const std::string& resume_from, int stop_after, const std::string& save_to,
+                    multigpu::ResumeInfo* info = nullptr) {
+  auto net = multigpu_test::recipe_model(resume_from.empty() ? multigpu_test::kRecipeSeed : 99);
+  multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(replicas, c10::Device("cpu")));
+  dp.make_optimizer<torch::optim::Adam>(torch::optim::AdamOptions(0.01));
+  multigpu::DistributedSampler sampler(kSamples, 1, 0, /*shuffle=*/true, /*seed=*/5);
+  auto loader = torch::data::make_data_loader(Samples(kSamples).map(torch::data::transforms::Stack<>()), sampler,
+                                              torch::data::DataLoaderOptions().batch_size(kBatch));
+  dp.attach(sampler);
+  if (!resume_from.empty()) {
+    const multigpu::ResumeInfo resumed = dp.load_state(resume_from);
+    if (info != nullptr) *info = resumed;
+  }
+  for (auto epoch = sampler.epoch(); epoch < static_cast<std::size_t>(kEpochs); ++epoch) {
+    for (auto& batch : *loader) {
+      dp.train_step(batch, loss_of);
+      if (stop_after > 0 && dp.steps() == stop_after) {
+        dp.save_state(save_to);
+        return multigpu_test::flat_parameters(*net).clone();
+      }
+    }
+  }
+  dp.check_parity();
+  return multigpu_test::flat_parameters(*net).clone();
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+/// A model like the recipe's with fc2 of `outputs` outputs (the recipe has 2).
+struct OtherNetImpl : torch::nn::Cloneable<OtherNetImpl> {
+  explicit OtherNetImpl(std::int64_t outputs = 3, bool extra = false) : outputs_(outputs), extra_(extra) { reset(); }
+  void reset() override {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, outputs_));
+    if (extra_) fc3 = register_module("fc3", torch::nn::Linear(2, 2));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr};
+  std::int64_t outputs_;
+  bool extra_;
+};
+TORCH_MODULE(OtherNet);
+
+}  // namespace
+
+TEST_SUITE("checkpoints") {
+  TEST_CASE("a training stopped mid-epoch and resumed from its checkpoint ends bit for bit where a straight one does") {
+    Scratch scratch;
+    const torch::Tensor straight = train(2, "", 0, "");
+    const std::string checkpoint = scratch.file("state.pt");
+    train(2, "", 7, checkpoint);  // step 7: the second epoch's third batch
+    multigpu::ResumeInfo info;
+    const torch::Tensor resumed = train(2, checkpoint, 0, "", &info);
+    CHECK(info.step == 7);
+    CHECK(info.has_data_position);
+    CHECK(info.epoch == 1);
+    CHECK(info.epoch_samples == 16);
+    CHECK_FALSE(info.layout_changed());
+    INFO("largest difference ", (resumed - straight).abs().max().item<double>());
+    CHECK(torch::equal(resumed, straight));
+  }
+
+  TEST_CASE("a checkpoint saved at the end of an epoch resumes at the next one's start") {
+    Scratch scratch;
+    const torch::Tensor straight = train(1, "", 0, "");
+    train(1, "", 5, scratch.file("state.pt"));
+    multigpu::ResumeInfo info;
+    const torch::Tensor resumed = train(1, scratch.file("state.pt"), 0, "", &info);
+    CHECK(info.epoch == 1);
+    CHECK(info.epoch_samples == 0);
+    CHECK(torch::equal(resumed, straight));
+  }
+
+  TEST_CASE("resumed on another number of replicas: the same training, and ResumeInfo says what changed") {
+    Scratch scratch;
+    const torch::Tensor straight = train(2, "", 0, "");
+    train(2, "", 7, scratch.file("state.pt"));
+    multigpu::ResumeInfo info;
+    const torch::Tensor resumed = train(4, scratch.file("state.pt"), 0, "", &info);
+    CHECK(info.layout_changed());
+    CHECK(info.batch == 8);
+    CHECK(info.batch_per_process() == 8);
+    CHECK(contains(info.describe(), "saved on 2 replicas x 1 processes, resuming on 4 x 1; 4 -> 2 samples per replica"));
+    INFO(info.describe(), "\nlargest difference ", (resumed - straight).abs().max().item<double>());
+    CHECK(torch::allclose(resumed, straight, 1e-4, 1e-6));
+  }
+
+  TEST_CASE("the step count, the user's values and the random state come back") {
+    Scratch scratch;
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    for (int step = 0; step < 3; ++step) {
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      dp.train_step(std::make_pair(x, y), [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+        return multigpu_test::recipe_loss(m, s.first, s.second);
+      });
+    }
+    dp.values().set("best_accuracy", 91.5);
+    dp.values().set("patience", 4);
+    dp.values().set("ema", torch::arange(3, torch::kFloat));
+    torch::manual_seed(1234);
+    dp.save_state(scratch.file("state.pt"));
+    const torch::Tensor expected_draw = torch::rand({5});
+
+    torch::manual_seed(1);
+    auto other = multigpu_test::recipe_model(2);
+    multigpu::DataParallel<RecipeNet> restored(other, std::vector<c10::Device>(3, c10::Device("cpu")));
+    restored.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    const auto info = restored.load_state(scratch.file("state.pt"));
+    CHECK(torch::equal(torch::rand({5}), expected_draw));
+    CHECK(restored.steps() == 3);
+    CHECK(info.step == 3);
+    CHECK_FALSE(info.has_data_position);
+    CHECK(restored.values().number("best_accuracy") == 91.5);
+    CHECK(restored.values().integer("patience") == 4);
+    CHECK(torch::equal(restored.values().tensor("ema"), torch::arange(3, torch::kFloat)));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*other), multigpu_test::flat_parameters(*net)));
+    restored.check_parity();
+    // Momentum buffers came back too: the next step is the same on both.
+    auto [x, y] = multigpu_test::recipe_batch(3);
+    auto loss = [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+      return multigpu_test::recipe_loss(m, s.first, s.second);
+    };
+    dp.train_step(std::make_pair(x, y), loss);
+    restored.train_step(std::make_pair(x, y), loss);
+    CHECK(torch::allclose(multigpu_test::flat_parameters(*other), multigpu_test::flat_parameters(*net), 1e-5, 1e-7));
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.values().number("nothing")) ==
+          "CheckpointValues: no value \"nothing\"; there are: best_accuracy, ema, patience");
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.values().set("a.b", 1)) ==
+          "CheckpointValues: \"a.b\" is not a valid name: use letters, digits and underscores");
+  }
+
+  TEST_CASE("a checkpoint of another model is refused, naming the first difference, and nothing changes") {
+    Scratch scratch;
+    torch::manual_seed(3);
+    OtherNet other(3);
+    torch::save(other, scratch.file("other.pt"));
+    OtherNet extra(2, /*extra=*/true);
+    torch::save(extra, scratch.file("extra.pt"));
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    dp.save_state(scratch.file("good.pt"));
+    const torch::Tensor before = multigpu_test::flat_parameters(*net).clone();
+
+    const std::string shape = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("other.pt")));
+    CHECK(contains(shape, "parameter fc2.weight is float [3, 16] in the checkpoint and float [2, 16] in your module"));
+    const std::string more = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("extra.pt")));
+    CHECK(contains(more, "has a submodule fc3 (with fc3.weight) that your module lacks"));
+    auto bigger = std::make_shared<OtherNetImpl>(2, /*extra=*/true);
+    multigpu::DataParallel<OtherNetImpl> dp_bigger(bigger, std::vector<c10::Device>(2, c10::Device("cpu")));
+    const std::string missing = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp_bigger.load(scratch.file("good.pt")));
+    CHECK(contains(missing, "has no parameter fc3.weight, which your module has (float [2, 2])"));
+    torch::manual_seed(3);
+    auto doubled = multigpu_test::recipe_model(1);
+    doubled->to(torch::kDouble);
+    torch::save(doubled, scratch.file("double.pt"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("double.pt"))),
+                   "is not a training checkpoint of multigpu"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("double.pt"))),
+                   "parameter fc1.weight is double [16, 8] in the checkpoint and float [16, 8] in your module"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("absent.pt"))), "there is no file"));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*net), before));
+    dp.check_parity();
+
+    // A module checkpoint (dp.save, torch::save) still loads, and the module
+    // part of a training checkpoint loads into a plain module.
+    dp.load(scratch.file("good.pt"));
+    auto plain = multigpu_test::recipe_model(8);
+    torch::load(plain, scratch.file("good.pt"));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*plain), before));
+  }
+
+  TEST_CASE("an optimizer state of another kind is refused and every optimizer stays as it was") {
+    Scratch scratch;
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::Adam>(torch::optim::AdamOptions(0.01));
+    auto step = [&] {
+      auto [x, y] = multigpu_test::recipe_batch(0);
+      dp.train_step(std::make_pair(x, y), [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+        return multigpu_test::recipe_loss(m, s.first, s.second);
+      });
+    };
+    step();
+    dp.save_state(scratch.file("adam.pt"));
+    auto other = multigpu_test::recipe_model(2);
+    multigpu::DataParallel<RecipeNet> sgd(other, std::vector<c10::Device>(2, c10::Device("cpu")));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, sgd.load_state(scratch.file("adam.pt"))),
+                   "call make_optimizer<Opt>(options) before load_state"));
+    sgd.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    const torch::Tensor before = multigpu_test::flat_parameters(*other).clone();
+    const std::string refused = MULTIGPU_TEST_MESSAGE(multigpu::Error, sgd.load_state(scratch.file("adam.pt")));
+    CHECK(contains(refused, "the optimizers are unchanged"));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*other), before));
+    sgd.check_parity();
+    step();  // dp goes on
+  }
+
+  TEST_CASE("a damaged checkpoint is detected, not loaded") {
+    Scratch scratch;
+    auto net = multigpu_test::recipe_model(1);
+    {
+      torch::NoGradGuard no_grad;
+      net->fc1->weight.fill_(0.25);  // bytes 00 00 80 3e, easy to find in the file
+    }
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.save_state(scratch.file("state.pt"));
+    std::string bytes = read_file(scratch.file("state.pt"));
+    const std::string quarter("\x00\x00\x80\x3e\x00\x00\x80\x3e\x00\x00\x80\x3e", 12);
+    const auto at = bytes.find(quarter);
+    REQUIRE(at != std::string::npos);
+    bytes[at + 6] = '\x81';  // one weight becomes 0.2519...
+    write_file(scratch.file("state.pt"), bytes);
+    {
+      torch::NoGradGuard no_grad;
+      net->fc1->weight.fill_(0.5);
+    }
+    dp.resync_from_primary();
+    const std::string message = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("state.pt")));
+    INFO(message);
+    CHECK((contains(message, "is damaged") || contains(message, "cannot read")));
+    CHECK(torch::all(net->fc1->weight == 0.5).item<bool>());
+    dp.check_parity();
+  }
+
+  TEST_CASE("paths: a missing folder or a folder is said at once, naming the path and why") {
+    Scratch scratch;
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::check_checkpoint_path(scratch.file("no/such/x.pt"))) ==
+          "cannot write the checkpoint " + scratch.file("no/such/x.pt") + ": the folder " + scratch.file("no/such") +
+              " does not exist");
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::check_checkpoint_path(scratch.path.string())),
+                   "is a folder; name a file in it"));
+    multigpu::check_checkpoint_path(scratch.file("fine.pt"));
+    CHECK_FALSE(std::filesystem::exists(scratch.file("fine.pt")));
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(1, c10::Device("cpu")));
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.save_state(scratch.file("no/x.pt"))) ==
+          "save_state: cannot write the checkpoint " + scratch.file("no/x.pt") + ": the folder " + scratch.file("no") +
+              " does not exist");
+    CHECK(std::filesystem::is_empty(scratch.path));  // no temporary file left behind
+  }
+
+  TEST_CASE("what cannot be saved or attached is refused with a reason") {
+    Scratch scratch;
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    auto [x, y] = multigpu_test::recipe_batch(0);
+    dp.forward_backward(std::make_pair(x, y), [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+      return multigpu_test::recipe_loss(m, s.first, s.second);
+    });
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.save_state(scratch.file("x.pt"))),
+                   "the accumulated gradients are not part of a checkpoint; save after the step"));
+    dp.step();
+    dp.save_state(scratch.file("x.pt"));
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.attach(multigpu::DistributedSampler(10, 2, 1))) ==
+          "attach: the sampler is rank 1's part for 2 processes, and this DataParallel trains as rank 0 of 1: make it "
+          "DistributedSampler(size, group->size(), group->rank())");
+    // The place in the data is only meaningful for the same data.
+    multigpu::DistributedSampler sampler(kSamples, 1, 0, true, 5);
+    dp.attach(sampler);
+    dp.save_state(scratch.file("data.pt"));
+    dp.attach(multigpu::DistributedSampler(kSamples, 1, 0, true, 6));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("data.pt"))),
+                   "was saved for a data set of 40 samples, shuffled, seed 5; the attached sampler has 40 samples, "
+                   "shuffled, seed 6"));
+  }
+}
