@@ -446,6 +446,87 @@ TEST_SUITE("distributed training") {
   }
 }
 
+/// Runs the worker as `world` processes (`arguments` for all, `per_rank`
+/// added to each) and returns each rank's exit; rank k's output is in
+/// scratch(name + "log" + k), its parameters (or error) in scratch(name + k).
+std::vector<multigpu::detail::ProcessExit> run_job(const std::string& name, int world, const std::string& arguments,
+                                                   const std::vector<std::string>& per_rank = {}) {
+  const int port = free_port();
+  std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+  for (int rank = 0; rank < world; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    ranks.push_back(start_rank(rank, world, port,
+                               fmt::format("{} {} --out {} --timeout-ms 60000", arguments,
+                                           k < per_rank.size() ? per_rank[k] : "", scratch(fmt::format("{}{}", name, rank))),
+                               scratch(fmt::format("{}log{}", name, rank))));
+  }
+  std::vector<multigpu::detail::ProcessExit> exits;
+  for (auto& rank : ranks) exits.push_back(finish(*rank, std::chrono::seconds(120)));
+  return exits;
+}
+
+torch::Tensor parameters_of(const std::string& name, int rank) {
+  torch::Tensor trained;
+  torch::load(trained, scratch(fmt::format("{}{}", name, rank)));
+  return trained;
+}
+
+TEST_SUITE("distributed checkpoints") {
+  TEST_CASE("2 processes killed after a checkpoint resume bit for bit; 1 process x 3 replicas resumes it too") {
+    const std::string checkpoint = scratch("state.pt");
+    const auto straight = run_job("straight", 2, "--replicas 2 --steps 6");
+    for (const auto& exit : straight) REQUIRE(exit.success());
+    const auto killed = run_job("killed", 2, fmt::format("--replicas 2 --steps 6 --save-at-step 3 --checkpoint {} "
+                                                         "--kill-at-step 4", checkpoint));
+    for (const auto& exit : killed) CHECK(exit.signal == SIGKILL);
+    REQUIRE(std::filesystem::exists(checkpoint));
+    const auto resumed = run_job("resumed", 2, fmt::format("--replicas 2 --steps 6 --resume {}", checkpoint));
+    for (int rank = 0; rank < 2; ++rank) {
+      INFO("rank ", rank, ": ", read_text(scratch(fmt::format("resumedlog{}", rank))));
+      REQUIRE(resumed[static_cast<std::size_t>(rank)].success());
+      CHECK(contains(read_text(scratch(fmt::format("resumedlog{}", rank))), "at step 3"));
+      CHECK(torch::equal(parameters_of("resumed", rank), parameters_of("straight", 0)));
+    }
+    const auto alone = run_job("alone", 1, fmt::format("--replicas 3 --steps 6 --resume {}", checkpoint));
+    const std::string log = read_text(scratch("alonelog0"));
+    INFO(log);
+    REQUIRE(alone[0].success());
+    CHECK(contains(log, "saved on 2 replicas x 2 processes, resuming on 3 x 1; 6 -> 8 samples per replica"));
+    CHECK(torch::allclose(parameters_of("alone", 0), parameters_of("straight", 0), 1e-5, 1e-6));
+    for (const std::string name : {"straight", "killed", "resumed", "alone"}) {
+      for (int rank = 0; rank < 2; ++rank) {
+        std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+        std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+      }
+    }
+    std::remove(checkpoint.c_str());
+  }
+
+  TEST_CASE("ranks given different checkpoints all stop before changing anything, naming the rank") {
+    const std::string early = scratch("early.pt");
+    const std::string late = scratch("late.pt");
+    REQUIRE(run_job("early", 1, fmt::format("--replicas 1 --steps 2 --save-at-step 1 --checkpoint {}", early))[0].success());
+    REQUIRE(run_job("late", 1, fmt::format("--replicas 1 --steps 2 --save-at-step 2 --checkpoint {}", late))[0].success());
+    const auto exits = run_job("mixed", 2, "--replicas 1 --steps 4",
+                               {fmt::format("--resume {}", early), fmt::format("--resume {}", late)});
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string report = read_text(scratch(fmt::format("mixed{}", rank)));
+      INFO("rank ", rank, ": ", report);
+      CHECK(exits[static_cast<std::size_t>(rank)].exit_code == 2);
+      CHECK(contains(report, "rank(s) 1 read another file there than rank 0 (another checksum); every rank stopped "
+                             "before changing anything"));
+    }
+    for (const std::string name : {"early", "late", "mixed"}) {
+      for (int rank = 0; rank < 2; ++rank) {
+        std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+        std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+      }
+    }
+    std::remove(early.c_str());
+    std::remove(late.c_str());
+  }
+}
+
 TEST_SUITE("distributed rendezvous") {
   TEST_CASE("the rendezvous port in use: rank 0 says so") {
     Listener taken;

@@ -4,11 +4,15 @@
 // cpu; cuda:0 puts every replica on that GPU), and writes its final
 // parameters to --out. Faults on request: --die-at-step N makes rank
 // --fault-rank exit in the middle of step N (inside its loss function),
-// --hang-at-step N makes it stop there without exiting.
+// --hang-at-step N makes it stop there without exiting, --kill-at-step N
+// makes every rank SIGKILL itself there. Checkpoints: --checkpoint PATH
+// with --save-at-step N saves the training after step N (dp.save_state);
+// --resume PATH loads one before training and goes on from its step.
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -32,6 +36,10 @@ struct Args {
   int timeout_ms = 300000;
   bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
   std::string device = "cpu";
+  int kill_at_step = -1;
+  int save_at_step = -1;
+  std::string checkpoint;
+  std::string resume;
 };
 
 Args parse(int argc, char** argv) {
@@ -48,6 +56,10 @@ Args parse(int argc, char** argv) {
     else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
     else if (name == "--summed") args.summed = value == "1";
     else if (name == "--device") args.device = value;
+    else if (name == "--kill-at-step") args.kill_at_step = std::stoi(value);
+    else if (name == "--save-at-step") args.save_at_step = std::stoi(value);
+    else if (name == "--checkpoint") args.checkpoint = value;
+    else if (name == "--resume") args.resume = value;
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -76,17 +88,23 @@ int main(int argc, char** argv) {
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
     dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
 
-    for (int step = 0; step < args.steps; ++step) {
+    if (!args.resume.empty()) {
+      const multigpu::ResumeInfo info = dp.load_state(args.resume);
+      std::cerr << "distributed_worker: " << info.describe() << "\n";
+    }
+    for (int step = static_cast<int>(dp.steps()); step < args.steps; ++step) {
       auto [x, y] = multigpu_test::recipe_batch(step);
       const auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank),
                                         multigpu_test::part_of(y, group->size(), rank));
       dp.train_step(batch, [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
+        if (step == args.kill_at_step) std::raise(SIGKILL);
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
         return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
       });
+      if (step + 1 == args.save_at_step) dp.save_state(args.checkpoint);
     }
     group->barrier();  // every rank finished training (exercised by the tests)
     torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);
