@@ -5,6 +5,8 @@
 //   quickstart --devices 0,1 --epochs 3
 //   quickstart --devices cpu,cpu --allow-duplicates   # two CPU replicas, to try it anywhere
 //   quickstart --timeout 300                # wait longer for the other processes (default 60 s)
+//   quickstart --save-every 200 --resume auto   # checkpoints in checkpoints/; a rerun goes on
+//                                               # from the newest one (after Ctrl-C, a crash, a kill)
 //
 // The training loop is plain LibTorch; multigpu adds three lines: choose the
 // devices, wrap the model, and train_step instead of forward/backward/step.
@@ -16,9 +18,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <regex>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -81,6 +86,44 @@ class Progress {
   std::chrono::steady_clock::time_point last_print_{};
 };
 
+/// The signal that asked the training to stop (0: none yet).
+volatile std::sig_atomic_t stop_signal = 0;
+extern "C" void request_stop(int signal) { stop_signal = signal; }
+
+/// The training checkpoint with the highest step in `folder` ("" if none):
+/// the ones --save-every writes, step-<N>.pt.
+std::string newest_checkpoint(const std::string& folder) {
+  std::error_code error;
+  std::string newest;
+  long long newest_step = -1;
+  const std::regex name(R"(step-(\d+)\.pt)");
+  for (const auto& entry : std::filesystem::directory_iterator(folder, error)) {
+    std::smatch match;
+    const std::string file = entry.path().filename().string();
+    if (!std::regex_match(file, match, name)) continue;
+    const long long step = std::stoll(match[1].str());
+    if (step > newest_step) {
+      newest_step = step;
+      newest = entry.path().string();
+    }
+  }
+  return newest;
+}
+
+/// Keeps the `keep` newest step-<N>.pt checkpoints in `folder`.
+void remove_old_checkpoints(const std::string& folder, std::size_t keep) {
+  std::vector<std::pair<long long, std::filesystem::path>> found;
+  std::error_code error;
+  const std::regex name(R"(step-(\d+)\.pt)");
+  for (const auto& entry : std::filesystem::directory_iterator(folder, error)) {
+    std::smatch match;
+    const std::string file = entry.path().filename().string();
+    if (std::regex_match(file, match, name)) found.emplace_back(std::stoll(match[1].str()), entry.path());
+  }
+  std::sort(found.begin(), found.end());
+  for (std::size_t i = 0; i + keep < found.size(); ++i) std::filesystem::remove(found[i].second, error);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -95,6 +138,9 @@ int main(int argc, char** argv) {
   double min_accuracy = 0;
   bool allow_duplicates = false;
   int timeout_seconds = 60;
+  std::int64_t save_every = 0;
+  std::string state_dir = "checkpoints";
+  std::string resume;
   app.add_option("-d,--devices", spec, "auto, auto:N, all, cpu, cuda, or GPU numbers like 0,1")->capture_default_str();
   app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", batch_size, "Samples per step, over all devices")
@@ -103,6 +149,15 @@ int main(int argc, char** argv) {
   app.add_option("--lr", lr, "Learning rate (SGD with momentum 0.9)")->capture_default_str()->check(CLI::Range(1e-9, 1e3));
   app.add_option("--data", data_dir, "Folder with the uncompressed Fashion-MNIST files")->capture_default_str();
   app.add_option("--checkpoint", checkpoint, "Save the trained model here (a plain LibTorch checkpoint)");
+  app.add_option("--save-every", save_every,
+                 "Save the whole training (model, optimizer, place in the data, random state) every N steps "
+                 "into --state-dir as step-<N>.pt, keeping the 3 newest (0: never)")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40));
+  app.add_option("--state-dir", state_dir, "Folder of the --save-every checkpoints (made if missing)")
+      ->capture_default_str();
+  app.add_option("--resume", resume,
+                 "Go on with the training saved in this checkpoint, or 'auto': the newest in --state-dir (none: "
+                 "start afresh)");
   app.add_option("--max-batches", max_batches, "Stop each epoch after this many batches (0: the whole set)")
       ->check(CLI::Range(0, 1000000000));
   app.add_option("--min-accuracy", min_accuracy, "Exit with status 3 if the final test accuracy (%) is below this")
@@ -115,6 +170,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 86400));
   CLI11_PARSE(app, argc, argv);
+  const bool batch_size_given = app.count("--batch-size") > 0;
 
   try {
     // A single process unless a launcher says otherwise.
@@ -130,6 +186,14 @@ int main(int argc, char** argv) {
     fmt::print("{}training on {}{}\n", who, devices.describe(),
                group->distributed() ? fmt::format(", as {}", group->env().describe()) : "");
 
+    // Where checkpoints go is checked now, not after an hour of training.
+    if (!checkpoint.empty()) multigpu::check_checkpoint_path(checkpoint);
+    if (save_every > 0 && primary) {
+      std::error_code error;
+      std::filesystem::create_directories(state_dir, error);
+      multigpu::check_checkpoint_path((std::filesystem::path(state_dir) / "step-0.pt").string());
+    }
+
     torch::manual_seed(0);
     Net net;
     multigpu::DataParallelOptions dp_options;
@@ -144,10 +208,25 @@ int main(int argc, char** argv) {
     auto test_set = MNIST(data_dir, MNIST::Mode::kTest)
                         .map(torch::data::transforms::Normalize<>(0.2860, 0.3530))
                         .map(torch::data::transforms::Stack<>());
-    // Each process its own part of the data, reshuffled every epoch.
+    // Each process its own part of the data, reshuffled every epoch. The
+    // sampler is a handle: the loader's copy and this one share one state,
+    // and checkpoints record (and restore) the place in the data.
     const std::int64_t processes = group->size();
-    const std::int64_t local_batch = (batch_size + processes - 1) / processes;
     const multigpu::DistributedSampler train_sampler(train_set.size().value(), group->size(), group->rank());
+    dp.attach(train_sampler);
+    if (resume == "auto") {
+      resume = newest_checkpoint(state_dir);
+      if (resume.empty() && primary) fmt::print("no checkpoint in {} yet: starting afresh\n", state_dir);
+    }
+    std::int64_t resumed_samples = 0;  // of this process, in the epoch it goes on with
+    if (!resume.empty()) {
+      const multigpu::ResumeInfo resumed = dp.load_state(resume);
+      resumed_samples = resumed.epoch_samples / processes;
+      if (primary) fmt::print("{}\n", resumed.describe());
+      // The same effective batch as before, unless --batch-size says otherwise.
+      if (!batch_size_given && resumed.batch > 0) batch_size = resumed.batch;
+    }
+    const std::int64_t local_batch = (batch_size + processes - 1) / processes;
     const std::int64_t train_size = static_cast<std::int64_t>(train_sampler.local_size());
     auto train_loader = torch::data::make_data_loader(
         std::move(train_set), train_sampler,
@@ -164,12 +243,22 @@ int main(int argc, char** argv) {
                                                ? std::min(max_batches, (train_size + local_batch - 1) / local_batch)
                                                : (train_size + local_batch - 1) / local_batch;
     double accuracy = 0;
-    for (int epoch = 1; epoch <= epochs; ++epoch) {
+    // A resumed training goes on in the epoch it stopped in, after the
+    // samples it already trained on (the sampler skips them).
+    const auto first_epoch = static_cast<int>(train_sampler.epoch()) + 1;
+    std::int64_t resumed_batches = (resumed_samples + local_batch - 1) / local_batch;
+    if (save_every > 0) {
+      std::signal(SIGINT, request_stop);
+      std::signal(SIGTERM, request_stop);
+    }
+    for (int epoch = first_epoch; epoch <= epochs; ++epoch) {
       dp.train();
       Progress progress;
       const auto start = std::chrono::steady_clock::now();
       std::int64_t seen = 0;
-      std::int64_t batches = 0;
+      std::int64_t batches = resumed_batches;  // of this epoch
+      std::int64_t trained = 0;                // of them, by this run
+      resumed_batches = 0;
       torch::Tensor loss_sum;  // on the device: summed without waiting for it
       for (auto& batch : *train_loader) {
         if (batches == batches_per_epoch) break;
@@ -177,11 +266,41 @@ int main(int argc, char** argv) {
         loss_sum = loss_sum.defined() ? loss_sum + loss.tensor() : loss.tensor();
         seen += batch.data.size(0);
         ++batches;
+        ++trained;
+        // Checkpoints every --save-every steps, and at once when asked to
+        // stop (Ctrl-C, SIGTERM from a scheduler or a preemption): then it
+        // exits after saving. Several processes must all save at the same
+        // step, so they agree on stopping only at the regular checkpoints.
+        if (save_every > 0) {
+          const bool regular = dp.steps() % save_every == 0;
+          bool stopping = stop_signal != 0;
+          if (processes > 1) {
+            stopping = false;
+            if (regular) {
+              const auto asked = torch::tensor({static_cast<std::int64_t>(stop_signal != 0)});
+              group->all_reduce_sum(asked);
+              stopping = asked.item<std::int64_t>() > 0;
+            }
+          }
+          if (regular || stopping) {
+            const std::string path =
+                (std::filesystem::path(state_dir) / fmt::format("step-{}.pt", dp.steps())).string();
+            dp.save_state(path);  // every process calls it; rank 0 writes
+            if (primary) remove_old_checkpoints(state_dir, 3);
+            if (stopping) {
+              if (primary) {
+                fmt::print("\nstopped at step {}: saved {}; run again with --resume auto to go on\n", dp.steps(),
+                           path);
+              }
+              return 128 + (stop_signal != 0 ? static_cast<int>(stop_signal) : SIGTERM);
+            }
+          }
+        }
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (primary) {  // the other processes' progress is the same
           progress.update(
               epoch, batches, batches_per_epoch,
-              [&] { return loss_sum.item<double>() / static_cast<double>(batches); },
+              [&] { return loss_sum.item<double>() / static_cast<double>(trained); },
               static_cast<double>(seen * processes) / std::max(seconds, 1e-9));
         }
       }
@@ -203,7 +322,8 @@ int main(int argc, char** argv) {
     }
     if (!checkpoint.empty() && primary) {  // every process holds the same model
       dp.save(checkpoint);
-      fmt::print("saved {} (load it with torch::load into a plain Net)\n", checkpoint);
+      fmt::print("saved {} (load it with torch::load into a plain Net; state checksum {:016x})\n", checkpoint,
+                 multigpu::state_checksum(dp.module()));
     }
     if (accuracy < min_accuracy) {
       fmt::print(stderr, "{}test accuracy {:.2f}% is below --min-accuracy {:.2f}%\n", who, accuracy, min_accuracy);

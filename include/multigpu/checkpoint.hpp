@@ -27,9 +27,11 @@
 #include <vector>
 
 #include <ATen/core/ivalue.h>
+#include <torch/nn/module.h>
 #include <fmt/core.h>
 
 #include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/detail/module_state.hpp"
 #include "multigpu/error.hpp"
 
 namespace multigpu {
@@ -185,7 +187,9 @@ struct ResumeInfo {
   /// One line (two with a new layout, more with notes).
   std::string describe() const {
     std::string out = fmt::format("resumed from {} at step {}", path, step);
-    if (has_data_position) out += fmt::format(", epoch {} after {} of its samples", epoch, epoch_samples);
+    if (has_data_position) {
+      out += fmt::format(", {} samples into the sampler's epoch {} (counted from 0)", epoch_samples, epoch);
+    }
     if (layout_changed()) {
       out += fmt::format("\nsaved on {} replicas x {} processes, resuming on {} x {}", saved_replicas,
                          saved_processes, replicas, processes);
@@ -229,6 +233,22 @@ inline void check_checkpoint_path(const std::string& path) {
   }
   std::fclose(file);
   std::remove(probe.c_str());
+}
+
+/// A fingerprint of `module`'s parameters and buffers (dtype, shape and
+/// every bit): modules with the same one hold the same state. For checking
+/// that a resumed training ends where an uninterrupted one does.
+inline std::uint64_t state_checksum(const torch::nn::Module& module) {
+  detail::Checksum sum;
+  for (const auto& item : module.named_parameters()) {
+    sum.add(item.key());
+    sum.add(item.value());
+  }
+  for (const auto& item : module.named_buffers()) {
+    sum.add(item.key());
+    if (item.value().defined()) sum.add(item.value());
+  }
+  return sum.value();
 }
 
 }  // namespace multigpu
