@@ -13,45 +13,41 @@ cd "$work" || exit 1
 common=(--devices cpu,cpu --allow-duplicates --epochs 2 --max-batches 30 --batch-size 32 --save-every 10)
 fail() { echo "FAIL: $*"; exit 1; }
 checksum() { sed -n 's/.*state checksum \([0-9a-f]*\).*/\1/p' "$1"; }
+# Starts a run saving into folder $2 (log $2.log), sends it signal $1 once
+# $2/step-$3.pt exists, and sets `status` to how it ended.
+interrupt() {
+  "$quickstart" "${common[@]}" --state-dir "$2" --checkpoint "$2.pt" > "$2.log" 2>&1 &
+  local pid=$! tries
+  for tries in $(seq 1 6000); do  # up to 60 s
+    [[ -e "$2/step-$3.pt" ]] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.01
+  done
+  kill "-$1" "$pid" 2>/dev/null
+  wait "$pid"
+  status=$?
+}
 
 "$quickstart" "${common[@]}" --state-dir straight --checkpoint straight.pt > straight.log 2>&1 ||
   { cat straight.log; fail "the uninterrupted run failed"; }
 expected="$(checksum straight.log)"
 [[ -n "$expected" ]] || { cat straight.log; fail "no state checksum in the uninterrupted run's output"; }
 
-"$quickstart" "${common[@]}" --state-dir resumed --checkpoint resumed.pt > killed.log 2>&1 &
-pid=$!
-for _ in $(seq 1 6000); do  # up to 60 s for the second checkpoint (step 20, mid-epoch 1)
-  [[ -e resumed/step-20.pt ]] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.01
-done
-kill -KILL "$pid" 2>/dev/null
-wait "$pid"
-status=$?
-[[ $status -eq 137 ]] || { cat killed.log; fail "the run to be killed ended by itself (status $status) before it could be killed"; }
+interrupt KILL resumed 20  # after the second checkpoint: mid-epoch 1
+[[ $status -eq 137 ]] || { cat resumed.log; fail "the run to be killed ended by itself (status $status) before it could be killed"; }
 [[ ! -e resumed.pt ]] || fail "the killed run saved its final model: it was not killed mid-training"
 ls resumed
 ls resumed | grep -q '\.tmp-' && fail "a temporary file was left in the checkpoint folder"
 
-"$quickstart" "${common[@]}" --state-dir resumed --checkpoint resumed.pt --resume auto > resumed.log 2>&1 ||
-  { cat resumed.log; fail "the resumed run failed"; }
-cat resumed.log
-grep -q '^resumed from resumed/step-' resumed.log || fail "the rerun did not say which checkpoint it resumed from"
-actual="$(checksum resumed.log)"
+"$quickstart" "${common[@]}" --state-dir resumed --checkpoint resumed.pt --resume auto > rerun.log 2>&1 ||
+  { cat rerun.log; fail "the resumed run failed"; }
+cat rerun.log
+grep -q '^resumed from resumed/step-' rerun.log || fail "the rerun did not say which checkpoint it resumed from"
+actual="$(checksum rerun.log)"
 [[ "$actual" == "$expected" ]] || fail "resumed model $actual differs from the uninterrupted run's $expected"
 
 # SIGTERM (a scheduler's stop, a preemption): saved at the step it came in.
-"$quickstart" "${common[@]}" --state-dir termed --checkpoint termed.pt > termed.log 2>&1 &
-pid=$!
-for _ in $(seq 1 6000); do
-  [[ -e termed/step-10.pt ]] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.01
-done
-kill -TERM "$pid" 2>/dev/null
-wait "$pid"
-status=$?
+interrupt TERM termed 10
 cat termed.log
 [[ $status -eq 143 ]] || fail "after SIGTERM the run exited with $status, not 143"
 grep -q '^stopped at step [0-9]*: saved termed/step-[0-9]*.pt; run again with --resume auto' termed.log ||

@@ -38,6 +38,17 @@ inline bool sync_file(const std::string& path) {
   return ok;
 }
 
+/// Flushes the folder entry of `path` (its rename) to disk, where the file
+/// system allows it; a failure only costs durability after a power loss.
+inline void sync_folder_of(const std::string& path) {
+  const auto slash = path.rfind('/');
+  const std::string folder = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
 /// Calls `write(temporary_path)` to produce the file, then moves it over
 /// `path` atomically. If `write` throws or anything fails, the temporary file
 /// is removed, `path` keeps its old content, and the error propagates (as
@@ -54,6 +65,7 @@ inline void replace_file_atomically(const std::string& path,
       throw Error(fmt::format("cannot write {}: renaming {} over it failed: {}", path, temporary,
                               std::strerror(errno)));
     }
+    sync_folder_of(path);
   } catch (...) {
     std::remove(temporary.c_str());
     throw;
