@@ -199,6 +199,44 @@ TEST_SUITE("checkpoints") {
           "CheckpointValues: \"a.b\" is not a valid name: use letters, digits and underscores");
   }
 
+  TEST_CASE("CUDA: a checkpoint of GPU replicas restores each GPU's random state, and resumes on the CPU too") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    Scratch scratch;
+    const std::vector<c10::Device> gpu(2, c10::Device("cuda:0"));
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, gpu);
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    auto loss = [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+      return multigpu_test::recipe_loss(m, s.first, s.second);
+    };
+    for (int step = 0; step < 3; ++step) dp.train_step(multigpu_test::recipe_batch(step), loss);
+    torch::manual_seed(7);  // every generator, the GPUs' too
+    dp.save_state(scratch.file("gpu.pt"));
+    const torch::Tensor expected_draw = torch::rand({5}, torch::Device("cuda:0")).cpu();
+    const torch::Tensor trained = multigpu_test::flat_parameters(*net).cpu();
+
+    torch::manual_seed(8);
+    auto again = multigpu_test::recipe_model(2);
+    multigpu::DataParallel<RecipeNet> on_gpu(again, gpu);
+    on_gpu.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    on_gpu.load_state(scratch.file("gpu.pt"));
+    CHECK(torch::equal(torch::rand({5}, torch::Device("cuda:0")).cpu(), expected_draw));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*again).cpu(), trained));
+    on_gpu.check_parity();
+
+    auto cpu_net = multigpu_test::recipe_model(3);
+    multigpu::DataParallel<RecipeNet> on_cpu(cpu_net, std::vector<c10::Device>(3, c10::Device("cpu")));
+    on_cpu.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    const auto info = on_cpu.load_state(scratch.file("gpu.pt"));
+    CHECK(contains(info.describe(), "saved on 2 replicas x 1 processes, resuming on 3 x 1"));
+    CHECK(torch::equal(multigpu_test::flat_parameters(*cpu_net), trained));
+    // The momentum came back to the CPU: the next step agrees with the GPU's.
+    dp.train_step(multigpu_test::recipe_batch(3), loss);
+    on_cpu.train_step(multigpu_test::recipe_batch(3), loss);
+    CHECK(torch::allclose(multigpu_test::flat_parameters(*cpu_net), multigpu_test::flat_parameters(*net).cpu(), 1e-5,
+                          1e-6));
+  }
+
   TEST_CASE("a checkpoint of another model is refused, naming the first difference, and nothing changes") {
     Scratch scratch;
     torch::manual_seed(3);
