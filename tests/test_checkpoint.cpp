@@ -113,6 +113,23 @@ struct OtherNetImpl : torch::nn::Cloneable<OtherNetImpl> {
 };
 TORCH_MODULE(OtherNet);
 
+/// An object of the user's with its own state (as a GradScaler has).
+struct Schedule {
+  double scale = 1.0;
+  std::int64_t good_steps = 0;
+  void save(torch::serialize::OutputArchive& archive) const {
+    archive.write("scale", c10::IValue(scale));
+    archive.write("good_steps", c10::IValue(good_steps));
+  }
+  void load(torch::serialize::InputArchive& archive) {
+    c10::IValue value;
+    archive.read("scale", value);
+    scale = value.toDouble();
+    archive.read("good_steps", value);
+    good_steps = value.toInt();
+  }
+};
+
 }  // namespace
 
 TEST_SUITE("checkpoints") {
@@ -167,6 +184,8 @@ TEST_SUITE("checkpoints") {
     dp.values().set("best_accuracy", 91.5);
     dp.values().set("patience", 4);
     dp.values().set("ema", torch::arange(3, torch::kFloat));
+    Schedule schedule{0.25, 17};
+    dp.attach("schedule", schedule);
     torch::manual_seed(1234);
     dp.save_state(scratch.file("state.pt"));
     const torch::Tensor expected_draw = torch::rand({5});
@@ -175,7 +194,11 @@ TEST_SUITE("checkpoints") {
     auto other = multigpu_test::recipe_model(2);
     multigpu::DataParallel<RecipeNet> restored(other, std::vector<c10::Device>(3, c10::Device("cpu")));
     restored.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    Schedule restored_schedule;
+    restored.attach("schedule", restored_schedule);
     const auto info = restored.load_state(scratch.file("state.pt"));
+    CHECK(restored_schedule.scale == 0.25);
+    CHECK(restored_schedule.good_steps == 17);
     CHECK(torch::equal(torch::rand({5}), expected_draw));
     CHECK(restored.steps() == 3);
     CHECK(info.step == 3);
@@ -197,6 +220,12 @@ TEST_SUITE("checkpoints") {
           "CheckpointValues: no value \"nothing\"; there are: best_accuracy, ema, patience");
     CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.values().set("a.b", 1)) ==
           "CheckpointValues: \"a.b\" is not a valid name: use letters, digits and underscores");
+    // Nothing attached under a saved name: said, not silently dropped.
+    auto third = multigpu_test::recipe_model(3);
+    multigpu::DataParallel<RecipeNet> unattached(third, std::vector<c10::Device>(1, c10::Device("cpu")));
+    unattached.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    CHECK(contains(unattached.load_state(scratch.file("state.pt")).describe(),
+                   "the checkpoint holds the state of \"schedule\", and nothing is attached under that name"));
   }
 
   TEST_CASE("CUDA: a checkpoint of GPU replicas restores each GPU's random state, and resumes on the CPU too") {

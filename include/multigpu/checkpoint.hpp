@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -28,6 +29,8 @@
 
 #include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
 #include <fmt/core.h>
 
 #include "multigpu/detail/atomic_file.hpp"
@@ -52,7 +55,9 @@ namespace multigpu {
 //   moved ahead;
 // - LibTorch's random states: each process's CPU generator and the
 //   generator of each of its replicas' GPUs;
-// - the user's own values (dp.values(): numbers and tensors by name);
+// - the user's own values (dp.values(): numbers and tensors by name), and
+//   the state of attached objects (dp.attach(name, object): a GradScaler,
+//   your own: anything with save(OutputArchive&) and load(InputArchive&));
 // - a checksum over all of it.
 //
 // Independent of the layout. Nothing depends on how many replicas and
@@ -83,6 +88,17 @@ namespace multigpu {
 // checksum is compared with every rank's before anyone changes anything,
 // so all resume from one checkpoint or all fail, naming the ranks that
 // differ.
+
+/// Throws unless `name` is a valid name in a checkpoint: letters, digits, underscores.
+inline void check_checkpoint_name(const std::string& name, const char* who) {
+  bool valid = !name.empty();
+  for (const char c : name) {
+    valid = valid && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_');
+  }
+  if (!valid) {
+    throw Error(fmt::format("{}: \"{}\" is not a valid name: use letters, digits and underscores", who, name));
+  }
+}
 
 /// The user's own values saved with a checkpoint: numbers and tensors by
 /// name (letters, digits and underscores).
@@ -135,16 +151,7 @@ class CheckpointValues {
   void clear() { values_.clear(); }
 
  private:
-  static void check_name(const std::string& name) {
-    bool valid = !name.empty();
-    for (const char c : name) {
-      valid = valid && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_');
-    }
-    if (!valid) {
-      throw Error(fmt::format("CheckpointValues: \"{}\" is not a valid name: use letters, digits and underscores",
-                              name));
-    }
-  }
+  static void check_name(const std::string& name) { check_checkpoint_name(name, "CheckpointValues"); }
   const c10::IValue& get(const std::string& name) const {
     const auto found = values_.find(name);
     if (found != values_.end()) return found->second;
@@ -203,6 +210,22 @@ struct ResumeInfo {
     return out;
   }
 };
+
+namespace detail {
+
+/// What a training checkpoint keeps beside the module and the optimizers:
+/// the user's values, and the state of attached objects (a GradScaler, your
+/// own), each saved through its save(OutputArchive&) / load(InputArchive&).
+struct CheckpointExtras {
+  struct Object {
+    std::function<void(torch::serialize::OutputArchive&)> save;
+    std::function<void(torch::serialize::InputArchive&)> load;
+  };
+  CheckpointValues values;
+  std::map<std::string, Object> objects;
+};
+
+}  // namespace detail
 
 /// Throws Error (naming `path` and why) unless a checkpoint can be written
 /// there: its folder exists and takes a new file. Creates and removes a

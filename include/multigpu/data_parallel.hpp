@@ -215,19 +215,29 @@ class DataParallel {
   /// Saves the whole training: module, optimizer state, step count, the
   /// attached sampler's place in the data, random states and values().
   /// Written atomically, by rank 0; collective over processes.
-  void save_state(const std::string& path) { detail::save_training_state(core_, path, values_); }
+  void save_state(const std::string& path) { detail::save_training_state(core_, path, extras_); }
   /// Resumes the training saved by save_state, also on another number of
   /// replicas or processes (ResumeInfo says what changed). Checks everything
   /// before changing anything: a checkpoint of another model, or a damaged
   /// one, is refused and every replica stays as it was. Make the optimizer
   /// and attach the sampler first. Collective over processes.
-  ResumeInfo load_state(const std::string& path) { return detail::load_training_state(core_, path, values_); }
+  ResumeInfo load_state(const std::string& path) { return detail::load_training_state(core_, path, extras_); }
   /// The sampler whose place in the data checkpoints record (a handle that
   /// shares its state with the loader's copy); load_state makes it skip
   /// what was already trained on.
   void attach(const DistributedSampler& sampler) { detail::attach_sampler(core_, sampler); }
+  /// Saves and restores `object` with every checkpoint, under `name`: a
+  /// GradScaler, or anything of yours with save(torch::serialize::
+  /// OutputArchive&) const and load(torch::serialize::InputArchive&). It
+  /// must live as long as this DataParallel saves or loads.
+  template <class T>
+  void attach(const std::string& name, T& object) {
+    check_checkpoint_name(name, "attach");
+    extras_.objects[name] = {[&object](torch::serialize::OutputArchive& archive) { object.save(archive); },
+                             [&object](torch::serialize::InputArchive& archive) { object.load(archive); }};
+  }
   /// Your own numbers and tensors, saved and restored with the training.
-  CheckpointValues& values() { return values_; }
+  CheckpointValues& values() { return extras_.values; }
   /// Optimizer steps taken (restored by load_state).
   std::int64_t steps() const { return core_.steps(); }
 
@@ -261,7 +271,7 @@ class DataParallel {
   ModulePtr module_;
   std::vector<ModulePtr> replicas_;
   detail::DataParallelCore core_;
-  CheckpointValues values_;
+  detail::CheckpointExtras extras_;
 };
 
 // ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,8 +46,8 @@ void save_optimizer(DataParallelCore& core, const std::string& path);
 void load_optimizer(DataParallelCore& core, const std::string& path);
 /// The sampler whose place a checkpoint records (see TrainingProgress).
 void attach_sampler(DataParallelCore& core, const DistributedSampler& sampler);
-void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointValues& values);
-ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointValues& values);
+void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointExtras& extras);
+ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointExtras& extras);
 
 // ---------------------------------------------------------------------------
 // Definitions
@@ -243,6 +244,7 @@ struct Loaded {
   std::string optimizer;  // serialised; empty: none saved
   std::map<std::string, at::Tensor> random;
   CheckpointValues values;
+  std::map<std::string, std::string> objects;  // serialised, by name
   std::uint64_t checksum = 0;
 };
 
@@ -267,6 +269,13 @@ inline void add_values(Checksum& sum, const std::map<std::string, c10::IValue>& 
       std::memcpy(&bits, &number, sizeof bits);
       sum.add(bits);
     }
+  }
+}
+
+inline void add_objects(Checksum& sum, const std::map<std::string, std::string>& objects) {
+  for (const auto& [name, bytes] : objects) {
+    sum.add(name);
+    sum.add(bytes);
   }
 }
 
@@ -339,6 +348,13 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
       }
     }
   }
+  torch::serialize::InputArchive objects;
+  if (archive.try_read(key("objects"), objects)) {
+    for (const std::string& name : objects.keys()) {
+      at::Tensor bytes;
+      if (objects.try_read(name, bytes, /*is_buffer=*/true)) loaded.objects[name] = tensor_bytes(bytes);
+    }
+  }
   c10::IValue stored;
   if (!archive.try_read(key("checksum"), stored) || !stored.isInt()) {
     throw Error(fmt::format("{} lacks its checksum: it is damaged", origin));
@@ -349,6 +365,7 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   sum.add(loaded.optimizer);
   add_random(sum, loaded.random);
   add_values(sum, loaded.values.items());
+  add_objects(sum, loaded.objects);
   loaded.checksum = sum.value();
   const auto expected = static_cast<std::uint64_t>(stored.toInt());
   if (loaded.checksum != expected) {
@@ -403,6 +420,34 @@ inline void restore_random_states(DataParallelCore& core, const std::map<std::st
   if (missing > 0) {
     info.notes.push_back(fmt::format("random states: {} GPU replica(s) of rank {} had none saved and keep their own",
                                      missing, rank));
+  }
+}
+
+/// Loads the attached objects' states; says which had none saved.
+inline void restore_objects(CheckpointExtras& extras, const std::map<std::string, std::string>& saved,
+                            const std::string& path, ResumeInfo& info) {
+  for (auto& [name, object] : extras.objects) {
+    const auto found = saved.find(name);
+    if (found == saved.end()) {
+      info.notes.push_back(fmt::format("\"{}\" is not in the checkpoint: it keeps its state", name));
+      continue;
+    }
+    std::istringstream bytes(found->second);
+    torch::serialize::InputArchive archive;
+    try {
+      archive.load_from(bytes);
+      object.load(archive);
+    } catch (const c10::Error& e) {
+      throw Error(fmt::format("load_state: the state of \"{}\" in {} does not load into the attached object: {}",
+                              name, path, e.what_without_backtrace()));
+    }
+  }
+  for (const auto& item : saved) {
+    if (extras.objects.count(item.first) == 0) {
+      info.notes.push_back(fmt::format("the checkpoint holds the state of \"{}\", and nothing is attached under "
+                                       "that name (dp.attach(\"{}\", object) before load_state restores it)",
+                                       item.first, item.first));
+    }
   }
 }
 
@@ -462,7 +507,7 @@ inline void attach_sampler(DataParallelCore& core, const DistributedSampler& sam
   core.progress().attach(sampler);
 }
 
-inline void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointValues& values) {
+inline void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointExtras& extras) {
   core.require_usable("save_state");
   if (core.progress().pending() > 0) {
     throw Error("save_state after forward_backward and before step(): the accumulated gradients are not part of a "
@@ -509,7 +554,7 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
       for (const auto& [name, state] : random) random_part.write(name, state, /*is_buffer=*/true);
       archive.write(checkpoint::key("random"), random_part);
       torch::serialize::OutputArchive values_part;
-      for (const auto& [name, value] : values.items()) {
+      for (const auto& [name, value] : extras.values.items()) {
         if (value.isTensor()) {
           values_part.write(name, value.toTensor(), /*is_buffer=*/true);
         } else {
@@ -517,6 +562,17 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
         }
       }
       archive.write(checkpoint::key("values"), values_part);
+      std::map<std::string, std::string> objects;
+      torch::serialize::OutputArchive objects_part;
+      for (const auto& [name, object] : extras.objects) {
+        torch::serialize::OutputArchive part;
+        object.save(part);
+        std::ostringstream bytes;
+        part.save_to(bytes);
+        objects[name] = bytes.str();
+        objects_part.write(name, checkpoint::bytes_tensor(objects[name]), /*is_buffer=*/true);
+      }
+      archive.write(checkpoint::key("objects"), objects_part);
       Checksum sum;
       checkpoint::add_meta(sum, meta);
       std::vector<at::Tensor> buffers;
@@ -524,7 +580,8 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
       checkpoint::add_module(sum, core.parameters(0), buffers);
       sum.add(optimizer);
       checkpoint::add_random(sum, random);
-      checkpoint::add_values(sum, values.items());
+      checkpoint::add_values(sum, extras.values.items());
+      checkpoint::add_objects(sum, objects);
       archive.write(checkpoint::key("checksum"), c10::IValue(static_cast<std::int64_t>(sum.value())));
       checkpoint::write(archive, path);
     } catch (const Error& e) {
@@ -540,7 +597,7 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
   if (!failure.empty()) throw Error(failure);
 }
 
-inline ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointValues& values) {
+inline ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointExtras& extras) {
   core.check_communicator("load_state");
   const auto fence = core.fenced();
   const ReplicaStreamsCurrent on_replicas(core.contexts());
@@ -556,8 +613,9 @@ inline ResumeInfo load_training_state(DataParallelCore& core, const std::string&
   // Everything was read and checked: now it is applied, the optimizer first
   // (all or none), then what cannot fail.
   if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, "the checkpoint " + path);
-  core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
   ResumeInfo info;
+  checkpoint::restore_objects(extras, loaded.objects, path, info);
+  core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
   info.path = path;
   info.step = checkpoint::meta_value(loaded, "step", path);
   info.saved_processes = static_cast<int>(checkpoint::meta_value(loaded, "processes", path));
@@ -593,7 +651,7 @@ inline ResumeInfo load_training_state(DataParallelCore& core, const std::string&
   }
   core.progress().restore(info.epoch, local, (info.batch + processes - 1) / processes);
   checkpoint::restore_random_states(core, loaded.random, info);
-  values = std::move(loaded.values);
+  extras.values = std::move(loaded.values);
   return info;
 }
 
