@@ -122,7 +122,7 @@ inline void Checksum::add(std::string_view bytes) {
     mix(word);
   }
   std::uint64_t tail = 0;
-  std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
+  if (i < bytes.size()) std::memcpy(&tail, bytes.data() + i, bytes.size() - i);
   mix(tail);
 }
 
