@@ -88,7 +88,16 @@ class Progress {
 
 /// The signal that asked the training to stop (0: none yet).
 volatile std::sig_atomic_t stop_signal = 0;
-extern "C" void request_stop(int signal) { stop_signal = signal; }
+/// The first SIGINT/SIGTERM asks the training to save and stop after its
+/// step; a second one ends the program at once.
+extern "C" void request_stop(int signal) {
+  if (stop_signal != 0) {
+    std::signal(signal, SIG_DFL);
+    std::raise(signal);
+    return;
+  }
+  stop_signal = signal;
+}
 
 /// The training checkpoint with the highest step in `folder` ("" if none):
 /// the ones --save-every writes, step-<N>.pt.
@@ -186,12 +195,19 @@ int main(int argc, char** argv) {
     fmt::print("{}training on {}{}\n", who, devices.describe(),
                group->distributed() ? fmt::format(", as {}", group->env().describe()) : "");
 
-    // Where checkpoints go is checked now, not after an hour of training.
-    if (!checkpoint.empty()) multigpu::check_checkpoint_path(checkpoint);
-    if (save_every > 0 && primary) {
+    // Where checkpoints go is made and checked now, not after an hour of
+    // training. Rank 0 writes them all.
+    if (primary) {
       std::error_code error;
-      std::filesystem::create_directories(state_dir, error);
-      multigpu::check_checkpoint_path((std::filesystem::path(state_dir) / "step-0.pt").string());
+      if (!checkpoint.empty()) {
+        const auto folder = std::filesystem::path(checkpoint).parent_path();
+        if (!folder.empty()) std::filesystem::create_directories(folder, error);
+        multigpu::check_checkpoint_path(checkpoint);
+      }
+      if (save_every > 0) {
+        std::filesystem::create_directories(state_dir, error);
+        multigpu::check_checkpoint_path((std::filesystem::path(state_dir) / "step-0.pt").string());
+      }
     }
 
     torch::manual_seed(0);
@@ -215,7 +231,10 @@ int main(int argc, char** argv) {
     const multigpu::DistributedSampler train_sampler(train_set.size().value(), group->size(), group->rank());
     dp.attach(train_sampler);
     if (resume == "auto") {
-      resume = newest_checkpoint(state_dir);
+      // Rank 0 chooses; every rank reads that file (load_state checks that
+      // they all read the same).
+      resume = primary ? newest_checkpoint(state_dir) : std::string();
+      if (group->distributed()) resume = group->all_gather_text(resume).at(0);
       if (resume.empty() && primary) fmt::print("no checkpoint in {} yet: starting afresh\n", state_dir);
     }
     std::int64_t resumed_samples = 0;  // of this process, in the epoch it goes on with
@@ -242,11 +261,30 @@ int main(int argc, char** argv) {
     const std::int64_t batches_per_epoch = max_batches > 0
                                                ? std::min(max_batches, (train_size + local_batch - 1) / local_batch)
                                                : (train_size + local_batch - 1) / local_batch;
+    // The test accuracy over every process's part of the test set.
+    auto evaluate = [&](int epoch) {
+      dp.eval();
+      std::int64_t correct = 0;
+      std::int64_t total = 0;
+      for (const auto& batch : *test_loader) {
+        const auto output = dp.predict(batch.data, [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
+        correct += output.argmax(1).eq(batch.target.to(output.device())).sum().item<std::int64_t>();
+        total += batch.data.size(0);
+      }
+      const auto counts = torch::tensor({correct, total});
+      group->all_reduce_sum(counts);
+      correct = counts[0].item<std::int64_t>();
+      total = counts[1].item<std::int64_t>();
+      const double percent = 100.0 * static_cast<double>(correct) / static_cast<double>(total);
+      if (primary) fmt::print("epoch {}: test accuracy {:.2f}% ({} / {})\n", epoch, percent, correct, total);
+      return percent;
+    };
     double accuracy = 0;
     // A resumed training goes on in the epoch it stopped in, after the
     // samples it already trained on (the sampler skips them).
     const auto first_epoch = static_cast<int>(train_sampler.epoch()) + 1;
-    std::int64_t resumed_batches = (resumed_samples + local_batch - 1) / local_batch;
+    std::int64_t resumed_batches = resumed_samples / local_batch;
+    if (first_epoch > epochs) accuracy = evaluate(epochs);  // resumed after the last epoch: nothing to train
     if (save_every > 0) {
       std::signal(SIGINT, request_stop);
       std::signal(SIGTERM, request_stop);
@@ -261,7 +299,7 @@ int main(int argc, char** argv) {
       resumed_batches = 0;
       torch::Tensor loss_sum;  // on the device: summed without waiting for it
       for (auto& batch : *train_loader) {
-        if (batches == batches_per_epoch) break;
+        if (max_batches > 0 && batches >= batches_per_epoch) break;
         const multigpu::StepLoss loss = dp.train_step(batch, nll);
         loss_sum = loss_sum.defined() ? loss_sum + loss.tensor() : loss.tensor();
         seen += batch.data.size(0);
@@ -270,17 +308,14 @@ int main(int argc, char** argv) {
         // Checkpoints every --save-every steps, and at once when asked to
         // stop (Ctrl-C, SIGTERM from a scheduler or a preemption): then it
         // exits after saving. Several processes must all save at the same
-        // step, so they agree on stopping only at the regular checkpoints.
+        // step: they agree after each step whether one was asked to stop.
         if (save_every > 0) {
           const bool regular = dp.steps() % save_every == 0;
           bool stopping = stop_signal != 0;
           if (processes > 1) {
-            stopping = false;
-            if (regular) {
-              const auto asked = torch::tensor({static_cast<std::int64_t>(stop_signal != 0)});
-              group->all_reduce_sum(asked);
-              stopping = asked.item<std::int64_t>() > 0;
-            }
+            const auto asked = torch::tensor({static_cast<std::int64_t>(stopping)});
+            group->all_reduce_sum(asked);
+            stopping = asked.item<std::int64_t>() > 0;
           }
           if (regular || stopping) {
             const std::string path =
@@ -305,21 +340,10 @@ int main(int argc, char** argv) {
         }
       }
 
-      dp.eval();
-      std::int64_t correct = 0;
-      std::int64_t total = 0;
-      for (const auto& batch : *test_loader) {
-        const auto output = dp.predict(batch.data, [](NetImpl& model, const torch::Tensor& x) { return model.forward(x); });
-        correct += output.argmax(1).eq(batch.target.to(output.device())).sum().item<std::int64_t>();
-        total += batch.data.size(0);
-      }
-      const auto counts = torch::tensor({correct, total});  // over every process's part of the test set
-      group->all_reduce_sum(counts);
-      correct = counts[0].item<std::int64_t>();
-      total = counts[1].item<std::int64_t>();
-      accuracy = 100.0 * static_cast<double>(correct) / static_cast<double>(total);
-      if (primary) fmt::print("epoch {}: test accuracy {:.2f}% ({} / {})\n", epoch, accuracy, correct, total);
+      accuracy = evaluate(epoch);
     }
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
     if (!checkpoint.empty() && primary) {  // every process holds the same model
       dp.save(checkpoint);
       fmt::print("saved {} (load it with torch::load into a plain Net; state checksum {:016x})\n", checkpoint,

@@ -156,6 +156,36 @@ TEST_SUITE("checkpoints") {
     }
   }
 
+  TEST_CASE("a batch whose step failed counts as read: a resumed training does not train on it again") {
+    Scratch scratch;
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(1, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    multigpu::DistributedSampler sampler(kSamples, 1, 0, true, 5);
+    auto loader = torch::data::make_data_loader(Samples(kSamples).map(torch::data::transforms::Stack<>()), sampler,
+                                                torch::data::DataLoaderOptions().batch_size(kBatch));
+    dp.attach(sampler);
+    int batch_number = 0;
+    for (auto& batch : *loader) {
+      if (++batch_number > 3) break;
+      try {
+        dp.train_step(batch, [&](RecipeNetImpl& m, const torch::data::Example<>& shard) {
+          if (batch_number == 2) throw std::runtime_error("a bad batch");
+          return loss_of(m, shard);
+        });
+      } catch (const multigpu::ReplicaError&) {
+        CHECK(batch_number == 2);
+      }
+    }
+    dp.save_state(scratch.file("state.pt"));
+    auto other = multigpu_test::recipe_model(2);
+    multigpu::DataParallel<RecipeNet> resumed(other, std::vector<c10::Device>(1, c10::Device("cpu")));
+    resumed.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    const auto info = resumed.load_state(scratch.file("state.pt"));
+    CHECK(info.step == 2);
+    CHECK(info.epoch_samples == 24);  // three batches read, one of them failed
+  }
+
   TEST_CASE("resumed on another number of replicas: the same training, and ResumeInfo says what changed") {
     Scratch scratch;
     const torch::Tensor straight = train(2, "", 0, "");

@@ -56,6 +56,17 @@ class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std
     state_->seed = seed;
   }
 
+  // A handle: moving one copies it, so that what a sampler was moved from
+  // (into make_data_loader) still shares the state.
+  DistributedSampler(const DistributedSampler&) = default;
+  DistributedSampler(DistributedSampler&& other) noexcept : state_(other.state_) {}
+  DistributedSampler& operator=(const DistributedSampler&) = default;
+  DistributedSampler& operator=(DistributedSampler&& other) noexcept {
+    state_ = other.state_;
+    return *this;
+  }
+  ~DistributedSampler() override = default;
+
   // c10::optional, not std::optional: the base class's type in LibTorch 1.13
   // (2.x makes it an alias of std::optional).
   /// Starts the next epoch (the loader calls it at the start of every pass).

@@ -56,12 +56,13 @@ grep -q '^stopped at step [0-9]*: saved termed/step-[0-9]*.pt; run again with --
   { cat termed-resumed.log; fail "the run resumed after SIGTERM failed"; }
 [[ "$(checksum termed-resumed.log)" == "$expected" ]] || fail "resumed after SIGTERM to another model"
 
-# A checkpoint path that cannot be written: said at once, before any training.
-"$quickstart" "${common[@]}" --checkpoint "$work/no/such/folder/model.pt" > bad.log 2>&1
+# A checkpoint path that cannot be written (its folder is a file): said at
+# once, before any training.
+"$quickstart" "${common[@]}" --checkpoint "$work/straight.log/model.pt" > bad.log 2>&1
 status=$?
 cat bad.log
 [[ $status -eq 1 ]] || fail "an unwritable --checkpoint exited with $status, not 1"
-grep -q "cannot write the checkpoint $work/no/such/folder/model.pt: the folder $work/no/such/folder does not exist" bad.log ||
+grep -q "cannot write the checkpoint $work/straight.log/model.pt: $work/straight.log is not a folder" bad.log ||
   fail "the error does not name the path and why"
 grep -q 'epoch 1' bad.log && fail "it trained before refusing the checkpoint path"
 echo "PASS: resumed after SIGKILL to the same model ($actual)"

@@ -159,6 +159,17 @@ inline void add_module(Checksum& sum, const std::vector<at::Tensor>& parameters,
   }
 }
 
+/// Throws on every rank when `failure` is not empty on any: this rank's own
+/// failure, or `others` when it was another's. Collective.
+inline void fail_together(DataParallelCore& core, const std::string& failure, const std::string& others) {
+  const bool failed_here = !failure.empty();
+  const bool failed = core.options().processes == 1
+                          ? failed_here
+                          : all_reduce_sum(core, {failed_here ? 1.0 : 0.0})[0] > 0;
+  if (failed_here) throw Error(failure);
+  if (failed) throw Error(others);
+}
+
 /// Every rank says whether it read `path` and what (a fingerprint); all go
 /// on only when every rank read the same. Collective.
 inline void agree(DataParallelCore& core, const std::string& what, const std::string& path,
@@ -246,6 +257,7 @@ struct Loaded {
   CheckpointValues values;
   std::map<std::string, std::string> objects;  // serialised, by name
   std::uint64_t checksum = 0;
+  ResumeInfo info;  // what it describes (the notes are added as it is applied)
 };
 
 /// The checkpoint's description fields, checksummed in one order.
@@ -373,9 +385,38 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
                             "{:016x}); nothing was loaded. Resume from an earlier checkpoint",
                             origin, expected, loaded.checksum));
   }
+  ResumeInfo& info = loaded.info;
+  info.path = path;
+  info.step = meta_value(loaded, "step", path);
+  info.saved_processes = static_cast<int>(meta_value(loaded, "processes", path));
+  info.saved_replicas = static_cast<std::size_t>(meta_value(loaded, "replicas", path));
+  info.processes = core.options().processes;
+  info.replicas = core.size();
+  info.batch = meta_value(loaded, "batch", path);
+  info.has_data_position = meta_value(loaded, "has_data_position", path) != 0;
+  if (info.has_data_position) {
+    info.epoch = static_cast<std::size_t>(meta_value(loaded, "epoch", path));
+    info.epoch_samples = meta_value(loaded, "epoch_samples", path);
+  }
+  if (loaded.optimizer.empty() && core.has_optimizer()) {
+    info.notes.push_back("the checkpoint has no optimizer state: the optimizer starts afresh");
+  }
+  // A generator's state of another size (another LibTorch) would fail in
+  // set_state, after the rest was applied: checked now.
+  const auto current = local_random_states(core.devices());
+  const int rank = core.options().process_rank;
+  for (std::size_t i = 0; i < current.size(); ++i) {
+    const auto saved = loaded.random.find(i == 0 ? fmt::format("rank{}_cpu", rank)
+                                                 : fmt::format("rank{}_replica{}", rank, i - 1));
+    if (saved != loaded.random.end() && current[i].defined() && saved->second.numel() != current[i].numel()) {
+      throw Error(fmt::format("{}: its random state {} has {} bytes, this LibTorch's {}: was it written by another "
+                              "LibTorch version?",
+                              origin, saved->first, saved->second.numel(), current[i].numel()));
+    }
+  }
   // The data the place refers to must be the same data, in the same order.
   const auto& sampler = core.progress().sampler();
-  if (sampler && meta_value(loaded, "has_data_position", path) != 0) {
+  if (sampler && info.has_data_position) {
     const auto size = static_cast<std::size_t>(meta_value(loaded, "data_size", path));
     const auto seed = static_cast<std::uint64_t>(meta_value(loaded, "data_seed", path));
     const bool shuffle = meta_value(loaded, "data_shuffle", path) != 0;
@@ -423,6 +464,19 @@ inline void restore_random_states(DataParallelCore& core, const std::map<std::st
   }
 }
 
+/// The attached objects' states, serialised by name.
+inline std::map<std::string, std::string> save_objects(const CheckpointExtras& extras) {
+  std::map<std::string, std::string> out;
+  for (const auto& [name, object] : extras.objects) {
+    torch::serialize::OutputArchive part;
+    object.save(part);
+    std::ostringstream bytes;
+    part.save_to(bytes);
+    out[name] = bytes.str();
+  }
+  return out;
+}
+
 /// Loads the attached objects' states; says which had none saved.
 inline void restore_objects(CheckpointExtras& extras, const std::map<std::string, std::string>& saved,
                             const std::string& path, ResumeInfo& info) {
@@ -437,9 +491,10 @@ inline void restore_objects(CheckpointExtras& extras, const std::map<std::string
     try {
       archive.load_from(bytes);
       object.load(archive);
-    } catch (const c10::Error& e) {
-      throw Error(fmt::format("load_state: the state of \"{}\" in {} does not load into the attached object: {}",
-                              name, path, e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      throw Error(fmt::format("load_state: the state of \"{}\" in {} does not load into the attached object: {}; "
+                              "nothing was changed",
+                              name, path, e.what()));
     }
   }
   for (const auto& item : saved) {
@@ -472,11 +527,12 @@ inline void load_module(DataParallelCore& core, const std::string& path) {
     torch::serialize::InputArchive archive = checkpoint::open(path, "load");
     module = checkpoint::read_module(core, archive, "load: the checkpoint " + path);
     checkpoint::add_module(sum, module.parameters, module.buffers);
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {
     failure = e.what();
   }
   checkpoint::agree(core, "load: the checkpoint", path, failure, sum.value());
   core.assign_module_state(module.parameters, module.buffers);
+  if (!core.has_optimizer()) core.mark_consistent();
 }
 
 inline void save_optimizer(DataParallelCore& core, const std::string& path) {
@@ -508,16 +564,22 @@ inline void attach_sampler(DataParallelCore& core, const DistributedSampler& sam
 }
 
 inline void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointExtras& extras) {
-  core.require_usable("save_state");
-  if (core.progress().pending() > 0) {
-    throw Error("save_state after forward_backward and before step(): the accumulated gradients are not part of a "
-                "checkpoint; save after the step");
+  core.check_communicator("save_state");
+  std::string failure;
+  try {
+    core.require_usable("save_state");
+    if (core.progress().pending() > 0) {
+      throw Error("save_state after forward_backward and before step(): the accumulated gradients are not part of a "
+                  "checkpoint; save after the step");
+    }
+  } catch (const std::exception& e) {
+    failure = e.what();
   }
+  checkpoint::fail_together(core, failure, "save_state: another rank cannot save now (its output says why)");
   const auto fence = core.fenced();
   const ReplicaStreamsCurrent on_replicas(core.contexts());  // read after the replicas' work
   const auto random = checkpoint::gather_random_states(core);  // collective
   const auto& options = core.options();
-  std::string failure;
   if (options.process_rank == 0) {
     try {
       const TrainingProgress& progress = core.progress();
@@ -562,15 +624,10 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
         }
       }
       archive.write(checkpoint::key("values"), values_part);
-      std::map<std::string, std::string> objects;
+      const std::map<std::string, std::string> objects = checkpoint::save_objects(extras);
       torch::serialize::OutputArchive objects_part;
-      for (const auto& [name, object] : extras.objects) {
-        torch::serialize::OutputArchive part;
-        object.save(part);
-        std::ostringstream bytes;
-        part.save_to(bytes);
-        objects[name] = bytes.str();
-        objects_part.write(name, checkpoint::bytes_tensor(objects[name]), /*is_buffer=*/true);
+      for (const auto& [name, bytes] : objects) {
+        objects_part.write(name, checkpoint::bytes_tensor(bytes), /*is_buffer=*/true);
       }
       archive.write(checkpoint::key("objects"), objects_part);
       Checksum sum;
@@ -584,17 +641,12 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
       checkpoint::add_objects(sum, objects);
       archive.write(checkpoint::key("checksum"), c10::IValue(static_cast<std::int64_t>(sum.value())));
       checkpoint::write(archive, path);
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {
       failure = fmt::format("save_state: {}", e.what());
     }
   }
-  if (options.processes > 1) {
-    const auto failed = checkpoint::all_reduce_sum(core, {failure.empty() ? 0.0 : 1.0});
-    if (failed[0] > 0 && failure.empty()) {
-      failure = fmt::format("save_state: rank 0 could not write the checkpoint {} (its output says why)", path);
-    }
-  }
-  if (!failure.empty()) throw Error(failure);
+  checkpoint::fail_together(
+      core, failure, fmt::format("save_state: rank 0 could not write the checkpoint {} (its output says why)", path));
 }
 
 inline ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointExtras& extras) {
@@ -605,35 +657,34 @@ inline ResumeInfo load_training_state(DataParallelCore& core, const std::string&
   checkpoint::Loaded loaded;
   try {
     loaded = checkpoint::read_training_state(core, path);
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {
     failure = e.what();
   }
   checkpoint::agree(core, "load_state: the checkpoint", path, failure, loaded.checksum);  // collective
 
-  // Everything was read and checked: now it is applied, the optimizer first
-  // (all or none), then what cannot fail.
-  if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, "the checkpoint " + path);
-  ResumeInfo info;
-  checkpoint::restore_objects(extras, loaded.objects, path, info);
-  core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
-  info.path = path;
-  info.step = checkpoint::meta_value(loaded, "step", path);
-  info.saved_processes = static_cast<int>(checkpoint::meta_value(loaded, "processes", path));
-  info.saved_replicas = static_cast<std::size_t>(checkpoint::meta_value(loaded, "replicas", path));
-  info.processes = core.options().processes;
-  info.replicas = core.size();
-  info.batch = checkpoint::meta_value(loaded, "batch", path);
-  info.has_data_position = checkpoint::meta_value(loaded, "has_data_position", path) != 0;
-  core.set_steps(info.step);
-  if (loaded.optimizer.empty() && core.has_optimizer()) {
-    info.notes.push_back("the checkpoint has no optimizer state: the optimizer starts afresh");
+  // Everything was read and checked. The optimizer and the attached objects
+  // can still refuse their state (another optimizer, a user object's own
+  // check): they go first, with their previous states kept to put back;
+  // what follows cannot fail.
+  const std::string origin = "the checkpoint " + path;
+  const std::string previous_optimizer =
+      !loaded.optimizer.empty() ? core.optimizer_state() : std::string();
+  const auto previous_objects = checkpoint::save_objects(extras);
+  if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, origin);
+  try {
+    checkpoint::restore_objects(extras, loaded.objects, path, loaded.info);
+  } catch (...) {
+    checkpoint::restore_objects(extras, previous_objects, path, loaded.info);
+    if (!previous_optimizer.empty()) core.load_optimizer_state(previous_optimizer, "the previous state");
+    throw;
   }
+  core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
+  if (!loaded.optimizer.empty() || !core.has_optimizer()) core.mark_consistent();
+  ResumeInfo info = std::move(loaded.info);
+  core.set_steps(info.step);
   const std::int64_t processes = info.processes;
-  std::int64_t local = 0;
+  const std::int64_t local = info.epoch_samples / processes;
   if (info.has_data_position) {
-    info.epoch = static_cast<std::size_t>(checkpoint::meta_value(loaded, "epoch", path));
-    info.epoch_samples = checkpoint::meta_value(loaded, "epoch_samples", path);
-    local = info.epoch_samples / processes;
     if (info.epoch_samples % processes != 0) {
       info.notes.push_back(fmt::format("the {} samples already seen of epoch {} do not split evenly over {} "
                                        "processes: each resumes after {}, so {} are seen again",

@@ -115,6 +115,9 @@ class DataParallelCore {
   /// into all of them or, when it does not fit, into none.
   void load_optimizer_state(const std::string& state, const std::string& origin);
   void set_steps(std::int64_t steps) { steps_ = steps; }
+  /// After the module and every optimizer were given one state: the
+  /// replicas agree again.
+  void mark_consistent() { diverged_.clear(); }
 
  private:
   void follow_primary_options();
@@ -303,6 +306,7 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   std::vector<at::Tensor> losses(n);
   std::vector<const char*> stages(n, nullptr);
   if (reducer_) reducer_->prepare_backward(active, !in_no_sync());
+  progress_.on_batch(total);  // read from the data, whether it trains or fails
   try {
     workers_.run(
         [&](std::size_t r) {
@@ -336,7 +340,6 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
     zero_after_failure();
     throw;
   }
-  progress_.on_batch(total);
   std::vector<double> loss_weights(n, 1.0);
   if (options_.loss_reduction == LossReduction::kMean) {
     for (std::size_t r = 0; r < n; ++r) {
@@ -598,7 +601,6 @@ inline void DataParallelCore::assign_module_state(const std::vector<at::Tensor>&
       if (buffers_[r][i].defined()) buffers_[r][i].copy_(buffers[i]);
     }
   }
-  diverged_.clear();
 }
 
 inline std::string DataParallelCore::optimizer_state() {
@@ -634,10 +636,13 @@ inline void DataParallelCore::load_optimizer_state(const std::string& state, con
   for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
 }
 
+// LibTorch's Optimizer::load adds the saved entries to the state it has and
+// keeps the others: cleared first, the state is the saved one and nothing else.
 inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::string& state) {
   std::istringstream input(state);
   torch::serialize::InputArchive archive;
   archive.load_from(input, devices_[r]);
+  optimizers_[r]->state().clear();
   optimizers_[r]->load(archive);
 }
 

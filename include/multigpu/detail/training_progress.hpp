@@ -24,20 +24,22 @@ class TrainingProgress {
   }
   const std::optional<DistributedSampler>& sampler() const { return sampler_; }
 
-  /// A forward_backward of `samples` (this process's) succeeded.
+  /// forward_backward was given `samples` (this process's): they count as
+  /// read from the data whether the step trains on them or fails (a
+  /// resumed training must not read them again).
   void on_batch(std::int64_t samples) {
     // The sampler's epoch moves when the loader starts a pass, after the
     // last pass's batches were all used: a batch belongs to the epoch the
-    // sampler is in when it is trained on.
+    // sampler is in when it is given.
     if (sampler_ && sampler_->epoch() != epoch_) {
       epoch_ = sampler_->epoch();
       epoch_samples_ = 0;
     }
+    epoch_samples_ += samples;
     pending_ += samples;
   }
   /// An optimizer step used what was accumulated.
   void on_step() {
-    epoch_samples_ += pending_;
     largest_step_ = std::max(largest_step_, pending_);
     pending_ = 0;
   }
@@ -47,7 +49,7 @@ class TrainingProgress {
   /// Samples trained on but not stepped yet (forward_backward without step).
   std::int64_t pending() const { return pending_; }
   std::size_t epoch() const { return epoch_; }
-  /// This process's samples of epoch() that went into optimizer steps.
+  /// This process's samples of epoch() read so far.
   std::int64_t epoch_samples() const { return epoch_samples_; }
   /// The most samples (of this process) one optimizer step has used.
   std::int64_t largest_step() const { return largest_step_; }
