@@ -94,9 +94,16 @@ inline std::vector<std::string> environment_with(const std::vector<std::pair<std
 
 namespace supervisor {
 
-// State of the supervisor process (its signal handlers set it).
-inline volatile std::sig_atomic_t stop_requested = 0;
-inline volatile unsigned grace_seconds = 10;
+// State of the supervisor process (its signal handlers set it). Function
+// statics, not inline variables: including the header emits no symbol.
+inline volatile std::sig_atomic_t& stop_requested() {
+  static volatile std::sig_atomic_t value = 0;
+  return value;
+}
+inline volatile unsigned& grace_seconds() {
+  static volatile unsigned value = 10;
+  return value;
+}
 
 /// The signal the supervisor gets when the scheduler's thread ends.
 constexpr int kParentDeathSignal = SIGUSR1;
@@ -105,12 +112,12 @@ constexpr int kParentDeathSignal = SIGUSR1;
 constexpr int kErrorFd = 3;
 constexpr int kKeptFd = 4;
 
-inline void on_stop(int) { stop_requested = 1; }
+inline void on_stop(int) { stop_requested() = 1; }
 /// The scheduler is gone: SIGTERM to the group now (this process only notes
 /// it, in on_stop), SIGKILL when the grace period has passed (on_alarm).
 inline void on_parent_death(int) {
   ::kill(0, SIGTERM);
-  ::alarm(grace_seconds == 0 ? 1 : grace_seconds);
+  ::alarm(grace_seconds() == 0 ? 1 : grace_seconds());
 }
 inline void on_alarm(int) { ::kill(0, SIGKILL); }  // the group, this process too
 
@@ -177,7 +184,7 @@ inline void close_from(int first) {
 [[noreturn]] inline void run(pid_t scheduler, int error_fd, int keep_fd, const char* log_path, char* const* argv,
                              char* const* envp, unsigned grace) {
   ::setpgid(0, 0);
-  grace_seconds = grace;
+  grace_seconds() = grace;
   set_handler(SIGTERM, on_stop);
   set_handler(SIGINT, on_stop);
   set_handler(SIGHUP, on_stop);
@@ -227,7 +234,7 @@ inline void close_from(int first) {
     if (ended == shell) {
       shell_ended = true;
       shell_status = status;
-      if (!stop_requested) break;  // as the shell would; see the Note
+      if (!stop_requested()) break;  // as the shell would; see the Note
     } else if (ended < 0 && errno == ECHILD) {
       break;  // every descendant is gone
     }
