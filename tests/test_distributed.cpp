@@ -612,8 +612,8 @@ TEST_SUITE("distributed rendezvous") {
       // Who came first is stated first; each rank is named with what it said.
       const std::string said0 =
           fmt::format("rank 0 ({} (pid {})) with WORLD_SIZE={}", multigpu::detail::this_host(), ::getpid(), world0);
-      const std::string said1 =
-          fmt::format("rank 1 ({} (pid {})) with WORLD_SIZE={}", multigpu::detail::this_host(), rank1->pid(), world1);
+      const std::string said1 = fmt::format("rank 1 ({} (pid {})) with WORLD_SIZE={}", multigpu::detail::this_host(),
+                                            rank1->command_pid(), world1);
       for (const std::string& message : {rank0.message, report}) {
         CHECK(contains(message, "the processes were started with different numbers of processes: "));
         CHECK(contains(message, said0));

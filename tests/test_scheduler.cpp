@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "multigpu/scheduler.hpp"
 #include "multigpu/testing/fake_runtime.hpp"
 
 using multigpu::RunSummary;
@@ -532,5 +533,164 @@ TEST_SUITE("task files") {
     std::set<std::string> names;
     for (const auto& task : tasks) names.insert(task.name);
     CHECK(names.size() == 12);
+  }
+}
+
+// Issue 17: a task is never killed or lost because of the scheduler, files
+// go where they should, and a failure says what is true.
+TEST_SUITE("scheduler: never kill or lose a task") {
+  TEST_CASE("a task under sh gets its whole grace period (dash does not exec; the program saves on SIGTERM)") {
+    const std::string dir = fresh_dir("grace");
+    std::ofstream(dir + "/saves.sh") << "trap 'sleep 2; echo saved > " << dir << "/saved; exit 0' TERM\n"
+                                     << "touch " << dir << "/started\n"
+                                     << "while :; do sleep 0.1; done\n";
+    auto options = fast_options(dir, "0");
+    options.grace_period = std::chrono::seconds(10);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    std::thread stopper([&] {
+      if (eventually([&] { return multigpu::detail::path_exists(dir + "/started"); })) scheduler.request_stop();
+    });
+    const auto start = std::chrono::steady_clock::now();
+    // `; echo after`: the shell cannot exec the script and stays its parent.
+    const auto summary = scheduler.run({Task::shell("saver", fmt::format("sh {}/saves.sh; echo after", dir))});
+    stopper.join();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CHECK(read_file(dir + "/saved") == "saved\n");
+    CHECK(seconds >= 2);
+    CHECK(seconds < 9);  // it ended when the task had, not at the end of the period
+    CHECK(result_of(summary, "saver").status == TaskStatus::kInterrupted);
+    CHECK(processes_with(dir + "/saves.sh") == 0);
+  }
+
+  TEST_CASE("a task that cannot start fails alone: a command over the argument limit, a deleted log folder") {
+    const std::string dir = fresh_dir("nostart");
+    CapturedLog log;
+    auto options = fast_options(dir, "0");
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({
+        Task::shell("huge", "echo " + std::string(200 * 1024, 'x')),
+        Task::shell("fine", "true"),
+        // (again while the scheduler's summary writes race with rm)
+        Task::shell("remover", fmt::format("until rm -rf {}/logs 2>/dev/null; do sleep 0.01; done", dir)),
+        Task::shell("after", "true"),
+    });
+    const auto& huge = result_of(summary, "huge");
+    CHECK(huge.status == TaskStatus::kFailed);
+    CHECK(contains(huge.error, "the command is 204805 bytes, over the kernel's limit for one argument (128 KiB)"));
+    CHECK(result_of(summary, "fine").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "remover").status == TaskStatus::kDone);
+    const auto& after = result_of(summary, "after");
+    CHECK(after.status == TaskStatus::kFailed);
+    CHECK(contains(after.error, "with its output to " + dir + "/logs/after.log: No such file or directory"));
+    // The summary's folder went too: said, not thrown.
+    CHECK(contains(summary.summary_error, dir + "/logs/summary.json"));
+    CHECK(summary.exit_code() == 1);
+  }
+
+  TEST_CASE("a log folder is locked by the run using it; a second run says who holds it") {
+    const std::string dir = fresh_dir("lock");
+    FakeScheduler first(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    FakeScheduler second(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::string refused;
+    const auto summary = first.run({Task::callable("holder", [&](TaskContext&) {
+      refused = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, second.run({Task::shell("twin", "true")}));
+    })});
+    CHECK(summary.count(TaskStatus::kDone) == 1);
+    CHECK(contains(refused, fmt::format("the log folder {}/logs is in use by another run (pid {} on host ", dir,
+                                        static_cast<long>(::getpid()))));
+    CHECK(contains(refused, ", started 20"));
+    CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/twin.log"));
+    CHECK(second.run({Task::shell("twin", "true")}).count(TaskStatus::kDone) == 1);  // free once the first ended
+  }
+
+  TEST_CASE("while a task runs, the summary shows it pending with its attempt") {
+    const std::string dir = fresh_dir("crash");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    nlohmann::json seen;
+    scheduler.run({Task::callable("long", [&](TaskContext&) {
+      eventually([&] {
+        try {
+          seen = nlohmann::json::parse(read_file(dir + "/logs/summary.json"));
+          return seen["tasks"][0]["attempts"] == 1;
+        } catch (const std::exception&) {
+          return false;
+        }
+      });
+    })});
+    CHECK(seen["tasks"][0]["status"] == "pending");
+    CHECK(seen["tasks"][0]["attempts"] == 1);
+    CHECK(seen["finished"] == false);
+  }
+}
+
+TEST_SUITE("scheduler: where files go") {
+  TEST_CASE("an empty log folder, a symbolic link as a log, and names that map to one log are refused") {
+    const std::string dir = fresh_dir("files");
+    auto empty = fast_options(dir, "0");
+    empty.log_dir = "";
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, FakeScheduler(empty, FakeRuntime::with_gpus(1))),
+                   "the log folder is \"\"; name a folder"));
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({Task::shell("a/b", "true"), Task::shell("a_b", "true")})) ==
+          "tasks \"a/b\" and \"a_b\" would share the log a_b.log; rename one (a name keeps letters, digits, '.', '_' "
+          "and '-' in its log's name, and every other character becomes '_')");
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, scheduler.run({Task::shell("bad\xff", "true")})),
+                   "task 1 has a name that is not UTF-8 (byte 4)"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                         scheduler.run({Task::shell("nul", std::string("echo a\0b", 8))})),
+                   "task \"nul\": its command holds a NUL byte at byte 7"));
+    multigpu::detail::make_directories(dir + "/logs");
+    REQUIRE(::symlink("../target", (dir + "/logs/planted.log").c_str()) == 0);
+    const auto summary = scheduler.run({Task::shell("planted", "echo written")});
+    CHECK(result_of(summary, "planted").status == TaskStatus::kFailed);
+    CHECK(contains(result_of(summary, "planted").error, "is a symbolic link, and logs are never written through one"));
+    CHECK_FALSE(multigpu::detail::path_exists(dir + "/target"));
+  }
+
+  TEST_CASE("the summary stays valid JSON whatever bytes a text holds") {
+    CHECK(nlohmann::json::parse(multigpu::detail::json_string("a\xff\xc3(b\xe2\x82\xac")) ==
+          "a\xef\xbf\xbd\xef\xbf\xbd(b\xe2\x82\xac");
+  }
+}
+
+TEST_SUITE("scheduler: what a failure says") {
+  TEST_CASE("out of memory in any attempt's output, however long the output after it") {
+    const std::string dir = fresh_dir("oom");
+    auto options = fast_options(dir, "0,1");
+    options.retries = 1;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const auto summary = scheduler.run({
+        Task::shell("first-attempt", "if [ $MULTIGPU_TASK_ATTEMPT = 1 ]; then echo 'CUDA out of memory'; exit 1; fi; "
+                                     "head -c 100000 /dev/zero | tr '\\0' x; exit 2"),
+        Task::shell("long-after", "echo 'torch.OutOfMemoryError: CUDA out of memory'; "
+                                  "head -c 200000 /dev/zero | tr '\\0' y; exit 1"),
+        Task::shell("plain", "exit 1"),
+    });
+    CHECK(result_of(summary, "first-attempt").attempts == 2);
+    CHECK(result_of(summary, "first-attempt").error == "exit code 2");
+    CHECK(result_of(summary, "first-attempt").out_of_memory);
+    CHECK(result_of(summary, "long-after").out_of_memory);
+    CHECK_FALSE(result_of(summary, "plain").out_of_memory);
+  }
+
+  TEST_CASE("exit code 128+N under sh: killed by a signal only when the shell said so") {
+    const std::string dir = fresh_dir("signals");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({
+        Task::shell("crashes", "sh -c 'kill -SEGV $$'; exit $?"),
+        Task::shell("says-139", "exit 139"),
+    });
+    CHECK(result_of(summary, "crashes").exit_code == 139);
+    CHECK(result_of(summary, "crashes").error == "killed by SIGSEGV (signal 11; /bin/sh reported exit code 139)");
+    CHECK(result_of(summary, "says-139").error == "exit code 139 (a command under sh killed by SIGSEGV?)");
+  }
+}
+
+TEST_SUITE("task files") {
+  TEST_CASE("a NUL byte in a task file is an error naming the line") {
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                multigpu::parse_tasks(std::string("true\necho a\0b\n", 14), "my.tasks")) ==
+          "my.tasks:2: a NUL byte at column 7; a task file is text, and the shell would cut the command there");
   }
 }

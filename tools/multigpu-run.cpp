@@ -6,9 +6,11 @@
 //   multigpu-run --dry-run experiments.tasks
 //
 // Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
-// task file, 130 / 143 stopped by Ctrl-C / SIGTERM.
+// task file (or the log folder is in use by another run), 130 / 143 / 129
+// stopped by Ctrl-C / SIGTERM / SIGHUP.
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <string>
 #include <unistd.h>
@@ -90,6 +92,9 @@ int main(int argc, char** argv) {
   options.busy_wait_limit = std::chrono::milliseconds(static_cast<long>(busy_wait_seconds * 1000));
   options.handle_signals = true;
   options.status_line = !quiet;
+  // A closed terminal or pipe (ssh dropped, `| tee` ended) must not end the
+  // run on a write: SIGHUP stops it the orderly way instead.
+  std::signal(SIGPIPE, SIG_IGN);
 
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task);
@@ -121,9 +126,16 @@ int main(int argc, char** argv) {
                    r.log_path);
       }
     }
-    fmt::print("summary: {} and {}\n", summary.json_path, summary.csv_path);
+    if (summary.summary_error.empty()) {
+      fmt::print("summary: {} and {}\n", summary.json_path, summary.csv_path);
+    } else {
+      fmt::print(stderr, "multigpu-run: the summary could not be written: {}\n", summary.summary_error);
+    }
     return summary.exit_code();
   } catch (const multigpu::Error& e) {
+    fmt::print(stderr, "multigpu-run: {}\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
     fmt::print(stderr, "multigpu-run: {}\n", e.what());
     return 2;
   }

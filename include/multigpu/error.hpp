@@ -89,7 +89,10 @@ inline LogState& log_state() {
   return state;
 }
 inline void default_log_handler(LogLevel level, std::string_view message) {
-  fmt::print(stderr, "multigpu: {}{}\n", level == LogLevel::kWarning ? "warning: " : "", message);
+  // fwrite, not fmt::print: a warning must not throw when stderr is gone (a
+  // closed terminal, a pipe whose reader ended).
+  const std::string line = fmt::format("multigpu: {}{}\n", level == LogLevel::kWarning ? "warning: " : "", message);
+  std::fwrite(line.data(), 1, line.size(), stderr);
   std::fflush(stderr);
 }
 }  // namespace detail

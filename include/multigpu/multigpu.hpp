@@ -3,7 +3,9 @@
 /// Everything of multigpu, in dependency order. Include this one header:
 ///   #include <multigpu/multigpu.hpp>
 /// Multi-process training adds <multigpu/distributed.hpp> (c10d and Gloo's
-/// headers are heavy, so only programs that use them pay for them).
+/// headers are heavy, so only programs that use them pay for them), and the
+/// experiment scheduler <multigpu/scheduler.hpp> (a training program does
+/// not pay for the scheduler).
 
 #include "multigpu/config.hpp"
 #include "multigpu/error.hpp"
@@ -18,4 +20,3 @@
 #include "multigpu/checkpoint.hpp"
 #include "multigpu/distributed_env.hpp"
 #include "multigpu/sampler.hpp"
-#include "multigpu/scheduler.hpp"

@@ -33,9 +33,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cerrno>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <functional>
@@ -48,11 +50,16 @@
 #include <sstream>
 #include <string>
 #include <string_view>
-#include <sys/stat.h>
 #include <thread>
-#include <unistd.h>
 #include <utility>
 #include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <c10/core/Device.h>
 #include <fmt/core.h>
@@ -165,7 +172,9 @@ struct TaskResult {
   int attempts = 0;
   std::optional<int> exit_code;  ///< Commands that exited.
   std::string error;             ///< Why it failed ("exit code 2", "killed by SIGSEGV", an exception's message).
-  bool out_of_memory = false;    ///< The failure looked like running out of GPU memory.
+  /// Some attempt failed looking like running out of GPU memory (each
+  /// attempt's whole output is searched).
+  bool out_of_memory = false;
   std::string log_path;
 };
 
@@ -177,13 +186,15 @@ struct RunSummary {
   double seconds = 0;
   std::string json_path;  ///< Where the summary was written.
   std::string csv_path;
+  /// Why the summary files could not be written at the end ("" when they were).
+  std::string summary_error;
 
   std::size_t count(TaskStatus status) const {
     return static_cast<std::size_t>(
         std::count_if(tasks.begin(), tasks.end(), [status](const TaskResult& r) { return r.status == status; }));
   }
   /// 0 when every task is done or skipped, 1 when some failed, 128 + signal
-  /// (130 for Ctrl-C) when the run was stopped.
+  /// (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP) when the run was stopped.
   int exit_code() const {
     if (interrupted) return 128 + (stop_signal != 0 ? stop_signal : SIGINT);
     return count(TaskStatus::kFailed) > 0 ? 1 : 0;
@@ -203,7 +214,8 @@ struct SchedulerOptions {
   std::int64_t memory_threshold_mib = MULTIGPU_DEFAULT_BUSY_THRESHOLD_MIB;
   /// Fail a task that found no free device for this long (0: wait forever).
   std::chrono::milliseconds busy_wait_limit{0};
-  /// Per-task logs and, by default, the summary go here.
+  /// Per-task logs and, by default, the summary go here. A run holds a lock
+  /// on it (`<log_dir>/.multigpu-run.lock`): a second run on it is refused.
   std::string log_dir = "multigpu-logs";
   /// Summary files: PATH.json and PATH.csv ("": <log_dir>/summary).
   std::string summary_path;
@@ -214,10 +226,11 @@ struct SchedulerOptions {
   int retries = 0;
   /// How often running commands and busy devices are looked at.
   std::chrono::milliseconds poll_interval{200};
-  /// After a stop request: how long commands get to end after SIGTERM before SIGKILL.
+  /// After a stop request: how long commands get to end after SIGTERM before
+  /// SIGKILL (also when this process dies: see Note [The task supervisor]).
   std::chrono::milliseconds grace_period{std::chrono::seconds(10)};
-  /// Handle SIGINT and SIGTERM during run() (stop dispatching, stop the
-  /// commands, write the summary); the previous handlers come back after.
+  /// Handle SIGINT, SIGTERM and SIGHUP during run() (stop dispatching, stop
+  /// the commands, write the summary); the previous handlers come back after.
   bool handle_signals = false;
   /// A live status line on stderr: redrawn on a terminal, a plain line every
   /// `status_interval` otherwise.
@@ -259,6 +272,52 @@ namespace detail {
 /// judged busy by the memory in use there (a later in-process task reuses
 /// that cache). A task's own worker threads have ended with it.
 
+/// Note [Waking the scheduler]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// The scheduler's loop sleeps until something happens: a command task's
+/// process ends (its pidfd becomes readable), an in-process task ends or a
+/// stop is requested (an eventfd is written), or `poll_interval` passes (busy
+/// devices, signals, the status line). So a short task's slot is given to
+/// the next task at once, not at the next poll.
+
+/// What the scheduler's loop waits on. Thread-safe notify().
+class WakeUp {
+ public:
+  WakeUp() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  ~WakeUp() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  WakeUp(const WakeUp&) = delete;
+  WakeUp& operator=(const WakeUp&) = delete;
+
+  void notify() {
+    const std::uint64_t one = 1;
+    if (fd_ >= 0) {
+      const ssize_t written = ::write(fd_, &one, sizeof(one));
+      (void)written;
+    }
+  }
+
+  /// Waits until notified, one of `fds` (pidfds; -1 entries are ignored) is
+  /// readable, or `limit` passes.
+  void wait(const std::vector<int>& fds, std::chrono::milliseconds limit) {
+    std::vector<pollfd> watched;
+    if (fd_ >= 0) watched.push_back({fd_, POLLIN, 0});
+    for (int fd : fds) {
+      if (fd >= 0) watched.push_back({fd, POLLIN, 0});
+    }
+    ::poll(watched.data(), static_cast<nfds_t>(watched.size()), static_cast<int>(limit.count()));
+    std::uint64_t count = 0;
+    if (fd_ >= 0) {
+      const ssize_t got = ::read(fd_, &count, sizeof(count));  // drained: the next wait sleeps again
+      (void)got;
+    }
+  }
+
+ private:
+  int fd_;
+};
+
 /// The non-template scheduler: dispatches over a pool whose busy state a
 /// callback reports (see BasicScheduler).
 class SchedulerCore {
@@ -280,8 +339,10 @@ class SchedulerCore {
   void validate(const std::vector<Task>& tasks) const;
   bool is_done(const Task& task) const;
   std::optional<std::vector<std::size_t>> place(const Job& job, const std::vector<DeviceInfo>& now) const;
+  std::vector<DeviceInfo> query_devices();
   void start(Job& job, const std::vector<std::size_t>& devices);
   void finish(Running& running);
+  void conclude(Job& job, const std::vector<std::size_t>& devices, bool success, bool out_of_memory);
   void release_cache_unless_in_use(const Running& ended);
   void write_summary(const std::vector<Job>& jobs, bool final_write);
   void print_status(const std::vector<Job>& jobs, bool force);
@@ -297,11 +358,15 @@ class SchedulerCore {
   std::atomic<bool> stop_{false};
   std::atomic<int> stop_signal_{0};
   std::mutex mutex_;             // in-process completions
-  std::condition_variable wake_;
+  WakeUp wake_;                  // see Note [Waking the scheduler]
   std::chrono::steady_clock::time_point run_start_{};
   std::chrono::steady_clock::time_point last_status_{};
   RunSummary summary_;
   std::vector<Job>* jobs_ = nullptr;
+  bool summary_dirty_ = false;        // a task changed since the summary was last written
+  std::string last_summary_error_;    // warned about once
+  bool warned_query_ = false;
+  int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
 };
 
 }  // namespace detail
@@ -352,10 +417,61 @@ inline std::string file_safe(const std::string& name) {
   return out;
 }
 
-/// JSON string literal.
+/// The length of the valid UTF-8 sequence at the start of `text` (0 if none).
+inline std::size_t utf8_sequence_length(std::string_view text) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(0);
+  std::size_t length = 0;
+  unsigned char low = 0x80;
+  unsigned char high = 0xBF;
+  if (lead < 0x80) return 1;
+  if (lead >= 0xC2 && lead <= 0xDF) {
+    length = 2;
+  } else if (lead >= 0xE0 && lead <= 0xEF) {
+    length = 3;
+    if (lead == 0xE0) low = 0xA0;   // no overlong forms
+    if (lead == 0xED) high = 0x9F;  // no surrogates
+  } else if (lead >= 0xF0 && lead <= 0xF4) {
+    length = 4;
+    if (lead == 0xF0) low = 0x90;
+    if (lead == 0xF4) high = 0x8F;  // nothing above U+10FFFF
+  } else {
+    return 0;
+  }
+  if (text.size() < length) return 0;
+  if (byte(1) < low || byte(1) > high) return 0;
+  for (std::size_t i = 2; i < length; ++i) {
+    if (byte(i) < 0x80 || byte(i) > 0xBF) return 0;
+  }
+  return length;
+}
+
+/// The byte offset of the first invalid UTF-8 sequence in `text`, if any.
+inline std::optional<std::size_t> invalid_utf8_at(std::string_view text) {
+  for (std::size_t i = 0; i < text.size();) {
+    const std::size_t length = utf8_sequence_length(text.substr(i));
+    if (length == 0) return i;
+    i += length;
+  }
+  return std::nullopt;
+}
+
+/// JSON string literal; bytes that are not UTF-8 (a command's or a
+/// program's output) become U+FFFD, so the file stays valid JSON.
 inline std::string json_string(std::string_view text) {
   std::string out = "\"";
-  for (unsigned char c : text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x80) {
+      const std::size_t length = utf8_sequence_length(text.substr(i));
+      if (length == 0) {
+        out += "\ufffd";
+      } else {
+        out.append(text.substr(i, length));
+        i += length - 1;
+      }
+      continue;
+    }
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
@@ -456,14 +572,113 @@ inline bool looks_like_out_of_memory(std::string text) {
   return text.find("out of memory") != std::string::npos || text.find("outofmemoryerror") != std::string::npos;
 }
 
+/// Appends to a task's log, never through a symbolic link. Best effort: a
+/// full disk or a deleted folder loses the line, not the run.
 inline void append_to_file(const std::string& path, const std::string& text) {
-  if (std::FILE* file = std::fopen(path.c_str(), "ab")) {
-    std::fwrite(text.data(), 1, text.size(), file);
-    std::fclose(file);
-  }
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  const ssize_t written = ::write(fd, text.data(), text.size());
+  (void)written;
+  ::close(fd);
 }
 
-/// Installs SIGINT/SIGTERM handlers that only record the signal, and puts
+/// The size of a file (0 if it cannot be read).
+inline std::uint64_t file_size(const std::string& path) {
+  struct stat info {};
+  return ::stat(path.c_str(), &info) == 0 ? static_cast<std::uint64_t>(info.st_size) : 0;
+}
+
+/// Whether the output in `path` from byte `from` on says the GPU ran out of
+/// memory. Reads it in pieces, so a long log costs no memory.
+inline bool output_mentions_out_of_memory(const std::string& path, std::uint64_t from) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  in.seekg(static_cast<std::streamoff>(from));
+  constexpr std::size_t kPiece = 1 << 20;
+  constexpr std::size_t kOverlap = 32;  // longer than any phrase looked for
+  std::string carry;
+  std::string piece(kPiece, '\0');
+  while (in) {
+    in.read(piece.data(), static_cast<std::streamsize>(piece.size()));
+    const auto got = static_cast<std::size_t>(in.gcount());
+    if (got == 0) break;
+    const std::string text = carry + piece.substr(0, got);
+    if (looks_like_out_of_memory(text)) return true;
+    carry = text.substr(text.size() > kOverlap ? text.size() - kOverlap : 0);
+  }
+  return false;
+}
+
+/// What a command's exit says. /bin/sh exits with 128 + N when the command
+/// it waited for was killed by signal N, and dash then prints the signal's
+/// description ("Segmentation fault"); a program may also exit with such a
+/// code itself. So "killed by" is said only when the shell's message is the
+/// attempt's last line. `output`: the end of the attempt's output.
+inline std::string describe_command_exit(const ProcessExit& exit, const std::string& output) {
+  if (!exit.exit_code || *exit.exit_code <= 128 || *exit.exit_code >= 128 + NSIG) return exit.describe();
+  const int signal = *exit.exit_code - 128;
+  const char* abbreviation = sigabbrev_np(signal);
+  if (abbreviation == nullptr) return exit.describe();
+  std::string last_line(trim(output));
+  if (const auto newline = last_line.rfind('\n'); newline != std::string::npos) last_line.erase(0, newline + 1);
+  const std::string message = ::strsignal(signal);
+  const bool shell_prefix = last_line.rfind("sh: ", 0) == 0 || last_line.rfind("bash: ", 0) == 0;  // bash as sh
+  const bool from_shell = last_line == message || last_line == message + " (core dumped)" ||
+                          (shell_prefix && last_line.find(message) != std::string::npos);
+  if (from_shell) {
+    return fmt::format("killed by SIG{} (signal {}; /bin/sh reported exit code {})", abbreviation, signal,
+                       *exit.exit_code);
+  }
+  return fmt::format("exit code {} (a command under sh killed by SIG{}?)", *exit.exit_code, abbreviation);
+}
+
+/// Note [The log folder's lock]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// Two runs on one log folder would run the same tasks twice, side by side,
+/// and write over each other's logs and summary. A run takes an exclusive
+/// flock on `<log_dir>/.multigpu-run.lock` and writes who it is (pid, host,
+/// start time) into it; a second run is refused with that line. The lock
+/// goes when its open file goes: when the run ends, or when its process dies
+/// (no stale lock to clean up by hand), except that the supervisors of the
+/// command tasks keep it (see Note [The task supervisor]): after a crash, a
+/// rerun waits until the old run's tasks are gone.
+
+/// The lock file of a log folder.
+inline std::string lock_path_of(const std::string& log_dir) { return log_dir + "/.multigpu-run.lock"; }
+
+/// Takes the log folder's lock, or throws SchedulerError saying who holds it.
+/// Returns the lock's file descriptor.
+inline int lock_log_dir(const std::string& log_dir) {
+  const std::string path = lock_path_of(log_dir);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw SchedulerError(fmt::format("cannot open the log folder's lock {}: {}", path, std::strerror(errno)));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    std::string holder(512, '\0');
+    const ssize_t got = ::pread(fd, holder.data(), holder.size(), 0);
+    holder.resize(got > 0 ? static_cast<std::size_t>(got) : 0);
+    ::close(fd);
+    if (error == EWOULDBLOCK) {
+      throw SchedulerError(fmt::format(
+          "the log folder {} is in use by another run ({}); wait for it to end (its tasks included), or choose "
+          "another log folder",
+          log_dir, holder.empty() ? std::string("who, it did not say") : std::string(trim(holder))));
+    }
+    throw SchedulerError(fmt::format("cannot lock {}: {}", path, std::strerror(error)));
+  }
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  const std::string holder = fmt::format("pid {} on host {}, started {}\n", static_cast<long>(::getpid()), host,
+                                         iso8601(std::chrono::system_clock::now()));
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, holder.data(), holder.size(), 0) < 0) {
+    // The lock holds without the note; a second run just cannot say who.
+  }
+  return fd;
+}
+
+/// Installs SIGINT/SIGTERM/SIGHUP handlers that only record the signal, and puts
 /// the previous ones back when destroyed.
 class SignalWatch {
  public:
@@ -475,11 +690,13 @@ class SignalWatch {
     sigemptyset(&action.sa_mask);
     ::sigaction(SIGINT, &action, &previous_int_);
     ::sigaction(SIGTERM, &action, &previous_term_);
+    ::sigaction(SIGHUP, &action, &previous_hup_);  // a closed terminal (ssh dropped) stops like SIGTERM
   }
   ~SignalWatch() {
     if (!enabled_) return;
     ::sigaction(SIGINT, &previous_int_, nullptr);
     ::sigaction(SIGTERM, &previous_term_, nullptr);
+    ::sigaction(SIGHUP, &previous_hup_, nullptr);
   }
   SignalWatch(const SignalWatch&) = delete;
   SignalWatch& operator=(const SignalWatch&) = delete;
@@ -494,6 +711,7 @@ class SignalWatch {
   bool enabled_;
   struct sigaction previous_int_ {};
   struct sigaction previous_term_ {};
+  struct sigaction previous_hup_ {};
 };
 
 struct SchedulerCore::Job {
@@ -509,6 +727,7 @@ struct SchedulerCore::Running {
   std::vector<std::size_t> devices;
   std::chrono::steady_clock::time_point started;
   std::unique_ptr<ChildProcess> child;
+  std::uint64_t output_start = 0;  // where this attempt's output begins in the log
   std::thread thread;  // in-process tasks
   std::atomic<bool> finished{false};
   std::exception_ptr error;
@@ -530,10 +749,15 @@ inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<Device
   }
   if (options_.retries < 0) throw SchedulerError(fmt::format("retries must be 0 or more, got {}", options_.retries));
   if (options_.poll_interval.count() <= 0) throw SchedulerError("poll_interval must be positive");
+  if (options_.log_dir.empty()) {
+    throw SchedulerError("the log folder is \"\"; name a folder for the task logs and the summary (default "
+                         "multigpu-logs; \".\" for the current folder)");
+  }
 }
 
 inline void SchedulerCore::validate(const std::vector<Task>& tasks) const {
   std::set<std::string> names;
+  std::map<std::string, std::string> files;  // log file name -> task name
   for (std::size_t i = 0; i < tasks.size(); ++i) {
     const Task& task = tasks[i];
     const std::string which = task.name.empty() ? fmt::format("task {}", i + 1) : fmt::format("task \"{}\"", task.name);
@@ -542,8 +766,24 @@ inline void SchedulerCore::validate(const std::vector<Task>& tasks) const {
       throw SchedulerError(fmt::format("two tasks are named \"{}\"; names must be unique (they name the logs)",
                                        task.name));
     }
+    const auto [other, fresh] = files.emplace(file_safe(task.name), task.name);
+    if (!fresh) {
+      throw SchedulerError(fmt::format(
+          "tasks \"{}\" and \"{}\" would share the log {}.log; rename one (a name keeps letters, digits, '.', "
+          "'_' and '-' in its log's name, and every other character becomes '_')",
+          other->second, task.name, other->first));
+    }
+    if (const auto at = invalid_utf8_at(task.name)) {
+      throw SchedulerError(fmt::format("task {} has a name that is not UTF-8 (byte {}); names go into the summary's "
+                                       "JSON and must be text",
+                                       i + 1, *at + 1));
+    }
     if (task.command.empty() == !task.function) {
       throw SchedulerError(fmt::format("{} needs exactly one of a command and a function", which));
+    }
+    if (const auto nul = task.command.find('\0'); nul != std::string::npos) {
+      throw SchedulerError(fmt::format("{}: its command holds a NUL byte at byte {}, where the shell would cut it",
+                                       which, nul + 1));
     }
     if (task.devices < 1 || task.devices > static_cast<int>(pool_.size())) {
       throw SchedulerError(fmt::format("{} needs {} device(s), but the pool has {} ({})", which, task.devices,
@@ -576,6 +816,23 @@ inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& j
   return preferred;
 }
 
+inline std::vector<DeviceInfo> SchedulerCore::query_devices() {
+  try {
+    return query_();
+  } catch (const std::exception& e) {
+    // The tasks already running are not the query's business: go on with
+    // the pool as it was (no device judged busy), and say so once.
+    if (!warned_query_) {
+      warn(fmt::format("cannot look at the devices' memory ({}); tasks are placed without busy detection",
+                       e.what()));
+      warned_query_ = true;
+    }
+    std::vector<DeviceInfo> now = pool_;
+    for (auto& device : now) device.busy = false;
+    return now;
+  }
+}
+
 inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devices) {
   auto running = std::make_unique<Running>();
   running->job = static_cast<std::size_t>(&job - jobs_->data());
@@ -596,7 +853,6 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   result.visible_devices = visible;
   result.exit_code.reset();
   result.error.clear();
-  result.out_of_memory = false;
   std::string on;
   for (const auto& label : result.devices) on += (on.empty() ? "" : ", ") + label;
   append_to_file(result.log_path, fmt::format("### multigpu: task {}, attempt {}, on {}, CUDA_VISIBLE_DEVICES={}, {}\n",
@@ -607,7 +863,22 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
     const auto env = environment_with({{"CUDA_VISIBLE_DEVICES", visible},
                                        {"MULTIGPU_TASK", job.task.name},
                                        {"MULTIGPU_TASK_ATTEMPT", std::to_string(result.attempts)}});
-    running->child = std::make_unique<ChildProcess>(command, env, result.log_path);
+    running->output_start = file_size(result.log_path);
+    try {
+      running->child = std::make_unique<ChildProcess>(
+          command, env, result.log_path,
+          std::chrono::duration_cast<std::chrono::seconds>(options_.grace_period + std::chrono::milliseconds(999)),
+          lock_fd_);
+    } catch (const std::exception& e) {
+      // This task's failure (a command over the argument limit, a log that
+      // cannot be opened), not the run's.
+      result.error = e.what();
+      append_to_file(result.log_path, fmt::format("### cannot start: {}\n", result.error));
+      result.seconds = 0;
+      summary_dirty_ = true;
+      conclude(job, devices, false, false);
+      return;
+    }
   } else {
     Running* raw = running.get();
     const std::function<void(TaskContext&)>* function = &job.task.function;
@@ -631,10 +902,11 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
         std::lock_guard<std::mutex> lock(mutex_);
         raw->finished = true;
       }
-      wake_.notify_all();
+      wake_.notify();
     });
   }
   running_.push_back(std::move(running));
+  summary_dirty_ = true;
 }
 
 
@@ -642,30 +914,39 @@ inline void SchedulerCore::finish(Running& running) {
   Job& job = (*jobs_)[running.job];
   TaskResult& result = job.result;
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - running.started).count();
-  for (std::size_t d : running.devices) --load_[d];
   bool success = false;
+  bool out_of_memory = false;
   if (running.child) {
     const ProcessExit& exit = running.child->wait_blocking();
     result.exit_code = exit.exit_code;
     success = exit.success();
     if (!success) {
-      result.error = exit.describe();
-      result.out_of_memory = looks_like_out_of_memory(file_tail(result.log_path, 64 << 10));
+      result.error = describe_command_exit(exit, file_tail(result.log_path, 4096));
+      out_of_memory = output_mentions_out_of_memory(result.log_path, running.output_start);
     }
   } else {
-    running.thread.join();
+    if (running.thread.joinable()) running.thread.join();
     if (pool_[running.devices.front()].is_cuda()) {
       for (std::size_t d : running.devices) holds_our_cache_[d] = true;
       release_cache_unless_in_use(running);
     }
     if (running.error) {
       result.error = describe_exception(running.error);
-      result.out_of_memory = looks_like_out_of_memory(result.error);
+      out_of_memory = looks_like_out_of_memory(result.error);
       append_to_file(result.log_path, fmt::format("### exception: {}\n", result.error));
     } else {
       success = true;
     }
   }
+  summary_dirty_ = true;
+  conclude(job, running.devices, success, out_of_memory);
+}
+
+inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& devices, bool success,
+                                    bool out_of_memory) {
+  TaskResult& result = job.result;
+  for (std::size_t d : devices) --load_[d];
+  result.out_of_memory = result.out_of_memory || out_of_memory;  // any attempt
   const bool stopping = stop_.load();
   if (success) {
     result.status = TaskStatus::kDone;
@@ -679,11 +960,11 @@ inline void SchedulerCore::finish(Running& running) {
     append_to_file(result.log_path, fmt::format("### interrupted after {:.1f} s ({})\n", result.seconds, result.error));
   } else if (result.attempts <= options_.retries) {
     // Another device next time: it may be this one that is crowded or broken.
-    for (std::size_t d : running.devices) job.avoid.insert(d);
+    for (std::size_t d : devices) job.avoid.insert(d);
     result.status = TaskStatus::kPending;
     job.queued = true;
     append_to_file(result.log_path, fmt::format("### failed ({}){}; retrying ({} of {})\n", result.error,
-                                                result.out_of_memory ? ", out of GPU memory" : "", result.attempts,
+                                                out_of_memory ? ", out of GPU memory" : "", result.attempts,
                                                 options_.retries));
   } else {
     result.status = TaskStatus::kFailed;
@@ -744,8 +1025,22 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
       counts[static_cast<int>(TaskStatus::kDone)], counts[static_cast<int>(TaskStatus::kFailed)],
       counts[static_cast<int>(TaskStatus::kSkipped)], counts[static_cast<int>(TaskStatus::kInterrupted)],
       counts[static_cast<int>(TaskStatus::kPending)]);
-  write_file_atomically(summary_.json_path, json);
-  write_file_atomically(summary_.csv_path, csv);
+  // A summary that cannot be written (a full disk, a deleted folder) is the
+  // summary's problem, not the tasks': say so once, and try again at the
+  // next change. The final write's error is in RunSummary::summary_error.
+  try {
+    write_file_atomically(summary_.json_path, json);
+    write_file_atomically(summary_.csv_path, csv);
+    summary_dirty_ = false;
+    last_summary_error_.clear();
+    if (final_write) summary_.summary_error.clear();
+  } catch (const std::exception& e) {
+    if (final_write) summary_.summary_error = e.what();
+    if (e.what() != last_summary_error_) {
+      last_summary_error_ = e.what();
+      warn(fmt::format("the summary was not written ({}); trying again as tasks end", e.what()));
+    }
+  }
 }
 
 inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force) {
@@ -780,19 +1075,16 @@ inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force
                                        clock_text(elapsed), running_.size(), running.empty() ? "" : " (", running,
                                        running.empty() ? "" : ")", done, counts[static_cast<int>(TaskStatus::kFailed)],
                                        counts[static_cast<int>(TaskStatus::kSkipped)], pending, eta);
-  if (tty) {
-    fmt::print(stderr, "\r{:<120.120}", line);
-    if (force) fmt::print(stderr, "\n");
-  } else {
-    fmt::print(stderr, "{}\n", line);
-  }
+  // fwrite, not fmt::print: a closed terminal must not stop the run.
+  const std::string text = tty ? fmt::format("\r{:<120.120}{}", line, force ? "\n" : "") : line + "\n";
+  std::fwrite(text.data(), 1, text.size(), stderr);
   std::fflush(stderr);
 }
 
 inline void SchedulerCore::request_stop(int signal) {
   stop_signal_ = signal;
   stop_ = true;
-  wake_.notify_all();
+  wake_.notify();
 }
 
 inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
@@ -801,6 +1093,15 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   const std::string base = options_.summary_path.empty() ? options_.log_dir + "/summary" : options_.summary_path;
   const auto slash = base.rfind('/');
   if (slash != std::string::npos && slash > 0) make_directories(base.substr(0, slash));
+  // See Note [The log folder's lock]. Released when run() returns.
+  lock_fd_ = lock_log_dir(options_.log_dir);
+  struct Unlock {
+    int& fd;
+    ~Unlock() {
+      ::close(fd);
+      fd = -1;
+    }
+  } unlock{lock_fd_};
   summary_ = RunSummary{};
   summary_.json_path = base + ".json";
   summary_.csv_path = base + ".csv";
@@ -829,91 +1130,119 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   bool stopping = false;
   bool killed = false;
   bool warned_busy = false;
+  bool queue_empty = true;
+  // Note [The scheduler's own errors]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // An error of the scheduler's own (not a task's) never kills the running
+  // tasks: no new task starts, the running ones are left to end (a stop
+  // request still stops them), the summary is written, and then run()
+  // rethrows the error.
+  std::exception_ptr own_error;
   std::chrono::steady_clock::time_point kill_deadline{};
   while (true) {
     const auto now = std::chrono::steady_clock::now();
-    if (!stopping && (stop_.load() || signals.signal() != 0)) {
-      stopping = true;
-      if (signals.signal() != 0) stop_signal_ = signals.signal();
-      stop_ = true;  // in-process tasks see it
-      for (auto& r : running_) {
-        if (r->child) r->child->kill_group(SIGTERM);
+    try {
+      if (!stopping && (stop_.load() || signals.signal() != 0)) {
+        stopping = true;
+        if (signals.signal() != 0) stop_signal_ = signals.signal();
+        stop_ = true;  // in-process tasks see it
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGTERM);
+        }
+        kill_deadline = now + options_.grace_period;
+        log(LogLevel::kWarning, fmt::format("stopping: no new task starts; {} running task(s) get {} s to end",
+                                            running_.size(), options_.grace_period.count() / 1000.0));
       }
-      kill_deadline = now + options_.grace_period;
-      log(LogLevel::kWarning, fmt::format("stopping: no new task starts; {} running task(s) get {} s to end",
-                                          running_.size(), options_.grace_period.count() / 1000.0));
-    }
-    if (stopping && !killed && now >= kill_deadline) {
-      for (auto& r : running_) {
-        if (r->child) r->child->kill_group(SIGKILL);
+      if (stopping && !killed && now >= kill_deadline) {
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGKILL);
+        }
+        killed = true;
       }
-      killed = true;
-    }
 
-    for (std::size_t i = 0; i < running_.size();) {
-      Running& r = *running_[i];
-      const bool ended = r.child ? r.child->poll().has_value() : r.finished.load();
-      if (!ended) {
-        ++i;
-        continue;
-      }
-      finish(r);
-      running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
-      write_summary(jobs, false);
-    }
-
-    bool queue_empty = true;
-    if (!stopping) {
-      std::optional<std::vector<DeviceInfo>> devices_now;
-      for (auto& job : jobs) {
-        if (!job.queued) continue;
-        queue_empty = false;
-        if (stop_.load()) break;  // asked to stop since the top of the loop
-        if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
-        if (!devices_now) devices_now = query_();
-        if (auto placement = place(job, *devices_now)) {
-          job.queued = false;
-          job.waiting_since.reset();
-          start(job, *placement);
+      for (std::size_t i = 0; i < running_.size();) {
+        Running& r = *running_[i];
+        const bool ended = r.child ? r.child->poll().has_value() : r.finished.load();
+        if (!ended) {
+          ++i;
           continue;
         }
-        // Waiting. Only waiting on someone else's busy device counts towards the limit.
-        std::string busy;
-        for (std::size_t d = 0; d < pool_.size(); ++d) {
-          if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
-            busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
-                                (*devices_now)[d].used_bytes >> 20);
+        if (r.thread.joinable()) r.thread.join();
+        const std::unique_ptr<Running> done = std::move(running_[i]);
+        running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
+        finish(*done);
+      }
+
+      queue_empty = true;
+      if (!stopping && !own_error) {
+        std::optional<std::vector<DeviceInfo>> devices_now;
+        for (auto& job : jobs) {
+          if (!job.queued) continue;
+          queue_empty = false;
+          if (stop_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
+          if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
+          if (!devices_now) devices_now = query_devices();
+          if (auto placement = place(job, *devices_now)) {
+            job.queued = false;
+            job.waiting_since.reset();
+            start(job, *placement);
+            continue;
+          }
+          // Waiting. Only waiting on someone else's busy device counts towards the limit.
+          std::string busy;
+          for (std::size_t d = 0; d < pool_.size(); ++d) {
+            if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
+              busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
+                                  (*devices_now)[d].used_bytes >> 20);
+            }
+          }
+          if (busy.empty()) {
+            job.waiting_since.reset();
+            continue;
+          }
+          if (!warned_busy) {
+            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others", busy,
+                             options_.memory_threshold_mib));
+            warned_busy = true;
+          }
+          if (!job.waiting_since) job.waiting_since = now;
+          if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
+            job.queued = false;
+            job.result.status = TaskStatus::kFailed;
+            job.result.error = fmt::format("no device became free within {} s: {}",
+                                           options_.busy_wait_limit.count() / 1000.0, busy);
+            summary_dirty_ = true;
           }
         }
-        if (busy.empty()) {
-          job.waiting_since.reset();
-          continue;
-        }
-        if (!warned_busy) {
-          warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others", busy,
-                           options_.memory_threshold_mib));
-          warned_busy = true;
-        }
-        if (!job.waiting_since) job.waiting_since = now;
-        if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
-          job.queued = false;
-          job.result.status = TaskStatus::kFailed;
-          job.result.error = fmt::format("no device became free within {} s: {}",
-                                         options_.busy_wait_limit.count() / 1000.0, busy);
-          write_summary(jobs, false);
-        }
+      }
+      if (summary_dirty_) write_summary(jobs, false);
+      print_status(jobs, false);
+    } catch (const std::exception& e) {
+      // See Note [The scheduler's own errors].
+      if (!own_error) {
+        own_error = std::current_exception();
+        warn(fmt::format("the scheduler failed ({}); no new task starts, and the {} running task(s) are left to "
+                         "end",
+                         e.what(), running_.size()));
       }
     }
-    if (running_.empty() && (stopping || queue_empty)) break;
-    print_status(jobs, false);
-    std::unique_lock<std::mutex> lock(mutex_);
-    wake_.wait_for(lock, options_.poll_interval, [&] {
-      return stop_.load() != stopping ||
-             std::any_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); });
-    });
+    if (running_.empty() && (stopping || own_error || queue_empty)) break;
+    if (stop_.load() == stopping &&
+        std::none_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); })) {
+      std::vector<int> children;
+      for (const auto& r : running_) {
+        if (r->child) children.push_back(r->child->exit_fd());
+      }
+      wake_.wait(children, options_.poll_interval);
+    }
   }
 
   summary_.interrupted = stopping;
+  if (own_error) {
+    write_summary(jobs, true);
+    jobs_ = nullptr;
+    std::rethrow_exception(own_error);
+  }
   summary_.stop_signal = stopping ? stop_signal_.load() : 0;
   summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   write_summary(jobs, true);
@@ -1069,6 +1398,11 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
   std::istringstream in{std::string(text)};
   for (std::string raw; std::getline(in, raw);) {
     ++line_number;
+    if (const auto nul = raw.find('\0'); nul != std::string::npos) {
+      throw fail(line_number, fmt::format("a NUL byte at column {}; a task file is text, and the shell would cut the "
+                                          "command there",
+                                          nul + 1));
+    }
     if (!raw.empty() && raw.back() == '\r') raw.pop_back();
     if (pending.empty()) start_line = line_number;
     if (!pending.empty()) raw = std::string(detail::trim(raw));  // a continuation's indent is layout

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: grid | sigint | errors
+# CASE: grid | sigint | errors | grace | orphans | lock
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
@@ -55,6 +55,57 @@ case "$case_name" in
     [[ $status == 2 ]] || fail "exit status $status for a bad option"
     "$tool" --gpus cpu --dry-run ok.tasks | grep -q "run  task-01 on cpu" || fail "dry run"
     [[ ! -e multigpu-logs/task-01.log ]] || fail "dry run ran something"
+    ;;
+  grace)
+    # A task that saves for 2 s on SIGTERM gets to, under `sh -c` (dash does
+    # not exec): Ctrl-C with --grace-period 10 waits for it, not 10 s.
+    printf '%s\n' "trap 'sleep 2; echo saved > saved-\$MULTIGPU_TASK; exit 0' TERM" \
+      'touch started-$MULTIGPU_TASK' 'while :; do sleep 0.1; done' > saves.sh
+    printf '[name=a] sh saves.sh; echo after\n[name=b] sh saves.sh\n' > grace.tasks
+    "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 10 grace.tasks > run.out 2> run.err &
+    pid=$!
+    for _ in $(seq 400); do [[ -e started-a && -e started-b ]] && break; sleep 0.05; done
+    [[ -e started-a && -e started-b ]] || fail "tasks did not start"
+    start=$SECONDS
+    kill -INT "$pid"
+    set +e; wait "$pid"; status=$?; set -e
+    [[ $status == 130 ]] || fail "exit status $status after SIGINT: $(cat run.out run.err)"
+    [[ $(cat saved-a saved-b) == $'saved\nsaved' ]] || fail "a task was killed before it had saved"
+    (( SECONDS - start < 9 )) || fail "the run waited for the whole grace period"
+    grep -q "2 interrupted" run.out || fail "$(cat run.out)"
+    ;;
+  orphans)
+    # SIGKILL of multigpu-run: its tasks get SIGTERM, then SIGKILL after the
+    # grace period. SIGHUP (an ssh connection dropping) stops it like SIGTERM.
+    token="53.$$"
+    printf '[name=a] sleep %s; echo after\n[name=b] sleep %s\n' "$token" "$token" > slow.tasks
+    for signal in KILL HUP; do
+      "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 3 --log-dir "logs-$signal" slow.tasks > "$signal.out" 2>&1 &
+      pid=$!
+      for _ in $(seq 400); do [[ $(pgrep -fc "sleep $token" || true) -ge 2 ]] && break; sleep 0.05; done
+      [[ $(pgrep -fc "sleep $token" || true) -ge 2 ]] || fail "tasks did not start ($signal)"
+      kill -"$signal" "$pid"
+      set +e; wait "$pid"; status=$?; set -e
+      for _ in $(seq 200); do [[ $(pgrep -fc "sleep $token" || true) == 0 ]] && break; sleep 0.05; done
+      [[ $(pgrep -fc "sleep $token" || true) == 0 ]] || fail "tasks outlived multigpu-run after SIG$signal"
+    done
+    [[ $status == 129 ]] || fail "exit status $status after SIGHUP: $(cat HUP.out)"
+    grep -q '"interrupted": true' logs-HUP/summary.json || fail "summary not written after SIGHUP"
+    ;;
+  lock)
+    # A second run on a log folder in use is refused, saying who holds it.
+    token="59.$$"
+    printf '[name=a] touch started; sleep %s\n' "$token" > slow.tasks
+    "$tool" -q --gpus cpu slow.tasks > first.out 2>&1 &
+    pid=$!
+    for _ in $(seq 400); do [[ -e started ]] && break; sleep 0.05; done
+    set +e; "$tool" -q --gpus cpu slow.tasks > second.out 2>&1; status=$?; set -e
+    kill -TERM "$pid"; wait "$pid" || true
+    [[ $status == 2 ]] || fail "exit status $status for a second run: $(cat second.out)"
+    grep -q "the log folder multigpu-logs is in use by another run (pid $pid on host " second.out \
+      || fail "$(cat second.out)"
+    set +e; "$tool" -q --gpus cpu --log-dir "" slow.tasks > empty.out 2>&1; status=$?; set -e
+    [[ $status == 2 ]] && grep -q 'the log folder is ""' empty.out || fail "empty log folder: $(cat empty.out)"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

@@ -1,11 +1,13 @@
 #pragma once
 // Child processes for the scheduler's command tasks: `/bin/sh -c COMMAND`
-// in a process group of its own (so stopping it stops everything it
-// started), with a chosen environment, stdin from /dev/null and stdout and
-// stderr appended to a log file. posix_spawn rather than fork: the parent is
-// multi-threaded, and posix_spawn runs nothing of ours in the child.
+// under a small supervisor process, in a process group of its own (so
+// stopping it stops everything it started), with a chosen environment, stdin
+// from /dev/null and stdout and stderr appended to a log file.
+// See Note [The task supervisor].
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <optional>
@@ -13,7 +15,9 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,6 +30,38 @@ extern char** environ;
 
 namespace multigpu {
 namespace detail {
+
+// Note [The task supervisor]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A command task is not started as `/bin/sh -c` directly but under a
+// supervisor: a forked copy of this process that runs only async-signal-safe
+// system calls, leads the task's process group and starts the shell in it.
+// It exists for three promises that the shell alone cannot keep:
+//
+// - The grace period is the task's. Debian's /bin/sh (dash) does not exec a
+//   single command: on SIGTERM the shell dies at once while the program it
+//   started may still be saving. The supervisor is a child subreaper: what
+//   the shell started is re-parented to it, and after a stop request it waits
+//   until every descendant is gone before it ends (the scheduler's SIGKILL at
+//   the end of the grace period still ends everything).
+// - Children die with the scheduler. The supervisor gets a parent-death
+//   signal (PR_SET_PDEATHSIG, sent when the thread that started it ends, so
+//   the scheduler starts every child from run()'s thread); it then sends
+//   SIGTERM to the task's group, waits up to the grace period, and SIGKILLs
+//   the group. The shell's own descendants cannot get a parent-death signal
+//   of their own (it is cleared on fork), which is why one process watches.
+// - A failure to start is reported: the supervisor and the shell write the
+//   errno of a failed open, fork or execve (a command over the kernel's
+//   128 KiB argument limit: E2BIG) into a close-on-exec pipe, so the error
+//   reaches the scheduler as an exception about that one task.
+//
+// Without a stop request the supervisor ends as soon as the shell ends, as
+// the shell would, and the scheduler kills what the shell left running
+// (background jobs) before it reaps the supervisor. The supervisor ends with
+// the shell's status (the same exit code, or the same signal), so the
+// scheduler sees what the shell did. It closes every file descriptor it does
+// not need right after the fork, so that it holds nothing of the scheduler's
+// (sockets, a GPU driver's files).
 
 /// How a child process ended.
 struct ProcessExit {
@@ -56,42 +92,213 @@ inline std::vector<std::string> environment_with(const std::vector<std::pair<std
   return env;
 }
 
-/// A running `/bin/sh -c` child in its own process group.
+namespace supervisor {
+
+// State of the supervisor process (its signal handlers set it). Function
+// statics, not inline variables: including the header emits no symbol.
+inline volatile std::sig_atomic_t& stop_requested() {
+  static volatile std::sig_atomic_t value = 0;
+  return value;
+}
+inline volatile unsigned& grace_seconds() {
+  static volatile unsigned value = 10;
+  return value;
+}
+
+/// The signal the supervisor gets when the scheduler's thread ends.
+constexpr int kParentDeathSignal = SIGUSR1;
+/// Where the supervisor keeps the error pipe and the descriptor it keeps
+/// open for the scheduler (every other descriptor above 2 is closed).
+constexpr int kErrorFd = 3;
+constexpr int kKeptFd = 4;
+
+inline void on_stop(int) { stop_requested() = 1; }
+/// The scheduler is gone: SIGTERM to the group now (this process only notes
+/// it, in on_stop), SIGKILL when the grace period has passed (on_alarm).
+inline void on_parent_death(int) {
+  ::kill(0, SIGTERM);
+  ::alarm(grace_seconds() == 0 ? 1 : grace_seconds());
+}
+inline void on_alarm(int) { ::kill(0, SIGKILL); }  // the group, this process too
+
+inline void set_handler(int signal, void (*handler)(int)) {
+  struct sigaction action {};
+  action.sa_handler = handler;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: a signal interrupts waitpid
+  ::sigaction(signal, &action, nullptr);
+}
+
+/// A report on the error pipe: the shell's pid, or an errno. One write of
+/// 8 bytes, which a pipe keeps whole.
+struct Report {
+  int kind;  // kShellPid or kErrno
+  int value;
+};
+constexpr int kShellPid = 1;
+constexpr int kErrno = 2;
+
+inline void report(int kind, int value) {
+  const Report message{kind, value};
+  const ssize_t written = ::write(kErrorFd, &message, sizeof(message));
+  (void)written;
+}
+
+/// Reports `error` (an errno) to the scheduler and ends. Async-signal-safe.
+[[noreturn]] inline void fail(int error) {
+  report(kErrno, error);
+  ::_exit(127);
+}
+
+/// Closes every descriptor from `first` on. Async-signal-safe.
+inline void close_from(int first) {
+#ifdef SYS_close_range
+  if (::syscall(SYS_close_range, static_cast<unsigned>(first), ~0U, 0U) == 0) return;
+#endif
+  struct rlimit limit {};
+  const rlim_t last = ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY
+                          ? limit.rlim_cur
+                          : 65536;
+  for (rlim_t fd = static_cast<rlim_t>(first); fd < last; ++fd) ::close(static_cast<int>(fd));
+}
+
+/// Ends with `status` as the shell ended: the same exit code or signal.
+[[noreturn]] inline void end_like(int status) {
+  if (WIFSIGNALED(status)) {
+    const int signal = WTERMSIG(status);
+    struct rlimit no_core {};
+    ::setrlimit(RLIMIT_CORE, &no_core);  // a core of this copy of the scheduler helps nobody
+    set_handler(signal, SIG_DFL);
+    sigset_t just;
+    sigemptyset(&just);
+    sigaddset(&just, signal);
+    ::sigprocmask(SIG_UNBLOCK, &just, nullptr);
+    ::kill(::getpid(), signal);
+    ::_exit(128 + signal);
+  }
+  ::_exit(WIFEXITED(status) ? WEXITSTATUS(status) : 127);
+}
+
+/// The supervisor's life, in the forked child. Only async-signal-safe calls:
+/// everything it needs was prepared before the fork.
+[[noreturn]] inline void run(pid_t scheduler, int error_fd, int keep_fd, const char* log_path, char* const* argv,
+                             char* const* envp, unsigned grace) {
+  ::setpgid(0, 0);
+  grace_seconds() = grace;
+  set_handler(SIGTERM, on_stop);
+  set_handler(SIGINT, on_stop);
+  set_handler(SIGHUP, on_stop);
+  set_handler(SIGALRM, on_alarm);
+  set_handler(kParentDeathSignal, on_parent_death);
+  set_handler(SIGPIPE, SIG_DFL);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  ::prctl(PR_SET_PDEATHSIG, kParentDeathSignal);
+  if (::getppid() != scheduler) on_parent_death(0);  // it ended before the line above
+  ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+  // Out of the way first (either may be 3 or 4), then into place.
+  const int error_copy = ::fcntl(error_fd, F_DUPFD_CLOEXEC, 10);
+  const int keep_copy = keep_fd >= 0 ? ::fcntl(keep_fd, F_DUPFD_CLOEXEC, 10) : -1;
+  if (error_copy < 0 || ::dup2(error_copy, kErrorFd) < 0) ::_exit(127);
+  ::fcntl(kErrorFd, F_SETFD, FD_CLOEXEC);
+  if (keep_fd >= 0) {
+    if (keep_copy < 0 || ::dup2(keep_copy, kKeptFd) < 0) fail(errno);
+    ::fcntl(kKeptFd, F_SETFD, FD_CLOEXEC);  // not the shell's
+  }
+  const int in = ::open("/dev/null", O_RDONLY);
+  if (in < 0) fail(errno);
+  if (in != 0 && (::dup2(in, 0) < 0 || ::close(in) != 0)) fail(errno);
+  const int log = ::open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW, 0644);
+  if (log < 0) fail(errno);
+  if (::dup2(log, 1) < 0 || ::dup2(log, 2) < 0) fail(errno);
+  if (log > 2) ::close(log);
+  close_from(keep_fd >= 0 ? kKeptFd + 1 : kErrorFd + 1);
+
+  const pid_t shell = ::fork();
+  if (shell < 0) fail(errno);
+  if (shell == 0) {
+    for (int signal : {SIGTERM, SIGINT, SIGHUP, SIGALRM, kParentDeathSignal}) set_handler(signal, SIG_DFL);
+    ::execve("/bin/sh", argv, envp);
+    fail(errno);
+  }
+  report(kShellPid, static_cast<int>(shell));
+  ::close(kErrorFd);
+
+  int shell_status = 0;
+  bool shell_ended = false;
+  while (true) {
+    int status = 0;
+    const pid_t ended = ::waitpid(-1, &status, 0);
+    if (ended == shell) {
+      shell_ended = true;
+      shell_status = status;
+      if (!stop_requested()) break;  // as the shell would; see the Note
+    } else if (ended < 0 && errno == ECHILD) {
+      break;  // every descendant is gone
+    }
+  }
+  if (!shell_ended) ::_exit(127);
+  end_like(shell_status);
+}
+
+}  // namespace supervisor
+
+/// A running `/bin/sh -c` command under its supervisor, in its own process
+/// group. See Note [The task supervisor].
 class ChildProcess {
  public:
-  /// Starts `command`; stdout and stderr are appended to `log_path`.
-  ChildProcess(const std::string& command, const std::vector<std::string>& environment, const std::string& log_path) {
-    posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attributes;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawnattr_init(&attributes);
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    posix_spawnattr_setpgroup(&attributes, 0);  // a group of its own, led by the child
-    sigset_t defaults;
-    sigemptyset(&defaults);
-    sigaddset(&defaults, SIGINT);
-    sigaddset(&defaults, SIGTERM);
-    sigaddset(&defaults, SIGPIPE);
-    posix_spawnattr_setsigdefault(&attributes, &defaults);  // our handlers are not the child's
-    sigset_t none;
-    sigemptyset(&none);
-    posix_spawnattr_setsigmask(&attributes, &none);
-    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
-
+  /// Starts `command`; stdout and stderr are appended to `log_path` (which
+  /// must not be a symbolic link). `orphan_grace`: how long the command gets
+  /// to end after SIGTERM when this process dies. `keep_fd`: a descriptor
+  /// the supervisor keeps open until the command's processes are gone (the
+  /// log folder's lock), or -1. Throws SchedulerError naming the command
+  /// when it cannot be started.
+  ChildProcess(const std::string& command, const std::vector<std::string>& environment, const std::string& log_path,
+               std::chrono::seconds orphan_grace = std::chrono::seconds(10), int keep_fd = -1) {
+    // Everything the child needs is made here: after fork it may not allocate.
     std::vector<char*> argv = {const_cast<char*>("sh"), const_cast<char*>("-c"), const_cast<char*>(command.c_str()),
                                nullptr};
     std::vector<char*> envp;
     for (const auto& item : environment) envp.push_back(const_cast<char*>(item.c_str()));
     envp.push_back(nullptr);
-    const int status = posix_spawn(&pid_, "/bin/sh", &actions, &attributes, argv.data(), envp.data());
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attributes);
-    if (status != 0) {
-      throw SchedulerError(fmt::format("cannot start /bin/sh for \"{}\" (log {}): {}", command, log_path,
-                                       std::strerror(status)));
+    int errors[2];
+    if (::pipe2(errors, O_CLOEXEC) != 0) {
+      throw SchedulerError(fmt::format("cannot start \"{}\": pipe failed: {}", shorten(command), std::strerror(errno)));
     }
+    const pid_t scheduler = ::getpid();
+    const auto grace = static_cast<unsigned>(std::max<long long>(0, orphan_grace.count()));
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::close(errors[0]);
+      supervisor::run(scheduler, errors[1], keep_fd, log_path.c_str(), argv.data(), envp.data(), grace);
+    }
+    const int fork_error = errno;
+    ::close(errors[1]);
+    if (pid_ < 0) {
+      ::close(errors[0]);
+      throw SchedulerError(fmt::format("cannot start \"{}\": fork failed: {}", shorten(command),
+                                       std::strerror(fork_error)));
+    }
+    // Blocks until the shell has been exec'd (the pipe closes) or failed.
+    int error = 0;
+    while (true) {
+      supervisor::Report message{};
+      const ssize_t got = ::read(errors[0], &message, sizeof(message));
+      if (got < 0 && errno == EINTR) continue;
+      if (got != static_cast<ssize_t>(sizeof(message))) break;
+      if (message.kind == supervisor::kShellPid) command_pid_ = static_cast<pid_t>(message.value);
+      if (message.kind == supervisor::kErrno) error = message.value;
+    }
+    ::close(errors[0]);
+    if (error != 0) {
+      wait_blocking();
+      throw SchedulerError(start_error(command, log_path, error));
+    }
+#ifdef SYS_pidfd_open
+    exit_fd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0U));  // -1 before Linux 5.3: callers poll
+#endif
   }
 
   ~ChildProcess() {
@@ -99,11 +306,19 @@ class ChildProcess {
       kill_group(SIGKILL);
       wait_blocking();
     }
+    if (exit_fd_ >= 0) ::close(exit_fd_);
   }
+
+  /// A descriptor that becomes readable when the child ends (a pidfd), or -1.
+  int exit_fd() const { return exit_fd_; }
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;
 
+  /// The supervisor's process id, which is also the task's process group.
   pid_t pid() const { return pid_; }
+  /// The process id of `/bin/sh -c COMMAND` (of the program, when the
+  /// command begins with `exec`).
+  pid_t command_pid() const { return command_pid_; }
 
   /// The exit, if the child has ended (does not block).
   const std::optional<ProcessExit>& poll() {
@@ -123,6 +338,24 @@ class ChildProcess {
   }
 
  private:
+  static std::string shorten(const std::string& command) {
+    return command.size() <= 200 ? command : command.substr(0, 200) + fmt::format("... ({} bytes)", command.size());
+  }
+
+  static std::string start_error(const std::string& command, const std::string& log_path, int error) {
+    if (error == E2BIG) {
+      return fmt::format("cannot start \"{}\": the command is {} bytes, over the kernel's limit for one argument "
+                         "(128 KiB) or for all arguments and the environment together: {}",
+                         shorten(command), command.size(), std::strerror(error));
+    }
+    if (error == ELOOP) {
+      return fmt::format("cannot open the log {}: it is a symbolic link, and logs are never written through one",
+                         log_path);
+    }
+    return fmt::format("cannot start \"{}\" with its output to {}: {}", shorten(command), log_path,
+                       std::strerror(error));
+  }
+
   void reap(int flags) {
     // Look without reaping first: while the child is a zombie its process
     // group cannot be reused, so what the shell left running (background
@@ -150,6 +383,8 @@ class ChildProcess {
   }
 
   pid_t pid_ = -1;
+  pid_t command_pid_ = -1;
+  int exit_fd_ = -1;
   std::optional<ProcessExit> exit_;
 };
 
