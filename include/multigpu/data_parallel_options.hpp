@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/grad_scaler.hpp"
+#include "multigpu/precision.hpp"
 #include "multigpu/worker.hpp"
 
 namespace multigpu {
@@ -38,6 +40,14 @@ struct DataParallelOptions {
   bool find_unused_parameters = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;
+  /// The loss function runs under autocast to this precision on every
+  /// replica (see Note [Autocast on every replica]); backward, the sync and
+  /// the step stay in the parameters' types. A precision the devices cannot
+  /// compute in is refused at construction.
+  Precision precision = Precision::kFloat32;
+  /// Loss scaling for fp16 (null: none). Shared, so that you can read its
+  /// scale and save it with a checkpoint; one DataParallel per scaler.
+  std::shared_ptr<GradScaler> grad_scaler;
   /// Fail the step, naming the replica, when a loss is NaN or infinite.
   bool check_finite_loss = false;
   /// Check every N optimizer steps that all replicas hold identical

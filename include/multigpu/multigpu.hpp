@@ -14,6 +14,8 @@
 #include "multigpu/worker.hpp"
 #include "multigpu/comm.hpp"
 #include "multigpu/backend.hpp"
+#include "multigpu/precision.hpp"
+#include "multigpu/grad_scaler.hpp"
 #include "multigpu/data_parallel.hpp"
 #include "multigpu/distributed_env.hpp"
 #include "multigpu/sampler.hpp"

@@ -30,10 +30,12 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/detail/autocast.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/gradient_reducer.hpp"
 #include "multigpu/detail/streams.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
 #include "multigpu/worker.hpp"
 
@@ -69,6 +71,10 @@ class DataParallelCore {
   bool gradients_synchronized() const { return !reducer_ || reducer_->synchronized(); }
   void step();
   void zero_grad();
+  /// See DataParallel::clip_grad_norm.
+  at::Tensor clip_grad_norm(double max_norm, double norm_type);
+  void set_grad_scaler(std::shared_ptr<GradScaler> scaler) { scaler_ = std::move(scaler); }
+  GradScaler* grad_scaler() const { return scaler_.get(); }
   void enter_no_sync() { ++no_sync_depth_; }
   void leave_no_sync() { --no_sync_depth_; }
   bool in_no_sync() const { return no_sync_depth_ > 0; }
@@ -103,6 +109,8 @@ class DataParallelCore {
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
+  void unscale_gradients();
+  bool gradients_overflowed();
   std::vector<at::Tensor> same_tensor_on_every_replica(std::size_t index, bool buffer) const;
 
   std::vector<std::shared_ptr<torch::nn::Module>> replicas_;
@@ -120,6 +128,9 @@ class DataParallelCore {
   std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers_;
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
+  std::shared_ptr<GradScaler> scaler_;
+  bool unscaled_ = false;               // this step's gradients were unscaled (by clip_grad_norm or step)
+  std::vector<at::Tensor> found_inf_;   // [replica], one float each; see Note [Gradient scaling across replicas]
   std::string diverged_;  // why the replicas may differ ("" when they cannot)
 };
 
@@ -193,11 +204,13 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
       options_(std::move(options)),
       workers_(devices_),
       contexts_(workers_.contexts()),
-      fence_(contexts_) {
+      fence_(contexts_),
+      scaler_(options_.grad_scaler) {
   if (options_.bucket_cap_mib <= 0) {
     throw Error(fmt::format("DataParallelOptions::bucket_cap_mib must be positive, got {}", options_.bucket_cap_mib));
   }
   if (options_.collective_timeout.count() <= 0) throw Error("DataParallelOptions::collective_timeout must be positive");
+  check_precision_supported(options_.precision, devices_);
   // The replicas were made on the caller's streams (clone, to): the
   // replicas' streams start after that, and the caller's own go on after
   // what is done here.
@@ -309,6 +322,10 @@ inline void DataParallelCore::run(const std::function<void(std::size_t)>& job, c
 inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_t>& shard_sizes,
                                                    const std::function<at::Tensor(std::size_t)>& loss_of) {
   require_usable("forward_backward");
+  if (unscaled_) {
+    throw Error("forward_backward after clip_grad_norm and before step(): the gradients are unscaled already, so "
+                "new, scaled gradients cannot be added to them; accumulate first, then clip, then step");
+  }
   const auto fence = fenced();
   const std::size_t n = size();
   if (shard_sizes.size() != n) {
@@ -319,11 +336,13 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   if (total <= 0) throw Error("forward_backward: the batch has no samples");
   std::vector<bool> active(n);
   std::vector<double> weights(n);
+  const double loss_scale = scaler_ ? scaler_->scale() : 1.0;
   for (std::size_t r = 0; r < n; ++r) {
     active[r] = shard_sizes[r] > 0;
     weights[r] = options_.loss_reduction == LossReduction::kMean
                      ? static_cast<double>(n) * static_cast<double>(shard_sizes[r]) / static_cast<double>(total)
                      : static_cast<double>(comm_->world_size());
+    weights[r] *= loss_scale;
   }
   std::vector<at::Tensor> losses(n);
   std::vector<const char*> stages(n, nullptr);
@@ -332,7 +351,11 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
     workers_.run(
         [&](std::size_t r) {
           stages[r] = "the loss function (forward)";
-          at::Tensor loss = loss_of(r);
+          at::Tensor loss;
+          {
+            const AutocastScope autocast(options_.precision, devices_[r].type());  // See Note [Autocast on every replica]
+            loss = loss_of(r);
+          }
           stages[r] = "checking the loss";
           if (!loss.defined()) throw Error("the loss function returned an undefined tensor");
           if (loss.numel() != 1) {
@@ -411,6 +434,31 @@ inline void DataParallelCore::sync_gradients() {
   if (reducer_) reducer_->synchronize();
 }
 
+// Note [Gradient scaling across replicas]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// With a GradScaler (fp16), every replica back-propagates its weighted loss
+// times the scale S (Note [Loss weights]), so that small gradients survive
+// in float16; the reported loss is the unscaled one. Before the optimizer
+// sees them the gradients are unscaled, once per step, on every replica's
+// own thread and stream: multiplied by 1/S (exact: S is a power of two
+// with the default factors), while a flag per replica records whether any
+// value is infinite or NaN. clip_grad_norm unscales first, so that it
+// clips true gradients; step() unscales if nothing did.
+//
+// Whether to skip must be one decision everywhere: a replica whose own
+// gradients are finite must still skip when another replica's (or another
+// process's) are not, or the replicas drift apart. Gradients agree after
+// the sync, but a flag computed from them would agree only by luck (a
+// replica's gradient changed after the sync, a NaN that the sum turned into
+// a value). So step() all-reduces the replicas' flags (a sum, over the
+// communicator, which spans every process in multi-process training: one
+// collective of one float per replica) and reads the sum on the host: that
+// read is the one host wait per step that a GradScaler costs (Note
+// [Streams], rule 5), the wait PyTorch's GradScaler.step() makes too,
+// since LibTorch's optimizers cannot take the flag on the device. A
+// positive sum skips every replica's optimizer step; then the scale backs
+// off, else it grows after growth_interval good steps in a row (update()).
+// A skipped step is not counted in steps(); buffers are still broadcast.
 inline void DataParallelCore::step() {
   require_usable("step");
   if (in_no_sync()) {
@@ -420,15 +468,104 @@ inline void DataParallelCore::step() {
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
   follow_primary_options();
-  try {
-    workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
-  } catch (const ReplicaError& e) {
-    if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
-    throw;
+  bool skip = false;
+  if (scaler_) {
+    unscale_gradients();
+    skip = gradients_overflowed();
+    scaler_->update(skip);
+    unscaled_ = false;
+  }
+  if (!skip) {
+    try {
+      workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
+    } catch (const ReplicaError& e) {
+      if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
+      throw;
+    }
   }
   if (options_.broadcast_buffers && !buffer_names_.empty()) broadcast_buffers();
+  if (skip) return;
   ++steps_;
   if (options_.parity_check_every > 0 && steps_ % options_.parity_check_every == 0) check_parity();
+}
+
+// See Note [Gradient scaling across replicas].
+inline void DataParallelCore::unscale_gradients() {
+  if (unscaled_) return;
+  const double inv_scale = 1.0 / scaler_->scale();
+  found_inf_.assign(size(), at::Tensor());
+  workers_.run(
+      [&](std::size_t r) {
+        found_inf_[r] = at::zeros({1}, at::TensorOptions().device(devices_[r]).dtype(at::kFloat));
+        std::vector<at::Tensor> grads;
+        for (const auto& p : parameters_[r]) grads.push_back(p.grad());
+        detail::unscale_gradients(grads, inv_scale, found_inf_[r]);
+      },
+      "unscaling gradients");
+  unscaled_ = true;
+}
+
+inline bool DataParallelCore::gradients_overflowed() {
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);  // after the flags were set, on the replicas' streams
+  comm_->all_reduce(found_inf_, ReduceOp::kSum);
+  const bool overflowed = found_inf_[0].item<double>() > 0;  // the host wait a GradScaler costs
+  found_inf_.clear();
+  return overflowed;
+}
+
+/// Note [Clipping across replicas]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// Clipping needs the norm of the whole gradient, and every replica must
+/// scale its gradients by the same factor. After the sync (made here if
+/// needed) every replica holds the same averaged gradients, and across
+/// processes each process holds the same averages, so the norm is computed
+/// once, from the primary's gradients on its stream; the clip factor
+/// min(1, max_norm / (norm + 1e-6)) is copied from the primary's device to
+/// every other replica's, device to device (no host wait), and applied
+/// there. Computing it on each replica would agree only as far as every
+/// device's reduction gives the same bits. With a GradScaler the gradients
+/// are unscaled first (once per step: see Note [Gradient scaling across
+/// replicas]); an overflowed step has an infinite or NaN norm, and step()
+/// skips it anyway.
+inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_type) {
+  require_usable("clip_grad_norm");
+  if (!(max_norm > 0) || std::isnan(max_norm)) {
+    throw Error(fmt::format("clip_grad_norm: max_norm must be positive, got {}", max_norm));
+  }
+  if (!(norm_type > 0) || std::isnan(norm_type)) {
+    throw Error(fmt::format("clip_grad_norm: norm_type must be positive (2 for the Euclidean norm, infinity for the "
+                            "largest value), got {}",
+                            norm_type));
+  }
+  if (in_no_sync()) {
+    throw Error("clip_grad_norm inside no_sync(): the replicas' gradients are not averaged yet; clip after the guard "
+                "is gone");
+  }
+  const auto fence = fenced();
+  if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
+  if (scaler_) unscale_gradients();
+  const compat::NoGradGuard no_grad;
+  const auto caller = current_stream(devices_[0]);
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  std::vector<at::Tensor> norms;
+  for (const auto& p : parameters_[0]) {
+    if (p.grad().defined()) norms.push_back(p.grad().norm(norm_type).to(at::kFloat));
+  }
+  at::Tensor total = at::zeros({}, at::TensorOptions().device(devices_[0]).dtype(at::kFloat));
+  if (!norms.empty()) {
+    const at::Tensor stacked = at::stack(norms);
+    total = std::isinf(norm_type) ? stacked.max() : stacked.norm(norm_type);
+    const at::Tensor factor = (max_norm / (total + 1e-6)).clamp_max(1.0);
+    for (std::size_t r = 0; r < size(); ++r) {
+      const at::Tensor here = r == 0 ? factor : factor.to(devices_[r]);
+      for (const auto& p : parameters_[r]) {
+        if (p.grad().defined()) p.grad().mul_(here);
+      }
+    }
+  }
+  if (caller) mark_used_on(total, *caller);  // read on the caller's stream (Note [Streams], rule 4)
+  return total;
 }
 
 // Note [The primary's optimizer options rule]
@@ -457,6 +594,7 @@ inline void DataParallelCore::follow_primary_options() {
 
 inline void DataParallelCore::zero_grad() {
   const auto fence = fenced();
+  unscaled_ = false;
   if (reducer_) {
     workers_.run([&](std::size_t r) { reducer_->zero(r); }, "zeroing gradients");
     reducer_->mark_zeroed();
