@@ -427,6 +427,48 @@ TEST_SUITE("distributed training") {
     check_two_processes_train_like_one_model(/*summed=*/true);
   }
 
+  TEST_CASE("GradScaler: an infinity in one process's gradients makes every process skip that step") {
+    const int steps = 4;
+    const int bad_step = 1;
+    auto plain = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+    torch::optim::SGD plain_optimizer(plain->parameters(), multigpu_test::recipe_optimizer());
+    for (int step = 0; step < steps; ++step) {
+      if (step == bad_step) continue;  // skipped everywhere
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      plain_optimizer.zero_grad();
+      multigpu_test::recipe_loss(*plain, x, y, false).backward();
+      plain_optimizer.step();
+    }
+    const int port = free_port();
+    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+    for (int rank = 0; rank < 2; ++rank) {
+      ranks.push_back(start_rank(rank, 2, port,
+                                 fmt::format("--replicas 2 --steps {} --scaler 1 --inf-at-step {} --fault-rank 1 "
+                                             "--out {} --timeout-ms 60000",
+                                             steps, bad_step, scratch(fmt::format("scaled{}", rank))),
+                                 scratch(fmt::format("scaledlog{}", rank))));
+    }
+    for (int rank = 0; rank < 2; ++rank) {
+      const auto exit = finish(*ranks[static_cast<std::size_t>(rank)], std::chrono::seconds(120));
+      INFO("rank ", rank, ": ", exit.describe(), "\n", read_text(scratch(fmt::format("scaledlog{}", rank))));
+      REQUIRE(exit.success());
+    }
+    const auto expected = multigpu_test::flat_parameters(*plain);
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string out = scratch(fmt::format("scaled{}", rank));
+      torch::Tensor trained;
+      torch::Tensor scale;
+      torch::load(trained, out);
+      torch::load(scale, out + ".scale");
+      INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
+      CHECK(torch::allclose(trained, expected, 1e-5, 1e-6));
+      CHECK(scale.item<double>() == 32768.0);  // backed off once from 65536
+      std::remove(out.c_str());
+      std::remove((out + ".scale").c_str());
+      std::remove(scratch(fmt::format("scaledlog{}", rank)).c_str());
+    }
+  }
+
   TEST_CASE("a peer that exits in the middle of a step: the other gets an error naming it, within the time-out") {
     const auto job = run_faulty_job("dead", "--replicas 2 --steps 5 --die-at-step 2 --fault-rank 1", 3000);
     INFO(job.report, job.log);

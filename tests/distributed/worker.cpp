@@ -4,7 +4,10 @@
 // cpu; cuda:0 puts every replica on that GPU), and writes its final
 // parameters to --out. Faults on request: --die-at-step N makes rank
 // --fault-rank exit in the middle of step N (inside its loss function),
-// --hang-at-step N makes it stop there without exiting.
+// --hang-at-step N makes it stop there without exiting. --scaler 1 trains
+// with a GradScaler (forward_backward, step, zero_grad), and --inf-at-step N
+// then puts an infinity into rank --fault-rank's gradients after step N's
+// sync; the final scale goes to --out's name + ".scale".
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -12,6 +15,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -31,6 +36,8 @@ struct Args {
   int fault_rank = 1;
   int timeout_ms = 300000;
   bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
+  bool scaler = false;
+  int inf_at_step = -1;
   std::string device = "cpu";
 };
 
@@ -47,6 +54,8 @@ Args parse(int argc, char** argv) {
     else if (name == "--fault-rank") args.fault_rank = std::stoi(value);
     else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
     else if (name == "--summed") args.summed = value == "1";
+    else if (name == "--scaler") args.scaler = value == "1";
+    else if (name == "--inf-at-step") args.inf_at_step = std::stoi(value);
     else if (name == "--device") args.device = value;
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
@@ -72,6 +81,7 @@ int main(int argc, char** argv) {
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
+    if (args.scaler) dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
     dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
@@ -80,16 +90,28 @@ int main(int argc, char** argv) {
       auto [x, y] = multigpu_test::recipe_batch(step);
       const auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank),
                                         multigpu_test::part_of(y, group->size(), rank));
-      dp.train_step(batch, [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
+      auto loss = [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
         return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
-      });
+      };
+      if (!args.scaler) {
+        dp.train_step(batch, loss);
+        continue;
+      }
+      dp.forward_backward(batch, loss);
+      if (rank == args.fault_rank && step == args.inf_at_step) {
+        const torch::NoGradGuard no_grad;
+        dp.module().parameters()[0].grad().view({-1})[0].fill_(std::numeric_limits<float>::infinity());
+      }
+      dp.step();
+      dp.zero_grad();
     }
     group->barrier();  // every rank finished training (exercised by the tests)
     torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);
+    if (args.scaler) torch::save(torch::tensor({dp.grad_scaler()->scale()}, torch::kDouble), args.out + ".scale");
     return 0;
   } catch (const multigpu::Error& e) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
