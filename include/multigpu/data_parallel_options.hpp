@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/comm_hook.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/precision.hpp"
 #include "multigpu/worker.hpp"
@@ -35,6 +36,10 @@ struct DataParallelOptions {
   /// All-reduce each bucket as soon as its gradients are ready, while
   /// backward goes on. Off: one synchronisation after backward.
   bool overlap_sync_with_backward = true;
+  /// How each gradient bucket is averaged (null: in the gradients' own
+  /// type). bf16_compress_hook() and fp16_compress_hook() send half the
+  /// bytes; see Note [Compressed gradients].
+  std::shared_ptr<CommHook> comm_hook;
   /// Parameters that get no gradient in a step count as zero. Off: such a
   /// step is an error naming them (with overlap on), never a hang.
   bool find_unused_parameters = false;

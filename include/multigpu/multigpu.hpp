@@ -14,6 +14,7 @@
 #include "multigpu/worker.hpp"
 #include "multigpu/comm.hpp"
 #include "multigpu/backend.hpp"
+#include "multigpu/comm_hook.hpp"
 #include "multigpu/precision.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/data_parallel.hpp"

@@ -7,7 +7,8 @@
 // --hang-at-step N makes it stop there without exiting. --scaler 1 trains
 // with a GradScaler (forward_backward, step, zero_grad), and --inf-at-step N
 // then puts an infinity into rank --fault-rank's gradients after step N's
-// sync; the final scale goes to --out's name + ".scale".
+// sync; the final scale goes to --out's name + ".scale". --comm-hook bf16
+// or fp16 sends the gradient buckets compressed.
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -38,6 +39,7 @@ struct Args {
   bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
   bool scaler = false;
   int inf_at_step = -1;
+  std::string comm_hook;  // "", "bf16" or "fp16": compressed gradient buckets
   std::string device = "cpu";
 };
 
@@ -56,6 +58,7 @@ Args parse(int argc, char** argv) {
     else if (name == "--summed") args.summed = value == "1";
     else if (name == "--scaler") args.scaler = value == "1";
     else if (name == "--inf-at-step") args.inf_at_step = std::stoi(value);
+    else if (name == "--comm-hook") args.comm_hook = value;
     else if (name == "--device") args.device = value;
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
@@ -81,6 +84,8 @@ int main(int argc, char** argv) {
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
+    if (args.comm_hook == "bf16") dp_options.comm_hook = multigpu::bf16_compress_hook();
+    if (args.comm_hook == "fp16") dp_options.comm_hook = multigpu::fp16_compress_hook();
     if (args.scaler) dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);

@@ -267,6 +267,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     reducer.overlap = options_.overlap_sync_with_backward;
     reducer.find_unused_parameters = options_.find_unused_parameters;
     reducer.timeout = options_.collective_timeout;
+    reducer.hook = options_.comm_hook;
     reducer.threads = options_.comm_threads > 0 ? options_.comm_threads
                                                 : (comm_->needs_one_order() ? 1 : std::min<std::size_t>(2, size()));
     reducer_ = std::make_unique<GradientReducer>(std::move(trainable), std::move(trainable_names), contexts_, *comm_,
