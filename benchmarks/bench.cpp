@@ -276,6 +276,7 @@ Json run_bandwidth_benchmarks(const std::vector<c10::Device>& pool, const std::v
                   {"aten_copy_gbps", static_cast<double>(bytes) / copy_s / 1e9}};
     if (memcpy_s > 0) entry["memcpy_gbps"] = static_cast<double>(bytes) / memcpy_s / 1e9;
     Json backends = Json::array();
+    Json compressed = Json::array();  // the same bucket through each format (Note [Compressed gradients])
     for (std::size_t k : replica_counts) {
       if (k < 2) continue;
       std::vector<multigpu::ReplicaContext> contexts;
@@ -307,9 +308,25 @@ Json run_bandwidth_benchmarks(const std::vector<c10::Device>& pool, const std::v
                             {"algbw_gbps", algbw},
                             {"busbw_gbps", busbw},
                             {"memory_traffic_ratio_to_copy", traffic_gbps / copy_gbps}});
+        compressed.push_back({{"backend", backend}, {"replicas", k}, {"format", "fp32"}, {"bytes_moved", bytes},
+                              {"ms_per_bucket", s * 1e3}});
+        for (const auto& hook : {multigpu::bf16_compress_hook(), multigpu::fp16_compress_hook()}) {
+          const double hook_s = time_op(
+              [&] {
+                hook->all_reduce_average(*comm, tensors);
+                comm->wait(std::chrono::minutes(1));
+              },
+              device, budget, 3);
+          compressed.push_back({{"backend", backend},
+                                {"replicas", k},
+                                {"format", hook->name() == "bf16_compress" ? "bf16" : "fp16"},
+                                {"bytes_moved", bytes / 2},
+                                {"ms_per_bucket", hook_s * 1e3}});
+        }
       }
     }
     entry["allreduce"] = backends;
+    entry["compressed"] = compressed;
     std::string line = fmt::format("  {:>10} copy {:7.2f} GB/s", bytes, copy_gbps);
     for (const auto& b : backends) {
       line += fmt::format(" | {} x{} algbw {:6.2f} GB/s ({:.0f}% of copy traffic)", b["backend"].get<std::string>(),
@@ -317,6 +334,13 @@ Json run_bandwidth_benchmarks(const std::vector<c10::Device>& pool, const std::v
                           100 * b["memory_traffic_ratio_to_copy"].get<double>());
     }
     fmt::print("{}\n", line);
+    std::string formats = fmt::format("  {:>10} per bucket:", bytes);
+    for (const auto& c : compressed) {
+      formats += fmt::format(" | {} x{} {} {} B {:.3f} ms", c["backend"].get<std::string>(), c["replicas"].get<std::size_t>(),
+                             c["format"].get<std::string>(), c["bytes_moved"].get<std::int64_t>(),
+                             c["ms_per_bucket"].get<double>());
+    }
+    fmt::print("{}\n", formats);
     results.push_back(entry);
   }
   return results;
@@ -420,6 +444,19 @@ std::string markdown(const Json& report) {
                           e["copy_gbps"].get<double>(), b["backend"].get<std::string>(), b["replicas"].get<std::size_t>(),
                           b["algbw_gbps"].get<double>(), b["busbw_gbps"].get<double>(),
                           100 * b["memory_traffic_ratio_to_copy"].get<double>());
+      }
+    }
+    md += "\n### Gradient buckets in each format\n\nOne bucket of fp32 gradients averaged as fp32 (the plain "
+          "all-reduce) and through the bf16 and fp16 compression hooks (divide, cast, all-reduce, cast back); bytes "
+          "moved per replica.\n\n| bucket bytes | backend | K | format | bytes moved | ms per bucket |\n"
+          "|---|---|---|---|---|---|\n";
+    for (const auto& e : report["bandwidth"]) {
+      if (!e.contains("compressed")) continue;
+      for (const auto& c : e["compressed"]) {
+        md += fmt::format("| {} | {} | {} | {} | {} | {:.3f} |\n", e["bytes"].get<std::int64_t>(),
+                          c["backend"].get<std::string>(), c["replicas"].get<std::size_t>(),
+                          c["format"].get<std::string>(), c["bytes_moved"].get<std::int64_t>(),
+                          c["ms_per_bucket"].get<double>());
       }
     }
     md += "\n";

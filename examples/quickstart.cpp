@@ -7,6 +7,7 @@
 //   quickstart --timeout 300                # wait longer for the other processes (default 60 s)
 //   quickstart --save-every 200 --resume auto   # checkpoints in checkpoints/; a rerun goes on
 //                                               # from the newest one (after Ctrl-C, a crash, a kill)
+//   quickstart --precision bf16             # autocast on every replica (fp16 adds a GradScaler)
 //
 // The training loop is plain LibTorch; multigpu adds three lines: choose the
 // devices, wrap the model, and train_step instead of forward/backward/step.
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <iostream>
 #include <regex>
 #include <string>
@@ -150,6 +152,7 @@ int main(int argc, char** argv) {
   std::int64_t save_every = 0;
   std::string state_dir = "checkpoints";
   std::string resume;
+  std::string precision = "fp32";
   app.add_option("-d,--devices", spec, "auto, auto:N, all, cpu, cuda, or GPU numbers like 0,1")->capture_default_str();
   app.add_option("--epochs", epochs, "Passes over the training set")->capture_default_str()->check(CLI::Range(1, 100000));
   app.add_option("--batch-size", batch_size, "Samples per step, over all devices")
@@ -171,6 +174,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1000000000));
   app.add_option("--min-accuracy", min_accuracy, "Exit with status 3 if the final test accuracy (%) is below this")
       ->check(CLI::Range(0.0, 100.0));
+  app.add_option("--precision", precision,
+                 "Number format of the forward pass: fp32, bf16 (CPUs, GPUs from Ampere on) or fp16 (GPUs; with a "
+                 "GradScaler)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   app.add_flag("--allow-duplicates", allow_duplicates, "Allow a device more than once (e.g. cpu,cpu)");
   app.add_option("--timeout", timeout_seconds,
                  "Seconds before waiting for another process or device becomes an error naming the one that "
@@ -214,6 +222,10 @@ int main(int argc, char** argv) {
     Net net;
     multigpu::DataParallelOptions dp_options;
     dp_options.collective_timeout = std::chrono::seconds(timeout_seconds);
+    dp_options.precision = multigpu::parse_precision(precision);
+    if (dp_options.precision == multigpu::Precision::kFloat16) {
+      dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();  // fp16 needs loss scaling
+    }
     multigpu::DataParallel<Net> dp(net, devices, group->data_parallel_options(dp_options));
     dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(lr).momentum(0.9));
 

@@ -296,6 +296,39 @@ TEST_SUITE("checkpoints") {
                           1e-6));
   }
 
+  TEST_CASE("the DataParallel's GradScaler comes back with the training") {
+    Scratch scratch;
+    multigpu::GradScalerOptions scaling;
+    scaling.init_scale = 1024.0;
+    scaling.growth_interval = 2;
+    multigpu::DataParallelOptions options;
+    options.grad_scaler = std::make_shared<multigpu::GradScaler>(scaling);
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")), options);
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    auto loss = [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+      return multigpu_test::recipe_loss(m, s.first, s.second);
+    };
+    for (int step = 0; step < 5; ++step) dp.train_step(multigpu_test::recipe_batch(step), loss);
+    REQUIRE(options.grad_scaler->scale() == 4096.0);  // grown twice
+    REQUIRE(options.grad_scaler->growth_tracker() == 1);
+    dp.save_state(scratch.file("scaled.pt"));
+
+    multigpu::DataParallelOptions fresh;
+    fresh.grad_scaler = std::make_shared<multigpu::GradScaler>(scaling);
+    auto other = multigpu_test::recipe_model(2);
+    multigpu::DataParallel<RecipeNet> resumed(other, std::vector<c10::Device>(2, c10::Device("cpu")), fresh);
+    resumed.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    const auto info = resumed.load_state(scratch.file("scaled.pt"));
+    INFO(info.describe());
+    CHECK(fresh.grad_scaler->scale() == 4096.0);
+    CHECK(fresh.grad_scaler->growth_tracker() == 1);
+    dp.train_step(multigpu_test::recipe_batch(5), loss);
+    resumed.train_step(multigpu_test::recipe_batch(5), loss);
+    CHECK(fresh.grad_scaler->scale() == options.grad_scaler->scale());
+    CHECK(torch::equal(multigpu_test::flat_parameters(*other), multigpu_test::flat_parameters(*net)));
+  }
+
   TEST_CASE("a checkpoint of another model is refused, naming the first difference, and nothing changes") {
     Scratch scratch;
     torch::manual_seed(3);

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -409,6 +410,57 @@ TEST_SUITE("CUDA") {
     CHECK(allocated(1).current - before1 <= 2 * bytes + slack);
     CHECK(big->weight.device() == c10::Device("cuda:0"));
     CHECK(dp.replica(1).weight.device() == c10::Device("cuda:1"));
+  }
+
+  TEST_CASE("CUDA: fp16 autocast, a GradScaler and bf16 buckets on two replicas of one GPU; an overflow skips everywhere") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    torch::manual_seed(6);
+    Net net;
+    DataParallelOptions options;
+    options.backend = "local";
+    options.precision = multigpu::Precision::kFloat16;
+    options.grad_scaler = std::make_shared<multigpu::GradScaler>();
+    options.comm_hook = multigpu::bf16_compress_hook();
+    const c10::Device gpu("cuda:0");
+    DataParallel<Net> dp(net, std::vector<c10::Device>{gpu, gpu}, options);
+    dp.make_optimizer<torch::optim::Adam>(torch::optim::AdamOptions(0.01));
+    const auto x = torch::randn({64, 8}, torch::TensorOptions().device(gpu));
+    const auto y = torch::randn({64, 4}, torch::TensorOptions().device(gpu));
+    std::mutex mutex;
+    std::vector<c10::ScalarType> seen;
+    auto loss_fn = [&](NetImpl& m, const torch::Tensor& shard) {
+      const auto out = m.forward(shard.narrow(1, 0, 8));
+      {
+        const std::lock_guard<std::mutex> lock(mutex);
+        seen.push_back(out.scalar_type());
+      }
+      return torch::mse_loss(out.to(torch::kFloat), shard.narrow(1, 8, 4));
+    };
+    const auto batch = torch::cat({x, y}, 1);
+    const double first = dp.train_step(batch, loss_fn);
+    double last = first;
+    for (int step = 0; step < 40; ++step) last = dp.train_step(batch, loss_fn);
+    CHECK(last < first);
+    for (const auto type : seen) CHECK((type == torch::kHalf));
+    dp.check_parity();
+
+    std::vector<torch::Tensor> before;
+    for (const auto& p : dp.module().parameters()) before.push_back(p.detach().clone());
+    const double scale = dp.grad_scaler()->scale();
+    dp.forward_backward(batch, loss_fn);
+    {
+      const torch::NoGradGuard no_grad;
+      dp.replica(1).fc1->weight.grad().view({-1})[0].fill_(std::numeric_limits<float>::infinity());
+    }
+    // The norm is the primary's (finite here); the flags were taken when clipping unscaled.
+    CHECK(std::isfinite(dp.clip_grad_norm(1.0).item<double>()));
+    dp.step();
+    dp.zero_grad();
+    CHECK(dp.grad_scaler()->last_step_skipped());
+    CHECK(dp.grad_scaler()->scale() == scale / 2);
+    const auto after = dp.module().parameters();
+    for (std::size_t i = 0; i < after.size(); ++i) CHECK(torch::equal(after[i], before[i]));
+    dp.check_parity();
   }
 
 #if MULTIGPU_WITH_NCCL

@@ -128,7 +128,9 @@ class DataParallel {
 
   // --- training -------------------------------------------------------------------
 
-  /// One optimizer step on `batch`: forward_backward, step, zero_grad.
+  /// One optimizer step on `batch`: forward_backward, step, zero_grad (with
+  /// a GradScaler: the loss scaled, the gradients unscaled, the step skipped
+  /// everywhere when any gradient is not finite; see grad_scaler.hpp).
   /// `loss_fn(Module&, const Batch& shard)` returns the shard's scalar loss;
   /// returns the whole batch's loss (the size-weighted mean of the shards'
   /// losses, or their sum with LossReduction::kSum) as a StepLoss, which
@@ -149,6 +151,21 @@ class DataParallel {
   void step() { core_.step(); }
   /// Zeroes every replica's gradients (in place; they stay in their buckets).
   void zero_grad() { core_.zero_grad(); }
+  /// Scales every replica's gradients so that their global norm is at most
+  /// `max_norm` (after the sync, which it makes if needed; the same factor
+  /// everywhere: see Note [Clipping across replicas]); with a GradScaler it
+  /// unscales them first. Call it between forward_backward and step().
+  /// Returns the norm before clipping, a 0-dimensional float tensor on the
+  /// first device (reading it waits for the device). `norm_type`: p of the
+  /// p-norm, or infinity for the largest absolute value.
+  at::Tensor clip_grad_norm(double max_norm, double norm_type = 2.0) {
+    return core_.clip_grad_norm(max_norm, norm_type);
+  }
+  /// Uses `scaler` for fp16 loss scaling from the next step on (null: none);
+  /// the same as DataParallelOptions::grad_scaler. Call it between steps.
+  void set_grad_scaler(std::shared_ptr<GradScaler> scaler) { core_.set_grad_scaler(std::move(scaler)); }
+  /// The GradScaler in use, or nullptr.
+  GradScaler* grad_scaler() const { return core_.grad_scaler(); }
 
   /// While the returned guard lives, forward_backward does not synchronise:
   /// gradients accumulate on each replica, and the first synchronising

@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/comm_hook.hpp"
+#include "multigpu/grad_scaler.hpp"
+#include "multigpu/precision.hpp"
 #include "multigpu/worker.hpp"
 
 namespace multigpu {
@@ -33,11 +36,23 @@ struct DataParallelOptions {
   /// All-reduce each bucket as soon as its gradients are ready, while
   /// backward goes on. Off: one synchronisation after backward.
   bool overlap_sync_with_backward = true;
+  /// How each gradient bucket is averaged (null: in the gradients' own
+  /// type). bf16_compress_hook() and fp16_compress_hook() send half the
+  /// bytes; see Note [Compressed gradients].
+  std::shared_ptr<CommHook> comm_hook;
   /// Parameters that get no gradient in a step count as zero. Off: such a
   /// step is an error naming them (with overlap on), never a hang.
   bool find_unused_parameters = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;
+  /// The loss function runs under autocast to this precision on every
+  /// replica (see Note [Autocast on every replica]); backward, the sync and
+  /// the step stay in the parameters' types. A precision the devices cannot
+  /// compute in is refused at construction.
+  Precision precision = Precision::kFloat32;
+  /// Loss scaling for fp16 (null: none). Shared, so that you can read its
+  /// scale and save it with a checkpoint; one DataParallel per scaler.
+  std::shared_ptr<GradScaler> grad_scaler;
   /// Fail the step, naming the replica, when a loss is NaN or infinite.
   bool check_finite_loss = false;
   /// Check every N optimizer steps that all replicas hold identical

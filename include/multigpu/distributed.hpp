@@ -610,10 +610,21 @@ void ProcessGroup::collective(const char* what, Fn&& fn) {
 
 inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
   if (!distributed()) return;
+  // bfloat16 (compressed gradient buckets) where Gloo has none: summed as
+  // float32, so it works, without the halved bytes (said once).
+  const bool widen = tensor.scalar_type() == at::kBFloat16 && !compat::kGlooHasBFloat16;
+  if (widen) {
+    static std::once_flag said;
+    std::call_once(said, [] {
+      warn("this LibTorch's Gloo cannot reduce bfloat16: bf16 gradient buckets travel between processes as float32 "
+           "(LibTorch 2.x sends them as bf16; fp16_compress_hook halves the bytes here)");
+    });
+  }
   collective("all-reduce", [&] {
-    std::vector<at::Tensor> tensors{tensor};
+    std::vector<at::Tensor> tensors{widen ? tensor.to(at::kFloat) : tensor};
     auto work = gloo_->allreduce(tensors, c10d::AllreduceOptions());
     work->wait(timeout_);
+    if (widen) tensor.copy_(tensors[0]);
   });
 }
 

@@ -8,6 +8,11 @@
 // makes every rank SIGKILL itself there. Checkpoints: --checkpoint PATH
 // with --save-at-step N saves the training after step N (dp.save_state);
 // --resume PATH loads one before training and goes on from its step.
+// --scaler 1 trains
+// with a GradScaler (forward_backward, step, zero_grad), and --inf-at-step N
+// then puts an infinity into rank --fault-rank's gradients after step N's
+// sync; the final scale goes to --out's name + ".scale". --comm-hook bf16
+// or fp16 sends the gradient buckets compressed.
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -16,6 +21,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -35,6 +42,9 @@ struct Args {
   int fault_rank = 1;
   int timeout_ms = 300000;
   bool summed = false;  // the loss is a sum over the samples (LossReduction::kSum)
+  bool scaler = false;
+  int inf_at_step = -1;
+  std::string comm_hook;  // "", "bf16" or "fp16": compressed gradient buckets
   std::string device = "cpu";
   int kill_at_step = -1;
   int save_at_step = -1;
@@ -55,6 +65,9 @@ Args parse(int argc, char** argv) {
     else if (name == "--fault-rank") args.fault_rank = std::stoi(value);
     else if (name == "--timeout-ms") args.timeout_ms = std::stoi(value);
     else if (name == "--summed") args.summed = value == "1";
+    else if (name == "--scaler") args.scaler = value == "1";
+    else if (name == "--inf-at-step") args.inf_at_step = std::stoi(value);
+    else if (name == "--comm-hook") args.comm_hook = value;
     else if (name == "--device") args.device = value;
     else if (name == "--kill-at-step") args.kill_at_step = std::stoi(value);
     else if (name == "--save-at-step") args.save_at_step = std::stoi(value);
@@ -84,6 +97,9 @@ int main(int argc, char** argv) {
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
+    if (args.comm_hook == "bf16") dp_options.comm_hook = multigpu::bf16_compress_hook();
+    if (args.comm_hook == "fp16") dp_options.comm_hook = multigpu::fp16_compress_hook();
+    if (args.scaler) dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
     dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
@@ -96,18 +112,30 @@ int main(int argc, char** argv) {
       auto [x, y] = multigpu_test::recipe_batch(step);
       const auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank),
                                         multigpu_test::part_of(y, group->size(), rank));
-      dp.train_step(batch, [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
+      auto loss = [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
         if (step == args.kill_at_step) std::raise(SIGKILL);
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
         return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
-      });
+      };
+      if (args.scaler) {
+        dp.forward_backward(batch, loss);
+        if (rank == args.fault_rank && step == args.inf_at_step) {
+          const torch::NoGradGuard no_grad;
+          dp.module().parameters()[0].grad().view({-1})[0].fill_(std::numeric_limits<float>::infinity());
+        }
+        dp.step();
+        dp.zero_grad();
+      } else {
+        dp.train_step(batch, loss);
+      }
       if (step + 1 == args.save_at_step) dp.save_state(args.checkpoint);
     }
     group->barrier();  // every rank finished training (exercised by the tests)
     torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);
+    if (args.scaler) torch::save(torch::tensor({dp.grad_scaler()->scale()}, torch::kDouble), args.out + ".scale");
     return 0;
   } catch (const multigpu::Error& e) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -465,9 +465,22 @@ inline void restore_random_states(DataParallelCore& core, const std::map<std::st
 }
 
 /// The attached objects' states, serialised by name.
-inline std::map<std::string, std::string> save_objects(const CheckpointExtras& extras) {
+using Objects = std::map<std::string, CheckpointExtras::Object>;
+
+/// The objects a checkpoint keeps: the attached ones, and the DataParallel's
+/// own GradScaler as "grad_scaler" (unless something else is attached so).
+inline Objects objects_of(DataParallelCore& core, const CheckpointExtras& extras) {
+  Objects objects = extras.objects;
+  if (GradScaler* scaler = core.grad_scaler(); scaler != nullptr && objects.count("grad_scaler") == 0) {
+    objects["grad_scaler"] = {[scaler](torch::serialize::OutputArchive& archive) { scaler->save(archive); },
+                              [scaler](torch::serialize::InputArchive& archive) { scaler->load(archive); }};
+  }
+  return objects;
+}
+
+inline std::map<std::string, std::string> save_objects(const Objects& objects) {
   std::map<std::string, std::string> out;
-  for (const auto& [name, object] : extras.objects) {
+  for (const auto& [name, object] : objects) {
     torch::serialize::OutputArchive part;
     object.save(part);
     std::ostringstream bytes;
@@ -478,9 +491,9 @@ inline std::map<std::string, std::string> save_objects(const CheckpointExtras& e
 }
 
 /// Loads the attached objects' states; says which had none saved.
-inline void restore_objects(CheckpointExtras& extras, const std::map<std::string, std::string>& saved,
+inline void restore_objects(const Objects& objects, const std::map<std::string, std::string>& saved,
                             const std::string& path, ResumeInfo& info) {
-  for (auto& [name, object] : extras.objects) {
+  for (const auto& [name, object] : objects) {
     const auto found = saved.find(name);
     if (found == saved.end()) {
       info.notes.push_back(fmt::format("\"{}\" is not in the checkpoint: it keeps its state", name));
@@ -498,7 +511,7 @@ inline void restore_objects(CheckpointExtras& extras, const std::map<std::string
     }
   }
   for (const auto& item : saved) {
-    if (extras.objects.count(item.first) == 0) {
+    if (objects.count(item.first) == 0) {
       info.notes.push_back(fmt::format("the checkpoint holds the state of \"{}\", and nothing is attached under "
                                        "that name (dp.attach(\"{}\", object) before load_state restores it)",
                                        item.first, item.first));
@@ -624,7 +637,7 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
         }
       }
       archive.write(checkpoint::key("values"), values_part);
-      const std::map<std::string, std::string> objects = checkpoint::save_objects(extras);
+      const std::map<std::string, std::string> objects = checkpoint::save_objects(checkpoint::objects_of(core, extras));
       torch::serialize::OutputArchive objects_part;
       for (const auto& [name, bytes] : objects) {
         objects_part.write(name, checkpoint::bytes_tensor(bytes), /*is_buffer=*/true);
@@ -669,12 +682,13 @@ inline ResumeInfo load_training_state(DataParallelCore& core, const std::string&
   const std::string origin = "the checkpoint " + path;
   const std::string previous_optimizer =
       !loaded.optimizer.empty() ? core.optimizer_state() : std::string();
-  const auto previous_objects = checkpoint::save_objects(extras);
+  const checkpoint::Objects objects = checkpoint::objects_of(core, extras);
+  const auto previous_objects = checkpoint::save_objects(objects);
   if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, origin);
   try {
-    checkpoint::restore_objects(extras, loaded.objects, path, loaded.info);
+    checkpoint::restore_objects(objects, loaded.objects, path, loaded.info);
   } catch (...) {
-    checkpoint::restore_objects(extras, previous_objects, path, loaded.info);
+    checkpoint::restore_objects(objects, previous_objects, path, loaded.info);
     if (!previous_optimizer.empty()) core.load_optimizer_state(previous_optimizer, "the previous state");
     throw;
   }

@@ -26,6 +26,7 @@
 #include <thread>
 #include <utility>
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Event.h>
 #include <c10/core/GradMode.h>
@@ -56,6 +57,66 @@ namespace compat {
 /// c10::NoGradGuard everywhere).
 using NoGradGuard = c10::NoGradGuard;
 
+/// Note [Autocast APIs]
+/// ~~~~~~~~~~~~~~~~~~~~
+/// LibTorch 2.4 made the autocast switches take a device type
+/// (set_autocast_enabled(kCPU, on), set_autocast_dtype(kCUDA, dtype)) and
+/// deprecated the per-device names, which warn at run time from then on.
+/// LibTorch 1.13 to 2.3 have only those: set_enabled (CUDA),
+/// set_cpu_enabled, set_autocast_gpu_dtype, set_autocast_cpu_dtype. The
+/// name itself moved, so this is a version test. Only CPU and CUDA
+/// replicas exist in multigpu.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+#define MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE 1
+#else
+#define MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE 0
+#endif
+
+/// Whether autocast is on for `type` (kCPU or kCUDA) on this thread.
+inline bool autocast_enabled(c10::DeviceType type) {
+#if MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE
+  return at::autocast::is_autocast_enabled(type);
+#else
+  return type == c10::DeviceType::CPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+}
+
+/// Turns autocast on or off for `type` (kCPU or kCUDA) on this thread.
+inline void set_autocast_enabled(c10::DeviceType type, bool on) {
+#if MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE
+  at::autocast::set_autocast_enabled(type, on);
+#else
+  if (type == c10::DeviceType::CPU) {
+    at::autocast::set_cpu_enabled(on);
+  } else {
+    at::autocast::set_enabled(on);
+  }
+#endif
+}
+
+/// The type autocast computes in for `type` (kCPU or kCUDA) on this thread.
+inline at::ScalarType autocast_dtype(c10::DeviceType type) {
+#if MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE
+  return at::autocast::get_autocast_dtype(type);
+#else
+  return type == c10::DeviceType::CPU ? at::autocast::get_autocast_cpu_dtype()
+                                      : at::autocast::get_autocast_gpu_dtype();
+#endif
+}
+
+/// Sets the type autocast computes in for `type` (kCPU or kCUDA) on this thread.
+inline void set_autocast_dtype(c10::DeviceType type, at::ScalarType dtype) {
+#if MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE
+  at::autocast::set_autocast_dtype(type, dtype);
+#else
+  if (type == c10::DeviceType::CPU) {
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  } else {
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  }
+#endif
+}
+
 /// The pointer type of an autograd node as grad_accumulator() returns it:
 /// std::shared_ptr<Node> up to LibTorch 2.11, c10::intrusive_ptr<Node> after.
 using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
@@ -74,6 +135,10 @@ void wait_for_event(const Event& event, long) {
 /// Blocks the host until the work recorded by `event` is done
 /// (c10::Event::synchronize from LibTorch 2.0; polling before).
 inline void wait_for_event(const c10::Event& event) { detail::wait_for_event(event, 0); }
+
+/// Whether LibTorch's Gloo process group reduces bfloat16 tensors: 1.13's
+/// refuses them ("Invalid scalar type"); 2.x's takes them.
+inline constexpr bool kGlooHasBFloat16 = TORCH_VERSION_MAJOR >= 2;
 
 #if MULTIGPU_WITH_CUDA
 /// The mutex LibTorch holds around its own cudaFree calls. See Note [NCCL and

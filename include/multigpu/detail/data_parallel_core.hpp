@@ -31,11 +31,13 @@
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
 #include "multigpu/detail/training_progress.hpp"
+#include "multigpu/detail/autocast.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/gradient_reducer.hpp"
 #include "multigpu/detail/module_state.hpp"
 #include "multigpu/detail/streams.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
 #include "multigpu/worker.hpp"
 
@@ -71,6 +73,10 @@ class DataParallelCore {
   bool gradients_synchronized() const { return !reducer_ || reducer_->synchronized(); }
   void step();
   void zero_grad();
+  /// See DataParallel::clip_grad_norm.
+  at::Tensor clip_grad_norm(double max_norm, double norm_type);
+  void set_grad_scaler(std::shared_ptr<GradScaler> scaler) { scaler_ = std::move(scaler); }
+  GradScaler* grad_scaler() const { return scaler_.get(); }
   void enter_no_sync() { ++no_sync_depth_; }
   void leave_no_sync() { --no_sync_depth_; }
   bool in_no_sync() const { return no_sync_depth_ > 0; }
@@ -125,6 +131,8 @@ class DataParallelCore {
   void zero_after_failure() noexcept;
   void load_optimizer_into(std::size_t r, const std::string& state);
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
+  void unscale_gradients();
+  bool gradients_overflowed();
   std::vector<at::Tensor> same_tensor_on_every_replica(std::size_t index, bool buffer) const;
 
   std::vector<std::shared_ptr<torch::nn::Module>> replicas_;
@@ -143,6 +151,9 @@ class DataParallelCore {
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
   TrainingProgress progress_;
+  std::shared_ptr<GradScaler> scaler_;
+  bool unscaled_ = false;               // this step's gradients were unscaled (by clip_grad_norm or step)
+  std::vector<at::Tensor> found_inf_;   // [replica], one float each; see Note [Gradient scaling across replicas]
   std::string diverged_;  // why the replicas may differ ("" when they cannot)
 };
 
@@ -171,11 +182,13 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
       options_(std::move(options)),
       workers_(devices_),
       contexts_(workers_.contexts()),
-      fence_(contexts_) {
+      fence_(contexts_),
+      scaler_(options_.grad_scaler) {
   if (options_.bucket_cap_mib <= 0) {
     throw Error(fmt::format("DataParallelOptions::bucket_cap_mib must be positive, got {}", options_.bucket_cap_mib));
   }
   if (options_.collective_timeout.count() <= 0) throw Error("DataParallelOptions::collective_timeout must be positive");
+  check_precision_supported(options_.precision, devices_);
   // The replicas were made on the caller's streams (clone, to): the
   // replicas' streams start after that, and the caller's own go on after
   // what is done here.
@@ -232,6 +245,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     reducer.overlap = options_.overlap_sync_with_backward;
     reducer.find_unused_parameters = options_.find_unused_parameters;
     reducer.timeout = options_.collective_timeout;
+    reducer.hook = options_.comm_hook;
     reducer.threads = options_.comm_threads > 0 ? options_.comm_threads
                                                 : (comm_->needs_one_order() ? 1 : std::min<std::size_t>(2, size()));
     reducer_ = std::make_unique<GradientReducer>(std::move(trainable), std::move(trainable_names), contexts_, *comm_,
@@ -287,6 +301,10 @@ inline void DataParallelCore::run(const std::function<void(std::size_t)>& job, c
 inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_t>& shard_sizes,
                                                    const std::function<at::Tensor(std::size_t)>& loss_of) {
   require_usable("forward_backward");
+  if (unscaled_) {
+    throw Error("forward_backward after clip_grad_norm and before step(): the gradients are unscaled already, so "
+                "new, scaled gradients cannot be added to them; accumulate first, then clip, then step");
+  }
   const auto fence = fenced();
   const std::size_t n = size();
   if (shard_sizes.size() != n) {
@@ -297,11 +315,13 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   if (total <= 0) throw Error("forward_backward: the batch has no samples");
   std::vector<bool> active(n);
   std::vector<double> weights(n);
+  const double loss_scale = scaler_ ? scaler_->scale() : 1.0;
   for (std::size_t r = 0; r < n; ++r) {
     active[r] = shard_sizes[r] > 0;
     weights[r] = options_.loss_reduction == LossReduction::kMean
                      ? static_cast<double>(n) * static_cast<double>(shard_sizes[r]) / static_cast<double>(total)
                      : static_cast<double>(comm_->world_size());
+    weights[r] *= loss_scale;
   }
   std::vector<at::Tensor> losses(n);
   std::vector<const char*> stages(n, nullptr);
@@ -311,7 +331,11 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
     workers_.run(
         [&](std::size_t r) {
           stages[r] = "the loss function (forward)";
-          at::Tensor loss = loss_of(r);
+          at::Tensor loss;
+          {
+            const AutocastScope autocast(options_.precision, devices_[r].type());  // See Note [Autocast on every replica]
+            loss = loss_of(r);
+          }
           stages[r] = "checking the loss";
           if (!loss.defined()) throw Error("the loss function returned an undefined tensor");
           if (loss.numel() != 1) {
@@ -399,18 +423,29 @@ inline void DataParallelCore::step() {
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
   follow_primary_options();
-  try {
-    workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
-  } catch (const ReplicaError& e) {
-    if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
-    throw;
+  bool skip = false;
+  if (scaler_) {
+    unscale_gradients();
+    skip = gradients_overflowed();
+    scaler_->update(skip);
+    unscaled_ = false;
+  }
+  if (!skip) {
+    try {
+      workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
+    } catch (const ReplicaError& e) {
+      if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
+      throw;
+    }
   }
   if (options_.broadcast_buffers && !buffer_names_.empty()) broadcast_buffers();
+  if (skip) return;
   ++steps_;
   progress_.on_step();
   if (options_.parity_check_every > 0 && steps_ % options_.parity_check_every == 0) check_parity();
 }
 
+// See Note [Gradient scaling across replicas].
 // Note [The primary's optimizer options rule]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // Every replica has its own optimizer, but the user sees one: dp.optimizer()
@@ -438,6 +473,7 @@ inline void DataParallelCore::follow_primary_options() {
 inline void DataParallelCore::zero_grad() {
   const auto fence = fenced();
   progress_.on_zero_grad();
+  unscaled_ = false;
   if (reducer_) {
     workers_.run([&](std::size_t r) { reducer_->zero(r); }, "zeroing gradients");
     reducer_->mark_zeroed();
@@ -478,178 +514,9 @@ inline void DataParallelCore::set_learning_rate(double lr) {
 
 inline double DataParallelCore::learning_rate() { return optimizer(0).param_groups().at(0).options().get_lr(); }
 
-inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(std::size_t index, bool buffer) const {
-  std::vector<at::Tensor> tensors;
-  for (std::size_t r = 0; r < size(); ++r) tensors.push_back(buffer ? buffers_[r][index] : parameters_[r][index]);
-  return tensors;
-}
-
-inline void DataParallelCore::broadcast_from_primary() {
-  if (comm_->world_size() == 1) return;
-  const auto fence = fenced();
-  const compat::NoGradGuard no_grad;
-  const ReplicaStreamsCurrent on_replicas(contexts_);
-  for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
-    comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
-  }
-  broadcast_buffers();
-}
-
-/// Note [Coalesced buffer broadcast]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// Buffers (BatchNorm's running statistics and counters) go from the
-/// primary to every replica after each step. One collective per buffer
-/// would cost a launch (and, across processes, a round trip) per BatchNorm
-/// tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
-/// into one flat tensor per replica, broadcast once, and unpacked on the
-/// other replicas: one collective per dtype (two for BatchNorm: float
-/// statistics, int64 counters). Parameters, broadcast only at construction
-/// and by resync_from_primary(), go one by one, so that a large model never
-/// needs a second copy of itself.
-inline void DataParallelCore::broadcast_buffers() {
-  if (comm_->world_size() == 1) return;
-  const auto fence = fenced();
-  const compat::NoGradGuard no_grad;
-  // Packed, broadcast and unpacked on the replicas' streams, between the
-  // kernels that use the buffers: no wait for the host (Note [Streams], rule 3).
-  const ReplicaStreamsCurrent on_replicas(contexts_);
-  std::map<at::ScalarType, std::vector<std::size_t>> by_type;  // dtype -> buffer indices, in module order
-  for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
-    if (buffers_[0][i].defined()) by_type[buffers_[0][i].scalar_type()].push_back(i);
-  }
-  std::vector<std::vector<at::Tensor>> packed;  // [dtype group][replica]
-  for (const auto& group : by_type) {
-    std::vector<at::Tensor> flat(size());
-    for (std::size_t r = 0; r < size(); ++r) {
-      std::vector<at::Tensor> parts;
-      for (std::size_t i : group.second) parts.push_back(buffers_[r][i].reshape({-1}));
-      flat[r] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
-    }
-    comm_->broadcast(flat, 0);
-    packed.push_back(std::move(flat));
-  }
-  // Replica 0 too: in another process than global rank 0 it receives as well
-  // (on the root itself it gets back its own values).
-  std::size_t g = 0;
-  for (const auto& group : by_type) {
-    for (std::size_t r = 0; r < size(); ++r) {
-      std::int64_t offset = 0;
-      for (std::size_t i : group.second) {
-        at::Tensor& buffer = buffers_[r][i];
-        buffer.copy_(packed[g][r].narrow(0, offset, buffer.numel()).view(buffer.sizes()));
-        offset += buffer.numel();
-      }
-    }
-    ++g;
-  }
-}
-
-inline void DataParallelCore::resync_from_primary() {
-  const auto fence = fenced();
-  broadcast_from_primary();
-  if (size() > 1 && !optimizers_.empty()) {
-    const std::string state = optimizer_state();
-    const ReplicaStreamsCurrent on_replicas(contexts_);
-    for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
-  }
-  diverged_.clear();
-}
-
-inline void DataParallelCore::check_parity() {
-  const auto fence = fenced();
-  const compat::NoGradGuard no_grad;
-  const ReplicaStreamsCurrent on_replicas(contexts_);  // compared after the replicas' work
-  auto compare = [&](const std::vector<std::string>& names, const std::vector<std::vector<at::Tensor>>& tensors,
-                     const char* kind) {
-    for (std::size_t r = 1; r < size(); ++r) {
-      for (std::size_t i = 0; i < names.size(); ++i) {
-        const at::Tensor& primary = tensors[0][i];
-        if (!primary.defined()) continue;
-        const at::Tensor other = tensors[r][i].to(primary.device());
-        if (at::equal(primary, other)) continue;
-        std::string difference;
-        if (primary.is_floating_point()) {
-          difference = fmt::format(" (largest difference {:.3g})", (primary - other).abs().max().item<double>());
-        }
-        throw ReplicaError(fmt::format("replica {} ({}) has drifted from the primary after {} optimizer steps: {} {} "
-                                       "differs{}",
-                                       r, devices_[r].str(), steps_, kind, names[i], difference),
-                           static_cast<int>(r), devices_[r].str());
-      }
-    }
-  };
-  compare(parameter_names_, parameters_, "parameter");
-  compare(buffer_names_, buffers_, "buffer");
-}
-
-inline void DataParallelCore::train(bool on) {
-  for (auto& replica : replicas_) replica->train(on);
-}
-
-inline void DataParallelCore::assign_module_state(const std::vector<at::Tensor>& parameters,
-                                                  const std::vector<at::Tensor>& buffers) {
-  if (parameters.size() != parameter_names_.size() || buffers.size() != buffer_names_.size()) {
-    throw Error(fmt::format("DataParallel: {} parameters and {} buffers given for a module of {} and {}",
-                            parameters.size(), buffers.size(), parameter_names_.size(), buffer_names_.size()));
-  }
-  const auto fence = fenced();
-  const compat::NoGradGuard no_grad;
-  const ReplicaStreamsCurrent on_replicas(contexts_);
-  for (std::size_t r = 0; r < size(); ++r) {
-    for (std::size_t i = 0; i < parameters.size(); ++i) parameters_[r][i].copy_(parameters[i]);
-    for (std::size_t i = 0; i < buffers.size(); ++i) {
-      if (buffers_[r][i].defined()) buffers_[r][i].copy_(buffers[i]);
-    }
-  }
-}
-
-inline std::string DataParallelCore::optimizer_state() {
-  auto& primary = optimizer(0);
-  const auto fence = fenced();
-  const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
-  std::ostringstream state;
-  torch::serialize::OutputArchive archive;
-  primary.save(archive);
-  archive.save_to(state);
-  return state.str();
-}
-
-// All or none: the primary's state is kept first, so that a state which
-// fails half-way (another optimizer, another number of parameters) can be
-// put back; once it fits the primary, it fits every replica (same module).
-inline void DataParallelCore::load_optimizer_state(const std::string& state, const std::string& origin) {
-  optimizer(0);  // throws when there is none
-  const std::string previous = optimizer_state();
-  const auto fence = fenced();
-  const ReplicaStreamsCurrent on_replicas(contexts_);
-  try {
-    load_optimizer_into(0, state);
-  } catch (const c10::Error& e) {
-    try {
-      load_optimizer_into(0, previous);
-    } catch (const c10::Error&) {
-      diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
-    }
-    throw Error(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged", origin,
-                            e.what_without_backtrace()));
-  }
-  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
-}
-
-// LibTorch's Optimizer::load adds the saved entries to the state it has and
-// keeps the others: cleared first, the state is the saved one and nothing else.
-inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::string& state) {
-  std::istringstream input(state);
-  torch::serialize::InputArchive archive;
-  archive.load_from(input, devices_[r]);
-  optimizers_[r]->state().clear();
-  optimizers_[r]->load(archive);
-}
-
-inline std::optional<SyncStats> DataParallelCore::last_sync_stats() const {
-  if (!reducer_) return std::nullopt;
-  return reducer_->last_stats();
-}
 
 }  // namespace detail
 }  // namespace multigpu
+
+#include "multigpu/detail/data_parallel_scaling.hpp"
+#include "multigpu/detail/data_parallel_state.hpp"

@@ -70,6 +70,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include "multigpu/comm.hpp"
+#include "multigpu/comm_hook.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
@@ -86,6 +87,9 @@ struct ReducerOptions {
   bool find_unused_parameters = false;
   std::size_t threads = 1;  ///< Threads that launch (local backend: run) the all-reduces.
   std::chrono::milliseconds timeout{std::chrono::minutes(5)};
+  /// Averages each bucket instead of a plain all-reduce (null: the
+  /// communicator's average). See Note [Compressed gradients].
+  std::shared_ptr<CommHook> hook;
 };
 
 /// One bucket, described for tests, benchmarks and messages.
@@ -563,7 +567,11 @@ inline void GradientReducer::reduce(std::size_t bucket) {
   for (std::size_t r = 0; r < replicas_.size(); ++r) {
     if (state.ready_events[r]) state.ready_events[r]->block(comm_streams_[comm_stream_of_[r]]);
   }
-  comm_.all_reduce(state.buffers, ReduceOp::kAverage);
+  if (options_.hook) {
+    options_.hook->all_reduce_average(comm_, state.buffers);
+  } else {
+    comm_.all_reduce(state.buffers, ReduceOp::kAverage);
+  }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.total_ms += ms;

@@ -50,7 +50,8 @@
 // 5. Host synchronisation. A training step does not wait for the GPU: the
 //    loss comes back as a StepLoss that reads its value only when asked.
 //    The options that need a value on the host say so
-//    (check_finite_loss). A collective that does not finish within the
+//    (check_finite_loss; a GradScaler reads one flag per step, see Note
+//    [Gradient scaling across replicas]). A collective that does not finish within the
 //    time-out is found by the NCCL backend's watchdog, which aborts the
 //    communicators (Note [NCCL watchdog]), so nothing stays blocked; the
 //    next collective throws CommError.

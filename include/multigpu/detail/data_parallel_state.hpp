@@ -1,0 +1,184 @@
+#pragma once
+// The replicas' state: broadcasts, parity, and what checkpoints read and write: the definitions of these DataParallelCore members
+// (declared in detail/data_parallel_core.hpp, which includes this file).
+
+#include "multigpu/detail/data_parallel_core.hpp"
+
+namespace multigpu {
+namespace detail {
+
+inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(std::size_t index, bool buffer) const {
+  std::vector<at::Tensor> tensors;
+  for (std::size_t r = 0; r < size(); ++r) tensors.push_back(buffer ? buffers_[r][index] : parameters_[r][index]);
+  return tensors;
+}
+
+inline void DataParallelCore::broadcast_from_primary() {
+  if (comm_->world_size() == 1) return;
+  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+    comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
+  }
+  broadcast_buffers();
+}
+
+/// Note [Coalesced buffer broadcast]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// Buffers (BatchNorm's running statistics and counters) go from the
+/// primary to every replica after each step. One collective per buffer
+/// would cost a launch (and, across processes, a round trip) per BatchNorm
+/// tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
+/// into one flat tensor per replica, broadcast once, and unpacked on the
+/// other replicas: one collective per dtype (two for BatchNorm: float
+/// statistics, int64 counters). Parameters, broadcast only at construction
+/// and by resync_from_primary(), go one by one, so that a large model never
+/// needs a second copy of itself.
+inline void DataParallelCore::broadcast_buffers() {
+  if (comm_->world_size() == 1) return;
+  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
+  // Packed, broadcast and unpacked on the replicas' streams, between the
+  // kernels that use the buffers: no wait for the host (Note [Streams], rule 3).
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  std::map<at::ScalarType, std::vector<std::size_t>> by_type;  // dtype -> buffer indices, in module order
+  for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
+    if (buffers_[0][i].defined()) by_type[buffers_[0][i].scalar_type()].push_back(i);
+  }
+  std::vector<std::vector<at::Tensor>> packed;  // [dtype group][replica]
+  for (const auto& group : by_type) {
+    std::vector<at::Tensor> flat(size());
+    for (std::size_t r = 0; r < size(); ++r) {
+      std::vector<at::Tensor> parts;
+      for (std::size_t i : group.second) parts.push_back(buffers_[r][i].reshape({-1}));
+      flat[r] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
+    }
+    comm_->broadcast(flat, 0);
+    packed.push_back(std::move(flat));
+  }
+  // Replica 0 too: in another process than global rank 0 it receives as well
+  // (on the root itself it gets back its own values).
+  std::size_t g = 0;
+  for (const auto& group : by_type) {
+    for (std::size_t r = 0; r < size(); ++r) {
+      std::int64_t offset = 0;
+      for (std::size_t i : group.second) {
+        at::Tensor& buffer = buffers_[r][i];
+        buffer.copy_(packed[g][r].narrow(0, offset, buffer.numel()).view(buffer.sizes()));
+        offset += buffer.numel();
+      }
+    }
+    ++g;
+  }
+}
+
+inline void DataParallelCore::resync_from_primary() {
+  const auto fence = fenced();
+  broadcast_from_primary();
+  if (size() > 1 && !optimizers_.empty()) {
+    const std::string state = optimizer_state();
+    const ReplicaStreamsCurrent on_replicas(contexts_);
+    for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
+  }
+  diverged_.clear();
+}
+
+inline void DataParallelCore::check_parity() {
+  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);  // compared after the replicas' work
+  auto compare = [&](const std::vector<std::string>& names, const std::vector<std::vector<at::Tensor>>& tensors,
+                     const char* kind) {
+    for (std::size_t r = 1; r < size(); ++r) {
+      for (std::size_t i = 0; i < names.size(); ++i) {
+        const at::Tensor& primary = tensors[0][i];
+        if (!primary.defined()) continue;
+        const at::Tensor other = tensors[r][i].to(primary.device());
+        if (at::equal(primary, other)) continue;
+        std::string difference;
+        if (primary.is_floating_point()) {
+          difference = fmt::format(" (largest difference {:.3g})", (primary - other).abs().max().item<double>());
+        }
+        throw ReplicaError(fmt::format("replica {} ({}) has drifted from the primary after {} optimizer steps: {} {} "
+                                       "differs{}",
+                                       r, devices_[r].str(), steps_, kind, names[i], difference),
+                           static_cast<int>(r), devices_[r].str());
+      }
+    }
+  };
+  compare(parameter_names_, parameters_, "parameter");
+  compare(buffer_names_, buffers_, "buffer");
+}
+
+inline void DataParallelCore::train(bool on) {
+  for (auto& replica : replicas_) replica->train(on);
+}
+
+inline void DataParallelCore::assign_module_state(const std::vector<at::Tensor>& parameters,
+                                                  const std::vector<at::Tensor>& buffers) {
+  if (parameters.size() != parameter_names_.size() || buffers.size() != buffer_names_.size()) {
+    throw Error(fmt::format("DataParallel: {} parameters and {} buffers given for a module of {} and {}",
+                            parameters.size(), buffers.size(), parameter_names_.size(), buffer_names_.size()));
+  }
+  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  for (std::size_t r = 0; r < size(); ++r) {
+    for (std::size_t i = 0; i < parameters.size(); ++i) parameters_[r][i].copy_(parameters[i]);
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      if (buffers_[r][i].defined()) buffers_[r][i].copy_(buffers[i]);
+    }
+  }
+}
+
+inline std::string DataParallelCore::optimizer_state() {
+  auto& primary = optimizer(0);
+  const auto fence = fenced();
+  const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
+  std::ostringstream state;
+  torch::serialize::OutputArchive archive;
+  primary.save(archive);
+  archive.save_to(state);
+  return state.str();
+}
+
+// All or none: the primary's state is kept first, so that a state which
+// fails half-way (another optimizer, another number of parameters) can be
+// put back; once it fits the primary, it fits every replica (same module).
+inline void DataParallelCore::load_optimizer_state(const std::string& state, const std::string& origin) {
+  optimizer(0);  // throws when there is none
+  const std::string previous = optimizer_state();
+  const auto fence = fenced();
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  try {
+    load_optimizer_into(0, state);
+  } catch (const c10::Error& e) {
+    try {
+      load_optimizer_into(0, previous);
+    } catch (const c10::Error&) {
+      diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
+    }
+    throw Error(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged", origin,
+                            e.what_without_backtrace()));
+  }
+  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
+}
+
+// LibTorch's Optimizer::load adds the saved entries to the state it has and
+// keeps the others: cleared first, the state is the saved one and nothing else.
+inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::string& state) {
+  std::istringstream input(state);
+  torch::serialize::InputArchive archive;
+  archive.load_from(input, devices_[r]);
+  optimizers_[r]->state().clear();
+  optimizers_[r]->load(archive);
+}
+
+inline std::optional<SyncStats> DataParallelCore::last_sync_stats() const {
+  if (!reducer_) return std::nullopt;
+  return reducer_->last_stats();
+}
+
+}  // namespace detail
+}  // namespace multigpu
