@@ -2,6 +2,8 @@
 
 #include "support.hpp"  // first: see its comment
 
+#include "small_net.hpp"
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,28 +14,7 @@ using multigpu_test::contains;
 
 namespace {
 
-struct NetImpl : torch::nn::Cloneable<NetImpl> {
-  NetImpl() { reset(); }
-  void reset() override {
-    fc1 = register_module("fc1", torch::nn::Linear(6, 16));
-    fc2 = register_module("fc2", torch::nn::Linear(16, 3));
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(Net);
-
-std::vector<c10::Device> cpus(std::size_t n) { return std::vector<c10::Device>(n, c10::Device("cpu")); }
-
-torch::Tensor mse(NetImpl& net, const torch::data::Example<>& shard) {
-  return torch::mse_loss(net.forward(shard.data), shard.target);
-}
-
-void copy_parameters(const torch::nn::Module& from, torch::nn::Module& to) {
-  torch::NoGradGuard no_grad;
-  auto source = from.named_parameters();
-  for (auto& p : to.named_parameters()) p.value().copy_(source[p.key()]);
-}
+using namespace multigpu_test::small_net;
 
 }  // namespace
 
