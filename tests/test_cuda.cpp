@@ -358,7 +358,7 @@ TEST_SUITE("CUDA") {
     dp.check_parity();
   }
 
-  TEST_CASE("CUDA: the device report names the GPU; auto takes an idle one; an allocation makes it busy") {
+  TEST_CASE("CUDA: the device report names the GPU, auto takes an idle one, an allocation makes it busy") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
     multigpu::DeviceManager manager;
     const multigpu::DeviceReport report = manager.report("auto");
@@ -412,7 +412,7 @@ TEST_SUITE("CUDA") {
     CHECK(dp.replica(1).weight.device() == c10::Device("cuda:1"));
   }
 
-  TEST_CASE("CUDA: fp16 autocast, a GradScaler and bf16 buckets on two replicas of one GPU; an overflow skips everywhere") {
+  TEST_CASE("CUDA: fp16 autocast, a GradScaler and bf16 buckets on two replicas of one GPU, an overflow skips everywhere") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
     torch::manual_seed(6);
     Net net;

@@ -400,7 +400,7 @@ TEST_SUITE("DataParallel modules") {
 }
 
 TEST_SUITE("DataParallel optimizers") {
-  TEST_CASE("module() and optimizer() are the primary's; a learning-rate change reaches every replica") {
+  TEST_CASE("module() and optimizer() are the primary's, a learning-rate change reaches every replica") {
     Mlp net;
     DataParallel<Mlp> dp(net, cpus(3));
     auto& sgd = dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1).momentum(0.5));

@@ -341,7 +341,7 @@ TEST_SUITE("device manager on a scripted machine") {
     CHECK_FALSE(contains(devices.report().text(), "differently from nvidia-smi"));
   }
 
-  TEST_CASE("no GPU: \"auto\" gives the CPU with one warning line; asking for GPUs is an error") {
+  TEST_CASE("no GPU: \"auto\" gives the CPU with one warning line, asking for GPUs is an error") {
     CapturedLog log;
     FakeManager devices{FakeRuntime()};
     const auto chosen = devices.select("auto");
@@ -395,7 +395,7 @@ TEST_SUITE("device manager on a scripted machine") {
     CHECK(contains(devices.no_gpu_reason(), "names no GPU of this machine"));
   }
 
-  TEST_CASE("idle datacenter GPUs are free: NVML's v2 query leaves driver-reserved memory out; v1 is the fallback") {
+  TEST_CASE("idle datacenter GPUs are free: NVML's v2 query leaves driver-reserved memory out, v1 is the fallback") {
     // Idle GPUs as `nvidia-smi -q` shows them (see Note [Reserved memory] in
     // detail/nvml.hpp): an A100-SXM4-40GB with 620 MiB reserved and 4 MiB
     // used, an H100 80GB HBM3 with 551 MiB reserved and 0 MiB used, and an

@@ -197,7 +197,7 @@ TEST_SUITE("distributed environment") {
 }
 
 TEST_SUITE("distributed sampler") {
-  TEST_CASE("resuming: save and load keep the epoch and the place in it; set_epoch replays an epoch") {
+  TEST_CASE("resuming: save and load keep the epoch and the place in it, set_epoch replays an epoch") {
     multigpu::DistributedSampler sampler(20, 2, 1, true, 3);
     sampler.reset();
     sampler.reset();  // epoch 1
@@ -522,7 +522,7 @@ torch::Tensor parameters_of(const std::string& name, int rank) {
 }
 
 TEST_SUITE("distributed checkpoints") {
-  TEST_CASE("2 processes killed after a checkpoint resume bit for bit; 1 process x 3 replicas resumes it too") {
+  TEST_CASE("2 processes killed after a checkpoint resume bit for bit, 1 process x 3 replicas resumes it too") {
     const std::string checkpoint = scratch("state.pt");
     const auto straight = run_job("straight", 2, "--replicas 2 --steps 6");
     for (const auto& exit : straight) REQUIRE(exit.success());

@@ -111,12 +111,14 @@ TEST_SUITE("precision") {
     DataParallelOptions options;
     options.precision = Precision::kFloat16;
     std::string message;
+    std::mutex mutex;  // both replicas' threads write `seen`
     c10::ScalarType seen = torch::kFloat;
     try {
       DataParallel<SmallMlp> dp(net, cpus(2), options);
       dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.01));
       dp.train_step(make_task(8), [&](SmallMlpImpl& m, const torch::data::Example<>& shard) {
         const auto out = m.fc2(m.fc1(shard.data));
+        const std::lock_guard<std::mutex> lock(mutex);
         seen = out.scalar_type();
         return torch::mse_loss(out.to(torch::kFloat), shard.target);
       });

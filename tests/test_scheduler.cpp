@@ -539,7 +539,7 @@ TEST_SUITE("task files") {
 // Issue 17: a task is never killed or lost because of the scheduler, files
 // go where they should, and a failure says what is true.
 TEST_SUITE("scheduler: never kill or lose a task") {
-  TEST_CASE("a task under sh gets its whole grace period (dash does not exec; the program saves on SIGTERM)") {
+  TEST_CASE("a task under sh gets its whole grace period (dash does not exec, the program saves on SIGTERM)") {
     const std::string dir = fresh_dir("grace");
     std::ofstream(dir + "/saves.sh") << "trap 'sleep 2; echo saved > " << dir << "/saved; exit 0' TERM\n"
                                      << "touch " << dir << "/started\n"
@@ -587,7 +587,7 @@ TEST_SUITE("scheduler: never kill or lose a task") {
     CHECK(summary.exit_code() == 1);
   }
 
-  TEST_CASE("a log folder is locked by the run using it; a second run says who holds it") {
+  TEST_CASE("a log folder is locked by the run using it, a second run says who holds it") {
     const std::string dir = fresh_dir("lock");
     FakeScheduler first(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
     FakeScheduler second(fast_options(dir, "0"), FakeRuntime::with_gpus(1));

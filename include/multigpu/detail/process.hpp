@@ -62,6 +62,15 @@ namespace detail {
 // scheduler sees what the shell did. It closes every file descriptor it does
 // not need right after the fork, so that it holds nothing of the scheduler's
 // (sockets, a GPU driver's files).
+//
+// The supervisor installs no signal handler. It blocks the signals it acts
+// on and takes them with sigwaitinfo between reaping its children, so the
+// order of events is the kernel's: a SIGTERM sent to the group is pending
+// before the shell it killed can be reaped, and the supervisor takes every
+// pending signal before it decides that the shell ended on its own. (With
+// handlers, a sanitizer's runtime, which defers handlers to a safe point,
+// made that decision before the handler had run, and killed a task that was
+// still saving.)
 
 /// How a child process ended.
 struct ProcessExit {
@@ -94,17 +103,6 @@ inline std::vector<std::string> environment_with(const std::vector<std::pair<std
 
 namespace supervisor {
 
-// State of the supervisor process (its signal handlers set it). Function
-// statics, not inline variables: including the header emits no symbol.
-inline volatile std::sig_atomic_t& stop_requested() {
-  static volatile std::sig_atomic_t value = 0;
-  return value;
-}
-inline volatile unsigned& grace_seconds() {
-  static volatile unsigned value = 10;
-  return value;
-}
-
 /// The signal the supervisor gets when the scheduler's thread ends.
 constexpr int kParentDeathSignal = SIGUSR1;
 /// Where the supervisor keeps the error pipe and the descriptor it keeps
@@ -112,20 +110,21 @@ constexpr int kParentDeathSignal = SIGUSR1;
 constexpr int kErrorFd = 3;
 constexpr int kKeptFd = 4;
 
-inline void on_stop(int) { stop_requested() = 1; }
-/// The scheduler is gone: SIGTERM to the group now (this process only notes
-/// it, in on_stop), SIGKILL when the grace period has passed (on_alarm).
-inline void on_parent_death(int) {
-  ::kill(0, SIGTERM);
-  ::alarm(grace_seconds() == 0 ? 1 : grace_seconds());
+/// The signals the supervisor takes synchronously (blocked, then taken with
+/// sigtimedwait). It installs no handler: nothing runs at an arbitrary point,
+/// and a sanitizer's deferred handlers cannot reorder "the shell ended" and
+/// "a stop was asked for".
+inline sigset_t watched_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int signal : {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM, kParentDeathSignal}) sigaddset(&set, signal);
+  return set;
 }
-inline void on_alarm(int) { ::kill(0, SIGKILL); }  // the group, this process too
 
-inline void set_handler(int signal, void (*handler)(int)) {
+inline void set_default_action(int signal) {
   struct sigaction action {};
-  action.sa_handler = handler;
+  action.sa_handler = SIG_DFL;
   sigemptyset(&action.sa_mask);
-  action.sa_flags = 0;  // no SA_RESTART: a signal interrupts waitpid
   ::sigaction(signal, &action, nullptr);
 }
 
@@ -177,7 +176,7 @@ inline void close_from(int first) {
     const int signal = WTERMSIG(status);
     struct rlimit no_core {};
     ::setrlimit(RLIMIT_CORE, &no_core);  // a core of this copy of the scheduler helps nobody
-    set_handler(signal, SIG_DFL);
+    set_default_action(signal);
     sigset_t just;
     sigemptyset(&just);
     sigaddset(&just, signal);
@@ -193,18 +192,16 @@ inline void close_from(int first) {
 [[noreturn]] inline void run(pid_t scheduler, int error_fd, int keep_fd, const char* log_path, char* const* argv,
                              char* const* envp, unsigned grace) {
   ::setpgid(0, 0);
-  grace_seconds() = grace;
-  set_handler(SIGTERM, on_stop);
-  set_handler(SIGINT, on_stop);
-  set_handler(SIGHUP, on_stop);
-  set_handler(SIGALRM, on_alarm);
-  set_handler(kParentDeathSignal, on_parent_death);
-  set_handler(SIGPIPE, SIG_DFL);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  const sigset_t watched = watched_signals();
+  ::sigprocmask(SIG_SETMASK, &watched, nullptr);  // every other signal: unblocked
+  // Default actions: a blocked signal that is ignored is discarded, not
+  // pending (and an ignored SIGCHLD reaps children unseen); the shell starts
+  // with these too.
+  for (int signal : {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGALRM, kParentDeathSignal, SIGPIPE}) {
+    set_default_action(signal);
+  }
   ::prctl(PR_SET_PDEATHSIG, kParentDeathSignal);
-  if (::getppid() != scheduler) on_parent_death(0);  // it ended before the line above
+  if (::getppid() != scheduler) ::kill(::getpid(), kParentDeathSignal);  // it ended before the line above
   ::prctl(PR_SET_CHILD_SUBREAPER, 1);
 
   // Out of the way first (either may be 3 or 4), then into place.
@@ -228,7 +225,9 @@ inline void close_from(int first) {
   const pid_t shell = ::fork();
   if (shell < 0) fail(errno);
   if (shell == 0) {
-    for (int signal : {SIGTERM, SIGINT, SIGHUP, SIGALRM, kParentDeathSignal}) set_handler(signal, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);  // a blocked signal would stay blocked across execve
     ::execve("/bin/sh", argv, envp);
     fail(errno);
   }
@@ -237,16 +236,43 @@ inline void close_from(int first) {
 
   int shell_status = 0;
   bool shell_ended = false;
-  while (true) {
-    int status = 0;
-    const pid_t ended = ::waitpid(-1, &status, 0);
-    if (ended == shell) {
-      shell_ended = true;
-      shell_status = status;
-      if (!stop_requested()) break;  // as the shell would; see the Note
-    } else if (ended < 0 && errno == ECHILD) {
-      break;  // every descendant is gone
+  bool stopping = false;
+  const struct timespec no_wait {};
+  auto take = [&](int signal) {
+    if (signal == SIGTERM || signal == SIGINT || signal == SIGHUP) stopping = true;
+    if (signal == kParentDeathSignal) {  // the scheduler is gone: SIGTERM to the group (this process
+      ::kill(0, SIGTERM);                // takes its own next), SIGKILL when the grace period has passed
+      ::alarm(grace == 0 ? 1 : grace);
     }
+    if (signal == SIGALRM) ::kill(0, SIGKILL);  // the group, this process too
+  };
+  while (true) {
+    bool all_gone = false;
+    while (true) {  // reap whatever has ended
+      int status = 0;
+      const pid_t ended = ::waitpid(-1, &status, WNOHANG);
+      if (ended == shell) {
+        shell_ended = true;
+        shell_status = status;
+      } else if (ended < 0 && errno == ECHILD) {
+        all_gone = true;
+        break;
+      } else if (ended <= 0) {
+        break;
+      }
+    }
+    // A stop sent to the group (killpg) is pending here before the shell it
+    // ended can have been reaped: take what is pending, then decide.
+    bool child_ended = false;
+    for (int signal; (signal = ::sigtimedwait(&watched, nullptr, &no_wait)) > 0;) {
+      child_ended = child_ended || signal == SIGCHLD;
+      take(signal);
+    }
+    if (all_gone) break;                  // every descendant is gone
+    if (shell_ended && !stopping) break;  // as the shell would; see the Note
+    if (child_ended) continue;            // it may have ended after the reaping above
+    const int signal = ::sigwaitinfo(&watched, nullptr);
+    if (signal > 0) take(signal);
   }
   if (!shell_ended) leave(127);
   end_like(shell_status);
