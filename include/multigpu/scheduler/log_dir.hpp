@@ -7,9 +7,11 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <system_error>
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -37,12 +39,16 @@ inline std::string file_safe(const std::string& name) {
   return out;
 }
 
+/// Whether a file or folder is there (following symbolic links); false for "".
 inline bool path_exists(const std::string& path) {
-  struct stat info {};
-  return !path.empty() && ::stat(path.c_str(), &info) == 0;
+  std::error_code error;
+  return !path.empty() && std::filesystem::exists(path, error);
 }
 
-/// Makes a folder and its parents (like mkdir -p).
+/// Makes a folder and its parents (like mkdir -p), with mode 0755 (less the
+/// umask), and says which part it could not make. (std::filesystem's
+/// create_directories would make them 0777 less the umask, and name only the
+/// whole path.)
 inline void make_directories(const std::string& path) {
   std::string partial;
   std::stringstream parts(path);
@@ -80,8 +86,9 @@ inline void append_to_file(const std::string& path, const std::string& text) {
 
 /// The size of a file (0 if it cannot be read).
 inline std::uint64_t file_size(const std::string& path) {
-  struct stat info {};
-  return ::stat(path.c_str(), &info) == 0 ? static_cast<std::uint64_t>(info.st_size) : 0;
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  return error ? 0 : static_cast<std::uint64_t>(size);
 }
 
 /// Note [The log folder's lock]
