@@ -4,12 +4,18 @@
 /// summary.csv.
 
 #include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#if !__has_include(<nlohmann/json.hpp>)
+#error "multigpu/scheduler.hpp writes its summary with nlohmann-json 3, which is not on the include path: install it (Debian: nlohmann-json3-dev; or scripts/vendor-deps.sh's copy) and let CMake find it (nlohmann_json_DIR)"
+#endif
 #include <fmt/core.h>
+#include <nlohmann/json.hpp>
 
 #include "multigpu/scheduler/task.hpp"
 #include "multigpu/scheduler/text.hpp"
@@ -41,34 +47,54 @@ struct RunSummary {
 
 namespace detail {
 
+/// Note [The summary's JSON]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// summary.json is written with nlohmann-json. Task names are refused unless
+/// they are UTF-8 (validate_tasks), but an error's text (a program's output,
+/// an exception's message) may hold any bytes: those that are not UTF-8
+/// become U+FFFD, so the file always parses. nlohmann-json is found by
+/// multigpu's CMake files where present and needed only by the scheduler's
+/// headers: a training program builds without it.
+
+/// A JSON string literal of `text`; bytes that are not UTF-8 become U+FFFD
+/// (see Note [The summary's JSON]).
+inline std::string json_string(std::string_view text) {
+  return nlohmann::json(std::string(text)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 /// summary.json's text: each task's result, in the order given, and the run's
 /// state (`finished`: the run has ended; `seconds`: its time so far).
 inline std::string summary_json(const std::vector<const TaskResult*>& results, bool finished, bool interrupted,
                                 double seconds) {
-  std::string json = "{\n  \"tasks\": [\n";
+  using Json = nlohmann::ordered_json;  // keys in the order written, for people reading the file
+  const auto milliseconds = [](double value) { return std::round(value * 1000) / 1000; };
+  Json tasks = Json::array();
   std::size_t counts[5] = {};
-  for (std::size_t i = 0; i < results.size(); ++i) {
-    const TaskResult& r = *results[i];
+  for (const TaskResult* result : results) {
+    const TaskResult& r = *result;
     ++counts[static_cast<int>(r.status)];
-    std::string devices_json = "[";
-    for (std::size_t d = 0; d < r.devices.size(); ++d) devices_json += (d == 0 ? "" : ", ") + json_string(r.devices[d]);
-    devices_json += "]";
-    json += fmt::format(
-        "    {{\"task\": {}, \"status\": \"{}\", \"devices\": {}, \"cuda_visible_devices\": {}, \"start\": {}, "
-        "\"seconds\": {:.3f}, \"attempts\": {}, \"exit_code\": {}, \"error\": {}, \"out_of_memory\": {}, \"log\": {}}}{}\n",
-        json_string(r.name), to_string(r.status), devices_json, json_string(r.visible_devices),
-        json_string(iso8601(r.start)), r.seconds, r.attempts, r.exit_code ? std::to_string(*r.exit_code) : "null",
-        json_string(r.error), r.out_of_memory ? "true" : "false", json_string(r.log_path),
-        i + 1 < results.size() ? "," : "");
+    tasks.push_back(Json{{"task", r.name},
+                         {"status", to_string(r.status)},
+                         {"devices", r.devices},
+                         {"cuda_visible_devices", r.visible_devices},
+                         {"start", iso8601(r.start)},
+                         {"seconds", milliseconds(r.seconds)},
+                         {"attempts", r.attempts},
+                         {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
+                         {"error", r.error},
+                         {"out_of_memory", r.out_of_memory},
+                         {"log", r.log_path}});
   }
-  json += fmt::format(
-      "  ],\n  \"finished\": {},\n  \"interrupted\": {},\n  \"seconds\": {:.3f},\n  \"counts\": {{\"done\": {}, "
-      "\"failed\": {}, \"skipped\": {}, \"interrupted\": {}, \"pending\": {}}}\n}}\n",
-      finished ? "true" : "false", interrupted ? "true" : "false", seconds,
-      counts[static_cast<int>(TaskStatus::kDone)], counts[static_cast<int>(TaskStatus::kFailed)],
-      counts[static_cast<int>(TaskStatus::kSkipped)], counts[static_cast<int>(TaskStatus::kInterrupted)],
-      counts[static_cast<int>(TaskStatus::kPending)]);
-  return json;
+  const Json summary{{"tasks", std::move(tasks)},
+                     {"finished", finished},
+                     {"interrupted", interrupted},
+                     {"seconds", milliseconds(seconds)},
+                     {"counts", Json{{"done", counts[static_cast<int>(TaskStatus::kDone)]},
+                                     {"failed", counts[static_cast<int>(TaskStatus::kFailed)]},
+                                     {"skipped", counts[static_cast<int>(TaskStatus::kSkipped)]},
+                                     {"interrupted", counts[static_cast<int>(TaskStatus::kInterrupted)]},
+                                     {"pending", counts[static_cast<int>(TaskStatus::kPending)]}}}};
+  return summary.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
 /// summary.csv's text: a header line, then one line per task.

@@ -1,7 +1,7 @@
 #pragma once
 /// @file
-/// How the scheduler writes text into its files: UTF-8 checks, JSON strings,
-/// CSV fields, times.
+/// How the scheduler writes text into its files: UTF-8 checks, CSV fields,
+/// times.
 
 #include <chrono>
 #include <cstddef>
@@ -52,39 +52,6 @@ inline std::optional<std::size_t> invalid_utf8_at(std::string_view text) {
     i += length;
   }
   return std::nullopt;
-}
-
-/// JSON string literal; bytes that are not UTF-8 (a command's or a
-/// program's output) become U+FFFD, so the file stays valid JSON.
-inline std::string json_string(std::string_view text) {
-  std::string out = "\"";
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x80) {
-      const std::size_t length = utf8_sequence_length(text.substr(i));
-      if (length == 0) {
-        out += "\ufffd";
-      } else {
-        out.append(text.substr(i, length));
-        i += length - 1;
-      }
-      continue;
-    }
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          out += fmt::format("\\u{:04x}", c);
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out + "\"";
 }
 
 /// CSV field (RFC 4180).
