@@ -100,7 +100,7 @@ class SchedulerCore {
   std::atomic<bool> stop_{false};
   std::atomic<int> stop_signal_{0};
   std::mutex mutex_;             // in-process completions
-  WakeUp wake_;                  // see Note [Waking the scheduler]
+  WakeUp wake_;                  // see Note [Waking the scheduler] in wake_up.hpp
   std::chrono::steady_clock::time_point run_start_{};
   std::chrono::steady_clock::time_point last_status_{};
   RunSummary summary_;
@@ -430,7 +430,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   const std::string base = options_.summary_path.empty() ? options_.log_dir + "/summary" : options_.summary_path;
   const auto slash = base.rfind('/');
   if (slash != std::string::npos && slash > 0) make_directories(base.substr(0, slash));
-  // See Note [The log folder's lock]. Released when run() returns.
+  // See Note [The log folder's lock] in log_dir.hpp. Released when run() returns.
   lock_fd_ = lock_log_dir(options_.log_dir);
   struct Unlock {
     int& fd;

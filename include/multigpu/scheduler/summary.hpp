@@ -12,7 +12,8 @@
 #include <vector>
 
 #if !__has_include(<nlohmann/json.hpp>)
-#error "multigpu/scheduler.hpp writes its summary with nlohmann-json 3, which is not on the include path: install it (Debian: nlohmann-json3-dev; or scripts/vendor-deps.sh's copy) and let CMake find it (nlohmann_json_DIR)"
+// See Note [nlohmann-json, for the scheduler] in cmake/multigpuDependencies.cmake.
+#error "multigpu/scheduler.hpp needs nlohmann-json 3 (Debian: nlohmann-json3-dev; or scripts/vendor-deps.sh's)"
 #endif
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
