@@ -7,7 +7,7 @@
 #
 # In:  MULTIGPU_ENABLE_CUDA, MULTIGPU_ENABLE_NCCL, MULTIGPU_ENABLE_DISTRIBUTED
 #      (AUTO, ON or OFF; default AUTO)
-# Out: Torch, fmt and Threads found;
+# Out: Torch, fmt and Threads found; nlohmann-json where present;
 #      MULTIGPU_HAS_CUDA, MULTIGPU_HAS_NCCL, MULTIGPU_HAS_DISTRIBUTED (TRUE/FALSE);
 #      MULTIGPU_DEPENDENCY_TARGETS (what the multigpu target links).
 
@@ -124,6 +124,27 @@ if(NOT MULTIGPU_FMT_TARGET)
   endif()
 endif()
 
+# Note [nlohmann-json, for the scheduler]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The scheduler's headers (multigpu/scheduler.hpp) write their summary with
+# nlohmann-json; the training headers do not use it. So it is looked for,
+# and linked where found, but not required: a training program builds
+# without it, and one that includes the scheduler without it gets an #error
+# that says what to install.
+set(MULTIGPU_JSON_TARGET "")
+if(NOT TARGET nlohmann_json::nlohmann_json)
+  find_package(nlohmann_json 3 QUIET)
+endif()
+if(TARGET nlohmann_json::nlohmann_json)
+  set(MULTIGPU_JSON_TARGET nlohmann_json::nlohmann_json)
+  set(_multigpu_json_text "nlohmann-json (for the scheduler)")
+  if(nlohmann_json_VERSION)
+    set(_multigpu_json_text "nlohmann-json ${nlohmann_json_VERSION} (for the scheduler)")
+  endif()
+else()
+  set(_multigpu_json_text "no nlohmann-json (multigpu/scheduler.hpp needs it)")
+endif()
+
 # Imported targets are visible only in the directory that found them. When
 # multigpu is a subdirectory (add_subdirectory, FetchContent), the consumer's
 # targets link ours from a parent directory, so what we found must be global.
@@ -227,7 +248,8 @@ if(NOT MULTIGPU_ENABLE_DISTRIBUTED STREQUAL "OFF")
   endif()
 endif()
 
-set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS} ${MULTIGPU_FMT_TARGET})
+set(MULTIGPU_DEPENDENCY_TARGETS ${TORCH_LIBRARIES} Threads::Threads ${CMAKE_DL_LIBS} ${MULTIGPU_FMT_TARGET}
+  ${MULTIGPU_JSON_TARGET})
 if(MULTIGPU_HAS_NCCL)
   list(APPEND MULTIGPU_DEPENDENCY_TARGETS NCCL::NCCL)
 endif()
@@ -253,4 +275,4 @@ else()
 endif()
 message(STATUS "multigpu: LibTorch ${MULTIGPU_TORCH_VERSION} at ${TORCH_INSTALL_PREFIX}, "
   "C++${MULTIGPU_TORCH_CXX_STANDARD}, CUDA ${_multigpu_cuda_text}, NCCL ${_multigpu_nccl_text}, "
-  "multi-process ${_multigpu_distributed_text}, ${_multigpu_fmt_text}")
+  "multi-process ${_multigpu_distributed_text}, ${_multigpu_fmt_text}, ${_multigpu_json_text}")

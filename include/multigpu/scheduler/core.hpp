@@ -1,0 +1,623 @@
+#pragma once
+/// @file
+/// The non-template scheduler (SchedulerCore): placement of tasks on the
+/// pool's devices, starting and ending them, the run loop, dry runs.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+#include <fmt/core.h>
+
+#include "multigpu/config.hpp"
+#include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/detail/process.hpp"
+#include "multigpu/device.hpp"
+#include "multigpu/error.hpp"
+#include "multigpu/scheduler/failure.hpp"
+#include "multigpu/scheduler/log_dir.hpp"
+#include "multigpu/scheduler/options.hpp"
+#include "multigpu/scheduler/summary.hpp"
+#include "multigpu/scheduler/task.hpp"
+#include "multigpu/scheduler/text.hpp"
+#include "multigpu/scheduler/validate.hpp"
+#include "multigpu/scheduler/wake_up.hpp"
+#include "multigpu/worker.hpp"
+
+#if MULTIGPU_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace multigpu {
+namespace detail {
+
+/// Note [Emptying the cache between tasks]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// An in-process task leaves the memory it used in LibTorch's caching
+/// allocator. The scheduler gives it back (emptyCache) when the task has
+/// ended, so that other processes, and command tasks, can use it. But
+/// emptyCache releases the cached blocks of every GPU of this process with
+/// cudaFree, which synchronises the device and can deadlock against the NCCL
+/// launches of an in-process task still running (see Note [NCCL and
+/// cudaFree] in detail/cuda.hpp). So the scheduler empties the cache, from
+/// its own thread, only when no other in-process task on a GPU is running;
+/// until then the GPUs of the tasks that ended keep our cache and are not
+/// judged busy by the memory in use there (a later in-process task reuses
+/// that cache). A task's own worker threads have ended with it.
+
+/// The non-template scheduler: dispatches over a pool whose busy state a
+/// callback reports (see BasicScheduler).
+class SchedulerCore {
+ public:
+  /// `real_devices`: the pool's GPUs are CUDA's, so in-process tasks run
+  /// with theirs current (false for a scripted machine).
+  /// `release_cached_memory`: empties LibTorch's caching allocator, on every
+  /// GPU (see Note [Emptying the cache between tasks]).
+  SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
+                std::function<std::vector<DeviceInfo>()> query, bool real_devices,
+                std::function<void()> release_cached_memory = {});
+  RunSummary run(const std::vector<Task>& tasks);
+  std::vector<PlannedTask> plan(const std::vector<Task>& tasks) const;
+  void request_stop(int signal = SIGINT);
+
+ private:
+  struct Job;
+  struct Running;
+  bool is_done(const Task& task) const;
+  std::optional<std::vector<std::size_t>> place(const Job& job, const std::vector<DeviceInfo>& now) const;
+  std::vector<DeviceInfo> query_devices();
+  void start(Job& job, const std::vector<std::size_t>& devices);
+  void finish(Running& running);
+  void conclude(Job& job, const std::vector<std::size_t>& devices, bool success, bool out_of_memory);
+  void release_cache_unless_in_use(const Running& ended);
+  void write_summary(const std::vector<Job>& jobs, bool final_write);
+  void print_status(const std::vector<Job>& jobs, bool force);
+
+  SchedulerOptions options_;
+  std::vector<DeviceInfo> pool_;
+  std::function<std::vector<DeviceInfo>()> query_;
+  bool real_devices_ = true;
+  std::function<void()> release_cached_memory_;
+  std::vector<int> load_;  // our running tasks per pool device
+  std::vector<bool> holds_our_cache_;  // per pool device: see Note [Emptying the cache between tasks]
+  std::vector<std::unique_ptr<Running>> running_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> stop_signal_{0};
+  std::mutex mutex_;             // in-process completions
+  WakeUp wake_;                  // see Note [Waking the scheduler] in wake_up.hpp
+  std::chrono::steady_clock::time_point run_start_{};
+  std::chrono::steady_clock::time_point last_status_{};
+  RunSummary summary_;
+  std::vector<Job>* jobs_ = nullptr;
+  bool summary_dirty_ = false;        // a task changed since the summary was last written
+  std::string last_summary_error_;    // warned about once
+  bool warned_query_ = false;
+  int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
+};
+
+// ---------------------------------------------------------------------------
+// Definitions
+
+struct SchedulerCore::Job {
+  Task task;
+  TaskResult result;
+  std::set<std::size_t> avoid;  // devices not to retry on
+  bool queued = true;
+  std::optional<std::chrono::steady_clock::time_point> waiting_since;
+};
+
+struct SchedulerCore::Running {
+  std::size_t job = 0;
+  std::vector<std::size_t> devices;
+  std::chrono::steady_clock::time_point started;
+  std::unique_ptr<ChildProcess> child;
+  std::uint64_t output_start = 0;  // where this attempt's output begins in the log
+  std::thread thread;  // in-process tasks
+  std::atomic<bool> finished{false};
+  std::exception_ptr error;
+};
+
+inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
+                                    std::function<std::vector<DeviceInfo>()> query, bool real_devices,
+                                    std::function<void()> release_cached_memory)
+    : options_(std::move(options)),
+      pool_(std::move(pool)),
+      query_(std::move(query)),
+      real_devices_(real_devices),
+      release_cached_memory_(std::move(release_cached_memory)),
+      load_(pool_.size(), 0),
+      holds_our_cache_(pool_.size(), false) {
+  if (pool_.empty()) throw SchedulerError("the device pool is empty");
+  if (options_.max_per_device < 1) {
+    throw SchedulerError(fmt::format("max_per_device must be 1 or more, got {}", options_.max_per_device));
+  }
+  if (options_.retries < 0) throw SchedulerError(fmt::format("retries must be 0 or more, got {}", options_.retries));
+  if (options_.poll_interval.count() <= 0) throw SchedulerError("poll_interval must be positive");
+  if (options_.log_dir.empty()) {
+    throw SchedulerError("the log folder is \"\"; name a folder for the task logs and the summary (default "
+                         "multigpu-logs; \".\" for the current folder)");
+  }
+}
+
+inline bool SchedulerCore::is_done(const Task& task) const {
+  return !options_.force && path_exists(task.done_marker);
+}
+
+inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& job,
+                                                                     const std::vector<DeviceInfo>& now) const {
+  // Free and not busy; devices the task failed on come last, and are used
+  // only when every device of the pool is among them.
+  std::vector<std::size_t> preferred;
+  std::vector<std::size_t> avoided;
+  for (std::size_t d = 0; d < pool_.size(); ++d) {
+    if (load_[d] >= options_.max_per_device) continue;
+    // A device with a task of ours, or our cache, uses memory because of
+    // it: only devices without either are judged busy.
+    if (load_[d] == 0 && !holds_our_cache_[d] && d < now.size() && now[d].busy) continue;
+    (job.avoid.count(d) != 0 ? avoided : preferred).push_back(d);
+  }
+  const auto needed = static_cast<std::size_t>(job.task.devices);
+  if (job.avoid.size() >= pool_.size()) preferred.insert(preferred.end(), avoided.begin(), avoided.end());
+  if (preferred.size() < needed) return std::nullopt;
+  preferred.resize(needed);
+  return preferred;
+}
+
+inline std::vector<DeviceInfo> SchedulerCore::query_devices() {
+  try {
+    return query_();
+  } catch (const std::exception& e) {
+    // The tasks already running are not the query's business: go on with
+    // the pool as it was (no device judged busy), and say so once.
+    if (!warned_query_) {
+      warn(fmt::format("cannot look at the devices' memory ({}); tasks are placed without busy detection",
+                       e.what()));
+      warned_query_ = true;
+    }
+    std::vector<DeviceInfo> now = pool_;
+    for (auto& device : now) device.busy = false;
+    return now;
+  }
+}
+
+inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devices) {
+  auto running = std::make_unique<Running>();
+  running->job = static_cast<std::size_t>(&job - jobs_->data());
+  running->devices = devices;
+  running->started = std::chrono::steady_clock::now();
+  TaskResult& result = job.result;
+  ++result.attempts;
+  result.start = std::chrono::system_clock::now();
+  result.devices.clear();
+  std::vector<DeviceInfo> infos;
+  std::string visible;
+  for (std::size_t d : devices) {
+    ++load_[d];
+    infos.push_back(pool_[d]);
+    result.devices.push_back(pool_[d].is_cpu() ? std::string("cpu") : pool_[d].label());
+    if (!pool_[d].is_cpu()) visible += (visible.empty() ? "" : ",") + pool_[d].visible_devices_token;
+  }
+  result.visible_devices = visible;
+  result.exit_code.reset();
+  result.error.clear();
+  std::string on;
+  for (const auto& label : result.devices) on += (on.empty() ? "" : ", ") + label;
+  append_to_file(result.log_path, fmt::format("### multigpu: task {}, attempt {}, on {}, CUDA_VISIBLE_DEVICES={}, {}\n",
+                                              job.task.name, result.attempts, on, visible, iso8601(result.start)));
+  if (!job.task.command.empty()) {
+    const std::string command = fill_placeholders(job.task.command, {{"gpu", visible}, {"task", job.task.name}});
+    append_to_file(result.log_path, fmt::format("### command: {}\n", command));
+    const auto env = environment_with({{"CUDA_VISIBLE_DEVICES", visible},
+                                       {"MULTIGPU_TASK", job.task.name},
+                                       {"MULTIGPU_TASK_ATTEMPT", std::to_string(result.attempts)}});
+    running->output_start = file_size(result.log_path);
+    try {
+      running->child = std::make_unique<ChildProcess>(
+          command, env, result.log_path,
+          std::chrono::duration_cast<std::chrono::seconds>(options_.grace_period + std::chrono::milliseconds(999)),
+          lock_fd_);
+    } catch (const std::exception& e) {
+      // This task's failure (a command over the argument limit, a log that
+      // cannot be opened), not the run's.
+      result.error = e.what();
+      append_to_file(result.log_path, fmt::format("### cannot start: {}\n", result.error));
+      result.seconds = 0;
+      summary_dirty_ = true;
+      conclude(job, devices, false, false);
+      return;
+    }
+  } else {
+    Running* raw = running.get();
+    const std::function<void(TaskContext&)>* function = &job.task.function;
+    const bool on_cuda = real_devices_ && infos.front().is_cuda();
+    running->thread = std::thread([this, raw, function, infos, on_cuda, name = job.task.name, log = result.log_path,
+                                   attempt = result.attempts] {
+      try {
+#if MULTIGPU_WITH_CUDA
+        std::optional<c10::cuda::CUDAGuard> guard;
+        if (on_cuda) guard.emplace(infos.front().device());
+#endif
+        TaskContext context(name, infos, log, attempt, &stop_);
+        (*function)(context);
+      } catch (...) {
+        raw->error = std::current_exception();
+      }
+#if !MULTIGPU_WITH_CUDA
+      (void)on_cuda;
+#endif
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        raw->finished = true;
+      }
+      wake_.notify();
+    });
+  }
+  running_.push_back(std::move(running));
+  summary_dirty_ = true;
+}
+
+
+inline void SchedulerCore::finish(Running& running) {
+  Job& job = (*jobs_)[running.job];
+  TaskResult& result = job.result;
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - running.started).count();
+  bool success = false;
+  bool out_of_memory = false;
+  if (running.child) {
+    const ProcessExit& exit = running.child->wait_blocking();
+    result.exit_code = exit.exit_code;
+    success = exit.success();
+    if (!success) {
+      result.error = describe_command_exit(exit, file_tail(result.log_path, 4096));
+      out_of_memory = output_mentions_out_of_memory(result.log_path, running.output_start);
+    }
+  } else {
+    if (running.thread.joinable()) running.thread.join();
+    if (pool_[running.devices.front()].is_cuda()) {
+      for (std::size_t d : running.devices) holds_our_cache_[d] = true;
+      release_cache_unless_in_use(running);
+    }
+    if (running.error) {
+      result.error = describe_exception(running.error);
+      out_of_memory = looks_like_out_of_memory(result.error);
+      append_to_file(result.log_path, fmt::format("### exception: {}\n", result.error));
+    } else {
+      success = true;
+    }
+  }
+  summary_dirty_ = true;
+  conclude(job, running.devices, success, out_of_memory);
+}
+
+inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& devices, bool success,
+                                    bool out_of_memory) {
+  TaskResult& result = job.result;
+  for (std::size_t d : devices) --load_[d];
+  result.out_of_memory = result.out_of_memory || out_of_memory;  // any attempt
+  const bool stopping = stop_.load();
+  if (success) {
+    result.status = TaskStatus::kDone;
+    append_to_file(result.log_path, fmt::format("### done in {:.1f} s\n", result.seconds));
+    if (!job.task.done_marker.empty() && !path_exists(job.task.done_marker)) {
+      warn(fmt::format("task {} succeeded but did not create its done marker {}; a rerun will run it again",
+                       job.task.name, job.task.done_marker));
+    }
+  } else if (stopping) {
+    result.status = TaskStatus::kInterrupted;
+    append_to_file(result.log_path, fmt::format("### interrupted after {:.1f} s ({})\n", result.seconds, result.error));
+  } else if (result.attempts <= options_.retries) {
+    // Another device next time: it may be this one that is crowded or broken.
+    for (std::size_t d : devices) job.avoid.insert(d);
+    result.status = TaskStatus::kPending;
+    job.queued = true;
+    append_to_file(result.log_path, fmt::format("### failed ({}){}; retrying ({} of {})\n", result.error,
+                                                out_of_memory ? ", out of GPU memory" : "", result.attempts,
+                                                options_.retries));
+  } else {
+    result.status = TaskStatus::kFailed;
+    append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
+  }
+}
+
+inline void SchedulerCore::release_cache_unless_in_use(const Running& ended) {
+  // See Note [Emptying the cache between tasks].
+  const bool in_use = std::any_of(running_.begin(), running_.end(), [&](const std::unique_ptr<Running>& other) {
+    return other.get() != &ended && !other->child && pool_[other->devices.front()].is_cuda();
+  });
+  if (in_use || !release_cached_memory_) return;
+  try {
+#if MULTIGPU_WITH_CUDA
+    // On a GPU that has a context already, so that none is made on cuda:0.
+    std::optional<c10::cuda::CUDAGuard> guard;
+    if (real_devices_) guard.emplace(pool_[ended.devices.front()].device());
+#endif
+    release_cached_memory_();
+    std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
+  } catch (const std::exception& e) {
+    warn(fmt::format("could not give the cached GPU memory of task {} back: {}", (*jobs_)[ended.job].task.name,
+                     e.what()));
+  }
+}
+
+inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool final_write) {
+  std::vector<const TaskResult*> results;
+  results.reserve(jobs.size());
+  for (const auto& job : jobs) results.push_back(&job.result);
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed);
+  const std::string csv = summary_csv(results);
+  // A summary that cannot be written (a full disk, a deleted folder) is the
+  // summary's problem, not the tasks': say so once, and try again at the
+  // next change. The final write's error is in RunSummary::summary_error.
+  try {
+    write_file_atomically(summary_.json_path, json);
+    write_file_atomically(summary_.csv_path, csv);
+    summary_dirty_ = false;
+    last_summary_error_.clear();
+    if (final_write) summary_.summary_error.clear();
+  } catch (const std::exception& e) {
+    if (final_write) summary_.summary_error = e.what();
+    if (e.what() != last_summary_error_) {
+      last_summary_error_ = e.what();
+      warn(fmt::format("the summary was not written ({}); trying again as tasks end", e.what()));
+    }
+  }
+}
+
+inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force) {
+  if (!options_.status_line) return;
+  static const bool tty = ::isatty(STDERR_FILENO) != 0;
+  const auto now = std::chrono::steady_clock::now();
+  const auto interval = tty ? std::chrono::milliseconds(500) : options_.status_interval;
+  if (!force && now - last_status_ < interval) return;
+  last_status_ = now;
+  std::size_t counts[5] = {};
+  double done_seconds = 0;
+  for (const auto& job : jobs) {
+    ++counts[static_cast<int>(job.result.status)];
+    if (job.result.status == TaskStatus::kDone) done_seconds += job.result.seconds;
+  }
+  std::string running;
+  for (const auto& r : running_) {
+    running += fmt::format("{}{} {}", running.empty() ? "" : ", ", pool_[r->devices.front()].is_cpu()
+                                                                       ? std::string("cpu")
+                                                                       : fmt::format("cuda:{}", pool_[r->devices.front()].index),
+                           (*jobs_)[r->job].task.name);
+  }
+  const std::size_t done = counts[static_cast<int>(TaskStatus::kDone)];
+  const std::size_t pending = counts[static_cast<int>(TaskStatus::kPending)] - running_.size();
+  const double elapsed = std::chrono::duration<double>(now - run_start_).count();
+  std::string eta = "?";
+  if (done > 0) {
+    const double slots = static_cast<double>(pool_.size() * static_cast<std::size_t>(options_.max_per_device));
+    eta = clock_text(done_seconds / static_cast<double>(done) * static_cast<double>(pending + running_.size()) / slots);
+  }
+  const std::string line = fmt::format("[{}] running {}{}{}{} | done {} failed {} skipped {} pending {} | ETA {}",
+                                       clock_text(elapsed), running_.size(), running.empty() ? "" : " (", running,
+                                       running.empty() ? "" : ")", done, counts[static_cast<int>(TaskStatus::kFailed)],
+                                       counts[static_cast<int>(TaskStatus::kSkipped)], pending, eta);
+  // fwrite, not fmt::print: a closed terminal must not stop the run.
+  const std::string text = tty ? fmt::format("\r{:<120.120}{}", line, force ? "\n" : "") : line + "\n";
+  std::fwrite(text.data(), 1, text.size(), stderr);
+  std::fflush(stderr);
+}
+
+inline void SchedulerCore::request_stop(int signal) {
+  stop_signal_ = signal;
+  stop_ = true;
+  wake_.notify();
+}
+
+inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
+  validate_tasks(tasks, pool_);
+  make_directories(options_.log_dir);
+  const std::string base = options_.summary_path.empty() ? options_.log_dir + "/summary" : options_.summary_path;
+  const auto slash = base.rfind('/');
+  if (slash != std::string::npos && slash > 0) make_directories(base.substr(0, slash));
+  // See Note [The log folder's lock] in log_dir.hpp. Released when run() returns.
+  lock_fd_ = lock_log_dir(options_.log_dir);
+  struct Unlock {
+    int& fd;
+    ~Unlock() {
+      ::close(fd);
+      fd = -1;
+    }
+  } unlock{lock_fd_};
+  summary_ = RunSummary{};
+  summary_.json_path = base + ".json";
+  summary_.csv_path = base + ".csv";
+  std::vector<Job> jobs;
+  for (const auto& task : tasks) {
+    Job job;
+    job.task = task;
+    job.result.name = task.name;
+    job.result.log_path = options_.log_dir + "/" + file_safe(task.name) + ".log";
+    if (is_done(task)) {
+      job.result.status = TaskStatus::kSkipped;
+      job.queued = false;
+    }
+    jobs.push_back(std::move(job));
+  }
+  jobs_ = &jobs;
+  stop_ = false;
+  stop_signal_ = 0;
+  std::fill(load_.begin(), load_.end(), 0);
+  std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
+  const SignalWatch signals(options_.handle_signals);
+  run_start_ = std::chrono::steady_clock::now();
+  last_status_ = {};
+  write_summary(jobs, false);
+
+  bool stopping = false;
+  bool killed = false;
+  bool warned_busy = false;
+  bool queue_empty = true;
+  // Note [The scheduler's own errors]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // An error of the scheduler's own (not a task's) never kills the running
+  // tasks: no new task starts, the running ones are left to end (a stop
+  // request still stops them), the summary is written, and then run()
+  // rethrows the error.
+  std::exception_ptr own_error;
+  std::chrono::steady_clock::time_point kill_deadline{};
+  while (true) {
+    const auto now = std::chrono::steady_clock::now();
+    try {
+      if (!stopping && (stop_.load() || signals.signal() != 0)) {
+        stopping = true;
+        if (signals.signal() != 0) stop_signal_ = signals.signal();
+        stop_ = true;  // in-process tasks see it
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGTERM);
+        }
+        kill_deadline = now + options_.grace_period;
+        log(LogLevel::kWarning, fmt::format("stopping: no new task starts; {} running task(s) get {} s to end",
+                                            running_.size(), options_.grace_period.count() / 1000.0));
+      }
+      if (stopping && !killed && now >= kill_deadline) {
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGKILL);
+        }
+        killed = true;
+      }
+
+      for (std::size_t i = 0; i < running_.size();) {
+        Running& r = *running_[i];
+        const bool ended = r.child ? r.child->poll().has_value() : r.finished.load();
+        if (!ended) {
+          ++i;
+          continue;
+        }
+        if (r.thread.joinable()) r.thread.join();
+        const std::unique_ptr<Running> done = std::move(running_[i]);
+        running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
+        finish(*done);
+      }
+
+      queue_empty = true;
+      if (!stopping && !own_error) {
+        std::optional<std::vector<DeviceInfo>> devices_now;
+        for (auto& job : jobs) {
+          if (!job.queued) continue;
+          queue_empty = false;
+          if (stop_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
+          if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
+          if (!devices_now) devices_now = query_devices();
+          if (auto placement = place(job, *devices_now)) {
+            job.queued = false;
+            job.waiting_since.reset();
+            start(job, *placement);
+            continue;
+          }
+          // Waiting. Only waiting on someone else's busy device counts towards the limit.
+          std::string busy;
+          for (std::size_t d = 0; d < pool_.size(); ++d) {
+            if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
+              busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
+                                  (*devices_now)[d].used_bytes >> 20);
+            }
+          }
+          if (busy.empty()) {
+            job.waiting_since.reset();
+            continue;
+          }
+          if (!warned_busy) {
+            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others", busy,
+                             options_.memory_threshold_mib));
+            warned_busy = true;
+          }
+          if (!job.waiting_since) job.waiting_since = now;
+          if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
+            job.queued = false;
+            job.result.status = TaskStatus::kFailed;
+            job.result.error = fmt::format("no device became free within {} s: {}",
+                                           options_.busy_wait_limit.count() / 1000.0, busy);
+            summary_dirty_ = true;
+          }
+        }
+      }
+      if (summary_dirty_) write_summary(jobs, false);
+      print_status(jobs, false);
+    } catch (const std::exception& e) {
+      // See Note [The scheduler's own errors].
+      if (!own_error) {
+        own_error = std::current_exception();
+        warn(fmt::format("the scheduler failed ({}); no new task starts, and the {} running task(s) are left to "
+                         "end",
+                         e.what(), running_.size()));
+      }
+    }
+    if (running_.empty() && (stopping || own_error || queue_empty)) break;
+    if (stop_.load() == stopping &&
+        std::none_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); })) {
+      std::vector<int> children;
+      for (const auto& r : running_) {
+        if (r->child) children.push_back(r->child->exit_fd());
+      }
+      wake_.wait(children, options_.poll_interval);
+    }
+  }
+
+  summary_.interrupted = stopping;
+  if (own_error) {
+    write_summary(jobs, true);
+    jobs_ = nullptr;
+    std::rethrow_exception(own_error);
+  }
+  summary_.stop_signal = stopping ? stop_signal_.load() : 0;
+  summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  write_summary(jobs, true);
+  print_status(jobs, true);
+  for (const auto& job : jobs) summary_.tasks.push_back(job.result);
+  jobs_ = nullptr;
+  return summary_;
+}
+
+inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tasks) const {
+  validate_tasks(tasks, pool_);
+  std::vector<PlannedTask> planned;
+  std::vector<int> load(pool_.size(), 0);
+  std::size_t next = 0;  // round-robin start, so equal-length waves spread evenly
+  for (const auto& task : tasks) {
+    PlannedTask p;
+    p.name = task.name;
+    p.skipped = is_done(task);
+    if (!p.skipped) {
+      if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
+        std::fill(load.begin(), load.end(), 0);  // the next wave
+      }
+      for (int taken = 0; taken < task.devices;) {
+        const std::size_t d = next++ % pool_.size();
+        if (load[d] >= options_.max_per_device) continue;
+        ++load[d];
+        ++taken;
+        p.devices.push_back(pool_[d].is_cpu() ? std::string("cpu") : pool_[d].label());
+        if (!pool_[d].is_cpu()) p.visible_devices += (p.visible_devices.empty() ? "" : ",") + pool_[d].visible_devices_token;
+      }
+      if (!task.command.empty()) {
+        p.command = fill_placeholders(task.command, {{"gpu", p.visible_devices}, {"task", task.name}});
+      }
+    }
+    planned.push_back(std::move(p));
+  }
+  return planned;
+}
+
+}  // namespace detail
+}  // namespace multigpu

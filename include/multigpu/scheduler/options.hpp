@@ -1,0 +1,50 @@
+#pragma once
+/// @file
+/// How a scheduler runs its queue (SchedulerOptions).
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "multigpu/config.hpp"
+
+namespace multigpu {
+
+/// How a scheduler runs its queue.
+struct SchedulerOptions {
+  /// The device pool: a device spec ("0,1,2,3", "all", "cpu"); "auto" is
+  /// every visible GPU, busy or not (busy ones are waited for), or the CPU
+  /// when there is none.
+  std::string devices = "auto";
+  /// Tasks at once on one device (several small tasks per GPU; CPU slots).
+  int max_per_device = 1;
+  /// Memory in use (MiB) above which a device without our tasks (or our
+  /// cached memory) is busy (someone else's job) and is not given a task.
+  std::int64_t memory_threshold_mib = MULTIGPU_DEFAULT_BUSY_THRESHOLD_MIB;
+  /// Fail a task that found no free device for this long (0: wait forever).
+  std::chrono::milliseconds busy_wait_limit{0};
+  /// Per-task logs and, by default, the summary go here. A run holds a lock
+  /// on it (`<log_dir>/.multigpu-run.lock`): a second run on it is refused.
+  std::string log_dir = "multigpu-logs";
+  /// Summary files: PATH.json and PATH.csv ("": <log_dir>/summary).
+  std::string summary_path;
+  /// Run tasks whose done marker exists too.
+  bool force = false;
+  /// Extra attempts for a failed task (on another device when one is free,
+  /// always when it ran out of GPU memory).
+  int retries = 0;
+  /// How often running commands and busy devices are looked at.
+  std::chrono::milliseconds poll_interval{200};
+  /// After a stop request: how long commands get to end after SIGTERM before
+  /// SIGKILL (also when this process dies: see Note [The task supervisor]).
+  std::chrono::milliseconds grace_period{std::chrono::seconds(10)};
+  /// Handle SIGINT, SIGTERM and SIGHUP during run() (stop dispatching, stop
+  /// the commands, write the summary); the previous handlers come back after.
+  bool handle_signals = false;
+  /// A live status line on stderr: redrawn on a terminal, a plain line every
+  /// `status_interval` otherwise.
+  bool status_line = false;
+  std::chrono::milliseconds status_interval{std::chrono::seconds(30)};
+};
+
+}  // namespace multigpu

@@ -1,0 +1,116 @@
+#pragma once
+/// @file
+/// The outcome of a run (RunSummary) and its files: summary.json and
+/// summary.csv.
+
+#include <algorithm>
+#include <cmath>
+#include <csignal>
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#if !__has_include(<nlohmann/json.hpp>)
+// See Note [nlohmann-json, for the scheduler] in cmake/multigpuDependencies.cmake.
+#error "multigpu/scheduler.hpp needs nlohmann-json 3 (Debian: nlohmann-json3-dev; or scripts/vendor-deps.sh's)"
+#endif
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include "multigpu/scheduler/task.hpp"
+#include "multigpu/scheduler/text.hpp"
+
+namespace multigpu {
+
+/// The outcome of a run.
+struct RunSummary {
+  std::vector<TaskResult> tasks;  ///< In the order the tasks were given.
+  bool interrupted = false;
+  int stop_signal = 0;  ///< SIGINT or SIGTERM when a signal stopped the run.
+  double seconds = 0;
+  std::string json_path;  ///< Where the summary was written.
+  std::string csv_path;
+  /// Why the summary files could not be written at the end ("" when they were).
+  std::string summary_error;
+
+  std::size_t count(TaskStatus status) const {
+    return static_cast<std::size_t>(
+        std::count_if(tasks.begin(), tasks.end(), [status](const TaskResult& r) { return r.status == status; }));
+  }
+  /// 0 when every task is done or skipped, 1 when some failed, 128 + signal
+  /// (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP) when the run was stopped.
+  int exit_code() const {
+    if (interrupted) return 128 + (stop_signal != 0 ? stop_signal : SIGINT);
+    return count(TaskStatus::kFailed) > 0 ? 1 : 0;
+  }
+};
+
+namespace detail {
+
+/// Note [The summary's JSON]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// summary.json is written with nlohmann-json. Task names are refused unless
+/// they are UTF-8 (validate_tasks), but an error's text (a program's output,
+/// an exception's message) may hold any bytes: those that are not UTF-8
+/// become U+FFFD, so the file always parses. nlohmann-json is found by
+/// multigpu's CMake files where present and needed only by the scheduler's
+/// headers: a training program builds without it.
+
+/// A JSON string literal of `text`; bytes that are not UTF-8 become U+FFFD
+/// (see Note [The summary's JSON]).
+inline std::string json_string(std::string_view text) {
+  return nlohmann::json(std::string(text)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+/// summary.json's text: each task's result, in the order given, and the run's
+/// state (`finished`: the run has ended; `seconds`: its time so far).
+inline std::string summary_json(const std::vector<const TaskResult*>& results, bool finished, bool interrupted,
+                                double seconds) {
+  using Json = nlohmann::ordered_json;  // keys in the order written, for people reading the file
+  const auto milliseconds = [](double value) { return std::round(value * 1000) / 1000; };
+  Json tasks = Json::array();
+  std::size_t counts[5] = {};
+  for (const TaskResult* result : results) {
+    const TaskResult& r = *result;
+    ++counts[static_cast<int>(r.status)];
+    tasks.push_back(Json{{"task", r.name},
+                         {"status", to_string(r.status)},
+                         {"devices", r.devices},
+                         {"cuda_visible_devices", r.visible_devices},
+                         {"start", iso8601(r.start)},
+                         {"seconds", milliseconds(r.seconds)},
+                         {"attempts", r.attempts},
+                         {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
+                         {"error", r.error},
+                         {"out_of_memory", r.out_of_memory},
+                         {"log", r.log_path}});
+  }
+  const Json summary{{"tasks", std::move(tasks)},
+                     {"finished", finished},
+                     {"interrupted", interrupted},
+                     {"seconds", milliseconds(seconds)},
+                     {"counts", Json{{"done", counts[static_cast<int>(TaskStatus::kDone)]},
+                                     {"failed", counts[static_cast<int>(TaskStatus::kFailed)]},
+                                     {"skipped", counts[static_cast<int>(TaskStatus::kSkipped)]},
+                                     {"interrupted", counts[static_cast<int>(TaskStatus::kInterrupted)]},
+                                     {"pending", counts[static_cast<int>(TaskStatus::kPending)]}}}};
+  return summary.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+}
+
+/// summary.csv's text: a header line, then one line per task.
+inline std::string summary_csv(const std::vector<const TaskResult*>& results) {
+  std::string csv = "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log\n";
+  for (const TaskResult* result : results) {
+    const TaskResult& r = *result;
+    std::string devices_csv;
+    for (std::size_t d = 0; d < r.devices.size(); ++d) devices_csv += (d == 0 ? "" : "; ") + r.devices[d];
+    csv += fmt::format("{},{},{},{},{},{:.3f},{},{},{},{}\n", csv_field(r.name), to_string(r.status),
+                       csv_field(devices_csv), csv_field(r.visible_devices), iso8601(r.start), r.seconds, r.attempts,
+                       r.exit_code ? std::to_string(*r.exit_code) : "", csv_field(r.error), csv_field(r.log_path));
+  }
+  return csv;
+}
+
+}  // namespace detail
+}  // namespace multigpu

@@ -1,0 +1,153 @@
+#pragma once
+/// @file
+/// A task of the scheduler: what it runs (a shell command or a C++ callable),
+/// what an in-process task gets (TaskContext), and what happened to it
+/// (TaskStatus, TaskResult).
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <c10/core/Device.h>
+
+#include "multigpu/device.hpp"
+
+namespace multigpu {
+
+/// What an in-process task gets: its devices, its log, and a stop request.
+class TaskContext {
+ public:
+  TaskContext(std::string name, std::vector<DeviceInfo> devices, std::string log_path, int attempt,
+              const std::atomic<bool>* stop)
+      : name_(std::move(name)), devices_(std::move(devices)), log_path_(std::move(log_path)), attempt_(attempt),
+        stop_(stop) {}
+  const std::string& name() const { return name_; }
+  /// The devices given to the task (one unless the task asked for more).
+  const std::vector<DeviceInfo>& devices() const { return devices_; }
+  /// The first device, as LibTorch names it.
+  c10::Device device() const { return devices_.front().device(); }
+  const std::string& log_path() const { return log_path_; }
+  /// 1 for the first try, 2 for the first retry, ...
+  int attempt() const { return attempt_; }
+  /// True once the run is being stopped (Ctrl-C): finish early if you can.
+  bool stop_requested() const { return stop_->load(); }
+
+ private:
+  std::string name_;
+  std::vector<DeviceInfo> devices_;
+  std::string log_path_;
+  int attempt_;
+  const std::atomic<bool>* stop_;
+};
+
+/// One unit of work: a shell command or a C++ callable.
+struct Task {
+  /// Unique; used for the log file's name (made file-safe) and the summary.
+  std::string name;
+  /// A shell command (`/bin/sh -c`); `{gpu}` becomes the CUDA_VISIBLE_DEVICES
+  /// value given to it, `{task}` its name.
+  std::string command;
+  /// Or: a callable run in this process.
+  std::function<void(TaskContext&)> function;
+  /// If this file or folder exists, the task counts as done and is skipped
+  /// (unless forced). Written by the task itself when it has finished, so an
+  /// interrupted task runs again on the next run.
+  std::string done_marker;
+  /// Devices the task needs at once.
+  int devices = 1;
+
+  static Task shell(std::string name, std::string command, std::string done_marker = {}, int devices = 1) {
+    Task task;
+    task.name = std::move(name);
+    task.command = std::move(command);
+    task.done_marker = std::move(done_marker);
+    task.devices = devices;
+    return task;
+  }
+  static Task callable(std::string name, std::function<void(TaskContext&)> function, std::string done_marker = {},
+                       int devices = 1) {
+    Task task;
+    task.name = std::move(name);
+    task.function = std::move(function);
+    task.done_marker = std::move(done_marker);
+    task.devices = devices;
+    return task;
+  }
+};
+
+/// Where a task ended up.
+enum class TaskStatus {
+  kPending,      ///< Never started (the run was stopped first).
+  kDone,         ///< Finished successfully.
+  kFailed,       ///< Threw, exited non-zero or was killed (after its retries).
+  kSkipped,      ///< Its done marker existed.
+  kInterrupted,  ///< Stopped by Ctrl-C / SIGTERM / request_stop().
+};
+
+/// "pending", "done", "failed", "skipped", "interrupted".
+inline const char* to_string(TaskStatus status) {
+  switch (status) {
+    case TaskStatus::kPending: return "pending";
+    case TaskStatus::kDone: return "done";
+    case TaskStatus::kFailed: return "failed";
+    case TaskStatus::kSkipped: return "skipped";
+    case TaskStatus::kInterrupted: return "interrupted";
+  }
+  return "?";
+}
+
+/// What happened to one task.
+struct TaskResult {
+  std::string name;
+  TaskStatus status = TaskStatus::kPending;
+  std::vector<std::string> devices;  ///< The devices of its last attempt ("cuda:1 (physical 5, ...)").
+  std::string visible_devices;       ///< The CUDA_VISIBLE_DEVICES it got (commands).
+  std::chrono::system_clock::time_point start{};  ///< Start of its last attempt.
+  double seconds = 0;                             ///< Duration of its last attempt.
+  int attempts = 0;
+  std::optional<int> exit_code;  ///< Commands that exited.
+  std::string error;             ///< Why it failed ("exit code 2", "killed by SIGSEGV", an exception's message).
+  /// Some attempt failed looking like running out of GPU memory (each
+  /// attempt's whole output is searched).
+  bool out_of_memory = false;
+  std::string log_path;
+};
+
+/// A task as a dry run would start it.
+struct PlannedTask {
+  std::string name;
+  bool skipped = false;            ///< Its done marker exists.
+  std::vector<std::string> devices;
+  std::string visible_devices;
+  std::string command;             ///< With {gpu} and {task} filled in ("" for callables).
+};
+
+namespace detail {
+
+/// Replaces `{name}` for each name in `values`; other braces stay as they are.
+inline std::string fill_placeholders(const std::string& text, const std::map<std::string, std::string>& values) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '{') {
+      const std::size_t close = text.find('}', i);
+      if (close != std::string::npos) {
+        const auto found = values.find(text.substr(i + 1, close - i - 1));
+        if (found != values.end()) {
+          out += found->second;
+          i = close;
+          continue;
+        }
+      }
+    }
+    out += text[i];
+  }
+  return out;
+}
+
+}  // namespace detail
+}  // namespace multigpu

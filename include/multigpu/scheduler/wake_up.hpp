@@ -1,0 +1,102 @@
+#pragma once
+/// @file
+/// What the scheduler's loop waits on: its tasks' ends, stop requests and
+/// signals.
+
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <vector>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+namespace multigpu {
+namespace detail {
+
+/// Note [Waking the scheduler]
+/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+/// The scheduler's loop sleeps until something happens: a command task's
+/// process ends (its pidfd becomes readable), an in-process task ends or a
+/// stop is requested (an eventfd is written), or `poll_interval` passes (busy
+/// devices, signals, the status line). So a short task's slot is given to
+/// the next task at once, not at the next poll.
+
+/// What the scheduler's loop waits on. Thread-safe notify().
+class WakeUp {
+ public:
+  WakeUp() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+  ~WakeUp() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  WakeUp(const WakeUp&) = delete;
+  WakeUp& operator=(const WakeUp&) = delete;
+
+  void notify() {
+    const std::uint64_t one = 1;
+    if (fd_ >= 0) {
+      const ssize_t written = ::write(fd_, &one, sizeof(one));
+      (void)written;
+    }
+  }
+
+  /// Waits until notified, one of `fds` (pidfds; -1 entries are ignored) is
+  /// readable, or `limit` passes.
+  void wait(const std::vector<int>& fds, std::chrono::milliseconds limit) {
+    std::vector<pollfd> watched;
+    if (fd_ >= 0) watched.push_back({fd_, POLLIN, 0});
+    for (int fd : fds) {
+      if (fd >= 0) watched.push_back({fd, POLLIN, 0});
+    }
+    ::poll(watched.data(), static_cast<nfds_t>(watched.size()), static_cast<int>(limit.count()));
+    std::uint64_t count = 0;
+    if (fd_ >= 0) {
+      const ssize_t got = ::read(fd_, &count, sizeof(count));  // drained: the next wait sleeps again
+      (void)got;
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+/// Installs SIGINT/SIGTERM/SIGHUP handlers that only record the signal, and puts
+/// the previous ones back when destroyed.
+class SignalWatch {
+ public:
+  explicit SignalWatch(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+    received() = 0;
+    struct sigaction action {};
+    action.sa_handler = [](int signal) { received() = signal; };
+    sigemptyset(&action.sa_mask);
+    ::sigaction(SIGINT, &action, &previous_int_);
+    ::sigaction(SIGTERM, &action, &previous_term_);
+    ::sigaction(SIGHUP, &action, &previous_hup_);  // a closed terminal (ssh dropped) stops like SIGTERM
+  }
+  ~SignalWatch() {
+    if (!enabled_) return;
+    ::sigaction(SIGINT, &previous_int_, nullptr);
+    ::sigaction(SIGTERM, &previous_term_, nullptr);
+    ::sigaction(SIGHUP, &previous_hup_, nullptr);
+  }
+  SignalWatch(const SignalWatch&) = delete;
+  SignalWatch& operator=(const SignalWatch&) = delete;
+  /// The signal received since installation (0 if none, or not watching).
+  int signal() const { return enabled_ ? static_cast<int>(received()) : 0; }
+
+ private:
+  static volatile std::sig_atomic_t& received() {
+    static volatile std::sig_atomic_t value = 0;
+    return value;
+  }
+  bool enabled_;
+  struct sigaction previous_int_ {};
+  struct sigaction previous_term_ {};
+  struct sigaction previous_hup_ {};
+};
+
+}  // namespace detail
+}  // namespace multigpu
