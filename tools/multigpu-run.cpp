@@ -4,6 +4,7 @@
 //   multigpu-run --gpus 0,1,2,3 experiments.tasks
 //   multigpu-run --gpus cpu --max-per-gpu 4 examples/tasks/noise_grid.tasks
 //   multigpu-run --dry-run experiments.tasks
+//   multigpu-run status [LOG_DIR] [--watch]     # from any terminal, during or after a run
 //
 // Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
 // task file (or the log folder is in use by another run), 130 / 143 / 129
@@ -13,12 +14,14 @@
 #include <csignal>
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
 #include <multigpu/scheduler.hpp>
+#include <multigpu/scheduler/run_status.hpp>
 
 namespace {
 
@@ -37,6 +40,32 @@ runs once per value, and once per combination with several grids.
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
 )";
 
+volatile std::sig_atomic_t g_watch_stop = 0;
+
+/// `multigpu-run status`: prints the run's table once, or redraws it every
+/// `interval` seconds until the run has ended or Ctrl-C.
+int show_status(const std::string& log_dir, std::string summary, bool watch, double interval) {
+  if (summary.empty()) summary = log_dir + "/summary.json";
+  const std::string lock = multigpu::detail::lock_path_of(log_dir);
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  std::signal(SIGINT, [](int) { g_watch_stop = 1; });
+  while (true) {
+    const auto run = multigpu::read_run_status(summary, lock);
+    const auto table = multigpu::render_run_status(run, multigpu::detail::unix_now());
+    if (watch && tty) fmt::print("\033[H\033[2J");  // redraw in place
+    fmt::print("{}", table);
+    std::fflush(stdout);
+    const bool over = run.liveness == multigpu::RunLiveness::kFinished ||
+                      run.liveness == multigpu::RunLiveness::kEnded;
+    if (!watch || over) return 0;
+    if (!tty) fmt::print("\n");
+    for (double waited = 0; waited < interval && g_watch_stop == 0; waited += 0.1) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (g_watch_stop != 0) return 0;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -51,7 +80,18 @@ int main(int argc, char** argv) {
   bool skip_existing = true;
   bool dry_run = false;
   bool quiet = false;
-  app.add_option("task-file", task_file, "The task file (see below)")->required()->check(CLI::ExistingFile);
+  app.add_option("task-file", task_file, "The task file (see below)")->check(CLI::ExistingFile);
+  auto* status = app.add_subcommand("status", "Show a run's tasks (running or ended) from its log folder");
+  std::string status_dir = "multigpu-logs";
+  std::string status_summary;
+  bool watch = false;
+  double watch_interval = 2;
+  status->add_option("log-dir", status_dir, "The run's --log-dir")->capture_default_str();
+  status->add_option("--summary", status_summary, "The run's summary file, when it was not LOG_DIR/summary.json");
+  status->add_flag("-w,--watch", watch, "Redraw until the run ends (Ctrl-C to leave)");
+  status->add_option("--interval", watch_interval, "Seconds between redraws with --watch")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
   app.add_option("--max-per-gpu", options.max_per_device, "Tasks at once on one device (or CPU slots)")
       ->capture_default_str()
@@ -85,6 +125,19 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     app.exit(e);
+    return 2;
+  }
+  if (status->parsed()) {
+    try {
+      return show_status(status_dir, status_summary, watch, watch_interval);
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "multigpu-run status: {}\n", e.what());
+      return 2;
+    }
+  }
+  if (task_file.empty()) {
+    fmt::print(stderr, "multigpu-run: give a task file (multigpu-run TASKS), or `multigpu-run status [LOG_DIR]`; "
+                       "--help says more\n");
     return 2;
   }
   options.force = !skip_existing;

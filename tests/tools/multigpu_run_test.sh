@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: grid | sigint | errors | grace | orphans | lock
+# CASE: grid | sigint | errors | grace | orphans | lock | status
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
@@ -42,6 +42,42 @@ case "$case_name" in
     [[ $(pgrep -fc "sleep $token" || true) == 0 ]] || fail "children left running"
     grep -q '"interrupted": true' multigpu-logs/summary.json || fail "summary not written"
     grep -q "0 done, 0 failed, 0 skipped, 2 interrupted, 1 not started" run.out || fail "$(cat run.out)"
+    ;;
+  status)
+    # `multigpu-run status` from another terminal: live, finished, killed, and bad input.
+    printf '[name=alpha] echo epoch 1; until [ -e go ]; do sleep 0.05; done; echo done\n[name=beta] true\n' > gated.tasks
+    "$tool" -q --gpus cpu --max-per-gpu 2 gated.tasks > run.out 2>&1 &
+    pid=$!
+    for _ in $(seq 200); do
+      grep -q '"running": true' multigpu-logs/summary.json 2>/dev/null && grep -q "epoch 1" multigpu-logs/alpha.log 2>/dev/null && break
+      sleep 0.05
+    done
+    "$tool" status > live.out || fail "status exit status $? during a run"
+    grep -q "^running (pid $pid on " live.out || fail "live: $(cat live.out)"
+    grep -Eq "^alpha +running +cpu .* epoch 1$" live.out || fail "live row: $(cat live.out)"
+    grep -Eq "^beta +done +cpu " live.out || fail "live row: $(cat live.out)"
+    touch go
+    wait "$pid" || fail "run: $(cat run.out)"
+    "$tool" status multigpu-logs --watch > done.out || fail "status after the run"
+    grep -q "^finished - 2 tasks: 0 running, 2 done" done.out || fail "finished: $(cat done.out)"
+    grep -Eq "^alpha +done +cpu .* done$" done.out || fail "the task's own last line: $(cat done.out)"
+    # A killed scheduler: its task is stopped by its supervisor, and status says the run did not finish.
+    rm -f go
+    "$tool" -q --gpus cpu --log-dir killed gated.tasks > /dev/null 2>&1 &
+    pid=$!
+    for _ in $(seq 200); do grep -q "epoch 1" killed/alpha.log 2>/dev/null && break; sleep 0.05; done
+    kill -KILL "$pid"
+    for _ in $(seq 200); do
+      "$tool" status killed > killed.out && grep -q "ended without finishing" killed.out && break
+      sleep 0.05
+    done
+    grep -q "^ended without finishing (pid $pid on .* was killed?)" killed.out || fail "killed: $(cat killed.out)"
+    grep -Eq "^alpha +cut off +cpu +\? +1  epoch 1$" killed.out || fail "killed row: $(cat killed.out)"
+    set +e; "$tool" status nowhere 2> none.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "no run summary at nowhere/summary.json: no such file" none.err \
+      || fail "no summary: $status $(cat none.err)"
+    set +e; "$tool" 2> usage.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "give a task file" usage.err || fail "no task file: $status $(cat usage.err)"
     ;;
   errors)
     printf 'grid a = 1 2\necho {b}\n' > bad.tasks

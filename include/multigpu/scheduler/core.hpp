@@ -360,7 +360,15 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
   results.reserve(jobs.size());
   for (const auto& job : jobs) results.push_back(&job.result);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
-  const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed);
+  SummaryLive live;
+  live.running.assign(jobs.size(), false);
+  if (!final_write) {
+    for (const auto& r : running_) live.running[r->job] = true;
+  }
+  live.pid = static_cast<long>(::getpid());
+  live.host = host_name();
+  live.slots = pool_.size() * static_cast<std::size_t>(options_.max_per_device);
+  const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed, live);
   const std::string csv = summary_csv(results);
   // A summary that cannot be written (a full disk, a deleted folder) is the
   // summary's problem, not the tasks': say so once, and try again at the

@@ -102,6 +102,13 @@ inline std::uint64_t file_size(const std::string& path) {
 /// command tasks keep it (see Note [The task supervisor]): after a crash, a
 /// rerun waits until the old run's tasks are gone.
 
+/// This machine's host name.
+inline std::string host_name() {
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
 /// The lock file of a log folder.
 inline std::string lock_path_of(const std::string& log_dir) { return log_dir + "/.multigpu-run.lock"; }
 
@@ -127,9 +134,7 @@ inline int lock_log_dir(const std::string& log_dir) {
     }
     throw SchedulerError(fmt::format("cannot lock {}: {}", path, std::strerror(error)));
   }
-  char host[256] = {};
-  ::gethostname(host, sizeof(host) - 1);
-  const std::string holder = fmt::format("pid {} on host {}, started {}\n", static_cast<long>(::getpid()), host,
+  const std::string holder = fmt::format("pid {} on host {}, started {}\n", static_cast<long>(::getpid()), host_name(),
                                          iso8601(std::chrono::system_clock::now()));
   if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, holder.data(), holder.size(), 0) < 0) {
     // The lock holds without the note; a second run just cannot say who.

@@ -4,6 +4,7 @@
 /// summary.csv.
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstddef>
@@ -63,22 +64,41 @@ inline std::string json_string(std::string_view text) {
   return nlohmann::json(std::string(text)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
+/// Who is writing a summary, and what is running now: what `multigpu-run
+/// status` needs besides the results (see Note [Seeing a run from anywhere]
+/// in scheduler/run_status.hpp).
+struct SummaryLive {
+  std::vector<bool> running;  ///< Per task (in the order given): running now.
+  long pid = 0;               ///< The scheduler's process.
+  std::string host;
+  std::size_t slots = 0;      ///< Tasks at once (devices x tasks per device).
+};
+
+/// Seconds since 1970 of `time` (0 for a time never set).
+inline double unix_seconds(std::chrono::system_clock::time_point time) {
+  if (time == std::chrono::system_clock::time_point{}) return 0;
+  return std::round(std::chrono::duration<double>(time.time_since_epoch()).count() * 1000) / 1000;
+}
+
 /// summary.json's text: each task's result, in the order given, and the run's
-/// state (`finished`: the run has ended; `seconds`: its time so far).
+/// state (`finished`: the run has ended; `seconds`: its time so far; what is
+/// running now, who writes it and when).
 inline std::string summary_json(const std::vector<const TaskResult*>& results, bool finished, bool interrupted,
-                                double seconds) {
+                                double seconds, const SummaryLive& live = {}) {
   using Json = nlohmann::ordered_json;  // keys in the order written, for people reading the file
   const auto milliseconds = [](double value) { return std::round(value * 1000) / 1000; };
   Json tasks = Json::array();
   std::size_t counts[5] = {};
-  for (const TaskResult* result : results) {
-    const TaskResult& r = *result;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const TaskResult& r = *results[i];
     ++counts[static_cast<int>(r.status)];
     tasks.push_back(Json{{"task", r.name},
                          {"status", to_string(r.status)},
+                         {"running", i < live.running.size() && live.running[i]},
                          {"devices", r.devices},
                          {"cuda_visible_devices", r.visible_devices},
                          {"start", iso8601(r.start)},
+                         {"start_unix", unix_seconds(r.start)},
                          {"seconds", milliseconds(r.seconds)},
                          {"attempts", r.attempts},
                          {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
@@ -94,7 +114,11 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
                                      {"failed", counts[static_cast<int>(TaskStatus::kFailed)]},
                                      {"skipped", counts[static_cast<int>(TaskStatus::kSkipped)]},
                                      {"interrupted", counts[static_cast<int>(TaskStatus::kInterrupted)]},
-                                     {"pending", counts[static_cast<int>(TaskStatus::kPending)]}}}};
+                                     {"pending", counts[static_cast<int>(TaskStatus::kPending)]}}},
+                     {"pid", live.pid},
+                     {"host", live.host},
+                     {"slots", live.slots},
+                     {"updated_unix", unix_seconds(std::chrono::system_clock::now())}};
   return summary.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
