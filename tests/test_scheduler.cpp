@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <dirent.h>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -389,7 +390,54 @@ TEST_SUITE("scheduler") {
     CHECK(runs.load() == 12);
   }
 
-  TEST_CASE("SIGINT during a run stops the children and writes the summary") {
+  TEST_CASE("a done marker counts for the command that made it, --force NAME reruns one task, a wrong name is refused") {
+    const std::string dir = fresh_dir("done-command");
+    auto options = fast_options(dir, "0");
+    auto task = [&](const std::string& name, const std::string& value) {
+      return Task::shell(name, fmt::format("echo {1} >> {0}/{2}.out; touch {0}/{2}.done", dir, value, name),
+                         fmt::format("{}/{}.done", dir, name));
+    };
+    auto run = [&](const std::vector<Task>& tasks) {
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+      return scheduler.run(tasks);
+    };
+    CHECK(run({task("a", "v1"), task("b", "v1")}).count(TaskStatus::kDone) == 2);
+    const auto record = nlohmann::json::parse(read_file(dir + "/logs/.done/a.json"));
+    CHECK(record["command"] == fmt::format("echo v1 >> {0}/a.out; touch {0}/a.done", dir));
+    CHECK(run({task("a", "v1"), task("b", "v1")}).count(TaskStatus::kSkipped) == 2);
+
+    // a's grid value changed: a runs again, b does not; the dry run and a's log say why.
+    {
+      FakeScheduler planner(options, FakeRuntime::with_gpus(1));
+      const auto planned = planner.plan({task("a", "v2"), task("b", "v1")});
+      CHECK_FALSE(planned[0].skipped);
+      CHECK(contains(planned[0].note, fmt::format("its done marker {}/a.done was made by another command: echo v1", dir)));
+      CHECK(planned[1].skipped);
+    }
+    auto changed = run({task("a", "v2"), task("b", "v1")});
+    CHECK(result_of(changed, "a").status == TaskStatus::kDone);
+    CHECK(result_of(changed, "b").status == TaskStatus::kSkipped);
+    CHECK(read_file(dir + "/a.out") == "v1\nv2\n");
+    CHECK(contains(read_file(dir + "/logs/a.log"), "### running again: its done marker"));
+    CHECK(run({task("a", "v2"), task("b", "v1")}).count(TaskStatus::kSkipped) == 2);  // v2 is recorded now
+
+    options.force_tasks = {"b"};
+    auto forced = run({task("a", "v2"), task("b", "v1")});
+    CHECK(result_of(forced, "a").status == TaskStatus::kSkipped);
+    CHECK(result_of(forced, "b").status == TaskStatus::kDone);
+    CHECK(read_file(dir + "/b.out") == "v1\nv1\n");
+
+    options.force_tasks = {"b", "nosuch"};
+    const std::string refused = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, run({task("a", "v2"), task("b", "v1")}));
+    CHECK(contains(refused, "--force names no task: \"nosuch\"; the tasks are a, b"));
+
+    // A marker with no record (made by hand, or before records) is trusted.
+    options.force_tasks.clear();
+    std::filesystem::remove(dir + "/logs/.done/b.json");
+    CHECK(result_of(run({task("a", "v2"), task("b", "v3")}), "b").status == TaskStatus::kSkipped);
+  }
+
+  TEST_CASE("a second SIGINT during a run stops the children and writes the summary") {
     const std::string dir = fresh_dir("sigint");
     auto options = fast_options(dir, "0,1");
     options.handle_signals = true;
@@ -400,7 +448,9 @@ TEST_SUITE("scheduler") {
       eventually([&] {
         return multigpu::detail::path_exists(dir + "/started-a") && multigpu::detail::path_exists(dir + "/started-b");
       });
-      ::kill(::getpid(), SIGINT);
+      ::kill(::getpid(), SIGINT);  // drains: a and b go on
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      ::kill(::getpid(), SIGINT);  // stops them
     });
     const auto start = std::chrono::steady_clock::now();
     const auto summary = scheduler.run({
@@ -421,6 +471,68 @@ TEST_SUITE("scheduler") {
     CHECK(json["finished"] == true);
     CHECK(json["counts"]["interrupted"] == 2);
     CHECK(json["counts"]["pending"] == 1);
+  }
+
+  TEST_CASE("the first SIGINT drains the run: running tasks end on their own, no new one starts, not retried") {
+    const std::string dir = fresh_dir("drain");
+    auto options = fast_options(dir, "0,1");
+    options.handle_signals = true;
+    options.retries = 2;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    std::thread interrupter([&] {
+      eventually([&] {
+        return multigpu::detail::path_exists(dir + "/started-a") && multigpu::detail::path_exists(dir + "/started-b");
+      });
+      ::kill(::getpid(), SIGINT);
+      // The run waits for a and b; let them end only once it has drained.
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      std::ofstream(dir + "/go") << "";
+    });
+    const auto summary = scheduler.run({
+        Task::shell("a", fmt::format("touch {0}/started-a; until [ -e {0}/go ]; do sleep 0.02; done; echo a ok", dir)),
+        Task::shell("b", fmt::format("touch {0}/started-b; until [ -e {0}/go ]; do sleep 0.02; done; exit 3", dir)),
+        Task::shell("c", "true"),
+    });
+    interrupter.join();
+    CHECK(summary.interrupted);
+    CHECK(summary.exit_code() == 130);
+    CHECK(result_of(summary, "a").status == TaskStatus::kDone);
+    const auto& b = result_of(summary, "b");
+    CHECK(b.status == TaskStatus::kFailed);  // its retries are not used while draining
+    CHECK(b.attempts == 1);
+    CHECK(contains(b.error, "exit code 3 (not retried: the run was draining after Ctrl-C)"));
+    CHECK(result_of(summary, "c").status == TaskStatus::kPending);
+    CHECK(contains(read_file(dir + "/logs/a.log"), "a ok"));
+  }
+
+  TEST_CASE("request_drain from C++ drains, and interrupt_drains = false makes the first SIGINT stop") {
+    const std::string dir = fresh_dir("drain-api");
+    auto options = fast_options(dir, "0");
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    const auto drained = scheduler.run({
+        Task::callable("first", [&](TaskContext& task) {
+          scheduler.request_drain();
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+          CHECK_FALSE(task.stop_requested());  // draining lets it finish
+        }),
+        Task::callable("second", [](TaskContext&) {}),
+    });
+    CHECK(result_of(drained, "first").status == TaskStatus::kDone);
+    CHECK(result_of(drained, "second").status == TaskStatus::kPending);
+    CHECK(drained.exit_code() == 130);
+
+    options.handle_signals = true;
+    options.interrupt_drains = false;
+    options.grace_period = std::chrono::seconds(3);
+    FakeScheduler once(options, FakeRuntime::with_gpus(1));
+    std::thread interrupter([&] {
+      eventually([&] { return multigpu::detail::path_exists(dir + "/started"); });
+      ::kill(::getpid(), SIGINT);
+    });
+    const auto stopped = once.run({Task::shell("sleeper", fmt::format("touch {}/started; sleep 30", dir))});
+    interrupter.join();
+    CHECK(result_of(stopped, "sleeper").status == TaskStatus::kInterrupted);
+    CHECK(stopped.exit_code() == 130);
   }
 
   TEST_CASE("the summary, in JSON and CSV, says what happened to every task") {

@@ -8,12 +8,14 @@
 //
 // Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
 // task file (or the log folder is in use by another run), 130 / 143 / 129
-// stopped by Ctrl-C / SIGTERM / SIGHUP.
+// stopped by Ctrl-C / SIGTERM / SIGHUP (the first Ctrl-C lets running tasks end).
 
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <string>
+#include <vector>
 #include <thread>
 #include <unistd.h>
 
@@ -105,12 +107,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1000000000));
   app.add_option("--log-dir", options.log_dir, "Per-task logs (and the summary) go here")->capture_default_str();
   app.add_option("--summary", options.summary_path, "Write the summary to PATH.json and PATH.csv (default LOG_DIR/summary)");
-  app.add_flag("--skip-existing,!--force", skip_existing,
-               "Skip tasks whose done file exists (the default), or run them again (--force)");
+  std::vector<std::string> force_values;
+  auto* force = app.add_option("--force", force_values,
+                               "Run tasks whose done file exists: all of them, or those named (--force a,b)")
+                    ->expected(0, 1)
+                    ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  app.add_flag("--skip-existing", skip_existing, "Skip tasks whose done file exists (the default)");
   app.add_option("--retries", options.retries, "Extra attempts for a failed task, on another GPU when one is free")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000000));
-  app.add_option("--grace-period", grace_seconds, "Seconds tasks get to end after Ctrl-C before they are killed")
+  app.add_option("--grace-period", grace_seconds, "Seconds tasks get to end after a second Ctrl-C (or SIGTERM) before they are killed; the first Ctrl-C "
+                 "only stops new tasks from starting")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000000));
   app.add_option("--busy-wait-limit", busy_wait_seconds,
@@ -135,12 +142,24 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  // `--force FILE` with no task file: CLI11 took the task file for a name.
+  if (task_file.empty() && !force_values.empty() && std::filesystem::is_regular_file(force_values.back())) {
+    task_file = force_values.back();
+    force_values.pop_back();
+  }
+  for (const auto& value : force_values) {
+    for (std::size_t from = 0; from <= value.size();) {
+      const std::size_t comma = std::min(value.find(',', from), value.size());
+      if (comma > from) options.force_tasks.push_back(value.substr(from, comma - from));
+      from = comma + 1;
+    }
+  }
+  options.force = force->count() > 0 && options.force_tasks.empty();
   if (task_file.empty()) {
     fmt::print(stderr, "multigpu-run: give a task file (multigpu-run TASKS), or `multigpu-run status [LOG_DIR]`; "
                        "--help says more\n");
     return 2;
   }
-  options.force = !skip_existing;
   options.grace_period = std::chrono::milliseconds(static_cast<long>(grace_seconds * 1000));
   options.busy_wait_limit = std::chrono::milliseconds(static_cast<long>(busy_wait_seconds * 1000));
   options.handle_signals = true;
@@ -161,6 +180,7 @@ int main(int argc, char** argv) {
         if (planned.skipped) {
           fmt::print("  skip {} (its done file exists)\n", planned.name);
         } else {
+          if (!planned.note.empty()) fmt::print("  again {}: {}\n", planned.name, planned.note);
           fmt::print("  run  {} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name, planned.devices.front(),
                      planned.visible_devices, planned.command);
         }

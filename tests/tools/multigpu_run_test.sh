@@ -19,6 +19,11 @@ case "$case_name" in
     rm output/sym_0.50/result.txt
     "$tool" -q --gpus cpu --max-per-gpu 4 "$source_dir/examples/tasks/noise_grid.tasks" > third.out
     grep -q ": 1 done, 0 failed, 11 skipped" third.out || fail "partial rerun: $(cat third.out)"
+    "$tool" -q --gpus cpu --max-per-gpu 4 --force sym-0.50,asym-0.75 "$source_dir/examples/tasks/noise_grid.tasks" > forced.out
+    grep -q ": 2 done, 0 failed, 10 skipped" forced.out || fail "--force NAME: $(cat forced.out)"
+    set +e; "$tool" --gpus cpu --force nosuch "$source_dir/examples/tasks/noise_grid.tasks" 2> force.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q '\-\-force names no task: "nosuch"; the tasks are sym-0.125, asym-0.125' force.err \
+      || fail "--force with a wrong name: $status $(cat force.err)"
     # A failing task: exit status 1, named with its log.
     printf '[name=ok] true\n[name=broken] echo about to fail; exit 4\n' > mixed.tasks
     set +e; "$tool" -q --gpus cpu mixed.tasks > mixed.out; status=$?; set -e
@@ -26,7 +31,7 @@ case "$case_name" in
     grep -q "failed: broken (exit code 4), log multigpu-logs/broken.log" mixed.out || fail "$(cat mixed.out)"
     ;;
   sigint)
-    # Ctrl-C: the children stop, the summary is written, exit status 130.
+    # Ctrl-C twice: the children stop, the summary is written, exit status 130.
     token="47.$$"
     printf '[name=a] sleep %s\n[name=b] sleep %s\n[name=c] sleep %s\n' "$token" "$token" "$token" > slow.tasks
     "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 2 slow.tasks > run.out 2> run.err &
@@ -36,7 +41,12 @@ case "$case_name" in
       sleep 0.05
     done
     [[ $(pgrep -fc "sleep $token" || true) -ge 2 ]] || fail "tasks did not start"
-    kill -INT "$pid"
+    kill -INT "$pid"  # the first Ctrl-C drains: the tasks go on
+    for _ in $(seq 100); do grep -q "draining: no new task starts" run.err && break; sleep 0.05; done
+    grep -q "draining: no new task starts; the 2 running task(s) go on to their end (Ctrl-C again stops them" run.err \
+      || fail "first Ctrl-C: $(cat run.err)"
+    [[ $(pgrep -fc "sleep $token" || true) -ge 2 ]] || fail "the first Ctrl-C stopped the tasks"
+    kill -INT "$pid"  # the second stops them
     set +e; wait "$pid"; status=$?; set -e
     [[ $status == 130 ]] || fail "exit status $status after SIGINT: $(cat run.out run.err)"
     [[ $(pgrep -fc "sleep $token" || true) == 0 ]] || fail "children left running"
@@ -65,7 +75,10 @@ case "$case_name" in
     rm -f go
     "$tool" -q --gpus cpu --log-dir killed gated.tasks > /dev/null 2>&1 &
     pid=$!
-    for _ in $(seq 200); do grep -q "epoch 1" killed/alpha.log 2>/dev/null && break; sleep 0.05; done
+    for _ in $(seq 200); do
+      grep -q "epoch 1" killed/alpha.log 2>/dev/null && grep -q '"running": true' killed/summary.json 2>/dev/null && break
+      sleep 0.05
+    done
     kill -KILL "$pid"
     for _ in $(seq 200); do
       "$tool" status killed > killed.out && grep -q "ended without finishing" killed.out && break
@@ -94,7 +107,7 @@ case "$case_name" in
     ;;
   grace)
     # A task that saves for 2 s on SIGTERM gets to, under `sh -c` (dash does
-    # not exec): Ctrl-C with --grace-period 10 waits for it, not 10 s.
+    # not exec): a second Ctrl-C with --grace-period 10 waits for it, not 10 s.
     printf '%s\n' "trap 'sleep 2; echo saved > saved-\$MULTIGPU_TASK; exit 0' TERM" \
       'touch started-$MULTIGPU_TASK' 'while :; do sleep 0.1; done' > saves.sh
     printf '[name=a] sh saves.sh; echo after\n[name=b] sh saves.sh\n' > grace.tasks
@@ -103,7 +116,10 @@ case "$case_name" in
     for _ in $(seq 400); do [[ -e started-a && -e started-b ]] && break; sleep 0.05; done
     [[ -e started-a && -e started-b ]] || fail "tasks did not start"
     start=$SECONDS
-    kill -INT "$pid"
+    kill -INT "$pid"  # drains: the tasks go on
+    sleep 0.3
+    [[ ! -e saved-a && ! -e saved-b ]] || fail "the first Ctrl-C sent SIGTERM"
+    kill -INT "$pid"  # stops them: SIGTERM, and the grace period
     set +e; wait "$pid"; status=$?; set -e
     [[ $status == 130 ]] || fail "exit status $status after SIGINT: $(cat run.out run.err)"
     [[ $(cat saved-a saved-b) == $'saved\nsaved' ]] || fail "a task was killed before it had saved"

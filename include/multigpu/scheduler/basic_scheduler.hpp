@@ -31,8 +31,12 @@ class BasicScheduler {
   RunSummary run(const std::vector<Task>& tasks) { return core_.run(tasks); }
   /// What run() would start where, assuming tasks of equal length; runs nothing.
   std::vector<PlannedTask> plan(const std::vector<Task>& tasks) const { return core_.plan(tasks); }
-  /// Stops the run as Ctrl-C would. Thread-safe.
+  /// Stops the run: running tasks get SIGTERM, the grace period, then
+  /// SIGKILL (a second Ctrl-C). Exit status 130. Thread-safe.
   void request_stop() { core_.request_stop(SIGINT); }
+  /// Drains the run: no new task starts, the running ones go on to their end
+  /// (a first Ctrl-C; see Note [Two-stage Ctrl-C] in core.hpp). Thread-safe.
+  void request_drain() { core_.request_drain(); }
   /// The pool's devices, in order.
   const std::vector<DeviceInfo>& pool() const { return pool_; }
 

@@ -30,6 +30,7 @@
 #include "multigpu/detail/process.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/done_record.hpp"
 #include "multigpu/scheduler/failure.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
 #include "multigpu/scheduler/options.hpp"
@@ -75,11 +76,13 @@ class SchedulerCore {
   RunSummary run(const std::vector<Task>& tasks);
   std::vector<PlannedTask> plan(const std::vector<Task>& tasks) const;
   void request_stop(int signal = SIGINT);
+  void request_drain();
 
  private:
   struct Job;
   struct Running;
-  bool is_done(const Task& task) const;
+  bool is_done(const Task& task, std::string* why_not = nullptr) const;
+  void check_force_names(const std::vector<Task>& tasks) const;
   std::optional<std::vector<std::size_t>> place(const Job& job, const std::vector<DeviceInfo>& now) const;
   std::vector<DeviceInfo> query_devices();
   void start(Job& job, const std::vector<std::size_t>& devices);
@@ -98,7 +101,9 @@ class SchedulerCore {
   std::vector<bool> holds_our_cache_;  // per pool device: see Note [Emptying the cache between tasks]
   std::vector<std::unique_ptr<Running>> running_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> drain_{false};
   std::atomic<int> stop_signal_{0};
+  bool draining_ = false;  // see Note [Two-stage Ctrl-C]
   std::mutex mutex_;             // in-process completions
   WakeUp wake_;                  // see Note [Waking the scheduler] in wake_up.hpp
   std::chrono::steady_clock::time_point run_start_{};
@@ -155,8 +160,24 @@ inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<Device
   }
 }
 
-inline bool SchedulerCore::is_done(const Task& task) const {
-  return !options_.force && path_exists(task.done_marker);
+inline bool SchedulerCore::is_done(const Task& task, std::string* why_not) const {
+  if (options_.force || task.done_marker.empty()) return false;
+  if (std::find(options_.force_tasks.begin(), options_.force_tasks.end(), task.name) != options_.force_tasks.end()) {
+    return false;
+  }
+  // See Note [A done marker's command] in done_record.hpp.
+  return path_exists(task.done_marker) && marker_is_current(options_.log_dir, task, why_not);
+}
+
+inline void SchedulerCore::check_force_names(const std::vector<Task>& tasks) const {
+  for (const auto& name : options_.force_tasks) {
+    if (std::none_of(tasks.begin(), tasks.end(), [&](const Task& task) { return task.name == name; })) {
+      std::string names;
+      for (std::size_t i = 0; i < tasks.size() && i < 8; ++i) names += (i == 0 ? "" : ", ") + tasks[i].name;
+      if (tasks.size() > 8) names += fmt::format(", ... ({} in all)", tasks.size());
+      throw SchedulerError(fmt::format("--force names no task: \"{}\"; the tasks are {}", name, names));
+    }
+  }
 }
 
 inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& job,
@@ -317,11 +338,19 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     if (!job.task.done_marker.empty() && !path_exists(job.task.done_marker)) {
       warn(fmt::format("task {} succeeded but did not create its done marker {}; a rerun will run it again",
                        job.task.name, job.task.done_marker));
+    } else if (!job.task.done_marker.empty() && !job.task.command.empty()) {
+      try {  // see Note [A done marker's command] in done_record.hpp
+        record_done_command(options_.log_dir, job.task);
+      } catch (const std::exception& e) {
+        warn(fmt::format("task {}: its command was not recorded beside its done marker ({}); a rerun trusts the "
+                         "marker",
+                         job.task.name, e.what()));
+      }
     }
   } else if (stopping) {
     result.status = TaskStatus::kInterrupted;
     append_to_file(result.log_path, fmt::format("### interrupted after {:.1f} s ({})\n", result.seconds, result.error));
-  } else if (result.attempts <= options_.retries) {
+  } else if (result.attempts <= options_.retries && !draining_) {
     // Another device next time: it may be this one that is crowded or broken.
     for (std::size_t d : devices) job.avoid.insert(d);
     result.status = TaskStatus::kPending;
@@ -331,6 +360,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
                                                 options_.retries));
   } else {
     result.status = TaskStatus::kFailed;
+    if (draining_ && result.attempts <= options_.retries) result.error += " (not retried: the run was draining after Ctrl-C)";
     append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
   }
 }
@@ -432,8 +462,14 @@ inline void SchedulerCore::request_stop(int signal) {
   wake_.notify();
 }
 
+inline void SchedulerCore::request_drain() {
+  drain_ = true;
+  wake_.notify();
+}
+
 inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   validate_tasks(tasks, pool_);
+  check_force_names(tasks);
   make_directories(options_.log_dir);
   const std::string base = options_.summary_path.empty() ? options_.log_dir + "/summary" : options_.summary_path;
   const auto slash = base.rfind('/');
@@ -456,14 +492,20 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     job.task = task;
     job.result.name = task.name;
     job.result.log_path = options_.log_dir + "/" + file_safe(task.name) + ".log";
-    if (is_done(task)) {
+    std::string why_not;
+    if (is_done(task, &why_not)) {
       job.result.status = TaskStatus::kSkipped;
       job.queued = false;
+    } else if (!why_not.empty()) {
+      warn(fmt::format("task {} runs again: {}", task.name, why_not));
+      append_to_file(job.result.log_path, fmt::format("### running again: {}\n", why_not));
     }
     jobs.push_back(std::move(job));
   }
   jobs_ = &jobs;
   stop_ = false;
+  drain_ = false;
+  draining_ = false;
   stop_signal_ = 0;
   std::fill(load_.begin(), load_.end(), 0);
   std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
@@ -484,12 +526,32 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   // rethrows the error.
   std::exception_ptr own_error;
   std::chrono::steady_clock::time_point kill_deadline{};
+  // Note [Two-stage Ctrl-C]
+  // ~~~~~~~~~~~~~~~~~~~~~~~
+  // Hours of training should not end because a key was pressed once. The
+  // first Ctrl-C drains the run: no new task starts, the running ones go on
+  // to their end (done or failed, not retried), then the summary and exit
+  // status 130. A second Ctrl-C, SIGTERM, SIGHUP or request_stop() stops
+  // the running tasks (SIGTERM to each task's group, the grace period,
+  // SIGKILL). interrupt_drains = false, or request_stop(), skips the first
+  // stage; request_drain() is the first stage from C++.
   while (true) {
     const auto now = std::chrono::steady_clock::now();
     try {
-      if (!stopping && (stop_.load() || signals.signal() != 0)) {
+      const int signal = signals.signal();
+      const bool stop_signal = signal != 0 && (signal != SIGINT || !options_.interrupt_drains ||
+                                               signals.interrupts() >= 2);
+      if (!stopping && !draining_ && !stop_.load() && !stop_signal && (drain_.load() || signal == SIGINT)) {
+        draining_ = true;
+        stop_signal_ = SIGINT;
+        log(LogLevel::kWarning,
+            fmt::format("draining: no new task starts; the {} running task(s) go on to their end (Ctrl-C again "
+                        "stops them: SIGTERM, then SIGKILL after {} s)",
+                        running_.size(), options_.grace_period.count() / 1000.0));
+      }
+      if (!stopping && (stop_.load() || stop_signal)) {
         stopping = true;
-        if (signals.signal() != 0) stop_signal_ = signals.signal();
+        if (signal != 0) stop_signal_ = signal;
         stop_ = true;  // in-process tasks see it
         for (auto& r : running_) {
           if (r->child) r->child->kill_group(SIGTERM);
@@ -519,12 +581,12 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       }
 
       queue_empty = true;
-      if (!stopping && !own_error) {
+      if (!stopping && !draining_ && !own_error) {
         std::optional<std::vector<DeviceInfo>> devices_now;
         for (auto& job : jobs) {
           if (!job.queued) continue;
           queue_empty = false;
-          if (stop_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
+          if (stop_.load() || drain_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
           if (!devices_now) devices_now = query_devices();
           if (auto placement = place(job, *devices_now)) {
@@ -571,8 +633,8 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
                          e.what(), running_.size()));
       }
     }
-    if (running_.empty() && (stopping || own_error || queue_empty)) break;
-    if (stop_.load() == stopping &&
+    if (running_.empty() && (stopping || draining_ || own_error || queue_empty)) break;
+    if (stop_.load() == stopping && drain_.load() == draining_ &&
         std::none_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); })) {
       std::vector<int> children;
       for (const auto& r : running_) {
@@ -582,13 +644,13 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     }
   }
 
-  summary_.interrupted = stopping;
+  summary_.interrupted = stopping || draining_;
   if (own_error) {
     write_summary(jobs, true);
     jobs_ = nullptr;
     std::rethrow_exception(own_error);
   }
-  summary_.stop_signal = stopping ? stop_signal_.load() : 0;
+  summary_.stop_signal = summary_.interrupted ? stop_signal_.load() : 0;
   summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   write_summary(jobs, true);
   print_status(jobs, true);
@@ -599,13 +661,14 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
 
 inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tasks) const {
   validate_tasks(tasks, pool_);
+  check_force_names(tasks);
   std::vector<PlannedTask> planned;
   std::vector<int> load(pool_.size(), 0);
   std::size_t next = 0;  // round-robin start, so equal-length waves spread evenly
   for (const auto& task : tasks) {
     PlannedTask p;
     p.name = task.name;
-    p.skipped = is_done(task);
+    p.skipped = is_done(task, &p.note);
     if (!p.skipped) {
       if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
         std::fill(load.begin(), load.end(), 0);  // the next wave

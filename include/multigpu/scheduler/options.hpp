@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "multigpu/config.hpp"
 
@@ -30,6 +31,9 @@ struct SchedulerOptions {
   std::string summary_path;
   /// Run tasks whose done marker exists too.
   bool force = false;
+  /// Run these tasks (by name) even if their done marker exists; a name that
+  /// is no task's is an error.
+  std::vector<std::string> force_tasks;
   /// Extra attempts for a failed task (on another device when one is free,
   /// always when it ran out of GPU memory).
   int retries = 0;
@@ -41,6 +45,10 @@ struct SchedulerOptions {
   /// Handle SIGINT, SIGTERM and SIGHUP during run() (stop dispatching, stop
   /// the commands, write the summary); the previous handlers come back after.
   bool handle_signals = false;
+  /// With handle_signals: the first Ctrl-C (SIGINT) only drains the run (no
+  /// new task starts; the running ones go on to their end), the second stops
+  /// them as SIGTERM does. false: the first Ctrl-C stops them.
+  bool interrupt_drains = true;
   /// A live status line on stderr: redrawn on a terminal, a plain line every
   /// `status_interval` otherwise.
   bool status_line = false;

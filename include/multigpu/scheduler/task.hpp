@@ -121,7 +121,8 @@ struct TaskResult {
 /// A task as a dry run would start it.
 struct PlannedTask {
   std::string name;
-  bool skipped = false;            ///< Its done marker exists.
+  bool skipped = false;            ///< Its done marker exists (and its command made it).
+  std::string note;                ///< Why it runs although its marker exists ("" otherwise).
   std::vector<std::string> devices;
   std::string visible_devices;
   std::string command;             ///< With {gpu} and {task} filled in ("" for callables).

@@ -69,8 +69,12 @@ class SignalWatch {
   explicit SignalWatch(bool enabled) : enabled_(enabled) {
     if (!enabled_) return;
     received() = 0;
+    interrupts_count() = 0;
     struct sigaction action {};
-    action.sa_handler = [](int signal) { received() = signal; };
+    action.sa_handler = [](int signal) {
+      received() = signal;
+      if (signal == SIGINT) interrupts_count() = interrupts_count() + 1;  // SIGINT is blocked while this runs
+    };
     sigemptyset(&action.sa_mask);
     ::sigaction(SIGINT, &action, &previous_int_);
     ::sigaction(SIGTERM, &action, &previous_term_);
@@ -86,9 +90,15 @@ class SignalWatch {
   SignalWatch& operator=(const SignalWatch&) = delete;
   /// The signal received since installation (0 if none, or not watching).
   int signal() const { return enabled_ ? static_cast<int>(received()) : 0; }
+  /// How many SIGINTs (Ctrl-C) were received since installation.
+  int interrupts() const { return enabled_ ? static_cast<int>(interrupts_count()) : 0; }
 
  private:
   static volatile std::sig_atomic_t& received() {
+    static volatile std::sig_atomic_t value = 0;
+    return value;
+  }
+  static volatile std::sig_atomic_t& interrupts_count() {
     static volatile std::sig_atomic_t value = 0;
     return value;
   }
