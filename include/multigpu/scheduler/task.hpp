@@ -130,10 +130,17 @@ struct PlannedTask {
 
 namespace detail {
 
-/// Replaces `{name}` for each name in `values`; other braces stay as they are.
-inline std::string fill_placeholders(const std::string& text, const std::map<std::string, std::string>& values) {
+/// Replaces `{name}` for each name in `values`; other braces stay as they
+/// are, except that with `unescape` `{{` and `}}` become `{` and `}`.
+inline std::string fill_placeholders(const std::string& text, const std::map<std::string, std::string>& values,
+                                     bool unescape = false) {
   std::string out;
   for (std::size_t i = 0; i < text.size(); ++i) {
+    if (unescape && (text.compare(i, 2, "{{") == 0 || text.compare(i, 2, "}}") == 0)) {
+      out += text[i];
+      ++i;
+      continue;
+    }
     if (text[i] == '{') {
       const std::size_t close = text.find('}', i);
       if (close != std::string::npos) {

@@ -60,27 +60,7 @@ inline std::vector<std::string> placeholders_of(const std::string& text) {
 
 /// Fills grid values and turns {{ }} into { }; {gpu} and {task} stay for run time.
 inline std::string expand_line(const std::string& text, const std::map<std::string, std::string>& values) {
-  std::string out;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (text.compare(i, 2, "{{") == 0 || text.compare(i, 2, "}}") == 0) {
-      out += text[i];
-      ++i;
-      continue;
-    }
-    if (text[i] == '{') {
-      const std::size_t close = text.find('}', i);
-      if (close != std::string::npos) {
-        const auto found = values.find(text.substr(i + 1, close - i - 1));
-        if (found != values.end()) {
-          out += found->second;
-          i = close;
-          continue;
-        }
-      }
-    }
-    out += text[i];
-  }
-  return out;
+  return fill_placeholders(text, values, /*unescape=*/true);
 }
 
 }  // namespace detail
