@@ -33,6 +33,8 @@ in '\' continues on the next. Options in brackets before a command:
   [name=NAME]       the task's name (default task-01, task-02, ...): its log is LOG_DIR/NAME.log
   [done=PATH]       skip the task when PATH exists (the task creates it when it has finished)
   [gpus=N]          devices the task needs at once (default --gpus-per-task)
+  [after=A,B]       start only once tasks A and B are done (or skipped); when one of them
+                    fails, this task is not run (failed, "not run: ..."); cycles are refused
 Grids: 'grid NAME = V1 V2 ...' defines {NAME}; a later line using {NAME}
 runs once per value, and once per combination with several grids.
 {gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name;
@@ -40,6 +42,7 @@ runs once per value, and once per combination with several grids.
   grid rate = 0.1 0.2 0.4
   grid kind = sym asym
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
+  [name=eval-{kind}-{rate} after={kind}-{rate}] ./eval out/{kind}-{rate}
 )";
 
 volatile std::sig_atomic_t g_watch_stop = 0;
@@ -181,8 +184,11 @@ int main(int argc, char** argv) {
           fmt::print("  skip {} (its done file exists)\n", planned.name);
         } else {
           if (!planned.note.empty()) fmt::print("  again {}: {}\n", planned.name, planned.note);
-          fmt::print("  run  {} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name, planned.devices.front(),
-                     planned.visible_devices, planned.command);
+          std::string after;
+          for (const auto& name : planned.after) after += (after.empty() ? " (after " : ", ") + name;
+          fmt::print("  run  {}{} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name,
+                     after.empty() ? "" : after + ")", planned.devices.front(), planned.visible_devices,
+                     planned.command);
         }
       }
       return 0;

@@ -30,6 +30,7 @@
 #include "multigpu/detail/process.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/dependencies.hpp"
 #include "multigpu/scheduler/done_record.hpp"
 #include "multigpu/scheduler/failure.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
@@ -114,6 +115,7 @@ class SchedulerCore {
   std::string last_summary_error_;    // warned about once
   bool warned_query_ = false;
   int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
+  std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
 };
 
 // ---------------------------------------------------------------------------
@@ -503,6 +505,8 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     jobs.push_back(std::move(job));
   }
   jobs_ = &jobs;
+  after_ = dependency_indexes(tasks);
+  const bool has_dependencies = std::any_of(tasks.begin(), tasks.end(), [](const Task& t) { return !t.after.empty(); });
   stop_ = false;
   drain_ = false;
   draining_ = false;
@@ -583,11 +587,16 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       queue_empty = true;
       if (!stopping && !draining_ && !own_error) {
         std::optional<std::vector<DeviceInfo>> devices_now;
+        // See Note [Dependencies] in dependencies.hpp. Not once stopping: waiting tasks stay pending.
+        std::vector<const TaskResult*> results;
+        if (has_dependencies && !stop_.load() && end_tasks_not_run(after_, jobs, results)) summary_dirty_ = true;
         for (auto& job : jobs) {
           if (!job.queued) continue;
           queue_empty = false;
           if (stop_.load() || drain_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
+          const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
+          if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
           if (!devices_now) devices_now = query_devices();
           if (auto placement = place(job, *devices_now)) {
             job.queued = false;
@@ -669,6 +678,7 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
     PlannedTask p;
     p.name = task.name;
     p.skipped = is_done(task, &p.note);
+    p.after = task.after;
     if (!p.skipped) {
       if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
         std::fill(load.begin(), load.end(), 0);  // the next wave
