@@ -954,3 +954,57 @@ TEST_SUITE("scheduler: dependencies") {
     CHECK(result_of(summary, "eval-2").error == "not run: task train-2, which it runs after, failed");
   }
 }
+
+// Issue 17: --fail-fast.
+TEST_SUITE("scheduler: fail fast") {
+  TEST_CASE("fail_fast: the first failure for good stops the run, running tasks the orderly way, exit code 1") {
+    const std::string dir = fresh_dir("fail_fast");
+    auto options = fast_options(dir, "0");
+    options.max_per_device = 2;  // slow and broken at once; broken's retry before later
+    options.fail_fast = true;
+    options.retries = 1;
+    options.grace_period = std::chrono::seconds(3);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const std::string token = fmt::format("37.{}", ::getpid());  // a sleep nobody else runs
+    std::atomic<int> attempts{0};
+    const auto start = std::chrono::steady_clock::now();
+    const auto summary = scheduler.run({
+        Task::shell("slow", fmt::format("sleep {}", token)),
+        Task::callable("broken",
+                       [&](TaskContext&) {
+                         ++attempts;
+                         std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                         throw std::runtime_error("diverged");
+                       }),
+        Task::shell("later", "true"),
+        after(Task::shell("after-broken", "true"), {"broken"}),
+    });
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+    CHECK(attempts.load() == 2);  // its retry first: failed for good only then
+    CHECK(summary.exit_code() == 1);
+    CHECK(summary.interrupted);
+    CHECK(summary.stop_signal == 0);
+    CHECK(summary.fail_fast_task == "broken");
+    CHECK(result_of(summary, "broken").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "slow").status == TaskStatus::kInterrupted);
+    CHECK(result_of(summary, "later").status == TaskStatus::kPending);
+    CHECK(result_of(summary, "later").attempts == 0);
+    CHECK(result_of(summary, "after-broken").status == TaskStatus::kPending);  // never started
+    CHECK(processes_with("sleep " + token) == 0);
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["fail_fast_task"] == "broken");
+    CHECK(json["interrupted"] == true);
+    CHECK(json["counts"]["pending"] == 2);
+  }
+
+  TEST_CASE("without fail_fast a failure stops nothing, and the summary names no task") {
+    const std::string dir = fresh_dir("no_fail_fast");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({Task::shell("broken", "exit 3"), Task::shell("later", "true")});
+    CHECK(summary.exit_code() == 1);
+    CHECK_FALSE(summary.interrupted);
+    CHECK(summary.fail_fast_task.empty());
+    CHECK(result_of(summary, "later").status == TaskStatus::kDone);
+    CHECK(nlohmann::json::parse(read_file(summary.json_path))["fail_fast_task"].is_null());
+  }
+}

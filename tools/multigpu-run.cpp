@@ -6,9 +6,10 @@
 //   multigpu-run --dry-run experiments.tasks
 //   multigpu-run status [LOG_DIR] [--watch]     # from any terminal, during or after a run
 //
-// Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
-// task file (or the log folder is in use by another run), 130 / 143 / 129
-// stopped by Ctrl-C / SIGTERM / SIGHUP (the first Ctrl-C lets running tasks end).
+// Exit status: 0 every task done or skipped, 1 some failed (also when that
+// stopped the run: --fail-fast), 2 bad usage or task file (or the log folder
+// is in use by another run), 130 / 143 / 129 stopped by Ctrl-C / SIGTERM /
+// SIGHUP (the first Ctrl-C lets running tasks end).
 
 #include <chrono>
 #include <csignal>
@@ -127,6 +128,9 @@ int main(int argc, char** argv) {
                  "Fail a task that waited this many seconds for a busy GPU (0: wait forever)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000000));
+  app.add_flag("--fail-fast", options.fail_fast,
+               "After the first task that fails (retries used up), start nothing new, stop the running tasks as "
+               "Ctrl-C does, and exit 1");
   app.add_flag("--dry-run", dry_run, "Print what would run where, run nothing");
   app.add_flag("-q,--quiet", quiet, "No live status line");
   try {
@@ -194,11 +198,14 @@ int main(int argc, char** argv) {
       return 0;
     }
     const auto summary = scheduler.run(tasks);
-    fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started\n",
+    fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started{}\n",
                summary.tasks.size(), multigpu::detail::clock_text(summary.seconds),
                summary.count(multigpu::TaskStatus::kDone), summary.count(multigpu::TaskStatus::kFailed),
                summary.count(multigpu::TaskStatus::kSkipped), summary.count(multigpu::TaskStatus::kInterrupted),
-               summary.count(multigpu::TaskStatus::kPending));
+               summary.count(multigpu::TaskStatus::kPending),
+               summary.fail_fast_task.empty()
+                   ? ""
+                   : fmt::format("; stopped early: task {} failed (--fail-fast)", summary.fail_fast_task));
     for (const auto& r : summary.tasks) {
       if (r.status == multigpu::TaskStatus::kFailed) {
         fmt::print("  failed: {} ({}{}), log {}\n", r.name, r.error, r.out_of_memory ? ", out of GPU memory" : "",

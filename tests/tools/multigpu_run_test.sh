@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: grid | sigint | errors | grace | orphans | lock | status | after
+# CASE: grid | sigint | errors | grace | orphans | lock | status | after | fail_fast
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
@@ -182,6 +182,22 @@ TASKS
     set +e; "$tool" -q --gpus cpu cycle.tasks > cycle.out 2>&1; status=$?; set -e
     [[ $status == 2 ]] || fail "exit status $status for a cycle: $(cat cycle.out)"
     grep -q "cycle.tasks:1: the tasks' after= form a cycle: a -> b -> a" cycle.out || fail "$(cat cycle.out)"
+    ;;
+  fail_fast)
+    # --fail-fast: the first failure stops the run; the running task is stopped
+    # the orderly way; what never started stays pending; exit status 1.
+    token="61.$$"
+    printf '[name=slow] sleep %s\n[name=broken] sleep 0.3; exit 3\n[name=later] true\n' "$token" > ff.tasks
+    set +e; "$tool" -q --fail-fast --gpus cpu --max-per-gpu 2 --grace-period 2 ff.tasks > run.out 2> run.err
+    status=$?; set -e
+    [[ $status == 1 ]] || fail "exit status $status: $(cat run.out run.err)"
+    [[ $(pgrep -fc "sleep $token" || true) == 0 ]] || fail "a task left running"
+    grep -q "3 task(s) in .*: 0 done, 1 failed, 0 skipped, 1 interrupted, 1 not started; stopped early: task broken failed (--fail-fast)" run.out \
+      || fail "$(cat run.out)"
+    grep -q '"fail_fast_task": "broken"' multigpu-logs/summary.json || fail "summary: $(cat multigpu-logs/summary.json)"
+    "$tool" status > status.out || fail "status: $?"
+    grep -q "stopped early: task broken failed (--fail-fast)" status.out || fail "$(cat status.out)"
+    grep -q "task broken failed (fail-fast): stopping" run.err || fail "$(cat run.err)"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

@@ -92,6 +92,7 @@ class SchedulerCore {
   void release_cache_unless_in_use(const Running& ended);
   void write_summary(const std::vector<Job>& jobs, bool final_write);
   void print_status(const std::vector<Job>& jobs, bool force);
+  void stop_for_failure(const Job& job);
 
   SchedulerOptions options_;
   std::vector<DeviceInfo> pool_;
@@ -116,6 +117,7 @@ class SchedulerCore {
   bool warned_query_ = false;
   int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
   std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
+  std::string fail_fast_task_;  // the task whose failure stops the run (SchedulerOptions::fail_fast)
 };
 
 // ---------------------------------------------------------------------------
@@ -364,6 +366,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     result.status = TaskStatus::kFailed;
     if (draining_ && result.attempts <= options_.retries) result.error += " (not retried: the run was draining after Ctrl-C)";
     append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
+    stop_for_failure(job);
   }
 }
 
@@ -400,6 +403,7 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
   live.pid = static_cast<long>(::getpid());
   live.host = host_name();
   live.slots = pool_.size() * static_cast<std::size_t>(options_.max_per_device);
+  live.fail_fast_task = fail_fast_task_;
   const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed, live);
   const std::string csv = summary_csv(results);
   // A summary that cannot be written (a full disk, a deleted folder) is the
@@ -458,6 +462,14 @@ inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force
   std::fflush(stderr);
 }
 
+inline void SchedulerCore::stop_for_failure(const Job& job) {
+  // SchedulerOptions::fail_fast: stopped as by a stop request, without a signal.
+  if (!options_.fail_fast || !fail_fast_task_.empty() || stop_.load()) return;
+  fail_fast_task_ = job.task.name;
+  stop_ = true;
+  wake_.notify();
+}
+
 inline void SchedulerCore::request_stop(int signal) {
   stop_signal_ = signal;
   stop_ = true;
@@ -511,6 +523,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   drain_ = false;
   draining_ = false;
   stop_signal_ = 0;
+  fail_fast_task_.clear();
   std::fill(load_.begin(), load_.end(), 0);
   std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
   const SignalWatch signals(options_.handle_signals);
@@ -561,7 +574,8 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           if (r->child) r->child->kill_group(SIGTERM);
         }
         kill_deadline = now + options_.grace_period;
-        log(LogLevel::kWarning, fmt::format("stopping: no new task starts; {} running task(s) get {} s to end",
+        const std::string why = fail_fast_task_.empty() ? "" : "task " + fail_fast_task_ + " failed (fail-fast): ";
+        log(LogLevel::kWarning, fmt::format("{}stopping: no new task starts; {} running task(s) get {} s to end", why,
                                             running_.size(), options_.grace_period.count() / 1000.0));
       }
       if (stopping && !killed && now >= kill_deadline) {
@@ -628,6 +642,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
             job.result.error = fmt::format("no device became free within {} s: {}",
                                            options_.busy_wait_limit.count() / 1000.0, busy);
             summary_dirty_ = true;
+            stop_for_failure(job);
           }
         }
       }
@@ -660,6 +675,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     std::rethrow_exception(own_error);
   }
   summary_.stop_signal = summary_.interrupted ? stop_signal_.load() : 0;
+  summary_.fail_fast_task = fail_fast_task_;
   summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   write_summary(jobs, true);
   print_status(jobs, true);

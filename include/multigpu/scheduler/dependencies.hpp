@@ -32,8 +32,8 @@ namespace detail {
 /// the tasks that run after those, never start: they end `failed`, with 0
 /// attempts and an error that begins "not run: " and names the task they ran
 /// after and the task that failed. When the run drains or is stopped
-/// (Ctrl-C), no task starts, and tasks waiting for others stay `pending`: a
-/// rerun runs them.
+/// (Ctrl-C, --fail-fast), no task starts, and tasks waiting for others stay
+/// `pending`: a rerun runs them.
 
 /// A problem with the tasks' `after` lists: which task, and what is wrong.
 struct DependencyProblem {
