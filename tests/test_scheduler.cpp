@@ -628,7 +628,7 @@ TEST_SUITE("task files") {
     CHECK(message("\ngrid rate =\n") == "my.tasks:2: grid rate has no values");
     CHECK(contains(message("grid rate = 1 2\ntrain --lr {rte}\n"),
                    "my.tasks:2: unknown placeholder {rte}; known: {rate}, {gpu} and {task}"));
-    CHECK(message("[name=x gpu=2] run\n") == "my.tasks:1: unknown option \"gpu\"; valid: name, done, gpus");
+    CHECK(message("[name=x gpu=2] run\n") == "my.tasks:1: unknown option \"gpu\"; valid: name, done, gpus, after");
     CHECK(message("[gpus=0] run\n") == "my.tasks:1: gpus=0 is not a number of devices (1 or more)");
     CHECK(message("[name=x run\n") == "my.tasks:1: an option list `[` has no closing `]`");
     CHECK(message("[name=x]\n") == "my.tasks:1: the line has options but no command");
@@ -804,5 +804,207 @@ TEST_SUITE("task files") {
     CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
                                 multigpu::parse_tasks(std::string("true\necho a\0b\n", 14), "my.tasks")) ==
           "my.tasks:2: a NUL byte at column 7; a task file is text, and the shell would cut the command there");
+  }
+}
+
+// Issue 17: dependencies between tasks ([after=NAME], Task::after).
+namespace {
+
+/// `task`, started only after the tasks named.
+Task after(Task task, std::vector<std::string> names) {
+  task.after = std::move(names);
+  return task;
+}
+
+}  // namespace
+
+TEST_SUITE("scheduler: dependencies") {
+  TEST_CASE("after= in a task file: several names, grid placeholders, defaults, and what the dry run shows") {
+    const auto tasks = multigpu::parse_tasks(
+        "grid rate = 0.1 0.2\n"
+        "[name=train-{rate}] train {rate}\n"
+        "[name=eval-{rate} after=train-{rate}] eval {rate}\n"
+        "[name=report after=eval-0.1,eval-0.2 after=train-0.1] report\n"
+        "prepare\n"
+        "[after=task-06] uses the default name\n",
+        "deps.tasks");
+    REQUIRE(tasks.size() == 7);
+    CHECK(tasks[0].after.empty());
+    CHECK(tasks[2].name == "eval-0.1");
+    CHECK(tasks[2].after == std::vector<std::string>{"train-0.1"});
+    CHECK(tasks[3].after == std::vector<std::string>{"train-0.2"});
+    CHECK(tasks[4].after == std::vector<std::string>{"eval-0.1", "eval-0.2", "train-0.1"});
+    CHECK(tasks[6].after == std::vector<std::string>{"task-06"});
+    const std::string dir = fresh_dir("deps_plan");
+    FakeScheduler scheduler(fast_options(dir, "0,1"), FakeRuntime::with_gpus(2));
+    const auto plan = scheduler.plan(tasks);
+    CHECK(plan[4].after == std::vector<std::string>{"eval-0.1", "eval-0.2", "train-0.1"});
+  }
+
+  TEST_CASE("after= mistakes name the file and line: an unknown name, a task after itself, a cycle, an empty name") {
+    auto message = [](const std::string& text) {
+      return MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::parse_tasks(text, "my.tasks"));
+    };
+    CHECK(message("[name=a] x\n[name=b after=trian] y\n") ==
+          "my.tasks:2: task \"b\" runs after \"trian\", but no task has that name");
+    CHECK(message("[name=a after=a] x\n") == "my.tasks:1: task \"a\" runs after itself; after= names other tasks");
+    CHECK(message("[name=a after=b] x\n[name=b after=a] y\n") ==
+          "my.tasks:1: the tasks' after= form a cycle: a -> b -> a; none of them could ever start");
+    CHECK(contains(message("[name=z] w\n[name=a after=c] x\n[name=b after=a] y\n[name=c after=b,z] y\n"),
+                   "my.tasks:2: the tasks' after= form a cycle: a -> c -> b -> a"));
+    CHECK(message("[name=a] x\n[name=b after=a,] y\n") ==
+          "my.tasks:2: after=a, has an empty name; write after=NAME or after=NAME,NAME");
+    CHECK(contains(message("[name=b after=train-{rte}] y\n"), "my.tasks:1: unknown placeholder {rte}"));
+    CHECK(message("[name=a after] x\n") ==
+          "my.tasks:1: option \"after\" needs a value: name=..., done=..., gpus=N, after=NAME,...");
+  }
+
+  TEST_CASE("a queue from C++ is checked the same way before anything runs") {
+    const std::string dir = fresh_dir("deps_check");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::atomic<int> ran{0};
+    auto count = [&](TaskContext&) { ++ran; };
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({after(Task::callable("a", count), {"nobody"})})) ==
+          "task \"a\" runs after \"nobody\", but no task has that name");
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({Task::callable("x", count), after(Task::callable("a", count), {"b"}),
+                                               after(Task::callable("b", count), {"a"})})) ==
+          "the tasks' after= form a cycle: a -> b -> a; none of them could ever start");
+    CHECK(ran.load() == 0);
+  }
+
+  TEST_CASE("a task starts only after its dependencies are done or skipped, and waits without holding a device") {
+    const std::string dir = fresh_dir("deps_order");
+    std::ofstream(dir + "/skipped-done") << "x";
+    // One device, one slot: a waiting task that held it would block forever.
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::mutex mutex;
+    std::vector<std::string> order;
+    auto record = [&](TaskContext& context) {
+      std::lock_guard<std::mutex> lock(mutex);
+      order.push_back(context.name());
+    };
+    const auto summary = scheduler.run({
+        after(Task::callable("report", record), {"eval", "train"}),
+        after(Task::callable("eval", record), {"train", "old"}),
+        Task::callable("train", record),
+        Task::callable("old", record, dir + "/skipped-done"),
+    });
+    CHECK(summary.exit_code() == 0);
+    CHECK(order == std::vector<std::string>{"train", "eval", "report"});
+    CHECK(result_of(summary, "old").status == TaskStatus::kSkipped);
+    CHECK(summary.count(TaskStatus::kDone) == 3);
+  }
+
+  TEST_CASE("when a dependency fails after its retries, the tasks after it are not run, transitively") {
+    const std::string dir = fresh_dir("deps_fail");
+    auto options = fast_options(dir, "0,1");
+    options.retries = 1;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    std::atomic<int> train_attempts{0};
+    std::atomic<bool> dependent_ran{false};
+    const auto summary = scheduler.run({
+        Task::callable("train",
+                       [&](TaskContext&) {
+                         ++train_attempts;
+                         throw std::runtime_error("diverged");
+                       }),
+        after(Task::callable("eval", [&](TaskContext&) { dependent_ran = true; }), {"train"}),
+        after(Task::callable("report", [&](TaskContext&) { dependent_ran = true; }), {"eval", "other"}),
+        Task::callable("other", [](TaskContext&) {}),
+    });
+    CHECK(summary.exit_code() == 1);
+    CHECK(train_attempts.load() == 2);
+    CHECK_FALSE(dependent_ran.load());
+    CHECK(result_of(summary, "train").status == TaskStatus::kFailed);
+    const auto& eval = result_of(summary, "eval");
+    CHECK(eval.status == TaskStatus::kFailed);
+    CHECK(eval.attempts == 0);
+    CHECK(eval.error == "not run: task train, which it runs after, failed");
+    CHECK(contains(read_file(eval.log_path),
+                   "### multigpu: task eval not run: task train, which it runs after, failed"));
+    const auto& report = result_of(summary, "report");
+    CHECK(report.status == TaskStatus::kFailed);
+    CHECK(report.attempts == 0);
+    CHECK(report.error == "not run: task eval, which it runs after, was not run (task train failed)");
+    CHECK(result_of(summary, "other").status == TaskStatus::kDone);
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["counts"]["failed"] == 3);
+    CHECK(json["tasks"][1]["error"] == "not run: task train, which it runs after, failed");
+  }
+
+  TEST_CASE("real sh tasks on CPU slots: a grid of train and eval, the eval of a failed train not run") {
+    const std::string dir = fresh_dir("deps_sh");
+    std::ofstream(dir + "/deps.tasks") << "grid rate = 1 2 3\n"
+                                       << "[name=eval-{rate} after=train-{rate}] test -f " << dir << "/model-{rate}\n"
+                                       << "[name=train-{rate}] sleep 0.2; test {rate} != 2 && touch " << dir
+                                       << "/model-{rate}\n";
+    const auto tasks = multigpu::read_task_file(dir + "/deps.tasks");
+    auto options = fast_options(dir, "cpu");
+    options.max_per_device = 2;
+    multigpu::Scheduler scheduler(options);
+    const auto summary = scheduler.run(tasks);
+    CHECK(summary.exit_code() == 1);
+    CHECK(result_of(summary, "train-1").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "eval-1").status == TaskStatus::kDone);  // the model was there
+    CHECK(result_of(summary, "eval-3").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "train-2").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "eval-2").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "eval-2").error == "not run: task train-2, which it runs after, failed");
+  }
+}
+
+// Issue 17: --fail-fast.
+TEST_SUITE("scheduler: fail fast") {
+  TEST_CASE("fail_fast: the first failure for good stops the run, running tasks the orderly way, exit code 1") {
+    const std::string dir = fresh_dir("fail_fast");
+    auto options = fast_options(dir, "0");
+    options.max_per_device = 2;  // slow and broken at once; broken's retry before later
+    options.fail_fast = true;
+    options.retries = 1;
+    options.grace_period = std::chrono::seconds(3);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const std::string token = fmt::format("37.{}", ::getpid());  // a sleep nobody else runs
+    std::atomic<int> attempts{0};
+    const auto start = std::chrono::steady_clock::now();
+    const auto summary = scheduler.run({
+        Task::shell("slow", fmt::format("sleep {}", token)),
+        Task::callable("broken",
+                       [&](TaskContext&) {
+                         ++attempts;
+                         std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                         throw std::runtime_error("diverged");
+                       }),
+        Task::shell("later", "true"),
+        after(Task::shell("after-broken", "true"), {"broken"}),
+    });
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+    CHECK(attempts.load() == 2);  // its retry first: failed for good only then
+    CHECK(summary.exit_code() == 1);
+    CHECK(summary.interrupted);
+    CHECK(summary.stop_signal == 0);
+    CHECK(summary.fail_fast_task == "broken");
+    CHECK(result_of(summary, "broken").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "slow").status == TaskStatus::kInterrupted);
+    CHECK(result_of(summary, "later").status == TaskStatus::kPending);
+    CHECK(result_of(summary, "later").attempts == 0);
+    CHECK(result_of(summary, "after-broken").status == TaskStatus::kPending);  // never started
+    CHECK(processes_with("sleep " + token) == 0);
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["fail_fast_task"] == "broken");
+    CHECK(json["interrupted"] == true);
+    CHECK(json["counts"]["pending"] == 2);
+  }
+
+  TEST_CASE("without fail_fast a failure stops nothing, and the summary names no task") {
+    const std::string dir = fresh_dir("no_fail_fast");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({Task::shell("broken", "exit 3"), Task::shell("later", "true")});
+    CHECK(summary.exit_code() == 1);
+    CHECK_FALSE(summary.interrupted);
+    CHECK(summary.fail_fast_task.empty());
+    CHECK(result_of(summary, "later").status == TaskStatus::kDone);
+    CHECK(nlohmann::json::parse(read_file(summary.json_path))["fail_fast_task"].is_null());
   }
 }

@@ -6,9 +6,10 @@
 //   multigpu-run --dry-run experiments.tasks
 //   multigpu-run status [LOG_DIR] [--watch]     # from any terminal, during or after a run
 //
-// Exit status: 0 every task done or skipped, 1 some failed, 2 bad usage or
-// task file (or the log folder is in use by another run), 130 / 143 / 129
-// stopped by Ctrl-C / SIGTERM / SIGHUP (the first Ctrl-C lets running tasks end).
+// Exit status: 0 every task done or skipped, 1 some failed (also when that
+// stopped the run: --fail-fast), 2 bad usage or task file (or the log folder
+// is in use by another run), 130 / 143 / 129 stopped by Ctrl-C / SIGTERM /
+// SIGHUP (the first Ctrl-C lets running tasks end).
 
 #include <chrono>
 #include <csignal>
@@ -33,6 +34,8 @@ in '\' continues on the next. Options in brackets before a command:
   [name=NAME]       the task's name (default task-01, task-02, ...): its log is LOG_DIR/NAME.log
   [done=PATH]       skip the task when PATH exists (the task creates it when it has finished)
   [gpus=N]          devices the task needs at once (default --gpus-per-task)
+  [after=A,B]       start only once tasks A and B are done (or skipped); when one of them
+                    fails, this task is not run (failed, "not run: ..."); cycles are refused
 Grids: 'grid NAME = V1 V2 ...' defines {NAME}; a later line using {NAME}
 runs once per value, and once per combination with several grids.
 {gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name;
@@ -40,6 +43,7 @@ runs once per value, and once per combination with several grids.
   grid rate = 0.1 0.2 0.4
   grid kind = sym asym
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
+  [name=eval-{kind}-{rate} after={kind}-{rate}] ./eval out/{kind}-{rate}
 )";
 
 volatile std::sig_atomic_t g_watch_stop = 0;
@@ -124,6 +128,9 @@ int main(int argc, char** argv) {
                  "Fail a task that waited this many seconds for a busy GPU (0: wait forever)")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000000));
+  app.add_flag("--fail-fast", options.fail_fast,
+               "After the first task that fails (retries used up), start nothing new, stop the running tasks as "
+               "Ctrl-C does, and exit 1");
   app.add_flag("--dry-run", dry_run, "Print what would run where, run nothing");
   app.add_flag("-q,--quiet", quiet, "No live status line");
   try {
@@ -181,18 +188,24 @@ int main(int argc, char** argv) {
           fmt::print("  skip {} (its done file exists)\n", planned.name);
         } else {
           if (!planned.note.empty()) fmt::print("  again {}: {}\n", planned.name, planned.note);
-          fmt::print("  run  {} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name, planned.devices.front(),
-                     planned.visible_devices, planned.command);
+          std::string after;
+          for (const auto& name : planned.after) after += (after.empty() ? " (after " : ", ") + name;
+          fmt::print("  run  {}{} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name,
+                     after.empty() ? "" : after + ")", planned.devices.front(), planned.visible_devices,
+                     planned.command);
         }
       }
       return 0;
     }
     const auto summary = scheduler.run(tasks);
-    fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started\n",
+    fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started{}\n",
                summary.tasks.size(), multigpu::detail::clock_text(summary.seconds),
                summary.count(multigpu::TaskStatus::kDone), summary.count(multigpu::TaskStatus::kFailed),
                summary.count(multigpu::TaskStatus::kSkipped), summary.count(multigpu::TaskStatus::kInterrupted),
-               summary.count(multigpu::TaskStatus::kPending));
+               summary.count(multigpu::TaskStatus::kPending),
+               summary.fail_fast_task.empty()
+                   ? ""
+                   : fmt::format("; stopped early: task {} failed (--fail-fast)", summary.fail_fast_task));
     for (const auto& r : summary.tasks) {
       if (r.status == multigpu::TaskStatus::kFailed) {
         fmt::print("  failed: {} ({}{}), log {}\n", r.name, r.error, r.out_of_memory ? ", out of GPU memory" : "",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: grid | sigint | errors | grace | orphans | lock | status
+# CASE: grid | sigint | errors | grace | orphans | lock | status | after | fail_fast
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
@@ -158,6 +158,46 @@ case "$case_name" in
       || fail "$(cat second.out)"
     set +e; "$tool" -q --gpus cpu --log-dir "" slow.tasks > empty.out 2>&1; status=$?; set -e
     [[ $status == 2 ]] && grep -q 'the log folder is ""' empty.out || fail "empty log folder: $(cat empty.out)"
+    ;;
+  after)
+    # [after=NAME]: evals start after their trainings; a failed training's eval
+    # and what runs after it are not run; the dry run shows it; mistakes name the line.
+    cat > deps.tasks <<'TASKS'
+grid rate = 1 2
+[name=report after=eval-1,eval-2] echo report > report.txt
+[name=eval-{rate} after=train-{rate}] test -f model-{rate}
+[name=train-{rate}] sleep 0.3; test {rate} = 1 && touch model-{rate}
+TASKS
+    "$tool" --dry-run --gpus cpu --max-per-gpu 4 deps.tasks > dry.out || fail "dry run: $(cat dry.out)"
+    grep -q "run  report (after eval-1, eval-2) on cpu" dry.out || fail "dry run: $(cat dry.out)"
+    grep -q "run  eval-2 (after train-2) on cpu" dry.out || fail "dry run: $(cat dry.out)"
+    set +e; "$tool" -q --gpus cpu --max-per-gpu 4 deps.tasks > run.out 2>&1; status=$?; set -e
+    [[ $status == 1 ]] || fail "exit status $status: $(cat run.out)"
+    grep -q "5 task(s) in .*: 2 done, 3 failed, 0 skipped, 0 interrupted, 0 not started" run.out || fail "$(cat run.out)"
+    grep -q "failed: eval-2 (not run: task train-2, which it runs after, failed)" run.out || fail "$(cat run.out)"
+    grep -q "failed: report (not run: task eval-2, which it runs after, was not run (task train-2 failed))" run.out \
+      || fail "$(cat run.out)"
+    [[ ! -e report.txt ]] || fail "report ran"
+    printf '[name=a after=b] x\n[name=b after=a] y\n' > cycle.tasks
+    set +e; "$tool" -q --gpus cpu cycle.tasks > cycle.out 2>&1; status=$?; set -e
+    [[ $status == 2 ]] || fail "exit status $status for a cycle: $(cat cycle.out)"
+    grep -q "cycle.tasks:1: the tasks' after= form a cycle: a -> b -> a" cycle.out || fail "$(cat cycle.out)"
+    ;;
+  fail_fast)
+    # --fail-fast: the first failure stops the run; the running task is stopped
+    # the orderly way; what never started stays pending; exit status 1.
+    token="61.$$"
+    printf '[name=slow] sleep %s\n[name=broken] sleep 0.3; exit 3\n[name=later] true\n' "$token" > ff.tasks
+    set +e; "$tool" -q --fail-fast --gpus cpu --max-per-gpu 2 --grace-period 2 ff.tasks > run.out 2> run.err
+    status=$?; set -e
+    [[ $status == 1 ]] || fail "exit status $status: $(cat run.out run.err)"
+    [[ $(pgrep -fc "sleep $token" || true) == 0 ]] || fail "a task left running"
+    grep -q "3 task(s) in .*: 0 done, 1 failed, 0 skipped, 1 interrupted, 1 not started; stopped early: task broken failed (--fail-fast)" run.out \
+      || fail "$(cat run.out)"
+    grep -q '"fail_fast_task": "broken"' multigpu-logs/summary.json || fail "summary: $(cat multigpu-logs/summary.json)"
+    "$tool" status > status.out || fail "status: $?"
+    grep -q "stopped early: task broken failed (--fail-fast)" status.out || fail "$(cat status.out)"
+    grep -q "task broken failed (fail-fast): stopping" run.err || fail "$(cat run.err)"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

@@ -30,6 +30,7 @@
 #include "multigpu/detail/process.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/dependencies.hpp"
 #include "multigpu/scheduler/done_record.hpp"
 #include "multigpu/scheduler/failure.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
@@ -91,6 +92,7 @@ class SchedulerCore {
   void release_cache_unless_in_use(const Running& ended);
   void write_summary(const std::vector<Job>& jobs, bool final_write);
   void print_status(const std::vector<Job>& jobs, bool force);
+  void stop_for_failure(const Job& job);
 
   SchedulerOptions options_;
   std::vector<DeviceInfo> pool_;
@@ -114,6 +116,8 @@ class SchedulerCore {
   std::string last_summary_error_;    // warned about once
   bool warned_query_ = false;
   int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
+  std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
+  std::string fail_fast_task_;  // the task whose failure stops the run (SchedulerOptions::fail_fast)
 };
 
 // ---------------------------------------------------------------------------
@@ -362,6 +366,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     result.status = TaskStatus::kFailed;
     if (draining_ && result.attempts <= options_.retries) result.error += " (not retried: the run was draining after Ctrl-C)";
     append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
+    stop_for_failure(job);
   }
 }
 
@@ -398,6 +403,7 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
   live.pid = static_cast<long>(::getpid());
   live.host = host_name();
   live.slots = pool_.size() * static_cast<std::size_t>(options_.max_per_device);
+  live.fail_fast_task = fail_fast_task_;
   const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed, live);
   const std::string csv = summary_csv(results);
   // A summary that cannot be written (a full disk, a deleted folder) is the
@@ -456,6 +462,14 @@ inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force
   std::fflush(stderr);
 }
 
+inline void SchedulerCore::stop_for_failure(const Job& job) {
+  // SchedulerOptions::fail_fast: stopped as by a stop request, without a signal.
+  if (!options_.fail_fast || !fail_fast_task_.empty() || stop_.load()) return;
+  fail_fast_task_ = job.task.name;
+  stop_ = true;
+  wake_.notify();
+}
+
 inline void SchedulerCore::request_stop(int signal) {
   stop_signal_ = signal;
   stop_ = true;
@@ -503,10 +517,13 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     jobs.push_back(std::move(job));
   }
   jobs_ = &jobs;
+  after_ = dependency_indexes(tasks);
+  const bool has_dependencies = std::any_of(tasks.begin(), tasks.end(), [](const Task& t) { return !t.after.empty(); });
   stop_ = false;
   drain_ = false;
   draining_ = false;
   stop_signal_ = 0;
+  fail_fast_task_.clear();
   std::fill(load_.begin(), load_.end(), 0);
   std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
   const SignalWatch signals(options_.handle_signals);
@@ -557,7 +574,8 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           if (r->child) r->child->kill_group(SIGTERM);
         }
         kill_deadline = now + options_.grace_period;
-        log(LogLevel::kWarning, fmt::format("stopping: no new task starts; {} running task(s) get {} s to end",
+        const std::string why = fail_fast_task_.empty() ? "" : "task " + fail_fast_task_ + " failed (fail-fast): ";
+        log(LogLevel::kWarning, fmt::format("{}stopping: no new task starts; {} running task(s) get {} s to end", why,
                                             running_.size(), options_.grace_period.count() / 1000.0));
       }
       if (stopping && !killed && now >= kill_deadline) {
@@ -583,11 +601,16 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       queue_empty = true;
       if (!stopping && !draining_ && !own_error) {
         std::optional<std::vector<DeviceInfo>> devices_now;
+        // See Note [Dependencies] in dependencies.hpp. Not once stopping: waiting tasks stay pending.
+        std::vector<const TaskResult*> results;
+        if (has_dependencies && !stop_.load() && end_tasks_not_run(after_, jobs, results)) summary_dirty_ = true;
         for (auto& job : jobs) {
           if (!job.queued) continue;
           queue_empty = false;
           if (stop_.load() || drain_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
+          const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
+          if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
           if (!devices_now) devices_now = query_devices();
           if (auto placement = place(job, *devices_now)) {
             job.queued = false;
@@ -619,6 +642,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
             job.result.error = fmt::format("no device became free within {} s: {}",
                                            options_.busy_wait_limit.count() / 1000.0, busy);
             summary_dirty_ = true;
+            stop_for_failure(job);
           }
         }
       }
@@ -651,6 +675,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     std::rethrow_exception(own_error);
   }
   summary_.stop_signal = summary_.interrupted ? stop_signal_.load() : 0;
+  summary_.fail_fast_task = fail_fast_task_;
   summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   write_summary(jobs, true);
   print_status(jobs, true);
@@ -669,6 +694,7 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
     PlannedTask p;
     p.name = task.name;
     p.skipped = is_done(task, &p.note);
+    p.after = task.after;
     if (!p.skipped) {
       if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
         std::fill(load.begin(), load.end(), 0);  // the next wave

@@ -37,6 +37,11 @@ struct SchedulerOptions {
   /// Extra attempts for a failed task (on another device when one is free,
   /// always when it ran out of GPU memory).
   int retries = 0;
+  /// After the first task that fails for good (its retries used up, or it
+  /// waited too long for a busy device): start nothing new, stop the running
+  /// tasks as a stop request does (SIGTERM, the grace period, SIGKILL), and
+  /// end the run; RunSummary::fail_fast_task names that task, exit code 1.
+  bool fail_fast = false;
   /// How often running commands and busy devices are looked at.
   std::chrono::milliseconds poll_interval{200};
   /// After a stop request: how long commands get to end after SIGTERM before

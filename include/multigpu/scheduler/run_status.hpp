@@ -76,6 +76,7 @@ struct RunStatus {
   std::vector<TaskStatusLine> tasks;
   bool finished = false;
   bool interrupted = false;
+  std::string fail_fast_task;  ///< The task whose failure stopped the run (--fail-fast), or "".
   double seconds = 0;        ///< The run's duration when the file was written.
   double updated_unix = 0;   ///< When the file was written (0: a summary from before these fields).
   long pid = 0;
@@ -177,6 +178,9 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
     }
     run.finished = json.value("finished", false);
     run.interrupted = json.value("interrupted", false);
+    if (json.contains("fail_fast_task") && json["fail_fast_task"].is_string()) {
+      run.fail_fast_task = json["fail_fast_task"].get<std::string>();
+    }
     run.seconds = json.value("seconds", 0.0);
     run.updated_unix = json.value("updated_unix", 0.0);
     run.pid = json.value("pid", 0L);
@@ -260,7 +264,13 @@ inline std::string render_run_status(const RunStatus& run, double now_unix, std:
       out += fmt::format("its scheduler ({}) is gone; its tasks are being stopped", who);
       break;
     case RunLiveness::kFinished:
-      out += run.interrupted ? "stopped before the end" : "finished";
+      if (!run.interrupted) {
+        out += "finished";
+      } else if (run.fail_fast_task.empty()) {
+        out += "stopped before the end";
+      } else {
+        out += fmt::format("stopped early: task {} failed (--fail-fast)", run.fail_fast_task);
+      }
       break;
     case RunLiveness::kEnded:
       out += fmt::format("ended without finishing ({} was killed?)", who);

@@ -29,6 +29,8 @@ struct RunSummary {
   std::vector<TaskResult> tasks;  ///< In the order the tasks were given.
   bool interrupted = false;
   int stop_signal = 0;  ///< SIGINT or SIGTERM when a signal stopped the run.
+  /// With SchedulerOptions::fail_fast: the task whose failure stopped the run ("" otherwise).
+  std::string fail_fast_task;
   double seconds = 0;
   std::string json_path;  ///< Where the summary was written.
   std::string csv_path;
@@ -39,9 +41,11 @@ struct RunSummary {
     return static_cast<std::size_t>(
         std::count_if(tasks.begin(), tasks.end(), [status](const TaskResult& r) { return r.status == status; }));
   }
-  /// 0 when every task is done or skipped, 1 when some failed, 128 + signal
-  /// (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP) when the run was stopped.
+  /// 0 when every task is done or skipped, 1 when some failed (also when
+  /// that stopped the run: fail_fast), 128 + signal (130 for Ctrl-C, 143 for
+  /// SIGTERM, 129 for SIGHUP) when the run was stopped.
   int exit_code() const {
+    if (interrupted && !fail_fast_task.empty() && stop_signal == 0) return 1;
     if (interrupted) return 128 + (stop_signal != 0 ? stop_signal : SIGINT);
     return count(TaskStatus::kFailed) > 0 ? 1 : 0;
   }
@@ -72,6 +76,7 @@ struct SummaryLive {
   long pid = 0;               ///< The scheduler's process.
   std::string host;
   std::size_t slots = 0;      ///< Tasks at once (devices x tasks per device).
+  std::string fail_fast_task;  ///< The task whose failure stopped the run (fail_fast), or "".
 };
 
 /// Seconds since 1970 of `time` (0 for a time never set).
@@ -109,6 +114,7 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
   const Json summary{{"tasks", std::move(tasks)},
                      {"finished", finished},
                      {"interrupted", interrupted},
+                     {"fail_fast_task", live.fail_fast_task.empty() ? Json(nullptr) : Json(live.fail_fast_task)},
                      {"seconds", milliseconds(seconds)},
                      {"counts", Json{{"done", counts[static_cast<int>(TaskStatus::kDone)]},
                                      {"failed", counts[static_cast<int>(TaskStatus::kFailed)]},

@@ -60,6 +60,10 @@ struct Task {
   std::string done_marker;
   /// Devices the task needs at once.
   int devices = 1;
+  /// Names of tasks that must be done (or skipped) before this one starts;
+  /// when one of them fails, this task is not run (see Note [Dependencies]
+  /// in scheduler/dependencies.hpp).
+  std::vector<std::string> after;
 
   static Task shell(std::string name, std::string command, std::string done_marker = {}, int devices = 1) {
     Task task;
@@ -126,6 +130,7 @@ struct PlannedTask {
   std::vector<std::string> devices;
   std::string visible_devices;
   std::string command;             ///< With {gpu} and {task} filled in ("" for callables).
+  std::vector<std::string> after;  ///< The tasks it starts after.
 };
 
 namespace detail {

@@ -1,8 +1,8 @@
 #pragma once
 /// @file
 /// Task files (see the README, "Task files"): one shell command per line,
-/// `#` comments, `[name=... done=... gpus=N]` options, `grid NAME = VALUES...`
-/// lines whose `{NAME}` placeholders expand a command over every combination.
+/// `#` comments, `[name=... done=... gpus=N after=A,B]` options, `grid NAME =
+/// VALUES...` lines whose `{NAME}` placeholders expand a command over every combination.
 
 #include <algorithm>
 #include <cctype>
@@ -19,12 +19,13 @@
 
 #include "multigpu/device_spec.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/dependencies.hpp"
 #include "multigpu/scheduler/task.hpp"
 
 namespace multigpu {
 
 /// Parses a task file (see the README, "Task files"): one shell command per
-/// line, `#` comments, `[name=... done=... gpus=N]` options before a command,
+/// line, `#` comments, `[name=... done=... gpus=N after=A,B]` options before a command,
 /// `grid NAME = VALUES...` lines whose variables `{NAME}` expand a command
 /// over every combination. `source` names the text in errors (file:line);
 /// `default_devices` is what a line without gpus=N needs.
@@ -73,6 +74,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
   std::vector<Grid> grids;
   std::vector<Task> tasks;
   std::vector<bool> named;
+  std::vector<std::size_t> lines;  // per task: the line it comes from
   std::map<std::string, std::size_t> name_lines;
   const auto fail = [&](std::size_t line, const std::string& problem) -> SchedulerError {
     return SchedulerError(fmt::format("{}:{}: {}", source, line, problem));
@@ -132,6 +134,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
     if (command.empty()) throw fail(start_line, "the line has options but no command");
     std::string name_template;
     std::string done_template;
+    std::string after_template;  // comma-separated names
     int devices = default_devices;
     std::istringstream option_stream(options_text);
     for (std::string option; option_stream >> option;) {
@@ -139,7 +142,8 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
       const std::string key = option.substr(0, equals);
       const std::string value = equals == std::string::npos ? "" : option.substr(equals + 1);
       if (equals == std::string::npos || value.empty()) {
-        throw fail(start_line, fmt::format("option \"{}\" needs a value: name=..., done=..., gpus=N", option));
+        throw fail(start_line, fmt::format("option \"{}\" needs a value: name=..., done=..., gpus=N, after=NAME,...",
+                                           option));
       }
       if (key == "name") {
         name_template = value;
@@ -151,14 +155,16 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
           throw fail(start_line, fmt::format("gpus={} is not a number of devices (1 or more)", value));
         }
         devices = parsed;
+      } else if (key == "after") {
+        after_template += (after_template.empty() ? "" : ",") + value;  // after= twice: both lists
       } else {
-        throw fail(start_line, fmt::format("unknown option \"{}\"; valid: name, done, gpus", key));
+        throw fail(start_line, fmt::format("unknown option \"{}\"; valid: name, done, gpus, after", key));
       }
     }
 
     // Which grid variables the line uses; unknown names are an error.
     std::vector<std::size_t> used;
-    for (const std::string* part : {&name_template, &done_template, &command}) {
+    for (const std::string* part : {&name_template, &done_template, &after_template, &command}) {
       for (const auto& placeholder : detail::placeholders_of(*part)) {
         if (placeholder == "gpu" || placeholder == "task") continue;
         std::size_t found = grids.size();
@@ -186,6 +192,17 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
       task.done_marker = detail::expand_line(done_template, values);
       task.devices = devices;
       task.name = detail::expand_line(name_template, values);
+      const std::string after = detail::expand_line(after_template, values);
+      for (std::size_t begin = 0; !after_template.empty() && begin <= after.size();) {
+        const std::size_t comma = std::min(after.find(',', begin), after.size());
+        const std::string name = after.substr(begin, comma - begin);
+        if (name.empty()) {
+          throw fail(start_line, fmt::format("after={} has an empty name; write after=NAME or after=NAME,NAME",
+                                             after_template));
+        }
+        if (std::find(task.after.begin(), task.after.end(), name) == task.after.end()) task.after.push_back(name);
+        begin = comma + 1;
+      }
       if (!task.name.empty()) {
         const auto [where, inserted] = name_lines.emplace(task.name, start_line);
         if (!inserted) {
@@ -195,6 +212,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
         }
       }
       named.push_back(!task.name.empty());
+      lines.push_back(start_line);
       tasks.push_back(std::move(task));
       bool advanced = false;  // next combination, the last grid fastest
       for (std::size_t u = used.size(); u-- > 0;) {
@@ -216,6 +234,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
     if (name_lines.count(name) != 0) name += "-" + std::to_string(i + 1);
     tasks[i].name = name;
   }
+  if (const auto problem = detail::find_dependency_problem(tasks)) throw fail(lines[problem->task], problem->message);
   return tasks;
 }
 

@@ -12,6 +12,7 @@
 
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/dependencies.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
 #include "multigpu/scheduler/task.hpp"
 #include "multigpu/scheduler/text.hpp"
@@ -22,7 +23,8 @@ namespace detail {
 /// Checks a queue before it runs, or throws SchedulerError saying what is
 /// wrong: every task has a unique UTF-8 name that maps to its own log file,
 /// exactly one of a command (without NUL bytes) and a function, and needs no
-/// more devices than the pool (`pool`, not empty) has.
+/// more devices than the pool (`pool`, not empty) has, and runs after tasks
+/// of the queue without a cycle.
 inline void validate_tasks(const std::vector<Task>& tasks, const std::vector<DeviceInfo>& pool) {
   std::set<std::string> names;
   std::map<std::string, std::string> files;  // log file name -> task name
@@ -58,6 +60,7 @@ inline void validate_tasks(const std::vector<Task>& tasks, const std::vector<Dev
                                        pool.size(), pool.front().is_cpu() ? "cpu" : "GPUs"));
     }
   }
+  if (const auto problem = find_dependency_problem(tasks)) throw SchedulerError(problem->message);
 }
 
 }  // namespace detail
