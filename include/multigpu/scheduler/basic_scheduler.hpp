@@ -12,6 +12,7 @@
 #include "multigpu/device.hpp"
 #include "multigpu/runtime.hpp"
 #include "multigpu/scheduler/core.hpp"
+#include "multigpu/scheduler/run_loop.hpp"
 #include "multigpu/scheduler/options.hpp"
 #include "multigpu/scheduler/summary.hpp"
 #include "multigpu/scheduler/task.hpp"

@@ -1,0 +1,243 @@
+#pragma once
+/// @file
+/// SchedulerCore's run loop: dispatching, waiting, stopping and draining
+/// (see Note [Waking the scheduler] in wake_up.hpp, Note [The scheduler's own
+/// errors] and Note [Two-stage Ctrl-C] below).
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <exception>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/core.h>
+
+#include "multigpu/error.hpp"
+#include "multigpu/scheduler/core.hpp"
+#include "multigpu/scheduler/log_dir.hpp"
+#include "multigpu/scheduler/summary.hpp"
+#include "multigpu/scheduler/task.hpp"
+#include "multigpu/scheduler/validate.hpp"
+#include "multigpu/scheduler/wake_up.hpp"
+
+namespace multigpu {
+namespace detail {
+
+inline void SchedulerCore::request_stop(int signal) {
+  stop_signal_ = signal;
+  stop_ = true;
+  wake_.notify();
+}
+
+inline void SchedulerCore::request_drain() {
+  drain_ = true;
+  wake_.notify();
+}
+
+inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
+  validate_tasks(tasks, pool_);
+  check_force_names(tasks);
+  make_directories(options_.log_dir);
+  const std::string base = options_.summary_path.empty() ? options_.log_dir + "/summary" : options_.summary_path;
+  const auto slash = base.rfind('/');
+  if (slash != std::string::npos && slash > 0) make_directories(base.substr(0, slash));
+  // See Note [The log folder's lock] in log_dir.hpp. Released when run() returns.
+  lock_fd_ = lock_log_dir(options_.log_dir);
+  struct Unlock {
+    int& fd;
+    ~Unlock() {
+      ::close(fd);
+      fd = -1;
+    }
+  } unlock{lock_fd_};
+  summary_ = RunSummary{};
+  summary_.json_path = base + ".json";
+  summary_.csv_path = base + ".csv";
+  std::vector<Job> jobs;
+  for (const auto& task : tasks) {
+    Job job;
+    job.task = task;
+    job.result.name = task.name;
+    job.result.log_path = options_.log_dir + "/" + file_safe(task.name) + ".log";
+    std::string why_not;
+    if (is_done(task, &why_not)) {
+      job.result.status = TaskStatus::kSkipped;
+      job.queued = false;
+    } else if (!why_not.empty()) {
+      warn(fmt::format("task {} runs again: {}", task.name, why_not));
+      append_to_file(job.result.log_path, fmt::format("### running again: {}\n", why_not));
+    }
+    jobs.push_back(std::move(job));
+  }
+  jobs_ = &jobs;
+  after_ = dependency_indexes(tasks);
+  const bool has_dependencies = std::any_of(tasks.begin(), tasks.end(), [](const Task& t) { return !t.after.empty(); });
+  stop_ = false;
+  drain_ = false;
+  draining_ = false;
+  stop_signal_ = 0;
+  fail_fast_task_.clear();
+  std::fill(load_.begin(), load_.end(), 0);
+  std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
+  const SignalWatch signals(options_.handle_signals);
+  run_start_ = std::chrono::steady_clock::now();
+  last_status_ = {};
+  write_summary(jobs, false);
+
+  bool stopping = false;
+  bool killed = false;
+  bool warned_busy = false;
+  bool queue_empty = true;
+  // Note [The scheduler's own errors]
+  // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+  // An error of the scheduler's own (not a task's) never kills the running
+  // tasks: no new task starts, the running ones are left to end (a stop
+  // request still stops them), the summary is written, and then run()
+  // rethrows the error.
+  std::exception_ptr own_error;
+  std::chrono::steady_clock::time_point kill_deadline{};
+  // Note [Two-stage Ctrl-C]
+  // ~~~~~~~~~~~~~~~~~~~~~~~
+  // Hours of training should not end because a key was pressed once. The
+  // first Ctrl-C drains the run: no new task starts, the running ones go on
+  // to their end (done or failed, not retried), then the summary and exit
+  // status 130. A second Ctrl-C, SIGTERM, SIGHUP or request_stop() stops
+  // the running tasks (SIGTERM to each task's group, the grace period,
+  // SIGKILL). interrupt_drains = false, or request_stop(), skips the first
+  // stage; request_drain() is the first stage from C++.
+  while (true) {
+    const auto now = std::chrono::steady_clock::now();
+    try {
+      const int signal = signals.signal();
+      const bool stop_signal = signal != 0 && (signal != SIGINT || !options_.interrupt_drains ||
+                                               signals.interrupts() >= 2);
+      if (!stopping && !draining_ && !stop_.load() && !stop_signal && (drain_.load() || signal == SIGINT)) {
+        draining_ = true;
+        stop_signal_ = SIGINT;
+        log(LogLevel::kWarning,
+            fmt::format("draining: no new task starts; the {} running task(s) go on to their end (Ctrl-C again "
+                        "stops them: SIGTERM, then SIGKILL after {} s)",
+                        running_.size(), options_.grace_period.count() / 1000.0));
+      }
+      if (!stopping && (stop_.load() || stop_signal)) {
+        stopping = true;
+        if (signal != 0) stop_signal_ = signal;
+        stop_ = true;  // in-process tasks see it
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGTERM);
+        }
+        kill_deadline = now + options_.grace_period;
+        const std::string why = fail_fast_task_.empty() ? "" : "task " + fail_fast_task_ + " failed (fail-fast): ";
+        log(LogLevel::kWarning, fmt::format("{}stopping: no new task starts; {} running task(s) get {} s to end", why,
+                                            running_.size(), options_.grace_period.count() / 1000.0));
+      }
+      if (stopping && !killed && now >= kill_deadline) {
+        for (auto& r : running_) {
+          if (r->child) r->child->kill_group(SIGKILL);
+        }
+        killed = true;
+      }
+
+      for (std::size_t i = 0; i < running_.size();) {
+        Running& r = *running_[i];
+        const bool ended = r.child ? r.child->poll().has_value() : r.finished.load();
+        if (!ended) {
+          ++i;
+          continue;
+        }
+        if (r.thread.joinable()) r.thread.join();
+        const std::unique_ptr<Running> done = std::move(running_[i]);
+        running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(i));
+        finish(*done);
+      }
+
+      queue_empty = true;
+      if (!stopping && !draining_ && !own_error) {
+        std::optional<std::vector<DeviceInfo>> devices_now;
+        // See Note [Dependencies] in dependencies.hpp. Not once stopping: waiting tasks stay pending.
+        std::vector<const TaskResult*> results;
+        if (has_dependencies && !stop_.load() && end_tasks_not_run(after_, jobs, results)) summary_dirty_ = true;
+        for (auto& job : jobs) {
+          if (!job.queued) continue;
+          queue_empty = false;
+          if (stop_.load() || drain_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
+          if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
+          const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
+          if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
+          if (!devices_now) devices_now = query_devices();
+          if (auto placement = place(job, *devices_now)) {
+            job.queued = false;
+            job.waiting_since.reset();
+            start(job, *placement);
+            continue;
+          }
+          // Waiting. Only waiting on someone else's busy device counts towards the limit.
+          std::string busy;
+          for (std::size_t d = 0; d < pool_.size(); ++d) {
+            if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
+              busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
+                                  (*devices_now)[d].used_bytes >> 20);
+            }
+          }
+          if (busy.empty()) {
+            job.waiting_since.reset();
+            continue;
+          }
+          if (!warned_busy) {
+            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others", busy,
+                             options_.memory_threshold_mib));
+            warned_busy = true;
+          }
+          if (!job.waiting_since) job.waiting_since = now;
+          if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
+            job.queued = false;
+            job.result.status = TaskStatus::kFailed;
+            job.result.error = fmt::format("no device became free within {} s: {}",
+                                           options_.busy_wait_limit.count() / 1000.0, busy);
+            summary_dirty_ = true;
+            stop_for_failure(job);
+          }
+        }
+      }
+      if (summary_dirty_) write_summary(jobs, false);
+      print_status(jobs, false);
+    } catch (const std::exception& e) {
+      // See Note [The scheduler's own errors].
+      if (!own_error) {
+        own_error = std::current_exception();
+        warn(fmt::format("the scheduler failed ({}); no new task starts, and the {} running task(s) are left to "
+                         "end",
+                         e.what(), running_.size()));
+      }
+    }
+    if (running_.empty() && (stopping || draining_ || own_error || queue_empty)) break;
+    if (stop_.load() == stopping && drain_.load() == draining_ &&
+        std::none_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); })) {
+      std::vector<int> children;
+      for (const auto& r : running_) {
+        if (r->child) children.push_back(r->child->exit_fd());
+      }
+      wake_.wait(children, options_.poll_interval);
+    }
+  }
+
+  summary_.interrupted = stopping || draining_;
+  if (own_error) {
+    write_summary(jobs, true);
+    jobs_ = nullptr;
+    std::rethrow_exception(own_error);
+  }
+  summary_.stop_signal = summary_.interrupted ? stop_signal_.load() : 0;
+  summary_.fail_fast_task = fail_fast_task_;
+  summary_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  write_summary(jobs, true);
+  print_status(jobs, true);
+  for (const auto& job : jobs) summary_.tasks.push_back(job.result);
+  jobs_ = nullptr;
+  return summary_;
+}
+
+}  // namespace detail
+}  // namespace multigpu
