@@ -120,12 +120,27 @@ TEST_SUITE("multigpu-run status") {
     write_json(summary, json);
     CHECK(multigpu::read_run_status(summary, lock_path).liveness == RunLiveness::kElsewhere);
 
+    // A summary kept elsewhere names its log folder: that lock counts, not the caller's guess.
+    json["host"] = this_host();
+    json["pid"] = static_cast<long>(::getpid());
+    json["log_dir"] = dir;
+    write_json(summary, json);
+    {
+      HeldLock lock(lock_path);
+      CHECK(multigpu::read_run_status(summary, dir + "/elsewhere/.multigpu-run.lock").liveness ==
+            RunLiveness::kRunning);
+    }
+
     json["finished"] = true;
     json["tasks"] = {task_json("a", "done", false, 1.0, 5, 1, dir + "/a.log")};
     write_json(summary, json);
     run = multigpu::read_run_status(summary, lock_path);
     CHECK(run.liveness == RunLiveness::kFinished);
     CHECK(contains(multigpu::render_run_status(run, 100.0), "finished - 1 tasks: 0 running, 1 done"));
+    json["error"] = "cannot write summary.json: No space left on device";
+    write_json(summary, json);
+    CHECK(contains(multigpu::render_run_status(multigpu::read_run_status(summary, lock_path), 100.0),
+                   "the scheduler failed: cannot write summary.json: No space left on device - 1 tasks"));
   }
 
   TEST_CASE("no summary, or a file that is not one, is an error naming the file") {

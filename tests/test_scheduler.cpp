@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <dirent.h>
+#include <sys/resource.h>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -431,8 +432,21 @@ TEST_SUITE("scheduler") {
     const std::string refused = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, run({task("a", "v2"), task("b", "v1")}));
     CHECK(contains(refused, "--force names no task: \"nosuch\"; the tasks are a, b"));
 
-    // A marker with no record (made by hand, or before records) is trusted.
     options.force_tasks.clear();
+    // A changed command whose task finds its old marker and does not make it
+    // again: the new command is not recorded, so the next run tries again.
+    {
+      CapturedLog log;
+      const Task lazy = Task::shell("a", fmt::format("test -e {0}/a.done || touch {0}/a.done; echo v4", dir),
+                                    fmt::format("{}/a.done", dir));
+      CHECK(result_of(run({lazy, task("b", "v1")}), "a").status == TaskStatus::kDone);
+      bool warned = false;
+      for (const auto& line : log.warnings()) warned = warned || contains(line, "did not make its done marker");
+      CHECK(warned);
+      CHECK(result_of(run({lazy, task("b", "v1")}), "a").status == TaskStatus::kDone);  // not skipped
+    }
+
+    // A marker with no record (made by hand, or before records) is trusted.
     std::filesystem::remove(dir + "/logs/.done/b.json");
     CHECK(result_of(run({task("a", "v2"), task("b", "v3")}), "b").status == TaskStatus::kSkipped);
   }
@@ -479,13 +493,19 @@ TEST_SUITE("scheduler") {
     options.handle_signals = true;
     options.retries = 2;
     FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    rusage before{};
+    rusage after{};
     std::thread interrupter([&] {
       eventually([&] {
         return multigpu::detail::path_exists(dir + "/started-a") && multigpu::detail::path_exists(dir + "/started-b");
       });
       ::kill(::getpid(), SIGINT);
       // The run waits for a and b; let them end only once it has drained.
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      // Meanwhile the scheduler idles: measure its CPU time over 0.4 s of that.
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      ::getrusage(RUSAGE_SELF, &before);
+      std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      ::getrusage(RUSAGE_SELF, &after);
       std::ofstream(dir + "/go") << "";
     });
     const auto summary = scheduler.run({
@@ -494,6 +514,12 @@ TEST_SUITE("scheduler") {
         Task::shell("c", "true"),
     });
     interrupter.join();
+    const auto cpu_seconds = [](const rusage& r) {
+      return static_cast<double>(r.ru_utime.tv_sec + r.ru_stime.tv_sec) +
+             static_cast<double>(r.ru_utime.tv_usec + r.ru_stime.tv_usec) * 1e-6;
+    };
+    // A loop that spun while draining would use about 0.4 s.
+    CHECK(cpu_seconds(after) - cpu_seconds(before) < 0.2);
     CHECK(summary.interrupted);
     CHECK(summary.exit_code() == 130);
     CHECK(result_of(summary, "a").status == TaskStatus::kDone);
@@ -520,6 +546,11 @@ TEST_SUITE("scheduler") {
     CHECK(result_of(drained, "first").status == TaskStatus::kDone);
     CHECK(result_of(drained, "second").status == TaskStatus::kPending);
     CHECK(drained.exit_code() == 130);
+    // A drain that leaves nothing unstarted cut nothing short: exit status 0.
+    FakeScheduler last(options, FakeRuntime::with_gpus(1));
+    const auto complete = last.run({Task::callable("only", [&](TaskContext&) { last.request_drain(); })});
+    CHECK_FALSE(complete.interrupted);
+    CHECK(complete.exit_code() == 0);
 
     options.handle_signals = true;
     options.interrupt_drains = false;
@@ -533,6 +564,20 @@ TEST_SUITE("scheduler") {
     interrupter.join();
     CHECK(result_of(stopped, "sleeper").status == TaskStatus::kInterrupted);
     CHECK(stopped.exit_code() == 130);
+
+    // SIGTERM, then at once a Ctrl-C: the SIGTERM is not hidden by it.
+    options.interrupt_drains = true;
+    std::filesystem::remove(dir + "/started");
+    FakeScheduler terminated(options, FakeRuntime::with_gpus(1));
+    std::thread terminator([&] {
+      eventually([&] { return multigpu::detail::path_exists(dir + "/started"); });
+      ::kill(::getpid(), SIGTERM);
+      ::kill(::getpid(), SIGINT);
+    });
+    const auto ended = terminated.run({Task::shell("sleeper", fmt::format("touch {}/started; sleep 30", dir))});
+    terminator.join();
+    CHECK(result_of(ended, "sleeper").status == TaskStatus::kInterrupted);
+    CHECK(ended.exit_code() == 143);
   }
 
   TEST_CASE("the summary, in JSON and CSV, says what happened to every task") {

@@ -52,6 +52,8 @@ volatile std::sig_atomic_t g_watch_stop = 0;
 /// `interval` seconds until the run has ended or Ctrl-C.
 int show_status(const std::string& log_dir, std::string summary, bool watch, double interval) {
   if (summary.empty()) summary = log_dir + "/summary.json";
+  // The run's --summary PATH writes PATH.json: the same value works here.
+  if (std::filesystem::path(summary).extension() != ".json") summary += ".json";
   const std::string lock = multigpu::detail::lock_path_of(log_dir);
   const bool tty = ::isatty(STDOUT_FILENO) != 0;
   std::signal(SIGINT, [](int) { g_watch_stop = 1; });
@@ -142,6 +144,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (status->parsed()) {
+    // `multigpu-run --log-dir DIR status`: the main command's folder, unless status names one.
+    if (status->get_option("log-dir")->count() == 0 && app.get_option("--log-dir")->count() > 0) {
+      status_dir = options.log_dir;
+    }
     try {
       return show_status(status_dir, status_summary, watch, watch_interval);
     } catch (const std::exception& e) {
@@ -161,7 +167,17 @@ int main(int argc, char** argv) {
       from = comma + 1;
     }
   }
+  // Only a bare --force reruns everything: `--force "$TASKS"` with TASKS empty must not.
+  if (!force_values.empty() && options.force_tasks.empty()) {
+    fmt::print(stderr, "multigpu-run: --force was given no task name (\"{}\"); give names (--force a,b), or "
+                       "--force alone to rerun every task\n", force_values.front());
+    return 2;
+  }
   options.force = force->count() > 0 && options.force_tasks.empty();
+  if (force->count() > 0 && app.get_option("--skip-existing")->count() > 0) {
+    fmt::print(stderr, "multigpu-run: --skip-existing and --force contradict each other; give one\n");
+    return 2;
+  }
   if (task_file.empty()) {
     fmt::print(stderr, "multigpu-run: give a task file (multigpu-run TASKS), or `multigpu-run status [LOG_DIR]`; "
                        "--help says more\n");

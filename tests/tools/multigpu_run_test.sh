@@ -24,6 +24,8 @@ case "$case_name" in
     set +e; "$tool" --gpus cpu --force nosuch "$source_dir/examples/tasks/noise_grid.tasks" 2> force.err; status=$?; set -e
     [[ $status == 2 ]] && grep -q '\-\-force names no task: "nosuch"; the tasks are sym-0.125, asym-0.125' force.err \
       || fail "--force with a wrong name: $status $(cat force.err)"
+    set +e; "$tool" --gpus cpu --force "" "$source_dir/examples/tasks/noise_grid.tasks" 2> empty.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "force was given no task name" empty.err || fail "--force \"\": $status $(cat empty.err)"
     # A failing task: exit status 1, named with its log.
     printf '[name=ok] true\n[name=broken] echo about to fail; exit 4\n' > mixed.tasks
     set +e; "$tool" -q --gpus cpu mixed.tasks > mixed.out; status=$?; set -e
@@ -69,6 +71,8 @@ case "$case_name" in
     touch go
     wait "$pid" || fail "run: $(cat run.out)"
     "$tool" status multigpu-logs --watch > done.out || fail "status after the run"
+    "$tool" status --summary multigpu-logs/summary > by-summary.out || fail "status --summary PATH (no .json)"
+    grep -q "^finished - 2 tasks" by-summary.out || fail "status --summary: $(cat by-summary.out)"
     grep -q "^finished - 2 tasks: 0 running, 2 done" done.out || fail "finished: $(cat done.out)"
     grep -Eq "^alpha +done +cpu .* done$" done.out || fail "the task's own last line: $(cat done.out)"
     # A killed scheduler: its task is stopped by its supervisor, and status says the run did not finish.

@@ -65,8 +65,9 @@ namespace detail {
 //
 // The supervisor installs no signal handler. It blocks the signals it acts
 // on and takes them with sigwaitinfo between reaping its children, so the
-// order of events is the kernel's: a SIGTERM sent to the group is pending
-// before the shell it killed can be reaped, and the supervisor takes every
+// order of events is the kernel's: the scheduler sends a stop to the
+// supervisor itself before its group, so it is pending before the shell it
+// killed can be reaped, and the supervisor takes every
 // pending signal before it decides that the shell ended on its own. (With
 // handlers, a sanitizer's runtime, which defers handlers to a safe point,
 // made that decision before the handler had run, and killed a task that was
@@ -111,7 +112,7 @@ constexpr int kErrorFd = 3;
 constexpr int kKeptFd = 4;
 
 /// The signals the supervisor takes synchronously (blocked, then taken with
-/// sigtimedwait). It installs no handler: nothing runs at an arbitrary point,
+/// sigwaitinfo, or sigtimedwait for what is already pending). It installs no handler: nothing runs at an arbitrary point,
 /// and a sanitizer's deferred handlers cannot reorder "the shell ended" and
 /// "a stop was asked for".
 inline sigset_t watched_signals() {
@@ -369,7 +370,11 @@ class ChildProcess {
 
   /// Sends `signal` to the child's whole process group.
   void kill_group(int signal) {
-    if (!exit_) ::killpg(pid_, signal);
+    if (exit_) return;
+    // The supervisor first, then its group: so that the supervisor has the
+    // signal pending before the shell it outlives can end (see the Note).
+    ::kill(pid_, signal);
+    ::killpg(pid_, signal);
   }
 
  private:

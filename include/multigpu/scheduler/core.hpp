@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -118,6 +119,7 @@ class SchedulerCore {
   bool warned_query_ = false;
   int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
   std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
+  std::string run_error_;  // the scheduler's own error that ended run(), for the summary
   std::string fail_fast_task_;  // the task whose failure stops the run (SchedulerOptions::fail_fast)
 };
 
@@ -130,6 +132,9 @@ struct SchedulerCore::Job {
   std::set<std::size_t> avoid;  // devices not to retry on
   bool queued = true;
   std::optional<std::chrono::steady_clock::time_point> waiting_since;
+  // The done marker as the current attempt found it (see Note [A done
+  // marker's command]): whether it existed, and its time if it did.
+  std::optional<std::filesystem::file_time_type> marker_before;
 };
 
 struct SchedulerCore::Running {
@@ -230,6 +235,7 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   TaskResult& result = job.result;
   ++result.attempts;
   result.start = std::chrono::system_clock::now();
+  job.marker_before = marker_time(job.task.done_marker);
   result.devices.clear();
   std::vector<DeviceInfo> infos;
   std::string visible;
@@ -343,6 +349,13 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     if (!job.task.done_marker.empty() && !path_exists(job.task.done_marker)) {
       warn(fmt::format("task {} succeeded but did not create its done marker {}; a rerun will run it again",
                        job.task.name, job.task.done_marker));
+    } else if (!job.task.done_marker.empty() && !job.task.command.empty() && job.marker_before &&
+               marker_time(job.task.done_marker) == job.marker_before) {
+      // An old marker the task did not make again (it may have found its old
+      // output and exited at once): not the new command's result.
+      warn(fmt::format("task {} succeeded but did not make its done marker {} again (it is from an earlier run); "
+                       "its command is not recorded, and a rerun will run it again",
+                       job.task.name, job.task.done_marker));
     } else if (!job.task.done_marker.empty() && !job.task.command.empty()) {
       try {  // see Note [A done marker's command] in done_record.hpp
         record_done_command(options_.log_dir, job.task);
@@ -405,6 +418,9 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
   live.host = host_name();
   live.slots = pool_.size() * static_cast<std::size_t>(options_.max_per_device);
   live.fail_fast_task = fail_fast_task_;
+  live.error = run_error_;
+  std::error_code no_throw;
+  live.log_dir = std::filesystem::absolute(options_.log_dir, no_throw).lexically_normal().string();
   const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed, live);
   const std::string csv = summary_csv(results);
   // A summary that cannot be written (a full disk, a deleted folder) is the

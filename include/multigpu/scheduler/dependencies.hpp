@@ -33,7 +33,9 @@ namespace detail {
 /// attempts and an error that begins "not run: " and names the task they ran
 /// after and the task that failed. When the run drains or is stopped
 /// (Ctrl-C, --fail-fast), no task starts, and tasks waiting for others stay
-/// `pending`: a rerun runs them.
+/// `pending`: a rerun runs them. A task that is done (its marker is current)
+/// is not run again because a task it runs after runs again: rerun it with
+/// --force NAME, or have its done marker depend on its input.
 
 /// A problem with the tasks' `after` lists: which task, and what is wrong.
 struct DependencyProblem {

@@ -4,6 +4,7 @@
 /// that a changed command runs again. See Note [A done marker's command].
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -35,8 +36,20 @@ namespace detail {
 // - there is no record (a marker made by hand, by another log folder's run,
 //   or before records existed): it is trusted, as before, since running it
 //   again could cost hours; --force NAME runs it.
+// The command is recorded only when this attempt made the marker (it did not
+// exist, or its time changed): a rerun that finds its old output and exits
+// at once must not turn the old result into the new command's.
 // The whole command is kept, not a hash: the record then says what changed.
 // Callables have no command: their marker alone decides.
+
+/// The done marker's modification time, or nothing when there is none.
+inline std::optional<std::filesystem::file_time_type> marker_time(const std::string& marker) {
+  if (marker.empty()) return std::nullopt;
+  std::error_code error;
+  const auto time = std::filesystem::last_write_time(marker, error);
+  if (error) return std::nullopt;
+  return time;
+}
 
 /// Where the record of task `name`'s done marker is kept.
 inline std::string done_record_path(const std::string& log_dir, const std::string& name) {

@@ -79,6 +79,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   draining_ = false;
   stop_signal_ = 0;
   fail_fast_task_.clear();
+  run_error_.clear();
   std::fill(load_.begin(), load_.end(), 0);
   std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
   const SignalWatch signals(options_.handle_signals);
@@ -110,10 +111,11 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   while (true) {
     const auto now = std::chrono::steady_clock::now();
     try {
-      const int signal = signals.signal();
-      const bool stop_signal = signal != 0 && (signal != SIGINT || !options_.interrupt_drains ||
-                                               signals.interrupts() >= 2);
-      if (!stopping && !draining_ && !stop_.load() && !stop_signal && (drain_.load() || signal == SIGINT)) {
+      // SIGTERM or SIGHUP is kept apart from Ctrl-C: a SIGINT after it must not hide it.
+      const int hard_signal = signals.hard_signal();
+      const int interrupts = signals.interrupts();
+      const bool stop_signal = hard_signal != 0 || interrupts >= (options_.interrupt_drains ? 2 : 1);
+      if (!stopping && !draining_ && !stop_.load() && !stop_signal && (drain_.load() || interrupts >= 1)) {
         draining_ = true;
         stop_signal_ = SIGINT;
         log(LogLevel::kWarning,
@@ -123,7 +125,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       }
       if (!stopping && (stop_.load() || stop_signal)) {
         stopping = true;
-        if (signal != 0) stop_signal_ = signal;
+        if (stop_signal) stop_signal_ = hard_signal != 0 ? hard_signal : SIGINT;
         stop_ = true;  // in-process tasks see it
         for (auto& r : running_) {
           if (r->child) r->child->kill_group(SIGTERM);
@@ -213,7 +215,9 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       }
     }
     if (running_.empty() && (stopping || draining_ || own_error || queue_empty)) break;
-    if (stop_.load() == stopping && drain_.load() == draining_ &&
+    // Sleep unless a request came in that the top of the loop has not acted on.
+    const bool unhandled = (stop_.load() && !stopping) || (drain_.load() && !draining_ && !stopping);
+    if (!unhandled &&
         std::none_of(running_.begin(), running_.end(), [](const auto& r) { return r->finished.load(); })) {
       std::vector<int> children;
       for (const auto& r : running_) {
@@ -223,8 +227,15 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
     }
   }
 
-  summary_.interrupted = stopping || draining_;
+  // A drain that left nothing unstarted (the queue was empty) cut nothing short.
+  const bool left_queued = std::any_of(jobs.begin(), jobs.end(), [](const Job& job) { return job.queued; });
+  summary_.interrupted = stopping || (draining_ && left_queued);
   if (own_error) {
+    try {
+      std::rethrow_exception(own_error);
+    } catch (const std::exception& e) {
+      run_error_ = e.what();  // in the summary: `status` says the scheduler failed
+    }
     write_summary(jobs, true);
     jobs_ = nullptr;
     std::rethrow_exception(own_error);

@@ -16,7 +16,6 @@
 
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
@@ -40,8 +39,10 @@ namespace multigpu {
 // kernel may have given to another process: the scheduler holds an flock on
 // LOG_DIR/.multigpu-run.lock for its whole life (and its tasks' supervisors
 // hold it until the tasks are gone), and /proc/locks lists the holders of
-// every flock by device and inode, without anyone taking the lock (taking
-// it, even for a moment, could refuse a run that starts in that moment).
+// every lock by inode, without anyone taking the lock (taking it, even for
+// a moment, could refuse a run that starts in that moment). The summary
+// names its log folder (absolute), so a summary kept elsewhere (--summary)
+// still leads to the right lock.
 //
 // The ETA is an estimate and says so: the mean duration of the tasks done so
 // far, times the tasks still to run, spread over the run's slots, plus what
@@ -77,6 +78,8 @@ struct RunStatus {
   bool finished = false;
   bool interrupted = false;
   std::string fail_fast_task;  ///< The task whose failure stopped the run (--fail-fast), or "".
+  std::string error;           ///< The scheduler's own error that ended the run, or "".
+  std::string log_dir;         ///< The run's log folder, absolute ("" in summaries before it was written).
   double seconds = 0;        ///< The run's duration when the file was written.
   double updated_unix = 0;   ///< When the file was written (0: a summary from before these fields).
   long pid = 0;
@@ -87,13 +90,15 @@ struct RunStatus {
 
 namespace detail {
 
-/// Holders of flocks on the file at `path`, from /proc/locks: their pids.
+/// Holders of locks on the file at `path`, from /proc/locks: their pids.
+/// Matched by inode alone: /proc/locks gives the file system's device, which
+/// on btrfs subvolumes and some overlay mounts is not the one stat() gives.
+/// Any kind of lock (NFS turns an flock into a POSIX lock).
 inline std::vector<long> flock_holders(const std::string& path) {
   struct stat info {};
   std::vector<long> pids;
   if (::stat(path.c_str(), &info) != 0) return pids;
-  const std::string id = fmt::format("{:02x}:{:02x}:{}", major(info.st_dev), minor(info.st_dev),
-                                     static_cast<unsigned long long>(info.st_ino));
+  const std::string inode = fmt::format(":{}", static_cast<unsigned long long>(info.st_ino));
   std::ifstream locks("/proc/locks");
   std::string line;
   while (std::getline(locks, line)) {
@@ -103,7 +108,8 @@ inline std::vector<long> flock_holders(const std::string& path) {
     fields >> number >> kind;
     if (kind == "->") continue;
     fields >> mode >> access >> pid >> file;
-    if (kind == "FLOCK" && file == id) pids.push_back(std::atol(pid.c_str()));
+    const bool same_inode = file.size() > inode.size() && file.compare(file.size() - inode.size(), inode.size(), inode) == 0;
+    if ((kind == "FLOCK" || kind == "POSIX" || kind == "OFDLCK") && same_inode) pids.push_back(std::atol(pid.c_str()));
   }
   return pids;
 }
@@ -155,7 +161,8 @@ inline double unix_now() {
 }  // namespace detail
 
 /// Reads the summary a run keeps at `summary_path` (LOG_DIR/summary.json by
-/// default) and finds out whether the run is alive (see the Note). Throws
+/// default) and finds out whether the run is alive (see the Note; `lock_path`
+/// is used when the summary does not name its log folder). Throws
 /// Error naming the file and what is wrong with it.
 inline RunStatus read_run_status(const std::string& summary_path, const std::string& lock_path) {
   std::ifstream file(summary_path);
@@ -178,6 +185,8 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
     }
     run.finished = json.value("finished", false);
     run.interrupted = json.value("interrupted", false);
+    if (json.contains("error") && json["error"].is_string()) run.error = json["error"].get<std::string>();
+    if (json.contains("log_dir") && json["log_dir"].is_string()) run.log_dir = json["log_dir"].get<std::string>();
     if (json.contains("fail_fast_task") && json["fail_fast_task"].is_string()) {
       run.fail_fast_task = json["fail_fast_task"].get<std::string>();
     }
@@ -210,7 +219,9 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
   } else if (!run.host.empty() && run.host != detail::host_name()) {
     run.liveness = RunLiveness::kElsewhere;
   } else {
-    const auto holders = detail::flock_holders(lock_path);
+    // The run's own log folder when the summary names it (a summary kept
+    // elsewhere with --summary); the caller's guess otherwise.
+    const auto holders = detail::flock_holders(run.log_dir.empty() ? lock_path : detail::lock_path_of(run.log_dir));
     if (holders.empty()) {
       run.liveness = RunLiveness::kEnded;
     } else {
@@ -264,7 +275,9 @@ inline std::string render_run_status(const RunStatus& run, double now_unix, std:
       out += fmt::format("its scheduler ({}) is gone; its tasks are being stopped", who);
       break;
     case RunLiveness::kFinished:
-      if (!run.interrupted) {
+      if (!run.error.empty()) {
+        out += fmt::format("the scheduler failed: {}", run.error);
+      } else if (!run.interrupted) {
         out += "finished";
       } else if (run.fail_fast_task.empty()) {
         out += "stopped before the end";

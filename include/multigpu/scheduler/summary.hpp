@@ -77,6 +77,8 @@ struct SummaryLive {
   std::string host;
   std::size_t slots = 0;      ///< Tasks at once (devices x tasks per device).
   std::string fail_fast_task;  ///< The task whose failure stopped the run (fail_fast), or "".
+  std::string error;           ///< The scheduler's own error that ended the run, or "".
+  std::string log_dir;         ///< Absolute: where `status` finds the run's lock.
 };
 
 /// Seconds since 1970 of `time` (0 for a time never set).
@@ -115,6 +117,8 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
                      {"finished", finished},
                      {"interrupted", interrupted},
                      {"fail_fast_task", live.fail_fast_task.empty() ? Json(nullptr) : Json(live.fail_fast_task)},
+                     {"error", live.error.empty() ? Json(nullptr) : Json(live.error)},
+                     {"log_dir", live.log_dir},
                      {"seconds", milliseconds(seconds)},
                      {"counts", Json{{"done", counts[static_cast<int>(TaskStatus::kDone)]},
                                      {"failed", counts[static_cast<int>(TaskStatus::kFailed)]},

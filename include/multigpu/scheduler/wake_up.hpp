@@ -70,10 +70,12 @@ class SignalWatch {
     if (!enabled_) return;
     received() = 0;
     interrupts_count() = 0;
+    hard() = 0;
     struct sigaction action {};
     action.sa_handler = [](int signal) {
       received() = signal;
       if (signal == SIGINT) interrupts_count() = interrupts_count() + 1;  // SIGINT is blocked while this runs
+      if (signal != SIGINT && hard() == 0) hard() = signal;                // the first SIGTERM or SIGHUP stays
     };
     sigemptyset(&action.sa_mask);
     ::sigaction(SIGINT, &action, &previous_int_);
@@ -92,9 +94,15 @@ class SignalWatch {
   int signal() const { return enabled_ ? static_cast<int>(received()) : 0; }
   /// How many SIGINTs (Ctrl-C) were received since installation.
   int interrupts() const { return enabled_ ? static_cast<int>(interrupts_count()) : 0; }
+  /// The first SIGTERM or SIGHUP received since installation (0 if none).
+  int hard_signal() const { return enabled_ ? static_cast<int>(hard()) : 0; }
 
  private:
   static volatile std::sig_atomic_t& received() {
+    static volatile std::sig_atomic_t value = 0;
+    return value;
+  }
+  static volatile std::sig_atomic_t& hard() {
     static volatile std::sig_atomic_t value = 0;
     return value;
   }
