@@ -3,6 +3,7 @@
 /// What the scheduler's loop waits on: its tasks' ends, stop requests and
 /// signals.
 
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
@@ -63,19 +64,23 @@ class WakeUp {
 };
 
 /// Installs SIGINT/SIGTERM/SIGHUP handlers that only record the signal, and puts
-/// the previous ones back when destroyed.
+/// the previous ones back when destroyed. The records are lock-free atomics,
+/// not `volatile sig_atomic_t`: a signal sent to the process runs its handler
+/// on any thread, so two signals in quick succession can run two handlers at
+/// once.
 class SignalWatch {
  public:
   explicit SignalWatch(bool enabled) : enabled_(enabled) {
     if (!enabled_) return;
-    received() = 0;
-    interrupts_count() = 0;
-    hard() = 0;
+    received().store(0);
+    interrupts_count().store(0);
+    hard().store(0);
     struct sigaction action {};
     action.sa_handler = [](int signal) {
-      received() = signal;
-      if (signal == SIGINT) interrupts_count() = interrupts_count() + 1;  // SIGINT is blocked while this runs
-      if (signal != SIGINT && hard() == 0) hard() = signal;                // the first SIGTERM or SIGHUP stays
+      received().store(signal);
+      if (signal == SIGINT) interrupts_count().fetch_add(1);
+      int none = 0;
+      if (signal != SIGINT) hard().compare_exchange_strong(none, signal);  // the first SIGTERM or SIGHUP stays
     };
     sigemptyset(&action.sa_mask);
     ::sigaction(SIGINT, &action, &previous_int_);
@@ -91,23 +96,26 @@ class SignalWatch {
   SignalWatch(const SignalWatch&) = delete;
   SignalWatch& operator=(const SignalWatch&) = delete;
   /// The signal received since installation (0 if none, or not watching).
-  int signal() const { return enabled_ ? static_cast<int>(received()) : 0; }
+  int signal() const { return enabled_ ? received().load() : 0; }
   /// How many SIGINTs (Ctrl-C) were received since installation.
-  int interrupts() const { return enabled_ ? static_cast<int>(interrupts_count()) : 0; }
+  int interrupts() const { return enabled_ ? interrupts_count().load() : 0; }
   /// The first SIGTERM or SIGHUP received since installation (0 if none).
-  int hard_signal() const { return enabled_ ? static_cast<int>(hard()) : 0; }
+  int hard_signal() const { return enabled_ ? hard().load() : 0; }
 
  private:
-  static volatile std::sig_atomic_t& received() {
-    static volatile std::sig_atomic_t value = 0;
+  static_assert(std::atomic<int>::is_always_lock_free, "a signal handler needs a lock-free atomic");
+  // Function statics, constant-initialised (no guard in a handler), so that
+  // including the header emits no symbol.
+  static std::atomic<int>& received() {
+    static std::atomic<int> value{0};
     return value;
   }
-  static volatile std::sig_atomic_t& hard() {
-    static volatile std::sig_atomic_t value = 0;
+  static std::atomic<int>& hard() {
+    static std::atomic<int> value{0};
     return value;
   }
-  static volatile std::sig_atomic_t& interrupts_count() {
-    static volatile std::sig_atomic_t value = 0;
+  static std::atomic<int>& interrupts_count() {
+    static std::atomic<int> value{0};
     return value;
   }
   bool enabled_;
