@@ -23,6 +23,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <multigpu/device_spec.hpp>
 #include <multigpu/scheduler.hpp>
 #include <multigpu/scheduler/run_status.hpp>
 
@@ -161,10 +162,8 @@ int main(int argc, char** argv) {
     force_values.pop_back();
   }
   for (const auto& value : force_values) {
-    for (std::size_t from = 0; from <= value.size();) {
-      const std::size_t comma = std::min(value.find(',', from), value.size());
-      if (comma > from) options.force_tasks.push_back(value.substr(from, comma - from));
-      from = comma + 1;
+    for (const auto name : multigpu::detail::split_commas(value)) {
+      if (!name.empty()) options.force_tasks.emplace_back(name);
     }
   }
   // Only a bare --force reruns everything: `--force "$TASKS"` with TASKS empty must not.

@@ -164,7 +164,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
         for (auto& job : jobs) {
           if (!job.queued) continue;
           queue_empty = false;
-          if (stop_.load() || drain_.load() || signals.signal() != 0) break;  // asked to stop since the top of the loop
+          if (stop_.load() || drain_.load() || signals.any()) break;  // asked to stop since the top of the loop
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
           const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
           if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device

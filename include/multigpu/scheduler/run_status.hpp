@@ -120,14 +120,7 @@ inline bool process_exists(long pid) { return pid > 0 && (::kill(static_cast<pid
 /// carriage return of a progress bar), at most `width` characters. The
 /// scheduler's own lines in the log ("### done in 3.2 s") are passed over.
 inline std::string last_log_line(const std::string& path, std::size_t width) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return {};
-  file.seekg(0, std::ios::end);
-  const std::streamoff size = file.tellg();
-  const std::streamoff from = std::max<std::streamoff>(0, size - 4096);
-  file.seekg(from);
-  std::string tail(static_cast<std::size_t>(size - from), '\0');
-  file.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+  std::string tail = file_tail(path, 4096);
   std::string line;
   while (true) {
     while (!tail.empty() && (tail.back() == '\n' || tail.back() == '\r' || tail.back() == ' ')) tail.pop_back();

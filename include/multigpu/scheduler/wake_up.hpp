@@ -72,12 +72,10 @@ class SignalWatch {
  public:
   explicit SignalWatch(bool enabled) : enabled_(enabled) {
     if (!enabled_) return;
-    received().store(0);
     interrupts_count().store(0);
     hard().store(0);
     struct sigaction action {};
     action.sa_handler = [](int signal) {
-      received().store(signal);
       if (signal == SIGINT) interrupts_count().fetch_add(1);
       int none = 0;
       if (signal != SIGINT) hard().compare_exchange_strong(none, signal);  // the first SIGTERM or SIGHUP stays
@@ -95,8 +93,8 @@ class SignalWatch {
   }
   SignalWatch(const SignalWatch&) = delete;
   SignalWatch& operator=(const SignalWatch&) = delete;
-  /// The signal received since installation (0 if none, or not watching).
-  int signal() const { return enabled_ ? received().load() : 0; }
+  /// Whether any of the three signals was received since installation.
+  bool any() const { return interrupts() > 0 || hard_signal() != 0; }
   /// How many SIGINTs (Ctrl-C) were received since installation.
   int interrupts() const { return enabled_ ? interrupts_count().load() : 0; }
   /// The first SIGTERM or SIGHUP received since installation (0 if none).
@@ -106,10 +104,6 @@ class SignalWatch {
   static_assert(std::atomic<int>::is_always_lock_free, "a signal handler needs a lock-free atomic");
   // Function statics, constant-initialised (no guard in a handler), so that
   // including the header emits no symbol.
-  static std::atomic<int>& received() {
-    static std::atomic<int> value{0};
-    return value;
-  }
   static std::atomic<int>& hard() {
     static std::atomic<int> value{0};
     return value;
