@@ -83,6 +83,16 @@ TEST_SUITE("multigpu-run status") {
     CHECK(contains(table, "a     done         cuda:0        10s      1  final loss 0.1\n"));
     CHECK(contains(table, "c     pending      -               -      0  \n"));
     CHECK(contains(table, "d     failed       cuda:0         1s      1  exit code 3\n"));
+    CHECK_FALSE(contains(table, "PEAK MEM"));  // nothing measured: no column for it
+
+    json["tasks"][0]["peak_gpu_mib"] = 7000;  // a measured GPU task: each line says its peak
+    write_json(dir + "/summary.json", json);
+    const std::string with_peaks = multigpu::render_run_status(
+        multigpu::read_run_status(dir + "/summary.json", multigpu::detail::lock_path_of(dir)), now);
+    INFO(with_peaks);
+    CHECK(contains(with_peaks, "TRIES   PEAK MEM  LAST LOG LINE\n"));
+    CHECK(contains(with_peaks, "a     done         cuda:0        10s      1    6.8 GiB  final loss 0.1\n"));
+    CHECK(contains(with_peaks, "c     pending      -               -      0          -  \n"));
   }
 
   TEST_CASE("a run that was killed, one whose scheduler died before its tasks, a finished one, another host's") {

@@ -24,6 +24,7 @@
 
 #include "multigpu/scheduler.hpp"
 #include "multigpu/testing/fake_runtime.hpp"
+#include "scheduler_support.hpp"
 
 using multigpu::RunSummary;
 using multigpu::SchedulerOptions;
@@ -33,51 +34,14 @@ using multigpu::TaskStatus;
 using multigpu::testing::FakeRuntime;
 using multigpu_test::CapturedLog;
 using multigpu_test::contains;
+using multigpu_test::eventually;
+using multigpu_test::fast_options;
+using multigpu_test::fresh_dir;
+using multigpu_test::read_file;
+using multigpu_test::result_of;
 using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
 
 namespace {
-
-/// A fresh folder for one test, under the current directory.
-std::string fresh_dir(const std::string& name) {
-  const std::string dir = fmt::format("scheduler_test_{}_{}", name, ::getpid());
-  std::system(fmt::format("rm -rf '{}'", dir).c_str());
-  multigpu::detail::make_directories(dir);
-  return dir;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-SchedulerOptions fast_options(const std::string& dir, const std::string& devices) {
-  SchedulerOptions options;
-  options.devices = devices;
-  options.log_dir = dir + "/logs";
-  options.poll_interval = std::chrono::milliseconds(5);
-  options.grace_period = std::chrono::seconds(5);
-  return options;
-}
-
-const multigpu::TaskResult& result_of(const RunSummary& summary, const std::string& name) {
-  for (const auto& r : summary.tasks) {
-    if (r.name == name) return r;
-  }
-  throw std::runtime_error("no task " + name);
-}
-
-/// Waits (bounded) until `condition` holds.
-template <class Condition>
-bool eventually(Condition condition, std::chrono::seconds limit = std::chrono::seconds(20)) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return true;
-}
 
 /// Processes of this machine whose command line contains `text`.
 int processes_with(const std::string& text) {
@@ -610,9 +574,9 @@ TEST_SUITE("scheduler") {
     CHECK(json["tasks"][1]["log"] == dir + "/logs/bad___quoted_.log");
     CHECK(json["counts"]["failed"] == 1);
     const std::string csv = read_file(summary.csv_path);
-    CHECK(contains(csv, "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log\n"));
+    CHECK(contains(csv, "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log,peak_gpu_mib,gpu_seconds\n"));
     CHECK(contains(csv, "\"bad, \"\"quoted\"\"\",failed,\"cuda:0 (physical 0, NVIDIA RTX A5000)\",0,"));
-    CHECK(contains(csv, ",1,2,exit code 2," + dir + "/logs/bad___quoted_.log\n"));
+    CHECK(contains(csv, ",1,2,exit code 2," + dir + "/logs/bad___quoted_.log,,"));
   }
 
   TEST_CASE("a bad queue is refused with what is wrong") {
@@ -680,7 +644,7 @@ TEST_SUITE("task files") {
     CHECK(message("\ngrid rate =\n") == "my.tasks:2: grid rate has no values");
     CHECK(contains(message("grid rate = 1 2\ntrain --lr {rte}\n"),
                    "my.tasks:2: unknown placeholder {rte}; known: {rate}, {gpu} and {task}"));
-    CHECK(message("[name=x gpu=2] run\n") == "my.tasks:1: unknown option \"gpu\"; valid: name, done, gpus, after");
+    CHECK(message("[name=x gpu=2] run\n") == "my.tasks:1: unknown option \"gpu\"; valid: name, done, gpus, after, mem");
     CHECK(message("[gpus=0] run\n") == "my.tasks:1: gpus=0 is not a number of devices (1 or more)");
     CHECK(message("[name=x run\n") == "my.tasks:1: an option list `[` has no closing `]`");
     CHECK(message("[name=x]\n") == "my.tasks:1: the line has options but no command");
@@ -908,7 +872,7 @@ TEST_SUITE("scheduler: dependencies") {
           "my.tasks:2: after=a, has an empty name; write after=NAME or after=NAME,NAME");
     CHECK(contains(message("[name=b after=train-{rte}] y\n"), "my.tasks:1: unknown placeholder {rte}"));
     CHECK(message("[name=a after] x\n") ==
-          "my.tasks:1: option \"after\" needs a value: name=..., done=..., gpus=N, after=NAME,...");
+          "my.tasks:1: option \"after\" needs a value: name=..., done=..., gpus=N, after=NAME,..., mem=SIZE");
   }
 
   TEST_CASE("a queue from C++ is checked the same way before anything runs") {

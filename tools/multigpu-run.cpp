@@ -37,6 +37,10 @@ in '\' continues on the next. Options in brackets before a command:
   [gpus=N]          devices the task needs at once (default --gpus-per-task)
   [after=A,B]       start only once tasks A and B are done (or skipped); when one of them
                     fails, this task is not run (failed, "not run: ..."); cycles are refused
+  [mem=SIZE]        the most GPU memory it uses on one GPU (12G, 800M): with --max-per-gpu
+                    auto, it starts where that plus --memory-margin fits; without it, the
+                    peak measured in the last run in this log folder is used, and a task
+                    never measured gets a GPU to itself
 Grids: 'grid NAME = V1 V2 ...' defines {NAME}; a later line using {NAME}
 runs once per value, and once per combination with several grids.
 {gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name;
@@ -102,9 +106,14 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0.1, 3600.0));
   app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
-  app.add_option("--max-per-gpu", options.max_per_device, "Tasks at once on one device (or CPU slots)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 1000000));
+  std::string max_per_gpu = "1";
+  std::string memory_margin = "1G";
+  app.add_option("--max-per-gpu", max_per_gpu,
+                 "Tasks at once on one device (or CPU slots); auto: as many as fit in GPU memory, by each task's "
+                 "[mem=SIZE] or its peak in the last run")
+      ->capture_default_str();
+  app.add_option("--memory-margin", memory_margin, "With --max-per-gpu auto: kept free beside each task's size")
+      ->capture_default_str();
   app.add_option("--gpus-per-task", gpus_per_task, "Devices each task needs (a line's [gpus=N] wins)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000000));
@@ -182,6 +191,32 @@ int main(int argc, char** argv) {
                        "--help says more\n");
     return 2;
   }
+  if (max_per_gpu == "auto") {
+    options.pack_by_memory = true;
+    options.max_per_device = 64;  // a bound on processes per GPU; memory decides below it
+  } else {
+    int parsed = 0;
+    if (multigpu::detail::parse_index(max_per_gpu, parsed) != multigpu::detail::NumberStatus::kOk || parsed < 1) {
+      fmt::print(stderr, "multigpu-run: --max-per-gpu {} is neither a number of tasks (1 or more) nor auto\n",
+                 max_per_gpu);
+      return 2;
+    }
+    options.max_per_device = parsed;
+  }
+  if (const auto margin = multigpu::detail::parse_memory_mib(memory_margin)) {
+    options.memory_margin_mib = *margin;
+  } else if (memory_margin == "0") {
+    options.memory_margin_mib = 0;
+  } else {
+    fmt::print(stderr, "multigpu-run: --memory-margin {} is not a size; write it with a unit: 1G, 512M (G: GiB, M: "
+                       "MiB), or 0\n",
+               memory_margin);
+    return 2;
+  }
+  if (app.get_option("--memory-margin")->count() > 0 && !options.pack_by_memory) {
+    fmt::print(stderr, "multigpu-run: --memory-margin is for --max-per-gpu auto, which was not given\n");
+    return 2;
+  }
   options.grace_period = std::chrono::milliseconds(static_cast<long>(grace_seconds * 1000));
   options.busy_wait_limit = std::chrono::milliseconds(static_cast<long>(busy_wait_seconds * 1000));
   options.handle_signals = true;
@@ -195,8 +230,11 @@ int main(int argc, char** argv) {
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());
-    fmt::print("{} task(s) from {} over {} ({} per device); logs in {}\n", tasks.size(), task_file, pool,
-               options.max_per_device, options.log_dir);
+    fmt::print("{} task(s) from {} over {} ({}); logs in {}\n", tasks.size(), task_file, pool,
+               options.pack_by_memory ? fmt::format("as many per GPU as fit, {} kept free beside each",
+                                                    multigpu::detail::memory_text(options.memory_margin_mib << 20))
+                                      : fmt::format("{} per device", options.max_per_device),
+               options.log_dir);
     if (dry_run) {
       for (const auto& planned : scheduler.plan(tasks)) {
         if (planned.skipped) {
@@ -205,8 +243,10 @@ int main(int argc, char** argv) {
           if (!planned.note.empty()) fmt::print("  again {}: {}\n", planned.name, planned.note);
           std::string after;
           for (const auto& name : planned.after) after += (after.empty() ? " (after " : ", ") + name;
-          fmt::print("  run  {}{} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name,
-                     after.empty() ? "" : after + ")", planned.devices.front(), planned.visible_devices,
+          const std::string size =
+              planned.memory_mib < 0 ? "" : fmt::format(" [mem={}]", multigpu::detail::memory_text(planned.memory_mib << 20));
+          fmt::print("  run  {}{}{} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name,
+                     after.empty() ? "" : after + ")", size, planned.devices.front(), planned.visible_devices,
                      planned.command);
         }
       }
@@ -226,6 +266,7 @@ int main(int argc, char** argv) {
         fmt::print("  failed: {} ({}{}), log {}\n", r.name, r.error, r.out_of_memory ? ", out of GPU memory" : "",
                    r.log_path);
       }
+      if (!r.memory_note.empty()) fmt::print("  memory: {}: {}\n", r.name, r.memory_note);
     }
     if (summary.summary_error.empty()) {
       fmt::print("summary: {} and {}\n", summary.json_path, summary.csv_path);

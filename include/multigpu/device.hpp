@@ -61,6 +61,10 @@ struct DeviceInfo {
   std::string memory_query;
   /// Memory in use above the manager's threshold when it was last queried.
   bool busy = false;
+  /// The compute processes on it when it was last queried, with their
+  /// memory; nullopt when unknown (no NVML). See Note [Which process uses a
+  /// GPU] in detail/nvml.hpp.
+  std::optional<std::vector<GpuProcess>> processes;
 
   bool is_cuda() const { return type == c10::DeviceType::CUDA; }
   bool is_cpu() const { return type == c10::DeviceType::CPU; }
@@ -288,6 +292,7 @@ DeviceInfo BasicDeviceManager<Runtime>::make_info(const RuntimeGpu& gpu, int log
   info.used_bytes = gpu.used_bytes;
   info.reserved_bytes = gpu.reserved_bytes;
   info.memory_query = gpu.memory_query;
+  info.processes = gpu.processes;
   info.busy = gpu.used_bytes >= 0 && gpu.used_bytes > (options_.busy_threshold_mib << 20);
   const auto position = static_cast<std::size_t>(logical);
   if (!cvd.set) {

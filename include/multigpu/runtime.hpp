@@ -56,6 +56,9 @@ struct RuntimeGpu {
   /// "cudaMemGetInfo", or "" when unknown.
   std::string memory_query;
   int nvml_index = -1;  ///< nvidia-smi's number for it; -1 when unknown
+  /// The compute processes on it and their memory; nullopt when unknown
+  /// (no NVML). See Note [Which process uses a GPU] in detail/nvml.hpp.
+  std::optional<std::vector<GpuProcess>> processes;
 };
 
 /// What a runtime knows about the machine as a whole.
@@ -166,6 +169,7 @@ inline RuntimeGpu from_nvml(const NvmlGpu& gpu) {
   out.reserved_bytes = gpu.memory.reserved_bytes;
   out.memory_query = gpu.memory.query;
   out.nvml_index = gpu.index;
+  out.processes = gpu.processes;
   return out;
 }
 
@@ -254,6 +258,7 @@ inline std::vector<RuntimeGpu> SystemRuntime::visible_gpus() {
         gpu.used_bytes = known.memory.in_use_bytes;
         gpu.reserved_bytes = known.memory.reserved_bytes;
         gpu.memory_query = known.memory.query;
+        gpu.processes = known.processes;
         from_nvml = true;
         break;
       }

@@ -106,6 +106,17 @@ case "$case_name" in
     [[ $status == 2 ]] && grep -q 'device spec "0,,1": item 2 is empty' spec.err || fail "bad spec: $(cat spec.err)"
     set +e; "$tool" --max-per-gpu 0 ok.tasks 2> usage.err; status=$?; set -e
     [[ $status == 2 ]] || fail "exit status $status for a bad option"
+    grep -q -- "--max-per-gpu 0 is neither a number of tasks (1 or more) nor auto" usage.err || fail "$(cat usage.err)"
+    # Packing by GPU memory: needs GPUs; sizes need units; the margin goes with auto.
+    set +e; "$tool" --gpus cpu --max-per-gpu auto ok.tasks 2> auto.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "needs GPUs, but the pool is the CPU" auto.err || fail "auto on cpu: $(cat auto.err)"
+    set +e; "$tool" --gpus cpu --memory-margin 2G ok.tasks 2> margin.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q -- "--memory-margin is for --max-per-gpu auto" margin.err || fail "$(cat margin.err)"
+    printf 'true\n[mem=12] true\n' > mem.tasks
+    set +e; "$tool" --gpus cpu mem.tasks 2> mem.err; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "mem.tasks:2: mem=12 is not a size of GPU memory" mem.err || fail "$(cat mem.err)"
+    printf '[name=big mem=12G] true\n' > sized.tasks
+    "$tool" --gpus cpu --dry-run sized.tasks | grep -q "run  big \[mem=12.0 GiB\] on cpu" || fail "dry run of a size"
     "$tool" --gpus cpu --dry-run ok.tasks | grep -q "run  task-01 on cpu" || fail "dry run"
     [[ ! -e multigpu-logs/task-01.log ]] || fail "dry run ran something"
     ;;

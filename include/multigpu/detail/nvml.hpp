@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,14 @@
 #endif
 
 namespace multigpu {
+
+/// A process on a GPU (NVML's view): its id in the driver's PID namespace,
+/// and the memory it has allocated there (-1 when NVML does not say).
+struct GpuProcess {
+  long pid = 0;
+  std::int64_t used_bytes = -1;
+};
+
 namespace detail {
 
 /// nvmlMemory_t, v1's answer (layout of nvml.h).
@@ -112,6 +121,79 @@ inline NvmlMemoryFigures read_nvml_memory(const std::function<int(NvmlMemoryV2&)
   return figures;
 }
 
+// Note [Which process uses a GPU]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The scheduler needs to know what each of its tasks uses on its GPUs: to
+// see that a task has reached its GPU, to record its peak memory, and to
+// pack tasks by memory. NVML lists the compute processes on a GPU with the
+// memory each has allocated (nvmlDeviceGetComputeRunningProcesses; what
+// nvidia-smi shows under "Processes"). There are three versions: _v3 and
+// _v2 fill a 24-byte entry (pid, memory, MIG instance ids), the first one a
+// 16-byte entry (pid, memory); the newest the library has is asked, once
+// more with a larger buffer when NVML answers INSUFFICIENT_SIZE (a process
+// started between the two calls). An entry's memory may be "not available"
+// (all bits set): it is kept as unknown (-1), not as 16 EiB. The process
+// ids are those of the driver's PID namespace: in a container without the
+// host's PID namespace they match no process the scheduler knows, and the
+// scheduler then sees no task of its own on any GPU (it says so; see Note
+// [What a task uses on its GPUs] in scheduler/gpu_memory.hpp).
+// read_nvml_processes() is the one path from NVML's answer to the list, for
+// the real library and for testing::FakeRuntime alike.
+
+/// nvmlProcessInfo_v1_t (layout of nvml.h).
+struct NvmlProcessInfoV1 {
+  unsigned int pid = 0;
+  unsigned long long used_gpu_memory = 0;
+};
+static_assert(sizeof(NvmlProcessInfoV1) == 16, "nvmlProcessInfo_v1_t is 16 bytes in nvml.h");
+
+/// nvmlProcessInfo_t of _v2 and _v3 (layout of nvml.h).
+struct NvmlProcessInfoV2 {
+  unsigned int pid = 0;
+  unsigned long long used_gpu_memory = 0;
+  unsigned int gpu_instance_id = 0;
+  unsigned int compute_instance_id = 0;
+};
+static_assert(sizeof(NvmlProcessInfoV2) == 24, "nvmlProcessInfo_v2_t is 24 bytes in nvml.h");
+
+/// NVML's "value not available" (NVML_VALUE_NOT_AVAILABLE for 64-bit values).
+inline constexpr unsigned long long kNvmlValueNotAvailable = ~0ULL;
+
+/// The processes on one GPU, or nothing when NVML could not list them.
+/// `v2` asks _v3 or _v2 (empty when the library has neither), `v1` the first
+/// version (empty when absent); each takes the buffer's capacity in `count`
+/// and returns NVML's status. See Note [Which process uses a GPU].
+inline std::optional<std::vector<GpuProcess>> read_nvml_processes(
+    const std::function<int(unsigned int&, NvmlProcessInfoV2*)>& v2,
+    const std::function<int(unsigned int&, NvmlProcessInfoV1*)>& v1) {
+  constexpr int kInsufficientSize = 7;  // NVML_ERROR_INSUFFICIENT_SIZE
+  const auto ask = [](const auto& query, auto entry) -> std::optional<std::vector<GpuProcess>> {
+    std::vector<decltype(entry)> buffer(32);
+    for (int attempt = 0; attempt < 4; ++attempt) {
+      auto count = static_cast<unsigned int>(buffer.size());
+      const int status = query(count, buffer.data());
+      if (status == kInsufficientSize && count >= buffer.size()) {
+        buffer.resize(static_cast<std::size_t>(count) + 16);
+        continue;
+      }
+      if (status != 0) return std::nullopt;
+      std::vector<GpuProcess> processes;
+      for (unsigned int i = 0; i < count && i < buffer.size(); ++i) {
+        const unsigned long long used = buffer[i].used_gpu_memory;
+        processes.push_back({static_cast<long>(buffer[i].pid),
+                             used == kNvmlValueNotAvailable ? std::int64_t{-1} : static_cast<std::int64_t>(used)});
+      }
+      return processes;
+    }
+    return std::nullopt;
+  };
+  if (v2) {
+    if (auto processes = ask(v2, NvmlProcessInfoV2{})) return processes;
+  }
+  if (v1) return ask(v1, NvmlProcessInfoV1{});
+  return std::nullopt;
+}
+
 /// One GPU as NVML sees it (NVML numbers GPUs as nvidia-smi does, by PCI bus).
 struct NvmlGpu {
   int index = -1;
@@ -121,6 +203,8 @@ struct NvmlGpu {
   int cc_major = 0;
   int cc_minor = 0;
   NvmlMemoryFigures memory;
+  /// The compute processes on it; nullopt when NVML cannot list them.
+  std::optional<std::vector<GpuProcess>> processes;
 };
 
 /// PCI bus id in one spelling for CUDA's and NVML's numbers alike.
@@ -167,6 +251,8 @@ class Nvml {
   using MemoryV2Fn = int (*)(Device, NvmlMemoryV2*);
   using CapabilityFn = int (*)(Device, int*, int*);
   using DriverFn = int (*)(char*, unsigned int);
+  using ProcessesV2Fn = int (*)(Device, unsigned int*, NvmlProcessInfoV2*);
+  using ProcessesV1Fn = int (*)(Device, unsigned int*, NvmlProcessInfoV1*);
   using ErrorStringFn = const char* (*)(int);
 
   template <class Fn>
@@ -184,6 +270,8 @@ class Nvml {
   PciFn pci_ = nullptr;
   MemoryFn memory_ = nullptr;
   MemoryV2Fn memory_v2_ = nullptr;  // drivers before R510 have none
+  ProcessesV2Fn processes_v2_ = nullptr;  // _v3, else _v2; see Note [Which process uses a GPU]
+  ProcessesV1Fn processes_v1_ = nullptr;
   CapabilityFn capability_ = nullptr;
   DriverFn driver_ = nullptr;
   ErrorStringFn error_string_ = nullptr;
@@ -214,6 +302,11 @@ inline Nvml::Nvml() {
     return;
   }
   memory_v2_ = reinterpret_cast<MemoryV2Fn>(dlsym(handle_, kNvmlMemoryQueryV2));
+  for (const char* name : {"nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2"}) {
+    processes_v2_ = reinterpret_cast<ProcessesV2Fn>(dlsym(handle_, name));
+    if (processes_v2_ != nullptr) break;
+  }
+  processes_v1_ = reinterpret_cast<ProcessesV1Fn>(dlsym(handle_, "nvmlDeviceGetComputeRunningProcesses"));
   const int status = init();
   if (status != 0) {
     reason_ = fmt::format("nvmlInit failed: {}", error_string_(status));
@@ -254,6 +347,15 @@ inline std::vector<NvmlGpu> Nvml::gpus() const {
     if (memory_v2_ != nullptr) v2 = [&](NvmlMemoryV2& memory) { return memory_v2_(device, &memory); };
     gpu.memory = read_nvml_memory(v2, [&](NvmlMemoryV1& memory) { return memory_(device, &memory); });
     capability_(device, &gpu.cc_major, &gpu.cc_minor);
+    std::function<int(unsigned int&, NvmlProcessInfoV2*)> processes_v2;
+    std::function<int(unsigned int&, NvmlProcessInfoV1*)> processes_v1;
+    if (processes_v2_ != nullptr) {
+      processes_v2 = [&](unsigned int& capacity, NvmlProcessInfoV2* infos) { return processes_v2_(device, &capacity, infos); };
+    }
+    if (processes_v1_ != nullptr) {
+      processes_v1 = [&](unsigned int& capacity, NvmlProcessInfoV1* infos) { return processes_v1_(device, &capacity, infos); };
+    }
+    gpu.processes = read_nvml_processes(processes_v2, processes_v1);
     gpus.push_back(std::move(gpu));
   }
   return gpus;

@@ -37,6 +37,7 @@
 #include "multigpu/scheduler/failure.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
 #include "multigpu/scheduler/options.hpp"
+#include "multigpu/scheduler/reservations.hpp"
 #include "multigpu/scheduler/summary.hpp"
 #include "multigpu/scheduler/task.hpp"
 #include "multigpu/scheduler/text.hpp"
@@ -95,6 +96,16 @@ class SchedulerCore {
   void write_summary(const std::vector<Job>& jobs, bool final_write);
   void print_status(const std::vector<Job>& jobs, bool force);
   void stop_for_failure(const Job& job);
+  // GPU memory: see gpu_memory.hpp.
+  std::int64_t size_of(const Job& job) const;
+  bool gpu_command(const Running& running) const;
+  void measure_tasks(const std::vector<DeviceInfo>& now);
+  std::optional<std::int64_t> room_on(std::size_t d, const std::vector<DeviceInfo>& now) const;
+  std::optional<std::int64_t> largest_gpu(const std::vector<DeviceInfo>& now, std::string* which) const;
+  bool room_allows(const Job& job, std::size_t d, const std::vector<DeviceInfo>& now) const;
+  std::string never_fits(const Job& job, const std::vector<DeviceInfo>& now) const;
+  void after_out_of_memory(Job& job, const Running& running);
+  std::string busy_reason(std::size_t d, const std::vector<DeviceInfo>& now) const;
 
   SchedulerOptions options_;
   std::vector<DeviceInfo> pool_;
@@ -121,6 +132,13 @@ class SchedulerCore {
   std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
   std::string run_error_;  // the scheduler's own error that ended run(), for the summary
   std::string fail_fast_task_;  // the task whose failure stops the run (SchedulerOptions::fail_fast)
+  GpuReservations reservations_;  // see Note [A GPU promised to a task] in reservations.hpp
+  std::vector<OtherReservations> promised_;  // per pool device, as last queried
+  std::vector<DeviceInfo> last_devices_;      // the pool as last queried
+  std::chrono::steady_clock::time_point last_measure_{};
+  std::map<std::string, std::int64_t> measured_before_;  // peaks from the last run's summary
+  bool warned_unseen_ = false;
+  std::string last_reservation_error_;
 };
 
 // ---------------------------------------------------------------------------
@@ -135,6 +153,9 @@ struct SchedulerCore::Job {
   // The done marker as the current attempt found it (see Note [A done
   // marker's command]): whether it existed, and its time if it did.
   std::optional<std::filesystem::file_time_type> marker_before;
+  // The room its last attempt had when it ran out of GPU memory (-1: it did
+  // not); see Note [Retrying after out of memory] in gpu_memory.hpp.
+  std::int64_t oom_room = -1;
 };
 
 struct SchedulerCore::Running {
@@ -146,6 +167,11 @@ struct SchedulerCore::Running {
   std::thread thread;  // in-process tasks
   std::atomic<bool> finished{false};
   std::exception_ptr error;
+  // Per device of the attempt (see Note [What a task uses on its GPUs]):
+  std::vector<std::int64_t> current;        // what its processes use now
+  std::vector<bool> appeared;               // a process of it was seen there
+  std::vector<std::int64_t> room_at_start;  // the room when it started (-1: unknown)
+  std::vector<std::int64_t> room;           // the smallest room it had (-1: unknown)
 };
 
 inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
@@ -157,13 +183,21 @@ inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<Device
       real_devices_(real_devices),
       release_cached_memory_(std::move(release_cached_memory)),
       load_(pool_.size(), 0),
-      holds_our_cache_(pool_.size(), false) {
+      holds_our_cache_(pool_.size(), false),
+      reservations_(options_.reservation_dir) {
   if (pool_.empty()) throw SchedulerError("the device pool is empty");
   if (options_.max_per_device < 1) {
     throw SchedulerError(fmt::format("max_per_device must be 1 or more, got {}", options_.max_per_device));
   }
   if (options_.retries < 0) throw SchedulerError(fmt::format("retries must be 0 or more, got {}", options_.retries));
   if (options_.poll_interval.count() <= 0) throw SchedulerError("poll_interval must be positive");
+  if (options_.pack_by_memory && !pool_.front().is_cuda()) {
+    throw SchedulerError("packing tasks by GPU memory (--max-per-gpu auto) needs GPUs, but the pool is the CPU; give "
+                         "a number of tasks per device instead");
+  }
+  if (options_.memory_margin_mib < 0) {
+    throw SchedulerError(fmt::format("the memory margin must be 0 or more MiB, got {}", options_.memory_margin_mib));
+  }
   if (options_.log_dir.empty()) {
     throw SchedulerError("the log folder is \"\"; name a folder for the task logs and the summary (default "
                          "multigpu-logs; \".\" for the current folder)");
@@ -201,6 +235,7 @@ inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& j
     // A device with a task of ours, or our cache, uses memory because of
     // it: only devices without either are judged busy.
     if (load_[d] == 0 && !holds_our_cache_[d] && d < now.size() && now[d].busy) continue;
+    if (!room_allows(job, d, now)) continue;  // see gpu_memory.hpp
     (job.avoid.count(d) != 0 ? avoided : preferred).push_back(d);
   }
   const auto needed = static_cast<std::size_t>(job.task.devices);
@@ -212,7 +247,17 @@ inline std::optional<std::vector<std::size_t>> SchedulerCore::place(const Job& j
 
 inline std::vector<DeviceInfo> SchedulerCore::query_devices() {
   try {
-    return query_();
+    auto now = query_();
+    // Other runs' promises (Note [A GPU promised to a task]): a GPU promised
+    // whole, or any promised GPU when not packing by memory, is busy.
+    promised_.assign(pool_.size(), OtherReservations{});
+    for (std::size_t d = 0; d < pool_.size() && d < now.size(); ++d) {
+      if (!pool_[d].is_cuda()) continue;
+      promised_[d] = reservations_.others(pool_[d].uuid);
+      if (promised_[d].unsized || (promised_[d].count > 0 && !options_.pack_by_memory)) now[d].busy = true;
+    }
+    last_devices_ = now;
+    return now;
   } catch (const std::exception& e) {
     // The tasks already running are not the query's business: go on with
     // the pool as it was (no device judged busy), and say so once.
@@ -232,6 +277,10 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   running->job = static_cast<std::size_t>(&job - jobs_->data());
   running->devices = devices;
   running->started = std::chrono::steady_clock::now();
+  running->current.assign(devices.size(), 0);
+  running->appeared.assign(devices.size(), false);
+  for (std::size_t d : devices) running->room_at_start.push_back(room_on(d, last_devices_).value_or(-1));
+  running->room = running->room_at_start;
   TaskResult& result = job.result;
   ++result.attempts;
   result.start = std::chrono::system_clock::now();
@@ -246,10 +295,14 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
     if (!pool_[d].is_cpu()) visible += (visible.empty() ? "" : ",") + pool_[d].visible_devices_token;
   }
   result.visible_devices = visible;
+  if (job.oom_room >= 0) {  // see Note [Retrying after out of memory] in gpu_memory.hpp
+    std::string rooms;
+    for (std::int64_t room : running->room_at_start) rooms += (rooms.empty() ? "" : ", ") + memory_text(room);
+    result.memory_note += fmt::format("; attempt {} on {} with {} free", result.attempts, on_text(result.devices), rooms);
+  }
   result.exit_code.reset();
   result.error.clear();
-  std::string on;
-  for (const auto& label : result.devices) on += (on.empty() ? "" : ", ") + label;
+  const std::string on = on_text(result.devices);
   append_to_file(result.log_path, fmt::format("### multigpu: task {}, attempt {}, on {}, CUDA_VISIBLE_DEVICES={}, {}\n",
                                               job.task.name, result.attempts, on, visible, iso8601(result.start)));
   if (!job.task.command.empty()) {
@@ -259,6 +312,17 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
                                        {"MULTIGPU_TASK", job.task.name},
                                        {"MULTIGPU_TASK_ATTEMPT", std::to_string(result.attempts)}});
     running->output_start = file_size(result.log_path);
+    for (std::size_t d : devices) {  // see Note [A GPU promised to a task]
+      if (!pool_[d].is_cuda() || pool_[d].uuid.empty()) continue;
+      const std::string problem = reservations_.reserve(pool_[d].uuid, job.task.name,
+                                                        options_.pack_by_memory ? size_of(job) : -1,
+                                                        options_.reservation_timeout);
+      if (!problem.empty() && problem != last_reservation_error_) {
+        last_reservation_error_ = problem;
+        warn(fmt::format("other runs on this machine are not told that a GPU is promised to task {} ({})",
+                         job.task.name, problem));
+      }
+    }
     try {
       running->child = std::make_unique<ChildProcess>(
           command, env, result.log_path,
@@ -271,6 +335,7 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
       append_to_file(result.log_path, fmt::format("### cannot start: {}\n", result.error));
       result.seconds = 0;
       summary_dirty_ = true;
+      for (std::size_t d : devices) reservations_.release(pool_[d].uuid, job.task.name);
       conclude(job, devices, false, false);
       return;
     }
@@ -311,6 +376,10 @@ inline void SchedulerCore::finish(Running& running) {
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - running.started).count();
   bool success = false;
   bool out_of_memory = false;
+  for (std::size_t d : running.devices) {
+    if (pool_[d].is_cuda()) result.gpu_seconds += result.seconds;
+    if (running.child && pool_[d].is_cuda()) reservations_.release(pool_[d].uuid, job.task.name);
+  }
   if (running.child) {
     const ProcessExit& exit = running.child->wait_blocking();
     result.exit_code = exit.exit_code;
@@ -332,6 +401,10 @@ inline void SchedulerCore::finish(Running& running) {
     } else {
       success = true;
     }
+  }
+  if (out_of_memory) {
+    result.out_of_memory = true;  // for size_of: the retry counts at least the peak it reached
+    after_out_of_memory(job, running);
   }
   summary_dirty_ = true;
   conclude(job, running.devices, success, out_of_memory);
@@ -370,7 +443,11 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     append_to_file(result.log_path, fmt::format("### interrupted after {:.1f} s ({})\n", result.seconds, result.error));
   } else if (result.attempts <= options_.retries && !draining_) {
     // Another device next time: it may be this one that is crowded or broken.
-    for (std::size_t d : devices) job.avoid.insert(d);
+    // Out of memory with the room known: any GPU with more room, its own
+    // included (see Note [Retrying after out of memory] in gpu_memory.hpp).
+    if (!(out_of_memory && job.oom_room >= 0)) {
+      for (std::size_t d : devices) job.avoid.insert(d);
+    }
     result.status = TaskStatus::kPending;
     job.queued = true;
     append_to_file(result.log_path, fmt::format("### failed ({}){}; retrying ({} of {})\n", result.error,
@@ -498,6 +575,7 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
     p.name = task.name;
     p.skipped = is_done(task, &p.note);
     p.after = task.after;
+    p.memory_mib = task.memory_mib;
     if (!p.skipped) {
       if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
         std::fill(load.begin(), load.end(), 0);  // the next wave

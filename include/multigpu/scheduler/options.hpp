@@ -18,7 +18,23 @@ struct SchedulerOptions {
   /// when there is none.
   std::string devices = "auto";
   /// Tasks at once on one device (several small tasks per GPU; CPU slots).
+  /// With pack_by_memory: at most this many (default then: no limit but memory).
   int max_per_device = 1;
+  /// `--max-per-gpu auto`: place tasks several to a GPU by memory: a task
+  /// starts on a GPU only where its size (Task::memory_mib, else its peak
+  /// measured in an earlier run of this log folder) plus memory_margin_mib
+  /// fits next to what is there; a task of unknown size gets a GPU to itself.
+  /// GPU pools only. See Note [Packing tasks by memory] in scheduler/gpu_memory.hpp.
+  bool pack_by_memory = false;
+  /// Kept free beside each task's size when packing by memory.
+  std::int64_t memory_margin_mib = 1024;
+  /// A GPU given to a command task is promised to it, to this scheduler and
+  /// to other runs on the machine, until the task's processes appear on it or
+  /// this time passes. See Note [A GPU promised to a task] in scheduler/reservations.hpp.
+  std::chrono::milliseconds reservation_timeout{std::chrono::seconds(60)};
+  /// Where the promises of every run on this machine are kept ("": the
+  /// environment's MULTIGPU_RESERVATION_DIR, else /tmp/multigpu-reservations).
+  std::string reservation_dir;
   /// Memory in use (MiB) above which a device without our tasks (or our
   /// cached memory) is busy (someone else's job) and is not given a task.
   std::int64_t memory_threshold_mib = MULTIGPU_DEFAULT_BUSY_THRESHOLD_MIB;

@@ -16,6 +16,7 @@
 
 #include "multigpu/error.hpp"
 #include "multigpu/scheduler/core.hpp"
+#include "multigpu/scheduler/gpu_memory.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
 #include "multigpu/scheduler/summary.hpp"
 #include "multigpu/scheduler/task.hpp"
@@ -82,6 +83,10 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   run_error_.clear();
   std::fill(load_.begin(), load_.end(), 0);
   std::fill(holds_our_cache_.begin(), holds_our_cache_.end(), false);
+  measured_before_ = pool_.front().is_cuda() ? peaks_in_summary(summary_.json_path) : decltype(measured_before_){};
+  last_devices_.clear();
+  promised_.clear();
+  warned_unseen_ = false;
   const SignalWatch signals(options_.handle_signals);
   run_start_ = std::chrono::steady_clock::now();
   last_status_ = {};
@@ -156,8 +161,15 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       }
 
       queue_empty = true;
+      std::optional<std::vector<DeviceInfo>> devices_now;
+      // See Note [What a task uses on its GPUs] in gpu_memory.hpp.
+      if (now - last_measure_ >= options_.poll_interval &&
+          std::any_of(running_.begin(), running_.end(), [&](const auto& r) { return gpu_command(*r); })) {
+        last_measure_ = now;
+        devices_now = query_devices();
+        measure_tasks(*devices_now);
+      }
       if (!stopping && !draining_ && !own_error) {
-        std::optional<std::vector<DeviceInfo>> devices_now;
         // See Note [Dependencies] in dependencies.hpp. Not once stopping: waiting tasks stay pending.
         std::vector<const TaskResult*> results;
         if (has_dependencies && !stop_.load() && end_tasks_not_run(after_, jobs, results)) summary_dirty_ = true;
@@ -169,6 +181,14 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
           if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
           if (!devices_now) devices_now = query_devices();
+          if (const std::string why = never_fits(job, *devices_now); !why.empty()) {
+            job.queued = false;  // see Note [Packing tasks by memory] in gpu_memory.hpp
+            job.result.status = TaskStatus::kFailed;
+            job.result.error = "not run: " + why;
+            summary_dirty_ = true;
+            stop_for_failure(job);
+            continue;
+          }
           if (auto placement = place(job, *devices_now)) {
             job.queued = false;
             job.waiting_since.reset();
@@ -179,8 +199,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           std::string busy;
           for (std::size_t d = 0; d < pool_.size(); ++d) {
             if (load_[d] == 0 && !holds_our_cache_[d] && d < devices_now->size() && (*devices_now)[d].busy) {
-              busy += fmt::format("{}{} ({} MiB in use)", busy.empty() ? "" : ", ", pool_[d].label(),
-                                  (*devices_now)[d].used_bytes >> 20);
+              busy += (busy.empty() ? "" : ", ") + busy_reason(d, *devices_now);
             }
           }
           if (busy.empty()) {
@@ -188,7 +207,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
             continue;
           }
           if (!warned_busy) {
-            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others", busy,
+            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others, or promised to another run's task", busy,
                              options_.memory_threshold_mib));
             warned_busy = true;
           }

@@ -23,6 +23,7 @@
 
 #include "multigpu/error.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
+#include "multigpu/scheduler/text.hpp"
 
 namespace multigpu {
 
@@ -60,6 +61,7 @@ struct TaskStatusLine {
   std::string error;
   bool out_of_memory = false;
   std::string log_path;
+  std::int64_t peak_gpu_bytes = -1;  ///< Its peak GPU memory (-1: not measured).
 };
 
 /// Whether the run that wrote a summary is still there.
@@ -202,6 +204,9 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
       task.error = item.value("error", std::string());
       task.out_of_memory = item.value("out_of_memory", false);
       task.log_path = item.value("log", std::string());
+      if (item.contains("peak_gpu_mib") && item["peak_gpu_mib"].is_number()) {
+        task.peak_gpu_bytes = item["peak_gpu_mib"].get<std::int64_t>() << 20;
+      }
       run.tasks.push_back(std::move(task));
     }
   } catch (const nlohmann::json::exception& e) {
@@ -299,8 +304,10 @@ inline std::string render_run_status(const RunStatus& run, double now_unix, std:
   out += "\n\n";
   std::size_t name_width = 4;
   for (const auto& task : run.tasks) name_width = std::max(name_width, std::min<std::size_t>(task.name.size(), 32));
-  const std::string header = fmt::format("{:<{}}  {:<11}  {:<8}  {:>7}  {:>5}  ", "TASK", name_width, "STATE",
-                                         "DEVICE", "TIME", "TRIES");
+  // GPU runs have a peak memory column (see Note [What a task uses on its GPUs] in gpu_memory.hpp).
+  const bool peaks = std::any_of(run.tasks.begin(), run.tasks.end(), [](const auto& t) { return t.peak_gpu_bytes >= 0; });
+  const std::string header = fmt::format("{:<{}}  {:<11}  {:<8}  {:>7}  {:>5}  {}", "TASK", name_width, "STATE",
+                                         "DEVICE", "TIME", "TRIES", peaks ? fmt::format("{:>9}  ", "PEAK MEM") : "");
   out += header + "LAST LOG LINE\n";
   const std::size_t rest = width > header.size() + 10 ? width - header.size() : 10;
   for (const auto& task : run.tasks) {
@@ -318,8 +325,10 @@ inline std::string render_run_status(const RunStatus& run, double now_unix, std:
     if (task.attempts > 0 && (task.running || last.empty())) last = detail::last_log_line(task.log_path, rest);
     if (last.size() > rest) last = last.substr(0, rest > 3 ? rest - 3 : 0) + "...";
     std::string name = task.name.size() > 32 ? task.name.substr(0, 29) + "..." : task.name;
-    out += fmt::format("{:<{}}  {:<11}  {:<8}  {:>7}  {:>5}  {}\n", name, name_width, state, device, time,
-                       task.attempts, last);
+    const std::string peak =
+        !peaks ? "" : fmt::format("{:>9}  ", task.peak_gpu_bytes < 0 ? "-" : detail::memory_text(task.peak_gpu_bytes));
+    out += fmt::format("{:<{}}  {:<11}  {:<8}  {:>7}  {:>5}  {}{}\n", name, name_width, state, device, time,
+                       task.attempts, peak, last);
   }
   return out;
 }

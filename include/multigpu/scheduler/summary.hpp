@@ -111,6 +111,9 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
                          {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
                          {"error", r.error},
                          {"out_of_memory", r.out_of_memory},
+                         {"peak_gpu_mib", r.peak_gpu_bytes < 0 ? Json(nullptr) : Json(r.peak_gpu_bytes >> 20)},
+                         {"gpu_seconds", milliseconds(r.gpu_seconds)},
+                         {"memory_note", r.memory_note},
                          {"log", r.log_path}});
   }
   const Json summary{{"tasks", std::move(tasks)},
@@ -134,14 +137,16 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
 
 /// summary.csv's text: a header line, then one line per task.
 inline std::string summary_csv(const std::vector<const TaskResult*>& results) {
-  std::string csv = "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log\n";
+  std::string csv =
+      "task,status,devices,cuda_visible_devices,start,seconds,attempts,exit_code,error,log,peak_gpu_mib,gpu_seconds\n";
   for (const TaskResult* result : results) {
     const TaskResult& r = *result;
     std::string devices_csv;
     for (std::size_t d = 0; d < r.devices.size(); ++d) devices_csv += (d == 0 ? "" : "; ") + r.devices[d];
-    csv += fmt::format("{},{},{},{},{},{:.3f},{},{},{},{}\n", csv_field(r.name), to_string(r.status),
+    csv += fmt::format("{},{},{},{},{},{:.3f},{},{},{},{},{},{:.3f}\n", csv_field(r.name), to_string(r.status),
                        csv_field(devices_csv), csv_field(r.visible_devices), iso8601(r.start), r.seconds, r.attempts,
-                       r.exit_code ? std::to_string(*r.exit_code) : "", csv_field(r.error), csv_field(r.log_path));
+                       r.exit_code ? std::to_string(*r.exit_code) : "", csv_field(r.error), csv_field(r.log_path),
+                       r.peak_gpu_bytes < 0 ? std::string() : std::to_string(r.peak_gpu_bytes >> 20), r.gpu_seconds);
   }
   return csv;
 }

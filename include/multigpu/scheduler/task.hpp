@@ -64,6 +64,10 @@ struct Task {
   /// when one of them fails, this task is not run (see Note [Dependencies]
   /// in scheduler/dependencies.hpp).
   std::vector<std::string> after;
+  /// The most GPU memory (MiB) the task uses on one of its GPUs, as declared
+  /// (`[mem=12G]`); -1: not declared. Used to pack tasks by memory
+  /// (SchedulerOptions::pack_by_memory).
+  std::int64_t memory_mib = -1;
 
   static Task shell(std::string name, std::string command, std::string done_marker = {}, int devices = 1) {
     Task task;
@@ -120,6 +124,17 @@ struct TaskResult {
   /// attempt's whole output is searched).
   bool out_of_memory = false;
   std::string log_path;
+  /// The most GPU memory its processes had on one of its GPUs, over every
+  /// attempt (NVML, over the task's process tree); -1 when not measured (a
+  /// CPU task, an in-process task, no NVML). See Note [What a task uses on its
+  /// GPUs] in scheduler/gpu_memory.hpp.
+  std::int64_t peak_gpu_bytes = -1;
+  /// GPUs held x seconds, over every attempt.
+  double gpu_seconds = 0;
+  /// How its memory was judged and what an out-of-memory retry did ("" when
+  /// there is nothing to say), e.g. "attempt 1 ran out of GPU memory on cuda:0
+  /// with 9.5 GiB free; attempt 2 on cuda:1 with 22.0 GiB free".
+  std::string memory_note;
 };
 
 /// A task as a dry run would start it.
@@ -131,6 +146,7 @@ struct PlannedTask {
   std::string visible_devices;
   std::string command;             ///< With {gpu} and {task} filled in ("" for callables).
   std::vector<std::string> after;  ///< The tasks it starts after.
+  std::int64_t memory_mib = -1;    ///< Its declared size (Task::memory_mib).
 };
 
 namespace detail {

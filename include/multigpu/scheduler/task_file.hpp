@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// Task files (see the README, "Task files"): one shell command per line,
-/// `#` comments, `[name=... done=... gpus=N after=A,B]` options, `grid NAME =
+/// `#` comments, `[name=... done=... gpus=N after=A,B mem=12G]` options, `grid NAME =
 /// VALUES...` lines whose `{NAME}` placeholders expand a command over every combination.
 
 #include <algorithm>
@@ -21,11 +21,12 @@
 #include "multigpu/error.hpp"
 #include "multigpu/scheduler/dependencies.hpp"
 #include "multigpu/scheduler/task.hpp"
+#include "multigpu/scheduler/text.hpp"
 
 namespace multigpu {
 
 /// Parses a task file (see the README, "Task files"): one shell command per
-/// line, `#` comments, `[name=... done=... gpus=N after=A,B]` options before a command,
+/// line, `#` comments, `[name=... done=... gpus=N after=A,B mem=12G]` options before a command,
 /// `grid NAME = VALUES...` lines whose variables `{NAME}` expand a command
 /// over every combination. `source` names the text in errors (file:line);
 /// `default_devices` is what a line without gpus=N needs.
@@ -136,13 +137,14 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
     std::string done_template;
     std::string after_template;  // comma-separated names
     int devices = default_devices;
+    std::int64_t memory_mib = -1;
     std::istringstream option_stream(options_text);
     for (std::string option; option_stream >> option;) {
       const auto equals = option.find('=');
       const std::string key = option.substr(0, equals);
       const std::string value = equals == std::string::npos ? "" : option.substr(equals + 1);
       if (equals == std::string::npos || value.empty()) {
-        throw fail(start_line, fmt::format("option \"{}\" needs a value: name=..., done=..., gpus=N, after=NAME,...",
+        throw fail(start_line, fmt::format("option \"{}\" needs a value: name=..., done=..., gpus=N, after=NAME,..., mem=SIZE",
                                            option));
       }
       if (key == "name") {
@@ -155,10 +157,18 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
           throw fail(start_line, fmt::format("gpus={} is not a number of devices (1 or more)", value));
         }
         devices = parsed;
+      } else if (key == "mem") {
+        const auto mib = detail::parse_memory_mib(value);
+        if (!mib) {
+          throw fail(start_line, fmt::format("mem={} is not a size of GPU memory; write it with a unit: mem=12G, "
+                                             "mem=1.5G or mem=800M (G: GiB, M: MiB)",
+                                             value));
+        }
+        memory_mib = *mib;
       } else if (key == "after") {
         after_template += (after_template.empty() ? "" : ",") + value;  // after= twice: both lists
       } else {
-        throw fail(start_line, fmt::format("unknown option \"{}\"; valid: name, done, gpus, after", key));
+        throw fail(start_line, fmt::format("unknown option \"{}\"; valid: name, done, gpus, after, mem", key));
       }
     }
 
@@ -191,6 +201,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
       task.command = detail::expand_line(command, values);
       task.done_marker = detail::expand_line(done_template, values);
       task.devices = devices;
+      task.memory_mib = memory_mib;
       task.name = detail::expand_line(name_template, values);
       const std::string after = detail::expand_line(after_template, values);
       for (std::size_t begin = 0; !after_template.empty() && begin <= after.size();) {

@@ -1,14 +1,20 @@
 #pragma once
 /// @file
 /// How the scheduler writes text into its files: UTF-8 checks, CSV fields,
-/// times.
+/// times, memory sizes.
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstdlib>
 #include <ctime>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <fmt/core.h>
 
@@ -78,6 +84,44 @@ inline std::string clock_text(double seconds) {
   const auto total = static_cast<long>(seconds + 0.5);
   return total >= 3600 ? fmt::format("{}:{:02}:{:02}", total / 3600, (total / 60) % 60, total % 60)
                        : fmt::format("{}:{:02}", total / 60, total % 60);
+}
+
+/// "cuda:0, cuda:1": device labels for messages.
+inline std::string on_text(const std::vector<std::string>& labels) {
+  std::string on;
+  for (const auto& label : labels) on += (on.empty() ? "" : ", ") + label;
+  return on;
+}
+
+/// "9.5 GiB", "900 MiB".
+inline std::string memory_text(std::int64_t bytes) {
+  if (bytes < 0) return "unknown";
+  const double mib = static_cast<double>(bytes) / (1 << 20);
+  return mib >= 1024 ? fmt::format("{:.1f} GiB", mib / 1024) : fmt::format("{:.0f} MiB", mib);
+}
+
+/// MiB from a size text: "12G", "12GiB", "12GB", "1.5G", "500M", "500MiB"
+/// (G and GB mean GiB, M and MB MiB, as nvidia-smi counts); nullopt for
+/// anything else, a bare number included (its unit would be a guess).
+inline std::optional<std::int64_t> parse_memory_mib(std::string_view text) {
+  std::size_t digits = 0;
+  while (digits < text.size() && (std::isdigit(static_cast<unsigned char>(text[digits])) || text[digits] == '.')) {
+    ++digits;
+  }
+  if (digits == 0 || digits == text.size()) return std::nullopt;
+  const std::string number(text.substr(0, digits));
+  if (std::count(number.begin(), number.end(), '.') > 1 || number.front() == '.' || number.back() == '.') {
+    return std::nullopt;
+  }
+  std::string unit(text.substr(digits));
+  for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  double scale = 0;
+  if (unit == "G" || unit == "GB" || unit == "GIB") scale = 1024;
+  if (unit == "M" || unit == "MB" || unit == "MIB") scale = 1;
+  if (scale == 0) return std::nullopt;
+  const double mib = std::strtod(number.c_str(), nullptr) * scale;
+  if (!(mib >= 1) || mib > 1e9) return std::nullopt;
+  return static_cast<std::int64_t>(std::ceil(mib));
 }
 
 }  // namespace detail

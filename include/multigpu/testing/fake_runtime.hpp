@@ -50,6 +50,9 @@ struct FakeGpu {
   /// CUDA's default order (CUDA_DEVICE_ORDER=FASTEST_FIRST) lists faster GPUs
   /// first; with equal speed it keeps PCI order.
   int speed = 0;
+  /// Compute processes on it (pid -> MiB, -1: NVML does not say), listed by
+  /// NVML's process query; their memory counts as used, on top of used_mib.
+  std::map<long, std::int64_t> process_mib;
 };
 
 /// A runtime policy (see runtime.hpp) that answers from a script.
@@ -102,6 +105,30 @@ class FakeRuntime {
   FakeRuntime& set_reserved_mib(int nvml_index, std::int64_t mib) {
     std::lock_guard<std::mutex> lock(state_->mutex);
     state_->gpus.at(static_cast<std::size_t>(nvml_index)).reserved_mib = mib;
+    return *this;
+  }
+
+  /// A compute process on the GPU with this nvidia-smi number: `pid` uses
+  /// `mib` MiB (-1: NVML says "not available"); nullopt removes it. Its
+  /// memory counts as used. Real pids (a task's shell, `$$`) let a test stand
+  /// for a task that reached its GPU.
+  FakeRuntime& set_process_mib(int nvml_index, long pid, std::optional<std::int64_t> mib) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    auto& processes = state_->gpus.at(static_cast<std::size_t>(nvml_index)).process_mib;
+    if (mib) {
+      processes[pid] = *mib;
+    } else {
+      processes.erase(pid);
+    }
+    return *this;
+  }
+
+  /// How the driver answers nvmlDeviceGetComputeRunningProcesses_v3: 0 (the
+  /// default) with the scripted processes; an NVML error code (3
+  /// NOT_SUPPORTED, ...): no process list.
+  FakeRuntime& set_process_query(int status) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->process_status = status;
     return *this;
   }
 
@@ -207,6 +234,7 @@ class FakeRuntime {
     bool cuda_build = true;
     bool peer_access = true;
     std::optional<int> memory_v2_status = 0;
+    int process_status = 0;
     int queries = 0;
     int cache_releases = 0;
   };
@@ -227,7 +255,9 @@ class FakeRuntime {
     // The figures as the driver would give them, read as the real NVML's are.
     const auto total = static_cast<unsigned long long>(gpu.total_mib) << 20;
     const auto reserved = static_cast<unsigned long long>(gpu.reserved_mib) << 20;
-    const auto used = static_cast<unsigned long long>(gpu.used_mib) << 20;
+    std::int64_t process_total_mib = 0;
+    for (const auto& [pid, mib] : gpu.process_mib) process_total_mib += std::max<std::int64_t>(mib, 0);
+    const auto used = static_cast<unsigned long long>(gpu.used_mib + process_total_mib) << 20;
     const auto taken = std::min(total, reserved + used);
     std::function<int(detail::NvmlMemoryV2&)> v2;
     if (const auto status = state_->memory_v2_status) {
@@ -252,6 +282,24 @@ class FakeRuntime {
     out.reserved_bytes = figures.reserved_bytes;
     out.memory_query = figures.query;
     out.nvml_index = static_cast<int>(nvml_index);
+    // Answered as NVML's _v3 query would be, read as the real one's is.
+    out.processes = detail::read_nvml_processes(
+        [&](unsigned int& count, detail::NvmlProcessInfoV2* infos) {
+          if (state_->process_status != 0) return state_->process_status;
+          if (count < gpu.process_mib.size()) {
+            count = static_cast<unsigned int>(gpu.process_mib.size());
+            return 7;  // NVML_ERROR_INSUFFICIENT_SIZE
+          }
+          count = 0;
+          for (const auto& [pid, mib] : gpu.process_mib) {
+            infos[count].pid = static_cast<unsigned int>(pid);
+            infos[count].used_gpu_memory =
+                mib < 0 ? detail::kNvmlValueNotAvailable : static_cast<unsigned long long>(mib) << 20;
+            ++count;
+          }
+          return 0;
+        },
+        {});
     return out;
   }
 

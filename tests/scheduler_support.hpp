@@ -1,0 +1,68 @@
+#pragma once
+// What the scheduler's tests share: a fresh folder per test, fast options,
+// reading files and results, waiting for a condition.
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include <unistd.h>
+
+#include <fmt/core.h>
+
+#include "multigpu/scheduler.hpp"
+
+namespace multigpu_test {
+
+using multigpu::RunSummary;
+using multigpu::SchedulerOptions;
+
+/// A fresh folder for one test, under the current directory.
+inline std::string fresh_dir(const std::string& name) {
+  const std::string dir = fmt::format("scheduler_test_{}_{}", name, ::getpid());
+  std::system(fmt::format("rm -rf '{}'", dir).c_str());
+  multigpu::detail::make_directories(dir);
+  return dir;
+}
+
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+inline SchedulerOptions fast_options(const std::string& dir, const std::string& devices) {
+  SchedulerOptions options;
+  options.devices = devices;
+  options.log_dir = dir + "/logs";
+  options.poll_interval = std::chrono::milliseconds(5);
+  options.grace_period = std::chrono::seconds(5);
+  // Scripted GPUs share their UUIDs between test processes: promises stay in the test's folder.
+  options.reservation_dir = dir + "/reservations";
+  return options;
+}
+
+inline const multigpu::TaskResult& result_of(const RunSummary& summary, const std::string& name) {
+  for (const auto& r : summary.tasks) {
+    if (r.name == name) return r;
+  }
+  throw std::runtime_error("no task " + name);
+}
+
+/// Waits (bounded) until `condition` holds.
+template <class Condition>
+bool eventually(Condition condition, std::chrono::seconds limit = std::chrono::seconds(20)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return true;
+}
+
+}  // namespace multigpu_test
