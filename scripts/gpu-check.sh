@@ -2,7 +2,8 @@
 # The GPU proof in one command: on a machine with an NVIDIA GPU and a Python
 # torch with CUDA, configures multigpu against that torch's LibTorch with CUDA
 # and NCCL compiled in, builds everything, and runs the device report, the
-# whole ctest suite, the CUDA test suite (each case with its duration), the
+# whole ctest suite, the CUDA test suite (each case with its duration),
+# multigpu-run on the GPU (tests/tools/multigpu_run_gpu_check.sh), the
 # GPU benchmarks with the Python anchors (benchmarks/python/run.sh), and the
 # CUDA suite under compute-sanitizer's racecheck and synccheck, writing every
 # log and result to benchmarks/results/<gpu>-<date>/, within 20 minutes.
@@ -14,7 +15,7 @@
 #   scripts/gpu-check.sh build report ctest    # some parts, in the usual order
 #   scripts/gpu-check.sh -- -R device          # arguments after -- go to ctest
 #
-# Parts, in this order: build, report, ctest, cuda, bench, racecheck,
+# Parts, in this order: build, report, ctest, cuda, scheduler, bench, racecheck,
 # synccheck ("sanitizers": both). A part that fails does not stop the others;
 # the exit status is 1 if any failed. Without a GPU the sanitizers are
 # skipped and the benchmarks run --quick on the CPU (no figures).
@@ -39,11 +40,11 @@
 # carried along). Where one command may last only 10 minutes, run it in two
 # on the same machine (the build folder and the results folder stay), e.g.
 #   MULTIGPU_GPU_CHECK_BUDGET=570 scripts/gpu-check.sh build report ctest cuda
-#   MULTIGPU_GPU_CHECK_BUDGET=570 scripts/gpu-check.sh bench sanitizers
+#   MULTIGPU_GPU_CHECK_BUDGET=570 scripts/gpu-check.sh scheduler bench sanitizers
 set -uo pipefail  # not -e: every part runs, and each one's status is recorded
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 self="$root/scripts/gpu-check.sh"
-all_parts=(build report ctest cuda bench racecheck synccheck)
+all_parts=(build report ctest cuda scheduler bench racecheck synccheck)
 
 say() { echo "gpu-check: $*" >&2; }
 
@@ -142,6 +143,19 @@ part_cuda() {
   fi
 }
 
+# multigpu-run on the GPU: per-task peak memory from NVML, packing by memory,
+# a GPU promised across runs, an out-of-memory retry
+# (tests/tools/multigpu_run_gpu_check.sh; its tasks allocate with torch).
+part_scheduler() {
+  local tool="$_gc_build/tools/multigpu-run"
+  [[ -z "$_gc_no_gpu" ]] || { set_status "skipped: no GPU ($_gc_no_gpu)"; return 0; }
+  [[ -x "$tool" ]] || { set_status "failed: $tool is missing (run the build part)"; return 1; }
+  [[ -n "$_gc_python" ]] || { set_status "skipped: no python with torch for its tasks"; return 0; }
+  PATH="$(dirname "$_gc_python"):$PATH" bash "$root/tests/tools/multigpu_run_gpu_check.sh" "$tool" \
+    "$_gc_build/multigpu_run_gpu_check" 2>&1 | tee "$_gc_results/scheduler.txt"
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || { set_status "failed: see scheduler.txt"; return 1; }
+}
+
 # compute-sanitizer: on the PATH, or in the CUDA toolkit.
 sanitizer_path() {
   local candidate
@@ -216,6 +230,7 @@ if [[ "${1:-}" == --run-part ]]; then
     report) part_report ;;
     ctest) part_ctest "$@" ;;
     cuda) part_cuda ;;
+    scheduler) part_scheduler ;;
     racecheck | synccheck) part_sanitizer "$part" ;;
     bench) part_bench ;;
   esac
@@ -231,7 +246,7 @@ while [[ $# -gt 0 ]]; do
     --) shift; ctest_args=("$@"); break ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     sanitizers) selected+=(racecheck synccheck) ;;
-    build | report | ctest | cuda | bench | racecheck | synccheck) selected+=("$1") ;;
+    build | report | ctest | cuda | scheduler | bench | racecheck | synccheck) selected+=("$1") ;;
     *) say "unknown part '$1'; valid: ${all_parts[*]} (sanitizers: racecheck and synccheck), then -- and ctest's arguments"; exit 2 ;;
   esac
   shift
@@ -308,7 +323,7 @@ trap on_signal INT TERM
 # budget caps them all. Without a GPU only the parts that use one would be
 # limited, and they are skipped: CI's machines (2 cores) need far longer to
 # build, and ctest limits each test itself.
-declare -A limit=([build]=600 [report]=90 [ctest]=420 [cuda]=240 [bench]=420 [racecheck]=180
+declare -A limit=([build]=600 [report]=90 [ctest]=420 [cuda]=240 [scheduler]=120 [bench]=420 [racecheck]=180
                   [synccheck]=180)
 budget=0
 if [[ -z "$_gc_no_gpu" ]]; then
