@@ -667,6 +667,17 @@ TEST_SUITE("task files") {
 // Issue 17: a task is never killed or lost because of the scheduler, files
 // go where they should, and a failure says what is true.
 TEST_SUITE("scheduler: never kill or lose a task") {
+  TEST_CASE("a task that sends SIGUSR1 to its own process group is not taken for the scheduler's death") {
+    // SIGUSR1 is the supervisor's parent-death signal (Note [The task supervisor]).
+    const std::string dir = fresh_dir("usr1");
+    FakeScheduler scheduler(fast_options(dir, "cpu"), FakeRuntime{});
+    const auto summary = scheduler.run({Task::shell("usr1", "trap '' USR1; kill -USR1 0; sleep 0.3; echo survived")});
+    const auto& task = result_of(summary, "usr1");
+    CHECK(task.status == TaskStatus::kDone);
+    CHECK(task.error == "");
+    CHECK(contains(read_file(task.log_path), "survived"));
+  }
+
   TEST_CASE("a task under sh gets its whole grace period (dash does not exec, the program saves on SIGTERM)") {
     const std::string dir = fresh_dir("grace");
     std::ofstream(dir + "/saves.sh") << "trap 'sleep 2; echo saved > " << dir << "/saved; exit 0' TERM\n"

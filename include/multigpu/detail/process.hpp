@@ -50,6 +50,10 @@ namespace detail {
 //   SIGTERM to the task's group, waits up to the grace period, and SIGKILLs
 //   the group. The shell's own descendants cannot get a parent-death signal
 //   of their own (it is cleared on fork), which is why one process watches.
+//   The signal is SIGUSR1, which a task may also send to its own process
+//   group (`kill -USR1 0`): it counts as the scheduler's death only when the
+//   supervisor's parent is no longer the scheduler (the kernel reparents a
+//   child before it sends the parent-death signal).
 // - A failure to start is reported: the supervisor and the shell write the
 //   errno of a failed open, fork or execve (a command over the kernel's
 //   128 KiB argument limit: E2BIG) into a close-on-exec pipe, so the error
@@ -241,8 +245,11 @@ inline void close_from(int first) {
   const struct timespec no_wait {};
   auto take = [&](int signal) {
     if (signal == SIGTERM || signal == SIGINT || signal == SIGHUP) stopping = true;
-    if (signal == kParentDeathSignal) {  // the scheduler is gone: SIGTERM to the group (this process
-      ::kill(0, SIGTERM);                // takes its own next), SIGKILL when the grace period has passed
+    // The scheduler is gone: SIGTERM to the group (this process takes its own
+    // next), SIGKILL when the grace period has passed. Only when it is gone:
+    // a task may send SIGUSR1 to its own group, this process included.
+    if (signal == kParentDeathSignal && ::getppid() != scheduler) {
+      ::kill(0, SIGTERM);
       ::alarm(grace == 0 ? 1 : grace);
     }
     if (signal == SIGALRM) ::kill(0, SIGKILL);  // the group, this process too
