@@ -10,11 +10,13 @@
 #include <string>
 #include <thread>
 
+#include <dirent.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
 
 #include "multigpu/scheduler.hpp"
+#include "support.hpp"
 
 namespace multigpu_test {
 
@@ -63,6 +65,21 @@ bool eventually(Condition condition, std::chrono::seconds limit = std::chrono::s
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   return true;
+}
+
+/// Processes of this machine whose command line contains `text`.
+inline int processes_with(const std::string& text) {
+  int count = 0;
+  if (DIR* proc = opendir("/proc")) {
+    while (dirent* entry = readdir(proc)) {
+      if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+      std::string cmdline = read_file(std::string("/proc/") + entry->d_name + "/cmdline");
+      for (char& c : cmdline) c = c == '\0' ? ' ' : c;
+      count += multigpu_test::contains(cmdline, text) ? 1 : 0;
+    }
+    closedir(proc);
+  }
+  return count;
 }
 
 }  // namespace multigpu_test

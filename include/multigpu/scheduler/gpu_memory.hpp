@@ -71,10 +71,10 @@ namespace detail {
 /// A task that ran out of GPU memory would fail again with the same room, so
 /// its retry (within SchedulerOptions::retries) waits for a GPU, its own GPU
 /// included, whose room is larger by at least memory_margin_mib than the
-/// room the failed attempt had. That is the smallest room seen while it ran
-/// (what it held plus what nobody held, at each look; the room when it
-/// started for a task that was never seen), the smallest over its GPUs: a
-/// neighbour that grew is what often took it. Where no GPU of the pool can
+/// room the failed attempt had. That is the smallest room seen while its
+/// processes were on the GPU (what it held plus what nobody held, at each
+/// look; the room when it started for a task never seen there), the smallest
+/// over its GPUs: a neighbour that grew is what often took it. Where no GPU of the pool can
 /// offer that much (it had about a whole GPU), or where GPU memory is
 /// unknown, the retry goes to another GPU when one is free, as any failed
 /// task's does. The summary's memory_note says what happened ("attempt 1 ran
@@ -137,9 +137,11 @@ inline void SchedulerCore::measure_tasks(const std::vector<DeviceInfo>& now) {
         bytes += std::max<std::int64_t>(process.used_bytes, 0);
       }
       r->current[i] = bytes;
-      if (now[d].total_bytes >= 0 && now[d].used_bytes >= 0) {
+      if (seen && now[d].total_bytes >= 0 && now[d].used_bytes >= 0) {
         // The room it has now: what it holds and what nobody holds. Its
-        // smallest is the room it had when it ran out (Note [Retrying after out of memory]).
+        // smallest is the room it had when it ran out (Note [Retrying after
+        // out of memory]). Only while it is seen there: a process that has
+        // just ended may still be listed with its memory for a moment.
         const std::int64_t room = bytes + std::max<std::int64_t>(0, now[d].total_bytes - now[d].used_bytes -
                                                                         std::max<std::int64_t>(now[d].reserved_bytes, 0));
         r->room[i] = r->room[i] < 0 ? room : std::min(r->room[i], room);

@@ -1,0 +1,412 @@
+// The experiment scheduler, continued (see test_scheduler.cpp): a task is
+// never killed or lost because of the scheduler, files go where they should, a
+// failure says what is true, dependencies between tasks, and --fail-fast.
+
+#include "support.hpp"  // first: see its comment
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/resource.h>
+
+#include <nlohmann/json.hpp>
+
+#include "multigpu/scheduler.hpp"
+#include "multigpu/testing/fake_runtime.hpp"
+#include "scheduler_support.hpp"
+
+using multigpu::RunSummary;
+using multigpu::SchedulerOptions;
+using multigpu::Task;
+using multigpu::TaskContext;
+using multigpu::TaskStatus;
+using multigpu::testing::FakeRuntime;
+using multigpu_test::CapturedLog;
+using multigpu_test::contains;
+using multigpu_test::eventually;
+using multigpu_test::fast_options;
+using multigpu_test::fresh_dir;
+using multigpu_test::processes_with;
+using multigpu_test::read_file;
+using multigpu_test::result_of;
+using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
+
+// Issue 17: a task is never killed or lost because of the scheduler, files
+// go where they should, and a failure says what is true.
+TEST_SUITE("scheduler: never kill or lose a task") {
+  TEST_CASE("a task that sends SIGUSR1 to its own process group is not taken for the scheduler's death") {
+    // SIGUSR1 is the supervisor's parent-death signal (Note [The task supervisor]).
+    const std::string dir = fresh_dir("usr1");
+    FakeScheduler scheduler(fast_options(dir, "cpu"), FakeRuntime{});
+    const auto summary = scheduler.run({Task::shell("usr1", "trap '' USR1; kill -USR1 0; sleep 0.3; echo survived")});
+    const auto& task = result_of(summary, "usr1");
+    CHECK(task.status == TaskStatus::kDone);
+    CHECK(task.error == "");
+    CHECK(contains(read_file(task.log_path), "survived"));
+  }
+
+  TEST_CASE("a task under sh gets its whole grace period (dash does not exec, the program saves on SIGTERM)") {
+    const std::string dir = fresh_dir("grace");
+    std::ofstream(dir + "/saves.sh") << "trap 'sleep 2; echo saved > " << dir << "/saved; exit 0' TERM\n"
+                                     << "touch " << dir << "/started\n"
+                                     << "while :; do sleep 0.1; done\n";
+    auto options = fast_options(dir, "0");
+    options.grace_period = std::chrono::seconds(10);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    std::thread stopper([&] {
+      if (eventually([&] { return multigpu::detail::path_exists(dir + "/started"); })) scheduler.request_stop();
+    });
+    const auto start = std::chrono::steady_clock::now();
+    // `; echo after`: the shell cannot exec the script and stays its parent.
+    const auto summary = scheduler.run({Task::shell("saver", fmt::format("sh {}/saves.sh; echo after", dir))});
+    stopper.join();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CHECK(read_file(dir + "/saved") == "saved\n");
+    CHECK(seconds >= 2);
+    CHECK(seconds < 9);  // it ended when the task had, not at the end of the period
+    CHECK(result_of(summary, "saver").status == TaskStatus::kInterrupted);
+    CHECK(processes_with(dir + "/saves.sh") == 0);
+  }
+
+  TEST_CASE("a task that cannot start fails alone: a command over the argument limit, a deleted log folder") {
+    const std::string dir = fresh_dir("nostart");
+    CapturedLog log;
+    auto options = fast_options(dir, "0");
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({
+        Task::shell("huge", "echo " + std::string(200 * 1024, 'x')),
+        Task::shell("fine", "true"),
+        // (again while the scheduler's summary writes race with rm)
+        Task::shell("remover", fmt::format("until rm -rf {}/logs 2>/dev/null; do sleep 0.01; done", dir)),
+        Task::shell("after", "true"),
+    });
+    const auto& huge = result_of(summary, "huge");
+    CHECK(huge.status == TaskStatus::kFailed);
+    CHECK(contains(huge.error, "the command is 204805 bytes, over the kernel's limit for one argument (128 KiB)"));
+    CHECK(result_of(summary, "fine").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "remover").status == TaskStatus::kDone);
+    const auto& after = result_of(summary, "after");
+    CHECK(after.status == TaskStatus::kFailed);
+    CHECK(contains(after.error, "with its output to " + dir + "/logs/after.log: No such file or directory"));
+    // The summary's folder went too: said, not thrown.
+    CHECK(contains(summary.summary_error, dir + "/logs/summary.json"));
+    CHECK(summary.exit_code() == 1);
+  }
+
+  TEST_CASE("a log folder is locked by the run using it, a second run says who holds it") {
+    const std::string dir = fresh_dir("lock");
+    FakeScheduler first(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    FakeScheduler second(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::string refused;
+    const auto summary = first.run({Task::callable("holder", [&](TaskContext&) {
+      refused = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, second.run({Task::shell("twin", "true")}));
+    })});
+    CHECK(summary.count(TaskStatus::kDone) == 1);
+    CHECK(contains(refused, fmt::format("the log folder {}/logs is in use by another run (pid {} on host ", dir,
+                                        static_cast<long>(::getpid()))));
+    CHECK(contains(refused, ", started 20"));
+    CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/twin.log"));
+    CHECK(second.run({Task::shell("twin", "true")}).count(TaskStatus::kDone) == 1);  // free once the first ended
+  }
+
+  TEST_CASE("while a task runs, the summary shows it pending with its attempt") {
+    const std::string dir = fresh_dir("crash");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    nlohmann::json seen;
+    scheduler.run({Task::callable("long", [&](TaskContext&) {
+      eventually([&] {
+        try {
+          seen = nlohmann::json::parse(read_file(dir + "/logs/summary.json"));
+          return seen["tasks"][0]["attempts"] == 1;
+        } catch (const std::exception&) {
+          return false;
+        }
+      });
+    })});
+    CHECK(seen["tasks"][0]["status"] == "pending");
+    CHECK(seen["tasks"][0]["attempts"] == 1);
+    CHECK(seen["finished"] == false);
+  }
+}
+
+TEST_SUITE("scheduler: where files go") {
+  TEST_CASE("an empty log folder, a symbolic link as a log, and names that map to one log are refused") {
+    const std::string dir = fresh_dir("files");
+    auto empty = fast_options(dir, "0");
+    empty.log_dir = "";
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, FakeScheduler(empty, FakeRuntime::with_gpus(1))),
+                   "the log folder is \"\"; name a folder"));
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({Task::shell("a/b", "true"), Task::shell("a_b", "true")})) ==
+          "tasks \"a/b\" and \"a_b\" would share the log a_b.log; rename one (a name keeps letters, digits, '.', '_' "
+          "and '-' in its log's name, and every other character becomes '_')");
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, scheduler.run({Task::shell("bad\xff", "true")})),
+                   "task 1 has a name that is not UTF-8 (byte 4)"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                         scheduler.run({Task::shell("nul", std::string("echo a\0b", 8))})),
+                   "task \"nul\": its command holds a NUL byte at byte 7"));
+    multigpu::detail::make_directories(dir + "/logs");
+    REQUIRE(::symlink("../target", (dir + "/logs/planted.log").c_str()) == 0);
+    const auto summary = scheduler.run({Task::shell("planted", "echo written")});
+    CHECK(result_of(summary, "planted").status == TaskStatus::kFailed);
+    CHECK(contains(result_of(summary, "planted").error, "is a symbolic link, and logs are never written through one"));
+    CHECK_FALSE(multigpu::detail::path_exists(dir + "/target"));
+  }
+
+  TEST_CASE("the summary stays valid JSON whatever bytes a text holds") {
+    CHECK(nlohmann::json::parse(multigpu::detail::json_string("a\xff\xc3(b\xe2\x82\xac")) ==
+          "a\xef\xbf\xbd\xef\xbf\xbd(b\xe2\x82\xac");
+  }
+}
+
+TEST_SUITE("scheduler: what a failure says") {
+  TEST_CASE("out of memory in any attempt's output, however long the output after it") {
+    const std::string dir = fresh_dir("oom");
+    auto options = fast_options(dir, "0,1");
+    options.retries = 1;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const auto summary = scheduler.run({
+        Task::shell("first-attempt", "if [ $MULTIGPU_TASK_ATTEMPT = 1 ]; then echo 'CUDA out of memory'; exit 1; fi; "
+                                     "head -c 100000 /dev/zero | tr '\\0' x; exit 2"),
+        Task::shell("long-after", "echo 'torch.OutOfMemoryError: CUDA out of memory'; "
+                                  "head -c 200000 /dev/zero | tr '\\0' y; exit 1"),
+        Task::shell("plain", "exit 1"),
+    });
+    CHECK(result_of(summary, "first-attempt").attempts == 2);
+    CHECK(result_of(summary, "first-attempt").error == "exit code 2");
+    CHECK(result_of(summary, "first-attempt").out_of_memory);
+    CHECK(result_of(summary, "long-after").out_of_memory);
+    CHECK_FALSE(result_of(summary, "plain").out_of_memory);
+  }
+
+  TEST_CASE("exit code 128+N under sh: killed by a signal only when the shell said so") {
+    const std::string dir = fresh_dir("signals");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({
+        Task::shell("crashes", "sh -c 'kill -SEGV $$'; exit $?"),
+        Task::shell("says-139", "exit 139"),
+    });
+    CHECK(result_of(summary, "crashes").exit_code == 139);
+    CHECK(result_of(summary, "crashes").error == "killed by SIGSEGV (signal 11; /bin/sh reported exit code 139)");
+    CHECK(result_of(summary, "says-139").error == "exit code 139 (a command under sh killed by SIGSEGV?)");
+  }
+}
+
+TEST_SUITE("task files") {
+  TEST_CASE("a NUL byte in a task file is an error naming the line") {
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                multigpu::parse_tasks(std::string("true\necho a\0b\n", 14), "my.tasks")) ==
+          "my.tasks:2: a NUL byte at column 7; a task file is text, and the shell would cut the command there");
+  }
+}
+
+// Issue 17: dependencies between tasks ([after=NAME], Task::after).
+namespace {
+
+/// `task`, started only after the tasks named.
+Task after(Task task, std::vector<std::string> names) {
+  task.after = std::move(names);
+  return task;
+}
+
+}  // namespace
+
+TEST_SUITE("scheduler: dependencies") {
+  TEST_CASE("after= in a task file: several names, grid placeholders, defaults, and what the dry run shows") {
+    const auto tasks = multigpu::parse_tasks(
+        "grid rate = 0.1 0.2\n"
+        "[name=train-{rate}] train {rate}\n"
+        "[name=eval-{rate} after=train-{rate}] eval {rate}\n"
+        "[name=report after=eval-0.1,eval-0.2 after=train-0.1] report\n"
+        "prepare\n"
+        "[after=task-06] uses the default name\n",
+        "deps.tasks");
+    REQUIRE(tasks.size() == 7);
+    CHECK(tasks[0].after.empty());
+    CHECK(tasks[2].name == "eval-0.1");
+    CHECK(tasks[2].after == std::vector<std::string>{"train-0.1"});
+    CHECK(tasks[3].after == std::vector<std::string>{"train-0.2"});
+    CHECK(tasks[4].after == std::vector<std::string>{"eval-0.1", "eval-0.2", "train-0.1"});
+    CHECK(tasks[6].after == std::vector<std::string>{"task-06"});
+    const std::string dir = fresh_dir("deps_plan");
+    FakeScheduler scheduler(fast_options(dir, "0,1"), FakeRuntime::with_gpus(2));
+    const auto plan = scheduler.plan(tasks);
+    CHECK(plan[4].after == std::vector<std::string>{"eval-0.1", "eval-0.2", "train-0.1"});
+  }
+
+  TEST_CASE("after= mistakes name the file and line: an unknown name, a task after itself, a cycle, an empty name") {
+    auto message = [](const std::string& text) {
+      return MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::parse_tasks(text, "my.tasks"));
+    };
+    CHECK(message("[name=a] x\n[name=b after=trian] y\n") ==
+          "my.tasks:2: task \"b\" runs after \"trian\", but no task has that name");
+    CHECK(message("[name=a after=a] x\n") == "my.tasks:1: task \"a\" runs after itself; after= names other tasks");
+    CHECK(message("[name=a after=b] x\n[name=b after=a] y\n") ==
+          "my.tasks:1: the tasks' after= form a cycle: a -> b -> a; none of them could ever start");
+    CHECK(contains(message("[name=z] w\n[name=a after=c] x\n[name=b after=a] y\n[name=c after=b,z] y\n"),
+                   "my.tasks:2: the tasks' after= form a cycle: a -> c -> b -> a"));
+    CHECK(message("[name=a] x\n[name=b after=a,] y\n") ==
+          "my.tasks:2: after=a, has an empty name; write after=NAME or after=NAME,NAME");
+    CHECK(contains(message("[name=b after=train-{rte}] y\n"), "my.tasks:1: unknown placeholder {rte}"));
+    CHECK(message("[name=a after] x\n") ==
+          "my.tasks:1: option \"after\" needs a value: name=..., done=..., gpus=N, after=NAME,..., mem=SIZE");
+  }
+
+  TEST_CASE("a queue from C++ is checked the same way before anything runs") {
+    const std::string dir = fresh_dir("deps_check");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::atomic<int> ran{0};
+    auto count = [&](TaskContext&) { ++ran; };
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({after(Task::callable("a", count), {"nobody"})})) ==
+          "task \"a\" runs after \"nobody\", but no task has that name");
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError,
+                                scheduler.run({Task::callable("x", count), after(Task::callable("a", count), {"b"}),
+                                               after(Task::callable("b", count), {"a"})})) ==
+          "the tasks' after= form a cycle: a -> b -> a; none of them could ever start");
+    CHECK(ran.load() == 0);
+  }
+
+  TEST_CASE("a task starts only after its dependencies are done or skipped, and waits without holding a device") {
+    const std::string dir = fresh_dir("deps_order");
+    std::ofstream(dir + "/skipped-done") << "x";
+    // One device, one slot: a waiting task that held it would block forever.
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    std::mutex mutex;
+    std::vector<std::string> order;
+    auto record = [&](TaskContext& context) {
+      std::lock_guard<std::mutex> lock(mutex);
+      order.push_back(context.name());
+    };
+    const auto summary = scheduler.run({
+        after(Task::callable("report", record), {"eval", "train"}),
+        after(Task::callable("eval", record), {"train", "old"}),
+        Task::callable("train", record),
+        Task::callable("old", record, dir + "/skipped-done"),
+    });
+    CHECK(summary.exit_code() == 0);
+    CHECK(order == std::vector<std::string>{"train", "eval", "report"});
+    CHECK(result_of(summary, "old").status == TaskStatus::kSkipped);
+    CHECK(summary.count(TaskStatus::kDone) == 3);
+  }
+
+  TEST_CASE("when a dependency fails after its retries, the tasks after it are not run, transitively") {
+    const std::string dir = fresh_dir("deps_fail");
+    auto options = fast_options(dir, "0,1");
+    options.retries = 1;
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    std::atomic<int> train_attempts{0};
+    std::atomic<bool> dependent_ran{false};
+    const auto summary = scheduler.run({
+        Task::callable("train",
+                       [&](TaskContext&) {
+                         ++train_attempts;
+                         throw std::runtime_error("diverged");
+                       }),
+        after(Task::callable("eval", [&](TaskContext&) { dependent_ran = true; }), {"train"}),
+        after(Task::callable("report", [&](TaskContext&) { dependent_ran = true; }), {"eval", "other"}),
+        Task::callable("other", [](TaskContext&) {}),
+    });
+    CHECK(summary.exit_code() == 1);
+    CHECK(train_attempts.load() == 2);
+    CHECK_FALSE(dependent_ran.load());
+    CHECK(result_of(summary, "train").status == TaskStatus::kFailed);
+    const auto& eval = result_of(summary, "eval");
+    CHECK(eval.status == TaskStatus::kFailed);
+    CHECK(eval.attempts == 0);
+    CHECK(eval.error == "not run: task train, which it runs after, failed");
+    CHECK(contains(read_file(eval.log_path),
+                   "### multigpu: task eval not run: task train, which it runs after, failed"));
+    const auto& report = result_of(summary, "report");
+    CHECK(report.status == TaskStatus::kFailed);
+    CHECK(report.attempts == 0);
+    CHECK(report.error == "not run: task eval, which it runs after, was not run (task train failed)");
+    CHECK(result_of(summary, "other").status == TaskStatus::kDone);
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["counts"]["failed"] == 3);
+    CHECK(json["tasks"][1]["error"] == "not run: task train, which it runs after, failed");
+  }
+
+  TEST_CASE("real sh tasks on CPU slots: a grid of train and eval, the eval of a failed train not run") {
+    const std::string dir = fresh_dir("deps_sh");
+    std::ofstream(dir + "/deps.tasks") << "grid rate = 1 2 3\n"
+                                       << "[name=eval-{rate} after=train-{rate}] test -f " << dir << "/model-{rate}\n"
+                                       << "[name=train-{rate}] sleep 0.2; test {rate} != 2 && touch " << dir
+                                       << "/model-{rate}\n";
+    const auto tasks = multigpu::read_task_file(dir + "/deps.tasks");
+    auto options = fast_options(dir, "cpu");
+    options.max_per_device = 2;
+    multigpu::Scheduler scheduler(options);
+    const auto summary = scheduler.run(tasks);
+    CHECK(summary.exit_code() == 1);
+    CHECK(result_of(summary, "train-1").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "eval-1").status == TaskStatus::kDone);  // the model was there
+    CHECK(result_of(summary, "eval-3").status == TaskStatus::kDone);
+    CHECK(result_of(summary, "train-2").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "eval-2").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "eval-2").error == "not run: task train-2, which it runs after, failed");
+  }
+}
+
+// Issue 17: --fail-fast.
+TEST_SUITE("scheduler: fail fast") {
+  TEST_CASE("fail_fast: the first failure for good stops the run, running tasks the orderly way, exit code 1") {
+    const std::string dir = fresh_dir("fail_fast");
+    auto options = fast_options(dir, "0");
+    options.max_per_device = 2;  // slow and broken at once; broken's retry before later
+    options.fail_fast = true;
+    options.retries = 1;
+    options.grace_period = std::chrono::seconds(3);
+    FakeScheduler scheduler(options, FakeRuntime::with_gpus(2));
+    const std::string token = fmt::format("37.{}", ::getpid());  // a sleep nobody else runs
+    std::atomic<int> attempts{0};
+    const auto start = std::chrono::steady_clock::now();
+    const auto summary = scheduler.run({
+        Task::shell("slow", fmt::format("sleep {}", token)),
+        Task::callable("broken",
+                       [&](TaskContext&) {
+                         ++attempts;
+                         std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                         throw std::runtime_error("diverged");
+                       }),
+        Task::shell("later", "true"),
+        after(Task::shell("after-broken", "true"), {"broken"}),
+    });
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+    CHECK(attempts.load() == 2);  // its retry first: failed for good only then
+    CHECK(summary.exit_code() == 1);
+    CHECK(summary.interrupted);
+    CHECK(summary.stop_signal == 0);
+    CHECK(summary.fail_fast_task == "broken");
+    CHECK(result_of(summary, "broken").status == TaskStatus::kFailed);
+    CHECK(result_of(summary, "slow").status == TaskStatus::kInterrupted);
+    CHECK(result_of(summary, "later").status == TaskStatus::kPending);
+    CHECK(result_of(summary, "later").attempts == 0);
+    CHECK(result_of(summary, "after-broken").status == TaskStatus::kPending);  // never started
+    CHECK(processes_with("sleep " + token) == 0);
+    const auto json = nlohmann::json::parse(read_file(summary.json_path));
+    CHECK(json["fail_fast_task"] == "broken");
+    CHECK(json["interrupted"] == true);
+    CHECK(json["counts"]["pending"] == 2);
+  }
+
+  TEST_CASE("without fail_fast a failure stops nothing, and the summary names no task") {
+    const std::string dir = fresh_dir("no_fail_fast");
+    FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+    const auto summary = scheduler.run({Task::shell("broken", "exit 3"), Task::shell("later", "true")});
+    CHECK(summary.exit_code() == 1);
+    CHECK_FALSE(summary.interrupted);
+    CHECK(summary.fail_fast_task.empty());
+    CHECK(result_of(summary, "later").status == TaskStatus::kDone);
+    CHECK(nlohmann::json::parse(read_file(summary.json_path))["fail_fast_task"].is_null());
+  }
+}
