@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include <sys/stat.h>
+
 #include <nlohmann/json.hpp>
 
 #include "multigpu/scheduler.hpp"
@@ -119,10 +121,10 @@ TEST_SUITE("scheduler GPU memory") {
     const auto use = [&](int mib) { return fmt::format("echo {} > {}/$CUDA_VISIBLE_DEVICES.$$", mib, uses); };
     const auto summary = scheduler.run({
         // A grandchild does the allocating: the whole tree counts.
-        Task::shell("child", "sh -c '" + use(3000) + "; sleep 0.4'"),
+        Task::shell("child", "sh -c '" + use(3000) + "; sleep 0.8'"),
         // Grows, then shrinks: the peak stays.
-        Task::shell("grows", use(5000) + "; sleep 0.25; " + use(7000) + "; sleep 0.25; " +
-                                 use(2000) + "; sleep 0.25"),
+        Task::shell("grows", use(5000) + "; sleep 0.5; " + use(7000) + "; sleep 0.5; " +
+                                 use(2000) + "; sleep 0.5"),
         Task::shell("none", "sleep 0.2"),
     });
     REQUIRE(summary.exit_code() == 0);
@@ -137,7 +139,7 @@ TEST_SUITE("scheduler GPU memory") {
     CHECK(json["tasks"][1]["peak_gpu_mib"] == 7000);
     CHECK(json["tasks"][2]["peak_gpu_mib"].is_null());
     const double gpu_seconds = json["tasks"][0]["gpu_seconds"];
-    CHECK(gpu_seconds > 0.3);
+    CHECK(gpu_seconds > 0.7);
     CHECK(contains(read_file(summary.csv_path), ",7000,"));
   }
 
@@ -175,7 +177,7 @@ TEST_SUITE("scheduler GPU memory") {
     auto options = fast_options(dir, "0");
     options.pack_by_memory = true;
     options.max_per_device = 64;
-    const std::string command = "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.4";
+    const std::string command = "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.8";
     const std::vector<Task> tasks = {Task::shell("a", command), Task::shell("b", command), Task::shell("c", command)};
     {
       FakeScheduler first(options, machine);
@@ -191,6 +193,43 @@ TEST_SUITE("scheduler GPU memory") {
     CHECK(most_at_once(summary) == 3);
   }
 
+  TEST_CASE("packing by memory: waiting for room only others can free says so and counts towards the wait limit") {
+    const std::string dir = fresh_dir("room_wait");
+    auto machine = FakeRuntime::with_gpus(1);  // 24564 MiB
+    machine.set_used_mib(0, 400);              // someone's small process: not "busy", but it takes room
+    auto options = fast_options(dir, "0");
+    options.pack_by_memory = true;
+    options.max_per_device = 64;
+    options.busy_wait_limit = std::chrono::milliseconds(300);
+    FakeScheduler scheduler(options, machine);
+    Task tight = Task::shell("tight", "true");
+    tight.memory_mib = 23200;  // fits the GPU (24564 with the margin), not beside the 400 MiB
+    CapturedLog log;
+    const auto summary = scheduler.run({tight});
+    const auto& result = result_of(summary, "tight");
+    CHECK(result.status == TaskStatus::kFailed);
+    CHECK(result.error == "no device became free within 0.3 s: room for 1.0 GiB more than 22.7 GiB (the most is "
+                          "23.6 GiB on cuda:0 (physical 0, NVIDIA RTX A5000))");
+    bool said = false;
+    for (const auto& warning : log.warnings()) said = said || contains(warning, "task tight waits for room for");
+    CHECK(said);
+  }
+
+  TEST_CASE("packing by memory: a task measured larger than any GPU can pack is run on a GPU of its own") {
+    const std::string dir = fresh_dir("measured_large");
+    auto machine = FakeRuntime::with_gpus(1);
+    auto options = fast_options(dir, "0");
+    options.pack_by_memory = true;
+    options.max_per_device = 64;
+    multigpu::detail::make_directories(options.log_dir);
+    std::ofstream(options.log_dir + "/summary.json")
+        << nlohmann::json{{"tasks", {{{"task", "large"}, {"peak_gpu_mib", 24000}}, {{"task", "small"}, {"peak_gpu_mib", 100}}}}};
+    FakeScheduler scheduler(options, machine);
+    const auto summary = scheduler.run({Task::shell("large", "sleep 0.3"), Task::shell("small", "sleep 0.3")});
+    CHECK(result_of(summary, "large").status == TaskStatus::kDone);  // not refused: it was measured, not declared
+    CHECK(most_at_once(summary) == 1);  // and nothing joined it
+  }
+
   TEST_CASE("packing by memory needs GPUs, and a negative margin is refused") {
     const std::string dir = fresh_dir("pack_cpu");
     auto options = fast_options(dir, "cpu");
@@ -199,7 +238,7 @@ TEST_SUITE("scheduler GPU memory") {
                          doctest::Contains("needs GPUs, but the pool is the CPU"), multigpu::SchedulerError);
     options.devices = "0";
     options.memory_margin_mib = -1;
-    CHECK_THROWS_WITH_AS(FakeScheduler(options, FakeRuntime::with_gpus(1)), doctest::Contains("0 or more MiB"),
+    CHECK_THROWS_WITH_AS(FakeScheduler(options, FakeRuntime::with_gpus(1)), doctest::Contains("the memory margin must be 0 to 2^30 MiB, got -1"),
                          multigpu::SchedulerError);
   }
 
@@ -212,13 +251,22 @@ TEST_SUITE("scheduler GPU memory") {
     options.reservation_timeout = std::chrono::seconds(30);
     auto other_options = options;
     other_options.log_dir = dir + "/other-logs";
+    // The promise files of a task, in the folder both runs share.
+    const auto promises_of = [&](const std::string& task) {
+      std::error_code error;
+      int count = 0;
+      for (std::filesystem::directory_iterator it(options.reservation_dir, error), end; !error && it != end;
+           it.increment(error)) {
+        count += contains(it->path().filename().string(), "@" + task + ".json") ? 1 : 0;
+      }
+      return count;
+    };
 
     SUBCASE("until the first task ends, when it never appears on the GPU") {
       FakeScheduler first(options, machine);
       RunSummary first_summary;
-      std::thread first_run([&] { first_summary = first.run({Task::shell("slow-start", "sleep 0.8")}); });
-      REQUIRE(eventually([&] { return std::filesystem::exists(options.log_dir + "/slow-start.log"); }));
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::thread first_run([&] { first_summary = first.run({Task::shell("slow-start", "sleep 1")}); });
+      REQUIRE(eventually([&] { return promises_of("slow-start") == 1; }));
       FakeScheduler second(other_options, machine);
       CapturedLog log;
       const auto second_summary = second.run({Task::shell("second", "true")});
@@ -238,17 +286,8 @@ TEST_SUITE("scheduler GPU memory") {
         first_summary = first.run({Task::shell("appears", "sleep 0.4; echo 9000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.8")});
         ended = true;
       });
-      const auto promises = [&] {
-        std::error_code error;
-        int count = 0;
-        for (std::filesystem::directory_iterator it(options.reservation_dir, error), end; !error && it != end;
-             it.increment(error)) {
-          count += contains(it->path().filename().string(), "@appears.json") ? 1 : 0;
-        }
-        return count;
-      };
-      CHECK(eventually([&] { return promises() == 1; }));
-      CHECK(eventually([&] { return promises() == 0; }));
+      CHECK(eventually([&] { return promises_of("appears") == 1; }));
+      CHECK(eventually([&] { return promises_of("appears") == 0; }));
       CHECK_FALSE(ended.load());  // withdrawn while the task runs: it appeared
       FakeScheduler second(other_options, machine);
       const auto second_summary = second.run({Task::shell("second", "true")});
@@ -262,14 +301,33 @@ TEST_SUITE("scheduler GPU memory") {
       options.reservation_timeout = std::chrono::milliseconds(200);
       FakeScheduler first(options, machine);
       RunSummary first_summary;
-      std::thread first_run([&] { first_summary = first.run({Task::shell("never-appears", "sleep 1.2")}); });
-      REQUIRE(eventually([&] { return std::filesystem::exists(options.log_dir + "/never-appears.log"); }));
+      std::thread first_run([&] { first_summary = first.run({Task::shell("never-appears", "sleep 2")}); });
+      REQUIRE(eventually([&] { return promises_of("never-appears") == 1; }));
       FakeScheduler second(other_options, machine);
       const auto second_summary = second.run({Task::shell("second", "true")});
       const auto second_end = std::chrono::system_clock::now();
       first_run.join();
       const auto& first_task = result_of(first_summary, "never-appears");
-      CHECK(seconds_between(first_task.start, second_end) < first_task.seconds - 0.3);
+      CHECK(seconds_between(first_task.start, second_end) < first_task.seconds - 0.8);
+    }
+    SUBCASE("a promise folder that is a symbolic link is not used; a FIFO or junk in it is passed over") {
+      std::filesystem::create_directories(dir + "/real");
+      std::filesystem::create_directory_symlink("real", dir + "/link");
+      options.reservation_dir = dir + "/link";
+      CapturedLog log;
+      FakeScheduler linked(options, machine);
+      CHECK(linked.run({Task::shell("linked", "true")}).exit_code() == 0);
+      bool said = false;
+      for (const auto& warning : log.warnings()) said = said || contains(warning, "is not a folder (a symbolic link?)");
+      CHECK(said);
+      CHECK(std::filesystem::is_empty(dir + "/real"));
+
+      std::filesystem::create_directories(other_options.reservation_dir);
+      const auto uuid = machine.visible_gpus().front().uuid;
+      REQUIRE(::mkfifo((other_options.reservation_dir + "/" + uuid + "@fifo@task.json").c_str(), 0644) == 0);
+      std::ofstream(other_options.reservation_dir + "/" + uuid + "@junk@task.json") << "{not json";
+      FakeScheduler second(other_options, machine);
+      CHECK(second.run({Task::shell("second", "true")}).exit_code() == 0);  // neither blocks nor counts
     }
     SUBCASE("a promise of a process that is gone counts for nothing, and is removed") {
       std::filesystem::create_directories(options.reservation_dir);
@@ -293,27 +351,26 @@ TEST_SUITE("scheduler GPU memory") {
                             "2.00 GiB'; exit 1; fi; echo fine";
     SUBCASE("it waits for a GPU with more room than it had") {
       auto machine = FakeRuntime::with_gpus(2);  // 24564 MiB each
-      machine.set_used_mib(0, 10000);            // others' jobs: 14564 MiB left on cuda:0
-      machine.set_used_mib(1, 20000);            // 4564 MiB left on cuda:1 for now
+      machine.set_used_mib(0, 10000);            // someone's process under the threshold: 14564 MiB left on cuda:0
+      const std::string uses = dir + "/uses";
+      FakeDriver driver(machine, uses);
       auto options = fast_options(dir, "0,1");
-      options.memory_threshold_mib = 30000;  // neither is "busy": rooms decide
+      options.memory_threshold_mib = 12000;
       options.retries = 2;
       FakeScheduler scheduler(options, machine);
-      std::thread frees([&] {
-        std::this_thread::sleep_for(std::chrono::milliseconds(600));
-        machine.set_used_mib(1, 0);
+      const auto summary = scheduler.run({
+          Task::shell("big", "sleep 0.3; " + oom),  // on cuda:0
+          // On cuda:1, holding 20000 MiB for a second: the retry waits for it.
+          Task::shell("holder", "echo 20000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 1.2"),
       });
-      const auto before = std::chrono::system_clock::now();
-      Task task = Task::shell("big", oom);
-      const auto summary = scheduler.run({task});
-      frees.join();
       const auto& big = result_of(summary, "big");
+      const auto& holder = result_of(summary, "holder");
       CHECK(big.status == TaskStatus::kDone);
       CHECK(big.attempts == 2);
       CHECK(big.out_of_memory);
       REQUIRE(big.devices.size() == 1);
       CHECK(contains(big.devices.front(), "cuda:1"));
-      CHECK(seconds_between(before, big.start) >= 0.55);  // it waited for cuda:1 to have room
+      CHECK(seconds_between(holder.start, big.start) >= holder.seconds - 0.05);  // it waited for cuda:1 to have room
       CHECK(big.memory_note == "attempt 1 ran out of GPU memory on cuda:0 (physical 0, NVIDIA RTX A5000) with 14.2 "
                                "GiB free; attempt 2 on cuda:1 (physical 1, NVIDIA RTX A5000) with 24.0 GiB free");
       CHECK(contains(read_file(summary.json_path), "attempt 2 on cuda:1"));
@@ -328,8 +385,8 @@ TEST_SUITE("scheduler GPU memory") {
       CHECK(big.status == TaskStatus::kDone);
       CHECK(big.attempts == 2);
       CHECK(big.memory_note == "attempt 1 ran out of GPU memory on cuda:0 (physical 0, NVIDIA RTX A5000) with 24.0 "
-                               "GiB free, and no GPU of the pool can offer 1.0 GiB more (the largest, cuda:0 "
-                               "(physical 0, NVIDIA RTX A5000), has 24.0 GiB)");
+                               "GiB free, and no GPU of the pool can offer 1.0 GiB more (the most, on cuda:0 "
+                               "(physical 0, NVIDIA RTX A5000), is 24.0 GiB)");
     }
     SUBCASE("the room it had is the smallest seen while it ran: a neighbour that grew took it") {
       auto machine = FakeRuntime::with_gpus(2);
@@ -340,8 +397,8 @@ TEST_SUITE("scheduler GPU memory") {
       options.retries = 1;
       FakeScheduler scheduler(options, machine);
       const auto summary = scheduler.run({
-          Task::shell("grows", "echo 20000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 1.5"),
-          Task::shell("squeezed", "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.5; " + oom),
+          Task::shell("grows", "echo 20000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 2.5"),
+          Task::shell("squeezed", "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.8; " + oom),
       });
       const auto& squeezed = result_of(summary, "squeezed");
       CHECK(squeezed.status == TaskStatus::kDone);
@@ -363,7 +420,9 @@ TEST_SUITE("GPU memory texts and queries") {
     CHECK(parse_memory_mib("1.5G") == 1536);
     CHECK(parse_memory_mib("800M") == 800);
     CHECK(parse_memory_mib("800MiB") == 800);
-    for (const char* bad : {"12", "G", "", "1.2.3G", ".5G", "12T", "-1G", "0M", "12 G"}) {
+    CHECK(parse_memory_mib("0.5M") == 1);  // parts of a MiB round up
+    CHECK(parse_memory_mib("0M") == 0);
+    for (const char* bad : {"12", "G", "", "1.2.3G", ".5G", "12T", "-1G", "12 G", "2000000G"}) {
       CHECK_MESSAGE(!parse_memory_mib(bad), bad);
     }
     CHECK(multigpu::detail::memory_text(std::int64_t{1536} << 20) == "1.5 GiB");
@@ -375,7 +434,7 @@ TEST_SUITE("GPU memory texts and queries") {
     CHECK(tasks[0].memory_mib == 12288);
     CHECK(tasks[1].memory_mib == -1);
     CHECK_THROWS_WITH_AS(multigpu::parse_tasks("./a\n[mem=12] ./train\n", "t.tasks"),
-                         doctest::Contains("t.tasks:2: mem=12 is not a size of GPU memory; write it with a unit"),
+                         doctest::Contains("t.tasks:2: mem=12 is not a size of GPU memory; write more than 0 with a unit"),
                          multigpu::SchedulerError);
   }
 
@@ -425,7 +484,7 @@ TEST_SUITE("GPU memory texts and queries") {
     CHECK(multigpu::detail::parent_from_stat("123 (a) b) (c) R 7 1 1") == 7);
     CHECK(multigpu::detail::parent_from_stat("garbage") == -1);
     const std::map<long, long> parents = {{2, 1}, {3, 2}, {4, 3}, {5, 1}, {6, 5}};
-    CHECK(multigpu::detail::process_tree(parents, 2) == std::set<long>{2, 3, 4});
+    CHECK(multigpu::detail::process_tree(multigpu::detail::process_children(parents), 2) == std::set<long>{2, 3, 4});
     const auto here = multigpu::detail::process_parents();
     REQUIRE(here.count(::getpid()) == 1);
     CHECK(here.at(::getpid()) == ::getppid());

@@ -205,7 +205,7 @@ int main(int argc, char** argv) {
   }
   if (const auto margin = multigpu::detail::parse_memory_mib(memory_margin)) {
     options.memory_margin_mib = *margin;
-  } else if (memory_margin == "0") {
+  } else if (memory_margin == "0") {  // no unit needed for nothing
     options.memory_margin_mib = 0;
   } else {
     fmt::print(stderr, "multigpu-run: --memory-margin {} is not a size; write it with a unit: 1G, 512M (G: GiB, M: "

@@ -46,10 +46,15 @@ inline std::map<long, long> process_parents() {
   return parents;
 }
 
-/// `root` and every process below it in `parents` (see process_parents()).
-inline std::set<long> process_tree(const std::map<long, long>& parents, long root) {
+/// Each process's children, from `parents` (see process_parents()).
+inline std::map<long, std::vector<long>> process_children(const std::map<long, long>& parents) {
   std::map<long, std::vector<long>> children;
   for (const auto& [pid, parent] : parents) children[parent].push_back(pid);
+  return children;
+}
+
+/// `root` and every process below it (see process_children()).
+inline std::set<long> process_tree(const std::map<long, std::vector<long>>& children, long root) {
   std::set<long> tree{root};
   std::vector<long> todo{root};
   while (!todo.empty()) {

@@ -106,6 +106,13 @@ class SchedulerCore {
   std::string never_fits(const Job& job, const std::vector<DeviceInfo>& now) const;
   void after_out_of_memory(Job& job, const Running& running);
   std::string busy_reason(std::size_t d, const std::vector<DeviceInfo>& now) const;
+  std::string room_wait_reason(const Job& job, const std::vector<DeviceInfo>& now) const;
+  /// Tasks at once: devices x max_per_device, or, packing by memory, the
+  /// most that have run at once so far (at least one per device).
+  std::size_t slots() const {
+    return options_.pack_by_memory ? std::max(pool_.size(), most_running_)
+                                   : pool_.size() * static_cast<std::size_t>(options_.max_per_device);
+  }
 
   SchedulerOptions options_;
   std::vector<DeviceInfo> pool_;
@@ -138,6 +145,7 @@ class SchedulerCore {
   std::chrono::steady_clock::time_point last_measure_{};
   std::map<std::string, std::int64_t> measured_before_;  // peaks from the last run's summary
   bool warned_unseen_ = false;
+  std::size_t most_running_ = 0;  // the most tasks that have run at once
   std::string last_reservation_error_;
 };
 
@@ -155,7 +163,7 @@ struct SchedulerCore::Job {
   std::optional<std::filesystem::file_time_type> marker_before;
   // The room its last attempt had when it ran out of GPU memory (-1: it did
   // not); see Note [Retrying after out of memory] in gpu_memory.hpp.
-  std::int64_t oom_room = -1;
+  std::optional<std::int64_t> oom_room;
 };
 
 struct SchedulerCore::Running {
@@ -170,8 +178,9 @@ struct SchedulerCore::Running {
   // Per device of the attempt (see Note [What a task uses on its GPUs]):
   std::vector<std::int64_t> current;        // what its processes use now
   std::vector<bool> appeared;               // a process of it was seen there
-  std::vector<std::int64_t> room_at_start;  // the room when it started (-1: unknown)
-  std::vector<std::int64_t> room;           // the smallest room it had (-1: unknown)
+  std::vector<std::optional<std::int64_t>> room_at_start;  // the room when it started
+  std::vector<std::optional<std::int64_t>> room;           // the smallest room it had
+  std::vector<bool> promised;                              // our promise of that GPU stands
 };
 
 inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<DeviceInfo> pool,
@@ -195,8 +204,8 @@ inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<Device
     throw SchedulerError("packing tasks by GPU memory (--max-per-gpu auto) needs GPUs, but the pool is the CPU; give "
                          "a number of tasks per device instead");
   }
-  if (options_.memory_margin_mib < 0) {
-    throw SchedulerError(fmt::format("the memory margin must be 0 or more MiB, got {}", options_.memory_margin_mib));
+  if (options_.memory_margin_mib < 0 || options_.memory_margin_mib > (std::int64_t{1} << 30)) {
+    throw SchedulerError(fmt::format("the memory margin must be 0 to 2^30 MiB, got {}", options_.memory_margin_mib));
   }
   if (options_.log_dir.empty()) {
     throw SchedulerError("the log folder is \"\"; name a folder for the task logs and the summary (default "
@@ -251,9 +260,10 @@ inline std::vector<DeviceInfo> SchedulerCore::query_devices() {
     // Other runs' promises (Note [A GPU promised to a task]): a GPU promised
     // whole, or any promised GPU when not packing by memory, is busy.
     promised_.assign(pool_.size(), OtherReservations{});
+    const auto others = pool_.front().is_cuda() ? reservations_.others() : decltype(reservations_.others()){};
     for (std::size_t d = 0; d < pool_.size() && d < now.size(); ++d) {
       if (!pool_[d].is_cuda()) continue;
-      promised_[d] = reservations_.others(pool_[d].uuid);
+      promised_[d] = GpuReservations::of_gpu(others, pool_[d].uuid);
       if (promised_[d].unsized || (promised_[d].count > 0 && !options_.pack_by_memory)) now[d].busy = true;
     }
     last_devices_ = now;
@@ -279,8 +289,9 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   running->started = std::chrono::steady_clock::now();
   running->current.assign(devices.size(), 0);
   running->appeared.assign(devices.size(), false);
-  for (std::size_t d : devices) running->room_at_start.push_back(room_on(d, last_devices_).value_or(-1));
+  for (std::size_t d : devices) running->room_at_start.push_back(room_on(d, last_devices_));
   running->room = running->room_at_start;
+  running->promised.assign(devices.size(), false);
   TaskResult& result = job.result;
   ++result.attempts;
   result.start = std::chrono::system_clock::now();
@@ -295,9 +306,9 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
     if (!pool_[d].is_cpu()) visible += (visible.empty() ? "" : ",") + pool_[d].visible_devices_token;
   }
   result.visible_devices = visible;
-  if (job.oom_room >= 0) {  // see Note [Retrying after out of memory] in gpu_memory.hpp
+  if (job.oom_room) {  // see Note [Retrying after out of memory] in gpu_memory.hpp
     std::string rooms;
-    for (std::int64_t room : running->room_at_start) rooms += (rooms.empty() ? "" : ", ") + memory_text(room);
+    for (const auto& room : running->room_at_start) rooms += (rooms.empty() ? "" : ", ") + memory_text(room.value_or(-1));
     result.memory_note += fmt::format("; attempt {} on {} with {} free", result.attempts, on_text(result.devices), rooms);
   }
   result.exit_code.reset();
@@ -312,11 +323,13 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
                                        {"MULTIGPU_TASK", job.task.name},
                                        {"MULTIGPU_TASK_ATTEMPT", std::to_string(result.attempts)}});
     running->output_start = file_size(result.log_path);
-    for (std::size_t d : devices) {  // see Note [A GPU promised to a task]
+    for (std::size_t i = 0; i < devices.size(); ++i) {  // see Note [A GPU promised to a task]
+      const std::size_t d = devices[i];
       if (!pool_[d].is_cuda() || pool_[d].uuid.empty()) continue;
       const std::string problem = reservations_.reserve(pool_[d].uuid, job.task.name,
                                                         options_.pack_by_memory ? size_of(job) : -1,
                                                         options_.reservation_timeout);
+      running->promised[i] = problem.empty();
       if (!problem.empty() && problem != last_reservation_error_) {
         last_reservation_error_ = problem;
         warn(fmt::format("other runs on this machine are not told that a GPU is promised to task {} ({})",
@@ -366,6 +379,7 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
     });
   }
   running_.push_back(std::move(running));
+  most_running_ = std::max(most_running_, running_.size());
   summary_dirty_ = true;
 }
 
@@ -405,6 +419,8 @@ inline void SchedulerCore::finish(Running& running) {
   if (out_of_memory) {
     result.out_of_memory = true;  // for size_of: the retry counts at least the peak it reached
     after_out_of_memory(job, running);
+  } else if (!success) {
+    job.oom_room.reset();  // this failure was not for memory: the usual retry
   }
   summary_dirty_ = true;
   conclude(job, running.devices, success, out_of_memory);
@@ -445,7 +461,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     // Another device next time: it may be this one that is crowded or broken.
     // Out of memory with the room known: any GPU with more room, its own
     // included (see Note [Retrying after out of memory] in gpu_memory.hpp).
-    if (!(out_of_memory && job.oom_room >= 0)) {
+    if (!(out_of_memory && job.oom_room)) {
       for (std::size_t d : devices) job.avoid.insert(d);
     }
     result.status = TaskStatus::kPending;
@@ -493,7 +509,7 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
   }
   live.pid = static_cast<long>(::getpid());
   live.host = host_name();
-  live.slots = pool_.size() * static_cast<std::size_t>(options_.max_per_device);
+  live.slots = slots();
   live.fail_fast_task = fail_fast_task_;
   live.error = run_error_;
   std::error_code no_throw;
@@ -543,8 +559,8 @@ inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force
   const double elapsed = std::chrono::duration<double>(now - run_start_).count();
   std::string eta = "?";
   if (done > 0) {
-    const double slots = static_cast<double>(pool_.size() * static_cast<std::size_t>(options_.max_per_device));
-    eta = clock_text(done_seconds / static_cast<double>(done) * static_cast<double>(pending + running_.size()) / slots);
+    const auto slots_now = static_cast<double>(slots());
+    eta = clock_text(done_seconds / static_cast<double>(done) * static_cast<double>(pending + running_.size()) / slots_now);
   }
   const std::string line = fmt::format("[{}] running {}{}{}{} | done {} failed {} skipped {} pending {} | ETA {}",
                                        clock_text(elapsed), running_.size(), running.empty() ? "" : " (", running,
@@ -568,6 +584,8 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
   validate_tasks(tasks, pool_);
   check_force_names(tasks);
   std::vector<PlannedTask> planned;
+  // Packing by memory depends on what the tasks will use: the plan shows one per device.
+  const int per_device = options_.pack_by_memory ? 1 : options_.max_per_device;
   std::vector<int> load(pool_.size(), 0);
   std::size_t next = 0;  // round-robin start, so equal-length waves spread evenly
   for (const auto& task : tasks) {
@@ -577,12 +595,12 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
     p.after = task.after;
     p.memory_mib = task.memory_mib;
     if (!p.skipped) {
-      if (std::count_if(load.begin(), load.end(), [&](int l) { return l < options_.max_per_device; }) < task.devices) {
+      if (std::count_if(load.begin(), load.end(), [&](int l) { return l < per_device; }) < task.devices) {
         std::fill(load.begin(), load.end(), 0);  // the next wave
       }
       for (int taken = 0; taken < task.devices;) {
         const std::size_t d = next++ % pool_.size();
-        if (load[d] >= options_.max_per_device) continue;
+        if (load[d] >= per_device) continue;
         ++load[d];
         ++taken;
         p.devices.push_back(pool_[d].is_cpu() ? std::string("cpu") : pool_[d].label());

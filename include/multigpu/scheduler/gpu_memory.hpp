@@ -74,10 +74,13 @@ namespace detail {
 /// room the failed attempt had. That is the smallest room seen while its
 /// processes were on the GPU (what it held plus what nobody held, at each
 /// look; the room when it started for a task never seen there), the smallest
-/// over its GPUs: a neighbour that grew is what often took it. Where no GPU of the pool can
-/// offer that much (it had about a whole GPU), or where GPU memory is
-/// unknown, the retry goes to another GPU when one is free, as any failed
-/// task's does. The summary's memory_note says what happened ("attempt 1 ran
+/// over its GPUs: a neighbour that grew is what often took it. Memory that
+/// others' jobs and our tasks use will be freed; others' use under the busy
+/// threshold (a desktop, an idle context) is taken to stay. Where no GPU of
+/// the pool can then offer that much (it had about a whole GPU), or where GPU
+/// memory is unknown, the retry goes to another GPU when one is free, as any
+/// failed task's does. A retry that waits while none of our tasks runs says
+/// what it waits for, and counts towards the busy-wait limit. The summary's memory_note says what happened ("attempt 1 ran
 /// out of GPU memory on cuda:0 with 9.5 GiB free; attempt 2 on cuda:1 with
 /// 22.0 GiB free").
 
@@ -92,7 +95,7 @@ inline std::map<std::string, std::int64_t> peaks_in_summary(const std::string& p
   for (const auto& task : summary["tasks"]) {
     if (!task.is_object() || !task.contains("peak_gpu_mib") || !task["peak_gpu_mib"].is_number()) continue;
     const auto mib = task["peak_gpu_mib"].get<double>();
-    if (mib > 0 && task.contains("task") && task["task"].is_string()) {
+    if (mib > 0 && mib < 1e9 && task.contains("task") && task["task"].is_string()) {
       peaks[task["task"].get<std::string>()] = static_cast<std::int64_t>(mib * (1 << 20));
     }
   }
@@ -103,13 +106,15 @@ inline std::map<std::string, std::int64_t> peaks_in_summary(const std::string& p
 // SchedulerCore's members for GPU memory
 
 inline std::int64_t SchedulerCore::size_of(const Job& job) const {
+  // See Note [Packing tasks by memory].
+  if (job.task.memory_mib >= 0) return std::max(job.task.memory_mib << 20, job.result.peak_gpu_bytes);
   std::int64_t size = -1;
-  if (job.task.memory_mib >= 0) {
-    size = job.task.memory_mib << 20;
-  } else if (const auto found = measured_before_.find(job.task.name); found != measured_before_.end()) {
-    size = found->second;
-  }
-  if (job.result.out_of_memory && size >= 0) size = std::max(size, job.result.peak_gpu_bytes);
+  if (const auto found = measured_before_.find(job.task.name); found != measured_before_.end()) size = found->second;
+  if (size >= 0 && job.result.out_of_memory) size = std::max(size, job.result.peak_gpu_bytes);
+  // A measured size that no GPU can hold with the margin is no basis for
+  // packing: the task gets a GPU to itself.
+  const auto largest = largest_gpu(last_devices_, nullptr);
+  if (size >= 0 && largest && size + (options_.memory_margin_mib << 20) > *largest) size = -1;
   return size;
 }
 
@@ -120,50 +125,55 @@ inline bool SchedulerCore::gpu_command(const Running& running) const {
 inline void SchedulerCore::measure_tasks(const std::vector<DeviceInfo>& now) {
   // See Note [What a task uses on its GPUs].
   if (std::none_of(running_.begin(), running_.end(), [&](const auto& r) { return gpu_command(*r); })) return;
-  const auto parents = process_parents();
+  const auto children = process_children(process_parents());
   const auto steady_now = std::chrono::steady_clock::now();
   for (auto& r : running_) {
     if (!gpu_command(*r)) continue;
-    const auto tree = process_tree(parents, static_cast<long>(r->child->pid()));
-    TaskResult& result = (*jobs_)[r->job].result;
+    const auto tree = process_tree(children, static_cast<long>(r->child->pid()));
+    Job& job = (*jobs_)[r->job];
+    TaskResult& result = job.result;
     for (std::size_t i = 0; i < r->devices.size(); ++i) {
       const std::size_t d = r->devices[i];
       if (d >= now.size() || !now[d].processes) continue;
       std::int64_t bytes = 0;
       bool seen = false;
+      bool known = false;  // NVML gave the memory of at least one of them
       for (const auto& process : *now[d].processes) {
         if (tree.count(process.pid) == 0) continue;
         seen = true;
+        known = known || process.used_bytes >= 0;
         bytes += std::max<std::int64_t>(process.used_bytes, 0);
       }
       r->current[i] = bytes;
-      if (seen && now[d].total_bytes >= 0 && now[d].used_bytes >= 0) {
+      if (known && bytes > result.peak_gpu_bytes) {
+        result.peak_gpu_bytes = bytes;
+        summary_dirty_ = true;
+      }
+      if (seen && known && now[d].total_bytes >= 0 && now[d].used_bytes >= 0) {
         // The room it has now: what it holds and what nobody holds. Its
         // smallest is the room it had when it ran out (Note [Retrying after
         // out of memory]). Only while it is seen there: a process that has
         // just ended may still be listed with its memory for a moment.
         const std::int64_t room = bytes + std::max<std::int64_t>(0, now[d].total_bytes - now[d].used_bytes -
                                                                         std::max<std::int64_t>(now[d].reserved_bytes, 0));
-        r->room[i] = r->room[i] < 0 ? room : std::min(r->room[i], room);
+        r->room[i] = r->room[i] ? std::min(*r->room[i], room) : room;
       }
-      if (seen && bytes > result.peak_gpu_bytes) {
-        result.peak_gpu_bytes = bytes;
-        summary_dirty_ = true;
+      if (!r->promised[i]) continue;
+      // See Note [A GPU promised to a task]: until what it uses speaks for it.
+      const std::int64_t size = size_of(job);
+      const std::int64_t enough = options_.pack_by_memory && size >= 0 ? size : (options_.memory_threshold_mib << 20) + 1;
+      const bool timed_out = steady_now - r->started >= options_.reservation_timeout;
+      if ((seen && bytes >= enough) || timed_out) {
+        r->promised[i] = false;
+        reservations_.release(pool_[d].uuid, job.task.name);
       }
-      if (seen && !r->appeared[i]) {
-        r->appeared[i] = true;
-        reservations_.release(pool_[d].uuid, (*jobs_)[r->job].task.name);
-      }
-      if (!r->appeared[i] && steady_now - r->started >= options_.reservation_timeout) {
-        reservations_.release(pool_[d].uuid, (*jobs_)[r->job].task.name);  // the promise has run out
-        if (!warned_unseen_ && !now[d].processes->empty()) {
-          warned_unseen_ = true;
-          warn(fmt::format("no process of task {} has appeared on {} in {} s, though NVML lists {} process(es) "
-                           "there; in a container without the host's PID namespace NVML's process ids are the "
-                           "host's, and tasks' GPU memory cannot be measured",
-                           (*jobs_)[r->job].task.name, pool_[d].label(),
-                           options_.reservation_timeout.count() / 1000.0, now[d].processes->size()));
-        }
+      if (timed_out && !seen && !warned_unseen_ && !now[d].processes->empty()) {
+        warned_unseen_ = true;
+        warn(fmt::format("no process of task {} has appeared on {} in {} s, though NVML lists {} process(es) "
+                         "there; in a container without the host's PID namespace NVML's process ids are the "
+                         "host's, and tasks' GPU memory cannot be measured",
+                         job.task.name, pool_[d].label(), options_.reservation_timeout.count() / 1000.0,
+                         now[d].processes->size()));
       }
     }
   }
@@ -177,10 +187,11 @@ inline std::optional<std::int64_t> SchedulerCore::room_on(std::size_t d, const s
   for (const auto& r : running_) {
     for (std::size_t i = 0; i < r->devices.size(); ++i) {
       if (r->devices[i] != d) continue;
-      const std::int64_t size = size_of((*jobs_)[r->job]);
-      // Without NVML's process list, a task of ours is taken to use its size.
-      ours_now += now[d].processes ? r->current[i] : std::max<std::int64_t>(size, 0);
-      ours_held += std::max(size, r->current[i]);
+      // Without NVML's process list what ours use is unknown: all that is
+      // used counts as others', on top of what ours hold (too little room
+      // rather than too much).
+      if (now[d].processes) ours_now += r->current[i];
+      ours_held += std::max(size_of((*jobs_)[r->job]), r->current[i]);
     }
   }
   const std::int64_t others = std::max<std::int64_t>(0, now[d].used_bytes - ours_now);
@@ -204,30 +215,36 @@ inline std::optional<std::int64_t> SchedulerCore::largest_gpu(const std::vector<
 
 inline bool SchedulerCore::room_allows(const Job& job, std::size_t d, const std::vector<DeviceInfo>& now) const {
   if (!pool_[d].is_cuda()) return true;
+  const std::int64_t size = size_of(job);
+  // Other runs' promises (Note [A GPU promised to a task]): a GPU promised
+  // whole is taken; a sized promise leaves room only for a task of known size.
+  if (d < promised_.size() && promised_[d].count > 0 &&
+      (promised_[d].unsized || !options_.pack_by_memory || size < 0)) {
+    return false;
+  }
   const std::int64_t margin = options_.memory_margin_mib << 20;
   const auto room = room_on(d, now);
-  if (job.oom_room >= 0 && room && *room < job.oom_room + margin) return false;  // Note [Retrying after out of memory]
+  if (job.oom_room && room && *room < *job.oom_room + margin) return false;  // Note [Retrying after out of memory]
   if (!options_.pack_by_memory) return true;
   // See Note [Packing tasks by memory].
   const bool unsized_here = std::any_of(running_.begin(), running_.end(), [&](const auto& r) {
     return std::find(r->devices.begin(), r->devices.end(), d) != r->devices.end() && size_of((*jobs_)[r->job]) < 0;
   });
   if (unsized_here) return false;
-  const std::int64_t size = size_of(job);
   if (size < 0 || !room) return load_[d] == 0;
   return *room >= size + margin;
 }
 
 inline std::string SchedulerCore::never_fits(const Job& job, const std::vector<DeviceInfo>& now) const {
-  if (!options_.pack_by_memory || !pool_.front().is_cuda()) return "";
-  const std::int64_t size = size_of(job);
+  // Only a declared size: a measured one too large to pack runs on a GPU of its own (size_of).
+  if (!options_.pack_by_memory || !pool_.front().is_cuda() || job.task.memory_mib < 0) return "";
+  const std::int64_t size = job.task.memory_mib << 20;
   std::string which;
   const auto largest = largest_gpu(now, &which);
   const std::int64_t margin = options_.memory_margin_mib << 20;
-  if (size < 0 || !largest || size + margin <= *largest) return "";
-  return fmt::format("it needs {}{} and a margin of {}, but the largest GPU of the pool ({}) has {}",
-                     memory_text(size), job.task.memory_mib >= 0 ? " (declared)" : " (measured in an earlier run)",
-                     memory_text(margin), which, memory_text(*largest));
+  if (!largest || size + margin <= *largest) return "";
+  return fmt::format("it needs {} (declared) and a margin of {}, but the largest GPU of the pool ({}) has {}",
+                     memory_text(size), memory_text(margin), which, memory_text(*largest));
 }
 
 inline std::string SchedulerCore::busy_reason(std::size_t d, const std::vector<DeviceInfo>& now) const {
@@ -237,32 +254,73 @@ inline std::string SchedulerCore::busy_reason(std::size_t d, const std::vector<D
   return fmt::format("{} ({} MiB in use)", pool_[d].label(), d < now.size() ? now[d].used_bytes >> 20 : -1);
 }
 
+inline std::string SchedulerCore::room_wait_reason(const Job& job, const std::vector<DeviceInfo>& now) const {
+  // A task waiting for room while none of ours runs waits on others: say so,
+  // and let it count towards the busy-wait limit.
+  if (!running_.empty() || (!options_.pack_by_memory && !job.oom_room)) return "";
+  std::optional<std::int64_t> most;
+  std::string where;
+  for (std::size_t d = 0; d < pool_.size(); ++d) {
+    const auto room = room_on(d, now);
+    if (room && (!most || *room > *most)) {
+      most = room;
+      where = pool_[d].label();
+    }
+  }
+  if (!most) return "";
+  const std::int64_t wanted = job.oom_room ? *job.oom_room : std::max<std::int64_t>(size_of(job), 0);
+  return fmt::format("room for {} more than {} (the most is {} on {})", memory_text(options_.memory_margin_mib << 20),
+                     memory_text(wanted), memory_text(*most), where);
+}
+
 inline void SchedulerCore::after_out_of_memory(Job& job, const Running& running) {
   // See Note [Retrying after out of memory].
-  std::int64_t had = -1;
+  job.oom_room.reset();
+  std::optional<std::int64_t> had;
   std::string where;
   for (std::size_t i = 0; i < running.devices.size(); ++i) {
-    const std::int64_t room = running.room[i];
-    if (room < 0) return;  // unknown: the usual retry elsewhere
-    if (had < 0 || room < had) {
+    const auto& room = running.room[i];
+    if (!room) return;  // unknown: the usual retry elsewhere
+    if (!had || *room < *had) {
       had = room;
       where = pool_[running.devices[i]].label();
     }
   }
-  if (had < 0) return;
-  job.oom_room = had;
+  if (!had) return;
   TaskResult& result = job.result;
-  result.memory_note += fmt::format("{}attempt {} ran out of GPU memory on {} with {} free", result.memory_note.empty() ? "" : "; ",
-                                    result.attempts, where, memory_text(had));
-  std::string largest_name;
-  const auto largest = largest_gpu(last_devices_, &largest_name);
-  if (largest && *largest < had + (options_.memory_margin_mib << 20)) {
-    // Nothing can offer more: a retry goes elsewhere as any failed task's does.
-    job.oom_room = -1;
-    result.memory_note += fmt::format(", and no GPU of the pool can offer {} more (the largest, {}, has {})",
-                                      memory_text(options_.memory_margin_mib << 20), largest_name,
-                                      memory_text(*largest));
+  result.memory_note += fmt::format("{}attempt {} ran out of GPU memory on {} with {} free",
+                                    result.memory_note.empty() ? "" : "; ", result.attempts, where, memory_text(*had));
+  // The most any GPU could offer: all but the driver's memory and others'
+  // small use (a desktop, an idle context: under the busy threshold, it
+  // stays); others' jobs and ours end.
+  std::optional<std::int64_t> reachable;
+  std::string reachable_where;
+  for (std::size_t d = 0; d < pool_.size() && d < last_devices_.size(); ++d) {
+    const DeviceInfo& gpu = last_devices_[d];
+    if (!pool_[d].is_cuda() || gpu.total_bytes < 0 || gpu.used_bytes < 0) return;
+    std::int64_t ours = 0;
+    for (const auto& r : running_) {
+      for (std::size_t i = 0; i < r->devices.size(); ++i) ours += r->devices[i] == d ? r->current[i] : 0;
+    }
+    for (std::size_t i = 0; i < running.devices.size(); ++i) {  // the attempt that ended (no longer in running_)
+      ours += running.devices[i] == d ? running.current[i] : 0;
+    }
+    const std::int64_t others = std::max<std::int64_t>(0, gpu.used_bytes - (gpu.processes ? ours : 0));
+    const std::int64_t stays = others <= (options_.memory_threshold_mib << 20) ? others : 0;
+    const std::int64_t offer = gpu.total_bytes - std::max<std::int64_t>(gpu.reserved_bytes, 0) - stays;
+    if (!reachable || offer > *reachable) {
+      reachable = offer;
+      reachable_where = pool_[d].label();
+    }
   }
+  const std::int64_t margin = options_.memory_margin_mib << 20;
+  if (reachable && *reachable < *had + margin) {
+    // Nothing can offer more: a retry goes elsewhere as any failed task's does.
+    result.memory_note += fmt::format(", and no GPU of the pool can offer {} more (the most, on {}, is {})",
+                                      memory_text(margin), reachable_where, memory_text(*reachable));
+    return;
+  }
+  job.oom_room = had;
 }
 
 }  // namespace detail

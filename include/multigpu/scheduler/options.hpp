@@ -18,7 +18,8 @@ struct SchedulerOptions {
   /// when there is none.
   std::string devices = "auto";
   /// Tasks at once on one device (several small tasks per GPU; CPU slots).
-  /// With pack_by_memory: at most this many (default then: no limit but memory).
+  /// With pack_by_memory: at most this many, memory permitting (set it
+  /// higher than 1 there; multigpu-run's `auto` sets 64).
   int max_per_device = 1;
   /// `--max-per-gpu auto`: place tasks several to a GPU by memory: a task
   /// starts on a GPU only where its size (Task::memory_mib, else its peak

@@ -9,13 +9,14 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
 #include <system_error>
 #include <vector>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -51,11 +52,22 @@ namespace detail {
 ///     or whose time is over counts for nothing and is removed by whoever
 ///     sees it, so a killed run blocks nothing for long; a time more than an
 ///     hour ahead is not believed.
+/// A promise lasts until the task uses, on that GPU, its size (packing by
+/// memory) or more than the busy threshold (otherwise), so that what other
+/// runs read from the GPU itself speaks for it from then on.
 /// A run's own promises are told apart from other runs' by a token made at
 /// start (host, pid and a random number), not by pid alone, so that two
 /// schedulers of one process see each other's. The folder only protects
 /// runs that share it: runs in containers with their own /tmp do not see
 /// each other unless MULTIGPU_RESERVATION_DIR names a shared folder.
+/// The folder is shared, so it is handled as /tmp is: a folder this process
+/// did not make is used only if it is a real folder (not a symbolic link)
+/// owned by this user or root, or sticky; promise files are created with
+/// O_EXCL and O_NOFOLLOW and read only when they are small regular files.
+/// Anyone who can write there can make GPUs look promised for up to an hour
+/// (a promise further ahead is not believed): the folder is a courtesy
+/// between runs, not a security boundary. A dead promise of another user
+/// cannot be removed (the sticky bit) and is skipped.
 
 /// One GPU's promises by other runs.
 struct OtherReservations {
@@ -84,22 +96,25 @@ class GpuReservations {
   std::string reserve(const std::string& uuid, const std::string& task, std::int64_t bytes,
                       std::chrono::milliseconds timeout) {
     try {
-      if (!made_dir_) {
-        std::error_code error;
-        std::filesystem::create_directories(dir_, error);
-        // Shared by every user of the machine: writable by all, files removable by their owners.
-        if (::chmod(dir_.c_str(), 01777) != 0 && errno != EPERM) {
-          return fmt::format("cannot use {}: {}", dir_, std::strerror(errno));
-        }
-        made_dir_ = true;
-      }
+      if (const std::string problem = prepare_dir(); !problem.empty()) return problem;
       const auto expires = std::chrono::system_clock::now() + timeout;
       const nlohmann::json record{{"pid", static_cast<long>(::getpid())},
                                   {"host", host_name()},
                                   {"task", task},
                                   {"bytes", bytes},
                                   {"expires_unix", std::chrono::duration<double>(expires.time_since_epoch()).count()}};
-      write_file_atomically(path_of(uuid, task), record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+      const std::string text = record.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      const std::string path = path_of(uuid, task);
+      const std::string temporary = temporary_path_for(path);
+      const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+      if (fd < 0) return fmt::format("cannot create {}: {}", temporary, std::strerror(errno));
+      const bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+      ::close(fd);
+      if (!written || ::rename(temporary.c_str(), path.c_str()) != 0) {
+        const std::string why = std::strerror(errno);
+        ::unlink(temporary.c_str());
+        return fmt::format("cannot write {}: {}", path, why);
+      }
       return "";
     } catch (const std::exception& e) {
       return e.what();
@@ -109,49 +124,102 @@ class GpuReservations {
   /// Withdraws the promise of `uuid` to `task` (nothing when there is none).
   void release(const std::string& uuid, const std::string& task) { ::unlink(path_of(uuid, task).c_str()); }
 
-  /// The live promises of other runs on GPU `uuid`; stale ones are removed.
-  OtherReservations others(const std::string& uuid) const {
-    OtherReservations out;
-    if (uuid.empty()) return out;
-    const std::string prefix = file_safe(uuid) + "@";
-    const std::string mine = prefix + token_ + "@";
+  /// The live promises of other runs, by GPU UUID; stale ones are removed
+  /// where this user may. One pass over the folder.
+  std::map<std::string, OtherReservations> others() const {
+    std::map<std::string, OtherReservations> out;
+    const std::string mine = "@" + token_ + "@";
     std::error_code error;
     const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
     for (std::filesystem::directory_iterator it(dir_, error), end; !error && it != end; it.increment(error)) {
       const std::string name = it->path().filename().string();
-      if (name.compare(0, prefix.size(), prefix) != 0 || name.compare(0, mine.size(), mine) == 0) continue;
-      std::ifstream file(it->path());
-      const auto record = nlohmann::json::parse(file, nullptr, /*allow_exceptions=*/false);
-      if (!record.is_object()) continue;  // being written, or not ours to judge
-      const double expires = record.value("expires_unix", 0.0);
-      const long pid = record.value("pid", 0L);
-      const bool here = record.value("host", std::string()) == host_name();
-      const bool gone = here && pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+      const auto at = name.find('@');
+      if (at == std::string::npos || name.find(mine) != std::string::npos || name.size() < 5 ||
+          name.compare(name.size() - 5, 5, ".json") != 0) {
+        continue;  // not a promise (a file being written), or ours
+      }
+      const auto record = nlohmann::json::parse(read_small_file(it->path().string()), nullptr,
+                                                /*allow_exceptions=*/false);
+      if (!record.is_object()) continue;
+      const double expires = number_in(record, "expires_unix");
+      const double pid = number_in(record, "pid");
+      const bool here = record.contains("host") && record["host"] == host_name();
+      const bool gone = here && pid > 0 && pid < 1e9 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
       if (gone || expires <= now) {
-        ::unlink(it->path().c_str());  // anyone may clear a dead promise (the sticky bit allows the owner only)
+        ::unlink(it->path().c_str());  // fails, harmlessly, for another user's file (the sticky bit)
         continue;
       }
       if (expires > now + 3600) continue;  // not believed
-      const std::int64_t bytes = record.value("bytes", std::int64_t{-1});
-      ++out.count;
-      if (bytes < 0) {
-        out.unsized = true;
+      const double bytes = number_in(record, "bytes", -1);
+      OtherReservations& gpu = out[name.substr(0, at)];
+      ++gpu.count;
+      if (bytes < 0 || bytes > 1e15) {
+        gpu.unsized = true;
       } else {
-        out.bytes += bytes;
+        gpu.bytes += static_cast<std::int64_t>(bytes);
       }
-      if (out.first_task.empty()) out.first_task = record.value("task", std::string("?"));
+      if (gpu.first_task.empty() && record.contains("task") && record["task"].is_string()) {
+        gpu.first_task = record["task"].get<std::string>();
+      }
     }
     return out;
   }
 
+  /// The promises of `others()` for one GPU.
+  static OtherReservations of_gpu(const std::map<std::string, OtherReservations>& all, const std::string& uuid) {
+    const auto found = all.find(file_safe(uuid));
+    return found == all.end() || uuid.empty() ? OtherReservations{} : found->second;
+  }
+
  private:
+  /// Makes the folder (sticky and writable by all: every user's runs share
+  /// it), or checks one that is there. "" or why it cannot be used.
+  std::string prepare_dir() {
+    if (::mkdir(dir_.c_str(), 0700) == 0) {
+      if (::chmod(dir_.c_str(), 01777) != 0) return fmt::format("cannot share {}: {}", dir_, std::strerror(errno));
+      return "";
+    }
+    if (errno != EEXIST) {
+      std::error_code error;  // its parents may be missing (a MULTIGPU_RESERVATION_DIR)
+      std::filesystem::create_directories(std::filesystem::path(dir_).parent_path(), error);
+      if (::mkdir(dir_.c_str(), 0700) == 0) return ::chmod(dir_.c_str(), 01777) == 0 ? "" : std::strerror(errno);
+      if (errno != EEXIST) return fmt::format("cannot make {}: {}", dir_, std::strerror(errno));
+    }
+    struct stat info {};
+    if (::lstat(dir_.c_str(), &info) != 0) return fmt::format("cannot use {}: {}", dir_, std::strerror(errno));
+    if (!S_ISDIR(info.st_mode)) return fmt::format("{} is not a folder (a symbolic link?): not used", dir_);
+    const bool trusted_owner = info.st_uid == ::geteuid() || info.st_uid == 0;
+    if (!trusted_owner && (info.st_mode & S_ISVTX) == 0) {
+      return fmt::format("{} belongs to another user and is not sticky: not used", dir_);
+    }
+    return "";
+  }
+
+  /// A small regular file's text; "" for anything else (a FIFO, a link, a huge file).
+  static std::string read_small_file(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return "";
+    struct stat info {};
+    std::string text;
+    if (::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && info.st_size <= 4096) {
+      text.resize(static_cast<std::size_t>(info.st_size));
+      const ssize_t got = ::read(fd, text.data(), text.size());
+      text.resize(got > 0 ? static_cast<std::size_t>(got) : 0);
+    }
+    ::close(fd);
+    return text;
+  }
+
+  static double number_in(const nlohmann::json& record, const char* key, double otherwise = 0) {
+    return record.contains(key) && record[key].is_number() ? record[key].get<double>() : otherwise;
+  }
+
   std::string path_of(const std::string& uuid, const std::string& task) const {
     return dir_ + "/" + file_safe(uuid) + "@" + token_ + "@" + file_safe(task) + ".json";
   }
 
   std::string dir_;
   std::string token_;
-  bool made_dir_ = false;
 };
 
 }  // namespace detail

@@ -87,6 +87,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   last_devices_.clear();
   promised_.clear();
   warned_unseen_ = false;
+  most_running_ = 0;
   const SignalWatch signals(options_.handle_signals);
   run_start_ = std::chrono::steady_clock::now();
   last_status_ = {};
@@ -180,7 +181,10 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
           const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
           if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
-          if (!devices_now) devices_now = query_devices();
+          if (!devices_now) {
+            devices_now = query_devices();
+            measure_tasks(*devices_now);  // what ours use now, so that the room is right
+          }
           if (const std::string why = never_fits(job, *devices_now); !why.empty()) {
             job.queued = false;  // see Note [Packing tasks by memory] in gpu_memory.hpp
             job.result.status = TaskStatus::kFailed;
@@ -202,15 +206,20 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
               busy += (busy.empty() ? "" : ", ") + busy_reason(d, *devices_now);
             }
           }
-          if (busy.empty()) {
+          // Or, with GPU memory judged (gpu_memory.hpp), waiting for room that only others can free.
+          const std::string room = busy.empty() ? room_wait_reason(job, *devices_now) : std::string();
+          if (busy.empty() && room.empty()) {
             job.waiting_since.reset();
             continue;
           }
           if (!warned_busy) {
-            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others, or promised to another run's task", busy,
-                             options_.memory_threshold_mib));
+            warn(!busy.empty() ? fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by "
+                                             "others, or promised to another run's task",
+                                             busy, options_.memory_threshold_mib)
+                               : fmt::format("task {} waits for {}", job.task.name, room));
             warned_busy = true;
           }
+          if (busy.empty()) busy = room;
           if (!job.waiting_since) job.waiting_since = now;
           if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
             job.queued = false;

@@ -101,8 +101,9 @@ inline std::string memory_text(std::int64_t bytes) {
 }
 
 /// MiB from a size text: "12G", "12GiB", "12GB", "1.5G", "500M", "500MiB"
-/// (G and GB mean GiB, M and MB MiB, as nvidia-smi counts); nullopt for
-/// anything else, a bare number included (its unit would be a guess).
+/// (G and GB mean GiB, M and MB MiB, as nvidia-smi counts; parts of a MiB
+/// round up, "0M" is 0); nullopt for anything else, a bare number included
+/// (its unit would be a guess), and for more than 2^30 MiB.
 inline std::optional<std::int64_t> parse_memory_mib(std::string_view text) {
   std::size_t digits = 0;
   while (digits < text.size() && (std::isdigit(static_cast<unsigned char>(text[digits])) || text[digits] == '.')) {
@@ -120,7 +121,7 @@ inline std::optional<std::int64_t> parse_memory_mib(std::string_view text) {
   if (unit == "M" || unit == "MB" || unit == "MIB") scale = 1;
   if (scale == 0) return std::nullopt;
   const double mib = std::strtod(number.c_str(), nullptr) * scale;
-  if (!(mib >= 1) || mib > 1e9) return std::nullopt;
+  if (!(mib >= 0) || mib > static_cast<double>(1 << 30)) return std::nullopt;
   return static_cast<std::int64_t>(std::ceil(mib));
 }
 

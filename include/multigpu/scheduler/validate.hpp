@@ -59,6 +59,10 @@ inline void validate_tasks(const std::vector<Task>& tasks, const std::vector<Dev
       throw SchedulerError(fmt::format("{} needs {} device(s), but the pool has {} ({})", which, task.devices,
                                        pool.size(), pool.front().is_cpu() ? "cpu" : "GPUs"));
     }
+    if (task.memory_mib != -1 && (task.memory_mib < 1 || task.memory_mib > (std::int64_t{1} << 30))) {
+      throw SchedulerError(fmt::format("{}: its size is {} MiB; give 1 to 2^30 MiB, or -1 for none", which,
+                                       task.memory_mib));
+    }
   }
   if (const auto problem = find_dependency_problem(tasks)) throw SchedulerError(problem->message);
 }
