@@ -1,6 +1,7 @@
 #pragma once
 // What the scheduler's tests share: a fresh folder per test, fast options,
-// reading files and results, waiting for a condition.
+// reading files and results, waiting for a condition, counting processes,
+// and the names they use unqualified.
 
 #include <chrono>
 #include <cstdlib>
@@ -16,6 +17,7 @@
 #include <fmt/core.h>
 
 #include "multigpu/scheduler.hpp"
+#include "multigpu/testing/fake_runtime.hpp"
 #include "support.hpp"
 
 namespace multigpu_test {
@@ -83,3 +85,20 @@ inline int processes_with(const std::string& text) {
 }
 
 }  // namespace multigpu_test
+
+// What every scheduler test file uses, by its short name.
+using multigpu::RunSummary;
+using multigpu::SchedulerOptions;
+using multigpu::Task;
+using multigpu::TaskContext;
+using multigpu::TaskStatus;
+using multigpu::testing::FakeRuntime;
+using multigpu_test::CapturedLog;
+using multigpu_test::contains;
+using multigpu_test::eventually;
+using multigpu_test::fast_options;
+using multigpu_test::fresh_dir;
+using multigpu_test::processes_with;
+using multigpu_test::read_file;
+using multigpu_test::result_of;
+using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;

@@ -26,21 +26,6 @@
 #include "multigpu/testing/fake_runtime.hpp"
 #include "scheduler_support.hpp"
 
-using multigpu::RunSummary;
-using multigpu::SchedulerOptions;
-using multigpu::Task;
-using multigpu::TaskContext;
-using multigpu::TaskStatus;
-using multigpu::testing::FakeRuntime;
-using multigpu_test::CapturedLog;
-using multigpu_test::contains;
-using multigpu_test::eventually;
-using multigpu_test::fast_options;
-using multigpu_test::fresh_dir;
-using multigpu_test::processes_with;
-using multigpu_test::read_file;
-using multigpu_test::result_of;
-using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
 
 TEST_SUITE("scheduler") {
   TEST_CASE("12 tasks over 4 GPUs: one per GPU at a time, at most 4, all done, no fixed batches") {

@@ -24,19 +24,6 @@
 #include "multigpu/testing/fake_runtime.hpp"
 #include "scheduler_support.hpp"
 
-using multigpu::RunSummary;
-using multigpu::SchedulerOptions;
-using multigpu::Task;
-using multigpu::TaskStatus;
-using multigpu::testing::FakeRuntime;
-using multigpu_test::CapturedLog;
-using multigpu_test::contains;
-using multigpu_test::eventually;
-using multigpu_test::fast_options;
-using multigpu_test::fresh_dir;
-using multigpu_test::read_file;
-using multigpu_test::result_of;
-using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
 
 namespace {
 

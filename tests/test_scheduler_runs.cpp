@@ -23,21 +23,6 @@
 #include "multigpu/testing/fake_runtime.hpp"
 #include "scheduler_support.hpp"
 
-using multigpu::RunSummary;
-using multigpu::SchedulerOptions;
-using multigpu::Task;
-using multigpu::TaskContext;
-using multigpu::TaskStatus;
-using multigpu::testing::FakeRuntime;
-using multigpu_test::CapturedLog;
-using multigpu_test::contains;
-using multigpu_test::eventually;
-using multigpu_test::fast_options;
-using multigpu_test::fresh_dir;
-using multigpu_test::processes_with;
-using multigpu_test::read_file;
-using multigpu_test::result_of;
-using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;
 
 // Issue 17: a task is never killed or lost because of the scheduler, files
 // go where they should, and a failure says what is true.
