@@ -260,7 +260,7 @@ TEST_SUITE("scheduler GPU memory") {
       first_run.join();
       const auto& slow = result_of(first_summary, "slow-start");
       const auto& waited = result_of(second_summary, "second");
-      CHECK(seconds_between(slow.start, waited.start) >= slow.seconds - 0.05);
+      CHECK(seconds_between(slow.start, waited.start) >= 0.9);  // the task sleeps 1 s
       bool said = false;
       for (const auto& warning : log.warnings()) said = said || contains(warning, "promised to task slow-start of another run");
       CHECK(said);
@@ -282,7 +282,8 @@ TEST_SUITE("scheduler GPU memory") {
       CHECK(second_summary.exit_code() == 0);
       // 9000 MiB in use: the GPU was busy until the task ended.
       const auto& first_task = result_of(first_summary, "appears");
-      CHECK(seconds_between(first_task.start, result_of(second_summary, "second").start) >= first_task.seconds - 0.05);
+      // (The GPU is free the moment the task's process has gone, before its scheduler has seen it end.)
+      CHECK(seconds_between(first_task.start, result_of(second_summary, "second").start) >= 1.1);
     }
     SUBCASE("a promise whose time ran out counts for nothing") {
       options.reservation_timeout = std::chrono::milliseconds(200);

@@ -1,8 +1,9 @@
 #pragma once
 /// @file
 /// The non-template scheduler (SchedulerCore): placement of tasks on the
-/// pool's devices, starting and ending them, the summary and status line,
-/// dry runs. The run loop (SchedulerCore::run) is in run_loop.hpp.
+/// pool's devices, starting and ending them, dry runs. The run loop
+/// (SchedulerCore::run) is in run_loop.hpp, the summary and status line in
+/// reporting.hpp, GPU memory in gpu_memory.hpp.
 
 #include <algorithm>
 #include <atomic>
@@ -495,81 +496,6 @@ inline void SchedulerCore::release_cache_unless_in_use(const Running& ended) {
     warn(fmt::format("could not give the cached GPU memory of task {} back: {}", (*jobs_)[ended.job].task.name,
                      e.what()));
   }
-}
-
-inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool final_write) {
-  std::vector<const TaskResult*> results;
-  results.reserve(jobs.size());
-  for (const auto& job : jobs) results.push_back(&job.result);
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
-  SummaryLive live;
-  live.running.assign(jobs.size(), false);
-  if (!final_write) {
-    for (const auto& r : running_) live.running[r->job] = true;
-  }
-  live.pid = static_cast<long>(::getpid());
-  live.host = host_name();
-  live.slots = slots();
-  live.fail_fast_task = fail_fast_task_;
-  live.error = run_error_;
-  std::error_code no_throw;
-  live.log_dir = std::filesystem::absolute(options_.log_dir, no_throw).lexically_normal().string();
-  const std::string json = summary_json(results, final_write, summary_.interrupted, elapsed, live);
-  const std::string csv = summary_csv(results);
-  // A summary that cannot be written (a full disk, a deleted folder) is the
-  // summary's problem, not the tasks': say so once, and try again at the
-  // next change. The final write's error is in RunSummary::summary_error.
-  try {
-    write_file_atomically(summary_.json_path, json);
-    write_file_atomically(summary_.csv_path, csv);
-    summary_dirty_ = false;
-    last_summary_error_.clear();
-    if (final_write) summary_.summary_error.clear();
-  } catch (const std::exception& e) {
-    if (final_write) summary_.summary_error = e.what();
-    if (e.what() != last_summary_error_) {
-      last_summary_error_ = e.what();
-      warn(fmt::format("the summary was not written ({}); trying again as tasks end", e.what()));
-    }
-  }
-}
-
-inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force) {
-  if (!options_.status_line) return;
-  static const bool tty = ::isatty(STDERR_FILENO) != 0;
-  const auto now = std::chrono::steady_clock::now();
-  const auto interval = tty ? std::chrono::milliseconds(500) : options_.status_interval;
-  if (!force && now - last_status_ < interval) return;
-  last_status_ = now;
-  std::size_t counts[5] = {};
-  double done_seconds = 0;
-  for (const auto& job : jobs) {
-    ++counts[static_cast<int>(job.result.status)];
-    if (job.result.status == TaskStatus::kDone) done_seconds += job.result.seconds;
-  }
-  std::string running;
-  for (const auto& r : running_) {
-    running += fmt::format("{}{} {}", running.empty() ? "" : ", ", pool_[r->devices.front()].is_cpu()
-                                                                       ? std::string("cpu")
-                                                                       : fmt::format("cuda:{}", pool_[r->devices.front()].index),
-                           (*jobs_)[r->job].task.name);
-  }
-  const std::size_t done = counts[static_cast<int>(TaskStatus::kDone)];
-  const std::size_t pending = counts[static_cast<int>(TaskStatus::kPending)] - running_.size();
-  const double elapsed = std::chrono::duration<double>(now - run_start_).count();
-  std::string eta = "?";
-  if (done > 0) {
-    const auto slots_now = static_cast<double>(slots());
-    eta = clock_text(done_seconds / static_cast<double>(done) * static_cast<double>(pending + running_.size()) / slots_now);
-  }
-  const std::string line = fmt::format("[{}] running {}{}{}{} | done {} failed {} skipped {} pending {} | ETA {}",
-                                       clock_text(elapsed), running_.size(), running.empty() ? "" : " (", running,
-                                       running.empty() ? "" : ")", done, counts[static_cast<int>(TaskStatus::kFailed)],
-                                       counts[static_cast<int>(TaskStatus::kSkipped)], pending, eta);
-  // fwrite, not fmt::print: a closed terminal must not stop the run.
-  const std::string text = tty ? fmt::format("\r{:<120.120}{}", line, force ? "\n" : "") : line + "\n";
-  std::fwrite(text.data(), 1, text.size(), stderr);
-  std::fflush(stderr);
 }
 
 inline void SchedulerCore::stop_for_failure(const Job& job) {

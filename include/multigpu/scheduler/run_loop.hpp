@@ -17,6 +17,7 @@
 #include "multigpu/error.hpp"
 #include "multigpu/scheduler/core.hpp"
 #include "multigpu/scheduler/gpu_memory.hpp"
+#include "multigpu/scheduler/reporting.hpp"
 #include "multigpu/scheduler/log_dir.hpp"
 #include "multigpu/scheduler/summary.hpp"
 #include "multigpu/scheduler/task.hpp"
