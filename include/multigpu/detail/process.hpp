@@ -53,7 +53,9 @@ namespace detail {
 //   The signal is SIGUSR1, which a task may also send to its own process
 //   group (`kill -USR1 0`): it counts as the scheduler's death only when the
 //   supervisor's parent is no longer the scheduler (the kernel reparents a
-//   child before it sends the parent-death signal).
+//   child before it sends the parent-death signal), or when the signal comes
+//   from the scheduler's pid (the kernel sends it so; the scheduler itself
+//   never sends SIGUSR1, a task's shell has another pid).
 // - A failure to start is reported: the supervisor and the shell write the
 //   errno of a failed open, fork or execve (a command over the kernel's
 //   128 KiB argument limit: E2BIG) into a close-on-exec pipe, so the error
@@ -243,12 +245,16 @@ inline void close_from(int first) {
   bool shell_ended = false;
   bool stopping = false;
   const struct timespec no_wait {};
-  auto take = [&](int signal) {
+  auto take = [&](int signal, const siginfo_t& info) {
     if (signal == SIGTERM || signal == SIGINT || signal == SIGHUP) stopping = true;
     // The scheduler is gone: SIGTERM to the group (this process takes its own
-    // next), SIGKILL when the grace period has passed. Only when it is gone:
-    // a task may send SIGUSR1 to its own group, this process included.
-    if (signal == kParentDeathSignal && ::getppid() != scheduler) {
+    // next), SIGKILL when the grace period has passed. Only then: a task may
+    // send SIGUSR1 to its own group, this process included. The kernel sends
+    // the parent-death signal as from the scheduler (SI_USER, its pid) after
+    // it has reparented this process; a thread of the scheduler that ends
+    // leaves it the scheduler's child, hence both tests.
+    const bool from_scheduler = info.si_code == SI_USER && info.si_pid == scheduler;
+    if (signal == kParentDeathSignal && (::getppid() != scheduler || from_scheduler)) {
       ::kill(0, SIGTERM);
       ::alarm(grace == 0 ? 1 : grace);
     }
@@ -272,15 +278,16 @@ inline void close_from(int first) {
     // A stop sent to the group (killpg) is pending here before the shell it
     // ended can have been reaped: take what is pending, then decide.
     bool child_ended = false;
-    for (int signal; (signal = ::sigtimedwait(&watched, nullptr, &no_wait)) > 0;) {
+    siginfo_t info{};
+    for (int signal; (signal = ::sigtimedwait(&watched, &info, &no_wait)) > 0;) {
       child_ended = child_ended || signal == SIGCHLD;
-      take(signal);
+      take(signal, info);
     }
     if (all_gone) break;                  // every descendant is gone
     if (shell_ended && !stopping) break;  // as the shell would; see the Note
     if (child_ended) continue;            // it may have ended after the reaping above
-    const int signal = ::sigwaitinfo(&watched, nullptr);
-    if (signal > 0) take(signal);
+    const int signal = ::sigwaitinfo(&watched, &info);
+    if (signal > 0) take(signal, info);
   }
   if (!shell_ended) leave(127);
   end_like(shell_status);

@@ -165,6 +165,7 @@ struct SchedulerCore::Job {
   // The room its last attempt had when it ran out of GPU memory (-1: it did
   // not); see Note [Retrying after out of memory] in gpu_memory.hpp.
   std::optional<std::int64_t> oom_room;
+  bool warned_room = false;  // said once what room it waits for
 };
 
 struct SchedulerCore::Running {
@@ -204,6 +205,9 @@ inline SchedulerCore::SchedulerCore(SchedulerOptions options, std::vector<Device
   if (options_.pack_by_memory && !pool_.front().is_cuda()) {
     throw SchedulerError("packing tasks by GPU memory (--max-per-gpu auto) needs GPUs, but the pool is the CPU; give "
                          "a number of tasks per device instead");
+  }
+  if (options_.memory_threshold_mib < 0 || options_.memory_threshold_mib > (std::int64_t{1} << 30)) {
+    throw SchedulerError(fmt::format("the busy threshold must be 0 to 2^30 MiB, got {}", options_.memory_threshold_mib));
   }
   if (options_.memory_margin_mib < 0 || options_.memory_margin_mib > (std::int64_t{1} << 30)) {
     throw SchedulerError(fmt::format("the memory margin must be 0 to 2^30 MiB, got {}", options_.memory_margin_mib));
@@ -278,7 +282,11 @@ inline std::vector<DeviceInfo> SchedulerCore::query_devices() {
       warned_query_ = true;
     }
     std::vector<DeviceInfo> now = pool_;
-    for (auto& device : now) device.busy = false;
+    for (auto& device : now) {
+      device.busy = false;
+      device.used_bytes = -1;  // unknown now: packing by memory takes one task per GPU
+      device.processes.reset();
+    }
     return now;
   }
 }
@@ -420,8 +428,6 @@ inline void SchedulerCore::finish(Running& running) {
   if (out_of_memory) {
     result.out_of_memory = true;  // for size_of: the retry counts at least the peak it reached
     after_out_of_memory(job, running);
-  } else if (!success) {
-    job.oom_room.reset();  // this failure was not for memory: the usual retry
   }
   summary_dirty_ = true;
   conclude(job, running.devices, success, out_of_memory);
@@ -431,6 +437,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
                                     bool out_of_memory) {
   TaskResult& result = job.result;
   for (std::size_t d : devices) --load_[d];
+  if (!success && !out_of_memory) job.oom_room.reset();  // not for memory (or it never started): the usual retry
   result.out_of_memory = result.out_of_memory || out_of_memory;  // any attempt
   const bool stopping = stop_.load();
   if (success) {

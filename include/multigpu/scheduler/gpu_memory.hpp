@@ -107,12 +107,16 @@ inline std::map<std::string, std::int64_t> peaks_in_summary(const std::string& p
 
 inline std::int64_t SchedulerCore::size_of(const Job& job) const {
   // See Note [Packing tasks by memory].
-  if (job.task.memory_mib >= 0) return std::max(job.task.memory_mib << 20, job.result.peak_gpu_bytes);
   std::int64_t size = -1;
-  if (const auto found = measured_before_.find(job.task.name); found != measured_before_.end()) size = found->second;
+  if (job.task.memory_mib >= 0) {
+    size = job.task.memory_mib << 20;
+  } else if (const auto found = measured_before_.find(job.task.name); found != measured_before_.end()) {
+    size = found->second;
+  }
   if (size >= 0 && job.result.out_of_memory) size = std::max(size, job.result.peak_gpu_bytes);
-  // A measured size that no GPU can hold with the margin is no basis for
-  // packing: the task gets a GPU to itself.
+  // A size that no GPU can hold with the margin (measured, or raised by what
+  // an attempt reached before it ran out) is no basis for packing: the task
+  // gets a GPU to itself. (A declared one that large is refused: never_fits.)
   const auto largest = largest_gpu(last_devices_, nullptr);
   if (size >= 0 && largest && size + (options_.memory_margin_mib << 20) > *largest) size = -1;
   return size;
@@ -258,6 +262,15 @@ inline std::string SchedulerCore::room_wait_reason(const Job& job, const std::ve
   // A task waiting for room while none of ours runs waits on others: say so,
   // and let it count towards the busy-wait limit.
   if (!running_.empty() || (!options_.pack_by_memory && !job.oom_room)) return "";
+  const std::int64_t size = size_of(job);
+  if (options_.pack_by_memory && size < 0) {  // a GPU of its own: what other runs promised is in the way
+    for (std::size_t d = 0; d < promised_.size(); ++d) {
+      if (promised_[d].count > 0) {
+        return fmt::format("{} (promised to task {} of another run)", pool_[d].label(), promised_[d].first_task);
+      }
+    }
+    return "";
+  }
   std::optional<std::int64_t> most;
   std::string where;
   for (std::size_t d = 0; d < pool_.size(); ++d) {
@@ -268,7 +281,7 @@ inline std::string SchedulerCore::room_wait_reason(const Job& job, const std::ve
     }
   }
   if (!most) return "";
-  const std::int64_t wanted = job.oom_room ? *job.oom_room : std::max<std::int64_t>(size_of(job), 0);
+  const std::int64_t wanted = std::max(job.oom_room.value_or(0), std::max<std::int64_t>(size, 0));
   return fmt::format("room for {} more than {} (the most is {} on {})", memory_text(options_.memory_margin_mib << 20),
                      memory_text(wanted), memory_text(*most), where);
 }

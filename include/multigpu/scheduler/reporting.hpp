@@ -26,7 +26,20 @@ namespace detail {
 inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool final_write) {
   std::vector<const TaskResult*> results;
   results.reserve(jobs.size());
-  for (const auto& job : jobs) results.push_back(&job.result);
+  // A task that has not run in this run keeps the peak measured before, so
+  // that the next run can still pack it (Note [Packing tasks by memory]).
+  std::vector<TaskResult> carried;
+  carried.reserve(jobs.size());  // no reallocation: `results` points into it
+  for (const auto& job : jobs) {
+    const auto before = measured_before_.find(job.task.name);
+    if (job.result.attempts == 0 && job.result.peak_gpu_bytes < 0 && before != measured_before_.end()) {
+      carried.push_back(job.result);
+      carried.back().peak_gpu_bytes = before->second;
+      results.push_back(&carried.back());
+    } else {
+      results.push_back(&job.result);
+    }
+  }
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   SummaryLive live;
   live.running.assign(jobs.size(), false);

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <algorithm>
 #include <map>
 #include <random>
 #include <sstream>
@@ -128,6 +129,7 @@ class GpuReservations {
   /// where this user may. One pass over the folder.
   std::map<std::string, OtherReservations> others() const {
     std::map<std::string, OtherReservations> out;
+    if (!check_dir().empty()) return out;  // not a folder to trust: nothing read, nothing removed
     const std::string mine = "@" + token_ + "@";
     std::error_code error;
     const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -140,7 +142,11 @@ class GpuReservations {
       }
       const auto record = nlohmann::json::parse(read_small_file(it->path().string()), nullptr,
                                                 /*allow_exceptions=*/false);
-      if (!record.is_object()) continue;
+      // Only a whole promise is judged (and perhaps removed): anything else is not ours to touch.
+      if (!record.is_object() || !record.contains("host") || !record["host"].is_string() ||
+          number_in(record, "pid", -1) <= 0 || number_in(record, "expires_unix", -1) <= 0) {
+        continue;
+      }
       const double expires = number_in(record, "expires_unix");
       const double pid = number_in(record, "pid");
       const bool here = record.contains("host") && record["host"] == host_name();
@@ -156,7 +162,7 @@ class GpuReservations {
       if (bytes < 0 || bytes > 1e15) {
         gpu.unsized = true;
       } else {
-        gpu.bytes += static_cast<std::int64_t>(bytes);
+        gpu.bytes = std::min<std::int64_t>(gpu.bytes + static_cast<std::int64_t>(bytes), std::int64_t{1} << 50);
       }
       if (gpu.first_task.empty() && record.contains("task") && record["task"].is_string()) {
         gpu.first_task = record["task"].get<std::string>();
@@ -185,6 +191,12 @@ class GpuReservations {
       if (::mkdir(dir_.c_str(), 0700) == 0) return ::chmod(dir_.c_str(), 01777) == 0 ? "" : std::strerror(errno);
       if (errno != EEXIST) return fmt::format("cannot make {}: {}", dir_, std::strerror(errno));
     }
+    return check_dir();
+  }
+
+  /// "" when the folder is one to use: a real folder (not a symbolic link),
+  /// owned by this user or root, or sticky; else why not.
+  std::string check_dir() const {
     struct stat info {};
     if (::lstat(dir_.c_str(), &info) != 0) return fmt::format("cannot use {}: {}", dir_, std::strerror(errno));
     if (!S_ISDIR(info.st_mode)) return fmt::format("{} is not a folder (a symbolic link?): not used", dir_);

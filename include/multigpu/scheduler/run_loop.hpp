@@ -213,12 +213,15 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
             job.waiting_since.reset();
             continue;
           }
-          if (!warned_busy) {
-            warn(!busy.empty() ? fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by "
-                                             "others, or promised to another run's task",
-                                             busy, options_.memory_threshold_mib)
-                               : fmt::format("task {} waits for {}", job.task.name, room));
+          if (!busy.empty() && !warned_busy) {  // once a run: many tasks wait on the same devices
+            warn(fmt::format("tasks wait for busy devices: {}; busy means more than {} MiB in use by others, or "
+                             "promised to another run's task",
+                             busy, options_.memory_threshold_mib));
             warned_busy = true;
+          }
+          if (!room.empty() && !job.warned_room) {  // once a task: each waits for its own room
+            warn(fmt::format("task {} waits for {}", job.task.name, room));
+            job.warned_room = true;
           }
           if (busy.empty()) busy = room;
           if (!job.waiting_since) job.waiting_since = now;
