@@ -50,8 +50,10 @@ namespace detail {
 /// With SchedulerOptions::pack_by_memory (`--max-per-gpu auto`):
 ///   - A task's size is what it declared (`[mem=12G]`, Task::memory_mib),
 ///     else its peak measured by the last run in this log folder (read from
-///     summary.json when the run starts), else unknown. A retry after running
-///     out of memory counts at least the peak the failed attempt reached.
+///     summary.json when the run starts; a run that skips the task writes the
+///     peak it found there again), else unknown. A retry after running out of
+///     memory counts at least the peak the failed attempt reached; a size that
+///     then exceeds every GPU with the margin counts as unknown.
 ///   - The room on a GPU is its total memory, less what the driver reserves,
 ///     less what processes other than our tasks use, less for each of our
 ///     tasks there the larger of its size and what it uses now, less what
