@@ -51,8 +51,9 @@ struct SchedulerOptions {
   /// Run these tasks (by name) even if their done marker exists; a name that
   /// is no task's is an error.
   std::vector<std::string> force_tasks;
-  /// Extra attempts for a failed task (on another device when one is free,
-  /// always when it ran out of GPU memory).
+  /// Extra attempts for a failed task: on another device when one is free;
+  /// after running out of GPU memory, where it will have more room (Note
+  /// [Retrying after out of memory] in scheduler/gpu_memory.hpp).
   int retries = 0;
   /// After the first task that fails for good (its retries used up, or it
   /// waited too long for a busy device): start nothing new, stop the running
