@@ -453,7 +453,7 @@ TEST_SUITE("GPU memory texts and queries") {
     CHECK(multigpu::detail::memory_text(std::int64_t{900} << 20) == "900 MiB");
   }
 
-  TEST_CASE("a task file's mem= is its declared size; a size without a unit is refused with the line") {
+  TEST_CASE("a task file's mem= is its declared size, and a size without a unit is refused with the line") {
     const auto tasks = multigpu::parse_tasks("[mem=12G] ./train\n./eval\n", "t.tasks");
     CHECK(tasks[0].memory_mib == 12288);
     CHECK(tasks[1].memory_mib == -1);
@@ -503,7 +503,7 @@ TEST_SUITE("GPU memory texts and queries") {
     CHECK_FALSE(machine.visible_gpus().front().processes);
   }
 
-  TEST_CASE("a process's parent is read after its name, whatever the name holds; a tree holds every descendant") {
+  TEST_CASE("a process's parent is read after its name, whatever the name holds, and a tree holds every descendant") {
     CHECK(multigpu::detail::parent_from_stat("123 (sh) S 45 123 123 0") == 45);
     CHECK(multigpu::detail::parent_from_stat("123 (a) b) (c) R 7 1 1") == 7);
     CHECK(multigpu::detail::parent_from_stat("garbage") == -1);
