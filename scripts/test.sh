@@ -40,7 +40,7 @@ not_unit="consumer|example|benchmark|compile|fuzz"
 # (every header compiles on its own, ~38 compilations of LibTorch's headers)
 # runs in the main and cuda stages only: the compat stage's unit tests
 # compile every header in C++17 against 1.13 all the same.
-unit_targets=(--target multigpu_tests distributed_worker)
+unit_targets=(--target multigpu_tests distributed_worker nvml_loader_test)
 # Build flags where the code is only checked, not timed: -O0 compiles the
 # test programs three to five times faster than -O2 (measured: one test file
 # under AddressSanitizer, 43 s against 222 s); -g1 keeps the line tables that
