@@ -89,6 +89,14 @@ int most_at_once(const RunSummary& summary) {
   return most;
 }
 
+/// Fast options for one scripted GPU, packing tasks by memory (as `--max-per-gpu auto`).
+SchedulerOptions packing_options(const std::string& dir) {
+  auto options = fast_options(dir, "0");
+  options.pack_by_memory = true;
+  options.max_per_device = 64;
+  return options;
+}
+
 double seconds_between(std::chrono::system_clock::time_point from, std::chrono::system_clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }
@@ -133,9 +141,7 @@ TEST_SUITE("scheduler GPU memory") {
   TEST_CASE("packing by memory: tasks share a GPU as far as their sizes and the margin fit") {
     const std::string dir = fresh_dir("pack");
     auto machine = FakeRuntime::with_gpus(1);  // 24564 MiB
-    auto options = fast_options(dir, "0");
-    options.pack_by_memory = true;
-    options.max_per_device = 64;
+    auto options = packing_options(dir);
     options.memory_margin_mib = 1024;
     FakeScheduler scheduler(options, machine);
     std::vector<Task> tasks;
@@ -161,9 +167,7 @@ TEST_SUITE("scheduler GPU memory") {
     auto machine = FakeRuntime::with_gpus(1);
     const std::string uses = dir + "/uses";
     FakeDriver driver(machine, uses);
-    auto options = fast_options(dir, "0");
-    options.pack_by_memory = true;
-    options.max_per_device = 64;
+    auto options = packing_options(dir);
     const std::string command = "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.8";
     const std::vector<Task> tasks = {Task::shell("a", command), Task::shell("b", command), Task::shell("c", command)};
     {
@@ -185,9 +189,7 @@ TEST_SUITE("scheduler GPU memory") {
     auto machine = FakeRuntime::with_gpus(1);
     const std::string uses = dir + "/uses";
     FakeDriver driver(machine, uses);
-    auto options = fast_options(dir, "0");
-    options.pack_by_memory = true;
-    options.max_per_device = 64;
+    auto options = packing_options(dir);
     std::vector<Task> tasks;
     for (const std::string name : {"a", "b"}) {
       tasks.push_back(Task::shell(name, "echo 3000 > " + uses + "/$CUDA_VISIBLE_DEVICES.$$; sleep 0.8; touch " + dir +
@@ -214,9 +216,7 @@ TEST_SUITE("scheduler GPU memory") {
     const std::string dir = fresh_dir("room_wait");
     auto machine = FakeRuntime::with_gpus(1);  // 24564 MiB
     machine.set_used_mib(0, 400);              // someone's small process: not "busy", but it takes room
-    auto options = fast_options(dir, "0");
-    options.pack_by_memory = true;
-    options.max_per_device = 64;
+    auto options = packing_options(dir);
     options.busy_wait_limit = std::chrono::milliseconds(300);
     FakeScheduler scheduler(options, machine);
     Task tight = Task::shell("tight", "true");
@@ -235,9 +235,7 @@ TEST_SUITE("scheduler GPU memory") {
   TEST_CASE("packing by memory: a task measured larger than any GPU can pack is run on a GPU of its own") {
     const std::string dir = fresh_dir("measured_large");
     auto machine = FakeRuntime::with_gpus(1);
-    auto options = fast_options(dir, "0");
-    options.pack_by_memory = true;
-    options.max_per_device = 64;
+    auto options = packing_options(dir);
     multigpu::detail::make_directories(options.log_dir);
     std::ofstream(options.log_dir + "/summary.json")
         << nlohmann::json{{"tasks", {{{"task", "large"}, {"peak_gpu_mib", 24000}}, {{"task", "small"}, {"peak_gpu_mib", 100}}}}};
