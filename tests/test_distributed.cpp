@@ -21,7 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "multigpu/detail/process.hpp"
+#include "multigpu/scheduler/process.hpp"
 #include "multigpu/distributed.hpp"
 
 #include "distributed/recipe.hpp"

@@ -14,7 +14,8 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/config.hpp"
 #include "multigpu/error.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/local/communicator.hpp"
+#include "multigpu/replica.hpp"
 
 #if MULTIGPU_WITH_NCCL
 #include "multigpu/nccl/communicator.hpp"

@@ -34,7 +34,7 @@
 /// current CUDA streams, at entry and at exit, on the device (the host does
 /// not wait): batches copied with non_blocking, your own kernels before a
 /// call and after it all see a consistent state. A step waits for the GPU
-/// only when you read its loss. See Note [Streams] in detail/streams.hpp.
+/// only when you read its loss. See Note [Streams] in streams.hpp.
 
 #include <cstddef>
 #include <cstdint>
@@ -55,10 +55,11 @@
 
 #include "multigpu/checkpoint.hpp"
 #include "multigpu/data_parallel_options.hpp"
-#include "multigpu/detail/checkpoint_io.hpp"
+#include "multigpu/data_parallel/checkpoint_io.hpp"
 #include "multigpu/detail/compat.hpp"
-#include "multigpu/detail/data_parallel_core.hpp"
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/data_parallel/core.hpp"
+#include "multigpu/streams.hpp"
+#include "multigpu/batch_plan.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/sampler.hpp"

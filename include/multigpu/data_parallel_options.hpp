@@ -13,7 +13,7 @@
 #include "multigpu/comm_hook.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/precision.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/replica.hpp"
 
 namespace multigpu {
 

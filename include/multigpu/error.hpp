@@ -17,6 +17,7 @@
 #include <string_view>
 #include <utility>
 
+#include <c10/util/Exception.h>
 #include <fmt/core.h>
 
 #include "multigpu/config.hpp"
@@ -120,5 +121,19 @@ inline void log(LogLevel level, std::string_view message) {
 
 /// Shorthand for log(LogLevel::kWarning, message).
 inline void warn(std::string_view message) { log(LogLevel::kWarning, message); }
+
+/// The text of an exception, without LibTorch's C++ backtrace (for messages
+/// that carry another thread's or process's failure).
+inline std::string describe_exception(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+}
 
 }  // namespace multigpu

@@ -33,7 +33,7 @@
 #include <fmt/core.h>
 #include <torch/data/example.h>
 
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
 
 namespace multigpu {

@@ -72,7 +72,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include "multigpu/error.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/replica.hpp"
 
 namespace multigpu {
 namespace detail {

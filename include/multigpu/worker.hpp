@@ -38,36 +38,9 @@
 #include <fmt/core.h>
 
 #include "multigpu/error.hpp"
+#include "multigpu/replica.hpp"
 
 namespace multigpu {
-
-/// The device and, on GPUs, the private stream of one replica.
-class ReplicaContext {
- public:
-  /// `own_stream`: give a GPU replica a stream from LibTorch's pool instead
-  /// of the default one (true for training replicas).
-  explicit ReplicaContext(c10::Device device, bool own_stream = true);
-
-  const c10::Device& device() const { return device_; }
-  /// The replica's stream; nullopt on the CPU.
-  const std::optional<c10::Stream>& stream() const { return stream_; }
-  /// Waits until everything queued on the replica's stream is done (no-op on the CPU).
-  void synchronize() const;
-
-  /// Makes the replica's device and stream current for the scope's lifetime.
-  class Scope {
-   public:
-    explicit Scope(const ReplicaContext& context);
-
-   private:
-    std::optional<c10::DeviceGuard> device_guard_;
-    std::optional<c10::StreamGuard> stream_guard_;
-  };
-
- private:
-  c10::Device device_;
-  std::optional<c10::Stream> stream_;
-};
 
 /// One thread that runs jobs for one replica, one at a time, until destroyed.
 class ReplicaWorker {
@@ -95,9 +68,6 @@ class ReplicaWorker {
   bool stopping_ = false;
   std::thread thread_;
 };
-
-/// The text of an exception, without LibTorch's C++ backtrace.
-inline std::string describe_exception(const std::exception_ptr& error);
 
 /// Every replica's context and worker: runs a job on all replicas in parallel.
 class ReplicaWorkers {
@@ -130,25 +100,6 @@ class ReplicaWorkers {
 
 // ---------------------------------------------------------------------------
 // Definitions
-
-inline ReplicaContext::ReplicaContext(c10::Device device, bool own_stream) : device_(device) {
-  if (device_.type() != c10::DeviceType::CPU) {
-    const c10::impl::VirtualGuardImpl guard(device_.type());
-    stream_ = own_stream ? guard.getStreamFromGlobalPool(device_) : guard.getDefaultStream(device_);
-  }
-}
-
-inline void ReplicaContext::synchronize() const {
-  if (stream_) stream_->synchronize();
-}
-
-inline ReplicaContext::Scope::Scope(const ReplicaContext& context) {
-  if (context.stream()) {
-    stream_guard_.emplace(*context.stream());  // sets the device too
-  } else if (context.device().type() != c10::DeviceType::CPU) {
-    device_guard_.emplace(context.device());
-  }
-}
 
 inline ReplicaWorker::ReplicaWorker() : thread_([this] { loop(); }) {}
 
@@ -201,18 +152,6 @@ inline void ReplicaWorker::loop() {
     error_ = error;
     busy_ = false;
     wake_.notify_all();
-  }
-}
-
-inline std::string describe_exception(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "an exception that is not a std::exception";
   }
 }
 

@@ -27,9 +27,9 @@
 
 #include "multigpu/checkpoint.hpp"
 #include "multigpu/detail/atomic_file.hpp"
-#include "multigpu/detail/data_parallel_core.hpp"
+#include "multigpu/data_parallel/core.hpp"
 #include "multigpu/detail/module_state.hpp"
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/sampler.hpp"
 

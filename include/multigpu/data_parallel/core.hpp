@@ -30,12 +30,12 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
-#include "multigpu/detail/training_progress.hpp"
-#include "multigpu/detail/autocast.hpp"
+#include "multigpu/data_parallel/training_progress.hpp"
+#include "multigpu/data_parallel/autocast.hpp"
 #include "multigpu/detail/compat.hpp"
-#include "multigpu/detail/gradient_reducer.hpp"
+#include "multigpu/data_parallel/gradient_reducer.hpp"
 #include "multigpu/detail/module_state.hpp"
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
@@ -99,7 +99,7 @@ class DataParallelCore {
   const std::vector<BucketInfo>* buckets() const { return reducer_ ? &reducer_->buckets() : nullptr; }
   std::int64_t steps() const { return steps_; }
 
-  // --- for checkpoints (detail/checkpoint_io.hpp) ---
+  // --- for checkpoints (data_parallel/checkpoint_io.hpp) ---
   const std::vector<std::string>& parameter_names() const { return parameter_names_; }
   const std::vector<std::string>& buffer_names() const { return buffer_names_; }
   const std::vector<at::Tensor>& parameters(std::size_t r) const { return parameters_.at(r); }
@@ -518,5 +518,5 @@ inline double DataParallelCore::learning_rate() { return optimizer(0).param_grou
 }  // namespace detail
 }  // namespace multigpu
 
-#include "multigpu/detail/data_parallel_scaling.hpp"
-#include "multigpu/detail/data_parallel_state.hpp"
+#include "multigpu/data_parallel/core_scaling-inl.hpp"
+#include "multigpu/data_parallel/core_state-inl.hpp"

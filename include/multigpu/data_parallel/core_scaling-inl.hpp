@@ -1,8 +1,8 @@
 #pragma once
 // Gradient scaling and clipping across replicas: the definitions of these DataParallelCore members
-// (declared in detail/data_parallel_core.hpp, which includes this file).
+// (declared in data_parallel/core.hpp, which includes this file).
 
-#include "multigpu/detail/data_parallel_core.hpp"
+#include "multigpu/data_parallel/core.hpp"
 
 namespace multigpu {
 namespace detail {

@@ -43,7 +43,7 @@
 // values gives them back, so syncing twice is harmless.
 //
 // On GPUs the all-reduces run on a communication stream per GPU, each
-// after its bucket's ready event: see Note [Streams] in detail/streams.hpp.
+// after its bucket's ready event: see Note [Streams] in streams.hpp.
 
 #include <algorithm>
 #include <atomic>
@@ -72,10 +72,10 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/comm_hook.hpp"
 #include "multigpu/detail/compat.hpp"
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
 #include "multigpu/error.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/replica.hpp"
 
 namespace multigpu {
 namespace detail {

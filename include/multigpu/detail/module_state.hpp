@@ -21,8 +21,8 @@
 #include <torch/nn/module.h>
 #include <torch/serialize/input-archive.h>
 
-#include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
+#include "multigpu/detail/tensor_text.hpp"
 #include "multigpu/error.hpp"
 
 namespace multigpu {

@@ -1,31 +1,8 @@
 #pragma once
 /// @file
-/// Training over several processes and machines on LibTorch's own
-/// distributed machinery: a c10d TCPStore for the rendezvous, c10d's
-/// ProcessGroupGloo between processes on CPUs, and one NCCL communicator over
-/// every GPU of every process (unique id passed through the store) on GPUs.
-///
-///   auto group = multigpu::ProcessGroup::from_environment();  // torchrun, srun, mpirun, or none
-///   multigpu::DataParallel<Net> dp(net, devices, group->data_parallel_options());
-///
-/// Inside each process DataParallel drives that process's devices as usual;
-/// its gradient all-reduce, and the broadcast of parameters and buffers from
-/// global rank 0, reach every process. Without launcher variables the group
-/// is a single process and changes nothing, so one program serves both.
-///
-/// Not part of multigpu.hpp: c10d's and Gloo's headers are heavy, and only
-/// multi-process programs pay for them. Needs MULTIGPU_WITH_DISTRIBUTED (set
-/// by CMake when LibTorch has c10d with Gloo and Gloo's headers are found);
-/// without it a single process still works and more are a clear error.
-///
-/// Time-outs: the rendezvous, every collective and the wait for a peer fail
-/// with a DistributedError after DistributedOptions::timeout; what cannot
-/// succeed fails at once (see Note [Rendezvous failures]). The error names
-/// the ranks that stopped answering: every process adds to a heartbeat
-/// counter in the store once a second, and after a failure the counters that
-/// no longer move show who is gone. A failed collective leaves the group
-/// broken (later collectives throw at once): the processes no longer agree
-/// on what was reduced.
+/// ProcessGroup: this process's membership of a multi-process job, its
+/// rendezvous, heartbeat and CPU collectives over c10d. Include
+/// <multigpu/distributed.hpp>; see there for the whole picture.
 
 #include "multigpu/config.hpp"
 
@@ -39,26 +16,21 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <fcntl.h>
 #include <fmt/core.h>
-#include <netdb.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
-#include "multigpu/backend.hpp"
 #include "multigpu/comm.hpp"
-#include "multigpu/data_parallel.hpp"
+#include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/compat.hpp"
+#include "multigpu/distributed/rendezvous.hpp"
 #include "multigpu/distributed_env.hpp"
 #include "multigpu/error.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/replica.hpp"
 
 #if MULTIGPU_WITH_DISTRIBUTED
 #ifndef USE_C10D_GLOO
@@ -67,10 +39,6 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#endif
-
-#if MULTIGPU_WITH_NCCL
-#include "multigpu/nccl/communicator.hpp"
 #endif
 
 namespace multigpu {
@@ -166,157 +134,9 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
   bool heartbeat_stop_ = false;
 };
 
-/// The communicator of a multi-process job on CPUs (or GPUs without NCCL):
-/// reduces this process's replicas locally, all-reduces that sum across
-/// processes with Gloo (staged through host memory), and copies the result
-/// to every local replica. Broadcasts come from global rank 0.
-class CrossProcessCommunicator : public Communicator {
- public:
-  /// Collective: every process builds one, in the same order.
-  inline CrossProcessCommunicator(std::vector<ReplicaContext> replicas, std::shared_ptr<ProcessGroup> group);
-
-  std::string name() const override { return "local+gloo"; }
-  std::size_t size() const override { return local_.size(); }
-  std::size_t world_size() const override { return world_replicas_; }
-  inline void all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) override;
-  inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
-
- private:
-  /// Runs `fn` on a contiguous host copy of replica r's `tensor` (the tensor
-  /// itself when it is one already) and copies the result back.
-  template <class Fn>
-  void on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn);
-
-  std::vector<ReplicaContext> replicas_;
-  LocalCommunicator local_;
-  std::shared_ptr<ProcessGroup> group_;
-  std::size_t world_replicas_ = 0;
-};
-
 // ---------------------------------------------------------------------------
 // Definitions
 
-namespace detail {
-
-inline std::string this_host() {
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0) return "unknown host";
-  return name;
-}
-
-/// The first line of an error (c10 errors carry a backtrace after it).
-inline std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
-
-/// The first line of the exception being handled, whatever its type: every
-/// failure of c10d reaches the user as a DistributedError (c10d throws
-/// c10::Error, std::system_error and std::runtime_error, depending on the
-/// call and the LibTorch version).
-inline std::string current_error() {
-  try {
-    throw;
-  } catch (const std::exception& e) {
-    return first_line(e.what());
-  } catch (...) {
-    return "an exception of unknown type";
-  }
-}
-
-inline bool is_loopback(const std::string& addr) {
-  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
-}
-
-// Note [Rendezvous failures]
-// A rendezvous that cannot succeed fails at once, on every rank it concerns;
-// only a process that is really missing costs the time-out:
-// - MASTER_ADDR is resolved (getaddrinfo) before anything else: a name that
-//   does not resolve would otherwise look like an unreachable rank 0.
-// - Before c10d's client connects, a rank other than 0 connects once itself
-//   and listens briefly. A c10d store never speaks first nor closes an idle
-//   connection, so a listener that does is another program on MASTER_PORT.
-//   c10d would retry it until the time-out (LibTorch 2.x) or accept it, fail
-//   on the first operation with a std::system_error and end the process from
-//   its own thread (1.13).
-// - A listener that accepts and then stays silent is no better: c10d's
-//   client waits for its first answer without any time-out. The store is
-//   therefore constructed on a thread of its own that the rank waits for at
-//   most the time-out (and some grace, since c10d's own retries overrun it);
-//   past that the thread is left to end when the peer does.
-// - Processes started with different world sizes: the first rank to arrive
-//   states its world size in the store (compare-and-set); every rank compares
-//   with it before it checks in, and the one that disagrees leaves the
-//   reason in the store. The others poll for it while they wait for the
-//   missing ranks, so every rank is told at once what each one said. Rank 0,
-//   which serves the store, leaves only after every rank that came has read it.
-// - Every store operation, in the rendezvous, the heartbeat thread and the
-//   destructor, catches whatever c10d throws: an exception escaping a thread
-//   or a destructor would end the process.
-
-/// getaddrinfo's answer, freed with it.
-using AddressList = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
-
-/// The stream addresses of `env`'s MASTER_ADDR:MASTER_PORT; a DistributedError
-/// naming the variable and its value when the name does not resolve.
-inline AddressList resolve_master(const DistributedEnv& env) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  const int status = ::getaddrinfo(env.master_addr.c_str(), std::to_string(env.master_port).c_str(), &hints, &found);
-  if (status != 0) {
-    throw DistributedError(fmt::format(
-        "rank {}: {}='{}' is not a host name this machine can resolve ({}); set it to the host name or IP address of "
-        "rank 0's machine, the same for every process",
-        env.rank, env.master_addr_source, env.master_addr,
-        status == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(status)));
-  }
-  return AddressList(found, &::freeaddrinfo);
-}
-
-/// What a first connection to rank 0's address found.
-struct ListenerProbe {
-  bool connected = false;  ///< something accepted the connection
-  std::string foreign;     ///< how it showed that it is not a c10d store ("" when it stayed silent, as a store does)
-};
-
-/// Connects to the first of `addresses` that answers within `connect_limit`
-/// and watches the connection for `watch` (see Note [Rendezvous failures]).
-/// Nothing listening yet is no error here: rank 0 may still be starting.
-inline ListenerProbe probe_listener(const addrinfo* addresses, std::chrono::milliseconds connect_limit,
-                                    std::chrono::milliseconds watch) {
-  ListenerProbe probe;
-  for (const addrinfo* address = addresses; address != nullptr && !probe.connected; address = address->ai_next) {
-    const int fd = ::socket(address->ai_family, address->ai_socktype, address->ai_protocol);
-    if (fd < 0) continue;
-    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
-    if (::connect(fd, address->ai_addr, address->ai_addrlen) == 0) {
-      probe.connected = true;
-    } else if (errno == EINPROGRESS) {
-      pollfd writable{fd, POLLOUT, 0};
-      int error = 0;
-      socklen_t length = sizeof(error);
-      probe.connected = ::poll(&writable, 1, static_cast<int>(connect_limit.count())) == 1 &&
-                        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0;
-    }
-    pollfd readable{fd, POLLIN, 0};
-    if (probe.connected && ::poll(&readable, 1, static_cast<int>(watch.count())) == 1) {
-      char bytes[48] = {};
-      const ssize_t received = ::recv(fd, bytes, sizeof(bytes), 0);
-      if (received > 0) {
-        std::string text(bytes, static_cast<std::size_t>(received));
-        for (char& c : text) c = c >= 0x20 && c < 0x7f ? c : '.';
-        probe.foreign = fmt::format("it spoke first (\"{}\"), which a store never does", text);
-      } else if (received == 0) {
-        probe.foreign = "it accepted the connection and closed it at once";
-      } else {
-        probe.foreign = fmt::format("it reset the connection ({})", std::strerror(errno));
-      }
-    }
-    ::close(fd);
-  }
-  return probe;
-}
-
-}  // namespace detail
 
 inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout)
     : env_(std::move(env)), timeout_(timeout) {
@@ -361,52 +181,6 @@ inline ProcessGroup::~ProcessGroup() {
 
 #if MULTIGPU_WITH_DISTRIBUTED
 
-namespace detail {
-
-/// A TCPStore constructed (and, for a client, asked once) on a thread of its own, waited for at most
-/// `limit`: null past it, the thread left to end on its own (see Note
-/// [Rendezvous failures]). What the constructor throws is rethrown here.
-inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& host,
-                                                            const c10d::TCPStoreOptions& options,
-                                                            std::chrono::milliseconds limit) {
-  struct Attempt {
-    std::mutex mutex;
-    std::condition_variable done_cv;
-    bool done = false;
-    c10::intrusive_ptr<c10d::TCPStore> store;
-    std::exception_ptr error;
-  };
-  auto attempt = std::make_shared<Attempt>();
-  std::thread opener([attempt, host, options] {
-    c10::intrusive_ptr<c10d::TCPStore> store;
-    std::exception_ptr error;
-    try {
-      store = c10::make_intrusive<c10d::TCPStore>(host, options);
-      // One round trip, within the limit too: LibTorch 1.13's constructor
-      // does not speak to the server, so a peer that accepts and never
-      // answers would block the first store call instead, with no time-out.
-      if (!options.isServer) store->check({"multigpu/hello"});
-    } catch (...) {
-      error = std::current_exception();
-    }
-    std::lock_guard<std::mutex> lock(attempt->mutex);
-    attempt->store = std::move(store);
-    attempt->error = error;
-    attempt->done = true;
-    attempt->done_cv.notify_all();
-  });
-  std::unique_lock<std::mutex> lock(attempt->mutex);
-  if (!attempt->done_cv.wait_for(lock, limit, [&] { return attempt->done; })) {
-    opener.detach();
-    return {};
-  }
-  lock.unlock();
-  opener.join();
-  if (attempt->error) std::rethrow_exception(attempt->error);
-  return std::move(attempt->store);
-}
-
-}  // namespace detail
 
 inline void ProcessGroup::connect() {
   // See Note [Rendezvous failures].
@@ -701,102 +475,8 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
   return base;
 }
 
-inline std::unique_ptr<Communicator> ProcessGroup::make_communicator(const std::vector<ReplicaContext>& replicas) {
-  if (!distributed()) return multigpu::make_communicator(replicas, "auto");
-#if MULTIGPU_WITH_NCCL
-  bool distinct_gpus = true;
-  for (std::size_t i = 0; i < replicas.size(); ++i) {
-    distinct_gpus = distinct_gpus && replicas[i].device().is_cuda();
-    for (std::size_t j = 0; j < i; ++j) distinct_gpus = distinct_gpus && replicas[j].device() != replicas[i].device();
-  }
-  // Every process must take the same path: agree on it first. A vote is
-  // "<distinct GPUs: 0|1> <replicas> <host/PCI bus id of each GPU>...": NCCL
-  // refuses two ranks on one GPU, so processes sharing one (several
-  // processes on a one-GPU machine) use Gloo.
-  std::string vote_text = fmt::format("{} {}", distinct_gpus ? 1 : 0, replicas.size());
-  for (const auto& replica : replicas) {
-    if (!replica.device().is_cuda()) continue;
-    char bus_id[64] = {};
-    if (cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), replica.device().index()) != cudaSuccess) {
-      cudaGetLastError();
-      std::snprintf(bus_id, sizeof(bus_id), "cuda:%d", static_cast<int>(replica.device().index()));
-    }
-    vote_text += fmt::format(" {}/{}", detail::this_host(), bus_id);
-  }
-  const auto votes = all_gather_text(vote_text);
-  bool all_gpus = true;
-  std::size_t total = 0;
-  std::size_t first = 0;
-  std::vector<std::string> gpus;
-  std::string shared_gpu;
-  for (int r = 0; r < size(); ++r) {
-    std::istringstream vote(votes[static_cast<std::size_t>(r)]);
-    int distinct = 0;
-    std::size_t count = 0;
-    vote >> distinct >> count;
-    all_gpus = all_gpus && distinct == 1;
-    if (r < rank()) first += count;
-    total += count;
-    for (std::string gpu; vote >> gpu;) {
-      if (std::find(gpus.begin(), gpus.end(), gpu) != gpus.end() && shared_gpu.empty()) shared_gpu = gpu;
-      gpus.push_back(gpu);
-    }
-  }
-  if (all_gpus && !shared_gpu.empty()) {
-    if (is_primary()) {
-      log(LogLevel::kInfo, fmt::format("the processes share the GPU {} and NCCL refuses two ranks on one GPU: the "
-                                       "gradients go through Gloo (slower; one process per GPU uses NCCL)",
-                                       shared_gpu));
-    }
-    all_gpus = false;
-  }
-  if (all_gpus) {
-    NcclWorld world;
-    if (is_primary()) MULTIGPU_NCCL_CHECK(ncclGetUniqueId(&world.id), "rank 0", nullptr);
-    const std::string id_text =
-        all_gather_text(std::string(reinterpret_cast<const char*>(&world.id), sizeof(world.id)))[0];
-    std::copy(id_text.begin(), id_text.end(), reinterpret_cast<char*>(&world.id));
-    world.ranks = static_cast<int>(total);
-    world.first_rank = static_cast<int>(first);
-    return std::make_unique<NcclCommunicator>(replicas, world, timeout_);
-  }
-#endif
-  return std::make_unique<CrossProcessCommunicator>(replicas, shared_from_this());
-}
-
-inline CrossProcessCommunicator::CrossProcessCommunicator(std::vector<ReplicaContext> replicas,
-                                                          std::shared_ptr<ProcessGroup> group)
-    : replicas_(replicas), local_(std::move(replicas)), group_(std::move(group)) {
-  const auto counts = group_->all_gather_text(std::to_string(local_.size()));
-  for (const auto& count : counts) world_replicas_ += std::stoul(count);
-}
-
-template <class Fn>
-void CrossProcessCommunicator::on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn) {
-  compat::NoGradGuard no_grad;
-  const bool staged = !tensor.device().is_cpu() || !tensor.is_contiguous();
-  at::Tensor host = staged ? tensor.to(at::kCPU).contiguous() : tensor;
-  fn(host);
-  if (staged) {
-    const ReplicaContext::Scope scope(replicas_[r]);
-    tensor.copy_(host);
-    replicas_[r].synchronize();
-  }
-}
-
-inline void CrossProcessCommunicator::all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) {
-  local_.all_reduce(tensors, ReduceOp::kSum);
-  on_host(tensors[0], 0, [&](const at::Tensor& host) {
-    group_->all_reduce_sum(host);
-    if (op == ReduceOp::kAverage) host.div_(static_cast<double>(world_replicas_));
-  });
-  local_.broadcast(tensors, 0);
-}
-
-inline void CrossProcessCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
-  if (root >= tensors.size()) throw CommError(fmt::format("broadcast: root {} is not a replica", root));
-  on_host(tensors[root], root, [&](const at::Tensor& host) { group_->broadcast(host, 0); });
-  local_.broadcast(tensors, root);
-}
-
 }  // namespace multigpu
+
+// The cross-process communicators and ProcessGroup::make_communicator, which
+// makes them (a class split over two files, as fmt's -inl headers).
+#include "multigpu/distributed/communicator.hpp"

@@ -3,7 +3,7 @@
 /// The NCCL backend: one NCCL communicator per GPU of this process (part of
 /// one over several processes with NcclWorld), collectives grouped with
 /// ncclGroupStart/End on the calling thread's current streams (see
-/// Note [Streams] in detail/streams.hpp). Compiled only with
+/// Note [Streams] in streams.hpp). Compiled only with
 /// MULTIGPU_WITH_NCCL.
 ///
 /// Collectives return once enqueued; a watchdog aborts the communicators
@@ -36,9 +36,9 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/cuda.hpp"
-#include "multigpu/detail/streams.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
-#include "multigpu/worker.hpp"
+#include "multigpu/replica.hpp"
 
 namespace multigpu {
 

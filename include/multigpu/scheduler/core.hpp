@@ -30,7 +30,7 @@
 
 #include "multigpu/config.hpp"
 #include "multigpu/detail/atomic_file.hpp"
-#include "multigpu/detail/process.hpp"
+#include "multigpu/scheduler/process.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/scheduler/dependencies.hpp"
@@ -44,7 +44,6 @@
 #include "multigpu/scheduler/text.hpp"
 #include "multigpu/scheduler/validate.hpp"
 #include "multigpu/scheduler/wake_up.hpp"
-#include "multigpu/worker.hpp"
 
 #if MULTIGPU_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>

@@ -12,7 +12,7 @@
 
 #include <fmt/core.h>
 
-#include "multigpu/detail/process.hpp"
+#include "multigpu/scheduler/process.hpp"
 #include "multigpu/device_spec.hpp"
 
 namespace multigpu {

@@ -22,7 +22,7 @@
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
-#include "multigpu/detail/process_tree.hpp"
+#include "multigpu/scheduler/process_tree.hpp"
 #include "multigpu/scheduler/core.hpp"
 
 namespace multigpu {

@@ -1,0 +1,200 @@
+#pragma once
+// The rendezvous of a multi-process job, below ProcessGroup: finding the
+// master's address, telling "nobody listens there" from "it listens but
+// says nothing", and opening a TCPStore within a time limit. See Note
+// [Rendezvous failures].
+
+#include "multigpu/config.hpp"
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "multigpu/distributed_env.hpp"
+#include "multigpu/error.hpp"
+
+#if MULTIGPU_WITH_DISTRIBUTED
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+
+namespace multigpu {
+namespace detail {
+
+inline std::string this_host() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) return "unknown host";
+  return name;
+}
+
+/// The first line of an error (c10 errors carry a backtrace after it).
+inline std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+/// The first line of the exception being handled, whatever its type: every
+/// failure of c10d reaches the user as a DistributedError (c10d throws
+/// c10::Error, std::system_error and std::runtime_error, depending on the
+/// call and the LibTorch version).
+inline std::string current_error() {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return first_line(e.what());
+  } catch (...) {
+    return "an exception of unknown type";
+  }
+}
+
+inline bool is_loopback(const std::string& addr) {
+  return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
+}
+
+// Note [Rendezvous failures]
+// A rendezvous that cannot succeed fails at once, on every rank it concerns;
+// only a process that is really missing costs the time-out:
+// - MASTER_ADDR is resolved (getaddrinfo) before anything else: a name that
+//   does not resolve would otherwise look like an unreachable rank 0.
+// - Before c10d's client connects, a rank other than 0 connects once itself
+//   and listens briefly. A c10d store never speaks first nor closes an idle
+//   connection, so a listener that does is another program on MASTER_PORT.
+//   c10d would retry it until the time-out (LibTorch 2.x) or accept it, fail
+//   on the first operation with a std::system_error and end the process from
+//   its own thread (1.13).
+// - A listener that accepts and then stays silent is no better: c10d's
+//   client waits for its first answer without any time-out. The store is
+//   therefore constructed on a thread of its own that the rank waits for at
+//   most the time-out (and some grace, since c10d's own retries overrun it);
+//   past that the thread is left to end when the peer does.
+// - Processes started with different world sizes: the first rank to arrive
+//   states its world size in the store (compare-and-set); every rank compares
+//   with it before it checks in, and the one that disagrees leaves the
+//   reason in the store. The others poll for it while they wait for the
+//   missing ranks, so every rank is told at once what each one said. Rank 0,
+//   which serves the store, leaves only after every rank that came has read it.
+// - Every store operation, in the rendezvous, the heartbeat thread and the
+//   destructor, catches whatever c10d throws: an exception escaping a thread
+//   or a destructor would end the process.
+
+/// getaddrinfo's answer, freed with it.
+using AddressList = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
+
+/// The stream addresses of `env`'s MASTER_ADDR:MASTER_PORT; a DistributedError
+/// naming the variable and its value when the name does not resolve.
+inline AddressList resolve_master(const DistributedEnv& env) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  const int status = ::getaddrinfo(env.master_addr.c_str(), std::to_string(env.master_port).c_str(), &hints, &found);
+  if (status != 0) {
+    throw DistributedError(fmt::format(
+        "rank {}: {}='{}' is not a host name this machine can resolve ({}); set it to the host name or IP address of "
+        "rank 0's machine, the same for every process",
+        env.rank, env.master_addr_source, env.master_addr,
+        status == EAI_SYSTEM ? std::strerror(errno) : ::gai_strerror(status)));
+  }
+  return AddressList(found, &::freeaddrinfo);
+}
+
+/// What a first connection to rank 0's address found.
+struct ListenerProbe {
+  bool connected = false;  ///< something accepted the connection
+  std::string foreign;     ///< how it showed that it is not a c10d store ("" when it stayed silent, as a store does)
+};
+
+/// Connects to the first of `addresses` that answers within `connect_limit`
+/// and watches the connection for `watch` (see Note [Rendezvous failures]).
+/// Nothing listening yet is no error here: rank 0 may still be starting.
+inline ListenerProbe probe_listener(const addrinfo* addresses, std::chrono::milliseconds connect_limit,
+                                    std::chrono::milliseconds watch) {
+  ListenerProbe probe;
+  for (const addrinfo* address = addresses; address != nullptr && !probe.connected; address = address->ai_next) {
+    const int fd = ::socket(address->ai_family, address->ai_socktype, address->ai_protocol);
+    if (fd < 0) continue;
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    if (::connect(fd, address->ai_addr, address->ai_addrlen) == 0) {
+      probe.connected = true;
+    } else if (errno == EINPROGRESS) {
+      pollfd writable{fd, POLLOUT, 0};
+      int error = 0;
+      socklen_t length = sizeof(error);
+      probe.connected = ::poll(&writable, 1, static_cast<int>(connect_limit.count())) == 1 &&
+                        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0;
+    }
+    pollfd readable{fd, POLLIN, 0};
+    if (probe.connected && ::poll(&readable, 1, static_cast<int>(watch.count())) == 1) {
+      char bytes[48] = {};
+      const ssize_t received = ::recv(fd, bytes, sizeof(bytes), 0);
+      if (received > 0) {
+        std::string text(bytes, static_cast<std::size_t>(received));
+        for (char& c : text) c = c >= 0x20 && c < 0x7f ? c : '.';
+        probe.foreign = fmt::format("it spoke first (\"{}\"), which a store never does", text);
+      } else if (received == 0) {
+        probe.foreign = "it accepted the connection and closed it at once";
+      } else {
+        probe.foreign = fmt::format("it reset the connection ({})", std::strerror(errno));
+      }
+    }
+    ::close(fd);
+  }
+  return probe;
+}
+
+#if MULTIGPU_WITH_DISTRIBUTED
+
+/// A TCPStore constructed (and, for a client, asked once) on a thread of its own, waited for at most
+/// `limit`: null past it, the thread left to end on its own (see Note
+/// [Rendezvous failures]). What the constructor throws is rethrown here.
+inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& host,
+                                                            const c10d::TCPStoreOptions& options,
+                                                            std::chrono::milliseconds limit) {
+  struct Attempt {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    c10::intrusive_ptr<c10d::TCPStore> store;
+    std::exception_ptr error;
+  };
+  auto attempt = std::make_shared<Attempt>();
+  std::thread opener([attempt, host, options] {
+    c10::intrusive_ptr<c10d::TCPStore> store;
+    std::exception_ptr error;
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(host, options);
+      // One round trip, within the limit too: LibTorch 1.13's constructor
+      // does not speak to the server, so a peer that accepts and never
+      // answers would block the first store call instead, with no time-out.
+      if (!options.isServer) store->check({"multigpu/hello"});
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(attempt->mutex);
+    attempt->store = std::move(store);
+    attempt->error = error;
+    attempt->done = true;
+    attempt->done_cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(attempt->mutex);
+  if (!attempt->done_cv.wait_for(lock, limit, [&] { return attempt->done; })) {
+    opener.detach();
+    return {};
+  }
+  lock.unlock();
+  opener.join();
+  if (attempt->error) std::rethrow_exception(attempt->error);
+  return std::move(attempt->store);
+}
+
+#endif  // MULTIGPU_WITH_DISTRIBUTED
+
+}  // namespace detail
+}  // namespace multigpu
