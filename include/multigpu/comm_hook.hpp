@@ -7,22 +7,22 @@
 ///   multigpu::DataParallelOptions options;
 ///   options.comm_hook = multigpu::bf16_compress_hook();  // half the bytes per bucket
 ///
-/// Note [Compressed gradients]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// The reducer hands each bucket (one flat fp32 buffer per replica) to the
-/// hook instead of all-reducing it itself. The compressing hook divides each
-/// replica's buffer by the number of replicas over every process first, so
-/// that the sum of K values cannot overflow the small format (fp16 stops at
-/// 65504) where the fp32 average would not; then casts it to bf16 or fp16,
-/// all-reduces that (a sum) with the same communicator (local, NCCL or Gloo
-/// across processes: each moves half the bytes), and copies the result back
-/// into the fp32 buffer, which the gradients alias. The result is the fp32
-/// average to within the small format's precision (bf16: 8 bits of
-/// mantissa, fp16: 11). Every replica receives the same bits, so replicas
-/// stay identical. It runs where the all-reduce would: on the reducer's
-/// threads, with the communication streams current (Note [Streams], rule 3),
-/// so a hook must not keep state between calls (buckets may be reduced
-/// concurrently by the local backend).
+// Note [Compressed gradients]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The reducer hands each bucket (one flat fp32 buffer per replica) to the
+// hook instead of all-reducing it itself. The compressing hook divides each
+// replica's buffer by the number of replicas over every process first, so
+// that the sum of K values cannot overflow the small format (fp16 stops at
+// 65504) where the fp32 average would not; then casts it to bf16 or fp16,
+// all-reduces that (a sum) with the same communicator (local, NCCL or Gloo
+// across processes: each moves half the bytes), and copies the result back
+// into the fp32 buffer, which the gradients alias. The result is the fp32
+// average to within the small format's precision (bf16: 8 bits of
+// mantissa, fp16: 11). Every replica receives the same bits, so replicas
+// stay identical. It runs where the all-reduce would: on the reducer's
+// threads, with the communication streams current (Note [Streams], rule 3),
+// so a hook must not keep state between calls (buckets may be reduced
+// concurrently by the local backend).
 
 #include <memory>
 #include <string>

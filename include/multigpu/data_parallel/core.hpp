@@ -281,23 +281,23 @@ inline void DataParallelCore::run(const std::function<void(std::size_t)>& job, c
   workers_.run(job, what, active);
 }
 
-/// Note [Loss weights]
-/// ~~~~~~~~~~~~~~~~~~~
-/// Replica r's loss is the mean over its n_r samples; the whole batch's mean
-/// loss is sum_r (n_r / N) loss_r, so its gradient is sum_r (n_r / N) g_r.
-/// The reducer averages gradients over the K replicas, so each replica
-/// back-propagates K n_r / N times its loss: the average is then exactly the
-/// full-batch gradient, whatever the split, and a replica without samples
-/// adds nothing. Averaging (not summing) keeps a second sync of gradients
-/// that already agree harmless. With LossReduction::kSum the weight is the
-/// number of replicas the average divides by: W = K x P over P processes,
-/// so that the result is the sum of every replica's gradient.
-///
-/// Over several processes with kMean, each process weighs its own replicas
-/// by its own batch: the result is the mean of the processes' mean losses,
-/// which is the mean over all samples only when every process has the same
-/// batch size (DistributedSampler makes them so; a last, shorter batch on
-/// some ranks does not).
+// Note [Loss weights]
+// ~~~~~~~~~~~~~~~~~~~
+// Replica r's loss is the mean over its n_r samples; the whole batch's mean
+// loss is sum_r (n_r / N) loss_r, so its gradient is sum_r (n_r / N) g_r.
+// The reducer averages gradients over the K replicas, so each replica
+// back-propagates K n_r / N times its loss: the average is then exactly the
+// full-batch gradient, whatever the split, and a replica without samples
+// adds nothing. Averaging (not summing) keeps a second sync of gradients
+// that already agree harmless. With LossReduction::kSum the weight is the
+// number of replicas the average divides by: W = K x P over P processes,
+// so that the result is the sum of every replica's gradient.
+//
+// Over several processes with kMean, each process weighs its own replicas
+// by its own batch: the result is the mean of the processes' mean losses,
+// which is the mean over all samples only when every process has the same
+// batch size (DistributedSampler makes them so; a last, shorter batch on
+// some ranks does not).
 inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_t>& shard_sizes,
                                                    const std::function<at::Tensor(std::size_t)>& loss_of) {
   require_usable("forward_backward");

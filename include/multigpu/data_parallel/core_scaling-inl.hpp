@@ -57,20 +57,20 @@ inline bool DataParallelCore::gradients_overflowed() {
   return overflowed;
 }
 
-/// Note [Clipping across replicas]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// Clipping needs the norm of the whole gradient, and every replica must
-/// scale its gradients by the same factor. After the sync (made here if
-/// needed) every replica holds the same averaged gradients, and across
-/// processes each process holds the same averages, so the norm is computed
-/// once, from the primary's gradients on its stream; the clip factor
-/// min(1, max_norm / (norm + 1e-6)) is copied from the primary's device to
-/// every other replica's, device to device (no host wait), and applied
-/// there. Computing it on each replica would agree only as far as every
-/// device's reduction gives the same bits. With a GradScaler the gradients
-/// are unscaled first (once per step: see Note [Gradient scaling across
-/// replicas]); an overflowed step has an infinite or NaN norm, and step()
-/// skips it anyway.
+// Note [Clipping across replicas]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Clipping needs the norm of the whole gradient, and every replica must
+// scale its gradients by the same factor. After the sync (made here if
+// needed) every replica holds the same averaged gradients, and across
+// processes each process holds the same averages, so the norm is computed
+// once, from the primary's gradients on its stream; the clip factor
+// min(1, max_norm / (norm + 1e-6)) is copied from the primary's device to
+// every other replica's, device to device (no host wait), and applied
+// there. Computing it on each replica would agree only as far as every
+// device's reduction gives the same bits. With a GradScaler the gradients
+// are unscaled first (once per step: see Note [Gradient scaling across
+// replicas]); an overflowed step has an infinite or NaN norm, and step()
+// skips it anyway.
 inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_type) {
   require_usable("clip_grad_norm");
   if (!(max_norm > 0) || std::isnan(max_norm)) {

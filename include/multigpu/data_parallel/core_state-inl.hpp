@@ -24,17 +24,17 @@ inline void DataParallelCore::broadcast_from_primary() {
   broadcast_buffers();
 }
 
-/// Note [Coalesced buffer broadcast]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// Buffers (BatchNorm's running statistics and counters) go from the
-/// primary to every replica after each step. One collective per buffer
-/// would cost a launch (and, across processes, a round trip) per BatchNorm
-/// tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
-/// into one flat tensor per replica, broadcast once, and unpacked on the
-/// other replicas: one collective per dtype (two for BatchNorm: float
-/// statistics, int64 counters). Parameters, broadcast only at construction
-/// and by resync_from_primary(), go one by one, so that a large model never
-/// needs a second copy of itself.
+// Note [Coalesced buffer broadcast]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Buffers (BatchNorm's running statistics and counters) go from the
+// primary to every replica after each step. One collective per buffer
+// would cost a launch (and, across processes, a round trip) per BatchNorm
+// tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
+// into one flat tensor per replica, broadcast once, and unpacked on the
+// other replicas: one collective per dtype (two for BatchNorm: float
+// statistics, int64 counters). Parameters, broadcast only at construction
+// and by resync_from_primary(), go one by one, so that a large model never
+// needs a second copy of itself.
 inline void DataParallelCore::broadcast_buffers() {
   if (comm_->world_size() == 1) return;
   const auto fence = fenced();

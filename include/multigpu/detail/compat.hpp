@@ -57,15 +57,15 @@ namespace compat {
 /// c10::NoGradGuard everywhere).
 using NoGradGuard = c10::NoGradGuard;
 
-/// Note [Autocast APIs]
-/// ~~~~~~~~~~~~~~~~~~~~
-/// LibTorch 2.4 made the autocast switches take a device type
-/// (set_autocast_enabled(kCPU, on), set_autocast_dtype(kCUDA, dtype)) and
-/// deprecated the per-device names, which warn at run time from then on.
-/// LibTorch 1.13 to 2.3 have only those: set_enabled (CUDA),
-/// set_cpu_enabled, set_autocast_gpu_dtype, set_autocast_cpu_dtype. The
-/// name itself moved, so this is a version test. Only CPU and CUDA
-/// replicas exist in multigpu.
+// Note [Autocast APIs]
+// ~~~~~~~~~~~~~~~~~~~~
+// LibTorch 2.4 made the autocast switches take a device type
+// (set_autocast_enabled(kCPU, on), set_autocast_dtype(kCUDA, dtype)) and
+// deprecated the per-device names, which warn at run time from then on.
+// LibTorch 1.13 to 2.3 have only those: set_enabled (CUDA),
+// set_cpu_enabled, set_autocast_gpu_dtype, set_autocast_cpu_dtype. The
+// name itself moved, so this is a version test. Only CPU and CUDA
+// replicas exist in multigpu.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
 #define MULTIGPU_DETAIL_AUTOCAST_BY_DEVICE_TYPE 1
 #else

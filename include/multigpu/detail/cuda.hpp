@@ -31,27 +31,27 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [NCCL and cudaFree]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~
-/// cudaFree synchronises the device. A cudaFree in one thread while another
-/// thread is between ncclGroupStart and ncclGroupEnd for several GPUs can
-/// leave both waiting for each other forever. What is guarded, and how:
-/// - cuda_free_mutex() is the mutex LibTorch keeps for this
-///   (c10::cuda::getFreeMutex(); the caching allocator's before 2.0), and
-///   multigpu's NCCL launches (nccl/communicator.hpp) hold it from group start
-///   to group end. It keeps out only the cudaFree calls made under it: in the
-///   LibTorch versions multigpu supports, the cudaFree(nullptr) with which
-///   LibTorch creates a context for its runtime-compiled kernels. LibTorch's
-///   caching allocator calls cudaFree without it (early 1.x releases took it)
-///   when it releases cached blocks: on emptyCache(), and when a cudaMalloc
-///   fails and it frees its cache to retry.
-/// - emptyCache() releases the cached blocks of every GPU of the process, so
-///   the scheduler calls it only when no other in-process task still runs
-///   (see Note [Emptying the cache between tasks] in scheduler.hpp), and
-///   nothing else in multigpu calls it.
-/// - Not guarded: the allocator's own release when a cudaMalloc fails (an
-///   allocation that runs out of memory while another thread launches a
-///   collective) and cudaFree in the user's code.
+// Note [NCCL and cudaFree]
+// ~~~~~~~~~~~~~~~~~~~~~~~~
+// cudaFree synchronises the device. A cudaFree in one thread while another
+// thread is between ncclGroupStart and ncclGroupEnd for several GPUs can
+// leave both waiting for each other forever. What is guarded, and how:
+// - cuda_free_mutex() is the mutex LibTorch keeps for this
+//   (c10::cuda::getFreeMutex(); the caching allocator's before 2.0), and
+//   multigpu's NCCL launches (nccl/communicator.hpp) hold it from group start
+//   to group end. It keeps out only the cudaFree calls made under it: in the
+//   LibTorch versions multigpu supports, the cudaFree(nullptr) with which
+//   LibTorch creates a context for its runtime-compiled kernels. LibTorch's
+//   caching allocator calls cudaFree without it (early 1.x releases took it)
+//   when it releases cached blocks: on emptyCache(), and when a cudaMalloc
+//   fails and it frees its cache to retry.
+// - emptyCache() releases the cached blocks of every GPU of the process, so
+//   the scheduler calls it only when no other in-process task still runs
+//   (see Note [Emptying the cache between tasks] in scheduler.hpp), and
+//   nothing else in multigpu calls it.
+// - Not guarded: the allocator's own release when a cudaMalloc fails (an
+//   allocation that runs out of memory while another thread launches a
+//   collective) and cudaFree in the user's code.
 inline std::mutex& cuda_free_mutex() { return compat::cuda_free_mutex(); }
 
 }  // namespace detail

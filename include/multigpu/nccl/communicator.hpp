@@ -95,24 +95,24 @@ struct NcclWorld {
   int first_rank = 0;
 };
 
-/// Note [NCCL watchdog]
-/// ~~~~~~~~~~~~~~~~~~~~
-/// Nothing on the host waits for a collective to finish (Note [Streams]). A
-/// collective that never finishes (a GPU or a peer process gone, processes
-/// that issued different collectives) would leave the streams blocked, and
-/// the program with them at the next value it reads. So, as ProcessGroupNCCL
-/// does, every collective leaves behind one completion event per GPU and a
-/// deadline, and a watchdog thread looks, every few milliseconds, at the
-/// oldest unfinished one and at NCCL's asynchronous errors. On an error or a
-/// missed deadline it aborts every communicator (ncclCommAbort ends their
-/// kernels, so the streams move on with whatever the buffers hold) and
-/// records why; the next collective, wait() or the next training step
-/// throws CommError with that reason. The set-up has a deadline too:
-/// communicators are made non-blocking (NCCL >= 2.14) and polled, and one
-/// small all-reduce at construction makes NCCL connect the GPUs (it does so
-/// lazily) and checks the sum, so that a broken interconnect fails here with
-/// a clear message and not in the middle of the first step. Every call
-/// restores the caller's current device.
+// Note [NCCL watchdog]
+// ~~~~~~~~~~~~~~~~~~~~
+// Nothing on the host waits for a collective to finish (Note [Streams]). A
+// collective that never finishes (a GPU or a peer process gone, processes
+// that issued different collectives) would leave the streams blocked, and
+// the program with them at the next value it reads. So, as ProcessGroupNCCL
+// does, every collective leaves behind one completion event per GPU and a
+// deadline, and a watchdog thread looks, every few milliseconds, at the
+// oldest unfinished one and at NCCL's asynchronous errors. On an error or a
+// missed deadline it aborts every communicator (ncclCommAbort ends their
+// kernels, so the streams move on with whatever the buffers hold) and
+// records why; the next collective, wait() or the next training step
+// throws CommError with that reason. The set-up has a deadline too:
+// communicators are made non-blocking (NCCL >= 2.14) and polled, and one
+// small all-reduce at construction makes NCCL connect the GPUs (it does so
+// lazily) and checks the sum, so that a broken interconnect fails here with
+// a clear message and not in the middle of the first step. Every call
+// restores the caller's current device.
 
 /// NCCL collectives over distinct GPUs (see the file comment).
 class NcclCommunicator : public Communicator {

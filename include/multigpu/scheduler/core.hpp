@@ -52,19 +52,19 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [Emptying the cache between tasks]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// An in-process task leaves the memory it used in LibTorch's caching
-/// allocator. The scheduler gives it back (emptyCache) when the task has
-/// ended, so that other processes, and command tasks, can use it. But
-/// emptyCache releases the cached blocks of every GPU of this process with
-/// cudaFree, which synchronises the device and can deadlock against the NCCL
-/// launches of an in-process task still running (see Note [NCCL and
-/// cudaFree] in detail/cuda.hpp). So the scheduler empties the cache, from
-/// its own thread, only when no other in-process task on a GPU is running;
-/// until then the GPUs of the tasks that ended keep our cache and are not
-/// judged busy by the memory in use there (a later in-process task reuses
-/// that cache). A task's own worker threads have ended with it.
+// Note [Emptying the cache between tasks]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// An in-process task leaves the memory it used in LibTorch's caching
+// allocator. The scheduler gives it back (emptyCache) when the task has
+// ended, so that other processes, and command tasks, can use it. But
+// emptyCache releases the cached blocks of every GPU of this process with
+// cudaFree, which synchronises the device and can deadlock against the NCCL
+// launches of an in-process task still running (see Note [NCCL and
+// cudaFree] in detail/cuda.hpp). So the scheduler empties the cache, from
+// its own thread, only when no other in-process task on a GPU is running;
+// until then the GPUs of the tasks that ended keep our cache and are not
+// judged busy by the memory in use there (a later in-process task reuses
+// that cache). A task's own worker threads have ended with it.
 
 /// The non-template scheduler: dispatches over a pool whose busy state a
 /// callback reports (see BasicScheduler).

@@ -21,21 +21,21 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [Dependencies]
-/// ~~~~~~~~~~~~~~~~~~~
-/// A task with `after` starts only once every task it names is done or
-/// skipped (skipped means done already). Until then it stays in the queue
-/// without holding a device slot, so a dependency still waiting for a device
-/// always finds one: there is no deadlock, and cycles are refused before the
-/// run. When a task fails for good (after its retries, or by waiting too long
-/// for a busy device) or is interrupted, the tasks that run after it, and
-/// the tasks that run after those, never start: they end `failed`, with 0
-/// attempts and an error that begins "not run: " and names the task they ran
-/// after and the task that failed. When the run drains or is stopped
-/// (Ctrl-C, --fail-fast), no task starts, and tasks waiting for others stay
-/// `pending`: a rerun runs them. A task that is done (its marker is current)
-/// is not run again because a task it runs after runs again: rerun it with
-/// --force NAME, or have its done marker depend on its input.
+// Note [Dependencies]
+// ~~~~~~~~~~~~~~~~~~~
+// A task with `after` starts only once every task it names is done or
+// skipped (skipped means done already). Until then it stays in the queue
+// without holding a device slot, so a dependency still waiting for a device
+// always finds one: there is no deadlock, and cycles are refused before the
+// run. When a task fails for good (after its retries, or by waiting too long
+// for a busy device) or is interrupted, the tasks that run after it, and
+// the tasks that run after those, never start: they end `failed`, with 0
+// attempts and an error that begins "not run: " and names the task they ran
+// after and the task that failed. When the run drains or is stopped
+// (Ctrl-C, --fail-fast), no task starts, and tasks waiting for others stay
+// `pending`: a rerun runs them. A task that is done (its marker is current)
+// is not run again because a task it runs after runs again: rerun it with
+// --force NAME, or have its done marker depend on its input.
 
 /// A problem with the tasks' `after` lists: which task, and what is wrong.
 struct DependencyProblem {

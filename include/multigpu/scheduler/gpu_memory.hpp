@@ -28,63 +28,63 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [What a task uses on its GPUs]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// While command tasks run on GPUs, the scheduler looks at the pool's GPUs
-/// once per poll interval: memory, and NVML's list of compute processes with
-/// the memory of each (Note [Which process uses a GPU] in detail/nvml.hpp).
-/// A task's processes are its supervisor and every process below it, found
-/// from /proc's parent links at each look: a process the task starts later
-/// counts, and so does one that left the task's process group (setsid). A
-/// task's use on a GPU is the sum of its processes' memory there; its peak,
-/// in the summary, is the largest use on one of its GPUs at one look, over
-/// every attempt. A peak shorter than the poll interval can be missed, so
-/// the figure is a lower bound. Seeing a task's process on its GPU also ends
-/// the GPU's promise to it (Note [A GPU promised to a task] in
-/// reservations.hpp). In-process tasks run in the scheduler's own process,
-/// which NVML cannot split by task: they are not measured. GPU-seconds are
-/// the GPUs held times the seconds of each attempt.
-///
-/// Note [Packing tasks by memory]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// With SchedulerOptions::pack_by_memory (`--max-per-gpu auto`):
-///   - A task's size is what it declared (`[mem=12G]`, Task::memory_mib),
-///     else its peak measured by the last run in this log folder (read from
-///     summary.json when the run starts; a run that skips the task writes the
-///     peak it found there again), else unknown. A retry after running out of
-///     memory counts at least the peak the failed attempt reached; a size that
-///     then exceeds every GPU with the margin counts as unknown.
-///   - The room on a GPU is its total memory, less what the driver reserves,
-///     less what processes other than our tasks use, less for each of our
-///     tasks there the larger of its size and what it uses now, less what
-///     other runs have promised there.
-///   - A task of known size starts on a GPU where its size plus
-///     memory_margin_mib fits in the room. A task of unknown size gets a GPU
-///     to itself, and no task joins it: it may grow to the whole GPU. Its
-///     measured peak lets the next run pack it.
-///   - A task whose size plus the margin exceeds every GPU of the pool (its
-///     total less what the driver reserves) fails at once, saying so, rather
-///     than wait forever.
-///   - Where a GPU's memory is unknown (no NVML, no cudaMemGetInfo), it takes
-///     one task at a time.
-///
-/// Note [Retrying after out of memory]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// A task that ran out of GPU memory would fail again with the same room, so
-/// its retry (within SchedulerOptions::retries) waits for a GPU, its own GPU
-/// included, whose room is larger by at least memory_margin_mib than the
-/// room the failed attempt had. That is the smallest room seen while its
-/// processes were on the GPU (what it held plus what nobody held, at each
-/// look; the room when it started for a task never seen there), the smallest
-/// over its GPUs: a neighbour that grew is what often took it. Memory that
-/// others' jobs and our tasks use will be freed; others' use under the busy
-/// threshold (a desktop, an idle context) is taken to stay. Where no GPU of
-/// the pool can then offer that much (it had about a whole GPU), or where GPU
-/// memory is unknown, the retry goes to another GPU when one is free, as any
-/// failed task's does. A retry that waits while none of our tasks runs says
-/// what it waits for, and counts towards the busy-wait limit. The summary's memory_note says what happened ("attempt 1 ran
-/// out of GPU memory on cuda:0 with 9.5 GiB free; attempt 2 on cuda:1 with
-/// 22.0 GiB free").
+// Note [What a task uses on its GPUs]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// While command tasks run on GPUs, the scheduler looks at the pool's GPUs
+// once per poll interval: memory, and NVML's list of compute processes with
+// the memory of each (Note [Which process uses a GPU] in detail/nvml.hpp).
+// A task's processes are its supervisor and every process below it, found
+// from /proc's parent links at each look: a process the task starts later
+// counts, and so does one that left the task's process group (setsid). A
+// task's use on a GPU is the sum of its processes' memory there; its peak,
+// in the summary, is the largest use on one of its GPUs at one look, over
+// every attempt. A peak shorter than the poll interval can be missed, so
+// the figure is a lower bound. Seeing a task's process on its GPU also ends
+// the GPU's promise to it (Note [A GPU promised to a task] in
+// reservations.hpp). In-process tasks run in the scheduler's own process,
+// which NVML cannot split by task: they are not measured. GPU-seconds are
+// the GPUs held times the seconds of each attempt.
+//
+// Note [Packing tasks by memory]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// With SchedulerOptions::pack_by_memory (`--max-per-gpu auto`):
+//   - A task's size is what it declared (`[mem=12G]`, Task::memory_mib),
+//     else its peak measured by the last run in this log folder (read from
+//     summary.json when the run starts; a run that skips the task writes the
+//     peak it found there again), else unknown. A retry after running out of
+//     memory counts at least the peak the failed attempt reached; a size that
+//     then exceeds every GPU with the margin counts as unknown.
+//   - The room on a GPU is its total memory, less what the driver reserves,
+//     less what processes other than our tasks use, less for each of our
+//     tasks there the larger of its size and what it uses now, less what
+//     other runs have promised there.
+//   - A task of known size starts on a GPU where its size plus
+//     memory_margin_mib fits in the room. A task of unknown size gets a GPU
+//     to itself, and no task joins it: it may grow to the whole GPU. Its
+//     measured peak lets the next run pack it.
+//   - A task whose size plus the margin exceeds every GPU of the pool (its
+//     total less what the driver reserves) fails at once, saying so, rather
+//     than wait forever.
+//   - Where a GPU's memory is unknown (no NVML, no cudaMemGetInfo), it takes
+//     one task at a time.
+//
+// Note [Retrying after out of memory]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A task that ran out of GPU memory would fail again with the same room, so
+// its retry (within SchedulerOptions::retries) waits for a GPU, its own GPU
+// included, whose room is larger by at least memory_margin_mib than the
+// room the failed attempt had. That is the smallest room seen while its
+// processes were on the GPU (what it held plus what nobody held, at each
+// look; the room when it started for a task never seen there), the smallest
+// over its GPUs: a neighbour that grew is what often took it. Memory that
+// others' jobs and our tasks use will be freed; others' use under the busy
+// threshold (a desktop, an idle context) is taken to stay. Where no GPU of
+// the pool can then offer that much (it had about a whole GPU), or where GPU
+// memory is unknown, the retry goes to another GPU when one is free, as any
+// failed task's does. A retry that waits while none of our tasks runs says
+// what it waits for, and counts towards the busy-wait limit. The summary's memory_note says what happened ("attempt 1 ran
+// out of GPU memory on cuda:0 with 9.5 GiB free; attempt 2 on cuda:1 with
+// 22.0 GiB free").
 
 /// What summary.json says each task's peak was (name -> bytes); empty when
 /// there is no readable summary. See Note [Packing tasks by memory].

@@ -91,16 +91,16 @@ inline std::uint64_t file_size(const std::string& path) {
   return error ? 0 : static_cast<std::uint64_t>(size);
 }
 
-/// Note [The log folder's lock]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// Two runs on one log folder would run the same tasks twice, side by side,
-/// and write over each other's logs and summary. A run takes an exclusive
-/// flock on `<log_dir>/.multigpu-run.lock` and writes who it is (pid, host,
-/// start time) into it; a second run is refused with that line. The lock
-/// goes when its open file goes: when the run ends, or when its process dies
-/// (no stale lock to clean up by hand), except that the supervisors of the
-/// command tasks keep it (see Note [The task supervisor]): after a crash, a
-/// rerun waits until the old run's tasks are gone.
+// Note [The log folder's lock]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Two runs on one log folder would run the same tasks twice, side by side,
+// and write over each other's logs and summary. A run takes an exclusive
+// flock on `<log_dir>/.multigpu-run.lock` and writes who it is (pid, host,
+// start time) into it; a second run is refused with that line. The lock
+// goes when its open file goes: when the run ends, or when its process dies
+// (no stale lock to clean up by hand), except that the supervisors of the
+// command tasks keep it (see Note [The task supervisor]): after a crash, a
+// rerun waits until the old run's tasks are gone.
 
 /// This machine's host name.
 inline std::string host_name() {

@@ -32,43 +32,43 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [A GPU promised to a task]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// A task started on a free GPU takes seconds (loading data, building a
-/// model, creating its CUDA context) before it allocates anything there. For
-/// that time the GPU still reads free, and a second run of multigpu-run (or
-/// anything else that judges GPUs by their memory) would start a task on it
-/// too. So a GPU given to a command task is promised to it until the task's
-/// processes appear on it in NVML's process list, the task ends, or
-/// SchedulerOptions::reservation_timeout passes:
-///   - within the run, the task's slot (and, packing by memory, its size)
-///     counts whether or not its processes have appeared;
-///   - for other runs on the machine, the promise is a small file in a
-///     folder they all read (MULTIGPU_RESERVATION_DIR, else
-///     /tmp/multigpu-reservations, made with the sticky bit so that several
-///     users share it): one per GPU and task, named by the GPU's UUID, and
-///     holding the promising process, its host, its expiry and the task's
-///     size. A run reading it treats that GPU as busy (or, packing by memory,
-///     as using the task's declared size). A promise whose process is gone
-///     or whose time is over counts for nothing and is removed by whoever
-///     sees it, so a killed run blocks nothing for long; a time more than an
-///     hour ahead is not believed.
-/// A promise lasts until the task uses, on that GPU, its size (packing by
-/// memory) or more than the busy threshold (otherwise), so that what other
-/// runs read from the GPU itself speaks for it from then on.
-/// A run's own promises are told apart from other runs' by a token made at
-/// start (host, pid and a random number), not by pid alone, so that two
-/// schedulers of one process see each other's. The folder only protects
-/// runs that share it: runs in containers with their own /tmp do not see
-/// each other unless MULTIGPU_RESERVATION_DIR names a shared folder.
-/// The folder is shared, so it is handled as /tmp is: a folder this process
-/// did not make is used only if it is a real folder (not a symbolic link)
-/// owned by this user or root, or sticky; promise files are created with
-/// O_EXCL and O_NOFOLLOW and read only when they are small regular files.
-/// Anyone who can write there can make GPUs look promised for up to an hour
-/// (a promise further ahead is not believed): the folder is a courtesy
-/// between runs, not a security boundary. A dead promise of another user
-/// cannot be removed (the sticky bit) and is skipped.
+// Note [A GPU promised to a task]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A task started on a free GPU takes seconds (loading data, building a
+// model, creating its CUDA context) before it allocates anything there. For
+// that time the GPU still reads free, and a second run of multigpu-run (or
+// anything else that judges GPUs by their memory) would start a task on it
+// too. So a GPU given to a command task is promised to it until the task's
+// processes appear on it in NVML's process list, the task ends, or
+// SchedulerOptions::reservation_timeout passes:
+//   - within the run, the task's slot (and, packing by memory, its size)
+//     counts whether or not its processes have appeared;
+//   - for other runs on the machine, the promise is a small file in a
+//     folder they all read (MULTIGPU_RESERVATION_DIR, else
+//     /tmp/multigpu-reservations, made with the sticky bit so that several
+//     users share it): one per GPU and task, named by the GPU's UUID, and
+//     holding the promising process, its host, its expiry and the task's
+//     size. A run reading it treats that GPU as busy (or, packing by memory,
+//     as using the task's declared size). A promise whose process is gone
+//     or whose time is over counts for nothing and is removed by whoever
+//     sees it, so a killed run blocks nothing for long; a time more than an
+//     hour ahead is not believed.
+// A promise lasts until the task uses, on that GPU, its size (packing by
+// memory) or more than the busy threshold (otherwise), so that what other
+// runs read from the GPU itself speaks for it from then on.
+// A run's own promises are told apart from other runs' by a token made at
+// start (host, pid and a random number), not by pid alone, so that two
+// schedulers of one process see each other's. The folder only protects
+// runs that share it: runs in containers with their own /tmp do not see
+// each other unless MULTIGPU_RESERVATION_DIR names a shared folder.
+// The folder is shared, so it is handled as /tmp is: a folder this process
+// did not make is used only if it is a real folder (not a symbolic link)
+// owned by this user or root, or sticky; promise files are created with
+// O_EXCL and O_NOFOLLOW and read only when they are small regular files.
+// Anyone who can write there can make GPUs look promised for up to an hour
+// (a promise further ahead is not believed): the folder is a courtesy
+// between runs, not a security boundary. A dead promise of another user
+// cannot be removed (the sticky bit) and is skipped.
 
 /// One GPU's promises by other runs.
 struct OtherReservations {

@@ -53,14 +53,14 @@ struct RunSummary {
 
 namespace detail {
 
-/// Note [The summary's JSON]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// summary.json is written with nlohmann-json. Task names are refused unless
-/// they are UTF-8 (validate_tasks), but an error's text (a program's output,
-/// an exception's message) may hold any bytes: those that are not UTF-8
-/// become U+FFFD, so the file always parses. nlohmann-json is found by
-/// multigpu's CMake files where present and needed only by the scheduler's
-/// headers: a training program builds without it.
+// Note [The summary's JSON]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~
+// summary.json is written with nlohmann-json. Task names are refused unless
+// they are UTF-8 (validate_tasks), but an error's text (a program's output,
+// an exception's message) may hold any bytes: those that are not UTF-8
+// become U+FFFD, so the file always parses. nlohmann-json is found by
+// multigpu's CMake files where present and needed only by the scheduler's
+// headers: a training program builds without it.
 
 /// A JSON string literal of `text`; bytes that are not UTF-8 become U+FFFD
 /// (see Note [The summary's JSON]).

@@ -17,13 +17,13 @@
 namespace multigpu {
 namespace detail {
 
-/// Note [Waking the scheduler]
-/// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-/// The scheduler's loop sleeps until something happens: a command task's
-/// process ends (its pidfd becomes readable), an in-process task ends or a
-/// stop is requested (an eventfd is written), or `poll_interval` passes (busy
-/// devices, signals, the status line). So a short task's slot is given to
-/// the next task at once, not at the next poll.
+// Note [Waking the scheduler]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The scheduler's loop sleeps until something happens: a command task's
+// process ends (its pidfd becomes readable), an in-process task ends or a
+// stop is requested (an eventfd is written), or `poll_interval` passes (busy
+// devices, signals, the status line). So a short task's slot is given to
+// the next task at once, not at the next poll.
 
 /// What the scheduler's loop waits on. Thread-safe notify().
 class WakeUp {
