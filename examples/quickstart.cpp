@@ -12,8 +12,8 @@
 // The training loop is plain LibTorch; multigpu adds three lines: choose the
 // devices, wrap the model, and train_step instead of forward/backward/step.
 //
-// Started by a launcher (torchrun-style variables, srun, mpirun; see the
-// README), the same program trains as one of several processes: each takes
+// Started by a launcher (torchrun-style variables, srun, mpirun; see
+// docs/distributed.md), the same program trains as one of several processes: each takes
 // its part of every epoch and of the test set, and gradients are averaged
 // over all of them. --batch-size stays the batch over all processes.
 

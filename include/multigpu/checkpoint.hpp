@@ -120,8 +120,11 @@ class CheckpointValues {
     if (!value.defined()) throw Error(fmt::format("CheckpointValues::set(\"{}\"): the tensor is undefined", name));
     values_[name] = c10::IValue(value.detach().to(at::kCPU).clone());
   }
+  /// Whether a value of this name is set.
   bool contains(const std::string& name) const { return values_.count(name) != 0; }
+  /// Removes the value of this name (nothing when there is none).
   void erase(const std::string& name) { values_.erase(name); }
+  /// The names of the values set, in order.
   std::vector<std::string> names() const {
     std::vector<std::string> out;
     for (const auto& item : values_) out.push_back(item.first);
@@ -147,7 +150,9 @@ class CheckpointValues {
     if (value.isTensor()) return value.toTensor();
     throw Error(fmt::format("CheckpointValues: \"{}\" is a number, not a tensor", name));
   }
+  /// Every value by name.
   const std::map<std::string, c10::IValue>& items() const { return values_; }
+  /// Removes every value.
   void clear() { values_.clear(); }
 
  private:
@@ -166,6 +171,7 @@ class CheckpointValues {
 
 /// What DataParallel::load_state found and did.
 struct ResumeInfo {
+  /// The checkpoint file read.
   std::string path;
   /// Optimizer steps done when it was saved (dp.steps() now).
   std::int64_t step = 0;
@@ -174,17 +180,22 @@ struct ResumeInfo {
   /// The epoch to go on with, and how many of its samples (over every
   /// process) were already trained on: an attached sampler skips them.
   std::size_t epoch = 0;
+  /// Samples of `epoch` (over every process) already trained on.
   std::int64_t epoch_samples = 0;
   /// Layout when saved and now: processes, and replicas per process.
   int saved_processes = 1;
+  /// Replicas per process when saved.
   std::size_t saved_replicas = 1;
+  /// Processes now.
   int processes = 1;
+  /// Replicas per process now.
   std::size_t replicas = 1;
   /// Samples of the largest optimizer step over every process (0: unknown).
   std::int64_t batch = 0;
   /// What could not be restored exactly (said by describe()).
   std::vector<std::string> notes;
 
+  /// Whether it is resumed on another number of processes or replicas than it was saved on.
   bool layout_changed() const { return saved_processes != processes || saved_replicas != replicas; }
   /// The batch each process should load to keep the effective batch
   /// (`batch` split over this layout; 0 when unknown).

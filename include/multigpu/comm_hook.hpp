@@ -57,6 +57,7 @@ class CompressedCommHook : public CommHook {
   explicit CompressedCommHook(at::ScalarType dtype);
   inline std::string name() const override;
   inline void all_reduce_average(Communicator& comm, const std::vector<at::Tensor>& buffers) override;
+  /// The format buckets are sent in (at::kBFloat16 or at::kHalf).
   at::ScalarType dtype() const { return dtype_; }
 
  private:

@@ -8,8 +8,11 @@
 
 /// Library version.
 #define MULTIGPU_VERSION_MAJOR 0
+/// Library version: minor.
 #define MULTIGPU_VERSION_MINOR 1
+/// Library version: patch.
 #define MULTIGPU_VERSION_PATCH 0
+/// Library version as text ("0.1.0").
 #define MULTIGPU_VERSION_STRING "0.1.0"
 
 /// 1 when LibTorch was built with CUDA and the CUDA paths (device queries

@@ -74,6 +74,7 @@ class DataParallel {
  public:
   /// The module class (for a holder such as torch::nn::Linear, its Impl).
   using Module = typename detail::module_class<M>::type;
+  /// Shared pointer to the module class.
   using ModulePtr = std::shared_ptr<Module>;
   /// Builds a fresh, untrained module (on the CPU) for a replica.
   using Factory = std::function<ModulePtr()>;
@@ -86,6 +87,7 @@ class DataParallel {
   /// constructor (or use the constructor taking a factory).
   DataParallel(ModulePtr module, const DeviceSelection& devices, DataParallelOptions options = {})
       : DataParallel(std::move(module), devices.torch_devices(), std::move(options)) {}
+  /// As above, on LibTorch devices.
   DataParallel(ModulePtr module, std::vector<c10::Device> devices, DataParallelOptions options = {})
       : DataParallel(std::move(module), std::move(devices), default_factory(), std::move(options)) {
     static_assert(std::is_base_of<torch::nn::Cloneable<Module>, Module>::value ||
@@ -99,6 +101,7 @@ class DataParallel {
       : module_(std::move(module)),
         replicas_(make_replicas(module_, devices, factory)),
         core_(upcast(replicas_), std::move(devices), std::move(options)) {}
+  /// As above, with `factory`, on selected devices.
   DataParallel(ModulePtr module, const DeviceSelection& devices, Factory factory, DataParallelOptions options = {})
       : DataParallel(std::move(module), devices.torch_devices(), std::move(factory), std::move(options)) {}
   /// From a module holder (torch::nn::Linear, a TORCH_MODULE type).
@@ -106,6 +109,7 @@ class DataParallel {
                                                    !std::is_same<M, Module>::value>>
   DataParallel(const Holder& holder, const DeviceSelection& devices, DataParallelOptions options = {})
       : DataParallel(holder.ptr(), devices, std::move(options)) {}
+  /// As above, on LibTorch devices.
   template <class Holder, class = std::enable_if_t<std::is_same<std::decay_t<Holder>, M>::value &&
                                                    !std::is_same<M, Module>::value>>
   DataParallel(const Holder& holder, std::vector<c10::Device> devices, DataParallelOptions options = {})
@@ -115,16 +119,21 @@ class DataParallel {
 
   /// Your module: replica 0, on the first device, trained in place.
   Module& module() { return *module_; }
+  /// Your module (replica 0), read-only.
   const Module& module() const { return *module_; }
+  /// Your module's shared pointer (replica 0).
   ModulePtr module_ptr() const { return module_; }
   /// Replica r (0 is module()).
   Module& replica(std::size_t r) { return *replicas_.at(r); }
+  /// Number of replicas.
   std::size_t size() const { return core_.size(); }
+  /// The replicas' devices, in replica order.
   const std::vector<c10::Device>& devices() const { return core_.devices(); }
   /// The collective backend in use ("local" or "nccl").
   std::string backend() const { return core_.communicator().name(); }
   /// train() / eval() on every replica.
   void train(bool on = true) { core_.train(on); }
+  /// Evaluation mode on every replica: train(false).
   void eval() { core_.train(false); }
 
   // --- training -------------------------------------------------------------------
@@ -173,10 +182,12 @@ class DataParallel {
   /// forward_backward (or step) after it averages everything accumulated.
   class NoSyncGuard {
    public:
+    /// Made by DataParallel::no_sync().
     explicit NoSyncGuard(detail::DataParallelCore& core) : core_(&core) { core_->enter_no_sync(); }
     ~NoSyncGuard() {
       if (core_ != nullptr) core_->leave_no_sync();
     }
+    /// Moves the guard; the moved-from one does nothing.
     NoSyncGuard(NoSyncGuard&& other) noexcept : core_(other.core_) { other.core_ = nullptr; }
     NoSyncGuard(const NoSyncGuard&) = delete;
     NoSyncGuard& operator=(const NoSyncGuard&) = delete;
@@ -185,6 +196,7 @@ class DataParallel {
    private:
     detail::DataParallelCore* core_;
   };
+  /// Stops gradient synchronisation while the returned guard lives (gradient accumulation; see NoSyncGuard).
   [[nodiscard]] NoSyncGuard no_sync() { return NoSyncGuard(core_); }
 
   /// Runs `fn(Module&, const Batch& shard)` on every replica's shard with

@@ -73,6 +73,7 @@ struct DataParallelOptions {
   /// (set by ProcessGroup::data_parallel_options): checkpoints are written
   /// by rank 0 and say on how many processes they were made.
   int process_rank = 0;
+  /// Number of processes training together (see process_rank).
   int processes = 1;
 };
 

@@ -28,6 +28,7 @@ struct DeviceSpec {
     kCuda,  ///< "cuda": the first visible GPU, as torch::Device("cuda") means
     kList,  ///< "0,1,4,7" / "cuda:0,cuda:2": these logical GPU numbers, in this order
   };
+  /// Which form the spec has.
   Kind kind = Kind::kAuto;
   /// kAuto: 0 for every free GPU, else N from "auto:N". kCpu: number of CPU replicas.
   int count = 0;
@@ -47,6 +48,7 @@ struct VisibleDeviceEntry {
   /// Index: a GPU number in CUDA's enumeration order. Uuid: "GPU-..." (a
   /// unique prefix is enough). Mig: "MIG-..." (a MIG instance).
   enum class Kind { kIndex, kUuid, kMig };
+  /// Which form the entry has.
   Kind kind = Kind::kIndex;
   int index = -1;     ///< kIndex: the number.
   std::string text;   ///< The entry as written, trimmed.

@@ -37,7 +37,9 @@ struct DistributedOptions {
   std::optional<int> world_size;        ///< Processes in the job.
   std::optional<int> local_rank;        ///< This process's rank on its machine.
   std::optional<int> local_world_size;  ///< Processes on this machine.
+  /// Host of rank 0's store (MASTER_ADDR).
   std::optional<std::string> master_addr;
+  /// Port of rank 0's store (MASTER_PORT).
   std::optional<int> master_port;
   /// A rendezvous, collective or peer that takes longer fails with a
   /// DistributedError instead of hanging.
@@ -46,13 +48,21 @@ struct DistributedOptions {
 
 /// This process's place in the job (see the file comment).
 struct DistributedEnv {
+  /// This process's rank, 0..world_size-1.
   int rank = 0;
+  /// Processes in the job.
   int world_size = 1;
+  /// This process's rank on its machine.
   int local_rank = 0;
+  /// Processes on this machine.
   int local_world_size = 1;
+  /// This machine's number, 0..nnodes-1.
   int node_rank = 0;
+  /// Machines in the job.
   int nnodes = 1;
+  /// Host of rank 0's store.
   std::string master_addr;
+  /// Port of rank 0's store.
   int master_port = 0;
   /// "torchrun", "nodes", "slurm", "openmpi", "explicit" or "none".
   std::string launcher = "none";
@@ -61,6 +71,7 @@ struct DistributedEnv {
   /// Where master_addr came from, for messages: "MASTER_ADDR" or "DistributedOptions::master_addr".
   std::string master_addr_source = "MASTER_ADDR";
 
+  /// Whether the job has more than one process.
   bool distributed() const { return world_size > 1; }
   /// "rank 1 of 4 (local 1 of 2, node 0 of 2) from torchrun, rendezvous at 10.0.0.1:29500"
   std::string describe() const {

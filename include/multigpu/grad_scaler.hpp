@@ -63,6 +63,7 @@ class GradScaler {
   std::int64_t skipped_steps() const { return skipped_steps_; }
   /// Whether the last step was skipped.
   bool last_step_skipped() const { return last_step_skipped_; }
+  /// The options it was made with.
   const GradScalerOptions& options() const { return options_; }
 
   /// Records one step's outcome: with `found_inf` the step was skipped and

@@ -1,7 +1,7 @@
 #pragma once
 /// @file
 /// Everything of multigpu, in dependency order. Include this one header:
-///   #include <multigpu/multigpu.hpp>
+///   `#include <multigpu/multigpu.hpp>`
 /// Multi-process training adds <multigpu/distributed.hpp> (c10d and Gloo's
 /// headers are heavy, so only programs that use them pay for them), and the
 /// experiment scheduler <multigpu/scheduler.hpp> (a training program does

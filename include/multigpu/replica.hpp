@@ -21,6 +21,7 @@ class ReplicaContext {
   /// of the default one (true for training replicas).
   explicit ReplicaContext(c10::Device device, bool own_stream = true);
 
+  /// The replica's device.
   const c10::Device& device() const { return device_; }
   /// The replica's stream; nullopt on the CPU.
   const std::optional<c10::Stream>& stream() const { return stream_; }
@@ -30,6 +31,7 @@ class ReplicaContext {
   /// Makes the replica's device and stream current for the scope's lifetime.
   class Scope {
    public:
+    /// Makes `context`'s device and stream current.
     explicit Scope(const ReplicaContext& context);
 
    private:

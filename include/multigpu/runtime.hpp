@@ -40,10 +40,12 @@ namespace multigpu {
 
 /// One GPU as a runtime reports it.
 struct RuntimeGpu {
+  /// The GPU's name ("NVIDIA A40").
   std::string name;
   std::string pci_bus_id;  ///< "0000:3b:00.0"; "" when unknown
   std::string uuid;        ///< "GPU-..."; "" when unknown
   int cc_major = 0;        ///< Compute capability.
+  /// Compute capability, minor.
   int cc_minor = 0;
   std::int64_t total_bytes = -1;  ///< -1 when unknown
   /// Memory in use by every process; -1 when unknown. Without the memory the
@@ -63,6 +65,7 @@ struct RuntimeGpu {
 
 /// What a runtime knows about the machine as a whole.
 struct RuntimeInfo {
+  /// LibTorch's version.
   std::string torch_version = TORCH_VERSION;
   /// LibTorch was built with CUDA and multigpu compiled its CUDA paths.
   bool cuda_build = false;
@@ -85,13 +88,18 @@ struct RuntimeInfo {
 /// contexts, the process environment for CUDA_VISIBLE_DEVICES.
 class SystemRuntime {
  public:
+  /// Its GPUs are CUDA's (see the runtime policy above).
   static constexpr bool kRealDevices = true;
+  /// LibTorch, CUDA, driver, NVML and NCCL, and the machine's GPUs.
   RuntimeInfo info();
+  /// The GPUs this process can use, in logical order, with their memory.
   std::vector<RuntimeGpu> visible_gpus();
+  /// An environment variable; nullopt when not set.
   std::optional<std::string> getenv(const char* name) const {
     const char* value = std::getenv(name);
     return value == nullptr ? std::nullopt : std::optional<std::string>(value);
   }
+  /// Whether GPU `from` can read GPU `to`'s memory; nullopt when unknown.
   std::optional<bool> can_access_peer(int from, int to);
   /// Empties LibTorch's CUDA caching allocator (every GPU of this process).
   void release_cached_memory();

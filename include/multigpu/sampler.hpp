@@ -38,6 +38,7 @@
 
 namespace multigpu {
 
+/// Each process's own part of a data set, reshuffled every epoch, for LibTorch's data loaders (see the file comment). A handle: copies share one state.
 class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std::size_t>> {
  public:
   /// `size` samples, `processes` parts, this process's part `rank`.
@@ -58,9 +59,13 @@ class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std
 
   // A handle: moving one copies it, so that what a sampler was moved from
   // (into make_data_loader) still shares the state.
+  /// A copy shares the state (a handle).
   DistributedSampler(const DistributedSampler&) = default;
+  /// A move shares the state too: the moved-from sampler stays usable.
   DistributedSampler(DistributedSampler&& other) noexcept : state_(other.state_) {}
+  /// Shares `other`'s state.
   DistributedSampler& operator=(const DistributedSampler&) = default;
+  /// Shares `other`'s state.
   DistributedSampler& operator=(DistributedSampler&& other) noexcept {
     state_ = other.state_;
     return *this;
@@ -81,6 +86,7 @@ class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std
     s.skip = 0;
   }
 
+  /// The next `batch_size` indices of this process's part; nullopt at the end of the epoch.
   c10::optional<std::vector<std::size_t>> next(std::size_t batch_size) override {
     State& s = *state_;
     if (!s.started) reset();
@@ -108,9 +114,13 @@ class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std
   std::size_t epoch() const { return state_->epoch; }
   /// Samples in the whole data set.
   std::size_t size() const { return state_->size; }
+  /// Number of parts (processes).
   int processes() const { return state_->processes; }
+  /// This process's part.
   int rank() const { return state_->rank; }
+  /// Whether every epoch is reshuffled.
   bool shuffle() const { return state_->shuffle; }
+  /// Seed of the shuffle (with the epoch).
   std::uint64_t seed() const { return state_->seed; }
   /// Samples this process gets per epoch: ceil(size / processes).
   std::size_t local_size() const {
@@ -123,10 +133,12 @@ class DistributedSampler : public torch::data::samplers::Sampler<std::vector<std
     return state_->indices;
   }
 
+  /// Saves the epoch and the place in it.
   void save(torch::serialize::OutputArchive& archive) const override {
     archive.write("epoch", torch::tensor(static_cast<std::int64_t>(state_->epoch)), /*is_buffer=*/true);
     archive.write("position", torch::tensor(static_cast<std::int64_t>(state_->position)), /*is_buffer=*/true);
   }
+  /// Loads what save() wrote.
   void load(torch::serialize::InputArchive& archive) override {
     torch::Tensor epoch = torch::empty(1, torch::kInt64);
     torch::Tensor position = torch::empty(1, torch::kInt64);

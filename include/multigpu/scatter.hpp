@@ -81,8 +81,10 @@ Output gather_outputs(const std::vector<Output>& parts, const c10::Device& devic
 
 // --- specialisations ----------------------------------------------------------
 
+/// A tensor batch: samples along dim 0.
 template <>
 struct BatchTraits<at::Tensor> {
+  /// Samples: the first dimension.
   static std::int64_t size(const at::Tensor& t) {
     if (!t.defined()) throw Error("batch tensor is undefined");
     if (t.dim() == 0) {
@@ -90,9 +92,11 @@ struct BatchTraits<at::Tensor> {
     }
     return t.size(0);
   }
+  /// Samples [begin, end), as a view.
   static at::Tensor slice(const at::Tensor& t, std::int64_t begin, std::int64_t end) {
     return t.narrow(0, begin, end - begin);
   }
+  /// On `device`, copied without blocking (the same tensor when already there).
   static at::Tensor to(const at::Tensor& t, const c10::Device& device) {
     // non_blocking: a pinned source copies asynchronously on the replica's
     // stream, ordered before the forward pass that reads it. A shard already
@@ -104,6 +108,7 @@ struct BatchTraits<at::Tensor> {
     }
     return t.to(device, /*non_blocking=*/true);
   }
+  /// The parts concatenated along dim 0 on `device`.
   static at::Tensor gather(const std::vector<at::Tensor>& parts, const c10::Device& device) {
     std::vector<at::Tensor> moved;
     moved.reserve(parts.size());
@@ -134,19 +139,25 @@ inline std::int64_t agree_on_size(const std::vector<std::int64_t>& sizes, const 
 
 }  // namespace detail
 
+/// An example with a target: data and target split alike.
 template <class Data, class Target>
 struct BatchTraits<torch::data::Example<Data, Target>> {
+  /// The example type.
   using Example = torch::data::Example<Data, Target>;
+  /// Samples of the data (the target must agree).
   static std::int64_t size(const Example& e) {
     return detail::agree_on_size({BatchTraits<Data>::size(e.data), BatchTraits<Target>::size(e.target)},
                                  "torch::data::Example");
   }
+  /// Samples [begin, end) of data and target.
   static Example slice(const Example& e, std::int64_t begin, std::int64_t end) {
     return Example(BatchTraits<Data>::slice(e.data, begin, end), BatchTraits<Target>::slice(e.target, begin, end));
   }
+  /// Data and target on `device`.
   static Example to(const Example& e, const c10::Device& device) {
     return Example(BatchTraits<Data>::to(e.data, device), BatchTraits<Target>::to(e.target, device));
   }
+  /// Data and targets gathered on `device`.
   static Example gather(const std::vector<Example>& parts, const c10::Device& device) {
     std::vector<Data> data;
     std::vector<Target> targets;
@@ -161,12 +172,17 @@ struct BatchTraits<torch::data::Example<Data, Target>> {
 /// An example without target (torch::data::TensorExample): just its data.
 template <class Data>
 struct BatchTraits<torch::data::Example<Data, torch::data::example::NoTarget>> {
+  /// The example type.
   using Example = torch::data::Example<Data, torch::data::example::NoTarget>;
+  /// Samples of the data.
   static std::int64_t size(const Example& e) { return BatchTraits<Data>::size(e.data); }
+  /// Samples [begin, end) of the data.
   static Example slice(const Example& e, std::int64_t begin, std::int64_t end) {
     return Example(BatchTraits<Data>::slice(e.data, begin, end));
   }
+  /// The data on `device`.
   static Example to(const Example& e, const c10::Device& device) { return Example(BatchTraits<Data>::to(e.data, device)); }
+  /// The data gathered on `device`.
   static Example gather(const std::vector<Example>& parts, const c10::Device& device) {
     std::vector<Data> data;
     for (const auto& part : parts) data.push_back(part.data);
@@ -174,19 +190,25 @@ struct BatchTraits<torch::data::Example<Data, torch::data::example::NoTarget>> {
   }
 };
 
+/// A std::vector of samples: one element per sample.
 template <class T, class Allocator>
 struct BatchTraits<std::vector<T, Allocator>> {
+  /// The list type.
   using List = std::vector<T, Allocator>;
+  /// Samples: the number of elements.
   static std::int64_t size(const List& list) { return static_cast<std::int64_t>(list.size()); }
+  /// Elements [begin, end).
   static List slice(const List& list, std::int64_t begin, std::int64_t end) {
     return List(list.begin() + begin, list.begin() + end);
   }
+  /// Every element on `device`.
   static List to(const List& list, const c10::Device& device) {
     List moved;
     moved.reserve(list.size());
     for (const auto& sample : list) moved.push_back(BatchTraits<T>::to(sample, device));
     return moved;
   }
+  /// The parts joined, in order.
   static List gather(const std::vector<List>& parts, const c10::Device& device) {
     List joined;
     for (const auto& part : parts) {
@@ -196,21 +218,27 @@ struct BatchTraits<std::vector<T, Allocator>> {
   }
 };
 
+/// A std::tuple of fields, each split along its samples (they must agree on the count).
 template <class... Fields>
 struct BatchTraits<std::tuple<Fields...>> {
+  /// The tuple type.
   using Tuple = std::tuple<Fields...>;
+  /// Samples, on which every field agrees.
   static std::int64_t size(const Tuple& t) {
     return detail::agree_on_size(
         std::apply([](const auto&... f) { return std::vector<std::int64_t>{batch_size(f)...}; }, t), "std::tuple");
   }
+  /// Samples [begin, end) of every field.
   static Tuple slice(const Tuple& t, std::int64_t begin, std::int64_t end) {
     return std::apply(
         [&](const auto&... f) { return Tuple(BatchTraits<std::decay_t<decltype(f)>>::slice(f, begin, end)...); }, t);
   }
+  /// Every field on `device`.
   static Tuple to(const Tuple& t, const c10::Device& device) {
     return std::apply([&](const auto&... f) { return Tuple(BatchTraits<std::decay_t<decltype(f)>>::to(f, device)...); },
                       t);
   }
+  /// Every field gathered on `device`.
   static Tuple gather(const std::vector<Tuple>& parts, const c10::Device& device) {
     return gather_fields(parts, device, std::index_sequence_for<Fields...>{});
   }
@@ -229,18 +257,24 @@ struct BatchTraits<std::tuple<Fields...>> {
   }
 };
 
+/// A std::pair of fields, each split along its samples (they must agree on the count).
 template <class First, class Second>
 struct BatchTraits<std::pair<First, Second>> {
+  /// The pair type.
   using Pair = std::pair<First, Second>;
+  /// Samples, on which both fields agree.
   static std::int64_t size(const Pair& p) {
     return detail::agree_on_size({batch_size(p.first), batch_size(p.second)}, "std::pair");
   }
+  /// Samples [begin, end) of both fields.
   static Pair slice(const Pair& p, std::int64_t begin, std::int64_t end) {
     return Pair(BatchTraits<First>::slice(p.first, begin, end), BatchTraits<Second>::slice(p.second, begin, end));
   }
+  /// Both fields on `device`.
   static Pair to(const Pair& p, const c10::Device& device) {
     return Pair(BatchTraits<First>::to(p.first, device), BatchTraits<Second>::to(p.second, device));
   }
+  /// Both fields gathered on `device`.
   static Pair gather(const std::vector<Pair>& parts, const c10::Device& device) {
     std::vector<First> firsts;
     std::vector<Second> seconds;

@@ -5,6 +5,7 @@
 /// logs, skip-if-done, retries, failure isolation, Ctrl-C handling and a
 /// summary in JSON and CSV.
 ///
+/// @code
 ///   multigpu::SchedulerOptions options;
 ///   options.devices = "0,1,2,3";              // or "auto", or "cpu" with max_per_device slots
 ///   options.log_dir = "logs";
@@ -16,6 +17,7 @@
 ///                                           /*done_marker=*/fmt::format("out/{}/model.pt", rate)));
 ///   multigpu::RunSummary summary = scheduler.run(tasks);
 ///   return summary.exit_code();
+/// @endcode
 ///
 /// Tasks are shell commands (run as child processes with CUDA_VISIBLE_DEVICES
 /// set to their physical GPUs, output to `<log_dir>/<task>.log`) or C++

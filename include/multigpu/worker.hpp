@@ -75,9 +75,13 @@ class ReplicaWorkers {
   /// One replica per device, in replica order (the same device may repeat).
   explicit ReplicaWorkers(const std::vector<c10::Device>& devices);
 
+  /// Number of replicas.
   std::size_t size() const { return contexts_.size(); }
+  /// Replica `replica`'s device and stream.
   const ReplicaContext& context(std::size_t replica) const { return contexts_.at(replica); }
+  /// Every replica's context, in order.
   const std::vector<ReplicaContext>& contexts() const { return contexts_; }
+  /// Replica `replica`'s device.
   const c10::Device& device(std::size_t replica) const { return contexts_.at(replica).device(); }
 
   /// Runs `job(r)` for every replica r with `active[r]` (all when empty), each

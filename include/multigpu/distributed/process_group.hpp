@@ -66,11 +66,17 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
 
+  /// Where this process stands in the job.
   const DistributedEnv& env() const { return env_; }
+  /// This process's global rank, 0..size()-1.
   int rank() const { return env_.rank; }
+  /// Number of processes in the job.
   int size() const { return env_.world_size; }
+  /// Whether this is global rank 0 (the one that writes plain model files).
   bool is_primary() const { return env_.rank == 0; }
+  /// Whether the job has more than one process.
   bool distributed() const { return env_.distributed(); }
+  /// Time-out of the rendezvous, of every collective and of the wait for a peer.
   std::chrono::milliseconds timeout() const { return timeout_; }
 
   /// `base` with the communicator that reaches every process (unchanged for

@@ -90,8 +90,11 @@ namespace multigpu {
 /// NCCL ranks first_rank .. first_rank + (local GPUs) - 1 of `ranks`, all
 /// joined by the same unique id (made by one process, passed to the others).
 struct NcclWorld {
+  /// The communicator's unique id, the same in every process.
   ncclUniqueId id{};
+  /// NCCL ranks in the communicator: every GPU of every process.
   int ranks = 0;
+  /// The NCCL rank of this process's first GPU.
   int first_rank = 0;
 };
 

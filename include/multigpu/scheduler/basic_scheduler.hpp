@@ -24,6 +24,7 @@ namespace multigpu {
 template <class Runtime>
 class BasicScheduler {
  public:
+  /// A scheduler with these options over this runtime (the real machine by default).
   explicit BasicScheduler(SchedulerOptions options = {}, Runtime runtime = Runtime{});
 
   /// Runs every task; returns when all have ended (or the run was stopped).

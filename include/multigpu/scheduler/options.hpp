@@ -44,7 +44,7 @@ struct SchedulerOptions {
   /// Per-task logs and, by default, the summary go here. A run holds a lock
   /// on it (`<log_dir>/.multigpu-run.lock`): a second run on it is refused.
   std::string log_dir = "multigpu-logs";
-  /// Summary files: PATH.json and PATH.csv ("": <log_dir>/summary).
+  /// Summary files: PATH.json and PATH.csv ("": `<log_dir>/summary`).
   std::string summary_path;
   /// Run tasks whose done marker exists too.
   bool force = false;
@@ -75,6 +75,7 @@ struct SchedulerOptions {
   /// A live status line on stderr: redrawn on a terminal, a plain line every
   /// `status_interval` otherwise.
   bool status_line = false;
+  /// How often the plain status line is printed when stderr is not a terminal.
   std::chrono::milliseconds status_interval{std::chrono::seconds(30)};
 };
 

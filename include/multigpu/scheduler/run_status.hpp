@@ -51,15 +51,22 @@ namespace multigpu {
 
 /// One task's line in the status table.
 struct TaskStatusLine {
+  /// The task's name.
   std::string name;
   std::string status;  ///< The summary's: pending, done, failed, skipped, interrupted.
+  /// Whether it runs now.
   bool running = false;
+  /// The devices of its last attempt.
   std::vector<std::string> devices;
   double start_unix = 0;  ///< Start of its last attempt (seconds since 1970), 0 if never started.
   double seconds = 0;     ///< Duration of its last attempt, once it has ended.
+  /// Attempts so far.
   int attempts = 0;
+  /// Why it failed, or "".
   std::string error;
+  /// Whether some attempt looked like running out of GPU memory.
   bool out_of_memory = false;
+  /// Its log file.
   std::string log_path;
   std::int64_t peak_gpu_bytes = -1;  ///< Its peak GPU memory (-1: not measured).
 };
@@ -75,18 +82,25 @@ enum class RunLiveness {
 
 /// A run as its summary file describes it.
 struct RunStatus {
+  /// The summary file read.
   std::string summary_path;
+  /// Every task, in the summary's order.
   std::vector<TaskStatusLine> tasks;
+  /// Whether the run wrote its final summary.
   bool finished = false;
+  /// Whether the run was stopped (Ctrl-C, a signal).
   bool interrupted = false;
   std::string fail_fast_task;  ///< The task whose failure stopped the run (--fail-fast), or "".
   std::string error;           ///< The scheduler's own error that ended the run, or "".
   std::string log_dir;         ///< The run's log folder, absolute ("" in summaries before it was written).
   double seconds = 0;        ///< The run's duration when the file was written.
   double updated_unix = 0;   ///< When the file was written (0: a summary from before these fields).
+  /// The process id of the run's scheduler.
   long pid = 0;
+  /// The host the run's scheduler runs (or ran) on.
   std::string host;
   int slots = 0;             ///< Tasks at once (devices x tasks per device), 0 if unknown.
+  /// Whether the run is still there (from its log folder's lock).
   RunLiveness liveness = RunLiveness::kEnded;
 };
 

@@ -27,16 +27,20 @@ namespace multigpu {
 /// The outcome of a run.
 struct RunSummary {
   std::vector<TaskResult> tasks;  ///< In the order the tasks were given.
+  /// Whether the run was stopped (Ctrl-C, a signal, --fail-fast).
   bool interrupted = false;
   int stop_signal = 0;  ///< SIGINT or SIGTERM when a signal stopped the run.
   /// With SchedulerOptions::fail_fast: the task whose failure stopped the run ("" otherwise).
   std::string fail_fast_task;
+  /// The run's duration.
   double seconds = 0;
   std::string json_path;  ///< Where the summary was written.
+  /// Where the CSV summary was written.
   std::string csv_path;
   /// Why the summary files could not be written at the end ("" when they were).
   std::string summary_error;
 
+  /// Tasks that ended with this status.
   std::size_t count(TaskStatus status) const {
     return static_cast<std::size_t>(
         std::count_if(tasks.begin(), tasks.end(), [status](const TaskResult& r) { return r.status == status; }));

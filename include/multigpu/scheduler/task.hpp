@@ -22,15 +22,18 @@ namespace multigpu {
 /// What an in-process task gets: its devices, its log, and a stop request.
 class TaskContext {
  public:
+  /// Made by the scheduler for each attempt of a callable task (tests make their own).
   TaskContext(std::string name, std::vector<DeviceInfo> devices, std::string log_path, int attempt,
               const std::atomic<bool>* stop)
       : name_(std::move(name)), devices_(std::move(devices)), log_path_(std::move(log_path)), attempt_(attempt),
         stop_(stop) {}
+  /// The task's name.
   const std::string& name() const { return name_; }
   /// The devices given to the task (one unless the task asked for more).
   const std::vector<DeviceInfo>& devices() const { return devices_; }
   /// The first device, as LibTorch names it.
   c10::Device device() const { return devices_.front().device(); }
+  /// The task's log file.
   const std::string& log_path() const { return log_path_; }
   /// 1 for the first try, 2 for the first retry, ...
   int attempt() const { return attempt_; }
@@ -69,6 +72,7 @@ struct Task {
   /// (SchedulerOptions::pack_by_memory).
   std::int64_t memory_mib = -1;
 
+  /// A shell command run as `/bin/sh -c` in its own process group, with CUDA_VISIBLE_DEVICES set to its GPUs; skipped when `done_marker` exists.
   static Task shell(std::string name, std::string command, std::string done_marker = {}, int devices = 1) {
     Task task;
     task.name = std::move(name);
@@ -77,6 +81,7 @@ struct Task {
     task.devices = devices;
     return task;
   }
+  /// A C++ function run in this process on a thread of its own, with its device current; skipped when `done_marker` exists.
   static Task callable(std::string name, std::function<void(TaskContext&)> function, std::string done_marker = {},
                        int devices = 1) {
     Task task;
@@ -111,18 +116,22 @@ inline const char* to_string(TaskStatus status) {
 
 /// What happened to one task.
 struct TaskResult {
+  /// The task's name.
   std::string name;
+  /// How it ended.
   TaskStatus status = TaskStatus::kPending;
   std::vector<std::string> devices;  ///< The devices of its last attempt ("cuda:1 (physical 5, ...)").
   std::string visible_devices;       ///< The CUDA_VISIBLE_DEVICES it got (commands).
   std::chrono::system_clock::time_point start{};  ///< Start of its last attempt.
   double seconds = 0;                             ///< Duration of its last attempt.
+  /// Attempts made (0: not run).
   int attempts = 0;
   std::optional<int> exit_code;  ///< Commands that exited.
   std::string error;             ///< Why it failed ("exit code 2", "killed by SIGSEGV", an exception's message).
   /// Some attempt failed looking like running out of GPU memory (each
   /// attempt's whole output is searched).
   bool out_of_memory = false;
+  /// Its log file.
   std::string log_path;
   /// The most GPU memory its processes had on one of its GPUs, over every
   /// attempt (NVML, over the task's process tree); -1 when not measured (a
@@ -139,10 +148,13 @@ struct TaskResult {
 
 /// A task as a dry run would start it.
 struct PlannedTask {
+  /// The task's name.
   std::string name;
   bool skipped = false;            ///< Its done marker exists (and its command made it).
   std::string note;                ///< Why it runs although its marker exists ("" otherwise).
+  /// The devices it would get.
   std::vector<std::string> devices;
+  /// The CUDA_VISIBLE_DEVICES it would get.
   std::string visible_devices;
   std::string command;             ///< With {gpu} and {task} filled in ("" for callables).
   std::vector<std::string> after;  ///< The tasks it starts after.

@@ -1,6 +1,6 @@
 #pragma once
 /// @file
-/// Task files (see the README, "Task files"): one shell command per line,
+/// Task files (see docs/scheduler.md, "Task files"): one shell command per line,
 /// `#` comments, `[name=... done=... gpus=N after=A,B mem=12G]` options, `grid NAME =
 /// VALUES...` lines whose `{NAME}` placeholders expand a command over every combination.
 
@@ -25,7 +25,7 @@
 
 namespace multigpu {
 
-/// Parses a task file (see the README, "Task files"): one shell command per
+/// Parses a task file (see docs/scheduler.md, "Task files"): one shell command per
 /// line, `#` comments, `[name=... done=... gpus=N after=A,B mem=12G]` options before a command,
 /// `grid NAME = VALUES...` lines whose variables `{NAME}` expand a command
 /// over every combination. `source` names the text in errors (file:line);

@@ -36,7 +36,9 @@ namespace testing {
 
 /// One scripted GPU. Position in FakeRuntime's list is its nvidia-smi number.
 struct FakeGpu {
+  /// The GPU's name.
   std::string name = "NVIDIA RTX A5000";
+  /// Total memory (MiB).
   std::int64_t total_mib = 24564;
   /// Allocated by processes: nvidia-smi's "Used" (NVML v2's figure).
   std::int64_t used_mib = 0;
@@ -45,7 +47,9 @@ struct FakeGpu {
   std::int64_t reserved_mib = 0;
   std::string pci_bus_id;  ///< Default: derived from the position.
   std::string uuid;        ///< Default: derived from the position.
+  /// Compute capability, major.
   int cc_major = 8;
+  /// Compute capability, minor.
   int cc_minor = 6;
   /// CUDA's default order (CUDA_DEVICE_ORDER=FASTEST_FIRST) lists faster GPUs
   /// first; with equal speed it keeps PCI order.
@@ -171,6 +175,7 @@ class FakeRuntime {
 
   // --- the runtime policy ---------------------------------------------------
 
+  /// The scripted machine's versions and GPUs (the runtime policy).
   RuntimeInfo info() {
     std::lock_guard<std::mutex> lock(state_->mutex);
     RuntimeInfo info;
@@ -186,6 +191,7 @@ class FakeRuntime {
     return info;
   }
 
+  /// The scripted GPUs this process sees, after the scripted CUDA_VISIBLE_DEVICES.
   std::vector<RuntimeGpu> visible_gpus() {
     std::lock_guard<std::mutex> lock(state_->mutex);
     ++state_->queries;
@@ -210,11 +216,13 @@ class FakeRuntime {
     return visible;
   }
 
+  /// A scripted environment variable; nullopt when not set.
   std::optional<std::string> getenv(const char* name) const {
     std::lock_guard<std::mutex> lock(state_->mutex);
     return env_locked(name);
   }
 
+  /// Peer access as scripted.
   std::optional<bool> can_access_peer(int, int) {
     std::lock_guard<std::mutex> lock(state_->mutex);
     return state_->peer_access;
