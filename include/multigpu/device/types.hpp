@@ -5,6 +5,7 @@
 /// devices (DeviceManagerOptions). Plain values: no runtime, no logic beyond
 /// formatting them for messages.
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
