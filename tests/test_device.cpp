@@ -532,6 +532,62 @@ TEST_CASE("why a CUDA LibTorch sees no GPU, in words") {
   CHECK(explain_cuda_failure(999, "unknown error", 13000, 13000, "") == "cudaGetDeviceCount: unknown error (CUDA error 999)");
 }
 
+TEST_CASE("the manager's decisions are plain functions of what the runtime reported") {
+  // BasicDeviceManager only asks its runtime; these take the answers.
+  using namespace multigpu::detail;
+  std::vector<multigpu::RuntimeGpu> reported(2);
+  reported[0].name = "A";
+  reported[0].uuid = "GPU-a";
+  reported[0].nvml_index = 1;
+  reported[0].used_bytes = std::int64_t{3000} << 20;
+  reported[1].name = "B";
+  reported[1].uuid = "GPU-b";
+  reported[1].nvml_index = 3;
+  reported[1].used_bytes = std::int64_t{10} << 20;
+  const auto cvd = multigpu::parse_cuda_visible_devices(true, "5,GPU-b");
+  const auto gpus = gpu_device_infos(reported, cvd, /*pci_order=*/true, /*busy_threshold_mib=*/1000);
+  REQUIRE(gpus.size() == 2);
+  CHECK(gpus[0].index == 0);
+  CHECK(gpus[0].physical_index == 5);
+  CHECK(gpus[0].visible_devices_token == "5");
+  CHECK(gpus[0].busy);
+  CHECK(gpus[1].physical_index == 3);  // a UUID entry: nvidia-smi's number, as CUDA_DEVICE_ORDER=PCI_BUS_ID
+  CHECK(gpus[1].visible_devices_token == "GPU-b");
+  CHECK_FALSE(gpus[1].busy);
+
+  int asked = 0;
+  const auto reason = [&] {
+    ++asked;
+    return std::string("none here");
+  };
+  const DeviceManagerOptions options;
+  auto resolve = [&](const char* text, const std::vector<multigpu::DeviceInfo>& visible) {
+    return resolve_device_spec(text, multigpu::parse_device_spec(text), visible, cvd, options, reason);
+  };
+  CHECK(indices(resolve("auto", gpus)) == std::vector<int>{1});
+  const auto named = resolve("0", gpus);
+  REQUIRE(named.warnings.size() == 1);
+  CHECK(contains(named.warnings[0], "cuda:0 (physical 5, A) is busy: 3000 MiB of ? MiB"));
+  CHECK(MULTIGPU_TEST_MESSAGE(DeviceError, resolve("4", gpus)) ==
+        "device spec \"4\": cuda:4 is not visible; visible: cuda:0..cuda:1 (CUDA_VISIBLE_DEVICES=\"5,GPU-b\")");
+  CHECK(asked == 0);  // the reason is asked for (from the runtime) only when no GPU is visible
+
+  CHECK(resolve("cpu", {}).is_cpu());
+  CHECK(asked == 0);
+  const auto fallback = resolve("auto", {});
+  CHECK(fallback.cpu_fallback);
+  CHECK(asked == 1);
+  REQUIRE(fallback.warnings.size() == 1);
+  CHECK(contains(fallback.warnings[0], "no GPU is visible (none here)"));
+
+  multigpu::RuntimeInfo cpu_only;
+  cpu_only.cuda_build = false;
+  CHECK(no_gpu_reason(cpu_only, multigpu::parse_cuda_visible_devices(false, "")) ==
+        "this program's LibTorch was built without CUDA");
+  CHECK(visible_summary(0, multigpu::parse_cuda_visible_devices(true, "")) ==
+        "visible: no GPU (CUDA_VISIBLE_DEVICES=\"\")");
+}
+
 TEST_CASE("the real runtime of this machine") {
   CapturedLog log;
   multigpu::DeviceManager devices;
