@@ -43,7 +43,9 @@ namespace multigpu {
 template <class Runtime>
 class BasicDeviceManager {
  public:
+  /// A manager of the real machine (or a default-built runtime).
   explicit BasicDeviceManager(DeviceManagerOptions options = {}) : options_(options) {}
+  /// A manager over the given runtime (a testing::FakeRuntime in tests).
   explicit BasicDeviceManager(Runtime runtime, DeviceManagerOptions options = {})
       : runtime_(std::move(runtime)), options_(options) {}
 
@@ -70,8 +72,11 @@ class BasicDeviceManager {
   /// Why no GPU is visible, in words ("" when one is).
   std::string no_gpu_reason();
 
+  /// The options in use.
   const DeviceManagerOptions& options() const { return options_; }
+  /// Replaces the options (for the next query or selection).
   void set_options(const DeviceManagerOptions& options) { options_ = options; }
+  /// The runtime it asks (to script a testing::FakeRuntime).
   Runtime& runtime() { return runtime_; }
 
  private:

@@ -24,15 +24,21 @@ namespace multigpu {
 
 /// Everything the device report shows; `text()` formats it.
 struct DeviceReport {
+  /// LibTorch, CUDA, driver, NVML and NCCL as the runtime reports them.
   RuntimeInfo runtime;
+  /// CUDA_VISIBLE_DEVICES as this process sees it.
   VisibleDevices cuda_visible_devices;
+  /// CUDA_DEVICE_ORDER; nullopt when not set.
   std::optional<std::string> cuda_device_order;
+  /// Memory in use above which a GPU counts as busy.
   std::int64_t busy_threshold_mib = 0;
+  /// The devices, in replica order.
   std::vector<DeviceInfo> devices;
   /// peer_access[i][j]: logical GPU i can read GPU j's memory; nullopt when unknown.
   std::vector<std::vector<std::optional<bool>>> peer_access;
   std::string no_gpu_reason;    ///< Why no GPU is visible ("" when some are).
   std::vector<std::string> notes;  ///< Things worth a look (numbering, truncated variables, CPU-only LibTorch).
+  /// The device spec the report resolved.
   std::string spec;
   std::optional<DeviceSelection> selection;  ///< What `spec` resolved to, if it did.
   std::string error;            ///< Why `spec` cannot be satisfied ("" if it can).

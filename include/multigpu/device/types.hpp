@@ -21,6 +21,7 @@ namespace multigpu {
 
 /// One device that training can run on: a visible GPU or the CPU.
 struct DeviceInfo {
+  /// CUDA for a GPU, CPU for the CPU.
   c10::DeviceType type = c10::DeviceType::CPU;
   /// Logical CUDA number (what torch::Device("cuda:N") means); -1 for the CPU.
   int index = -1;
@@ -32,10 +33,15 @@ struct DeviceInfo {
   /// The CUDA_VISIBLE_DEVICES value that shows a child process exactly this
   /// GPU (as its cuda:0); "" for the CPU.
   std::string visible_devices_token;
+  /// The GPU's name ("NVIDIA A40"); "CPU" for the CPU.
   std::string name;
+  /// PCI bus id ("0000:3b:00.0"); "" when unknown or CPU.
   std::string pci_bus_id;
+  /// The GPU's UUID ("GPU-..."); "" when unknown or CPU.
   std::string uuid;
+  /// Compute capability, major.
   int cc_major = 0;
+  /// Compute capability, minor.
   int cc_minor = 0;
   std::int64_t total_bytes = -1;  ///< -1 when unknown
   /// Memory in use by every process; -1 when unknown. The memory the driver
@@ -52,7 +58,9 @@ struct DeviceInfo {
   /// GPU] in detail/nvml.hpp.
   std::optional<std::vector<GpuProcess>> processes;
 
+  /// Whether it is a GPU.
   bool is_cuda() const { return type == c10::DeviceType::CUDA; }
+  /// Whether it is the CPU.
   bool is_cpu() const { return type == c10::DeviceType::CPU; }
   /// The LibTorch device ("cuda:1", "cpu").
   c10::Device device() const {
@@ -66,15 +74,22 @@ struct DeviceInfo {
 /// The devices a spec resolved to, in replica order (replica 0 is the primary).
 struct DeviceSelection {
   std::string spec;                ///< As the user wrote it.
+  /// The devices, in replica order.
   std::vector<DeviceInfo> devices;
   bool cpu_fallback = false;       ///< "auto" found no GPU and chose the CPU.
   std::vector<std::string> warnings;  ///< Also sent to multigpu::warn when selected.
 
+  /// Number of devices.
   std::size_t size() const { return devices.size(); }
+  /// Whether no device was selected.
   bool empty() const { return devices.empty(); }
+  /// Device `i` (bounds-checked).
   const DeviceInfo& operator[](std::size_t i) const { return devices.at(i); }
+  /// First device, for range-for.
   std::vector<DeviceInfo>::const_iterator begin() const { return devices.begin(); }
+  /// Past the last device, for range-for.
   std::vector<DeviceInfo>::const_iterator end() const { return devices.end(); }
+  /// Whether the selection is the CPU.
   bool is_cpu() const { return !devices.empty() && devices.front().is_cpu(); }
   /// The LibTorch devices, one per replica.
   std::vector<c10::Device> torch_devices() const;
