@@ -215,11 +215,15 @@ class GradientReducer {
   std::string broken_;
   std::mutex launch_mutex_;
   std::size_t next_launch_ = 0;  // buckets below it are launched; see Note [Overlapping the all-reduce with backward]
-  TaskPool pool_;
 
   std::mutex stats_mutex_;
   SyncStats stats_;
   std::chrono::steady_clock::time_point last_finish_;
+
+  // Last, so destroyed first: its destructor joins the threads, and a job
+  // still running (an all-reduce that outlived its time-out) uses the members
+  // above (stats_mutex_ among them) until it returns.
+  TaskPool pool_;
 };
 
 // ---------------------------------------------------------------------------
@@ -300,7 +304,7 @@ inline GradientReducer::~GradientReducer() {
     shared_->reducer = nullptr;
   }
   armed_ = false;
-  // pool_'s destructor waits for launched all-reduces.
+  // pool_'s destructor, which runs first (it is the last member), waits for launched all-reduces.
 }
 
 inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order) {
