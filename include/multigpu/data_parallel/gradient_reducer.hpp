@@ -71,6 +71,7 @@
 #include "multigpu/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/gradient_sync.hpp"
 #include "multigpu/replica.hpp"
 
 namespace multigpu {
@@ -86,28 +87,6 @@ struct ReducerOptions {
   /// Averages each bucket instead of a plain all-reduce (null: the
   /// communicator's average). See Note [Compressed gradients].
   std::shared_ptr<CommHook> hook;
-};
-
-/// One bucket, described for tests, benchmarks and messages.
-struct BucketInfo {
-  std::vector<std::size_t> parameters;  ///< Indices into the parameter list.
-  std::int64_t numel = 0;
-  std::int64_t bytes = 0;
-  at::ScalarType dtype = at::kFloat;
-};
-
-/// Timings of the last synchronisation (milliseconds, on the host: on GPUs,
-/// where nothing waits for the device, the time to enqueue the work).
-struct SyncStats {
-  std::size_t buckets = 0;
-  /// All-reduces launched while backward was still running somewhere.
-  std::size_t overlapped_buckets = 0;
-  /// From the end of the last replica's backward until every bucket was reduced.
-  double exposed_ms = 0;
-  /// The all-reduce of the bucket that finished last.
-  double last_bucket_ms = 0;
-  /// Sum of every bucket's all-reduce time.
-  double total_ms = 0;
 };
 
 class GradientReducer {
