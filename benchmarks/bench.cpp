@@ -84,10 +84,10 @@ struct Contender {
   std::string name;
   std::size_t replicas = 1;
   std::function<void()> step;
-  std::function<std::optional<multigpu::detail::SyncStats>()> sync_stats;
+  std::function<std::optional<multigpu::SyncStats>()> sync_stats;
   c10::Device device{c10::kCPU};
   std::vector<double> round_step_ms;
-  std::vector<multigpu::detail::SyncStats> stats;
+  std::vector<multigpu::SyncStats> stats;
 };
 
 template <class Holder>

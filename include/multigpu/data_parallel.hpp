@@ -62,6 +62,7 @@
 #include "multigpu/batch_plan.hpp"
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/gradient_sync.hpp"
 #include "multigpu/sampler.hpp"
 #include "multigpu/scatter.hpp"
 #include "multigpu/step_loss.hpp"
@@ -236,9 +237,9 @@ class DataParallel {
   /// Copies the primary's parameters, buffers and optimizer state to every replica.
   void resync_from_primary() { core_.resync_from_primary(); }
   /// Timings of the last gradient sync (nullopt with one replica).
-  std::optional<detail::SyncStats> last_sync_stats() const { return core_.last_sync_stats(); }
+  std::optional<SyncStats> last_sync_stats() const { return core_.last_sync_stats(); }
   /// How the gradients are bucketed (nullptr with one replica).
-  const std::vector<detail::BucketInfo>* gradient_buckets() const { return core_.buckets(); }
+  const std::vector<BucketInfo>* gradient_buckets() const { return core_.buckets(); }
 
   // --- checkpoints (see Note [Checkpoints] in multigpu/checkpoint.hpp) ---------------------
 

@@ -31,7 +31,7 @@ struct DataParallelOptions {
   /// Copy the primary's buffers (BatchNorm running statistics) to every
   /// replica after each optimizer step.
   bool broadcast_buffers = true;
-  /// Gradient bucket size (see Note [Gradient buckets]).
+  /// Gradient bucket size (see Note [Bucket assignment]).
   double bucket_cap_mib = 25.0;
   /// All-reduce each bucket as soon as its gradients are ready, while
   /// backward goes on. Off: one synchronisation after backward.

@@ -4,16 +4,12 @@
 //
 // Note [Gradient buckets]
 // ~~~~~~~~~~~~~~~~~~~~~~~
-// Each replica's trainable parameters are grouped, in reverse registration
-// order (roughly the order backward produces their gradients), into buckets
-// of at most `bucket_cap_bytes` of one dtype. Registration order can be far
-// from the order backward really follows (a module registered before the
-// one it feeds, shared layers): then a bucket waits for a gradient that
-// comes late and nothing overlaps. So, as DDP does, the buckets are rebuilt
-// once, before the second synchronising backward, in the order in which
-// replica 0's gradients became ready in the first (parameters that got none
-// go last); across processes rank 0's order is broadcast, since every
-// process must reduce the same buckets in the same order. A bucket is one flat buffer per
+// Each replica's trainable parameters are grouped into buckets as Note
+// [Bucket assignment] (bucket_assignment.hpp) decides; the reducer only
+// allocates what that assignment says, and assigns once more in the order
+// gradients became ready in the first overlapped step. Across processes
+// rank 0's ready order is broadcast first, since every process must reduce
+// the same buckets in the same order. A bucket is one flat buffer per
 // replica, and each parameter's .grad() is an alias of its slot in that
 // buffer, so autograd accumulates straight into the buffer and the
 // all-reduce needs no copy in or out. The aliases are detached (not autograd
@@ -50,7 +46,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -71,10 +66,12 @@
 
 #include "multigpu/comm.hpp"
 #include "multigpu/comm_hook.hpp"
+#include "multigpu/data_parallel/bucket_assignment.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
 #include "multigpu/error.hpp"
+#include "multigpu/gradient_sync.hpp"
 #include "multigpu/replica.hpp"
 
 namespace multigpu {
@@ -92,28 +89,6 @@ struct ReducerOptions {
   std::shared_ptr<CommHook> hook;
 };
 
-/// One bucket, described for tests, benchmarks and messages.
-struct BucketInfo {
-  std::vector<std::size_t> parameters;  ///< Indices into the parameter list.
-  std::int64_t numel = 0;
-  std::int64_t bytes = 0;
-  at::ScalarType dtype = at::kFloat;
-};
-
-/// Timings of the last synchronisation (milliseconds, on the host: on GPUs,
-/// where nothing waits for the device, the time to enqueue the work).
-struct SyncStats {
-  std::size_t buckets = 0;
-  /// All-reduces launched while backward was still running somewhere.
-  std::size_t overlapped_buckets = 0;
-  /// From the end of the last replica's backward until every bucket was reduced.
-  double exposed_ms = 0;
-  /// The all-reduce of the bucket that finished last.
-  double last_bucket_ms = 0;
-  /// Sum of every bucket's all-reduce time.
-  double total_ms = 0;
-};
-
 class GradientReducer {
  public:
   /// params[r][i]: replica r's i-th trainable parameter (the same i is the
@@ -126,7 +101,7 @@ class GradientReducer {
 
   const std::vector<BucketInfo>& buckets() const { return buckets_; }
   /// Whether the buckets were rebuilt in the order gradients became ready
-  /// (see Note [Gradient buckets]).
+  /// (see Note [Bucket assignment]).
   bool rebuilt() const { return rebuilt_; }
   const ReducerOptions& options() const { return options_; }
   const SyncStats& last_stats() const { return stats_; }
@@ -215,11 +190,15 @@ class GradientReducer {
   std::string broken_;
   std::mutex launch_mutex_;
   std::size_t next_launch_ = 0;  // buckets below it are launched; see Note [Overlapping the all-reduce with backward]
-  TaskPool pool_;
 
   std::mutex stats_mutex_;
   SyncStats stats_;
   std::chrono::steady_clock::time_point last_finish_;
+
+  // Last, so destroyed first: its destructor joins the threads, and a job
+  // still running (an all-reduce that outlived its time-out) uses the members
+  // above (stats_mutex_ among them) until it returns.
+  TaskPool pool_;
 };
 
 // ---------------------------------------------------------------------------
@@ -289,9 +268,7 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
     }
     comm_stream_of_.push_back(index);
   }
-  std::vector<std::size_t> order;  // reverse registration order
-  for (std::size_t k = names_.size(); k-- > 0;) order.push_back(k);
-  build_buckets(order);
+  build_buckets(reverse_registration_order(names_.size()));
 }
 
 inline GradientReducer::~GradientReducer() {
@@ -300,7 +277,7 @@ inline GradientReducer::~GradientReducer() {
     shared_->reducer = nullptr;
   }
   armed_ = false;
-  // pool_'s destructor waits for launched all-reduces.
+  // pool_'s destructor, which runs first (it is the last member), waits for launched all-reduces.
 }
 
 inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order) {
@@ -310,8 +287,12 @@ inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order
   bucket_of_.assign(n_params, 0);
   buckets_.clear();
 
-  // In `order`, one open bucket per dtype.
-  std::map<at::ScalarType, std::size_t> open;  // dtype -> index in buckets_
+  std::vector<BucketedParameter> described;
+  described.reserve(n_params);
+  for (std::size_t k = 0; k < n_params; ++k) {
+    const at::Tensor& p = params_[0][k];
+    described.push_back({p.numel() * static_cast<std::int64_t>(p.element_size()), p.scalar_type(), p.device()});
+  }
   for (std::size_t k : order) {
     const at::Tensor& p = params_[0][k];
     for (std::size_t r = 1; r < n_replicas; ++r) {
@@ -322,21 +303,19 @@ inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order
                                 c10::toString(other.scalar_type()), shape_text(other.sizes())));
       }
     }
-    const std::int64_t bytes = p.numel() * static_cast<std::int64_t>(p.element_size());
-    auto found = open.find(p.scalar_type());
-    std::size_t index = found == open.end() ? buckets_.size() : found->second;
-    if (index < buckets_.size() && buckets_[index].bytes + bytes > options_.bucket_cap_bytes) {
-      index = buckets_.size();  // full: start a new one of this dtype
+  }
+  // See Note [Bucket assignment]: every bucket has the same cap.
+  const BucketCaps caps{options_.bucket_cap_bytes, options_.bucket_cap_bytes};
+  for (auto& parameters : assign_buckets(described, order, caps)) {
+    BucketInfo info;
+    info.dtype = described[parameters.front()].dtype;
+    for (std::size_t k : parameters) {
+      info.numel += params_[0][k].numel();
+      info.bytes += described[k].bytes;
+      bucket_of_[k] = buckets_.size();
     }
-    if (index == buckets_.size()) {
-      buckets_.emplace_back();
-      buckets_.back().dtype = p.scalar_type();
-      open[p.scalar_type()] = index;
-    }
-    buckets_[index].parameters.push_back(k);
-    buckets_[index].numel += p.numel();
-    buckets_[index].bytes += bytes;
-    bucket_of_[k] = index;
+    info.parameters = std::move(parameters);
+    buckets_.push_back(std::move(info));
   }
 
   slots_.assign(n_replicas, std::vector<at::Tensor>(n_params));
@@ -488,15 +467,7 @@ inline void GradientReducer::rebuild_buckets() {
   rebuild_due_ = false;
   rebuilt_ = true;
   const std::size_t n = names_.size();
-  std::vector<std::size_t> order;
-  std::vector<char> placed(n, 0);
-  for (std::size_t k : ready_order_) {
-    if (k < n && placed[k] == 0) order.push_back(k);
-    if (k < n) placed[k] = 1;
-  }
-  for (std::size_t k = n; k-- > 0;) {
-    if (placed[k] == 0) order.push_back(k);
-  }
+  std::vector<std::size_t> order = ready_order_first(ready_order_, n);  // See Note [Bucket assignment]
   if (comm_.world_size() > comm_.size()) {
     // Every process must bucket alike: rank 0's order, once (a host wait).
     const compat::NoGradGuard no_grad;
