@@ -111,3 +111,6 @@ inline void check_collective_tensors(const std::vector<at::Tensor>& tensors, con
 
 }  // namespace multigpu
 
+// LocalCommunicator was first declared in this header: programs that include
+// only comm.hpp for it still find it.
+#include "multigpu/local/communicator.hpp"

@@ -15,7 +15,7 @@
 /// loss; dp.clip_grad_norm(...) (optional) unscales first; dp.step()
 /// unscales if that was not done, skips the step everywhere when a gradient
 /// anywhere is not finite, and updates the scale; then dp.zero_grad().
-/// See Note [Gradient scaling across replicas] in data_parallel/core.hpp.
+/// See Note [Gradient scaling across replicas] in data_parallel/core_scaling-inl.hpp.
 ///
 /// The scaler belongs to one DataParallel and is changed only by the thread
 /// that drives it. Its state goes into a checkpoint with save() and load().

@@ -6,7 +6,7 @@
 ///   multigpu::DataParallelOptions options;
 ///   options.precision = multigpu::parse_precision("bf16");  // fp32, bf16 or fp16
 ///
-/// See Note [Autocast on every replica] in detail/autocast.hpp.
+/// See Note [Autocast on every replica] in data_parallel/autocast.hpp.
 
 #include <string>
 #include <string_view>

@@ -28,17 +28,18 @@
 
 #include "multigpu/backend.hpp"
 #include "multigpu/comm.hpp"
+#include "multigpu/data_parallel/autocast.hpp"
+#include "multigpu/data_parallel/gradient_reducer.hpp"
+#include "multigpu/data_parallel/training_progress.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
-#include "multigpu/data_parallel/training_progress.hpp"
-#include "multigpu/data_parallel/autocast.hpp"
 #include "multigpu/detail/compat.hpp"
-#include "multigpu/data_parallel/gradient_reducer.hpp"
 #include "multigpu/detail/module_state.hpp"
-#include "multigpu/streams.hpp"
+#include "multigpu/detail/tensor_text.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
+#include "multigpu/streams.hpp"
 #include "multigpu/worker.hpp"
 
 namespace multigpu {

@@ -68,11 +68,12 @@
 #include "multigpu/comm_hook.hpp"
 #include "multigpu/data_parallel/bucket_assignment.hpp"
 #include "multigpu/detail/compat.hpp"
-#include "multigpu/streams.hpp"
 #include "multigpu/detail/task_pool.hpp"
+#include "multigpu/detail/tensor_text.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/gradient_sync.hpp"
 #include "multigpu/replica.hpp"
+#include "multigpu/streams.hpp"
 
 namespace multigpu {
 namespace detail {

@@ -47,7 +47,7 @@ namespace detail {
 //   fails and it frees its cache to retry.
 // - emptyCache() releases the cached blocks of every GPU of the process, so
 //   the scheduler calls it only when no other in-process task still runs
-//   (see Note [Emptying the cache between tasks] in scheduler.hpp), and
+//   (see Note [Emptying the cache between tasks] in scheduler/core.hpp), and
 //   nothing else in multigpu calls it.
 // - Not guarded: the allocator's own release when a cudaMalloc fails (an
 //   allocation that runs out of memory while another thread launches a

@@ -32,7 +32,7 @@ struct DeviceReport {
   std::optional<std::string> cuda_device_order;
   /// Memory in use above which a GPU counts as busy.
   std::int64_t busy_threshold_mib = 0;
-  /// The devices, in replica order.
+  /// The visible GPUs, in logical order.
   std::vector<DeviceInfo> devices;
   /// peer_access[i][j]: logical GPU i can read GPU j's memory; nullopt when unknown.
   std::vector<std::vector<std::optional<bool>>> peer_access;

@@ -143,7 +143,6 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
 // ---------------------------------------------------------------------------
 // Definitions
 
-
 inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout)
     : env_(std::move(env)), timeout_(timeout) {
   if (timeout_.count() <= 0) throw DistributedError("DistributedOptions::timeout must be positive");
@@ -186,7 +185,6 @@ inline ProcessGroup::~ProcessGroup() {
 }
 
 #if MULTIGPU_WITH_DISTRIBUTED
-
 
 inline void ProcessGroup::connect() {
   // See Note [Rendezvous failures].

@@ -37,7 +37,7 @@ class BasicScheduler {
   /// SIGKILL (a second Ctrl-C). Exit status 130. Thread-safe.
   void request_stop() { core_.request_stop(SIGINT); }
   /// Drains the run: no new task starts, the running ones go on to their end
-  /// (a first Ctrl-C; see Note [Two-stage Ctrl-C] in core.hpp). Thread-safe.
+  /// (a first Ctrl-C; see Note [Two-stage Ctrl-C] in run_loop.hpp). Thread-safe.
   void request_drain() { core_.request_drain(); }
   /// The pool's devices, in order.
   const std::vector<DeviceInfo>& pool() const { return pool_; }
