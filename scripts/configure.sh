@@ -4,6 +4,13 @@
 # chooses (MULTIGPU_TORCH, Torch_DIR, CMAKE_PREFIX_PATH: see there); extra
 # arguments go to cmake. Prints the build folder. Used by run-example.sh and
 # test.sh.
+#
+# Compiles through ccache where it is installed (MULTIGPU_CCACHE=0: not),
+# with its cache in the per-user cache folder, MULTIGPU_CACHE_DIR (default
+# ${XDG_CACHE_HOME:-~/.cache}/multigpu/ccache), so that another build folder
+# or another clone compiles unchanged files from the cache (see Note
+# [ccache across clones]). A CMAKE_CXX_COMPILER_LAUNCHER of yours (in the
+# environment or among the arguments) wins.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${MULTIGPU_BUILD_DIR:-$root/build}"
@@ -26,6 +33,35 @@ if [[ -f "$build/CMakeCache.txt" ]]; then
   fi
 fi
 
+# Note [ccache across clones]
+# CI tests a fresh clone in another folder, and LibTorch's headers make each
+# test file a minute of compiling: what makes the second clone's compilations
+# cache hits, following ccache's manual ("Compiling in different
+# directories", "Precompiled headers"):
+#   base_dir  the repository root: ccache rewrites absolute paths under it
+#             (sources, -I, -o, the precompiled header's -include) to relative.
+#   hash_dir=false  the sanitizer and compatibility stages compile with -g1,
+#             and ccache would otherwise hash the build folder's path; the
+#             debug information of a hit names the folder it was compiled in.
+#   sloppiness pch_defines,time_macros: needed with precompiled headers (ccache
+#             cannot see macros or __TIME__ through one); include_file_mtime
+#             and include_file_ctime: the precompiled header is made seconds
+#             before the files that include it, and ccache would not trust
+#             a file that new.
+# Absolute paths compiled into a file (tests/CMakeLists.txt's
+# MULTIGPU_SOURCE_DIR) still make that file differ from clone to clone; they
+# are confined to the test files that use them. The cache is never needed:
+# with it empty or missing, everything is compiled.
+launcher=()
+if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
+  cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
+  mkdir -p "$cache_dir"
+  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime;CCACHE_MAXSIZE=${MULTIGPU_CCACHE_SIZE:-20G};$(command -v ccache)")
+  echo "multigpu setup: compiling through ccache, cache in $cache_dir (MULTIGPU_CCACHE=0: without)" >&2
+elif [[ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]]; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=)  # a build folder configured with ccache before: without it now
+fi
+
 generator=()
 if command -v ninja >/dev/null 2>&1 && [[ ! -f "$build/CMakeCache.txt" ]]; then
   generator=(-G Ninja)
@@ -34,5 +70,6 @@ cmake -S "$root" -B "$build" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE="${MULTIGPU_BUILD_TYPE:-Release}" \
   -DMULTIGPU_WARNINGS_AS_ERRORS=ON \
   -DTorch_DIR="$torch_dir" \
+  "${launcher[@]}" \
   "$@" >&2
 echo "$build"
