@@ -55,8 +55,13 @@ fi
 launcher=()
 if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
   cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
-  mkdir -p "$cache_dir"
-  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime;CCACHE_MAXSIZE=${MULTIGPU_CCACHE_SIZE:-20G};$(command -v ccache)")
+  if [[ ! -f "$cache_dir/ccache.conf" ]]; then
+    # The six stages of scripts/test.sh keep about 3 GB there; ccache's
+    # default, 5 GB, would leave little room for a second LibTorch.
+    mkdir -p "$cache_dir"
+    CCACHE_DIR="$cache_dir" ccache --max-size 20G >/dev/null
+  fi
+  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime;$(command -v ccache)")
   echo "multigpu setup: compiling through ccache, cache in $cache_dir (MULTIGPU_CCACHE=0: without)" >&2
 elif [[ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]]; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=)  # a build folder configured with ccache before: without it now
