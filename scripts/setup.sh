@@ -17,6 +17,7 @@ packages=(
   nlohmann-json3-dev    # summaries and benchmark results
   dataset-fashion-mnist # the quickstart's data
   clang libclang-rt-14-dev  # the fuzz stage of the tests (libFuzzer)
+  ccache                # compiler cache shared by every clone (scripts/configure.sh)
 )
 
 if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then
