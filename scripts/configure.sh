@@ -48,10 +48,11 @@ fi
 #             and include_file_ctime: the precompiled header is made seconds
 #             before the files that include it, and ccache would not trust
 #             a file that new.
-# Absolute paths compiled into a file (tests/CMakeLists.txt's
-# MULTIGPU_SOURCE_DIR) still make that file differ from clone to clone; they
-# are confined to the test files that use them. The cache is never needed:
-# with it empty or missing, everything is compiled.
+# An absolute path of the clone compiled into a file (a -D or a generated
+# header) still makes that file differ from clone to clone: such paths live in
+# small files of their own (tests/paths.cpp, bench's generated
+# bench_config.cpp; the quickstart example's data folder is the one left).
+# The cache is never needed: with it empty or missing, everything is compiled.
 launcher=()
 if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
   cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
