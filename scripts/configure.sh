@@ -57,8 +57,9 @@ launcher=()
 if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
   cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
   if [[ ! -f "$cache_dir/ccache.conf" ]]; then
-    # The six stages of scripts/test.sh keep about 3 GB there; ccache's
-    # default, 5 GB, would leave little room for a second LibTorch.
+    # Room for every stage of scripts/test.sh and more than one LibTorch (a
+    # precompiled <torch/torch.h> alone is about 0.1 GB there, one per build
+    # folder); ccache's default, 5 GB, could evict a stage's results.
     mkdir -p "$cache_dir"
     CCACHE_DIR="$cache_dir" ccache --max-size 20G >/dev/null
   fi
