@@ -48,7 +48,7 @@
 
 #include <multigpu/multigpu.hpp>
 
-#include "bench_config.hpp"  // generated: compiler and flags for the compile-time benchmark
+#include "bench_config.hpp"  // compiler and flags for the compile-time benchmark
 #include "models.hpp"
 
 #if MULTIGPU_WITH_CUDA
@@ -355,7 +355,7 @@ Json run_compile_benchmark(int repeats, const std::string& scratch) {
   std::ofstream(ours_tu) << "#include <torch/torch.h>\n#include <multigpu/multigpu.hpp>\nint main() { return 0; }\n";
   auto compile = [&](const std::string& tu) {
     const std::string command =
-        fmt::format("{} {} -c {} -o {}.o", MULTIGPU_BENCH_CXX, MULTIGPU_BENCH_CXX_FLAGS, tu, tu);
+        fmt::format("{} {} -c {} -o {}.o", bench_config::kCxx, bench_config::kCxxFlags, tu, tu);
     const auto start = Clock::now();
     if (std::system(command.c_str()) != 0) throw std::runtime_error("compile failed: " + command);
     return seconds_since(start);
@@ -543,7 +543,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> models;  // empty: bench::default_models for the device
   std::vector<std::string> batch_items;
   std::vector<std::string> only = {"steps", "bandwidth", "compile"};
-  std::string output_dir = MULTIGPU_BENCH_RESULTS_DIR;
+  std::string output_dir = bench_config::kResultsDir;
   std::string label;
   int warmup = 5, rounds = 11, steps = 10, compile_repeats = 5;
   double budget = 1.0;
@@ -627,7 +627,7 @@ int main(int argc, char** argv) {
       for (std::int64_t s = 4 << 10; s <= (quick ? (1 << 20) : (256 << 20)); s *= 4) sizes.push_back(s);
       report["bandwidth"] = run_bandwidth_benchmarks(pool, sizes, replica_counts, budget);
     }
-    if (has("compile")) report["compile"] = run_compile_benchmark(compile_repeats, MULTIGPU_BENCH_SCRATCH_DIR);
+    if (has("compile")) report["compile"] = run_compile_benchmark(compile_repeats, bench_config::kScratchDir);
     report["targets"] = evaluate_targets(report);
 
     if (label.empty()) {

@@ -4,6 +4,13 @@
 # chooses (MULTIGPU_TORCH, Torch_DIR, CMAKE_PREFIX_PATH: see there); extra
 # arguments go to cmake. Prints the build folder. Used by run-example.sh and
 # test.sh.
+#
+# Compiles through ccache where it is installed (MULTIGPU_CCACHE=0: not),
+# with its cache in the per-user cache folder, MULTIGPU_CACHE_DIR (default
+# ${XDG_CACHE_HOME:-~/.cache}/multigpu/ccache), so that another build folder
+# or another clone compiles unchanged files from the cache (see Note
+# [ccache across clones]). A CMAKE_CXX_COMPILER_LAUNCHER of yours (in the
+# environment or among the arguments) wins.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${MULTIGPU_BUILD_DIR:-$root/build}"
@@ -26,6 +33,42 @@ if [[ -f "$build/CMakeCache.txt" ]]; then
   fi
 fi
 
+# Note [ccache across clones]
+# CI tests a fresh clone in another folder, and LibTorch's headers make each
+# test file a minute of compiling: what makes the second clone's compilations
+# cache hits, following ccache's manual ("Compiling in different
+# directories", "Precompiled headers"):
+#   base_dir  the repository root: ccache rewrites absolute paths under it
+#             (sources, -I, -o, the precompiled header's -include) to relative.
+#   hash_dir=false  the sanitizer and compatibility stages compile with -g1,
+#             and ccache would otherwise hash the build folder's path; the
+#             debug information of a hit names the folder it was compiled in.
+#   sloppiness pch_defines,time_macros: needed with precompiled headers (ccache
+#             cannot see macros or __TIME__ through one); include_file_mtime
+#             and include_file_ctime: the precompiled header is made seconds
+#             before the files that include it, and ccache would not trust
+#             a file that new.
+# An absolute path of the clone compiled into a file (a -D or a generated
+# header) still makes that file differ from clone to clone: such paths live in
+# small files of their own (tests/paths.cpp, bench's generated
+# bench_config.cpp; the quickstart example's data folder is the one left).
+# The cache is never needed: with it empty or missing, everything is compiled.
+launcher=()
+if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
+  cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
+  if [[ ! -f "$cache_dir/ccache.conf" ]]; then
+    # Room for every stage of scripts/test.sh and more than one LibTorch (a
+    # precompiled <torch/torch.h> alone is about 0.1 GB there, one per build
+    # folder); ccache's default, 5 GB, could evict a stage's results.
+    mkdir -p "$cache_dir"
+    CCACHE_DIR="$cache_dir" ccache --max-size 20G >/dev/null
+  fi
+  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime;$(command -v ccache)")
+  echo "multigpu setup: compiling through ccache, cache in $cache_dir (MULTIGPU_CCACHE=0: without)" >&2
+elif [[ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]]; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=)  # a build folder configured with ccache before: without it now
+fi
+
 generator=()
 if command -v ninja >/dev/null 2>&1 && [[ ! -f "$build/CMakeCache.txt" ]]; then
   generator=(-G Ninja)
@@ -34,5 +77,6 @@ cmake -S "$root" -B "$build" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE="${MULTIGPU_BUILD_TYPE:-Release}" \
   -DMULTIGPU_WARNINGS_AS_ERRORS=ON \
   -DTorch_DIR="$torch_dir" \
+  "${launcher[@]}" \
   "$@" >&2
 echo "$build"

@@ -7,21 +7,27 @@
 #   auto     the first of: the LibTorch you point at (Torch_DIR, or
 #            CMAKE_PREFIX_PATH, in the environment); the torch of the python3
 #            on PATH; the project's virtual environment with pip's torch
-#            (.venv/torch-cuda where an NVIDIA driver is present, else
-#            .venv/torch-cpu; made here when missing); Debian's libtorch-dev
-#   cpu      the project's virtual environment with pip's CPU torch (.venv/torch-cpu)
-#   cuda     the project's virtual environment with pip's CUDA torch (.venv/torch-cuda)
+#            (torch-cuda where an NVIDIA driver is present, else torch-cpu;
+#            made here when missing); Debian's libtorch-dev
+#   cpu      the project's virtual environment with pip's CPU torch (torch-cpu)
+#   cuda     the project's virtual environment with pip's CUDA torch (torch-cuda)
 #   python   the torch of the python3 on PATH
 #   debian   Debian's libtorch-dev (LibTorch 1.13, CPU), installed with apt-get
 #   PATH     a LibTorch folder (the archive's libtorch/, or a folder holding TorchConfig.cmake)
 # MULTIGPU_TORCH_PIP_CPU / MULTIGPU_TORCH_PIP_CUDA: what pip installs into
 # those environments (defaults: torch==2.13.0 and torch==2.14.1, the versions
 # CI tests; add --index-url ... to take them from another index).
-# MULTIGPU_VENV_DIR: where the environments live (default: .venv at the top).
+# MULTIGPU_VENV_DIR: where the environments live. Default: venv/ in the
+# per-user cache folder, MULTIGPU_CACHE_DIR (default
+# ${XDG_CACHE_HOME:-~/.cache}/multigpu), so that every clone of the
+# repository shares them (a CUDA torch is several GB, and minutes to install);
+# a clone's own .venv/torch-cpu or .venv/torch-cuda, made by an older
+# version of this script, is still used where it exists.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 choice="${MULTIGPU_TORCH:-auto}"
-venv_root="${MULTIGPU_VENV_DIR:-$root/.venv}"
+cache_root="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}"
+venv_root="${MULTIGPU_VENV_DIR:-$cache_root/venv}"
 pip_cpu="${MULTIGPU_TORCH_PIP_CPU:-torch==2.13.0}"
 pip_cuda="${MULTIGPU_TORCH_PIP_CUDA:-torch==2.14.1}"
 
@@ -82,9 +88,21 @@ python_torch() {
   "$1" -c 'import os, torch; print(os.path.join(torch.utils.cmake_prefix_path, "Torch"))' 2>/dev/null
 }
 
+# The folder of the project's virtual environment $1 (cpu or cuda): the
+# clone's own .venv/torch-$1 where one is there and MULTIGPU_VENV_DIR is unset
+# (made by an older version of this script), else $venv_root/torch-$1.
+venv_path() {
+  if [[ -z "${MULTIGPU_VENV_DIR:-}" && -x "$root/.venv/torch-$1/bin/python" ]]; then
+    echo "$root/.venv/torch-$1"
+  else
+    echo "$venv_root/torch-$1"
+  fi
+}
+
 # The project's virtual environment $1 (cpu or cuda), made with pip's torch when missing.
 venv_torch() {
-  local kind="$1" venv="$venv_root/torch-$1" spec dir
+  local kind="$1" venv spec dir
+  venv="$(venv_path "$kind")"
   spec="$pip_cpu"
   [[ "$kind" == cuda ]] && spec="$pip_cuda"
   if dir="$(python_torch "$venv/bin/python")" && [[ -n "$dir" ]]; then
@@ -94,6 +112,7 @@ venv_torch() {
   command -v python3 >/dev/null 2>&1 || { say "no python3 to make $venv with"; return 1; }
   say "making the virtual environment $venv with pip's $spec (once; a CUDA build is several GB)"
   rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv" >&2 || { say "python3 -m venv failed (on Debian: apt-get install python3-venv)"; return 1; }
   # shellcheck disable=SC2086  # the spec may carry pip options
   "$venv/bin/pip" install --disable-pip-version-check -q $spec >&2 || { say "pip install $spec failed"; return 1; }
@@ -148,7 +167,7 @@ case "$choice" in
         fi
       fi
       if dir="$(venv_torch "$kind")"; then
-        how="the project's virtual environment $venv_root/torch-$kind"
+        how="the project's virtual environment $(venv_path "$kind")"
       else
         say "no pip torch could be installed; falling back to Debian's LibTorch 1.13 (CPU only)"
         dir="$(debian_torch)" || fail "no LibTorch found or installable: point Torch_DIR at one"
@@ -157,8 +176,8 @@ case "$choice" in
     fi
     ;;
   cpu | cuda)
-    dir="$(venv_torch "$choice")" || fail "MULTIGPU_TORCH=$choice: could not install pip's torch into $venv_root/torch-$choice"
-    how="the project's virtual environment $venv_root/torch-$choice"
+    dir="$(venv_torch "$choice")" || fail "MULTIGPU_TORCH=$choice: could not install pip's torch into $(venv_path "$choice")"
+    how="the project's virtual environment $(venv_path "$choice")"
     ;;
   python)
     dir="$(python_torch python3)" && [[ -n "$dir" ]] || fail "MULTIGPU_TORCH=python, but python3 ($(command -v python3 || echo none)) cannot import torch"

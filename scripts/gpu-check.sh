@@ -266,7 +266,14 @@ export _gc_build="${MULTIGPU_BUILD_DIR:-$root/build-gpu}"
 # The python whose torch goes with the LibTorch chosen (for versions and
 # torch.cuda.is_available()), if any.
 case "$MULTIGPU_TORCH" in
-  cpu | cuda) _gc_python="${MULTIGPU_VENV_DIR:-$root/.venv}/torch-$MULTIGPU_TORCH/bin/python" ;;
+  cpu | cuda)
+    # Where scripts/find-torch.sh keeps that environment: the clone's own
+    # .venv/ where one is there, else the per-user cache folder.
+    _gc_python="${MULTIGPU_VENV_DIR:-${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/venv}/torch-$MULTIGPU_TORCH/bin/python"
+    if [[ -z "${MULTIGPU_VENV_DIR:-}" && -x "$root/.venv/torch-$MULTIGPU_TORCH/bin/python" ]]; then
+      _gc_python="$root/.venv/torch-$MULTIGPU_TORCH/bin/python"
+    fi
+    ;;
   *) _gc_python="$(command -v python3 || true)" ;;
 esac
 if [[ -z "$_gc_python" ]] || ! "$_gc_python" -c 'import torch' >/dev/null 2>&1; then

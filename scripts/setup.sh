@@ -18,6 +18,7 @@ packages=(
   dataset-fashion-mnist # the quickstart's data
   clang libclang-rt-14-dev  # the fuzz stage of the tests (libFuzzer)
   doxygen               # the API reference (docs/Doxyfile), checked by the docs test
+  ccache                # compiler cache shared by every clone (scripts/configure.sh)
 )
 
 if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then

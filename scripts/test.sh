@@ -12,6 +12,10 @@
 #   tsan    the unit tests under ThreadSanitizer (build-tsan/)
 #   fuzz    the device-spec parsers under libFuzzer for MULTIGPU_FUZZ_SECONDS (build-fuzz/, clang)
 # asan, tsan and fuzz use the main stage's LibTorch.
+# pip's torch and ccache's compiler cache live outside the clone, in
+# ~/.cache/multigpu (scripts/find-torch.sh, scripts/configure.sh): a second
+# run, or a fresh clone on the same machine, installs nothing and compiles
+# only what changed; the end says how many compilations the cache answered.
 # MULTIGPU_TEST_STAGES picks stages ("main compat cuda asan tsan fuzz" by default).
 # Arguments go to ctest; with arguments only the main stage runs, unless
 # MULTIGPU_TEST_STAGES says otherwise (scripts/test.sh -R device).
@@ -60,6 +64,18 @@ stage_done() {
   timings+=("$line")
   echo "=== multigpu tests: $1 passed in $((SECONDS - stage_start)) s"
 }
+
+# Compilations the compiler cache answered and missed so far (0 0 without ccache).
+ccache_counts() {
+  if [[ "${MULTIGPU_CCACHE:-1}" != 0 ]] && command -v ccache >/dev/null 2>&1; then
+    CCACHE_DIR="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache" ccache --print-stats 2>/dev/null |
+      awk '$1 ~ /^(direct|preprocessed)_cache_hit$/ {hit += $2} $1 == "cache_miss" {miss += $2}
+           END {print hit + 0, miss + 0}'
+  else
+    echo 0 0
+  fi
+}
+read -r hits_before misses_before < <(ccache_counts)
 
 started=$SECONDS
 for name in $stages; do
@@ -128,3 +144,6 @@ done
 echo
 echo "=== multigpu tests: every stage passed in $((SECONDS - started)) s"
 printf '    %s\n' "${timings[@]}"
+read -r hits_after misses_after < <(ccache_counts)
+echo "    ccache: $((hits_after - hits_before)) compilations from the cache, $((misses_after - misses_before)) compiled" \
+     "(counted in the cache folder, with any other build using it meanwhile)"

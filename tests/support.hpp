@@ -23,6 +23,12 @@
 
 namespace multigpu_test {
 
+/// The repository's top folder (tests/paths.cpp).
+const char* source_dir();
+
+/// The distributed_worker program's path (tests/paths.cpp).
+const char* distributed_worker();
+
 /// Collects multigpu's log lines while in scope (instead of printing them).
 class CapturedLog {
  public:

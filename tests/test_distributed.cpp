@@ -293,7 +293,7 @@ std::unique_ptr<multigpu::detail::ChildProcess> start_rank(int rank, int world, 
                                                                {"TSAN_OPTIONS", worker_tsan_options()}});
   std::remove(log.c_str());
   return std::make_unique<multigpu::detail::ChildProcess>(
-      fmt::format("exec '{}' {}", MULTIGPU_DISTRIBUTED_WORKER, arguments), environment, log);
+      fmt::format("exec '{}' {}", multigpu_test::distributed_worker(), arguments), environment, log);
 }
 
 /// Waits for `child` at most `limit`; kills it after that.

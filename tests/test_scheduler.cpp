@@ -620,7 +620,7 @@ TEST_SUITE("task files") {
   }
 
   TEST_CASE("the example task file is the 12-task grid") {
-    const auto tasks = multigpu::read_task_file(MULTIGPU_SOURCE_DIR "/examples/tasks/noise_grid.tasks");
+    const auto tasks = multigpu::read_task_file(std::string(multigpu_test::source_dir()) + "/examples/tasks/noise_grid.tasks");
     CHECK(tasks.size() == 12);
     std::set<std::string> names;
     for (const auto& task : tasks) names.insert(task.name);

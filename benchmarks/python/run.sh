@@ -12,7 +12,9 @@
 #   BENCH, or MULTIGPU_BENCH
 #                   the built bench binary (the argument wins; default build/benchmarks/bench).
 #   MULTIGPU_PYTHON a python with torch. Default: python3 if it imports torch,
-#                   else .venv/torch-cuda (where an NVIDIA driver is) or .venv/torch-cpu.
+#                   else the project's virtual environment torch-cuda (where an NVIDIA
+#                   driver is) or torch-cpu, in .venv/ or in scripts/find-torch.sh's
+#                   cache folder (MULTIGPU_VENV_DIR, default ~/.cache/multigpu/venv).
 #   MULTIGPU_BENCH_QUICK=1
 #                   a few steps of everything (seconds): checks that it all runs, measures nothing.
 #   MULTIGPU_BENCH_ARGS
@@ -54,7 +56,9 @@ bench="${2:-${MULTIGPU_BENCH:-$root/build/benchmarks/bench}}"
 
 python="${MULTIGPU_PYTHON:-}"
 if [[ -z "$python" ]]; then
-  for candidate in python3 "$root/.venv/torch-cuda/bin/python" "$root/.venv/torch-cpu/bin/python"; do
+  venvs="${MULTIGPU_VENV_DIR:-${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/venv}"
+  for candidate in python3 "$root/.venv/torch-cuda/bin/python" "$venvs/torch-cuda/bin/python" \
+                   "$root/.venv/torch-cpu/bin/python" "$venvs/torch-cpu/bin/python"; do
     [[ "$candidate" == *torch-cuda* && -z "$gpu_name" ]] && continue
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' >/dev/null 2>&1; then
       python="$candidate"
@@ -63,7 +67,7 @@ if [[ -z "$python" ]]; then
   done
 fi
 [[ -x "$bench" ]] || { echo "run.sh: no bench binary at $bench (build the bench target, or set MULTIGPU_BENCH)" >&2; exit 1; }
-[[ -n "$python" ]] || { echo "run.sh: no python with torch (python3, .venv/torch-*); set MULTIGPU_PYTHON" >&2; exit 1; }
+[[ -n "$python" ]] || { echo "run.sh: no python with torch (python3, .venv/torch-*, $venvs/torch-*); set MULTIGPU_PYTHON" >&2; exit 1; }
 
 mkdir -p "$results"
 results="$(cd "$results" && pwd)"

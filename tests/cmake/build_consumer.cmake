@@ -19,6 +19,12 @@ if(CONSUMER STREQUAL "find_package")
   set(prefix_path "${WORK_DIR}/prefix")
 endif()
 
+# The test's compiler launcher (ccache), | for ;, through the environment
+# variable that CMake takes it from (a list would not survive run()).
+if(CXX_COMPILER_LAUNCHER)
+  string(REPLACE "|" ";" launcher "${CXX_COMPILER_LAUNCHER}")
+  set(ENV{CMAKE_CXX_COMPILER_LAUNCHER} "${launcher}")
+endif()
 run("${CMAKE_COMMAND}" -S "${CMAKE_CURRENT_LIST_DIR}/consumer" -B "${WORK_DIR}/build"
   -G "${GENERATOR}"
   -DCMAKE_CXX_COMPILER=${CXX_COMPILER}
