@@ -62,6 +62,12 @@ class ReplicaError : public Error {
   std::exception_ptr cause_;
 };
 
+/// A checkpoint could not be saved or loaded (not one of this model, damaged, an unwritable path, a bad value).
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
 /// A task queue could not be run as asked (bad task file, bad options).
 class SchedulerError : public Error {
  public:
