@@ -156,17 +156,17 @@ TEST_SUITE("multigpu-run status") {
   TEST_CASE("no summary, or a file that is not one, is an error naming the file") {
     const std::string dir = status_dir("errors");
     const std::string lock_path = multigpu::run_lock_path(dir);
-    std::string message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/none.json", lock_path));
+    std::string message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/none.json", lock_path));
     CHECK(contains(message, "no run summary at " + dir + "/none.json: no such file"));
     CHECK(contains(message, "give the run's --log-dir"));
     std::ofstream(dir + "/broken.json") << "{\"tasks\": [";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/broken.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/broken.json", lock_path));
     CHECK(contains(message, dir + "/broken.json is not a multigpu-run summary: "));
     std::ofstream(dir + "/other.json") << "{\"loss\": 3}";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/other.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/other.json", lock_path));
     CHECK(contains(message, "is not a multigpu-run summary: it has no \"tasks\" list"));
     std::ofstream(dir + "/typed.json") << "{\"tasks\": [{\"task\": 3}]}";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/typed.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/typed.json", lock_path));
     CHECK(contains(message, "is not a multigpu-run summary: "));
   }
 

@@ -68,7 +68,7 @@ class CheckpointError : public Error {
   using Error::Error;
 };
 
-/// A task queue could not be run as asked (bad task file, bad options).
+/// A task queue could not be run as asked (bad task file, bad options), or a run's summary could not be read.
 class SchedulerError : public Error {
  public:
   using Error::Error;

@@ -162,25 +162,26 @@ inline std::string run_lock_path(const std::string& log_dir) { return detail::lo
 /// Reads the summary a run keeps at `summary_path` (LOG_DIR/summary.json by
 /// default) and finds out whether the run is alive (see the Note; `lock_path`
 /// is used when the summary does not name its log folder). Throws
-/// Error naming the file and what is wrong with it.
+/// SchedulerError naming the file and what is wrong with it.
 inline RunStatus read_run_status(const std::string& summary_path, const std::string& lock_path) {
   std::ifstream file(summary_path);
   if (!file) {
-    throw Error(fmt::format("no run summary at {}: {} (a run writes it when its first task starts; "
-                            "give the run's --log-dir, or --summary PATH.json)",
-                            summary_path, std::filesystem::exists(summary_path) ? "it cannot be read" : "no such file"));
+    throw SchedulerError(fmt::format("no run summary at {}: {} (a run writes it when its first task starts; "
+                                     "give the run's --log-dir, or --summary PATH.json)",
+                                     summary_path,
+                                     std::filesystem::exists(summary_path) ? "it cannot be read" : "no such file"));
   }
   nlohmann::json json;
   try {
     file >> json;
   } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
+    throw SchedulerError(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
   }
   RunStatus run;
   run.summary_path = summary_path;
   try {
     if (!json.is_object() || !json.contains("tasks") || !json["tasks"].is_array()) {
-      throw Error(fmt::format("{} is not a multigpu-run summary: it has no \"tasks\" list", summary_path));
+      throw SchedulerError(fmt::format("{} is not a multigpu-run summary: it has no \"tasks\" list", summary_path));
     }
     run.finished = json.value("finished", false);
     run.interrupted = json.value("interrupted", false);
@@ -214,7 +215,7 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
       run.tasks.push_back(std::move(task));
     }
   } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
+    throw SchedulerError(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
   }
   if (run.finished) {
     run.liveness = RunLiveness::kFinished;
