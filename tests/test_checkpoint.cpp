@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <unistd.h>
@@ -246,9 +247,9 @@ TEST_SUITE("checkpoints") {
     dp.train_step(std::make_pair(x, y), loss);
     restored.train_step(std::make_pair(x, y), loss);
     CHECK(torch::allclose(multigpu_test::flat_parameters(*other), multigpu_test::flat_parameters(*net), 1e-5, 1e-7));
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.values().number("nothing")) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, restored.values().number("nothing")) ==
           "CheckpointValues: no value \"nothing\"; there are: best_accuracy, ema, patience");
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.values().set("a.b", 1)) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, restored.values().set("a.b", 1)) ==
           "CheckpointValues: \"a.b\" is not a valid name: use letters, digits and underscores");
     // Nothing attached under a saved name: said, not silently dropped.
     auto third = multigpu_test::recipe_model(3);
@@ -342,23 +343,23 @@ TEST_SUITE("checkpoints") {
     dp.save_state(scratch.file("good.pt"));
     const torch::Tensor before = multigpu_test::flat_parameters(*net).clone();
 
-    const std::string shape = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("other.pt")));
+    const std::string shape = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load(scratch.file("other.pt")));
     CHECK(contains(shape, "parameter fc2.weight is float [3, 16] in the checkpoint and float [2, 16] in your module"));
-    const std::string more = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("extra.pt")));
+    const std::string more = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load(scratch.file("extra.pt")));
     CHECK(contains(more, "has a submodule fc3 (with fc3.weight) that your module lacks"));
     auto bigger = std::make_shared<OtherNetImpl>(2, /*extra=*/true);
     multigpu::DataParallel<OtherNetImpl> dp_bigger(bigger, std::vector<c10::Device>(2, c10::Device("cpu")));
-    const std::string missing = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp_bigger.load(scratch.file("good.pt")));
+    const std::string missing = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp_bigger.load(scratch.file("good.pt")));
     CHECK(contains(missing, "has no parameter fc3.weight, which your module has (float [2, 2])"));
     torch::manual_seed(3);
     auto doubled = multigpu_test::recipe_model(1);
     doubled->to(torch::kDouble);
     torch::save(doubled, scratch.file("double.pt"));
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("double.pt"))),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load_state(scratch.file("double.pt"))),
                    "is not a training checkpoint of multigpu"));
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("double.pt"))),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load(scratch.file("double.pt"))),
                    "parameter fc1.weight is double [16, 8] in the checkpoint and float [16, 8] in your module"));
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load(scratch.file("absent.pt"))), "there is no file"));
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load(scratch.file("absent.pt"))), "there is no file"));
     CHECK(torch::equal(multigpu_test::flat_parameters(*net), before));
     dp.check_parity();
 
@@ -385,11 +386,11 @@ TEST_SUITE("checkpoints") {
     dp.save_state(scratch.file("adam.pt"));
     auto other = multigpu_test::recipe_model(2);
     multigpu::DataParallel<RecipeNet> sgd(other, std::vector<c10::Device>(2, c10::Device("cpu")));
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, sgd.load_state(scratch.file("adam.pt"))),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, sgd.load_state(scratch.file("adam.pt"))),
                    "call make_optimizer<Opt>(options) before load_state"));
     sgd.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
     const torch::Tensor before = multigpu_test::flat_parameters(*other).clone();
-    const std::string refused = MULTIGPU_TEST_MESSAGE(multigpu::Error, sgd.load_state(scratch.file("adam.pt")));
+    const std::string refused = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, sgd.load_state(scratch.file("adam.pt")));
     CHECK(contains(refused, "the optimizers are unchanged"));
     CHECK(torch::equal(multigpu_test::flat_parameters(*other), before));
     sgd.check_parity();
@@ -416,7 +417,7 @@ TEST_SUITE("checkpoints") {
       net->fc1->weight.fill_(0.5);
     }
     dp.resync_from_primary();
-    const std::string message = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("state.pt")));
+    const std::string message = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load_state(scratch.file("state.pt")));
     INFO(message);
     CHECK((contains(message, "is damaged") || contains(message, "cannot read")));
     CHECK(torch::all(net->fc1->weight == 0.5).item<bool>());
@@ -425,16 +426,16 @@ TEST_SUITE("checkpoints") {
 
   TEST_CASE("paths: a missing folder or a folder is said at once, naming the path and why") {
     Scratch scratch;
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::check_checkpoint_path(scratch.file("no/such/x.pt"))) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, multigpu::check_checkpoint_path(scratch.file("no/such/x.pt"))) ==
           "cannot write the checkpoint " + scratch.file("no/such/x.pt") + ": the folder " + scratch.file("no/such") +
               " does not exist");
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::check_checkpoint_path(scratch.path.string())),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, multigpu::check_checkpoint_path(scratch.path.string())),
                    "is a folder; name a file in it"));
     multigpu::check_checkpoint_path(scratch.file("fine.pt"));
     CHECK_FALSE(std::filesystem::exists(scratch.file("fine.pt")));
     auto net = multigpu_test::recipe_model(1);
     multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(1, c10::Device("cpu")));
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.save_state(scratch.file("no/x.pt"))) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_state(scratch.file("no/x.pt"))) ==
           "save_state: cannot write the checkpoint " + scratch.file("no/x.pt") + ": the folder " + scratch.file("no") +
               " does not exist");
     CHECK(std::filesystem::is_empty(scratch.path));  // no temporary file left behind
@@ -449,11 +450,11 @@ TEST_SUITE("checkpoints") {
     dp.forward_backward(std::make_pair(x, y), [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
       return multigpu_test::recipe_loss(m, s.first, s.second);
     });
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.save_state(scratch.file("x.pt"))),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_state(scratch.file("x.pt"))),
                    "the accumulated gradients are not part of a checkpoint; save after the step"));
     dp.step();
     dp.save_state(scratch.file("x.pt"));
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.attach(multigpu::DistributedSampler(10, 2, 1))) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.attach(multigpu::DistributedSampler(10, 2, 1))) ==
           "attach: the sampler is rank 1's part for 2 processes, and this DataParallel trains as rank 0 of 1: make it "
           "DistributedSampler(size, group->size(), group->rank())");
     // The place in the data is only meaningful for the same data.
@@ -461,8 +462,47 @@ TEST_SUITE("checkpoints") {
     dp.attach(sampler);
     dp.save_state(scratch.file("data.pt"));
     dp.attach(multigpu::DistributedSampler(kSamples, 1, 0, true, 6));
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load_state(scratch.file("data.pt"))),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load_state(scratch.file("data.pt"))),
                    "was saved for a data set of 40 samples, shuffled, seed 5; the attached sampler has 40 samples, "
                    "shuffled, seed 6"));
+  }
+
+  TEST_CASE("a checkpoint's failures are CheckpointError: a caller tells them from a failing step") {
+    static_assert(std::is_base_of<multigpu::Error, multigpu::CheckpointError>::value,
+                  "one catch of multigpu::Error still covers checkpoints");
+    Scratch scratch;
+    torch::save(OtherNet(3), scratch.file("other.pt"));
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    CHECK_THROWS_AS(dp.load(scratch.file("other.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.load_state(scratch.file("other.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.load_state(scratch.file("absent.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.load_optimizer(scratch.file("absent.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.save(scratch.file("no/x.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.save_state(scratch.file("no/x.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.save_optimizer(scratch.file("no/x.pt")), multigpu::CheckpointError);
+    CHECK_THROWS_AS(dp.values().integer("absent"), multigpu::CheckpointError);
+    // A file-system failure of the atomic write (here: renaming over a
+    // folder) is one too, with its message.
+    std::filesystem::create_directories(scratch.file("taken") + "/inside");
+    const std::string renamed = MULTIGPU_TEST_MESSAGE(
+        multigpu::CheckpointError,
+        multigpu::detail::checkpoint::replace_atomically(scratch.file("taken"), [](const std::string& temporary) {
+          std::ofstream(temporary, std::ios::binary) << "bytes";
+        }));
+    CHECK(contains(renamed, "cannot write " + scratch.file("taken") + ": renaming "));
+    // A failing step is not a checkpoint's failure.
+    bool caught_as_checkpoint = false;
+    try {
+      dp.train_step(multigpu_test::recipe_batch(0),
+                    [](RecipeNetImpl&, const std::pair<torch::Tensor, torch::Tensor>&) -> torch::Tensor {
+                      throw std::runtime_error("a failing step");
+                    });
+    } catch (const multigpu::CheckpointError&) {
+      caught_as_checkpoint = true;
+    } catch (const multigpu::ReplicaError&) {
+    }
+    CHECK_FALSE(caught_as_checkpoint);
   }
 }

@@ -510,7 +510,7 @@ TEST_SUITE("DataParallel checkpoints") {
     dp.load(path);
     for (std::size_t r = 0; r < 3; ++r) check_same_parameters(*plain, dp.replica(r), 0, 0);
 
-    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.load("no_such_checkpoint.pt")) ==
+    CHECK(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.load("no_such_checkpoint.pt")) ==
           "load: there is no file no_such_checkpoint.pt");
     std::remove(path.c_str());
   }

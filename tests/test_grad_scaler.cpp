@@ -120,7 +120,7 @@ TEST_SUITE("GradScaler") {
     std::istringstream empty_input(empty_bytes.str());
     torch::serialize::InputArchive empty_in;
     empty_in.load_from(empty_input);
-    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, restored.load(empty_in)),
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, restored.load(empty_in)),
                    "the archive holds no \"grad_scaler\""));
   }
 

@@ -67,9 +67,9 @@ TEST_SUITE("multigpu-run status") {
                      task_json("c", "pending", false, 0, 0, 0, dir + "/c.log"),
                      task_json("d", "failed", false, now - 15, 1, 1, dir + "/d.log", "exit code 3")};
     write_json(dir + "/summary.json", json);
-    HeldLock lock(multigpu::detail::lock_path_of(dir));
+    HeldLock lock(multigpu::run_lock_path(dir));
 
-    const auto run = multigpu::read_run_status(dir + "/summary.json", multigpu::detail::lock_path_of(dir));
+    const auto run = multigpu::read_run_status(dir + "/summary.json", multigpu::run_lock_path(dir));
     CHECK(run.liveness == RunLiveness::kRunning);
     CHECK(run.tasks.size() == 4);
     // mean of the done tasks 10 s: c waits (10 s), b has 10 - 4 = 6 s left, over 2 slots.
@@ -88,7 +88,7 @@ TEST_SUITE("multigpu-run status") {
     json["tasks"][0]["peak_gpu_mib"] = 7000;  // a measured GPU task: each line says its peak
     write_json(dir + "/summary.json", json);
     const std::string with_peaks = multigpu::render_run_status(
-        multigpu::read_run_status(dir + "/summary.json", multigpu::detail::lock_path_of(dir)), now);
+        multigpu::read_run_status(dir + "/summary.json", multigpu::run_lock_path(dir)), now);
     INFO(with_peaks);
     CHECK(contains(with_peaks, "TRIES   PEAK MEM  LAST LOG LINE\n"));
     CHECK(contains(with_peaks, "a     done         cuda:0        10s      1    6.8 GiB  final loss 0.1\n"));
@@ -98,7 +98,7 @@ TEST_SUITE("multigpu-run status") {
   TEST_CASE("a run that was killed, one whose scheduler died before its tasks, a finished one, another host's") {
     const std::string dir = status_dir("ended");
     const std::string summary = dir + "/summary.json";
-    const std::string lock_path = multigpu::detail::lock_path_of(dir);
+    const std::string lock_path = multigpu::run_lock_path(dir);
     nlohmann::json json = {{"finished", false}, {"pid", static_cast<long>(::getpid())}, {"host", this_host()},
                            {"slots", 1}};
     json["tasks"] = {task_json("a", "pending", true, 1.0, 0, 1, dir + "/a.log")};
@@ -155,18 +155,18 @@ TEST_SUITE("multigpu-run status") {
 
   TEST_CASE("no summary, or a file that is not one, is an error naming the file") {
     const std::string dir = status_dir("errors");
-    const std::string lock_path = multigpu::detail::lock_path_of(dir);
-    std::string message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/none.json", lock_path));
+    const std::string lock_path = multigpu::run_lock_path(dir);
+    std::string message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/none.json", lock_path));
     CHECK(contains(message, "no run summary at " + dir + "/none.json: no such file"));
     CHECK(contains(message, "give the run's --log-dir"));
     std::ofstream(dir + "/broken.json") << "{\"tasks\": [";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/broken.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/broken.json", lock_path));
     CHECK(contains(message, dir + "/broken.json is not a multigpu-run summary: "));
     std::ofstream(dir + "/other.json") << "{\"loss\": 3}";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/other.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/other.json", lock_path));
     CHECK(contains(message, "is not a multigpu-run summary: it has no \"tasks\" list"));
     std::ofstream(dir + "/typed.json") << "{\"tasks\": [{\"task\": 3}]}";
-    message = MULTIGPU_TEST_MESSAGE(multigpu::Error, multigpu::read_run_status(dir + "/typed.json", lock_path));
+    message = MULTIGPU_TEST_MESSAGE(multigpu::SchedulerError, multigpu::read_run_status(dir + "/typed.json", lock_path));
     CHECK(contains(message, "is not a multigpu-run summary: "));
   }
 

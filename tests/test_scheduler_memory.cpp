@@ -435,7 +435,7 @@ TEST_SUITE("scheduler GPU memory") {
 
 TEST_SUITE("GPU memory texts and queries") {
   TEST_CASE("sizes are read with their unit, and a bare number is refused") {
-    using multigpu::detail::parse_memory_mib;
+    using multigpu::parse_memory_mib;
     CHECK(parse_memory_mib("12G") == 12288);
     CHECK(parse_memory_mib("12GiB") == 12288);
     CHECK(parse_memory_mib("12gb") == 12288);
@@ -447,8 +447,8 @@ TEST_SUITE("GPU memory texts and queries") {
     for (const char* bad : {"12", "G", "", "1.2.3G", ".5G", "12T", "-1G", "12 G", "2000000G"}) {
       CHECK_MESSAGE(!parse_memory_mib(bad), bad);
     }
-    CHECK(multigpu::detail::memory_text(std::int64_t{1536} << 20) == "1.5 GiB");
-    CHECK(multigpu::detail::memory_text(std::int64_t{900} << 20) == "900 MiB");
+    CHECK(multigpu::memory_text(std::int64_t{1536} << 20) == "1.5 GiB");
+    CHECK(multigpu::memory_text(std::int64_t{900} << 20) == "900 MiB");
   }
 
   TEST_CASE("a task file's mem= is its declared size, and a size without a unit is refused with the line") {

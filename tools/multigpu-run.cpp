@@ -15,6 +15,7 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 #include <thread>
@@ -26,6 +27,7 @@
 #include <multigpu/device_spec.hpp>
 #include <multigpu/scheduler.hpp>
 #include <multigpu/scheduler/run_status.hpp>
+#include <multigpu/scheduler/text.hpp>
 
 namespace {
 
@@ -53,18 +55,52 @@ runs once per value, and once per combination with several grids.
 
 volatile std::sig_atomic_t g_watch_stop = 0;
 
+/// "a,b,,c" -> "a", "b", "", "c".
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> pieces;
+  std::size_t start = 0;
+  std::size_t comma = text.find(',');
+  while (comma != std::string::npos) {
+    pieces.push_back(text.substr(start, comma - start));
+    start = comma + 1;
+    comma = text.find(',', start);
+  }
+  pieces.push_back(text.substr(start));
+  return pieces;
+}
+
+/// A number of tasks written with digits only, 1 to 1000000; nullopt otherwise.
+std::optional<int> parse_count(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  long value = 0;
+  for (const char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + (c - '0');
+    if (value > 1000000) return std::nullopt;
+  }
+  if (value < 1) return std::nullopt;
+  return static_cast<int>(value);
+}
+
+/// "1:02:03" or "2:03".
+std::string clock_text(double seconds) {
+  const auto total = static_cast<long>(seconds + 0.5);
+  return total >= 3600 ? fmt::format("{}:{:02}:{:02}", total / 3600, (total / 60) % 60, total % 60)
+                       : fmt::format("{}:{:02}", total / 60, total % 60);
+}
+
 /// `multigpu-run status`: prints the run's table once, or redraws it every
 /// `interval` seconds until the run has ended or Ctrl-C.
 int show_status(const std::string& log_dir, std::string summary, bool watch, double interval) {
   if (summary.empty()) summary = log_dir + "/summary.json";
   // The run's --summary PATH writes PATH.json: the same value works here.
   if (std::filesystem::path(summary).extension() != ".json") summary += ".json";
-  const std::string lock = multigpu::detail::lock_path_of(log_dir);
+  const std::string lock = multigpu::run_lock_path(log_dir);
   const bool tty = ::isatty(STDOUT_FILENO) != 0;
   std::signal(SIGINT, [](int) { g_watch_stop = 1; });
   while (true) {
     const auto run = multigpu::read_run_status(summary, lock);
-    const auto table = multigpu::render_run_status(run, multigpu::detail::unix_now());
+    const auto table = multigpu::render_run_status(run);
     if (watch && tty) fmt::print("\033[H\033[2J");  // redraw in place
     fmt::print("{}", table);
     std::fflush(stdout);
@@ -171,7 +207,7 @@ int main(int argc, char** argv) {
     force_values.pop_back();
   }
   for (const auto& value : force_values) {
-    for (const auto name : multigpu::detail::split_commas(value)) {
+    for (const auto& name : split_commas(value)) {
       if (!name.empty()) options.force_tasks.emplace_back(name);
     }
   }
@@ -195,15 +231,15 @@ int main(int argc, char** argv) {
     options.pack_by_memory = true;
     options.max_per_device = 64;  // a bound on processes per GPU; memory decides below it
   } else {
-    int parsed = 0;
-    if (multigpu::detail::parse_index(max_per_gpu, parsed) != multigpu::detail::NumberStatus::kOk || parsed < 1) {
+    const auto parsed = parse_count(max_per_gpu);
+    if (!parsed) {
       fmt::print(stderr, "multigpu-run: --max-per-gpu {} is neither a number of tasks (1 or more) nor auto\n",
                  max_per_gpu);
       return 2;
     }
-    options.max_per_device = parsed;
+    options.max_per_device = *parsed;
   }
-  if (const auto margin = multigpu::detail::parse_memory_mib(memory_margin)) {
+  if (const auto margin = multigpu::parse_memory_mib(memory_margin)) {
     options.memory_margin_mib = *margin;
   } else if (memory_margin == "0") {  // no unit needed for nothing
     options.memory_margin_mib = 0;
@@ -232,7 +268,7 @@ int main(int argc, char** argv) {
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());
     fmt::print("{} task(s) from {} over {} ({}); logs in {}\n", tasks.size(), task_file, pool,
                options.pack_by_memory ? fmt::format("as many per GPU as fit, {} kept free beside each",
-                                                    multigpu::detail::memory_text(options.memory_margin_mib << 20))
+                                                    multigpu::memory_text(options.memory_margin_mib << 20))
                                       : fmt::format("{} per device", options.max_per_device),
                options.log_dir);
     if (dry_run) {
@@ -244,7 +280,7 @@ int main(int argc, char** argv) {
           std::string after;
           for (const auto& name : planned.after) after += (after.empty() ? " (after " : ", ") + name;
           const std::string size =
-              planned.memory_mib < 0 ? "" : fmt::format(" [mem={}]", multigpu::detail::memory_text(planned.memory_mib << 20));
+              planned.memory_mib < 0 ? "" : fmt::format(" [mem={}]", multigpu::memory_text(planned.memory_mib << 20));
           fmt::print("  run  {}{}{} on {} with CUDA_VISIBLE_DEVICES={}: {}\n", planned.name,
                      after.empty() ? "" : after + ")", size, planned.devices.front(), planned.visible_devices,
                      planned.command);
@@ -254,7 +290,7 @@ int main(int argc, char** argv) {
     }
     const auto summary = scheduler.run(tasks);
     fmt::print("{} task(s) in {}: {} done, {} failed, {} skipped, {} interrupted, {} not started{}\n",
-               summary.tasks.size(), multigpu::detail::clock_text(summary.seconds),
+               summary.tasks.size(), clock_text(summary.seconds),
                summary.count(multigpu::TaskStatus::kDone), summary.count(multigpu::TaskStatus::kFailed),
                summary.count(multigpu::TaskStatus::kSkipped), summary.count(multigpu::TaskStatus::kInterrupted),
                summary.count(multigpu::TaskStatus::kPending),

@@ -88,6 +88,12 @@ namespace multigpu {
 // checksum is compared with every rank's before anyone changes anything,
 // so all resume from one checkpoint or all fail, naming the ranks that
 // differ.
+//
+// Errors of their own. What a checkpoint refuses (a file that is not a
+// checkpoint of this model, a damaged one, a path it cannot be written to, a
+// value or name it cannot hold) throws CheckpointError, on every rank, so that
+// a caller can tell it from a failing step (ReplicaError, CommError). A
+// communicator broken before the call stays a CommError.
 
 /// Throws unless `name` is a valid name in a checkpoint: letters, digits, underscores.
 inline void check_checkpoint_name(const std::string& name, const char* who) {
@@ -96,7 +102,8 @@ inline void check_checkpoint_name(const std::string& name, const char* who) {
     valid = valid && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_');
   }
   if (!valid) {
-    throw Error(fmt::format("{}: \"{}\" is not a valid name: use letters, digits and underscores", who, name));
+    throw CheckpointError(
+        fmt::format("{}: \"{}\" is not a valid name: use letters, digits and underscores", who, name));
   }
 }
 
@@ -117,7 +124,9 @@ class CheckpointValues {
   /// Sets a tensor (saved on the CPU; read back on the CPU).
   void set(const std::string& name, const at::Tensor& value) {
     check_name(name);
-    if (!value.defined()) throw Error(fmt::format("CheckpointValues::set(\"{}\"): the tensor is undefined", name));
+    if (!value.defined()) {
+      throw CheckpointError(fmt::format("CheckpointValues::set(\"{}\"): the tensor is undefined", name));
+    }
     values_[name] = c10::IValue(value.detach().to(at::kCPU).clone());
   }
   /// Whether a value of this name is set.
@@ -135,20 +144,20 @@ class CheckpointValues {
     const c10::IValue& value = get(name);
     if (value.isDouble()) return value.toDouble();
     if (value.isInt()) return static_cast<double>(value.toInt());
-    throw Error(fmt::format("CheckpointValues: \"{}\" is a tensor, not a number", name));
+    throw CheckpointError(fmt::format("CheckpointValues: \"{}\" is a tensor, not a number", name));
   }
   /// The integer `name`.
   std::int64_t integer(const std::string& name) const {
     const c10::IValue& value = get(name);
     if (value.isInt()) return value.toInt();
-    throw Error(fmt::format("CheckpointValues: \"{}\" is a {}, not an integer", name,
-                            value.isDouble() ? "floating-point number" : "tensor"));
+    throw CheckpointError(fmt::format("CheckpointValues: \"{}\" is a {}, not an integer", name,
+                                      value.isDouble() ? "floating-point number" : "tensor"));
   }
   /// The tensor `name`.
   at::Tensor tensor(const std::string& name) const {
     const c10::IValue& value = get(name);
     if (value.isTensor()) return value.toTensor();
-    throw Error(fmt::format("CheckpointValues: \"{}\" is a number, not a tensor", name));
+    throw CheckpointError(fmt::format("CheckpointValues: \"{}\" is a number, not a tensor", name));
   }
   /// Every value by name.
   const std::map<std::string, c10::IValue>& items() const { return values_; }
@@ -162,8 +171,8 @@ class CheckpointValues {
     if (found != values_.end()) return found->second;
     std::string known;
     for (const auto& item : values_) known += (known.empty() ? "" : ", ") + item.first;
-    throw Error(fmt::format("CheckpointValues: no value \"{}\"; there are: {}", name,
-                            known.empty() ? "none" : known));
+    throw CheckpointError(fmt::format("CheckpointValues: no value \"{}\"; there are: {}", name,
+                                      known.empty() ? "none" : known));
   }
 
   std::map<std::string, c10::IValue> values_;
@@ -238,32 +247,33 @@ struct CheckpointExtras {
 
 }  // namespace detail
 
-/// Throws Error (naming `path` and why) unless a checkpoint can be written
+/// Throws CheckpointError (naming `path` and why) unless a checkpoint can be written
 /// there: its folder exists and takes a new file. Creates and removes a
 /// probe file beside it. Call it before a long training, not after.
 inline void check_checkpoint_path(const std::string& path) {
   namespace fs = std::filesystem;
-  if (path.empty()) throw Error("the checkpoint path is empty");
+  if (path.empty()) throw CheckpointError("the checkpoint path is empty");
   const fs::path target(path);
   if (!target.has_filename() || target.filename() == "." || target.filename() == "..") {
-    throw Error(fmt::format("the checkpoint path {} names a folder; name a file in it", path));
+    throw CheckpointError(fmt::format("the checkpoint path {} names a folder; name a file in it", path));
   }
   std::error_code error;
   if (fs::is_directory(target, error)) {
-    throw Error(fmt::format("the checkpoint path {} is a folder; name a file in it", path));
+    throw CheckpointError(fmt::format("the checkpoint path {} is a folder; name a file in it", path));
   }
   const fs::path folder = target.parent_path().empty() ? fs::path(".") : target.parent_path();
   if (!fs::exists(folder, error)) {
-    throw Error(fmt::format("cannot write the checkpoint {}: the folder {} does not exist", path, folder.string()));
+    throw CheckpointError(
+        fmt::format("cannot write the checkpoint {}: the folder {} does not exist", path, folder.string()));
   }
   if (!fs::is_directory(folder, error)) {
-    throw Error(fmt::format("cannot write the checkpoint {}: {} is not a folder", path, folder.string()));
+    throw CheckpointError(fmt::format("cannot write the checkpoint {}: {} is not a folder", path, folder.string()));
   }
   const std::string probe = detail::temporary_path_for(path);
   std::FILE* file = std::fopen(probe.c_str(), "wb");
   if (file == nullptr) {
-    throw Error(fmt::format("cannot write the checkpoint {}: creating a file in {} failed: {}", path,
-                            folder.string(), std::strerror(errno)));
+    throw CheckpointError(fmt::format("cannot write the checkpoint {}: creating a file in {} failed: {}", path,
+                                      folder.string(), std::strerror(errno)));
   }
   std::fclose(file);
   std::remove(probe.c_str());

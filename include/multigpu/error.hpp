@@ -62,7 +62,13 @@ class ReplicaError : public Error {
   std::exception_ptr cause_;
 };
 
-/// A task queue could not be run as asked (bad task file, bad options).
+/// A checkpoint could not be saved or loaded (not one of this model, damaged, an unwritable path, a bad value).
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A task queue could not be run as asked (bad task file, bad options), or a run's summary could not be read.
 class SchedulerError : public Error {
  public:
   using Error::Error;

@@ -74,11 +74,12 @@ class GradScaler {
   /// Writes the scale, the growth tracker and the options under the key
   /// "grad_scaler" of `archive` (PyTorch's GradScaler.state_dict()).
   void save(torch::serialize::OutputArchive& archive) const;
-  /// Reads what save() wrote. Throws Error when `archive` holds none.
+  /// Reads what save() wrote. Throws CheckpointError when `archive` holds none, or a state that is not valid.
   void load(torch::serialize::InputArchive& archive);
 
  private:
-  static void check(const GradScalerOptions& options, double scale, const char* what);
+  /// What is wrong with `options` and `scale`, after `what: ` ("" when nothing).
+  static std::string problem(const GradScalerOptions& options, double scale, const char* what);
 
   GradScalerOptions options_;
   double scale_;
@@ -99,24 +100,25 @@ void unscale_gradients(const std::vector<at::Tensor>& grads, double inv_scale, c
 // ---------------------------------------------------------------------------
 // Definitions
 
-inline void GradScaler::check(const GradScalerOptions& options, double scale, const char* what) {
+inline std::string GradScaler::problem(const GradScalerOptions& options, double scale, const char* what) {
   if (!(scale > 0) || !std::isfinite(scale)) {
-    throw Error(fmt::format("{}: the scale must be positive and finite, got {}", what, scale));
+    return fmt::format("{}: the scale must be positive and finite, got {}", what, scale);
   }
   if (!(options.growth_factor > 1) || !std::isfinite(options.growth_factor)) {
-    throw Error(fmt::format("{}: growth_factor must be above 1, got {}", what, options.growth_factor));
+    return fmt::format("{}: growth_factor must be above 1, got {}", what, options.growth_factor);
   }
   if (!(options.backoff_factor > 0 && options.backoff_factor < 1)) {
-    throw Error(fmt::format("{}: backoff_factor must be between 0 and 1 (exclusive), got {}", what,
-                            options.backoff_factor));
+    return fmt::format("{}: backoff_factor must be between 0 and 1 (exclusive), got {}", what,
+                       options.backoff_factor);
   }
   if (options.growth_interval < 1) {
-    throw Error(fmt::format("{}: growth_interval must be at least 1, got {}", what, options.growth_interval));
+    return fmt::format("{}: growth_interval must be at least 1, got {}", what, options.growth_interval);
   }
+  return "";
 }
 
 inline GradScaler::GradScaler(GradScalerOptions options) : options_(options), scale_(options.init_scale) {
-  check(options_, scale_, "GradScalerOptions");
+  if (const std::string wrong = problem(options_, scale_, "GradScalerOptions"); !wrong.empty()) throw Error(wrong);
 }
 
 inline void GradScaler::update(bool found_inf) {
@@ -147,11 +149,13 @@ inline void GradScaler::save(torch::serialize::OutputArchive& archive) const {
 inline void GradScaler::load(torch::serialize::InputArchive& archive) {
   torch::serialize::InputArchive mine;
   if (!archive.try_read("grad_scaler", mine)) {
-    throw Error("GradScaler::load: the archive holds no \"grad_scaler\" (write one with GradScaler::save)");
+    throw CheckpointError("GradScaler::load: the archive holds no \"grad_scaler\" (write one with GradScaler::save)");
   }
   auto read = [&](const char* key) {
     c10::IValue value;
-    if (!mine.try_read(key, value)) throw Error(fmt::format("GradScaler::load: the archive's grad_scaler has no {}", key));
+    if (!mine.try_read(key, value)) {
+      throw CheckpointError(fmt::format("GradScaler::load: the archive's grad_scaler has no {}", key));
+    }
     return value;
   };
   GradScalerOptions options = options_;
@@ -160,10 +164,12 @@ inline void GradScaler::load(torch::serialize::InputArchive& archive) {
   options.growth_factor = read("growth_factor").toDouble();
   options.backoff_factor = read("backoff_factor").toDouble();
   options.growth_interval = read("growth_interval").toInt();
-  check(options, scale, "GradScaler::load");
+  if (const std::string wrong = problem(options, scale, "GradScaler::load"); !wrong.empty()) {
+    throw CheckpointError(wrong);
+  }
   if (tracker < 0 || tracker >= options.growth_interval) {
-    throw Error(fmt::format("GradScaler::load: growth_tracker {} is not in 0..{}", tracker,
-                            options.growth_interval - 1));
+    throw CheckpointError(fmt::format("GradScaler::load: growth_tracker {} is not in 0..{}", tracker,
+                                      options.growth_interval - 1));
   }
   options_ = options;
   scale_ = scale;

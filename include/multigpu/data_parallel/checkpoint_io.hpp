@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <mutex>
@@ -166,8 +167,8 @@ inline void fail_together(DataParallelCore& core, const std::string& failure, co
   const bool failed = core.options().processes == 1
                           ? failed_here
                           : all_reduce_sum(core, {failed_here ? 1.0 : 0.0})[0] > 0;
-  if (failed_here) throw Error(failure);
-  if (failed) throw Error(others);
+  if (failed_here) throw CheckpointError(failure);
+  if (failed) throw CheckpointError(others);
 }
 
 /// Every rank says whether it read `path` and what (a fingerprint); all go
@@ -176,7 +177,7 @@ inline void agree(DataParallelCore& core, const std::string& what, const std::st
                   const std::string& failure, std::uint64_t fingerprint) {
   const int processes = core.options().processes;
   if (processes == 1) {
-    if (!failure.empty()) throw Error(failure);
+    if (!failure.empty()) throw CheckpointError(failure);
     return;
   }
   const auto rank = static_cast<std::size_t>(core.options().process_rank);
@@ -195,7 +196,7 @@ inline void agree(DataParallelCore& core, const std::string& what, const std::st
       different.push_back(k);
     }
   }
-  if (!failure.empty()) throw Error(failure);
+  if (!failure.empty()) throw CheckpointError(failure);
   if (failed.empty() && different.empty()) return;
   auto list = [](const std::vector<int>& ranks) {
     std::string out;
@@ -208,36 +209,49 @@ inline void agree(DataParallelCore& core, const std::string& what, const std::st
     why += fmt::format("{}rank(s) {} read another file there than rank 0 (another checksum)", why.empty() ? "" : "; ",
                        list(different));
   }
-  throw Error(fmt::format("{} {}: {}; every rank stopped before changing anything, so that all resume from one "
-                          "checkpoint",
-                          what, path, why));
+  throw CheckpointError(fmt::format("{} {}: {}; every rank stopped before changing anything, so that all resume from "
+                                    "one checkpoint",
+                                    what, path, why));
 }
 
 /// Opens `path` as an archive on the CPU; errors name the file and why.
 inline torch::serialize::InputArchive open(const std::string& path, const char* what) {
   std::error_code error;
-  if (!std::filesystem::exists(path, error)) throw Error(fmt::format("{}: there is no file {}", what, path));
+  if (!std::filesystem::exists(path, error)) throw CheckpointError(fmt::format("{}: there is no file {}", what, path));
   torch::serialize::InputArchive archive;
   try {
     archive.load_from(path, c10::Device(c10::kCPU));
   } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: cannot read {} as a LibTorch checkpoint (damaged, or not written by torch::save): {}",
-                            what, path, e.what_without_backtrace()));
+    throw CheckpointError(fmt::format("{}: cannot read {} as a LibTorch checkpoint (damaged, or not written by "
+                                      "torch::save): {}",
+                                      what, path, e.what_without_backtrace()));
   }
   return archive;
+}
+
+/// replace_file_atomically, whose file-system failures (plain Error) become
+/// CheckpointError with the same message.
+inline void replace_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
+  try {
+    replace_file_atomically(path, write);
+  } catch (const CheckpointError&) {
+    throw;
+  } catch (const Error& e) {
+    throw CheckpointError(e.what());
+  }
 }
 
 /// Writes `archive` to `path` atomically; errors name `path` and why.
 inline void write(torch::serialize::OutputArchive& archive, const std::string& path) {
   check_checkpoint_path(path);
-  replace_file_atomically(path, [&](const std::string& temporary) {
+  replace_atomically(path, [&](const std::string& temporary) {
     errno = 0;
     try {
       archive.save_to(temporary);
     } catch (const c10::Error& e) {
       const int saved = errno;
-      throw Error(fmt::format("cannot write the checkpoint {}: {}{}", path, e.what_without_backtrace(),
-                              saved != 0 ? fmt::format(" ({})", std::strerror(saved)) : ""));
+      throw CheckpointError(fmt::format("cannot write the checkpoint {}: {}{}", path, e.what_without_backtrace(),
+                                        saved != 0 ? fmt::format(" ({})", std::strerror(saved)) : ""));
     }
   });
 }
@@ -301,7 +315,7 @@ inline void add_random(Checksum& sum, const std::map<std::string, at::Tensor>& r
 inline std::int64_t meta_value(const Loaded& loaded, const char* name, const std::string& path) {
   const auto found = loaded.meta.find(name);
   if (found == loaded.meta.end()) {
-    throw Error(fmt::format("load_state: the checkpoint {} lacks its field {}: it is damaged", path, name));
+    throw CheckpointError(fmt::format("load_state: the checkpoint {} lacks its field {}: it is damaged", path, name));
   }
   return found->second;
 }
@@ -312,17 +326,19 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   Loaded loaded;
   c10::IValue format;
   if (!archive.try_read(key("format"), format) || !format.isInt()) {
-    throw Error(fmt::format("load_state: {} is not a training checkpoint of multigpu (it has no {}); a module "
-                            "saved with torch::save or dp.save loads with dp.load",
-                            path, key("format")));
+    throw CheckpointError(fmt::format("load_state: {} is not a training checkpoint of multigpu (it has no {}); a "
+                                      "module saved with torch::save or dp.save loads with dp.load",
+                                      path, key("format")));
   }
   if (format.toInt() > kCheckpointFormat) {
-    throw Error(fmt::format("load_state: {} has checkpoint format {}, this multigpu reads up to {}: it was written "
-                            "by a newer multigpu",
-                            path, format.toInt(), kCheckpointFormat));
+    throw CheckpointError(fmt::format("load_state: {} has checkpoint format {}, this multigpu reads up to {}: it was "
+                                      "written by a newer multigpu",
+                                      path, format.toInt(), kCheckpointFormat));
   }
   torch::serialize::InputArchive part;
-  if (!archive.try_read(key("meta"), part)) throw Error(fmt::format("{} lacks its description: it is damaged", origin));
+  if (!archive.try_read(key("meta"), part)) {
+    throw CheckpointError(fmt::format("{} lacks its description: it is damaged", origin));
+  }
   for (const std::string& name : part.keys()) {
     c10::IValue value;
     if (part.try_read(name, value) && value.isInt()) loaded.meta[name] = value.toInt();
@@ -331,9 +347,9 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   at::Tensor optimizer;
   if (archive.try_read(key("optimizer"), optimizer, /*is_buffer=*/true)) {
     if (!core.has_optimizer()) {
-      throw Error(fmt::format("{} holds an optimizer state, and this DataParallel has no optimizer yet: call "
-                              "make_optimizer<Opt>(options) before load_state, so that it is restored",
-                              origin));
+      throw CheckpointError(fmt::format("{} holds an optimizer state, and this DataParallel has no optimizer yet: call "
+                                        "make_optimizer<Opt>(options) before load_state, so that it is restored",
+                                        origin));
     }
     loaded.optimizer = tensor_bytes(optimizer);
   }
@@ -369,7 +385,7 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   }
   c10::IValue stored;
   if (!archive.try_read(key("checksum"), stored) || !stored.isInt()) {
-    throw Error(fmt::format("{} lacks its checksum: it is damaged", origin));
+    throw CheckpointError(fmt::format("{} lacks its checksum: it is damaged", origin));
   }
   Checksum sum;
   add_meta(sum, loaded.meta);
@@ -381,9 +397,9 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   loaded.checksum = sum.value();
   const auto expected = static_cast<std::uint64_t>(stored.toInt());
   if (loaded.checksum != expected) {
-    throw Error(fmt::format("{} is damaged: its contents do not match its checksum (stored {:016x}, computed "
-                            "{:016x}); nothing was loaded. Resume from an earlier checkpoint",
-                            origin, expected, loaded.checksum));
+    throw CheckpointError(fmt::format("{} is damaged: its contents do not match its checksum (stored {:016x}, computed "
+                                      "{:016x}); nothing was loaded. Resume from an earlier checkpoint",
+                                      origin, expected, loaded.checksum));
   }
   ResumeInfo& info = loaded.info;
   info.path = path;
@@ -409,9 +425,9 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
     const auto saved = loaded.random.find(i == 0 ? fmt::format("rank{}_cpu", rank)
                                                  : fmt::format("rank{}_replica{}", rank, i - 1));
     if (saved != loaded.random.end() && current[i].defined() && saved->second.numel() != current[i].numel()) {
-      throw Error(fmt::format("{}: its random state {} has {} bytes, this LibTorch's {}: was it written by another "
-                              "LibTorch version?",
-                              origin, saved->first, saved->second.numel(), current[i].numel()));
+      throw CheckpointError(fmt::format("{}: its random state {} has {} bytes, this LibTorch's {}: was it written by "
+                                        "another LibTorch version?",
+                                        origin, saved->first, saved->second.numel(), current[i].numel()));
     }
   }
   // The data the place refers to must be the same data, in the same order.
@@ -421,10 +437,10 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
     const auto seed = static_cast<std::uint64_t>(meta_value(loaded, "data_seed", path));
     const bool shuffle = meta_value(loaded, "data_shuffle", path) != 0;
     if (size != sampler->size() || seed != sampler->seed() || shuffle != sampler->shuffle()) {
-      throw Error(fmt::format("{} was saved for a data set of {} samples, {}, seed {}; the attached sampler has {} "
-                              "samples, {}, seed {}: its place in the data would mean other samples",
-                              origin, size, shuffle ? "shuffled" : "in order", seed, sampler->size(),
-                              sampler->shuffle() ? "shuffled" : "in order", sampler->seed()));
+      throw CheckpointError(fmt::format("{} was saved for a data set of {} samples, {}, seed {}; the attached sampler "
+                                        "has {} samples, {}, seed {}: its place in the data would mean other samples",
+                                        origin, size, shuffle ? "shuffled" : "in order", seed, sampler->size(),
+                                        sampler->shuffle() ? "shuffled" : "in order", sampler->seed()));
     }
   }
   return loaded;
@@ -505,9 +521,9 @@ inline void restore_objects(const Objects& objects, const std::map<std::string, 
       archive.load_from(bytes);
       object.load(archive);
     } catch (const std::exception& e) {
-      throw Error(fmt::format("load_state: the state of \"{}\" in {} does not load into the attached object: {}; "
-                              "nothing was changed",
-                              name, path, e.what()));
+      throw CheckpointError(fmt::format("load_state: the state of \"{}\" in {} does not load into the attached "
+                                        "object: {}; nothing was changed",
+                                        name, path, e.what()));
     }
   }
   for (const auto& item : saved) {
@@ -550,18 +566,21 @@ inline void load_module(DataParallelCore& core, const std::string& path) {
 
 inline void save_optimizer(DataParallelCore& core, const std::string& path) {
   const std::string state = core.optimizer_state();
-  replace_file_atomically(path, [&](const std::string& temporary) {
+  checkpoint::replace_atomically(path, [&](const std::string& temporary) {
     std::ofstream out(temporary, std::ios::binary);
     out << state;
     out.close();
-    if (!out) throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
+    if (!out) {
+      throw CheckpointError(
+          fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
+    }
   });
 }
 
 inline void load_optimizer(DataParallelCore& core, const std::string& path) {
   core.optimizer(0);  // throws when there is none
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("load_optimizer: cannot open {}: {}", path, std::strerror(errno)));
+  if (!in) throw CheckpointError(fmt::format("load_optimizer: cannot open {}: {}", path, std::strerror(errno)));
   const std::string state((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   core.load_optimizer_state(state, path);
 }
@@ -569,9 +588,10 @@ inline void load_optimizer(DataParallelCore& core, const std::string& path) {
 inline void attach_sampler(DataParallelCore& core, const DistributedSampler& sampler) {
   const auto& options = core.options();
   if (sampler.processes() != options.processes || sampler.rank() != options.process_rank) {
-    throw Error(fmt::format("attach: the sampler is rank {}'s part for {} processes, and this DataParallel trains as "
-                            "rank {} of {}: make it DistributedSampler(size, group->size(), group->rank())",
-                            sampler.rank(), sampler.processes(), options.process_rank, options.processes));
+    throw CheckpointError(fmt::format("attach: the sampler is rank {}'s part for {} processes, and this DataParallel "
+                                      "trains as rank {} of {}: make it DistributedSampler(size, group->size(), "
+                                      "group->rank())",
+                                      sampler.rank(), sampler.processes(), options.process_rank, options.processes));
   }
   core.progress().attach(sampler);
 }
@@ -582,8 +602,8 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
   try {
     core.require_usable("save_state");
     if (core.progress().pending() > 0) {
-      throw Error("save_state after forward_backward and before step(): the accumulated gradients are not part of a "
-                  "checkpoint; save after the step");
+      throw CheckpointError("save_state after forward_backward and before step(): the accumulated gradients are not "
+                            "part of a checkpoint; save after the step");
     }
   } catch (const std::exception& e) {
     failure = e.what();

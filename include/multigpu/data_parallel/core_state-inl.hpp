@@ -159,8 +159,8 @@ inline void DataParallelCore::load_optimizer_state(const std::string& state, con
     } catch (const c10::Error&) {
       diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
     }
-    throw Error(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged", origin,
-                            e.what_without_backtrace()));
+    throw CheckpointError(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged",
+                                      origin, e.what_without_backtrace()));
   }
   for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
 }

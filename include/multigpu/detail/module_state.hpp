@@ -59,7 +59,7 @@ struct ModuleTensors {
 /// archive per submodule) the tensors named `parameter_names` and
 /// `buffer_names`, each checked against `parameters_like` / `buffers_like`
 /// (an undefined one is not expected), and checks that the archive holds
-/// no other tensor or submodule. Throws Error naming `origin` and the first
+/// no other tensor or submodule. Throws CheckpointError naming `origin` and the first
 /// mismatch: a missing or extra tensor, another shape or dtype. Keys that
 /// start with `ignored_prefix` (a checkpoint's own) are not the module's.
 ModuleTensors read_module_tensors(torch::serialize::InputArchive& archive, const std::string& origin,
@@ -195,14 +195,15 @@ inline ModuleTensors read_module_tensors(torch::serialize::InputArchive& archive
       expected_keys[path].push_back(key);
       torch::serialize::InputArchive* holder = archive_of(path);
       if (holder == nullptr || !holder->try_read(key, tensors[i], std::string(kind) == "buffer")) {
-        throw Error(fmt::format("{} has no {} {}, which your module has ({}); is it a checkpoint of this model?",
-                                origin, kind, names[i], module_state::describe(like[i])));
+        throw CheckpointError(fmt::format("{} has no {} {}, which your module has ({}); is it a checkpoint of this "
+                                          "model?",
+                                          origin, kind, names[i], module_state::describe(like[i])));
       }
       if (tensors[i].sizes() != like[i].sizes() || tensors[i].scalar_type() != like[i].scalar_type()) {
-        throw Error(fmt::format("{}: {} {} is {} in the checkpoint and {} in your module; is it a checkpoint of this "
-                                "model?",
-                                origin, kind, names[i], module_state::describe(tensors[i]),
-                                module_state::describe(like[i])));
+        throw CheckpointError(fmt::format("{}: {} {} is {} in the checkpoint and {} in your module; is it a checkpoint "
+                                          "of this model?",
+                                          origin, kind, names[i], module_state::describe(tensors[i]),
+                                          module_state::describe(like[i])));
       }
     }
     return tensors;
@@ -232,7 +233,8 @@ inline ModuleTensors read_module_tensors(torch::serialize::InputArchive& archive
       } else {
         continue;  // a value of another kind (not the module's state)
       }
-      throw Error(fmt::format("{} has {} that your module lacks; is it a checkpoint of this model?", origin, name));
+      throw CheckpointError(
+          fmt::format("{} has {} that your module lacks; is it a checkpoint of this model?", origin, name));
     }
   }
   return out;

@@ -169,28 +169,33 @@ inline double unix_now() {
 
 }  // namespace detail
 
+/// The lock file a run holds in its log folder while it is alive: the
+/// `lock_path` of read_run_status for a run with `--log-dir log_dir`.
+inline std::string run_lock_path(const std::string& log_dir) { return detail::lock_path_of(log_dir); }
+
 /// Reads the summary a run keeps at `summary_path` (LOG_DIR/summary.json by
 /// default) and finds out whether the run is alive (see the Note; `lock_path`
 /// is used when the summary does not name its log folder). Throws
-/// Error naming the file and what is wrong with it.
+/// SchedulerError naming the file and what is wrong with it.
 inline RunStatus read_run_status(const std::string& summary_path, const std::string& lock_path) {
   std::ifstream file(summary_path);
   if (!file) {
-    throw Error(fmt::format("no run summary at {}: {} (a run writes it when its first task starts; "
-                            "give the run's --log-dir, or --summary PATH.json)",
-                            summary_path, std::filesystem::exists(summary_path) ? "it cannot be read" : "no such file"));
+    throw SchedulerError(fmt::format("no run summary at {}: {} (a run writes it when its first task starts; "
+                                     "give the run's --log-dir, or --summary PATH.json)",
+                                     summary_path,
+                                     std::filesystem::exists(summary_path) ? "it cannot be read" : "no such file"));
   }
   nlohmann::json json;
   try {
     file >> json;
   } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
+    throw SchedulerError(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
   }
   RunStatus run;
   run.summary_path = summary_path;
   try {
     if (!json.is_object() || !json.contains("tasks") || !json["tasks"].is_array()) {
-      throw Error(fmt::format("{} is not a multigpu-run summary: it has no \"tasks\" list", summary_path));
+      throw SchedulerError(fmt::format("{} is not a multigpu-run summary: it has no \"tasks\" list", summary_path));
     }
     run.finished = json.value("finished", false);
     run.interrupted = json.value("interrupted", false);
@@ -224,7 +229,7 @@ inline RunStatus read_run_status(const std::string& summary_path, const std::str
       run.tasks.push_back(std::move(task));
     }
   } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
+    throw SchedulerError(fmt::format("{} is not a multigpu-run summary: {}", summary_path, e.what()));
   }
   if (run.finished) {
     run.liveness = RunLiveness::kFinished;
@@ -265,7 +270,7 @@ inline double run_eta_seconds(const RunStatus& run, double now_unix) {
   return left / run.slots;
 }
 
-/// The status table, `width` columns wide at most.
+/// The status table at `now_unix` (seconds since 1970), `width` columns wide at most.
 inline std::string render_run_status(const RunStatus& run, double now_unix, std::size_t width = 120) {
   // In a run that ended without finishing, what was running was cut off.
   const bool cut_off = run.liveness == RunLiveness::kEnded;
@@ -340,11 +345,14 @@ inline std::string render_run_status(const RunStatus& run, double now_unix, std:
     if (last.size() > rest) last = last.substr(0, rest > 3 ? rest - 3 : 0) + "...";
     std::string name = task.name.size() > 32 ? task.name.substr(0, 29) + "..." : task.name;
     const std::string peak =
-        !peaks ? "" : fmt::format("{:>9}  ", task.peak_gpu_bytes < 0 ? "-" : detail::memory_text(task.peak_gpu_bytes));
+        !peaks ? "" : fmt::format("{:>9}  ", task.peak_gpu_bytes < 0 ? "-" : memory_text(task.peak_gpu_bytes));
     out += fmt::format("{:<{}}  {:<11}  {:<8}  {:>7}  {:>5}  {}{}\n", name, name_width, state, device, time,
                        task.attempts, peak, last);
   }
   return out;
 }
+
+/// The status table now, 120 columns wide at most.
+inline std::string render_run_status(const RunStatus& run) { return render_run_status(run, detail::unix_now()); }
 
 }  // namespace multigpu

@@ -158,7 +158,7 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
         }
         devices = parsed;
       } else if (key == "mem") {
-        const auto mib = detail::parse_memory_mib(value);
+        const auto mib = parse_memory_mib(value);
         if (!mib || *mib == 0) {
           throw fail(start_line, fmt::format("mem={} is not a size of GPU memory; write more than 0 with a unit: "
                                              "mem=12G, mem=1.5G or mem=800M (G: GiB, M: MiB)",

@@ -1,7 +1,8 @@
 #pragma once
 /// @file
 /// How the scheduler writes text into its files: UTF-8 checks, CSV fields,
-/// times, memory sizes.
+/// times, and memory sizes (memory_text and parse_memory_mib are public:
+/// sizes as the scheduler writes them, and as task files give them).
 
 #include <algorithm>
 #include <cctype>
@@ -93,7 +94,9 @@ inline std::string on_text(const std::vector<std::string>& labels) {
   return on;
 }
 
-/// "9.5 GiB", "900 MiB".
+}  // namespace detail
+
+/// "9.5 GiB", "900 MiB": `bytes` as the scheduler writes sizes ("unknown" when negative).
 inline std::string memory_text(std::int64_t bytes) {
   if (bytes < 0) return "unknown";
   const double mib = static_cast<double>(bytes) / (1 << 20);
@@ -125,5 +128,4 @@ inline std::optional<std::int64_t> parse_memory_mib(std::string_view text) {
   return static_cast<std::int64_t>(std::ceil(mib));
 }
 
-}  // namespace detail
 }  // namespace multigpu
