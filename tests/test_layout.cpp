@@ -1,5 +1,5 @@
 // The floor plan, enforced: what each room of include/multigpu/ may include.
-// See docs/layout.md. These tests read the source tree (MULTIGPU_SOURCE_DIR),
+// See docs/layout.md. These tests read the source tree (multigpu_test::source_dir()),
 // not the compiled program.
 #include "support.hpp"  // first: see its comment
 
@@ -16,7 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-fs::path include_root() { return fs::path(MULTIGPU_SOURCE_DIR) / "include"; }
+fs::path include_root() { return fs::path(multigpu_test::source_dir()) / "include"; }
 
 // The multigpu headers a file includes, as "multigpu/..." paths.
 std::vector<std::string> multigpu_includes(const fs::path& file) {
@@ -121,4 +121,18 @@ TEST_CASE("layout: every multigpu header a header includes exists") {
     }
   }
   CHECK_MESSAGE(missing.empty(), "includes of headers that do not exist:" << joined(missing));
+}
+
+TEST_CASE("layout: the tools use only the public API (no detail:: name in tools/)") {
+  static const std::regex kDetail(R"(\bdetail::)");
+  std::vector<std::string> found;
+  for (const auto& entry : fs::directory_iterator(fs::path(multigpu_test::source_dir()) / "tools")) {
+    std::ifstream in(entry.path());
+    int number = 0;
+    for (std::string line; std::getline(in, line);) {
+      ++number;
+      if (std::regex_search(line, kDetail)) found.push_back(entry.path().filename().string() + ":" + std::to_string(number));
+    }
+  }
+  CHECK_MESSAGE(found.empty(), "tools/ uses detail:: names; give them a public API instead:" << joined(found));
 }
