@@ -33,7 +33,7 @@
 //   communicator.hpp   the cross-process communicators, and which one a job gets
 
 #include "multigpu/data_parallel.hpp"
-#include "multigpu/distributed/communicator.hpp"
+#include "multigpu/gloo/communicator.hpp"
 #include "multigpu/distributed/process_group.hpp"
 #include "multigpu/distributed/rendezvous.hpp"
 #include "multigpu/distributed_env.hpp"

@@ -479,4 +479,4 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
 
 // The cross-process communicators and ProcessGroup::make_communicator, which
 // makes them (a class split over two files, as fmt's -inl headers).
-#include "multigpu/distributed/communicator.hpp"
+#include "multigpu/gloo/communicator.hpp"
