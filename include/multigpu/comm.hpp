@@ -16,7 +16,11 @@
 ///   - NcclCommunicator (multigpu/nccl/communicator.hpp, with
 ///     MULTIGPU_WITH_NCCL): distinct GPUs. Enqueues NCCL kernels; a watchdog
 ///     aborts collectives that outlive the time-out; wait() waits.
-/// make_communicator() (multigpu/backend.hpp) chooses between them.
+///   - CrossProcessCommunicator (multigpu/gloo/communicator.hpp): several
+///     processes without NCCL, or sharing a GPU: local reduction, then the
+///     ProcessCollectives of a ProcessGroup (Gloo) between processes.
+/// make_communicator() (multigpu/backend.hpp) chooses between them; see
+/// Note [Choosing a backend] there.
 ///
 /// Thread safety: one collective at a time per communicator unless the
 /// backend says otherwise (LocalCommunicator allows concurrent calls on
@@ -72,6 +76,25 @@ class Communicator {
   /// Why the communicator cannot be used any more ("" while it can), e.g.
   /// an NCCL communicator its watchdog aborted after a time-out.
   virtual std::string failure() const { return ""; }
+};
+
+/// The collectives between processes that a cross-process backend builds
+/// on: ProcessGroup (multigpu/distributed.hpp) provides them over c10d, so
+/// that the backends' folders need none of c10d's headers. Every process
+/// calls each of them, in the same order.
+class ProcessCollectives {
+ public:
+  virtual ~ProcessCollectives() = default;
+  /// This process's rank, 0 .. size()-1.
+  virtual int rank() const = 0;
+  /// Number of processes.
+  virtual int size() const = 0;
+  /// In place on a CPU tensor of every process: the sum over processes.
+  virtual void all_reduce_sum(const at::Tensor& tensor) = 0;
+  /// In place on a CPU tensor of every process: a copy of `root`'s.
+  virtual void broadcast(const at::Tensor& tensor, int root) = 0;
+  /// Every process's `value`, by rank (for small facts).
+  virtual std::vector<std::string> all_gather_text(const std::string& value) = 0;
 };
 
 // Note [Virtual functions in a header-only library]

@@ -30,10 +30,13 @@
 // Rooms (multigpu/distributed/):
 //   rendezvous.hpp     finding the master, opening the store within a time limit
 //   process_group.hpp  ProcessGroup: membership, heartbeat, CPU collectives
-//   communicator.hpp   the cross-process communicators, and which one a job gets
+//   communicator.hpp   the processes' vote on the facts that choose a job's backend
+// The backends themselves live in their own folders (nccl/, gloo/), and the
+// choice in multigpu/backend.hpp: see Note [Choosing a backend].
 
 #include "multigpu/data_parallel.hpp"
 #include "multigpu/distributed/communicator.hpp"
 #include "multigpu/distributed/process_group.hpp"
 #include "multigpu/distributed/rendezvous.hpp"
 #include "multigpu/distributed_env.hpp"
+#include "multigpu/gloo/communicator.hpp"

@@ -46,7 +46,7 @@ namespace multigpu {
 /// This process's membership of a multi-process job (see the file comment).
 /// Create one per process, before any DataParallel that uses it, and keep it
 /// alive as long as they are.
-class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
+class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_this<ProcessGroup> {
  public:
   /// Reads the environment (explicit `options` override it) and, with more
   /// than one process, meets the others: rank 0 serves the store at
@@ -62,16 +62,16 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
                                               std::chrono::milliseconds timeout = std::chrono::minutes(5)) {
     return std::shared_ptr<ProcessGroup>(new ProcessGroup(env, timeout));
   }
-  inline ~ProcessGroup();
+  inline ~ProcessGroup() override;
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
 
   /// Where this process stands in the job.
   const DistributedEnv& env() const { return env_; }
   /// This process's global rank, 0..size()-1.
-  int rank() const { return env_.rank; }
+  int rank() const override { return env_.rank; }
   /// Number of processes in the job.
-  int size() const { return env_.world_size; }
+  int size() const override { return env_.world_size; }
   /// Whether this is global rank 0 (the one that writes plain model files).
   bool is_primary() const { return env_.rank == 0; }
   /// Whether the job has more than one process.
@@ -83,9 +83,10 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
   /// a single process). What it makes keeps the group alive.
   inline DataParallelOptions data_parallel_options(DataParallelOptions base = {});
   /// The communicator over `replicas` (this process's) and every other
-  /// process's: NCCL over all GPUs when every replica is on a distinct GPU
-  /// and NCCL is compiled in, else local reduction plus Gloo. Collective:
-  /// every process calls it, in the same order.
+  /// process's: the processes agree on the facts, and choose_backend()
+  /// (multigpu/backend.hpp) decides: NCCL over all GPUs when every replica
+  /// is on a GPU of its own and NCCL is compiled in, else local reduction
+  /// plus Gloo. Collective: every process calls it, in the same order.
   inline std::unique_ptr<Communicator> make_communicator(const std::vector<ReplicaContext>& replicas);
 
   /// The device spec this process should use: with one process per device
@@ -97,13 +98,13 @@ class ProcessGroup : public std::enable_shared_from_this<ProcessGroup> {
   }
 
   /// In place on a CPU tensor of every process: the sum over processes.
-  inline void all_reduce_sum(const at::Tensor& tensor);
+  inline void all_reduce_sum(const at::Tensor& tensor) override;
   /// In place on a CPU tensor of every process: a copy of `root`'s.
-  inline void broadcast(const at::Tensor& tensor, int root);
+  inline void broadcast(const at::Tensor& tensor, int root) override;
   /// Returns when every process has called it.
   inline void barrier();
   /// Every process's `value`, by rank (through the store; for small facts).
-  inline std::vector<std::string> all_gather_text(const std::string& value);
+  inline std::vector<std::string> all_gather_text(const std::string& value) override;
 
  private:
   inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout);
@@ -481,6 +482,7 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
 
 }  // namespace multigpu
 
-// The cross-process communicators and ProcessGroup::make_communicator, which
-// makes them (a class split over two files, as fmt's -inl headers).
+// ProcessGroup::make_communicator: the processes' vote on the facts of
+// Note [Choosing a backend] (a class split over two files, as fmt's -inl
+// headers).
 #include "multigpu/distributed/communicator.hpp"

@@ -15,6 +15,7 @@
 
 #if MULTIGPU_WITH_NCCL
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -97,6 +98,19 @@ struct NcclWorld {
   /// The NCCL rank of this process's first GPU.
   int first_rank = 0;
 };
+
+/// The NcclWorld of a job over several processes: rank 0 makes the unique
+/// id and every process receives it through `processes`. Collective.
+inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t first_rank, std::size_t ranks) {
+  NcclWorld world;
+  if (processes.rank() == 0) MULTIGPU_NCCL_CHECK(ncclGetUniqueId(&world.id), "rank 0", nullptr);
+  const std::string id_text =
+      processes.all_gather_text(std::string(reinterpret_cast<const char*>(&world.id), sizeof(world.id)))[0];
+  std::copy(id_text.begin(), id_text.end(), reinterpret_cast<char*>(&world.id));
+  world.ranks = static_cast<int>(ranks);
+  world.first_rank = static_cast<int>(first_rank);
+  return world;
+}
 
 // Note [NCCL watchdog]
 // ~~~~~~~~~~~~~~~~~~~~
