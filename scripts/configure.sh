@@ -44,10 +44,12 @@ fi
 #             and ccache would otherwise hash the build folder's path; the
 #             debug information of a hit names the folder it was compiled in.
 #   sloppiness pch_defines,time_macros: needed with precompiled headers (ccache
-#             cannot see macros or __TIME__ through one); include_file_mtime
-#             and include_file_ctime: the precompiled header is made seconds
-#             before the files that include it, and ccache would not trust
-#             a file that new.
+#             cannot see macros or __TIME__ through one). Not
+#             include_file_mtime/ctime: the cache is shared by every clone,
+#             and ccache's refusal to trust a header saved during the
+#             compilation is what keeps an object made from the old text
+#             from being served for the new one; a precompiled header that
+#             is too new costs a preprocessor-mode lookup, not a miss.
 # An absolute path of the clone compiled into a file (a -D or a generated
 # header) still makes that file differ from clone to clone: such paths live in
 # small files of their own (tests/paths.cpp, bench's generated
@@ -55,16 +57,19 @@ fi
 # The cache is never needed: with it empty or missing, everything is compiled.
 launcher=()
 if [[ "${MULTIGPU_CCACHE:-1}" != 0 && -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]] && command -v ccache >/dev/null 2>&1; then
-  cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}/ccache"
+  cache_dir="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}/.cache}/multigpu}/ccache"
   if [[ ! -f "$cache_dir/ccache.conf" ]]; then
     # Room for every stage of scripts/test.sh and more than one LibTorch (a
     # precompiled <torch/torch.h> alone is about 0.1 GB there, one per build
     # folder); ccache's default, 5 GB, could evict a stage's results.
-    mkdir -p "$cache_dir"
-    CCACHE_DIR="$cache_dir" ccache --max-size 20G >/dev/null
+    mkdir -p "$cache_dir" 2>/dev/null && CCACHE_DIR="$cache_dir" ccache --max-size 20G >/dev/null 2>&1 || true
   fi
-  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros,include_file_mtime,include_file_ctime;$(command -v ccache)")
+  if [[ ! -w "$cache_dir" ]]; then
+    echo "multigpu setup: cannot write the compiler cache $cache_dir; compiling without ccache" >&2
+  else
+  launcher=("-DCMAKE_CXX_COMPILER_LAUNCHER=env;CCACHE_DIR=$cache_dir;CCACHE_BASEDIR=$root;CCACHE_NOHASHDIR=1;CCACHE_SLOPPINESS=pch_defines,time_macros;$(command -v ccache)")
   echo "multigpu setup: compiling through ccache, cache in $cache_dir (MULTIGPU_CCACHE=0: without)" >&2
+  fi
 elif [[ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]]; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=)  # a build folder configured with ccache before: without it now
 fi

@@ -26,7 +26,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 choice="${MULTIGPU_TORCH:-auto}"
-cache_root="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/multigpu}"
+home="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
+cache_root="${MULTIGPU_CACHE_DIR:-${XDG_CACHE_HOME:-$home/.cache}/multigpu}"
 venv_root="${MULTIGPU_VENV_DIR:-$cache_root/venv}"
 pip_cpu="${MULTIGPU_TORCH_PIP_CPU:-torch==2.13.0}"
 pip_cuda="${MULTIGPU_TORCH_PIP_CUDA:-torch==2.14.1}"
@@ -100,22 +101,43 @@ venv_path() {
 }
 
 # The project's virtual environment $1 (cpu or cuda), made with pip's torch when missing.
+# It is shared by every clone (see the top), so it is trusted only when its
+# marker names exactly the spec asked for now: a changed pin, or a pip install
+# that was interrupted (the marker is written last), makes it anew, under a
+# lock, so that two clones never build into one folder. An environment
+# made before the marker existed is adopted when its torch is the pinned
+# version and its CMake package is there.
 venv_torch() {
-  local kind="$1" venv spec dir
+  local kind="$1" venv spec dir marker lock
   venv="$(venv_path "$kind")"
   spec="$pip_cpu"
   [[ "$kind" == cuda ]] && spec="$pip_cuda"
-  if dir="$(python_torch "$venv/bin/python")" && [[ -n "$dir" ]]; then
+  marker="$venv/.multigpu-pip-spec"
+  if [[ -f "$marker" && "$(cat "$marker")" == "$spec" ]] && dir="$(python_torch "$venv/bin/python")" && [[ -n "$dir" ]]; then
+    echo "$dir"
+    return 0
+  fi
+  if [[ ! -f "$marker" && "$spec" == torch==* ]] && dir="$(python_torch "$venv/bin/python")" && [[ -n "$dir" ]] &&
+     [[ "$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" == "${spec#torch==}" ]]; then
+    echo "$spec" > "$marker" 2>/dev/null || true
     echo "$dir"
     return 0
   fi
   command -v python3 >/dev/null 2>&1 || { say "no python3 to make $venv with"; return 1; }
-  say "making the virtual environment $venv with pip's $spec (once; a CUDA build is several GB)"
-  rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
-  python3 -m venv "$venv" >&2 || { say "python3 -m venv failed (on Debian: apt-get install python3-venv)"; return 1; }
-  # shellcheck disable=SC2086  # the spec may carry pip options
-  "$venv/bin/pip" install --disable-pip-version-check -q $spec >&2 || { say "pip install $spec failed"; return 1; }
+  mkdir -p "$(dirname "$venv")" 2>/dev/null && [[ -w "$(dirname "$venv")" ]] ||
+    { say "cannot write $(dirname "$venv") for pip's torch (MULTIGPU_VENV_DIR or MULTIGPU_CACHE_DIR name another folder)"; return 1; }
+  lock="$(dirname "$venv")/.lock-$(basename "$venv")"
+  (
+    flock 9
+    # Another clone may have made it while this one waited.
+    if [[ -f "$marker" && "$(cat "$marker")" == "$spec" ]] && python_torch "$venv/bin/python" >/dev/null; then exit 0; fi
+    say "making the virtual environment $venv with pip's $spec (once; a CUDA build is several GB)"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || { say "python3 -m venv failed (on Debian: apt-get install python3-venv)"; exit 1; }
+    # shellcheck disable=SC2086  # the spec may carry pip options
+    "$venv/bin/pip" install --disable-pip-version-check -q $spec >&2 || { say "pip install $spec failed"; exit 1; }
+    echo "$spec" > "$marker"  # last: without it the environment counts as half-made
+  ) 9>"$lock" || return 1
   python_torch "$venv/bin/python"
 }
 
