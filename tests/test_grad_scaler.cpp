@@ -122,6 +122,21 @@ TEST_SUITE("GradScaler") {
     empty_in.load_from(empty_input);
     CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, restored.load(empty_in)),
                    "the archive holds no \"grad_scaler\""));
+
+    // A value of another type (a damaged or foreign archive) is a CheckpointError too, not IValue's c10::Error.
+    torch::serialize::OutputArchive inner;
+    inner.write("scale", c10::IValue(std::int64_t{512}));
+    inner.write("growth_tracker", c10::IValue(std::int64_t{0}));
+    torch::serialize::OutputArchive wrong;
+    wrong.write("grad_scaler", inner);
+    std::ostringstream wrong_bytes;
+    wrong.save_to(wrong_bytes);
+    std::istringstream wrong_input(wrong_bytes.str());
+    torch::serialize::InputArchive wrong_in;
+    wrong_in.load_from(wrong_input);
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, restored.load(wrong_in)),
+                   "GradScaler::load: the archive's grad_scaler's scale is a Int, not a float"));
+    CHECK(restored.scale() == 1024.0);  // nothing changed
   }
 
   TEST_CASE("with a scaler, K replicas train like one model without one (power-of-two scales are exact)") {

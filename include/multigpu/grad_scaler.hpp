@@ -158,12 +158,31 @@ inline void GradScaler::load(torch::serialize::InputArchive& archive) {
     }
     return value;
   };
+  // A value of another type is a damaged or foreign archive, not a bug of
+  // the caller: CheckpointError, like the rest (IValue's own error would be
+  // a c10::Error).
+  auto read_double = [&](const char* key) {
+    const c10::IValue value = read(key);
+    if (!value.isDouble()) {
+      throw CheckpointError(fmt::format("GradScaler::load: the archive's grad_scaler's {} is a {}, not a float",
+                                        key, value.tagKind()));
+    }
+    return value.toDouble();
+  };
+  auto read_int = [&](const char* key) {
+    const c10::IValue value = read(key);
+    if (!value.isInt()) {
+      throw CheckpointError(fmt::format("GradScaler::load: the archive's grad_scaler's {} is a {}, not an integer",
+                                        key, value.tagKind()));
+    }
+    return value.toInt();
+  };
   GradScalerOptions options = options_;
-  const double scale = read("scale").toDouble();
-  const std::int64_t tracker = read("growth_tracker").toInt();
-  options.growth_factor = read("growth_factor").toDouble();
-  options.backoff_factor = read("backoff_factor").toDouble();
-  options.growth_interval = read("growth_interval").toInt();
+  const double scale = read_double("scale");
+  const std::int64_t tracker = read_int("growth_tracker");
+  options.growth_factor = read_double("growth_factor");
+  options.backoff_factor = read_double("backoff_factor");
+  options.growth_interval = read_int("growth_interval");
   if (const std::string wrong = problem(options, scale, "GradScaler::load"); !wrong.empty()) {
     throw CheckpointError(wrong);
   }
