@@ -499,19 +499,23 @@ TEST_SUITE("distributed training") {
 /// Runs the worker as `world` processes (`arguments` for all, `per_rank`
 /// added to each) and returns each rank's exit; rank k's output is in
 /// scratch(name + "log" + k), its parameters (or error) in scratch(name + k).
+/// A rank still running after `limit` is killed.
 std::vector<multigpu::detail::ProcessExit> run_job(const std::string& name, int world, const std::string& arguments,
-                                                   const std::vector<std::string>& per_rank = {}) {
+                                                   const std::vector<std::string>& per_rank = {},
+                                                   int timeout_ms = 60000,
+                                                   std::chrono::seconds limit = std::chrono::seconds(120)) {
   const int port = free_port();
   std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
   for (int rank = 0; rank < world; ++rank) {
     const auto k = static_cast<std::size_t>(rank);
     ranks.push_back(start_rank(rank, world, port,
-                               fmt::format("{} {} --out {} --timeout-ms 60000", arguments,
-                                           k < per_rank.size() ? per_rank[k] : "", scratch(fmt::format("{}{}", name, rank))),
+                               fmt::format("{} {} --out {} --timeout-ms {}", arguments,
+                                           k < per_rank.size() ? per_rank[k] : "", scratch(fmt::format("{}{}", name, rank)),
+                                           timeout_ms),
                                scratch(fmt::format("{}log{}", name, rank))));
   }
   std::vector<multigpu::detail::ProcessExit> exits;
-  for (auto& rank : ranks) exits.push_back(finish(*rank, std::chrono::seconds(120)));
+  for (auto& rank : ranks) exits.push_back(finish(*rank, limit));
   return exits;
 }
 
@@ -519,6 +523,63 @@ torch::Tensor parameters_of(const std::string& name, int rank) {
   torch::Tensor trained;
   torch::load(trained, scratch(fmt::format("{}{}", name, rank)));
   return trained;
+}
+
+/// Two processes x 2 replicas train 4 float64 steps in small buckets (one
+/// per parameter), with step 1 failing on rank `fault_rank` only as `kind`
+/// says (see worker.cpp): both ranks must get an error for step 1 (the
+/// failing one its own, containing `reason`; the other one naming the
+/// failing rank and that reason), nothing may hang, and both must end bit
+/// for bit where a run that never saw batch 1 ends.
+void check_one_rank_failure(const std::string& kind, int fault_rank, const std::string& reason) {
+  const std::string common = "--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001";
+  const auto skipped = run_job("skip" + kind, 2, common + " --skip-step 1");
+  for (const auto& exit : skipped) REQUIRE(exit.success());
+  const auto start = std::chrono::steady_clock::now();
+  const auto failed = run_job(kind, 2, fmt::format("{} --fail-at-step 1 --fail-kind {} --fault-rank {}", common, kind,
+                                                   fault_rank),
+                              {}, /*timeout_ms=*/10000, std::chrono::seconds(40));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string errors = read_text(scratch(fmt::format("{}{}", kind, rank)) + ".errors");
+    INFO("rank ", rank, ": ", failed[static_cast<std::size_t>(rank)].describe(), "; step 1's error: ", errors, "\n",
+         read_text(scratch(fmt::format("{}log{}", kind, rank))));
+    REQUIRE(failed[static_cast<std::size_t>(rank)].success());
+    CHECK(contains(errors, "step 1: "));
+    CHECK(contains(errors, reason));
+    if (rank != fault_rank) {
+      CHECK(contains(errors, fmt::format("rank {} failed this step", fault_rank)));
+      CHECK(contains(errors, "every process discarded this step's gradients"));
+    }
+    CHECK(torch::equal(parameters_of(kind, rank), parameters_of("skip" + kind, 0)));
+  }
+  CHECK(seconds < 30);  // no time-out waited for (10 s each)
+  for (const std::string name : {kind, "skip" + kind}) {
+    for (int rank = 0; rank < 2; ++rank) {
+      std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+      std::remove((scratch(fmt::format("{}{}", name, rank)) + ".errors").c_str());
+      std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+    }
+  }
+}
+
+// See Note [A step that fails on one process].
+TEST_SUITE("a step that fails on one process") {
+  TEST_CASE("the loss function throws on rank 1 only: both skip the step, the next ones train as without that batch") {
+    check_one_rank_failure("throw", 1, "deliberate failure at step 1");
+  }
+
+  TEST_CASE("check_finite_loss sees a NaN on rank 0 only: both skip the step, the next ones train as without it") {
+    check_one_rank_failure("nan", 0, "the loss is nan (DataParallelOptions::check_finite_loss)");
+  }
+
+  TEST_CASE("an empty batch on rank 1 only: both skip the step, the next ones train as without it") {
+    check_one_rank_failure("empty", 1, "forward_backward: the batch has no samples");
+  }
+
+  TEST_CASE("a parameter without a gradient on rank 1 only: both skip the step, the next ones train as without it") {
+    check_one_rank_failure("unused", 1, "parameter(s) received no gradient in this step: fc1.weight (replica 0)");
+  }
 }
 
 TEST_SUITE("distributed checkpoints") {

@@ -147,7 +147,8 @@ class DataParallel {
   /// losses, or their sum with LossReduction::kSum) as a StepLoss, which
   /// waits for the GPU only when read. Throws ReplicaError naming the
   /// replica and device when a replica fails; the gradients of the failed
-  /// step are discarded and the next step works.
+  /// step are discarded and the next step works. Across processes a step
+  /// that fails on one fails on all, each throwing (see distributed.md).
   template <class Batch, class LossFn>
   StepLoss train_step(const Batch& batch, LossFn&& loss_fn);
 
@@ -346,7 +347,7 @@ template <class M>
 template <class Batch, class LossFn>
 StepLoss DataParallel<M>::forward_backward(const Batch& batch, LossFn&& loss_fn) {
   const std::int64_t total = batch_size(batch);
-  if (total <= 0) throw Error("forward_backward: the batch has no samples");
+  if (total <= 0) core_.fail_step("forward_backward: the batch has no samples");
   const std::vector<std::int64_t> sizes = split_batch(total, size());
   const std::vector<Batch> shards = split_shards(batch, sizes);
   return core_.forward_backward(sizes, [&](std::size_t r) -> at::Tensor {

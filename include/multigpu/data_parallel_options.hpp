@@ -75,6 +75,12 @@ struct DataParallelOptions {
   int process_rank = 0;
   /// Number of processes training together (see process_rank).
   int processes = 1;
+  /// Across processes: takes this process's reason for failing the current
+  /// step ("" when it did not) and returns every process's, by rank. Every
+  /// process calls it once per synchronising forward_backward, after the
+  /// step's gradient buckets (see Note [A step that fails on one process]).
+  /// Set by ProcessGroup::data_parallel_options; null for one process.
+  std::function<std::vector<std::string>(const std::string&)> agree_on_step;
 };
 
 }  // namespace multigpu

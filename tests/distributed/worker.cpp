@@ -13,9 +13,19 @@
 // then puts an infinity into rank --fault-rank's gradients after step N's
 // sync; the final scale goes to --out's name + ".scale". --comm-hook bf16
 // or fp16 sends the gradient buckets compressed.
+// A step that fails on one process: --fail-at-step N with --fail-kind
+// throw (the loss function throws), nan (a NaN loss under
+// check_finite_loss), empty (an empty batch) or unused (fc1 gets no
+// gradient) fails step N on rank --fault-rank only; every rank then
+// catches that step's multigpu::Error, appends "step N: message" to --out's
+// name + ".errors" and goes on. --skip-step N leaves batch N out on every
+// rank (the run the failed one must equal). --double 1 trains in float64;
+// --bucket-cap-mib X sets the bucket cap; --report-time 1 prints the
+// training loop's time per step.
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
@@ -23,6 +33,7 @@
 #include <iostream>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -50,6 +61,12 @@ struct Args {
   int save_at_step = -1;
   std::string checkpoint;
   std::string resume;
+  int fail_at_step = -1;
+  std::string fail_kind;  // throw, nan, empty or unused
+  int skip_step = -1;
+  bool double_precision = false;
+  double bucket_cap_mib = 0;  // 0: the default
+  bool report_time = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -73,6 +90,12 @@ Args parse(int argc, char** argv) {
     else if (name == "--save-at-step") args.save_at_step = std::stoi(value);
     else if (name == "--checkpoint") args.checkpoint = value;
     else if (name == "--resume") args.resume = value;
+    else if (name == "--fail-at-step") args.fail_at_step = std::stoi(value);
+    else if (name == "--fail-kind") args.fail_kind = value;
+    else if (name == "--skip-step") args.skip_step = std::stoi(value);
+    else if (name == "--double") args.double_precision = value == "1";
+    else if (name == "--bucket-cap-mib") args.bucket_cap_mib = std::stod(value);
+    else if (name == "--report-time") args.report_time = value == "1";
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -95,11 +118,15 @@ int main(int argc, char** argv) {
     // Each rank starts from its own random model: the broadcast from rank 0
     // must make them one.
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
+    const auto dtype = args.double_precision ? torch::kDouble : torch::kFloat;
+    net->to(dtype);
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
     if (args.comm_hook == "bf16") dp_options.comm_hook = multigpu::bf16_compress_hook();
     if (args.comm_hook == "fp16") dp_options.comm_hook = multigpu::fp16_compress_hook();
     if (args.scaler) dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();
+    if (args.bucket_cap_mib > 0) dp_options.bucket_cap_mib = args.bucket_cap_mib;
+    if (args.fail_kind == "nan") dp_options.check_finite_loss = true;
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
     dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
@@ -108,18 +135,44 @@ int main(int argc, char** argv) {
       const multigpu::ResumeInfo info = dp.load_state(args.resume);
       std::cerr << "distributed_worker: " << info.describe() << "\n";
     }
+    const auto loop_start = std::chrono::steady_clock::now();
+    int trained_steps = 0;
     for (int step = static_cast<int>(dp.steps()); step < args.steps; ++step) {
+      if (step == args.skip_step) continue;
       auto [x, y] = multigpu_test::recipe_batch(step);
-      const auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank),
-                                        multigpu_test::part_of(y, group->size(), rank));
+      auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank).to(dtype),
+                                  multigpu_test::part_of(y, group->size(), rank).to(dtype));
+      const bool fail_here = rank == args.fault_rank && step == args.fail_at_step;
+      if (fail_here && args.fail_kind == "empty") {
+        batch = std::make_pair(batch.first.narrow(0, 0, 0), batch.second.narrow(0, 0, 0));
+      }
       auto loss = [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
         if (step == args.kill_at_step) std::raise(SIGKILL);
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
+        if (fail_here && args.fail_kind == "throw") {
+          throw std::runtime_error("deliberate failure at step " + std::to_string(step));
+        }
+        if (fail_here && args.fail_kind == "nan") {
+          return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed) *
+                 std::numeric_limits<double>::quiet_NaN();
+        }
+        if (fail_here && args.fail_kind == "unused") {  // fc1's parameters get no gradient
+          return torch::mse_loss(model.fc2(torch::tanh(model.fc1(shard.first).detach())), shard.second);
+        }
         return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
       };
+      if (step == args.fail_at_step) {
+        try {
+          dp.train_step(batch, loss);
+        } catch (const multigpu::Error& e) {
+          std::ofstream(args.out + ".errors", std::ios::app) << "step " << step << ": " << e.what() << "\n";
+        }
+        continue;
+      }
+      ++trained_steps;
       if (args.scaler) {
         dp.forward_backward(batch, loss);
         if (rank == args.fault_rank && step == args.inf_at_step) {
@@ -132,6 +185,11 @@ int main(int argc, char** argv) {
         dp.train_step(batch, loss);
       }
       if (step + 1 == args.save_at_step) dp.save_state(args.checkpoint);
+    }
+    if (args.report_time) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - loop_start).count();
+      std::cerr << "distributed_worker: " << trained_steps << " steps, " << ms / std::max(trained_steps, 1)
+                << " ms per step\n";
     }
     group->barrier();  // every rank finished training (exercised by the tests)
     torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);

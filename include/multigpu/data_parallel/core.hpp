@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -62,6 +63,10 @@ class DataParallelCore {
   /// worker), backward on the weighted loss, and the gradient sync.
   StepLoss forward_backward(const std::vector<std::int64_t>& shard_sizes,
                             const std::function<at::Tensor(std::size_t)>& loss_of);
+  /// Fails this forward_backward with Error(message) before any replica
+  /// ran; across processes once every process has agreed (see Note [A step
+  /// that fails on one process]).
+  [[noreturn]] void fail_step(const std::string& message);
   /// Orders the replicas against the caller's streams while it lives (see
   /// Note [Streams], rule 2); every public operation holds one.
   StreamFence::Scope fenced() { return StreamFence::Scope(fence_); }
@@ -130,6 +135,8 @@ class DataParallelCore {
   void follow_primary_options();
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
+  bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
+  void finish_step_across_processes(std::exception_ptr failure);
   void load_optimizer_into(std::size_t r, const std::string& state);
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
   void unscale_gradients();
@@ -313,7 +320,7 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   }
   std::int64_t total = 0;
   for (auto s : shard_sizes) total += s;
-  if (total <= 0) throw Error("forward_backward: the batch has no samples");
+  if (total <= 0) fail_step("forward_backward: the batch has no samples");
   std::vector<bool> active(n);
   std::vector<double> weights(n);
   const double loss_scale = scaler_ ? scaler_->scale() : 1.0;
@@ -328,6 +335,7 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   std::vector<const char*> stages(n, nullptr);
   if (reducer_) reducer_->prepare_backward(active, !in_no_sync());
   progress_.on_batch(total);  // read from the data, whether it trains or fails
+  std::exception_ptr failure;
   try {
     workers_.run(
         [&](std::size_t r) {
@@ -360,10 +368,19 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
           }
         },
         "a training step", active, &stages);
-    if (reducer_) reducer_->finish_backward();
   } catch (...) {
-    zero_after_failure();
-    throw;
+    failure = std::current_exception();
+  }
+  if (agrees_across_processes()) {
+    finish_step_across_processes(failure);
+  } else {
+    try {
+      if (failure) std::rethrow_exception(failure);
+      if (reducer_) reducer_->finish_backward();
+    } catch (...) {
+      zero_after_failure();
+      throw;
+    }
   }
   std::vector<double> loss_weights(n, 1.0);
   if (options_.loss_reduction == LossReduction::kMean) {
@@ -397,6 +414,95 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
     ready->record(*current_stream(devices_[0]));
   }
   return StepLoss(sum, std::move(ready));
+}
+
+// Note [A step that fails on one process]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A step can fail on one process only: its loss function throws, its loss
+// is NaN under check_finite_loss, its batch is empty, a data-dependent
+// branch leaves a parameter without a gradient. Collectives across
+// processes pair by order, so a process that gave up on the step and
+// skipped the step's remaining collectives (gradient buckets, the
+// GradScaler's flag, the buffer broadcast) would pair the next step's with
+// them: gradients of two steps averaged, a broadcast against an all-reduce
+// of another size, or a hang. PyTorch's DDP leaves this to the user.
+//
+// Here every process issues the same collectives in every synchronising
+// forward_backward, failed or not, and then agrees on the outcome:
+//  1. a process whose part failed (a replica threw, or the reducer found a
+//     parameter without a gradient) still reduces every gradient bucket
+//     that its hooks did not launch, in bucket order (finish_failed_backward,
+//     and finish_backward before its Error). The others launched theirs
+//     during backward; an agreement before the first bucket would have to
+//     stop backward on every process and give up that overlap. An empty
+//     batch runs no replica and reduces every bucket (fail_step);
+//  2. then one agreement: every process says whether it failed
+//     (DataParallelOptions::agree_on_step: a Gloo all-reduce of one number
+//     on the host, which never waits for a GPU; the reasons go through the
+//     store only when one failed);
+//  3. if any process failed, every process zeroes its gradients (the
+//     reduced buckets hold the failed step's mix) and throws: the failing
+//     one its own error, the others an Error naming each failing rank and
+//     its reason. No optimizer stepped, and nothing else of the step was
+//     issued (train_step's step() and its buffer broadcast come after), so
+//     the next step trains exactly as if the failed batch had never been
+//     there.
+// The cost is one small collective per synchronising step (a round trip),
+// and only with several processes: one process (and each no_sync()
+// micro-step, which issues no collective) keeps the path it had, with no
+// agreement. The flag does not ride in the last gradient bucket: a healthy
+// process sends that bucket during backward, and a failure can be found
+// after a process sent it (a NaN loss checked after backward, a second
+// backward, a throw after the last hook), which a flag sent earlier cannot
+// tell; on GPUs reading it would also make the host wait for the bucket. A
+// collective that fails or times out is not agreed on: it breaks the
+// process group (or the reducer), and every later call on any process says
+// so, naming the silent ranks.
+inline void DataParallelCore::finish_step_across_processes(std::exception_ptr failure) {
+  try {
+    if (failure) {
+      reducer_->finish_failed_backward();
+    } else {
+      reducer_->finish_backward();
+    }
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+  }
+  if (failure && (!reducer_->broken().empty() || !comm_->failure().empty())) {
+    zero_after_failure();
+    std::rethrow_exception(failure);
+  }
+  std::vector<std::string> failures;
+  try {
+    failures = options_.agree_on_step(failure ? describe_exception(failure) : "");
+  } catch (...) {
+    zero_after_failure();
+    if (failure) std::rethrow_exception(failure);
+    throw;
+  }
+  if (failure) {
+    zero_after_failure();
+    std::rethrow_exception(failure);
+  }
+  std::string failed;
+  for (std::size_t rank = 0; rank < failures.size(); ++rank) {
+    if (failures[rank].empty()) continue;
+    failed += fmt::format("{}rank {} failed this step ({})", failed.empty() ? "" : ", ", rank, failures[rank]);
+  }
+  if (failed.empty()) return;
+  zero_after_failure();
+  throw Error(fmt::format("forward_backward: {}; every process discarded this step's gradients and no optimizer "
+                          "stepped: go on with the next batch, which trains as if this one had not been there",
+                          failed));
+}
+
+inline void DataParallelCore::fail_step(const std::string& message) {
+  if (agrees_across_processes()) {
+    const auto fence = fenced();
+    reducer_->prepare_backward(std::vector<bool>(size(), false), /*sync=*/true);
+    finish_step_across_processes(std::make_exception_ptr(Error(message)));
+  }
+  throw Error(message);
 }
 
 inline void DataParallelCore::zero_after_failure() noexcept {

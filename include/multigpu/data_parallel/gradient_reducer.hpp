@@ -113,8 +113,15 @@ class GradientReducer {
   void prepare_backward(const std::vector<bool>& active, bool sync);
   /// After every active replica's backward has returned: reduces whatever
   /// the hooks did not launch, waits for every all-reduce, checks for
-  /// parameters without a gradient. Throws (Error, CommError) on failure.
+  /// parameters without a gradient. Throws (Error, CommError) on failure;
+  /// across processes every bucket is reduced before that Error (see Note
+  /// [A step that fails on one process]).
   void finish_backward();
+  /// After this process's part of a step failed, across processes: reduces
+  /// every bucket the hooks did not launch, as the other processes do (the
+  /// step is discarded, so whatever the buffers hold), waits, and abandons
+  /// the step. Throws CommError when an all-reduce fails.
+  void finish_failed_backward();
   /// Reduces every bucket not reduced since the last backward and waits
   /// (for callers that ran backward themselves, or with overlap off).
   void synchronize();
@@ -156,6 +163,8 @@ class GradientReducer {
   void ensure_slot(std::size_t replica, std::size_t param);
   void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
+  void launch_not_ready();
+  bool across_processes() const { return comm_.world_size() > comm_.size(); }
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
   std::string describe_bucket(std::size_t bucket) const;
@@ -585,16 +594,44 @@ inline void GradientReducer::wait_for_launched(const char* what) {
   }
 }
 
+// Launches, in bucket order, every bucket not ready yet (and those waiting
+// behind them), with each parameter's gradient in its slot.
+inline void GradientReducer::launch_not_ready() {
+  for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
+    if (bucket_state_[b].ready->load()) continue;
+    for (std::size_t r = 0; r < params_.size(); ++r) {
+      const ReplicaContext::Scope scope(replicas_[r]);  // copied on r's stream, before its ready event
+      for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
+    }
+    record_ready_events(b);
+    mark_ready(b);
+  }
+}
+
 inline void GradientReducer::finish_backward() {
   const auto backward_done = std::chrono::steady_clock::now();
   armed_ = false;
   backward_running_ = false;
   if (!sync_this_step_) return;
-  if (fired_twice_) {
+  // Across processes, a step that fails here still reduces every bucket, as
+  // the other processes do: see Note [A step that fails on one process].
+  const auto fail = [&](const std::string& message) {
+    if (across_processes()) {
+      launch_not_ready();
+      try {
+        wait_for_launched("gradient sync");
+      } catch (...) {
+        abandon_step();
+        throw;
+      }
+    }
     abandon_step();
-    throw Error("a parameter received its gradient twice in one step (backward ran twice, e.g. retain_graph), "
-                "which the overlapped gradient sync cannot follow; run one backward per forward_backward, or set "
-                "DataParallelOptions::overlap_sync_with_backward = false");
+    throw Error(message);
+  };
+  if (fired_twice_) {
+    fail("a parameter received its gradient twice in one step (backward ran twice, e.g. retain_graph), "
+         "which the overlapped gradient sync cannot follow; run one backward per forward_backward, or set "
+         "DataParallelOptions::overlap_sync_with_backward = false");
   }
   std::vector<std::size_t> missing;
   for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
@@ -615,25 +652,17 @@ inline void GradientReducer::finish_backward() {
         }
       }
     }
-    abandon_step();
     std::string list;
     const std::size_t shown = std::min<std::size_t>(unused.size(), 10);
     for (std::size_t i = 0; i < shown; ++i) list += (i == 0 ? "" : ", ") + unused[i];
     if (unused.size() > shown) list += fmt::format(" and {} more", unused.size() - shown);
-    throw Error(fmt::format("{} parameter(s) received no gradient in this step: {}. Their gradients cannot be "
-                            "synchronised during backward; if the model does not use them every step, set "
-                            "DataParallelOptions::find_unused_parameters = true (they count as zero), or freeze "
-                            "them (requires_grad false) before building DataParallel",
-                            unused.size(), list));
+    fail(fmt::format("{} parameter(s) received no gradient in this step: {}. Their gradients cannot be "
+                     "synchronised during backward; if the model does not use them every step, set "
+                     "DataParallelOptions::find_unused_parameters = true (they count as zero), or freeze "
+                     "them (requires_grad false) before building DataParallel",
+                     unused.size(), list));
   }
-  for (std::size_t b : missing) {
-    for (std::size_t r = 0; r < params_.size(); ++r) {
-      const ReplicaContext::Scope scope(replicas_[r]);  // copied on r's stream, before its ready event
-      for (std::size_t k : buckets_[b].parameters) ensure_slot(r, k);
-    }
-    record_ready_events(b);
-    mark_ready(b);
-  }
+  launch_not_ready();
   try {
     wait_for_launched("gradient sync");
   } catch (...) {
@@ -645,6 +674,21 @@ inline void GradientReducer::finish_backward() {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - backward_done).count();
+}
+
+inline void GradientReducer::finish_failed_backward() {
+  armed_ = false;
+  backward_running_ = false;
+  if (sync_this_step_ && broken_.empty()) {
+    launch_not_ready();
+    try {
+      wait_for_launched("gradient sync");
+    } catch (...) {
+      abandon_step();
+      throw;
+    }
+  }
+  abandon_step();
 }
 
 inline void GradientReducer::synchronize() {

@@ -105,6 +105,10 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   inline void barrier();
   /// Every process's `value`, by rank (through the store; for small facts).
   inline std::vector<std::string> all_gather_text(const std::string& value) override;
+  /// Every process's reason for failing the current step ("" where it did
+  /// not), by rank: one all-reduce of one number, and the reasons through
+  /// the store only when a process failed. Collective.
+  inline std::vector<std::string> agree_on_failures(const std::string& failure);
 
  private:
   inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout);
@@ -450,6 +454,14 @@ inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string&
 
 #endif  // MULTIGPU_WITH_DISTRIBUTED
 
+inline std::vector<std::string> ProcessGroup::agree_on_failures(const std::string& failure) {
+  if (!distributed()) return {failure};
+  const at::Tensor failed = at::full({1}, failure.empty() ? 0 : 1, at::TensorOptions().dtype(at::kInt));
+  all_reduce_sum(failed);
+  if (failed.item<int>() == 0) return std::vector<std::string>(static_cast<std::size_t>(size()));
+  return all_gather_text(failure);
+}
+
 inline void ProcessGroup::stop_heartbeat() noexcept {
   {
     std::lock_guard<std::mutex> lock(heartbeat_mutex_);
@@ -477,6 +489,9 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
   base.collective_timeout = std::max(base.collective_timeout, timeout_ + 4 * heartbeat_interval() + std::chrono::seconds(2));
   base.process_rank = env_.rank;
   base.processes = env_.world_size;
+  base.agree_on_step = [self = shared_from_this()](const std::string& failure) {
+    return self->agree_on_failures(failure);
+  };
   return base;
 }
 
