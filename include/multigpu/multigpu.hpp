@@ -22,6 +22,7 @@
 #include "multigpu/comm_hook.hpp"
 #include "multigpu/precision.hpp"
 #include "multigpu/grad_scaler.hpp"
+#include "multigpu/sync_batch_norm.hpp"
 #include "multigpu/data_parallel.hpp"
 #include "multigpu/checkpoint.hpp"
 #include "multigpu/distributed_env.hpp"

@@ -39,6 +39,7 @@
 #include "multigpu/error.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
+#include "multigpu/sync_batch_norm/rendezvous.hpp"
 #include "multigpu/worker.hpp"
 
 namespace multigpu {
@@ -155,6 +156,7 @@ class DataParallelCore {
   bool unscaled_ = false;               // this step's gradients were unscaled (by clip_grad_norm or step)
   std::vector<at::Tensor> found_inf_;   // [replica], one float each; see Note [Gradient scaling across replicas]
   std::string diverged_;  // why the replicas may differ ("" when they cannot)
+  OwnedRendezvous rendezvous_;  // last: detached before comm_ goes; see Note [SyncBatchNorm across replicas]
 };
 
 /// The module class behind M: M itself, or the Impl of a module holder
@@ -230,6 +232,15 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
       const bool trainable_here = parameters_[0][i].requires_grad();
       if (parameters_[r][i].requires_grad() != trainable_here) parameters_[r][i].set_requires_grad(trainable_here);
+    }
+  }
+  // See Note [SyncBatchNorm across replicas].
+  rendezvous_ = OwnedRendezvous(c10::make_intrusive<ReplicaRendezvous>(*comm_, contexts_, options_.collective_timeout));
+  for (auto& replica : replicas_) {
+    for (const auto& item : replica->named_modules()) {
+      if (auto* layer = dynamic_cast<ReplicaSyncedLayer*>(item.value().get())) {
+        layer->set_sync_name(item.key().empty() ? "(the root module)" : item.key());
+      }
     }
   }
   if (comm_->world_size() > 1) {
@@ -327,9 +338,11 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   std::vector<const char*> stages(n, nullptr);
   if (reducer_) reducer_->prepare_backward(active, !in_no_sync());
   progress_.on_batch(total);  // read from the data, whether it trains or fails
+  rendezvous_->begin_step(active);
   try {
     workers_.run(
         [&](std::size_t r) {
+          const ReplicaSyncScope sync(rendezvous_.get(), r);  // See Note [SyncBatchNorm across replicas]
           stages[r] = "the loss function (forward)";
           at::Tensor loss;
           {
