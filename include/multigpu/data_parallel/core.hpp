@@ -236,10 +236,12 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
   }
   // See Note [SyncBatchNorm across replicas].
   rendezvous_ = OwnedRendezvous(c10::make_intrusive<ReplicaRendezvous>(*comm_, contexts_, options_.collective_timeout));
+  bool synced_layers = false;
   for (auto& replica : replicas_) {
     for (const auto& item : replica->named_modules()) {
       if (auto* layer = dynamic_cast<ReplicaSyncedLayer*>(item.value().get())) {
         layer->set_sync_name(item.key().empty() ? "(the root module)" : item.key());
+        synced_layers = true;
       }
     }
   }
@@ -253,7 +255,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     }
     ReducerOptions reducer;
     reducer.bucket_cap_bytes = static_cast<std::int64_t>(options_.bucket_cap_mib * (1 << 20));
-    reducer.overlap = options_.overlap_sync_with_backward;
+    reducer.overlap = options_.overlap_sync_with_backward && !(synced_layers && comm_->needs_one_order());
     reducer.find_unused_parameters = options_.find_unused_parameters;
     reducer.timeout = options_.collective_timeout;
     reducer.hook = options_.comm_hook;

@@ -66,10 +66,20 @@ namespace detail {
 //     the replicas that never came. begin_step clears it; the DataParallel
 //     stays usable (the gradients are zeroed, as after any failed step).
 //
-// Limits: with a backend that needs one order of collectives (NCCL, Gloo
-// across processes) the backward's collective is not yet ordered against
-// the gradient reducer's bucket launches during backward; turn
-// overlap_sync_with_backward off there until it is.
+//   - One GPU per replica. LibTorch runs the backward of one GPU's work on
+//     one thread, so two replicas on one GPU would meet in backward on that
+//     thread, one waiting for the other, which can never come: a synced
+//     call on such replicas is an error at once, in forward.
+//   - One order. The rounds of a step follow each other (no replica starts
+//     round n+1 before round n is done), so one thread at a time issues
+//     them, in the same order in every process. The gradient reducer's
+//     bucket launches during backward would interleave with the backward's
+//     rounds in an order that differs between processes, so with a backend
+//     that needs one order (NCCL, Gloo across processes) a model with a
+//     synced layer has its gradients synchronised after backward instead
+//     (DataParallelCore's constructor turns the overlap off). Queueing the
+//     layer's collectives on the reducer's thread, to keep the overlap, is
+//     left to do.
 
 /// A step's phase, each with its own sequence of rounds.
 enum class SyncPhase { kForward = 0, kBackward = 1 };
@@ -136,6 +146,7 @@ class ReplicaRendezvous : public torch::CustomClassHolder {  // held in autograd
   std::size_t expected_ = 0;
   std::vector<std::size_t> calls_[2];         // [phase][replica]: calls made this step
   std::map<std::size_t, Round> rounds_[2];    // [phase][index]
+  std::string shared_gpu_;                    // why synced calls cannot work here ("" when they can)
   std::string failure_;                       // why this step's meeting failed ("" while it did not)
 };
 
@@ -216,6 +227,16 @@ inline ReplicaRendezvous::ReplicaRendezvous(Communicator& comm, std::vector<Repl
   left_.assign(size(), false);
   waiting_at_.assign(size(), "");
   expected_ = size();
+  for (std::size_t r = 0; r < size() && shared_gpu_.empty(); ++r) {
+    for (std::size_t q = 0; q < r && shared_gpu_.empty(); ++q) {
+      const auto& device = contexts_[r].device();
+      if (!device.is_cpu() && device == contexts_[q].device()) {
+        shared_gpu_ = fmt::format("replicas {} and {} share {}, where LibTorch runs their backward on one thread, so "
+                                  "their backward collectives could never meet: give each replica its own GPU",
+                                  q, r, device.str());
+      }
+    }
+  }
 }
 
 inline void ReplicaRendezvous::begin_step(const std::vector<bool>& active) {
@@ -286,6 +307,7 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
                                           const at::Tensor& tensor, std::uint64_t step) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (comm_ == nullptr) throw Error(fmt::format("SyncBatchNorm '{}': its DataParallel is gone", layer));
+  if (!shared_gpu_.empty()) throw Error(fmt::format("SyncBatchNorm '{}': {}", layer, shared_gpu_));
   if (step != step_) {
     throw Error(fmt::format("SyncBatchNorm '{}': {} outside the DataParallel step that ran its forward (step {}, "
                             "now {}); run backward inside the loss function's step",
