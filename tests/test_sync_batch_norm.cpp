@@ -251,6 +251,27 @@ TEST_CASE("SyncBatchNorm: a layer called on one replica only ends in an error na
   CHECK(std::isfinite(loss));
 }
 
+TEST_CASE("SyncBatchNorm: a replica that fails wakes the others waiting for it at once, with an error") {
+  multigpu::DataParallelOptions options;
+  options.collective_timeout = std::chrono::seconds(60);  // the others must not wait for it
+  BranchNet net;
+  net->to(torch::kDouble);
+  DataParallel<BranchNet> dp(net, cpus(3), options);
+  auto data = make_batch(Shape{}, 6, 3);
+  data.data[4][0] = 1000;  // replica 2's first sample
+  const auto start = std::chrono::steady_clock::now();
+  const std::string message =
+      MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.forward_backward(data, [](auto& m, const torch::data::Example<>& shard) {
+        if (shard.data[0][0].template item<double>() > 100) throw std::runtime_error("replica 2's own failure");
+        return loss_of(m, shard);
+      }));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+  INFO(message);
+  CHECK(contains(message, "replica 2's own failure"));
+  CHECK(contains(message, "SyncBatchNorm 'bn' stopped waiting at call #1 in forward: replica 2 failed: its loss "
+                          "function or backward threw"));
+}
+
 TEST_CASE("SyncBatchNorm: outside a DataParallel it is BatchNorm, with a note shown once") {
   for (const bool cumulative : {false, true}) {
     torch::nn::BatchNormOptions options(kC);

@@ -313,7 +313,9 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
                             "now {}); run backward inside the loss function's step",
                             layer, phase_name(phase), step, step_));
   }
-  if (!failure_.empty()) throw Error(fmt::format("SyncBatchNorm '{}' in {}: {}", layer, phase_name(phase), failure_));
+  if (!failure_.empty()) {
+    throw Error(fmt::format("SyncBatchNorm '{}' in {}: the step failed already: {}", layer, phase_name(phase), failure_));
+  }
   if (replica >= size() || !active_[replica]) {
     throw Error(fmt::format("SyncBatchNorm '{}': replica {} is not running in this step", layer, replica));
   }
@@ -364,7 +366,12 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
   waiting_at_[replica] = fmt::format("its call #{} in {}, of '{}'", index + 1, phase_name(phase), layer);
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   while (!round.done && failure_.empty()) {
-    if (wake_.wait_until(lock, deadline) == std::cv_status::timeout && !round.done && failure_.empty()) {
+    if (round.arrived == expected_) {
+      wake_.wait(lock);  // the collective runs: the communicator's own time-out bounds it
+      continue;
+    }
+    if (wake_.wait_until(lock, deadline) == std::cv_status::timeout && round.arrived < expected_ && !round.done &&
+        failure_.empty()) {
       fail_locked(fmt::format("SyncBatchNorm '{}': replica {} waited {} ms at call #{} in {} for replica(s) {}, which "
                               "never made that call: every replica must call the same SyncBatchNorm layers, in the "
                               "same order, in a step (is a branch taken on some replicas only?)",
@@ -372,7 +379,10 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
     }
   }
   waiting_at_[replica].clear();
-  if (!round.done) throw Error(failure_);
+  if (round.done) return;
+  if (failure_.rfind("SyncBatchNorm", 0) == 0) throw Error(failure_);  // it names a layer already
+  throw Error(fmt::format("SyncBatchNorm '{}' stopped waiting at call #{} in {}: {}", layer, index + 1,
+                          phase_name(phase), failure_));
 }
 
 }  // namespace detail
