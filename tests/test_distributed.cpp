@@ -460,7 +460,8 @@ TEST_SUITE("distributed training") {
       torch::Tensor trained;
       torch::load(trained, scratch(fmt::format("syncbn{}", rank)));
       REQUIRE(trained.sizes() == expected.sizes());
-      INFO("rank ", rank, ": largest difference from the plain model ", (trained - expected).abs().max().item<double>());
+      INFO("rank ", rank, ": largest difference from the plain model ",
+           (trained - expected).abs().max().item<double>());
       CHECK(torch::allclose(trained, expected, 0, 1e-10));
       std::remove(scratch(fmt::format("syncbn{}", rank)).c_str());
       std::remove(scratch(fmt::format("syncbnlog{}", rank)).c_str());

@@ -260,11 +260,11 @@ TEST_CASE("SyncBatchNorm: a replica that fails wakes the others waiting for it a
   auto data = make_batch(Shape{}, 6, 3);
   data.data[4][0] = 1000;  // replica 2's first sample
   const auto start = std::chrono::steady_clock::now();
-  const std::string message =
-      MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.forward_backward(data, [](auto& m, const torch::data::Example<>& shard) {
-        if (shard.data[0][0].template item<double>() > 100) throw std::runtime_error("replica 2's own failure");
-        return loss_of(m, shard);
-      }));
+  auto loss = [](auto& m, const torch::data::Example<>& shard) {
+    if (shard.data[0][0].template item<double>() > 100) throw std::runtime_error("replica 2's own failure");
+    return loss_of(m, shard);
+  };
+  const std::string message = MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.forward_backward(data, loss));
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
   INFO(message);
   CHECK(contains(message, "replica 2's own failure"));

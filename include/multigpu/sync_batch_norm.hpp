@@ -251,6 +251,21 @@ inline at::Tensor SyncBatchNormImpl::forward_local(const at::Tensor& input) {
                         at::globalContext().userEnabledCuDNN());
 }
 
+// Note [SyncBatchNorm statistics]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Each replica sends [sum x, sum x^2, n] per channel (one all-reduce); with
+// the totals S1, S2, N every replica computes mean = S1/N and the biased
+// variance S2/N - mean^2 (normalisation), N/(N-1) of it for running_var, as
+// BatchNorm. Sums, not per-replica means: an empty shard adds zeros, and one
+// all-reduce (no all-gather, which the Communicator has not) combines any
+// number of replicas and processes exactly. The price is cancellation in
+// S2/N - mean^2 when |mean| is much larger than the standard deviation:
+// the sums are kept in the input's dtype, float32 for fp16/bf16 (PyTorch's
+// Welford merge of per-replica means avoids it, at the cost of an
+// all-gather). Backward, on x̂ = (x - mean) * invstd with g = dL/dx̂:
+// dL/dx = invstd * (g - sum(g)/N - x̂ * sum(g x̂)/N), the two sums over the
+// whole batch (the second all-reduce). Host never waits: counts, factors
+// and running statistics stay tensors on the device.
 inline at::Tensor SyncBatchNormImpl::forward_synced(const at::Tensor& input, const detail::ReplicaSync& sync) {
   const std::int64_t channels = options.num_features();
   const auto input_type = input.scalar_type();
@@ -260,7 +275,7 @@ inline at::Tensor SyncBatchNormImpl::forward_synced(const at::Tensor& input, con
   const std::string layer = sync_name();
   const std::uint64_t step = sync.rendezvous->step();
 
-  // One tensor per replica: [sum (C), sum of squares (C), count (1)].
+  // One tensor per replica: [sum (C), sum of squares (C), count (1)]. See Note [SyncBatchNorm statistics].
   at::Tensor stats;
   {
     const compat::NoGradGuard no_grad;

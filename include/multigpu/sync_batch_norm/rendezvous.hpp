@@ -57,15 +57,16 @@ namespace detail {
 //     forward), not the thread-local: on GPUs LibTorch runs backward on its
 //     own device threads.
 //   - Never a hang. A round records the layer's name: a replica whose n-th
-//     call is another layer fails the round at once. A replica that leaves
-//     the step (its job ended, normally or not) while a round still waits
-//     for it fails that round. Any other mismatch (a branch taken on one
-//     replica only) ends when the wait passes the DataParallel's collective
-//     time-out. A failed round fails the whole step: every replica waiting
-//     anywhere is woken with the error, which names the layer, the call and
-//     the replicas that never came. begin_step clears it; the DataParallel
-//     stays usable (the gradients are zeroed, as after any failed step).
-//
+//     call is another layer fails the round at once. A replica whose job
+//     threw fails the step at once (ReplicaSyncScope's end); one that ended
+//     normally while a round still waits for it fails that round. Any other
+//     mismatch (a branch taken on one replica only) ends when a wait for
+//     replicas that have not arrived passes the DataParallel's collective
+//     time-out (once all arrived, the collective's own time-out applies). A
+//     failure fails the whole step: every replica waiting anywhere is woken
+//     with the error, which names the layer, the call and the replicas that
+//     never came (and where they wait). begin_step clears it; the
+//     DataParallel stays usable (gradients zeroed, as after any failed step).
 //   - One GPU per replica. LibTorch runs the backward of one GPU's work on
 //     one thread, so two replicas on one GPU would meet in backward on that
 //     thread, one waiting for the other, which can never come: a synced
@@ -314,7 +315,8 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
                             layer, phase_name(phase), step, step_));
   }
   if (!failure_.empty()) {
-    throw Error(fmt::format("SyncBatchNorm '{}' in {}: the step failed already: {}", layer, phase_name(phase), failure_));
+    throw Error(
+        fmt::format("SyncBatchNorm '{}' in {}: the step failed already: {}", layer, phase_name(phase), failure_));
   }
   if (replica >= size() || !active_[replica]) {
     throw Error(fmt::format("SyncBatchNorm '{}': replica {} is not running in this step", layer, replica));
@@ -339,15 +341,17 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
     // The last to arrive runs the collective, outside the lock, so that a
     // failure elsewhere can still be recorded.
     std::vector<at::Tensor> tensors = round.tensors;
+    Communicator* comm = comm_;
     lock.unlock();
     std::string error;
     try {
       const compat::NoGradGuard no_grad;
       const ReplicaStreamsCurrent on_replicas(contexts_);
       for (std::size_t r = 0; r < size(); ++r) {
-        if (!tensors[r].defined()) tensors[r] = at::zeros(tensor.sizes(), tensor.options().device(contexts_[r].device()));
+        if (tensors[r].defined()) continue;
+        tensors[r] = at::zeros(tensor.sizes(), tensor.options().device(contexts_[r].device()));
       }
-      comm_->all_reduce(tensors, ReduceOp::kSum);
+      comm->all_reduce(tensors, ReduceOp::kSum);
     } catch (const std::exception& e) {
       error = e.what();
     }
