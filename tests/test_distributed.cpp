@@ -431,6 +431,43 @@ TEST_SUITE("distributed training") {
     check_two_processes_train_like_one_model(/*summed=*/true);
   }
 
+  TEST_CASE("SyncBatchNorm: 2 processes x 2 CPU replicas give one plain BatchNorm model's parameters and statistics") {
+    // One plain model, with BatchNorm1d, on the whole batch.
+    auto plain = multigpu_test::recipe_bn_model(multigpu_test::kRecipeSeed);
+    torch::optim::SGD optimizer(plain->parameters(), multigpu_test::recipe_optimizer());
+    const int steps = 3;
+    for (int step = 0; step < steps; ++step) {
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      optimizer.zero_grad();
+      torch::mse_loss(plain->forward(x.to(torch::kDouble)), y.to(torch::kDouble)).backward();
+      optimizer.step();
+    }
+    const int port = free_port();
+    std::vector<std::unique_ptr<multigpu::detail::ChildProcess>> ranks;
+    for (int rank = 0; rank < 2; ++rank) {
+      ranks.push_back(start_rank(rank, 2, port,
+                                 fmt::format("--sync-bn 1 --replicas 2 --steps {} --out {} --timeout-ms 60000", steps,
+                                             scratch(fmt::format("syncbn{}", rank))),
+                                 scratch(fmt::format("syncbnlog{}", rank))));
+    }
+    for (int rank = 0; rank < 2; ++rank) {
+      const auto exit = finish(*ranks[static_cast<std::size_t>(rank)], std::chrono::seconds(120));
+      INFO("rank ", rank, ": ", exit.describe(), "\n", read_text(scratch(fmt::format("syncbnlog{}", rank))));
+      REQUIRE(exit.success());
+    }
+    const auto expected = multigpu_test::flat_state(*plain);
+    for (int rank = 0; rank < 2; ++rank) {
+      torch::Tensor trained;
+      torch::load(trained, scratch(fmt::format("syncbn{}", rank)));
+      REQUIRE(trained.sizes() == expected.sizes());
+      INFO("rank ", rank, ": largest difference from the plain model ",
+           (trained - expected).abs().max().item<double>());
+      CHECK(torch::allclose(trained, expected, 0, 1e-10));
+      std::remove(scratch(fmt::format("syncbn{}", rank)).c_str());
+      std::remove(scratch(fmt::format("syncbnlog{}", rank)).c_str());
+    }
+  }
+
   TEST_CASE("bf16 gradient buckets through Gloo: 2 processes x 2 replicas train like one plain model, within bf16") {
     check_two_processes_train_like_one_model(/*summed=*/false, "cpu", 2, "bf16");
   }

@@ -23,6 +23,7 @@
 #include "multigpu/precision.hpp"
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/gradient_sync.hpp"
+#include "multigpu/sync_batch_norm.hpp"
 #include "multigpu/data_parallel.hpp"
 #include "multigpu/checkpoint.hpp"
 #include "multigpu/distributed_env.hpp"

@@ -63,4 +63,22 @@ inline torch::Tensor flat_parameters(torch::nn::Module& module) {
   return torch::cat(parts);
 }
 
+/// The recipe with a BatchNorm, in float64 (SyncBatchNorm's tests): the
+/// workers convert it with multigpu::convert_sync_batchnorm.
+inline torch::nn::Sequential recipe_bn_model(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::nn::Sequential net(torch::nn::Linear(8, 16), torch::nn::BatchNorm1d(16), torch::nn::Tanh(),
+                            torch::nn::Linear(16, 2));
+  net->to(torch::kDouble);
+  return net;
+}
+
+/// Every parameter and buffer, as float64, flattened and concatenated.
+inline torch::Tensor flat_state(torch::nn::Module& module) {
+  std::vector<torch::Tensor> parts;
+  for (const auto& p : module.parameters()) parts.push_back(p.detach().flatten().to(torch::kDouble));
+  for (const auto& b : module.buffers()) parts.push_back(b.detach().flatten().to(torch::kDouble));
+  return torch::cat(parts);
+}
+
 }  // namespace multigpu_test

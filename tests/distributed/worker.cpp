@@ -21,7 +21,9 @@
 // name + ".errors" and goes on. --skip-step N leaves batch N out on every
 // rank (the run the failed one must equal). --double 1 trains in float64;
 // --bucket-cap-mib X sets the bucket cap; --report-time 1 prints the
-// training loop's time per step.
+// training loop's time per step. --sync-bn 1 trains
+// recipe_bn_model, converted to SyncBatchNorm, in float64, and writes its
+// parameters and buffers (flat_state) to --out.
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -67,6 +69,7 @@ struct Args {
   bool double_precision = false;
   double bucket_cap_mib = 0;  // 0: the default
   bool report_time = false;
+  bool sync_bn = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -96,12 +99,33 @@ Args parse(int argc, char** argv) {
     else if (name == "--double") args.double_precision = value == "1";
     else if (name == "--bucket-cap-mib") args.bucket_cap_mib = std::stod(value);
     else if (name == "--report-time") args.report_time = value == "1";
+    else if (name == "--sync-bn") args.sync_bn = value == "1";
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
     }
   }
   return args;
+}
+
+// --sync-bn 1: the BatchNorm recipe, its statistics over every process.
+void train_sync_bn(const Args& args, multigpu::ProcessGroup& group) {
+  auto net = multigpu_test::recipe_bn_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(group.rank()));
+  multigpu::convert_sync_batchnorm(*net);
+  multigpu::DataParallel<torch::nn::Sequential> dp(
+      net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)),
+      group.data_parallel_options());
+  dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+  for (int step = 0; step < args.steps; ++step) {
+    auto [x, y] = multigpu_test::recipe_batch(step);
+    const auto batch = std::make_pair(multigpu_test::part_of(x, group.size(), group.rank()).to(torch::kDouble),
+                                      multigpu_test::part_of(y, group.size(), group.rank()).to(torch::kDouble));
+    dp.train_step(batch, [](torch::nn::SequentialImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
+      return torch::mse_loss(model.forward(shard.first), shard.second);
+    });
+  }
+  group.barrier();
+  torch::save(multigpu_test::flat_state(*net), args.out);
 }
 
 }  // namespace
@@ -114,6 +138,10 @@ int main(int argc, char** argv) {
     options.timeout = std::chrono::milliseconds(args.timeout_ms);
     auto group = multigpu::ProcessGroup::from_environment(options);
     const int rank = group->rank();
+    if (args.sync_bn) {
+      train_sync_bn(args, *group);
+      return 0;
+    }
 
     // Each rank starts from its own random model: the broadcast from rank 0
     // must make them one.

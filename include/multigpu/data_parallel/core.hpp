@@ -41,6 +41,7 @@
 #include "multigpu/grad_scaler.hpp"
 #include "multigpu/step_loss.hpp"
 #include "multigpu/streams.hpp"
+#include "multigpu/sync_batch_norm/rendezvous.hpp"
 #include "multigpu/worker.hpp"
 
 namespace multigpu {
@@ -163,6 +164,7 @@ class DataParallelCore {
   bool unscaled_ = false;               // this step's gradients were unscaled (by clip_grad_norm or step)
   std::vector<at::Tensor> found_inf_;   // [replica], one float each; see Note [Gradient scaling across replicas]
   std::string diverged_;  // why the replicas may differ ("" when they cannot)
+  OwnedRendezvous rendezvous_;  // last: detached before comm_ goes; see Note [SyncBatchNorm across replicas]
 };
 
 /// The module class behind M: M itself, or the Impl of a module holder
@@ -240,6 +242,17 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
       if (parameters_[r][i].requires_grad() != trainable_here) parameters_[r][i].set_requires_grad(trainable_here);
     }
   }
+  // See Note [SyncBatchNorm across replicas].
+  rendezvous_ = OwnedRendezvous(c10::make_intrusive<ReplicaRendezvous>(*comm_, contexts_, options_.collective_timeout));
+  bool synced_layers = false;
+  for (auto& replica : replicas_) {
+    for (const auto& item : replica->named_modules()) {
+      if (auto* layer = dynamic_cast<ReplicaSyncedLayer*>(item.value().get())) {
+        layer->set_sync_name(item.key().empty() ? "(the root module)" : item.key());
+        synced_layers = true;
+      }
+    }
+  }
   if (comm_->world_size() > 1) {
     broadcast_from_primary();
     std::vector<std::string> trainable_names;
@@ -250,7 +263,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     }
     ReducerOptions reducer;
     reducer.bucket_cap_bytes = static_cast<std::int64_t>(options_.bucket_cap_mib * (1 << 20));
-    reducer.overlap = options_.overlap_sync_with_backward;
+    reducer.overlap = options_.overlap_sync_with_backward && !(synced_layers && comm_->needs_one_order());
     reducer.find_unused_parameters = options_.find_unused_parameters;
     reducer.timeout = options_.collective_timeout;
     reducer.hook = options_.comm_hook;
@@ -336,9 +349,11 @@ inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_
   if (reducer_) reducer_->prepare_backward(active, !in_no_sync());
   progress_.on_batch(total);  // read from the data, whether it trains or fails
   std::exception_ptr failure;
+  rendezvous_->begin_step(active);
   try {
     workers_.run(
         [&](std::size_t r) {
+          const ReplicaSyncScope sync(rendezvous_.get(), r);  // See Note [SyncBatchNorm across replicas]
           stages[r] = "the loss function (forward)";
           at::Tensor loss;
           {
