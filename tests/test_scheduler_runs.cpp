@@ -395,3 +395,189 @@ TEST_SUITE("scheduler: fail fast") {
     CHECK(nlohmann::json::parse(read_file(summary.json_path))["fail_fast_task"].is_null());
   }
 }
+
+// Issue 29: nothing a task started outlives it, an inherited "ignore" is
+// kept, and a task file cannot expand past a limit.
+namespace {
+
+/// Whether the process `pid` has ended (gone, or a zombie).
+bool process_gone(long pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0) return true;
+  multigpu::detail::ProcessEntry entry;
+  const std::string stat = read_file(fmt::format("/proc/{}/stat", pid));
+  return multigpu::detail::parse_stat(stat.data(), stat.size(), entry) && entry.zombie;
+}
+
+/// The pid a task wrote to `path`, once it has.
+long pid_written_to(const std::string& path) {
+  long pid = -1;
+  eventually([&] {
+    pid = std::atol(read_file(path).c_str());
+    return pid > 0;
+  });
+  return pid;
+}
+
+/// Ends the processes a test started and removes its folder, also when a check failed.
+struct Leftovers {
+  std::string dir;
+  std::vector<long> pids;
+  ~Leftovers() {
+    for (long pid : pids) {
+      if (!process_gone(pid)) ::kill(static_cast<pid_t>(pid), SIGKILL);
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
+};
+
+/// `signal`'s action set to `handler` while it lives.
+class SignalAction {
+ public:
+  SignalAction(int signal, void (*handler)(int)) : signal_(signal) {
+    struct sigaction action {};
+    action.sa_handler = handler;
+    sigemptyset(&action.sa_mask);
+    ::sigaction(signal, &action, &previous_);
+  }
+  ~SignalAction() { ::sigaction(signal_, &previous_, nullptr); }
+  SignalAction(const SignalAction&) = delete;
+  SignalAction& operator=(const SignalAction&) = delete;
+
+ private:
+  int signal_;
+  struct sigaction previous_ {};
+};
+
+bool ignored(int signal) {
+  struct sigaction now {};
+  ::sigaction(signal, nullptr, &now);
+  return now.sa_handler == SIG_IGN;
+}
+
+}  // namespace
+
+TEST_SUITE("scheduler: nothing outlives its task") {
+  TEST_CASE("a process a task started in a session of its own ends with the task: on its own, at a stop, at SIGKILL") {
+    // As torchrun starts its workers (start_new_session=True): not in the
+    // task's process group. See Note [Every process a task started].
+    Leftovers left{fresh_dir("sessions"), {}};
+    const std::string& dir = left.dir;
+    const auto environment = multigpu::detail::environment_with({});
+    using multigpu::detail::ChildProcess;
+    const auto setsid = [&](const std::string& name, const std::string& before) {
+      return fmt::format("setsid -f sh -c '{}echo $$ > {}/{}; exec sleep 61'", before, dir, name);
+    };
+    SUBCASE("the command ends on its own: what it left in another session is killed before the task ends") {
+      ChildProcess child(setsid("own", "") + fmt::format("; until [ -s {0}/own ]; do sleep 0.02; done", dir),
+                         environment, dir + "/own.log");
+      const long pid = pid_written_to(dir + "/own");
+      left.pids.push_back(pid);
+      REQUIRE(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(child.poll()->success());
+      CHECK(process_gone(pid));
+    }
+    SUBCASE("a stop: SIGTERM reaches it, and the task ends when it is gone") {
+      ChildProcess child(setsid("stopped", "") + "; sleep 62", environment, dir + "/stopped.log");
+      const long pid = pid_written_to(dir + "/stopped");
+      left.pids.push_back(pid);
+      child.kill_group(SIGTERM);
+      // Without the forwarded SIGTERM the supervisor waits for it forever.
+      CHECK(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(process_gone(pid));
+    }
+    SUBCASE("one that ignores SIGTERM is SIGKILLed at the end of the grace period") {
+      ChildProcess child(setsid("stubborn", "trap \"\" TERM; ") + "; sleep 63", environment, dir + "/stubborn.log");
+      const long pid = pid_written_to(dir + "/stubborn");
+      left.pids.push_back(pid);
+      child.kill_group(SIGTERM);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      CHECK_FALSE(process_gone(pid));  // it ignores SIGTERM: the grace period is not over
+      CHECK_FALSE(child.poll().has_value());
+      child.kill_group(SIGKILL);
+      CHECK(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(eventually([&] { return process_gone(pid); }, std::chrono::seconds(5)));
+    }
+  }
+
+  TEST_CASE("the process table: parents, groups and zombies from /proc, without the heap") {
+    multigpu::detail::ProcessEntry entry;
+    const std::string stat = "123 (a) b) (c) Z 7 99 1 0";
+    REQUIRE(multigpu::detail::parse_stat(stat.data(), stat.size(), entry));
+    CHECK(entry.parent == 7);
+    CHECK(entry.group == 99);
+    CHECK(entry.zombie);
+    const std::string cut = "123 (sh) S 45";
+    CHECK_FALSE(multigpu::detail::parse_stat(cut.data(), cut.size(), entry));
+    // This process's own children: a sleep started here is found below it, and nothing else is.
+    const std::string token = fmt::format("sleep 64.{}", ::getpid());
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::execlp("sleep", "sleep", token.substr(6).c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    std::vector<long> below;
+    eventually([&] {
+      below.clear();
+      multigpu::detail::for_each_descendant(::getpid(), [&](const multigpu::detail::ProcessEntry& e) {
+        if (!e.zombie) below.push_back(e.pid);
+      });
+      return std::find(below.begin(), below.end(), static_cast<long>(child)) != below.end();
+    });
+    CHECK(std::find(below.begin(), below.end(), static_cast<long>(child)) != below.end());
+    CHECK(std::find(below.begin(), below.end(), static_cast<long>(::getpid())) == below.end());
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+  }
+
+  TEST_CASE("SIGHUP and SIGINT inherited as ignored stay ignored during a run (nohup, a script's background job)") {
+    Leftovers left{fresh_dir("nohup"), {}};
+    const std::string& dir = left.dir;
+    auto options = fast_options(dir, "0");
+    options.handle_signals = true;
+    options.interrupt_drains = false;  // a Ctrl-C that was not ignored would stop the task
+    for (const int signal : {SIGHUP, SIGINT}) {
+      CAPTURE(signal);
+      std::filesystem::remove(dir + "/go");
+      std::filesystem::remove(dir + "/started");
+      const SignalAction ignore(signal, SIG_IGN);
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+      std::thread sender([&] {
+        eventually([&] { return multigpu::detail::path_exists(dir + "/started"); });
+        ::kill(::getpid(), signal);
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        std::ofstream(dir + "/go") << "";
+      });
+      const auto summary = scheduler.run({Task::shell(
+          "gated", fmt::format("touch {0}/started; until [ -e {0}/go ]; do sleep 0.02; done; echo went on", dir))});
+      sender.join();
+      CHECK_FALSE(summary.interrupted);
+      CHECK(result_of(summary, "gated").status == TaskStatus::kDone);
+      CHECK(contains(read_file(dir + "/logs/gated.log"), "went on"));
+      CHECK(ignored(signal));  // still ignored after the run
+    }
+  }
+
+  TEST_CASE("a task file over the limit of tasks is refused before it is expanded, naming the line and the count") {
+    std::string huge = "# three grids\n";
+    for (const char* name : {"a", "b", "c"}) {
+      huge += fmt::format("grid {} =", name);
+      for (int v = 0; v < 1000; ++v) huge += fmt::format(" {}", v);
+      huge += "\n";
+    }
+    huge += "echo {a} {b} {c}\n";
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_THROWS_WITH_AS(multigpu::parse_tasks(huge, "huge.tasks"),
+                         "huge.tasks:5: this line expands to 1000000000 tasks (grids a 1000 x b 1000 x c 1000), more "
+                         "than the limit of 100000; give a larger --max-tasks (max_tasks in C++) to run that many",
+                         multigpu::SchedulerError);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));  // counted, not expanded
+    const std::string small = "grid a = 1 2 3\necho {a}\necho once\n";
+    CHECK_THROWS_WITH_AS(multigpu::parse_tasks(small, "small.tasks", 1, 3),
+                         "small.tasks:3: with this line the file has 4 tasks, more than the limit of 3; give a larger "
+                         "--max-tasks (max_tasks in C++) to run that many",
+                         multigpu::SchedulerError);
+    CHECK(multigpu::parse_tasks(small, "small.tasks", 1, 4).size() == 4);
+    CHECK(multigpu::kDefaultMaxTasks == 100000);
+  }
+}
