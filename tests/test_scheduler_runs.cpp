@@ -581,3 +581,80 @@ TEST_SUITE("scheduler: nothing outlives its task") {
     CHECK(multigpu::kDefaultMaxTasks == 100000);
   }
 }
+
+TEST_SUITE("scheduler: its files") {
+  TEST_CASE("a symbolic link planted at a temporary's name is never followed: the file outside is untouched") {
+    // See Note [Temporary files are made, never found].
+    Leftovers left{fresh_dir("planted"), {}};
+    const std::string& dir = left.dir;
+    const std::string outside = dir + "/outside.txt";
+    std::ofstream(outside) << "precious\n";
+    // The names the next temporaries beside `target` would take: the pid and a counter.
+    const auto plant = [&](const std::string& target, int count) {
+      const std::string next = multigpu::detail::temporary_path_for(target);  // uses one number
+      const std::string stem = next.substr(0, next.rfind('-') + 1);
+      const long number = std::atol(next.c_str() + stem.size());
+      std::vector<std::string> links;
+      for (long n = number + 1; n <= number + count; ++n) {
+        links.push_back(stem + std::to_string(n));
+        std::filesystem::create_symlink(std::filesystem::absolute(outside), links.back());
+      }
+      return links;
+    };
+    const auto all_links = [](const std::vector<std::string>& links) {
+      return std::all_of(links.begin(), links.end(), [](const std::string& link) {
+        return std::filesystem::is_symlink(std::filesystem::symlink_status(link));
+      });
+    };
+    SUBCASE("write_file_atomically") {
+      const std::string target = dir + "/record.json";
+      const auto links = plant(target, 5);
+      multigpu::detail::write_file_atomically(target, "new\n");
+      CHECK(read_file(target) == "new\n");
+      CHECK_FALSE(std::filesystem::is_symlink(std::filesystem::symlink_status(target)));
+      CHECK(all_links(links));  // left alone: not ours
+    }
+    SUBCASE("replace_file_atomically, whose writer opens the temporary by name (checkpoints)") {
+      const std::string target = dir + "/model.pt";
+      const auto links = plant(target, 5);
+      multigpu::detail::replace_file_atomically(target, [](const std::string& temporary) {
+        std::ofstream(temporary, std::ios::binary) << "weights\n";
+      });
+      CHECK(read_file(target) == "weights\n");
+      CHECK(all_links(links));
+    }
+    SUBCASE("a run's summary and done records") {
+      auto options = fast_options(dir, "0");
+      multigpu::detail::make_directories(options.log_dir + "/.done");
+      std::vector<std::string> links;
+      for (const std::string name : {"/summary.json", "/summary.csv", "/.done/made.json"}) {
+        const auto planted = plant(options.log_dir + name, 300);
+        links.insert(links.end(), planted.begin(), planted.end());
+      }
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+      const auto summary = scheduler.run(
+          {Task::shell("made", fmt::format("touch {}/made.marker", dir), fmt::format("{}/made.marker", dir))});
+      CHECK(result_of(summary, "made").status == TaskStatus::kDone);
+      CHECK(contains(read_file(summary.json_path), "\"made\""));
+      CHECK(contains(read_file(options.log_dir + "/.done/made.json"), "made.marker"));
+      CHECK(all_links(links));
+    }
+    CHECK(read_file(outside) == "precious\n");
+  }
+
+  TEST_CASE("a command with bytes that are not UTF-8 is recorded byte for byte: the next run skips it") {
+    Leftovers left{fresh_dir("latin1"), {}};
+    const std::string& dir = left.dir;
+    const std::string marker = dir + "/caf\xe9.done";  // a Latin-1 file name
+    const auto run = [&] {
+      FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+      return result_of(scheduler.run({Task::shell("latin", fmt::format("touch '{}'", marker), marker)}), "latin");
+    };
+    CHECK(run().status == TaskStatus::kDone);
+    const auto record = nlohmann::json::parse(read_file(dir + "/logs/.done/latin.json"));
+    CHECK(record.value("command_hex", "") == multigpu::detail::hex_of(fmt::format("touch '{}'", marker)));
+    CHECK(run().status == TaskStatus::kSkipped);  // the same command, not another one
+    CHECK(multigpu::detail::bytes_from_hex("00ff41") == std::string("\0\xff" "A", 3));
+    CHECK_FALSE(multigpu::detail::bytes_from_hex("0g").has_value());
+  }
+}
