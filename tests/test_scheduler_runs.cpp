@@ -431,24 +431,6 @@ struct Leftovers {
   }
 };
 
-/// `signal`'s action set to `handler` while it lives.
-class SignalAction {
- public:
-  SignalAction(int signal, void (*handler)(int)) : signal_(signal) {
-    struct sigaction action {};
-    action.sa_handler = handler;
-    sigemptyset(&action.sa_mask);
-    ::sigaction(signal, &action, &previous_);
-  }
-  ~SignalAction() { ::sigaction(signal_, &previous_, nullptr); }
-  SignalAction(const SignalAction&) = delete;
-  SignalAction& operator=(const SignalAction&) = delete;
-
- private:
-  int signal_;
-  struct sigaction previous_ {};
-};
-
 bool ignored(int signal) {
   struct sigaction now {};
   ::sigaction(signal, nullptr, &now);

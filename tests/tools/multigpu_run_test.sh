@@ -305,6 +305,21 @@ TASKS
     [[ $status == 0 ]] || fail "exit status $status: $(cat run.out)"
     grep -q "1 done, 0 failed" run.out || fail "$(cat run.out)"
     grep -q finished multigpu-logs/gated.log || fail "the task did not end on its own"
+    # `multigpu-run ... &` in a script: bash starts it with SIGINT ignored,
+    # and a Ctrl-C meant for the foreground does not stop it either.
+    rm -f started go
+    "$tool" -q --gpus cpu --log-dir logs-int gated.tasks > int.out 2>&1 &
+    pid=$!
+    cleanup_pids+=("$pid")
+    for _ in $(seq 400); do [[ -e started ]] && break; sleep 0.05; done
+    [[ -e started ]] || fail "the task did not start: $(cat int.out)"
+    kill -INT "$pid"; sleep 0.3; kill -INT "$pid"  # twice: not even a drain
+    sleep 0.5
+    kill -0 "$pid" 2>/dev/null || fail "SIGINT ended a run that ignores it: $(cat int.out)"
+    ! grep -q draining int.out || fail "SIGINT drained a run that ignores it: $(cat int.out)"
+    touch go
+    set +e; wait "$pid"; status=$?; set -e
+    [[ $status == 0 ]] && grep -q "1 done, 0 failed" int.out || fail "exit status $status: $(cat int.out)"
     ;;
   durations)
     # Durations in seconds take fractions, as the help says (FLOAT).
