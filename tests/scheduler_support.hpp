@@ -4,6 +4,7 @@
 // and the names they use unqualified.
 
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -84,6 +85,33 @@ inline int processes_with(const std::string& text) {
   return count;
 }
 
+/// `signal`'s action set to `handler` while it lives; with `if_ignored`,
+/// only where it is ignored now (a test that sends itself SIGINT must not
+/// depend on how it was started: a script's background job starts with
+/// SIGINT ignored, which the scheduler keeps).
+class SignalAction {
+ public:
+  SignalAction(int signal, void (*handler)(int), bool if_ignored = false) : signal_(signal) {
+    ::sigaction(signal, nullptr, &previous_);
+    if (if_ignored && previous_.sa_handler != SIG_IGN) return;
+    struct sigaction action {};
+    action.sa_handler = handler;
+    sigemptyset(&action.sa_mask);
+    ::sigaction(signal, &action, nullptr);
+    changed_ = true;
+  }
+  ~SignalAction() {
+    if (changed_) ::sigaction(signal_, &previous_, nullptr);
+  }
+  SignalAction(const SignalAction&) = delete;
+  SignalAction& operator=(const SignalAction&) = delete;
+
+ private:
+  int signal_;
+  bool changed_ = false;
+  struct sigaction previous_ {};
+};
+
 }  // namespace multigpu_test
 
 // What every scheduler test file uses, by its short name.
@@ -101,4 +129,5 @@ using multigpu_test::fresh_dir;
 using multigpu_test::processes_with;
 using multigpu_test::read_file;
 using multigpu_test::result_of;
+using multigpu_test::SignalAction;
 using FakeScheduler = multigpu::BasicScheduler<FakeRuntime>;

@@ -383,6 +383,7 @@ TEST_SUITE("scheduler") {
   }
 
   TEST_CASE("a second SIGINT during a run stops the children and writes the summary") {
+    const SignalAction sigint(SIGINT, SIG_DFL, /*if_ignored=*/true);  // also when started with SIGINT ignored
     const std::string dir = fresh_dir("sigint");
     auto options = fast_options(dir, "0,1");
     options.handle_signals = true;
@@ -419,6 +420,7 @@ TEST_SUITE("scheduler") {
   }
 
   TEST_CASE("the first SIGINT drains the run: running tasks end on their own, no new one starts, not retried") {
+    const SignalAction sigint(SIGINT, SIG_DFL, /*if_ignored=*/true);  // also when started with SIGINT ignored
     const std::string dir = fresh_dir("drain");
     auto options = fast_options(dir, "0,1");
     options.handle_signals = true;
@@ -463,6 +465,7 @@ TEST_SUITE("scheduler") {
   }
 
   TEST_CASE("request_drain from C++ drains, and interrupt_drains = false makes the first SIGINT stop") {
+    const SignalAction sigint(SIGINT, SIG_DFL, /*if_ignored=*/true);  // also when started with SIGINT ignored
     const std::string dir = fresh_dir("drain-api");
     auto options = fast_options(dir, "0");
     FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));

@@ -395,3 +395,248 @@ TEST_SUITE("scheduler: fail fast") {
     CHECK(nlohmann::json::parse(read_file(summary.json_path))["fail_fast_task"].is_null());
   }
 }
+
+// Issue 29: nothing a task started outlives it, an inherited "ignore" is
+// kept, and a task file cannot expand past a limit.
+namespace {
+
+/// Whether the process `pid` has ended (gone, or a zombie).
+bool process_gone(long pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0) return true;
+  multigpu::detail::ProcessEntry entry;
+  const std::string stat = read_file(fmt::format("/proc/{}/stat", pid));
+  return multigpu::detail::parse_stat(stat.data(), stat.size(), entry) && entry.zombie;
+}
+
+/// The pid a task wrote to `path`, once it has.
+long pid_written_to(const std::string& path) {
+  long pid = -1;
+  eventually([&] {
+    pid = std::atol(read_file(path).c_str());
+    return pid > 0;
+  });
+  return pid;
+}
+
+/// Ends the processes a test started and removes its folder, also when a check failed.
+struct Leftovers {
+  std::string dir;
+  std::vector<long> pids;
+  ~Leftovers() {
+    for (long pid : pids) {
+      if (!process_gone(pid)) ::kill(static_cast<pid_t>(pid), SIGKILL);
+    }
+    std::error_code ignored;
+    std::filesystem::remove_all(dir, ignored);
+  }
+};
+
+bool ignored(int signal) {
+  struct sigaction now {};
+  ::sigaction(signal, nullptr, &now);
+  return now.sa_handler == SIG_IGN;
+}
+
+}  // namespace
+
+TEST_SUITE("scheduler: nothing outlives its task") {
+  TEST_CASE("a process a task started in a session of its own ends with the task: on its own, at a stop, at SIGKILL") {
+    // As torchrun starts its workers (start_new_session=True): not in the
+    // task's process group. See Note [Every process a task started].
+    Leftovers left{fresh_dir("sessions"), {}};
+    const std::string& dir = left.dir;
+    const auto environment = multigpu::detail::environment_with({});
+    using multigpu::detail::ChildProcess;
+    const auto setsid = [&](const std::string& name, const std::string& before) {
+      return fmt::format("setsid -f sh -c '{}echo $$ > {}/{}; exec sleep 61'", before, dir, name);
+    };
+    SUBCASE("the command ends on its own: what it left in another session is killed before the task ends") {
+      ChildProcess child(setsid("own", "") + fmt::format("; until [ -s {0}/own ]; do sleep 0.02; done", dir),
+                         environment, dir + "/own.log");
+      const long pid = pid_written_to(dir + "/own");
+      left.pids.push_back(pid);
+      REQUIRE(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(child.poll()->success());
+      CHECK(process_gone(pid));
+    }
+    SUBCASE("a stop: SIGTERM reaches it, and the task ends when it is gone") {
+      ChildProcess child(setsid("stopped", "") + "; sleep 62", environment, dir + "/stopped.log");
+      const long pid = pid_written_to(dir + "/stopped");
+      left.pids.push_back(pid);
+      child.kill_group(SIGTERM);
+      // Without the forwarded SIGTERM the supervisor waits for it forever.
+      CHECK(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(process_gone(pid));
+    }
+    SUBCASE("one that ignores SIGTERM is SIGKILLed at the end of the grace period") {
+      ChildProcess child(setsid("stubborn", "trap \"\" TERM; ") + "; sleep 63", environment, dir + "/stubborn.log");
+      const long pid = pid_written_to(dir + "/stubborn");
+      left.pids.push_back(pid);
+      child.kill_group(SIGTERM);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      CHECK_FALSE(process_gone(pid));  // it ignores SIGTERM: the grace period is not over
+      CHECK_FALSE(child.poll().has_value());
+      child.kill_group(SIGKILL);
+      CHECK(eventually([&] { return child.poll().has_value(); }, std::chrono::seconds(10)));
+      CHECK(eventually([&] { return process_gone(pid); }, std::chrono::seconds(5)));
+    }
+  }
+
+  TEST_CASE("the process table: parents, groups and zombies from /proc, without the heap") {
+    multigpu::detail::ProcessEntry entry;
+    const std::string stat = "123 (a) b) (c) Z 7 99 1 0";
+    REQUIRE(multigpu::detail::parse_stat(stat.data(), stat.size(), entry));
+    CHECK(entry.parent == 7);
+    CHECK(entry.group == 99);
+    CHECK(entry.zombie);
+    const std::string cut = "123 (sh) S 45";
+    CHECK_FALSE(multigpu::detail::parse_stat(cut.data(), cut.size(), entry));
+    // This process's own children: a sleep started here is found below it, and nothing else is.
+    const std::string token = fmt::format("sleep 64.{}", ::getpid());
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::execlp("sleep", "sleep", token.substr(6).c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    std::vector<long> below;
+    eventually([&] {
+      below.clear();
+      multigpu::detail::for_each_descendant(::getpid(), [&](const multigpu::detail::ProcessEntry& e) {
+        if (!e.zombie) below.push_back(e.pid);
+      });
+      return std::find(below.begin(), below.end(), static_cast<long>(child)) != below.end();
+    });
+    CHECK(std::find(below.begin(), below.end(), static_cast<long>(child)) != below.end());
+    CHECK(std::find(below.begin(), below.end(), static_cast<long>(::getpid())) == below.end());
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+  }
+
+  TEST_CASE("SIGHUP and SIGINT inherited as ignored stay ignored during a run (nohup, a script's background job)") {
+    Leftovers left{fresh_dir("nohup"), {}};
+    const std::string& dir = left.dir;
+    auto options = fast_options(dir, "0");
+    options.handle_signals = true;
+    options.interrupt_drains = false;  // a Ctrl-C that was not ignored would stop the task
+    for (const int signal : {SIGHUP, SIGINT}) {
+      CAPTURE(signal);
+      std::filesystem::remove(dir + "/go");
+      std::filesystem::remove(dir + "/started");
+      const SignalAction ignore(signal, SIG_IGN);
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+      std::thread sender([&] {
+        eventually([&] { return multigpu::detail::path_exists(dir + "/started"); });
+        ::kill(::getpid(), signal);
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        std::ofstream(dir + "/go") << "";
+      });
+      const auto summary = scheduler.run({Task::shell(
+          "gated", fmt::format("touch {0}/started; until [ -e {0}/go ]; do sleep 0.02; done; echo went on", dir))});
+      sender.join();
+      CHECK_FALSE(summary.interrupted);
+      CHECK(result_of(summary, "gated").status == TaskStatus::kDone);
+      CHECK(contains(read_file(dir + "/logs/gated.log"), "went on"));
+      CHECK(ignored(signal));  // still ignored after the run
+    }
+  }
+
+  TEST_CASE("a task file over the limit of tasks is refused before it is expanded, naming the line and the count") {
+    std::string huge = "# three grids\n";
+    for (const char* name : {"a", "b", "c"}) {
+      huge += fmt::format("grid {} =", name);
+      for (int v = 0; v < 1000; ++v) huge += fmt::format(" {}", v);
+      huge += "\n";
+    }
+    huge += "echo {a} {b} {c}\n";
+    const auto start = std::chrono::steady_clock::now();
+    CHECK_THROWS_WITH_AS(multigpu::parse_tasks(huge, "huge.tasks"),
+                         "huge.tasks:5: this line expands to 1000000000 tasks (grids a 1000 x b 1000 x c 1000), more "
+                         "than the limit of 100000; give a larger --max-tasks (max_tasks in C++) to run that many",
+                         multigpu::SchedulerError);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));  // counted, not expanded
+    const std::string small = "grid a = 1 2 3\necho {a}\necho once\n";
+    CHECK_THROWS_WITH_AS(multigpu::parse_tasks(small, "small.tasks", 1, 3),
+                         "small.tasks:3: with this line the file has 4 tasks, more than the limit of 3; give a larger "
+                         "--max-tasks (max_tasks in C++) to run that many",
+                         multigpu::SchedulerError);
+    CHECK(multigpu::parse_tasks(small, "small.tasks", 1, 4).size() == 4);
+    CHECK(multigpu::kDefaultMaxTasks == 100000);
+  }
+}
+
+TEST_SUITE("scheduler: its files") {
+  TEST_CASE("a symbolic link planted at a temporary's name is never followed: the file outside is untouched") {
+    // See Note [Temporary files are made, never found].
+    Leftovers left{fresh_dir("planted"), {}};
+    const std::string& dir = left.dir;
+    const std::string outside = dir + "/outside.txt";
+    std::ofstream(outside) << "precious\n";
+    // The names the next temporaries beside `target` would take: the pid and a counter.
+    const auto plant = [&](const std::string& target, int count) {
+      const std::string next = multigpu::detail::temporary_path_for(target);  // uses one number
+      const std::string stem = next.substr(0, next.rfind('-') + 1);
+      const long number = std::atol(next.c_str() + stem.size());
+      std::vector<std::string> links;
+      for (long n = number + 1; n <= number + count; ++n) {
+        links.push_back(stem + std::to_string(n));
+        std::filesystem::create_symlink(std::filesystem::absolute(outside), links.back());
+      }
+      return links;
+    };
+    const auto all_links = [](const std::vector<std::string>& links) {
+      return std::all_of(links.begin(), links.end(), [](const std::string& link) {
+        return std::filesystem::is_symlink(std::filesystem::symlink_status(link));
+      });
+    };
+    SUBCASE("write_file_atomically") {
+      const std::string target = dir + "/record.json";
+      const auto links = plant(target, 5);
+      multigpu::detail::write_file_atomically(target, "new\n");
+      CHECK(read_file(target) == "new\n");
+      CHECK_FALSE(std::filesystem::is_symlink(std::filesystem::symlink_status(target)));
+      CHECK(all_links(links));  // left alone: not ours
+    }
+    SUBCASE("replace_file_atomically, whose writer opens the temporary by name (checkpoints)") {
+      const std::string target = dir + "/model.pt";
+      const auto links = plant(target, 5);
+      multigpu::detail::replace_file_atomically(target, [](const std::string& temporary) {
+        std::ofstream(temporary, std::ios::binary) << "weights\n";
+      });
+      CHECK(read_file(target) == "weights\n");
+      CHECK(all_links(links));
+    }
+    SUBCASE("a run's summary and done records") {
+      auto options = fast_options(dir, "0");
+      multigpu::detail::make_directories(options.log_dir + "/.done");
+      std::vector<std::string> links;
+      for (const std::string name : {"/summary.json", "/summary.csv", "/.done/made.json"}) {
+        const auto planted = plant(options.log_dir + name, 300);
+        links.insert(links.end(), planted.begin(), planted.end());
+      }
+      FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
+      const auto summary = scheduler.run(
+          {Task::shell("made", fmt::format("touch {}/made.marker", dir), fmt::format("{}/made.marker", dir))});
+      CHECK(result_of(summary, "made").status == TaskStatus::kDone);
+      CHECK(contains(read_file(summary.json_path), "\"made\""));
+      CHECK(contains(read_file(options.log_dir + "/.done/made.json"), "made.marker"));
+      CHECK(all_links(links));
+    }
+    CHECK(read_file(outside) == "precious\n");
+  }
+
+  TEST_CASE("a command with bytes that are not UTF-8 is recorded byte for byte: the next run skips it") {
+    Leftovers left{fresh_dir("latin1"), {}};
+    const std::string& dir = left.dir;
+    const std::string marker = dir + "/caf\xe9.done";  // a Latin-1 file name
+    const auto run = [&] {
+      FakeScheduler scheduler(fast_options(dir, "0"), FakeRuntime::with_gpus(1));
+      return result_of(scheduler.run({Task::shell("latin", fmt::format("touch '{}'", marker), marker)}), "latin");
+    };
+    CHECK(run().status == TaskStatus::kDone);
+    const auto record = nlohmann::json::parse(read_file(dir + "/logs/.done/latin.json"));
+    CHECK(record.value("command_hex", "") == multigpu::detail::hex_of(fmt::format("touch '{}'", marker)));
+    CHECK(run().status == TaskStatus::kSkipped);  // the same command, not another one
+    CHECK(multigpu::detail::bytes_from_hex("00ff41") == std::string("\0\xff" "A", 3));
+    CHECK_FALSE(multigpu::detail::bytes_from_hex("0g").has_value());
+  }
+}

@@ -171,14 +171,18 @@ int main(int argc, char** argv) {
   app.add_option("--grace-period", grace_seconds, "Seconds tasks get to end after a second Ctrl-C (or SIGTERM) before they are killed; the first Ctrl-C "
                  "only stops new tasks from starting")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1000000000));
+      ->check(CLI::Range(0.0, 1e9));
   app.add_option("--busy-wait-limit", busy_wait_seconds,
                  "Fail a task that waited this many seconds for a busy GPU (0: wait forever)")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1000000000));
+      ->check(CLI::Range(0.0, 1e9));
   app.add_flag("--fail-fast", options.fail_fast,
                "After the first task that fails (retries used up), start nothing new, stop the running tasks as "
                "Ctrl-C does, and exit 1");
+  std::size_t max_tasks = multigpu::kDefaultMaxTasks;
+  app.add_option("--max-tasks", max_tasks, "Refuse a task file that expands to more tasks than this (grids multiply)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_flag("--dry-run", dry_run, "Print what would run where, run nothing");
   app.add_flag("-q,--quiet", quiet, "No live status line");
   try {
@@ -262,7 +266,7 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
 
   try {
-    const auto tasks = multigpu::read_task_file(task_file, gpus_per_task);
+    const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());

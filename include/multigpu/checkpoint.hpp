@@ -27,6 +27,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 #include <torch/serialize/input-archive.h>
@@ -269,14 +272,19 @@ inline void check_checkpoint_path(const std::string& path) {
   if (!fs::is_directory(folder, error)) {
     throw CheckpointError(fmt::format("cannot write the checkpoint {}: {} is not a folder", path, folder.string()));
   }
-  const std::string probe = detail::temporary_path_for(path);
-  std::FILE* file = std::fopen(probe.c_str(), "wb");
-  if (file == nullptr) {
-    throw CheckpointError(fmt::format("cannot write the checkpoint {}: creating a file in {} failed: {}", path,
-                                      folder.string(), std::strerror(errno)));
+  // Made, never found: see Note [Temporary files are made, never found].
+  for (int attempt = 0; attempt < detail::kTemporaryAttempts; ++attempt) {
+    const std::string probe = detail::temporary_path_for(path);
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      ::close(fd);
+      std::remove(probe.c_str());
+      return;
+    }
+    if (errno != EEXIST) break;
   }
-  std::fclose(file);
-  std::remove(probe.c_str());
+  throw CheckpointError(fmt::format("cannot write the checkpoint {}: creating a file in {} failed: {}", path,
+                                    folder.string(), std::strerror(errno)));
 }
 
 /// A fingerprint of `module`'s parameters and buffers (dtype, shape and

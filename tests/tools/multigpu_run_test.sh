@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: grid | sigint | errors | grace | orphans | lock | status | after | fail_fast
+# CASE: grid | sigint | errors | grace | orphans | lock | status | after | fail_fast | sessions | torchrun |
+#       nohup | durations | max_tasks
+# Exit status 77: skipped (the reason on stderr).
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
 fail() { echo "FAILED: $*" >&2; exit 1; }
+# Processes this test started are ended also when it fails.
+cleanup_pids=()
+cleanup() { for p in "${cleanup_pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+# A background command of a script starts with SIGINT ignored, which
+# multigpu-run keeps (a Ctrl-C meant for the foreground must not stop it):
+# the runs that test Ctrl-C get SIGINT back (a command, not a function: $!
+# must be multigpu-run's pid).
+with_sigint=(env --default-signal=INT)
+# Whether the process with this pid is gone (or a zombie).
+gone() { ! kill -0 "$1" 2>/dev/null || [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == Z ]]; }
+# Waits up to 10 s until every pid in the files named is gone.
+all_gone() {
+  local file
+  for _ in $(seq 200); do
+    local left=0
+    for file in "$@"; do gone "$(cat "$file")" || left=1; done
+    [[ $left == 0 ]] && return 0
+    sleep 0.05
+  done
+  return 1
+}
 
 case "$case_name" in
   grid)
@@ -36,7 +60,7 @@ case "$case_name" in
     # Ctrl-C twice: the children stop, the summary is written, exit status 130.
     token="47.$$"
     printf '[name=a] sleep %s\n[name=b] sleep %s\n[name=c] sleep %s\n' "$token" "$token" "$token" > slow.tasks
-    "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 2 slow.tasks > run.out 2> run.err &
+    "${with_sigint[@]}" "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 2 slow.tasks > run.out 2> run.err &
     pid=$!
     for _ in $(seq 200); do
       [[ $(pgrep -fc "sleep $token" || true) -ge 2 ]] && break
@@ -126,7 +150,7 @@ case "$case_name" in
     printf '%s\n' "trap 'sleep 2; echo saved > saved-\$MULTIGPU_TASK; exit 0' TERM" \
       'touch started-$MULTIGPU_TASK' 'while :; do sleep 0.1; done' > saves.sh
     printf '[name=a] sh saves.sh; echo after\n[name=b] sh saves.sh\n' > grace.tasks
-    "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 10 grace.tasks > run.out 2> run.err &
+    "${with_sigint[@]}" "$tool" -q --gpus cpu --max-per-gpu 2 --grace-period 10 grace.tasks > run.out 2> run.err &
     pid=$!
     for _ in $(seq 400); do [[ -e started-a && -e started-b ]] && break; sleep 0.05; done
     [[ -e started-a && -e started-b ]] || fail "tasks did not start"
@@ -213,6 +237,118 @@ TASKS
     "$tool" status > status.out || fail "status: $?"
     grep -q "stopped early: task broken failed (--fail-fast)" status.out || fail "$(cat status.out)"
     grep -q "task broken failed (fail-fast): stopping" run.err || fail "$(cat run.err)"
+    ;;
+  sessions)
+    # Processes a task starts in a session of their own (setsid, as torchrun
+    # starts its workers) are ended with the task: when it ends on its own,
+    # at a stop, and when multigpu-run is SIGKILLed. Checked by pid.
+    token="67.$$"
+    # `exec setsid -f`: the shell is gone, the process has no group in common with the task.
+    printf '[name=quick] setsid -f sh -c "echo \\$\\$ > quick.pid; exec sleep %s"; until [ -s quick.pid ]; do sleep 0.02; done\n' \
+      "$token" > quick.tasks
+    "$tool" -q --gpus cpu quick.tasks > quick.out 2>&1 || fail "run: $(cat quick.out)"
+    gone "$(cat quick.pid)" || { cleanup_pids+=("$(cat quick.pid)"); fail "a task's setsid process outlived the task that ended"; }
+    for signal in TERM KILL; do
+      printf '[name=held] setsid sh -c "echo \\$\\$ > held-%s.pid; exec sleep %s" & wait\n' "$signal" "$token" > held.tasks
+      "$tool" -q --gpus cpu --grace-period 1.5 --log-dir "logs-$signal" held.tasks > "$signal.out" 2>&1 &
+      pid=$!
+      cleanup_pids+=("$pid")
+      for _ in $(seq 400); do [[ -s held-$signal.pid ]] && break; sleep 0.05; done
+      [[ -s held-$signal.pid ]] || fail "the task did not start ($signal): $(cat "$signal.out")"
+      cleanup_pids+=("$(cat "held-$signal.pid")")
+      kill -"$signal" "$pid"
+      set +e; wait "$pid"; status=$?; set -e
+      all_gone "held-$signal.pid" || fail "a task's setsid process outlived multigpu-run's SIG$signal"
+    done
+    grep -q "0 done, 0 failed, 0 skipped, 1 interrupted" TERM.out || fail "$(cat TERM.out)"
+    ;;
+  torchrun)
+    # A hung two-rank torchrun task (its workers ignore SIGTERM, as a process
+    # stuck in a GPU call does): after a stop, and after multigpu-run is
+    # SIGKILLed, both ranks are gone. torchrun starts its workers in new sessions.
+    torchrun="${MULTIGPU_TORCHRUN:-/root/.cache/multigpu/venv/torch-cpu/bin/torchrun}"
+    if [[ ! -x $torchrun ]]; then
+      echo "skipped: no torchrun at $torchrun (set MULTIGPU_TORCHRUN)" >&2
+      exit 77
+    fi
+    printf '%s\n' 'import os, signal, sys, time' 'signal.signal(signal.SIGTERM, signal.SIG_IGN)' \
+      'with open(sys.argv[1] + "-" + os.environ["RANK"] + ".pid", "w") as f: f.write(str(os.getpid()))' \
+      'time.sleep(600)' > hang.py
+    for signal in TERM KILL; do
+      port=$(( 20000 + ($$ + RANDOM) % 20000 ))
+      printf '[name=ranks] %s --nproc_per_node 2 --master_port %s hang.py %s\n' "$torchrun" "$port" "$signal" > "$signal.tasks"
+      "$tool" -q --gpus cpu --grace-period 2 --log-dir "logs-$signal" "$signal.tasks" > "$signal.out" 2>&1 &
+      pid=$!
+      cleanup_pids+=("$pid")
+      for _ in $(seq 1200); do [[ -s $signal-0.pid && -s $signal-1.pid ]] && break; sleep 0.05; done
+      [[ -s $signal-0.pid && -s $signal-1.pid ]] || fail "torchrun did not start two ranks ($signal): $(cat logs-$signal/ranks.log)"
+      cleanup_pids+=("$(cat "$signal-0.pid")" "$(cat "$signal-1.pid")")
+      kill -"$signal" "$pid"
+      set +e; wait "$pid"; status=$?; set -e
+      all_gone "$signal-0.pid" "$signal-1.pid" || fail "a torchrun rank outlived the task after SIG$signal"
+    done
+    ;;
+  nohup)
+    # `nohup multigpu-run ... &`: SIGHUP inherited as ignored stays ignored,
+    # and the run goes on to its end.
+    printf '[name=gated] touch started; until [ -e go ]; do sleep 0.05; done; echo finished\n' > gated.tasks
+    (trap '' HUP; exec "$tool" -q --gpus cpu gated.tasks > run.out 2>&1) &
+    pid=$!
+    cleanup_pids+=("$pid")
+    for _ in $(seq 400); do [[ -e started ]] && break; sleep 0.05; done
+    [[ -e started ]] || fail "the task did not start: $(cat run.out)"
+    kill -HUP "$pid"
+    sleep 0.5
+    kill -0 "$pid" 2>/dev/null || fail "SIGHUP ended a run that ignores it: $(cat run.out)"
+    touch go
+    set +e; wait "$pid"; status=$?; set -e
+    [[ $status == 0 ]] || fail "exit status $status: $(cat run.out)"
+    grep -q "1 done, 0 failed" run.out || fail "$(cat run.out)"
+    grep -q finished multigpu-logs/gated.log || fail "the task did not end on its own"
+    # `multigpu-run ... &` in a script: bash starts it with SIGINT ignored,
+    # and a Ctrl-C meant for the foreground does not stop it either.
+    rm -f started go
+    "$tool" -q --gpus cpu --log-dir logs-int gated.tasks > int.out 2>&1 &
+    pid=$!
+    cleanup_pids+=("$pid")
+    for _ in $(seq 400); do [[ -e started ]] && break; sleep 0.05; done
+    [[ -e started ]] || fail "the task did not start: $(cat int.out)"
+    kill -INT "$pid"; sleep 0.3; kill -INT "$pid"  # twice: not even a drain
+    sleep 0.5
+    kill -0 "$pid" 2>/dev/null || fail "SIGINT ended a run that ignores it: $(cat int.out)"
+    ! grep -q draining int.out || fail "SIGINT drained a run that ignores it: $(cat int.out)"
+    touch go
+    set +e; wait "$pid"; status=$?; set -e
+    [[ $status == 0 ]] && grep -q "1 done, 0 failed" int.out || fail "exit status $status: $(cat int.out)"
+    ;;
+  durations)
+    # Durations in seconds take fractions, as the help says (FLOAT).
+    printf 'true\n' > ok.tasks
+    "$tool" -q --gpus cpu --grace-period 1.5 --busy-wait-limit 0.5 ok.tasks > run.out 2>&1 \
+      || fail "fractions refused: $(cat run.out)"
+    grep -q "1 done" run.out || fail "$(cat run.out)"
+    set +e; "$tool" -q --gpus cpu --grace-period -1 ok.tasks > neg.out 2>&1; status=$?; set -e
+    [[ $status == 2 ]] || fail "a negative grace period: $status $(cat neg.out)"
+    ;;
+  max_tasks)
+    # Grids are counted before they expand: three grids of 1,000 values are
+    # refused at once (not 10^9 tasks in memory), naming the line, the count
+    # and the flag; --max-tasks raises the limit.
+    { echo "# three grids"
+      printf 'grid a = %s\n' "$(seq -s ' ' 1000)"
+      printf 'grid b = %s\n' "$(seq -s ' ' 1000)"
+      printf 'grid c = %s\n' "$(seq -s ' ' 1000)"
+      echo 'echo {a} {b} {c}'; } > huge.tasks
+    set +e; ( ulimit -v 2000000; "$tool" --dry-run --gpus cpu huge.tasks ) > huge.out 2>&1; status=$?; set -e
+    [[ $status == 2 ]] || fail "exit status $status: $(head -c 300 huge.out)"
+    grep -q "huge.tasks:5: this line expands to 1000000000 tasks (grids a 1000 x b 1000 x c 1000), more than the limit of 100000; give a larger --max-tasks" huge.out \
+      || fail "$(cat huge.out)"
+    printf 'grid a = 1 2 3\necho {a}\necho once\n' > small.tasks
+    set +e; "$tool" --dry-run --gpus cpu --max-tasks 3 small.tasks > small.out 2>&1; status=$?; set -e
+    [[ $status == 2 ]] && grep -q "small.tasks:3: with this line the file has 4 tasks, more than the limit of 3" small.out \
+      || fail "$status $(cat small.out)"
+    "$tool" --dry-run --gpus cpu --max-tasks 4 small.tasks > raised.out 2>&1 || fail "$(cat raised.out)"
+    grep -q "^4 task(s) from small.tasks" raised.out || fail "$(cat raised.out)"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

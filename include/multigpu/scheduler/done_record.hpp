@@ -8,6 +8,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
@@ -40,6 +41,10 @@ namespace detail {
 // exist, or its time changed): a rerun that finds its old output and exits
 // at once must not turn the old result into the new command's.
 // The whole command is kept, not a hash: the record then says what changed.
+// It is kept byte for byte: JSON holds text, so a command with bytes that are
+// not UTF-8 (a Latin-1 file name) is written as text with U+FFFD in their
+// place, for the reader, and also as `command_hex`, its bytes in hex, which
+// is what is compared (otherwise it would never match, and run every time).
 // Callables have no command: their marker alone decides.
 
 /// The done marker's modification time, or nothing when there is none.
@@ -56,12 +61,49 @@ inline std::string done_record_path(const std::string& log_dir, const std::strin
   return log_dir + "/.done/" + file_safe(name) + ".json";
 }
 
+/// `bytes` in hexadecimal, two digits a byte.
+inline std::string hex_of(std::string_view bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string hex;
+  hex.reserve(bytes.size() * 2);
+  for (const char c : bytes) {
+    const auto byte = static_cast<unsigned char>(c);
+    hex += kDigits[byte >> 4];
+    hex += kDigits[byte & 15];
+  }
+  return hex;
+}
+
+/// The bytes written in `hex` (see hex_of()), or nothing when it is not that.
+inline std::optional<std::string> bytes_from_hex(std::string_view hex) {
+  if (hex.size() % 2 != 0) return std::nullopt;
+  const auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  std::string bytes;
+  bytes.reserve(hex.size() / 2);
+  for (std::size_t i = 0; i < hex.size(); i += 2) {
+    const int high = digit(hex[i]);
+    const int low = digit(hex[i + 1]);
+    if (high < 0 || low < 0) return std::nullopt;
+    bytes += static_cast<char>(high * 16 + low);
+  }
+  return bytes;
+}
+
 /// The command recorded for `name`, if there is a readable record.
 inline std::optional<std::string> recorded_command(const std::string& log_dir, const std::string& name) {
   std::ifstream file(done_record_path(log_dir, name));
   if (!file) return std::nullopt;
   try {
     const auto json = nlohmann::json::parse(file);
+    if (json.is_object() && json.contains("command_hex") && json["command_hex"].is_string()) {
+      if (auto bytes = bytes_from_hex(json["command_hex"].get<std::string>())) return bytes;
+      return std::nullopt;
+    }
     if (json.is_object() && json.contains("command") && json["command"].is_string()) {
       return json["command"].get<std::string>();
     }
@@ -85,10 +127,12 @@ inline bool marker_is_current(const std::string& log_dir, const Task& task, std:
 /// (from the atomic write) when it cannot.
 inline void record_done_command(const std::string& log_dir, const Task& task) {
   make_directories(log_dir + "/.done");
-  const nlohmann::ordered_json record{{"task", task.name},
-                                      {"command", task.command},
-                                      {"done_marker", task.done_marker},
-                                      {"recorded", iso8601(std::chrono::system_clock::now())}};
+  nlohmann::ordered_json record{{"task", task.name},
+                                {"command", task.command},
+                                {"done_marker", task.done_marker},
+                                {"recorded", iso8601(std::chrono::system_clock::now())}};
+  // Byte for byte where the text cannot hold it: see the Note.
+  if (invalid_utf8_at(task.command)) record["command_hex"] = hex_of(task.command);
   write_file_atomically(done_record_path(log_dir, task.name),
                         record.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }

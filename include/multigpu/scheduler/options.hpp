@@ -67,6 +67,7 @@ struct SchedulerOptions {
   std::chrono::milliseconds grace_period{std::chrono::seconds(10)};
   /// Handle SIGINT, SIGTERM and SIGHUP during run() (stop dispatching, stop
   /// the commands, write the summary); the previous handlers come back after.
+  /// SIGINT and SIGHUP inherited as ignored (nohup) stay ignored.
   bool handle_signals = false;
   /// With handle_signals: the first Ctrl-C (SIGINT) only drains the run (no
   /// new task starts; the running ones go on to their end), the second stops

@@ -25,6 +25,7 @@
 #include <fmt/core.h>
 
 #include "multigpu/error.hpp"
+#include "multigpu/scheduler/process_tree.hpp"
 
 extern char** environ;
 
@@ -43,7 +44,9 @@ namespace detail {
 //   started may still be saving. The supervisor is a child subreaper: what
 //   the shell started is re-parented to it, and after a stop request it waits
 //   until every descendant is gone before it ends (the scheduler's SIGKILL at
-//   the end of the grace period still ends everything).
+//   the end of the grace period still ends everything). Being the subreaper
+//   also keeps every process the task started below it, in any session:
+//   see Note [Every process a task started] in scheduler/process_tree.hpp.
 // - Children die with the scheduler. The supervisor gets a parent-death
 //   signal (PR_SET_PDEATHSIG, sent when the thread that started it ends, so
 //   the scheduler starts every child from run()'s thread); it then sends
@@ -62,8 +65,8 @@ namespace detail {
 //   reaches the scheduler as an exception about that one task.
 //
 // Without a stop request the supervisor ends as soon as the shell ends, as
-// the shell would, and the scheduler kills what the shell left running
-// (background jobs) before it reaps the supervisor. The supervisor ends with
+// the shell would, after it has SIGKILLed what the shell left running
+// (background jobs, in its group or not) and seen it gone. The supervisor ends with
 // the shell's status (the same exit code, or the same signal), so the
 // scheduler sees what the shell did. It closes every file descriptor it does
 // not need right after the fork, so that it holds nothing of the scheduler's
@@ -116,6 +119,9 @@ constexpr int kParentDeathSignal = SIGUSR1;
 /// open for the scheduler (every other descriptor above 2 is closed).
 constexpr int kErrorFd = 3;
 constexpr int kKeptFd = 4;
+/// How long, in seconds, the supervisor waits for the processes it SIGKILLed
+/// before it ends anyway (a process stuck in the kernel does not end).
+constexpr unsigned kKillWait = 5;
 
 /// The signals the supervisor takes synchronously (blocked, then taken with
 /// sigwaitinfo, or sigtimedwait for what is already pending). It installs no handler: nothing runs at an arbitrary point,
@@ -244,9 +250,29 @@ inline void close_from(int first) {
   int shell_status = 0;
   bool shell_ended = false;
   bool stopping = false;
+  bool ending = false;   // every descendant has been sent SIGKILL; the supervisor ends when they are gone
+  bool give_up = false;  // they did not go (a process stuck in the kernel): end anyway
+  const pid_t self = ::getpid();
   const struct timespec no_wait {};
+  // See Note [Every process a task started].
+  auto signal_descendants = [&](int signal, bool other_groups_only) {
+    for_each_descendant(self, [&](const ProcessEntry& entry) {
+      if (entry.zombie || (other_groups_only && entry.group == self)) return;
+      ::kill(static_cast<pid_t>(entry.pid), signal);
+    });
+  };
+  auto end_all = [&] {
+    if (!ending) ::alarm(kKillWait);
+    ending = true;
+    signal_descendants(SIGKILL, false);
+  };
   auto take = [&](int signal, const siginfo_t& info) {
-    if (signal == SIGTERM || signal == SIGINT || signal == SIGHUP) stopping = true;
+    if (signal == SIGTERM || signal == SIGINT || signal == SIGHUP) {
+      stopping = true;
+      // The group has it already (from the scheduler, or from this process
+      // below); the others (setsid, torchrun's workers) have it from here.
+      if (!ending) signal_descendants(signal, true);
+    }
     // The scheduler is gone: SIGTERM to the group (this process takes its own
     // next), SIGKILL when the grace period has passed. Only then: a task may
     // send SIGUSR1 to its own group, this process included. The kernel sends
@@ -254,11 +280,17 @@ inline void close_from(int first) {
     // it has reparented this process; a thread of the scheduler that ends
     // leaves it the scheduler's child, hence both tests.
     const bool from_scheduler = info.si_code == SI_USER && info.si_pid == scheduler;
-    if (signal == kParentDeathSignal && (::getppid() != scheduler || from_scheduler)) {
+    if (signal == kParentDeathSignal && !ending && (::getppid() != scheduler || from_scheduler)) {
       ::kill(0, SIGTERM);
       ::alarm(grace == 0 ? 1 : grace);
     }
-    if (signal == SIGALRM) ::kill(0, SIGKILL);  // the group, this process too
+    if (signal == SIGALRM) {
+      if (ending) {
+        give_up = true;
+      } else {
+        end_all();
+      }
+    }
   };
   while (true) {
     bool all_gone = false;
@@ -283,9 +315,13 @@ inline void close_from(int first) {
       child_ended = child_ended || signal == SIGCHLD;
       take(signal, info);
     }
-    if (all_gone) break;                  // every descendant is gone
-    if (shell_ended && !stopping) break;  // as the shell would; see the Note
-    if (child_ended) continue;            // it may have ended after the reaping above
+    if (all_gone) break;  // every descendant is gone: with a subreaper, no child means none below
+    if (give_up) break;
+    if (shell_ended && !stopping && !ending) end_all();  // as the shell would, without what it left; see the Note
+    if (child_ended) {
+      if (ending) signal_descendants(SIGKILL, false);  // a child forked while the last scan ran
+      continue;                                       // it may have ended after the reaping above
+    }
     const int signal = ::sigwaitinfo(&watched, &info);
     if (signal > 0) take(signal, info);
   }
@@ -382,9 +418,12 @@ class ChildProcess {
     return *exit_;
   }
 
-  /// Sends `signal` to the child's whole process group.
+  /// Sends `signal` to the child's whole process group; SIGKILL goes to
+  /// every process below the supervisor first, in any session (see Note
+  /// [Every process a task started]).
   void kill_group(int signal) {
     if (exit_) return;
+    if (signal == SIGKILL) kill_descendants(pid_);
     // The supervisor first, then its group: so that the supervisor has the
     // signal pending before the shell it outlives can end (see the Note).
     ::kill(pid_, signal);

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -25,14 +26,23 @@
 
 namespace multigpu {
 
+/// The most tasks a task file may expand to unless the caller allows more
+/// (multigpu-run --max-tasks): three grids of 1,000 values would otherwise
+/// be 10^9 tasks, and all of the machine's memory.
+constexpr std::size_t kDefaultMaxTasks = 100000;
+
 /// Parses a task file (see docs/scheduler.md, "Task files"): one shell command per
 /// line, `#` comments, `[name=... done=... gpus=N after=A,B mem=12G]` options before a command,
 /// `grid NAME = VALUES...` lines whose variables `{NAME}` expand a command
 /// over every combination. `source` names the text in errors (file:line);
-/// `default_devices` is what a line without gpus=N needs.
-std::vector<Task> parse_tasks(std::string_view text, const std::string& source = "tasks", int default_devices = 1);
+/// `default_devices` is what a line without gpus=N needs. More than
+/// `max_tasks` tasks is an error, found by counting each line's grid
+/// combinations before expanding them (see kDefaultMaxTasks).
+std::vector<Task> parse_tasks(std::string_view text, const std::string& source = "tasks", int default_devices = 1,
+                              std::size_t max_tasks = kDefaultMaxTasks);
 /// Reads and parses a task file.
-std::vector<Task> read_task_file(const std::string& path, int default_devices = 1);
+std::vector<Task> read_task_file(const std::string& path, int default_devices = 1,
+                                 std::size_t max_tasks = kDefaultMaxTasks);
 
 namespace detail {
 
@@ -67,7 +77,8 @@ inline std::string expand_line(const std::string& text, const std::map<std::stri
 
 }  // namespace detail
 
-inline std::vector<Task> parse_tasks(std::string_view text, const std::string& source, int default_devices) {
+inline std::vector<Task> parse_tasks(std::string_view text, const std::string& source, int default_devices,
+                                     std::size_t max_tasks) {
   struct Grid {
     std::string name;
     std::vector<std::string> values;
@@ -193,6 +204,26 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
     }
     std::sort(used.begin(), used.end());  // combinations in the order the grids were written
 
+    // Counted before anything is expanded: the product saturates instead of overflowing.
+    std::size_t combinations = 1;
+    bool overflow = false;
+    std::string factors;
+    for (const std::size_t g : used) {
+      const std::size_t size = grids[g].values.size();
+      overflow = overflow || combinations > std::numeric_limits<std::size_t>::max() / size;
+      combinations = overflow ? std::numeric_limits<std::size_t>::max() : combinations * size;
+      factors += fmt::format("{}{} {}", factors.empty() ? "" : " x ", grids[g].name, size);
+    }
+    if (overflow || combinations > max_tasks || tasks.size() + combinations > max_tasks) {
+      const std::string count = overflow ? "more than 2^64" : std::to_string(combinations);
+      const std::string what = overflow || combinations > max_tasks
+                                   ? fmt::format("this line expands to {} tasks (grids {})", count, factors)
+                                   : fmt::format("with this line the file has {} tasks", tasks.size() + combinations);
+      throw fail(start_line, fmt::format("{}, more than the limit of {}; give a larger --max-tasks (max_tasks in C++) "
+                                         "to run that many",
+                                         what, max_tasks));
+    }
+
     std::vector<std::size_t> choice(used.size(), 0);
     while (true) {
       std::map<std::string, std::string> values;
@@ -249,12 +280,12 @@ inline std::vector<Task> parse_tasks(std::string_view text, const std::string& s
   return tasks;
 }
 
-inline std::vector<Task> read_task_file(const std::string& path, int default_devices) {
+inline std::vector<Task> read_task_file(const std::string& path, int default_devices, std::size_t max_tasks) {
   std::ifstream in(path);
   if (!in) throw SchedulerError(fmt::format("cannot read the task file {}: {}", path, std::strerror(errno)));
   std::stringstream text;
   text << in.rdbuf();
-  return parse_tasks(text.str(), path, default_devices);
+  return parse_tasks(text.str(), path, default_devices, max_tasks);
 }
 
 }  // namespace multigpu

@@ -63,8 +63,9 @@ class WakeUp {
   int fd_;
 };
 
-/// Installs SIGINT/SIGTERM/SIGHUP handlers that only record the signal, and puts
-/// the previous ones back when destroyed. The records are lock-free atomics,
+/// Installs SIGINT/SIGTERM/SIGHUP handlers that only record the signal (SIGINT
+/// and SIGHUP not where they were inherited ignored), and puts the previous
+/// ones back when destroyed. The records are lock-free atomics,
 /// not `volatile sig_atomic_t`: a signal sent to the process runs its handler
 /// on any thread, so two signals in quick succession can run two handlers at
 /// once.
@@ -81,9 +82,14 @@ class SignalWatch {
       if (signal != SIGINT) hard().compare_exchange_strong(none, signal);  // the first SIGTERM or SIGHUP stays
     };
     sigemptyset(&action.sa_mask);
-    ::sigaction(SIGINT, &action, &previous_int_);
+    // An inherited "ignore" stays: `nohup multigpu-run ... &` must survive the
+    // ssh connection that drops (SIGHUP), and a run started in the background
+    // of a non-interactive shell (`multigpu-run ... &` in a script, which sets
+    // SIGINT to ignore) must survive the Ctrl-C meant for the foreground.
+    // SIGTERM is always a stop request.
+    install_unless_ignored(SIGINT, action, previous_int_);
     ::sigaction(SIGTERM, &action, &previous_term_);
-    ::sigaction(SIGHUP, &action, &previous_hup_);  // a closed terminal (ssh dropped) stops like SIGTERM
+    install_unless_ignored(SIGHUP, action, previous_hup_);  // a closed terminal (ssh dropped) stops like SIGTERM
   }
   ~SignalWatch() {
     if (!enabled_) return;
@@ -101,6 +107,10 @@ class SignalWatch {
   int hard_signal() const { return enabled_ ? hard().load() : 0; }
 
  private:
+  static void install_unless_ignored(int signal, const struct sigaction& action, struct sigaction& previous) {
+    ::sigaction(signal, nullptr, &previous);
+    if (previous.sa_handler != SIG_IGN) ::sigaction(signal, &action, nullptr);
+  }
   static_assert(std::atomic<int>::is_always_lock_free, "a signal handler needs a lock-free atomic");
   // Function statics, constant-initialised (no guard in a handler), so that
   // including the header emits no symbol.
