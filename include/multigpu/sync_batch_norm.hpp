@@ -54,7 +54,7 @@ class SyncBatchNormImpl : public torch::nn::Cloneable<SyncBatchNormImpl>, public
   explicit SyncBatchNormImpl(std::int64_t num_features)
       : SyncBatchNormImpl(torch::nn::BatchNormOptions(num_features)) {}
   /// A layer with BatchNorm's options (eps, momentum or none, affine, track_running_stats).
-  explicit SyncBatchNormImpl(const torch::nn::BatchNormOptions& options) : options(options) { reset(); }
+  explicit SyncBatchNormImpl(const torch::nn::BatchNormOptions& options_) : options(options_) { reset(); }
 
   /// Registers the parameters and buffers (Cloneable's contract).
   inline void reset() override;
