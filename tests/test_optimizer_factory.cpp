@@ -200,7 +200,7 @@ TEST_SUITE("DataParallel optimizers the user builds") {
   }
 
   TEST_CASE("bad factories are refused with one message, and the previous optimizers stay") {
-    const TwoLayer net = twin_models().first;
+    TwoLayer net = twin_models().first;
     DataParallel<TwoLayer> dp(net, cpus(3));
     torch::optim::SGD& previous = dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
     const auto refused = [&](auto factory, const std::vector<std::string>& parts) {
