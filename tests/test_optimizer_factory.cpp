@@ -196,6 +196,31 @@ TEST_SUITE("DataParallel optimizers the user builds") {
     }
     CHECK(max_difference(*other, *plain) <= 1e-10);
     resumed.check_parity();
+
+    // save_optimizer / load_optimizer carry the groups too, and an optimizer
+    // with other groups refuses them and stays as it was.
+    const std::string optimizer_path = "multigpu_test_optimizer_groups_alone.pt";
+    resumed.save_optimizer(optimizer_path);
+    DataParallel<TwoLayer> one_group(std::dynamic_pointer_cast<TwoLayerImpl>(other->clone()), cpus(2));
+    auto& single = one_group.make_optimizer([](TwoLayerImpl& replica) {
+      return std::make_unique<torch::optim::AdamW>(replica.parameters(), torch::optim::AdamWOptions(0.5));
+    });
+    std::string message;
+    try {
+      one_group.load_optimizer(optimizer_path);
+    } catch (const multigpu::CheckpointError& e) {
+      message = e.what();
+    }
+    CHECK(contains(message, "different number of parameter groups"));
+    CHECK(contains(message, "the optimizers are unchanged"));
+    CHECK(single.param_groups().size() == 1);
+    CHECK(single.param_groups()[0].options().get_lr() == 0.5);
+    DataParallel<TwoLayer> grouped(std::dynamic_pointer_cast<TwoLayerImpl>(other->clone()), cpus(1));
+    auto& restored = grouped.make_optimizer(make_adamw);
+    grouped.load_optimizer(optimizer_path);
+    CHECK(restored.param_groups()[0].options().get_lr() == doctest::Approx(0.01 * (1.0 - 0.05 * 5)));
+    CHECK(restored.param_groups()[1].options().get_lr() == doctest::Approx(0.03 * 0.5));
+    std::remove(optimizer_path.c_str());
     std::remove(path.c_str());
   }
 
