@@ -58,6 +58,7 @@
 #include "multigpu/data_parallel/checkpoint_io.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/data_parallel/core.hpp"
+#include "multigpu/data_parallel/optimizer_check.hpp"
 #include "multigpu/streams.hpp"
 #include "multigpu/batch_plan.hpp"
 #include "multigpu/device.hpp"
@@ -212,6 +213,23 @@ class DataParallel {
   /// `options`; they step in lockstep. Returns the primary's.
   template <class Opt, class Options>
   Opt& make_optimizer(const Options& options);
+  /// One optimizer per replica, built by `factory(Module& replica)`, which
+  /// returns a std::unique_ptr to any torch::optim::Optimizer (parameter
+  /// groups, your own class) over that replica's parameters:
+  ///
+  ///   dp.make_optimizer([](Net& net) {
+  ///     return std::make_unique<torch::optim::AdamW>(
+  ///         std::vector<torch::optim::OptimizerParamGroup>{{weights_of(net)}, {biases_of(net), no_decay()}},
+  ///         torch::optim::AdamWOptions(1e-3));
+  ///   });
+  ///
+  /// Every optimizer must hold only its replica's parameters, each once,
+  /// and be the primary's twin (class, groups, order); otherwise Error, and
+  /// the previous optimizers stay. Options set on the primary's groups reach
+  /// the same group of every replica. Returns the primary's, as the type
+  /// the factory returns. See Note [Optimizers the user builds].
+  template <class MakeOptimizer, class = std::enable_if_t<std::is_invocable<MakeOptimizer&, Module&>::value>>
+  auto& make_optimizer(MakeOptimizer&& factory);
   /// The primary replica's optimizer (of your module's parameters).
   torch::optim::Optimizer& optimizer() { return core_.optimizer(0); }
   /// The primary's optimizer as its own type.
@@ -414,6 +432,35 @@ Opt& DataParallel<M>::make_optimizer(const Options& options) {
   }
   core_.set_optimizers(std::move(optimizers));
   return optimizer<Opt>();
+}
+
+namespace detail {
+template <class T>
+struct is_optimizer_pointer : std::false_type {};
+template <class Opt>
+struct is_optimizer_pointer<std::unique_ptr<Opt>> : std::is_base_of<torch::optim::Optimizer, Opt> {};
+}  // namespace detail
+
+template <class M>
+template <class MakeOptimizer, class>
+auto& DataParallel<M>::make_optimizer(MakeOptimizer&& factory) {
+  using Made = std::invoke_result_t<MakeOptimizer&, Module&>;
+  static_assert(detail::is_optimizer_pointer<Made>::value,
+                "make_optimizer(factory): the factory must return a std::unique_ptr to a torch::optim::Optimizer or a "
+                "subclass, e.g. std::make_unique<torch::optim::AdamW>(groups, options)");
+  using Opt = typename Made::element_type;
+  std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers;
+  std::vector<const torch::optim::Optimizer*> made;
+  for (std::size_t r = 0; r < size(); ++r) {
+    optimizers.push_back(factory(*replicas_[r]));
+    made.push_back(optimizers.back().get());
+    if (!optimizers.back()) break;  // reported below
+  }
+  std::vector<std::vector<at::Tensor>> parameters;
+  for (std::size_t r = 0; r < size(); ++r) parameters.push_back(core_.parameters(r));
+  detail::check_replica_optimizers("make_optimizer(factory)", core_.parameter_names(), parameters, devices(), made);
+  core_.set_optimizers(std::move(optimizers));
+  return static_cast<Opt&>(core_.optimizer(0));
 }
 
 template <class M>
