@@ -562,42 +562,86 @@ torch::Tensor parameters_of(const std::string& name, int rank) {
   return trained;
 }
 
-/// Two processes x 2 replicas train 4 float64 steps in small buckets (one
-/// per parameter), with step 1 failing on rank `fault_rank` only as `kind`
-/// says (see worker.cpp): both ranks must get an error for step 1 (the
-/// failing one its own, containing `reason`; the other one naming the
-/// failing rank and that reason), nothing may hang, and both must end bit
-/// for bit where a run that never saw batch 1 ends.
-void check_one_rank_failure(const std::string& kind, int fault_rank, const std::string& reason) {
-  const std::string common = "--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001";
-  const auto skipped = run_job("skip" + kind, 2, common + " --skip-step 1");
-  for (const auto& exit : skipped) REQUIRE(exit.success());
-  const auto start = std::chrono::steady_clock::now();
-  const auto failed = run_job(kind, 2, fmt::format("{} --fail-at-step 1 --fail-kind {} --fault-rank {}", common, kind,
-                                                   fault_rank),
-                              {}, /*timeout_ms=*/10000, std::chrono::seconds(40));
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  for (int rank = 0; rank < 2; ++rank) {
-    const std::string errors = read_text(scratch(fmt::format("{}{}", kind, rank)) + ".errors");
-    INFO("rank ", rank, ": ", failed[static_cast<std::size_t>(rank)].describe(), "; step 1's error: ", errors, "\n",
-         read_text(scratch(fmt::format("{}log{}", kind, rank))));
-    REQUIRE(failed[static_cast<std::size_t>(rank)].success());
-    CHECK(contains(errors, "step 1: "));
-    CHECK(contains(errors, reason));
-    if (rank != fault_rank) {
-      CHECK(contains(errors, fmt::format("rank {} failed this step", fault_rank)));
-      CHECK(contains(errors, "every process discarded this step's gradients"));
-    }
-    CHECK(torch::equal(parameters_of(kind, rank), parameters_of("skip" + kind, 0)));
-  }
-  CHECK(seconds < 30);  // no time-out waited for (10 s each)
-  for (const std::string name : {kind, "skip" + kind}) {
+/// Removes the files of the 2-process jobs `names`.
+void remove_job_files(const std::vector<std::string>& names) {
+  for (const std::string& name : names) {
     for (int rank = 0; rank < 2; ++rank) {
       std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
       std::remove((scratch(fmt::format("{}{}", name, rank)) + ".errors").c_str());
       std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
     }
   }
+}
+
+/// Two processes x 2 replicas train 4 float64 steps in small buckets (one
+/// per parameter), with step `fail_step` failing on rank `fault_rank` only
+/// as `kind` says (see worker.cpp): both ranks must get an error for that
+/// step (the failing one its own, containing `reason`; the other one naming
+/// the failing rank and that reason), nothing may hang, and both must end
+/// bit for bit where a run that never saw that batch ends. Step 0 is the
+/// one that records the order of the gradient buckets.
+void check_one_rank_failure(const std::string& kind, int fault_rank, const std::string& reason, int fail_step = 1) {
+  const std::string common = "--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001";
+  const std::string name = fmt::format("{}at{}", kind, fail_step);
+  const auto skipped = run_job("skip" + name, 2, fmt::format("{} --skip-step {}", common, fail_step));
+  for (const auto& exit : skipped) REQUIRE(exit.success());
+  const auto start = std::chrono::steady_clock::now();
+  const auto failed = run_job(name, 2, fmt::format("{} --fail-at-step {} --fail-kind {} --fault-rank {}", common,
+                                                   fail_step, kind, fault_rank),
+                              {}, /*timeout_ms=*/10000, std::chrono::seconds(40));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string errors = read_text(scratch(fmt::format("{}{}", name, rank)) + ".errors");
+    INFO("rank ", rank, ": ", failed[static_cast<std::size_t>(rank)].describe(), "; the failed step's error: ", errors,
+         "\n", read_text(scratch(fmt::format("{}log{}", name, rank))));
+    REQUIRE(failed[static_cast<std::size_t>(rank)].success());
+    CHECK(contains(errors, fmt::format("step {}: ", fail_step)));
+    CHECK(contains(errors, reason));
+    if (rank != fault_rank) {
+      CHECK(contains(errors, fmt::format("rank {} failed this step", fault_rank)));
+      CHECK(contains(errors, "every process discarded this step's gradients"));
+    }
+    CHECK(torch::equal(parameters_of(name, rank), parameters_of("skip" + name, 0)));
+  }
+  CHECK(seconds < 30);  // no time-out waited for (10 s each)
+  remove_job_files({name, "skip" + name});
+}
+
+/// Two processes x 2 replicas train 4 float64 steps, each as `micro_steps`
+/// micro-steps inside no_sync() and then step(); the last micro-step of
+/// step 1 fails on rank 1 only as `kind` says. Inside no_sync() nothing is
+/// agreed: rank 1 alone gets an error (containing `reason`), both go on to
+/// step(), nothing may hang, and both must end bit for bit where a run ends
+/// whose rank 1 contributed zero gradients to step 1 (see Note [A failed
+/// micro-step across processes]).
+void check_failed_micro_step(const std::string& kind, int micro_steps, const std::string& reason) {
+  const std::string common =
+      fmt::format("--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001 --accumulate {} --fail-at-step 1 "
+                  "--fault-rank 1",
+                  micro_steps);
+  const std::string name = fmt::format("{}in{}", kind, micro_steps);
+  const auto reference = run_job("zero" + name, 2, common + " --fail-kind zero", {}, 10000, std::chrono::seconds(40));
+  for (const auto& exit : reference) REQUIRE(exit.success());
+  const auto start = std::chrono::steady_clock::now();
+  const auto failed = run_job(name, 2, fmt::format("{} --fail-kind {}", common, kind), {}, /*timeout_ms=*/10000,
+                              std::chrono::seconds(40));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string errors = read_text(scratch(fmt::format("{}{}", name, rank)) + ".errors");
+    INFO("rank ", rank, ": ", failed[static_cast<std::size_t>(rank)].describe(), "; errors: ", errors, "\n",
+         read_text(scratch(fmt::format("{}log{}", name, rank))));
+    REQUIRE(failed[static_cast<std::size_t>(rank)].success());
+    if (rank == 1) {
+      CHECK(contains(errors, "step 1: "));
+      CHECK(contains(errors, reason));
+    } else {
+      CHECK(errors.empty());
+    }
+    CHECK(torch::equal(parameters_of(name, rank), parameters_of("zero" + name, 0)));
+    CHECK(torch::equal(parameters_of(name, rank), parameters_of("zero" + name, 1)));
+  }
+  CHECK(seconds < 30);  // no time-out waited for (10 s each)
+  remove_job_files({name, "zero" + name});
 }
 
 // See Note [A step that fails on one process].
@@ -616,6 +660,32 @@ TEST_SUITE("a step that fails on one process") {
 
   TEST_CASE("a parameter without a gradient on rank 1 only: both skip the step, the next ones train as without it") {
     check_one_rank_failure("unused", 1, "parameter(s) received no gradient in this step: fc1.weight (replica 0)");
+  }
+
+  TEST_CASE("a batch that fails in splitting on rank 1 only: both skip the step, the next ones train as without it") {
+    check_one_rank_failure("split", 1, "the fields of a std::pair batch disagree on the number of samples");
+  }
+
+  TEST_CASE("each kind of failure on one rank at the step that records the bucket order: both rebuild alike") {
+    check_one_rank_failure("throw", 1, "deliberate failure at step 0", 0);
+    check_one_rank_failure("nan", 0, "the loss is nan (DataParallelOptions::check_finite_loss)", 0);
+    check_one_rank_failure("empty", 1, "forward_backward: the batch has no samples", 0);
+    check_one_rank_failure("unused", 1, "parameter(s) received no gradient in this step: fc1.weight (replica 0)", 0);
+  }
+}
+
+// See Note [A failed micro-step across processes].
+TEST_SUITE("a micro-step inside no_sync() that fails on one process") {
+  TEST_CASE("the loss function throws in rank 1's second micro-step: step() reduces on both, rank 1 adds zeros") {
+    check_failed_micro_step("throw", 2, "deliberate failure at step 1");
+  }
+
+  TEST_CASE("a NaN loss in rank 1's second micro-step: step() reduces on both, rank 1 adds zeros") {
+    check_failed_micro_step("nan", 2, "the loss is nan (DataParallelOptions::check_finite_loss)");
+  }
+
+  TEST_CASE("rank 1's only micro-step has an empty batch: step() reduces on both, rank 1 adds zeros") {
+    check_failed_micro_step("empty", 1, "forward_backward: the batch has no samples");
   }
 }
 

@@ -38,6 +38,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -364,10 +365,19 @@ std::vector<typename DataParallel<M>::ModulePtr> DataParallel<M>::make_replicas(
 template <class M>
 template <class Batch, class LossFn>
 StepLoss DataParallel<M>::forward_backward(const Batch& batch, LossFn&& loss_fn) {
-  const std::int64_t total = batch_size(batch);
-  if (total <= 0) core_.fail_step("forward_backward: the batch has no samples");
-  const std::vector<std::int64_t> sizes = split_batch(total, size());
-  const std::vector<Batch> shards = split_shards(batch, sizes);
+  std::vector<std::int64_t> sizes;
+  std::vector<Batch> shards;
+  try {
+    const std::int64_t total = batch_size(batch);
+    if (total <= 0) throw Error("forward_backward: the batch has no samples");
+    sizes = split_batch(total, size());
+    shards = split_shards(batch, sizes);
+  } catch (...) {
+    // A batch that fails on one process only (fields that disagree, a
+    // BatchTraits that throws) fails the step on every process: see Note
+    // [A step that fails on one process].
+    core_.fail_step(std::current_exception());
+  }
   return core_.forward_backward(sizes, [&](std::size_t r) -> at::Tensor {
     const Batch shard = shard_to(shards[r], core_.device(r));
     return std::invoke(loss_fn, *replicas_[r], shard);

@@ -19,7 +19,13 @@
 // gradient) fails step N on rank --fault-rank only; every rank then
 // catches that step's multigpu::Error, appends "step N: message" to --out's
 // name + ".errors" and goes on. --skip-step N leaves batch N out on every
-// rank (the run the failed one must equal). --double 1 trains in float64;
+// rank (the run the failed one must equal). --fail-kind split gives rank
+// --fault-rank a pair batch whose fields disagree (it fails in splitting);
+// zero multiplies that rank's losses of step N by 0 (no error: the
+// reference for a failed micro-step). --accumulate M trains each step as M
+// micro-steps inside no_sync() (each on a part of the batch) and then
+// step(): the last micro-step of step N is the one that fails, the ranks
+// that see its error go on to step(). --double 1 trains in float64;
 // --bucket-cap-mib X sets the bucket cap; --report-time 1 prints the
 // training loop's time per step. --sync-bn 1 trains
 // recipe_bn_model, converted to SyncBatchNorm, in float64, and writes its
@@ -70,6 +76,7 @@ struct Args {
   double bucket_cap_mib = 0;  // 0: the default
   bool report_time = false;
   bool sync_bn = false;
+  int accumulate = 0;  // 0: train_step; M: M micro-steps in no_sync(), then step()
 };
 
 Args parse(int argc, char** argv) {
@@ -100,6 +107,7 @@ Args parse(int argc, char** argv) {
     else if (name == "--bucket-cap-mib") args.bucket_cap_mib = std::stod(value);
     else if (name == "--report-time") args.report_time = value == "1";
     else if (name == "--sync-bn") args.sync_bn = value == "1";
+    else if (name == "--accumulate") args.accumulate = std::stoi(value);
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -171,27 +179,60 @@ int main(int argc, char** argv) {
       auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank).to(dtype),
                                   multigpu_test::part_of(y, group->size(), rank).to(dtype));
       const bool fail_here = rank == args.fault_rank && step == args.fail_at_step;
-      if (fail_here && args.fail_kind == "empty") {
+      if (fail_here && args.fail_kind == "empty" && args.accumulate == 0) {
         batch = std::make_pair(batch.first.narrow(0, 0, 0), batch.second.narrow(0, 0, 0));
       }
+      if (fail_here && args.fail_kind == "split") {
+        batch = std::make_pair(batch.first, batch.second.narrow(0, 0, batch.second.size(0) - 1));
+      }
+      bool fail_now = fail_here;  // with --accumulate, the last micro-step only
       auto loss = [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
         if (step == args.kill_at_step) std::raise(SIGKILL);
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }
-        if (fail_here && args.fail_kind == "throw") {
+        if (fail_now && args.fail_kind == "throw") {
           throw std::runtime_error("deliberate failure at step " + std::to_string(step));
         }
-        if (fail_here && args.fail_kind == "nan") {
+        if (fail_now && args.fail_kind == "nan") {
           return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed) *
                  std::numeric_limits<double>::quiet_NaN();
         }
-        if (fail_here && args.fail_kind == "unused") {  // fc1's parameters get no gradient
+        if (fail_now && args.fail_kind == "unused") {  // fc1's parameters get no gradient
           return torch::mse_loss(model.fc2(torch::tanh(model.fc1(shard.first).detach())), shard.second);
+        }
+        if (fail_now && args.fail_kind == "zero") {
+          return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed) * 0.0;
         }
         return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed);
       };
+      if (args.accumulate > 0) {
+        const std::int64_t n = batch.first.size(0);
+        {
+          auto guard = dp.no_sync();
+          for (int m = 0; m < args.accumulate; ++m) {
+            const std::int64_t begin = n * m / args.accumulate;
+            const std::int64_t end = n * (m + 1) / args.accumulate;
+            auto part = std::make_pair(batch.first.slice(0, begin, end), batch.second.slice(0, begin, end));
+            const bool last = m + 1 == args.accumulate;
+            fail_now = fail_here && (last || args.fail_kind == "zero");
+            if (fail_now && args.fail_kind == "empty") {
+              part = std::make_pair(part.first.narrow(0, 0, 0), part.second.narrow(0, 0, 0));
+            }
+            try {
+              dp.forward_backward(part, loss);
+            } catch (const multigpu::Error& e) {
+              if (!fail_now) throw;
+              std::ofstream(args.out + ".errors", std::ios::app) << "step " << step << ": " << e.what() << "\n";
+            }
+          }
+        }
+        dp.step();
+        dp.zero_grad();
+        ++trained_steps;
+        continue;
+      }
       if (step == args.fail_at_step) {
         try {
           dp.train_step(batch, loss);

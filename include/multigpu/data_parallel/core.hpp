@@ -68,6 +68,9 @@ class DataParallelCore {
   /// ran; across processes once every process has agreed (see Note [A step
   /// that fails on one process]).
   [[noreturn]] void fail_step(const std::string& message);
+  /// fail_step for a failure of the caller's own (splitting the batch):
+  /// rethrows it, across processes once every process has agreed.
+  [[noreturn]] void fail_step(std::exception_ptr failure);
   /// Orders the replicas against the caller's streams while it lives (see
   /// Note [Streams], rule 2); every public operation holds one.
   StreamFence::Scope fenced() { return StreamFence::Scope(fence_); }
@@ -137,6 +140,9 @@ class DataParallelCore {
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
   bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
+  /// The gradient sync spans several processes.
+  bool spans_processes() const { return comm_->world_size() > size(); }
+  void mark_micro_step();
   void finish_step_across_processes(std::exception_ptr failure);
   void load_optimizer_into(std::size_t r, const std::string& state);
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
@@ -322,6 +328,7 @@ inline void DataParallelCore::run(const std::function<void(std::size_t)>& job, c
 inline StepLoss DataParallelCore::forward_backward(const std::vector<std::int64_t>& shard_sizes,
                                                    const std::function<at::Tensor(std::size_t)>& loss_of) {
   require_usable("forward_backward");
+  mark_micro_step();
   if (unscaled_) {
     throw Error("forward_backward after clip_grad_norm and before step(): the gradients are unscaled already, so "
                 "new, scaled gradients cannot be added to them; accumulate first, then clip, then step");
@@ -434,9 +441,10 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
 // Note [A step that fails on one process]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // A step can fail on one process only: its loss function throws, its loss
-// is NaN under check_finite_loss, its batch is empty, a data-dependent
-// branch leaves a parameter without a gradient. Collectives across
-// processes pair by order, so a process that gave up on the step and
+// is NaN under check_finite_loss, its batch is empty or cannot be split
+// (DataParallel::forward_backward hands that to fail_step), a
+// data-dependent branch leaves a parameter without a gradient. Collectives
+// across processes pair by order, so a process that gave up on the step and
 // skipped the step's remaining collectives (gradient buckets, the
 // GradScaler's flag, the buffer broadcast) would pair the next step's with
 // them: gradients of two steps averaged, a broadcast against an all-reduce
@@ -461,7 +469,17 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
 //     its reason. No optimizer stepped, and nothing else of the step was
 //     issued (train_step's step() and its buffer broadcast come after), so
 //     the next step trains exactly as if the failed batch had never been
-//     there.
+//     there: parameters and optimizer state, that is; buffers that the
+//     failed forward updated (BatchNorm's running statistics) and random
+//     numbers it drew stay as they are. If the failed step was the one to
+//     record the order of the gradient buckets, the next synchronising step
+//     records it instead, on every process (forget_order_recording); which
+//     step records depends only on facts equal on every process.
+// A failure inside step() (an optimizer that throws, unscaling) is not
+// agreed on: that process skips step()'s remaining collectives and marks
+// itself diverged, so that its next call says so; the others fail at their
+// next collective's time-out. Inside no_sync() see Note [A failed
+// micro-step across processes].
 // The cost is one small collective per synchronising step (a round trip),
 // and only with several processes: one process (and each no_sync()
 // micro-step, which issues no collective) keeps the path it had, with no
@@ -470,33 +488,41 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
 // after a process sent it (a NaN loss checked after backward, a second
 // backward, a throw after the last hook), which a flag sent earlier cannot
 // tell; on GPUs reading it would also make the host wait for the bucket. A
-// collective that fails or times out is not agreed on: it breaks the
-// process group (or the reducer), and every later call on any process says
-// so, naming the silent ranks.
+// collective that fails or times out (a CommError from the reducer) is not
+// agreed on: it breaks the process group (or the reducer), and every later
+// call on any process says so, naming the silent ranks.
 inline void DataParallelCore::finish_step_across_processes(std::exception_ptr failure) {
+  bool comm_failed = false;  // a collective of this step failed: not agreed on (it breaks the group)
   try {
     if (failure) {
       reducer_->finish_failed_backward();
     } else {
       reducer_->finish_backward();
     }
+  } catch (const CommError&) {
+    comm_failed = true;
+    if (!failure) failure = std::current_exception();
   } catch (...) {
     if (!failure) failure = std::current_exception();
   }
-  if (failure && (!reducer_->broken().empty() || !comm_->failure().empty())) {
+  const auto discard = [&] {
+    reducer_->forget_order_recording();
     zero_after_failure();
+  };
+  if (failure && (comm_failed || !reducer_->broken().empty() || !comm_->failure().empty())) {
+    discard();
     std::rethrow_exception(failure);
   }
   std::vector<std::string> failures;
   try {
     failures = options_.agree_on_step(failure ? describe_exception(failure) : "");
   } catch (...) {
-    zero_after_failure();
+    discard();
     if (failure) std::rethrow_exception(failure);
     throw;
   }
   if (failure) {
-    zero_after_failure();
+    discard();
     std::rethrow_exception(failure);
   }
   std::string failed;
@@ -505,19 +531,46 @@ inline void DataParallelCore::finish_step_across_processes(std::exception_ptr fa
     failed += fmt::format("{}rank {} failed this step ({})", failed.empty() ? "" : ", ", rank, failures[rank]);
   }
   if (failed.empty()) return;
-  zero_after_failure();
+  discard();
   throw Error(fmt::format("forward_backward: {}; every process discarded this step's gradients and no optimizer "
                           "stepped: go on with the next batch, which trains as if this one had not been there",
                           failed));
 }
 
 inline void DataParallelCore::fail_step(const std::string& message) {
+  fail_step(std::make_exception_ptr(Error(message)));
+}
+
+inline void DataParallelCore::fail_step(std::exception_ptr failure) {
+  require_usable("forward_backward");
+  mark_micro_step();
   if (agrees_across_processes()) {
     const auto fence = fenced();
     reducer_->prepare_backward(std::vector<bool>(size(), false), /*sync=*/true);
-    finish_step_across_processes(std::make_exception_ptr(Error(message)));
+    finish_step_across_processes(failure);
   }
-  throw Error(message);
+  std::rethrow_exception(failure);
+}
+
+// Note [A failed micro-step across processes]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Inside no_sync() a forward_backward issues no collective and nothing is
+// agreed: a micro-step that fails on one process throws there only. Whether
+// the following step() (or clip_grad_norm, sync_gradients) reduces the
+// gradients must still be the same on every process, or one process would
+// issue the bucket all-reduces that the others skip. So across processes
+// the gradients count as unsynchronised from the moment any
+// forward_backward is called (before anything in it can throw), and
+// zero_grad does not count them as synchronised again: only a collective
+// does (a synchronising backward's buckets, or synchronize()). A step()
+// after a zero_grad inside an accumulation window then reduces zeros, which
+// costs one sync and changes nothing. The failed micro-step's process
+// zeroes its gradients (as one process does), so that process contributes
+// nothing to that step: the step averages the other processes' accumulated
+// gradients with its zeros. An empty batch inside no_sync() adds nothing and
+// zeroes nothing. One process keeps its path exactly.
+inline void DataParallelCore::mark_micro_step() {
+  if (reducer_ && spans_processes()) reducer_->mark_unsynchronized();
 }
 
 inline void DataParallelCore::zero_after_failure() noexcept {
@@ -556,7 +609,10 @@ inline void DataParallelCore::step() {
     try {
       workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
     } catch (const ReplicaError& e) {
-      if (size() > 1) diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
+      // Across processes this process alone may have failed (a step() failure is not agreed on).
+      if (size() > 1 || spans_processes()) {
+        diverged_ = fmt::format("an optimizer step failed, so the replicas may differ ({})", e.what());
+      }
       throw;
     }
   }
@@ -598,7 +654,7 @@ inline void DataParallelCore::zero_grad() {
   unscaled_ = false;
   if (reducer_) {
     workers_.run([&](std::size_t r) { reducer_->zero(r); }, "zeroing gradients");
-    reducer_->mark_zeroed();
+    if (!spans_processes()) reducer_->mark_zeroed();  // See Note [A failed micro-step across processes]
     return;
   }
   const compat::NoGradGuard no_grad;

@@ -131,6 +131,16 @@ class GradientReducer {
   void zero(std::size_t replica);
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
+  /// The gradients may differ from the other replicas': the next step() or
+  /// synchronize() reduces them (see Note [A failed micro-step across processes]).
+  void mark_unsynchronized() { synchronized_ = false; }
+  /// After a step that failed on some process, on every process: when this
+  /// step was the one to record the bucket order, the next synchronising
+  /// step records it instead (see Note [A step that fails on one process]).
+  void forget_order_recording() {
+    if (recording_step_) rebuild_due_ = false;
+    recording_step_ = false;
+  }
   /// After a failed step: waits (up to the time-out) for launched work,
   /// forgets this step's readiness. Gradients are left as they are (zero them).
   void abandon_step() noexcept;
@@ -189,6 +199,7 @@ class GradientReducer {
   std::vector<std::size_t> ready_order_;         // replica 0's parameters as their gradients became ready
   bool record_order_ = false;
   bool rebuild_due_ = false;
+  bool recording_step_ = false;  // this step set rebuild_due_
   bool rebuilt_ = false;
 
   std::atomic<bool> armed_{false};
@@ -465,11 +476,15 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   }
   backward_running_ = true;
   armed_ = sync && options_.overlap && active_replicas > 0;
-  // The first armed step records the order; the next synchronising step
-  // rebuilds, whatever became of this one, so that every process rebuilds
-  // at the same step (a step that failed on one rank only must not shift it).
-  record_order_ = armed_ && !rebuilt_ && !rebuild_due_;
-  if (record_order_) rebuild_due_ = true;
+  // The first synchronising step records the order; the next one rebuilds,
+  // whatever became of this one, so that every process rebuilds at the
+  // same step. Which step that is depends only on facts equal on every
+  // process (not on this process's batch, which may be empty on one rank
+  // only); a process without an active replica records nothing, and rank
+  // 0's order is the one every process takes.
+  recording_step_ = sync && options_.overlap && !rebuilt_ && !rebuild_due_;
+  if (recording_step_) rebuild_due_ = true;
+  record_order_ = recording_step_ && armed_;
   ready_order_.clear();
 }
 
