@@ -174,6 +174,8 @@ class GradientReducer {
   void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
   void launch_not_ready();
+  /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
+  void launch_rest_and_wait();
   bool across_processes() const { return comm_.world_size() > comm_.size(); }
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
@@ -623,6 +625,16 @@ inline void GradientReducer::launch_not_ready() {
   }
 }
 
+inline void GradientReducer::launch_rest_and_wait() {
+  launch_not_ready();
+  try {
+    wait_for_launched("gradient sync");
+  } catch (...) {
+    abandon_step();
+    throw;
+  }
+}
+
 inline void GradientReducer::finish_backward() {
   const auto backward_done = std::chrono::steady_clock::now();
   armed_ = false;
@@ -632,13 +644,7 @@ inline void GradientReducer::finish_backward() {
   // the other processes do: see Note [A step that fails on one process].
   const auto fail = [&](const std::string& message) {
     if (across_processes()) {
-      launch_not_ready();
-      try {
-        wait_for_launched("gradient sync");
-      } catch (...) {
-        abandon_step();
-        throw;
-      }
+      launch_rest_and_wait();
     }
     abandon_step();
     throw Error(message);
@@ -677,13 +683,7 @@ inline void GradientReducer::finish_backward() {
                      "them (requires_grad false) before building DataParallel",
                      unused.size(), list));
   }
-  launch_not_ready();
-  try {
-    wait_for_launched("gradient sync");
-  } catch (...) {
-    abandon_step();
-    throw;
-  }
+  launch_rest_and_wait();
   synchronized_ = true;
   record_order_ = false;
   std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -695,13 +695,7 @@ inline void GradientReducer::finish_failed_backward() {
   armed_ = false;
   backward_running_ = false;
   if (sync_this_step_ && broken_.empty()) {
-    launch_not_ready();
-    try {
-      wait_for_launched("gradient sync");
-    } catch (...) {
-      abandon_step();
-      throw;
-    }
+    launch_rest_and_wait();
   }
   abandon_step();
 }
