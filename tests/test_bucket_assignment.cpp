@@ -71,7 +71,7 @@ TEST_SUITE("bucket assignment") {
     CHECK(assign_buckets(mixed, {0, 1, 2, 3}, BucketCaps{64, 16}) == Buckets{{0}, {1}, {2}, {3}});
   }
 
-  TEST_CASE("mixed dtypes never share a bucket; buckets are numbered in the order they open") {
+  TEST_CASE("mixed dtypes never share a bucket, and buckets are numbered in the order they open") {
     const auto f = c10::ScalarType::Float;
     const auto d = c10::ScalarType::Double;
     const auto h = c10::ScalarType::Half;

@@ -136,3 +136,21 @@ TEST_CASE("layout: the tools use only the public API (no detail:: name in tools/
   }
   CHECK_MESSAGE(found.empty(), "tools/ uses detail:: names; give them a public API instead:" << joined(found));
 }
+
+TEST_CASE("layout: no test case name holds ';' (CMake splits ctest's test names there, so ctest would run none)") {
+  static const std::regex kName(R"((TEST_CASE)\s*\(\s*"([^"]*)\")");
+  std::vector<std::string> found;
+  for (const auto& entry : fs::recursive_directory_iterator(fs::path(multigpu_test::source_dir()) / "tests")) {
+    if (!entry.is_regular_file() || entry.path().extension() != ".cpp") continue;
+    std::ifstream in(entry.path());
+    int number = 0;
+    for (std::string line; std::getline(in, line);) {
+      ++number;
+      std::smatch match;
+      if (std::regex_search(line, match, kName) && match[2].str().find(';') != std::string::npos) {
+        found.push_back(entry.path().filename().string() + ":" + std::to_string(number) + " \"" + match[2].str() + "\"");
+      }
+    }
+  }
+  CHECK_MESSAGE(found.empty(), "test names with ';':" << joined(found));
+}
