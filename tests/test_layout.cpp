@@ -137,7 +137,7 @@ TEST_CASE("layout: the tools use only the public API (no detail:: name in tools/
   CHECK_MESSAGE(found.empty(), "tools/ uses detail:: names; give them a public API instead:" << joined(found));
 }
 
-TEST_CASE("layout: no test case name holds ';' (CMake splits ctest's test names there, so ctest would run none)") {
+TEST_CASE("layout: no test case name holds a semicolon (CMake splits ctest's test names there, so ctest would run none)") {
   static const std::regex kName(R"((TEST_CASE)\s*\(\s*"([^"]*)\")");
   std::vector<std::string> found;
   for (const auto& entry : fs::recursive_directory_iterator(fs::path(multigpu_test::source_dir()) / "tests")) {
