@@ -173,6 +173,7 @@ inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::stri
   archive.load_from(input, devices_[r]);
   optimizers_[r]->state().clear();
   optimizers_[r]->load(archive);
+  compat::restore_param_group_options(*optimizers_[r], archive);  // See Note [Parameter group options on load]
 }
 
 inline std::optional<SyncStats> DataParallelCore::last_sync_stats() const {

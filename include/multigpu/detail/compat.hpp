@@ -33,6 +33,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
 #include <torch/version.h>
 
 #if MULTIGPU_WITH_CUDA
@@ -225,6 +227,33 @@ inline std::string nccl_last_error(ncclComm_t comm) {
 #endif
 }
 #endif  // MULTIGPU_WITH_NCCL
+
+// Note [Parameter group options on load]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// LibTorch's optimizers save every parameter group's options (learning
+// rate, weight decay, ...) with their state, but before 2.0 their load()
+// reads them and drops them: the groups keep the options they had, so a
+// resumed run would train with the learning rates it was built with, not
+// the ones of the checkpoint. After load() this reads them again, where the
+// optimizer saved them ("param_groups/<i>/options"), into each group's own
+// options. From 2.0 on load() restores them itself, and this does nothing.
+// An optimizer that saved no such entries (a user's own class) is left as
+// its load() made it.
+inline void restore_param_group_options(torch::optim::Optimizer& optimizer, torch::serialize::InputArchive& archive) {
+#if TORCH_VERSION_MAJOR < 2
+  torch::serialize::InputArchive groups;
+  if (!archive.try_read("param_groups", groups)) return;
+  for (std::size_t i = 0; i < optimizer.param_groups().size(); ++i) {
+    torch::serialize::InputArchive group;
+    torch::serialize::InputArchive options;
+    if (!groups.try_read("param_groups/" + std::to_string(i), group) || !group.try_read("options", options)) return;
+    optimizer.param_groups()[i].options().serialize(options);
+  }
+#else
+  (void)optimizer;
+  (void)archive;
+#endif
+}
 
 }  // namespace compat
 }  // namespace multigpu
