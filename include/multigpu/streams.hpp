@@ -71,6 +71,7 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include "multigpu/detail/event_pool.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/replica.hpp"
 
@@ -132,9 +133,9 @@ class ReplicaStreamsCurrent {
 
   /// `waiter` waits (on the device) for the work queued so far on `producer`.
   static void wait_for(const c10::Stream& waiter, const c10::Stream& producer) {
-    c10::Event event(producer.device_type());
-    event.record(producer);
-    event.block(waiter);
+    const EventPool::Event event = pooled_event(producer.device());  // See Note [Event pool]
+    event->record(producer);
+    event->block(waiter);
   }
 
  private:
