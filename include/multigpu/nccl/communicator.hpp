@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -37,6 +39,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/cuda.hpp"
+#include "multigpu/detail/event_pool.hpp"
 #include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/replica.hpp"
@@ -125,11 +128,33 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // kernels, so the streams move on with whatever the buffers hold) and
 // records why; the next collective, wait() or the next training step
 // throws CommError with that reason. The set-up has a deadline too:
-// communicators are made non-blocking (NCCL >= 2.14) and polled, and one
-// small all-reduce at construction makes NCCL connect the GPUs (it does so
-// lazily) and checks the sum, so that a broken interconnect fails here with
-// a clear message and not in the middle of the first step. Every call
-// restores the caller's current device.
+// communicators are made non-blocking (NCCL >= 2.14) and polled, and a few
+// all-reduces at construction, from one element to a bucket's size, make
+// NCCL connect the GPUs for the algorithms the training's buckets will use
+// (it connects lazily: Note [NCCL and cudaFree]) and check the sums, so
+// that a broken interconnect fails here with a clear message and not in the
+// middle of the first step. Every call restores the caller's current device.
+
+// Note [NCCL watchdog and CUDA graphs]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// While a stream is captured into a CUDA graph in the default (global)
+// capture mode, a call that might synchronise, such as cudaEventQuery, made
+// by any thread of the process invalidates the capture. The watchdog
+// queries events every 10 ms for as long as the communicator lives, so a
+// user capturing a model into an at::cuda::CUDAGraph on any thread while a
+// DataParallel with NCCL exists would fail now and then, at random. As
+// ProcessGroupNCCL does (pytorch #105182, #148594), the watchdog thread
+// switches its own capture mode to thread-local
+// (detail::ThreadLocalCaptureMode, cudaThreadExchangeStreamCaptureMode):
+// its queries are then checked only against captures begun on the
+// watchdog's own thread, of which there are none. Only the watchdog needs
+// it: the other threads multigpu owns (a replica's worker, the reducer's
+// launch threads) make CUDA calls only inside a DataParallel call, and a
+// DataParallel call itself cannot be captured (docs/data-parallel.md,
+// "CUDA graphs"): it launches from several threads, registers each
+// collective with the watchdog on the host, and reads host-side state
+// (which buckets are ready, the optimizers' step counts, a GradScaler's
+// flag) that a replayed graph would not update.
 
 /// NCCL collectives over distinct GPUs (see the file comment).
 class NcclCommunicator : public Communicator {
@@ -159,7 +184,7 @@ class NcclCommunicator : public Communicator {
  private:
   using Clock = std::chrono::steady_clock;
   struct Outstanding {
-    std::vector<std::unique_ptr<c10::Event>> done;  // per GPU
+    std::vector<detail::EventPool::Event> done;  // per GPU; see Note [Event pool]
     Clock::time_point deadline;
     std::string what;
   };
@@ -336,19 +361,34 @@ inline void NcclCommunicator::stop_watchdog() noexcept {
   watchdog_.join();
 }
 
+// See Note [NCCL and cudaFree] (detail/cuda.hpp), on lazy connection.
 inline void NcclCommunicator::warm_up() {
-  std::vector<at::Tensor> ones;
+  // One all-reduce per message-size range NCCL picks algorithms for, up to
+  // a bucket's size: views of one buffer, so one allocation per GPU.
+  static constexpr std::int64_t kElements[] = {1, std::int64_t{1} << 14, std::int64_t{1} << 18,
+                                               std::int64_t{1} << 22};
+  static constexpr std::int64_t kLargest = kElements[sizeof(kElements) / sizeof(kElements[0]) - 1];
+  std::vector<at::Tensor> buffers;
   for (const auto& replica : replicas_) {
-    ones.push_back(at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
+    buffers.push_back(at::ones({kLargest}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
   }
-  all_reduce(ones, ReduceOp::kSum);
+  for (const std::int64_t elements : kElements) {
+    std::vector<at::Tensor> parts;
+    for (const auto& buffer : buffers) parts.push_back(buffer.narrow(0, 0, elements));
+    all_reduce(parts, ReduceOp::kSum);
+  }
   wait(timeout_);
-  for (std::size_t r = 0; r < ones.size(); ++r) {
-    const double sum = ones[r].item<double>();
-    if (sum != static_cast<double>(world_ranks_)) {
-      throw CommError(fmt::format("NCCL's first all-reduce gave {} on {} instead of {} (the number of GPUs): the "
-                                  "GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows how NCCL connected them",
-                                  sum, context(r), world_ranks_));
+  // Every element went through the first all-reduce; the first also through
+  // the others: it holds ranks^4.
+  const double expected = std::pow(static_cast<double>(world_ranks_), 4.0);
+  for (std::size_t r = 0; r < buffers.size(); ++r) {
+    const double first = buffers[r][0].item<double>();
+    const double last = buffers[r][kLargest - 1].item<double>();
+    if (first != expected || last != static_cast<double>(world_ranks_)) {
+      throw CommError(fmt::format("NCCL's first all-reduces gave {} and {} on {} instead of {} and {} (from the "
+                                  "number of GPUs): the GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows "
+                                  "how NCCL connected them",
+                                  first, last, context(r), expected, world_ranks_));
     }
   }
 }
@@ -462,7 +502,7 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
       const compat::NoGradGuard no_grad;
       tensors[r].copy_(io[r]);
     }
-    work.done.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
+    work.done.push_back(detail::pooled_event(replicas_[r].device()));
     work.done.back()->record(*detail::current_stream(replicas_[r].device()));
   }
   std::lock_guard<std::mutex> state(state_mutex_);
@@ -536,6 +576,13 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // own deadline), except a launch blocked past its deadline inside a
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
+  std::optional<detail::ThreadLocalCaptureMode> capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
+  try {
+    capture_mode.emplace();
+  } catch (const std::exception& e) {
+    warn(fmt::format("the NCCL watchdog keeps the global capture mode (it may break CUDA graph captures): {}",
+                     e.what()));
+  }
   std::unique_lock<std::mutex> state(state_mutex_);
   while (!stopping_) {
     wake_.wait_for(state, std::chrono::milliseconds(10));
