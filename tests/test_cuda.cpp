@@ -487,7 +487,6 @@ TEST_SUITE("CUDA") {
     dp.check_parity();
   }
 
-
   TEST_CASE("CUDA: reading a step's loss does not wait for the next step") {
     MULTIGPU_TEST_NEEDS_GPUS(1);
     const c10::Device gpu("cuda:0");

@@ -12,7 +12,8 @@
 // 1. Streams. Replica r computes on its own stream S_r (ReplicaContext), so
 //    that replicas sharing a GPU still overlap. Its gradient accumulators
 //    are created with S_r current, so autograd accumulates there too
-//    (GradientReducer::attach_hooks). Collectives of the gradient sync run
+//    (GradientReducer::attach_hooks; one made before DataParallel keeps
+//    the user's stream: Note [Accumulators made before DataParallel]). Collectives of the gradient sync run
 //    on a communication stream C_d per GPU d (GradientReducer), so that
 //    backward goes on while buckets are reduced.
 //

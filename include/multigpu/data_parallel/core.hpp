@@ -437,8 +437,9 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
     // See Note [Reading a step's loss] (step_loss.hpp) and Note [Event pool].
     host = at::empty(sum.sizes(), at::TensorOptions().dtype(sum.scalar_type()).pinned_memory(true));
     host.copy_(sum, /*non_blocking=*/true);
-    ready = pooled_event(devices_[0]);
-    ready->record(*current_stream(devices_[0]));
+    const c10::Stream stream = *current_stream(devices_[0]);
+    ready = pooled_event(stream.device());
+    ready->record(stream);
   }
   return StepLoss(sum, std::move(ready), std::move(host));
 }

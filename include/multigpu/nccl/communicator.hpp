@@ -502,8 +502,9 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
       const compat::NoGradGuard no_grad;
       tensors[r].copy_(io[r]);
     }
-    work.done.push_back(detail::pooled_event(replicas_[r].device()));
-    work.done.back()->record(*detail::current_stream(replicas_[r].device()));
+    const c10::Stream stream = *detail::current_stream(replicas_[r].device());
+    work.done.push_back(detail::pooled_event(stream.device()));
+    work.done.back()->record(stream);
   }
   std::lock_guard<std::mutex> state(state_mutex_);
   launching_until_.reset();
