@@ -7,9 +7,9 @@
 // Some orderings need an event for one use only: the completion of each
 // collective (nccl/communicator.hpp, kept until the watchdog sees it done),
 // joining the streams of replicas that share a GPU (ReplicaStreamsCurrent),
-// the loss of each step (StepLoss). Creating a CUDA event takes a driver
-// call, and destroying one may synchronise inside the driver; at several
-// per GPU per step that is host time on the launch-bound path. As
+// the loss of each step (StepLoss). Creating and destroying a CUDA event
+// are driver calls (and take the driver's locks); at several per GPU per
+// step that is host time on the launch-bound path. As
 // PyTorch's caching allocator and ProcessGroupNCCL do (their event pools),
 // an event that is no longer needed goes back to a free list per device and
 // is recorded again by the next user. Recording again is safe: a
