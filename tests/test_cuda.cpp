@@ -567,6 +567,7 @@ TEST_SUITE("CUDA") {
       try {
         const c10::cuda::CUDAStreamGuard side(c10::cuda::getStreamFromPool(false, 0));
         const auto x = torch::full({16}, 3.0f, torch::TensorOptions().device(gpu));
+        (void)(x * 2);  // the kernel loaded before the capture
         torch::cuda::synchronize(0);
         at::cuda::CUDAGraph graph;
         graph.capture_begin();  // global capture mode, the default
