@@ -568,7 +568,7 @@ TEST_SUITE("CUDA") {
         const c10::cuda::CUDAStreamGuard side(c10::cuda::getStreamFromPool(false, 0));
         const auto x = torch::full({16}, 3.0f, torch::TensorOptions().device(gpu));
         (void)(x * 2);  // the kernel loaded before the capture
-        torch::cuda::synchronize(0);
+        c10::cuda::getCurrentCUDAStream(0).synchronize();  // this stream only: the collective stays unfinished
         at::cuda::CUDAGraph graph;
         graph.capture_begin();  // global capture mode, the default
         const auto y = x * 2;

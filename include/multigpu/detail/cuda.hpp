@@ -76,21 +76,27 @@ inline std::mutex& cuda_free_mutex() { return compat::cuda_free_mutex(); }
 /// While in scope, the calling thread's CUDA calls are checked against graph
 /// captures begun on this thread only (cudaStreamCaptureModeThreadLocal),
 /// so that a background thread's event queries do not invalidate a capture
-/// another thread makes; the previous mode comes back at the end. See Note
-/// [NCCL watchdog and CUDA graphs] in nccl/communicator.hpp.
+/// another thread makes; the previous mode comes back at the end. Never
+/// throws: where the exchange fails, the mode stays as it was (active() is
+/// false). See Note [NCCL watchdog and CUDA graphs] in nccl/communicator.hpp.
 class ThreadLocalCaptureMode {
  public:
-  ThreadLocalCaptureMode() {
-    MULTIGPU_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&previous_), "this thread's stream capture mode");
+  ThreadLocalCaptureMode() noexcept {
+    active_ = cudaThreadExchangeStreamCaptureMode(&previous_) == cudaSuccess;
+    if (!active_) ::cudaGetLastError();
   }
   ~ThreadLocalCaptureMode() {
-    if (cudaThreadExchangeStreamCaptureMode(&previous_) != cudaSuccess) ::cudaGetLastError();
+    if (active_ && cudaThreadExchangeStreamCaptureMode(&previous_) != cudaSuccess) ::cudaGetLastError();
   }
   ThreadLocalCaptureMode(const ThreadLocalCaptureMode&) = delete;
   ThreadLocalCaptureMode& operator=(const ThreadLocalCaptureMode&) = delete;
 
+  /// Whether the thread-local mode was set.
+  bool active() const { return active_; }
+
  private:
   cudaStreamCaptureMode previous_ = cudaStreamCaptureModeThreadLocal;  // exchanged in, then back out
+  bool active_ = false;
 };
 
 }  // namespace detail

@@ -147,8 +147,9 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // switches its own capture mode to thread-local
 // (detail::ThreadLocalCaptureMode, cudaThreadExchangeStreamCaptureMode):
 // its queries are then checked only against captures begun on the
-// watchdog's own thread, of which there are none. Only the watchdog needs
-// it: the other threads multigpu owns (a replica's worker, the reducer's
+// watchdog's own thread, of which there are none. wait() does the same
+// around its queries, for a communicator destroyed (or waited for) while
+// another thread captures. Nothing else needs it: the other threads multigpu owns (a replica's worker, the reducer's
 // launch threads) make CUDA calls only inside a DataParallel call, and a
 // DataParallel call itself cannot be captured (docs/data-parallel.md,
 // "CUDA graphs"): it launches from several threads, registers each
@@ -577,12 +578,10 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // own deadline), except a launch blocked past its deadline inside a
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
-  std::optional<detail::ThreadLocalCaptureMode> capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
-  try {
-    capture_mode.emplace();
-  } catch (const std::exception& e) {
-    warn(fmt::format("the NCCL watchdog keeps the global capture mode (it may break CUDA graph captures): {}",
-                     e.what()));
+  const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
+  if (!capture_mode.active()) {
+    warn("the NCCL watchdog could not set its CUDA stream capture mode to thread-local: its event queries may "
+         "invalidate CUDA graph captures made on other threads");
   }
   std::unique_lock<std::mutex> state(state_mutex_);
   while (!stopping_) {
@@ -602,6 +601,7 @@ inline void NcclCommunicator::watch() {
 }
 
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
+  const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
   std::lock_guard<std::mutex> launching(launch_mutex_);
   const auto start = Clock::now();
   while (true) {
