@@ -61,7 +61,7 @@ namespace detail {
 //   model's activations hold the memory it needs, and with the allocator's
 //   unguarded frees (above) free to interleave. NCCL chooses the algorithm by
 //   message size, so NcclCommunicator's warm-up all-reduces, at
-//   construction, one element, 64 KiB, 1 MiB and 16 MiB (the size range of
+//   construction, 4 bytes, 64 KiB, 1 MiB and 16 MiB (the size range of
 //   gradient buckets, 25 MiB by default; the largest sizes all take the
 //   large-message algorithm), which connects what the buckets will use.
 //   The alternative, NCCL_RUNTIME_CONNECT=0, connects every algorithm at
@@ -69,7 +69,7 @@ namespace detail {
 //   but an environment variable NCCL reads once per process, so a library
 //   must not set it: a user who wants every algorithm connected up front
 //   (at the price of the memory for all of them) sets it before the first
-//   communicator. The warm-up's buffer (16 MiB per GPU) goes back to the
+//   communicator. The warm-up's buffer (17 MiB per GPU) goes back to the
 //   caching allocator, where the bucket buffers reuse it.
 inline std::mutex& cuda_free_mutex() { return compat::cuda_free_mutex(); }
 

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <condition_variable>
 #include <cstddef>
@@ -149,9 +148,10 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // its queries are then checked only against captures begun on the
 // watchdog's own thread, of which there are none. wait() does the same
 // around its queries, for a communicator destroyed (or waited for) while
-// another thread captures. Nothing else needs it: the other threads multigpu owns (a replica's worker, the reducer's
-// launch threads) make CUDA calls only inside a DataParallel call, and a
-// DataParallel call itself cannot be captured (docs/data-parallel.md,
+// another thread captures. Nothing else needs it: the other threads
+// multigpu owns (a replica's worker, the reducer's launch threads) make
+// CUDA calls only inside a DataParallel call, and a DataParallel call
+// itself cannot be captured (docs/data-parallel.md,
 // "CUDA graphs"): it launches from several threads, registers each
 // collective with the watchdog on the host, and reads host-side state
 // (which buckets are ready, the optimizers' step counts, a GradScaler's
@@ -365,31 +365,32 @@ inline void NcclCommunicator::stop_watchdog() noexcept {
 // See Note [NCCL and cudaFree] (detail/cuda.hpp), on lazy connection.
 inline void NcclCommunicator::warm_up() {
   // One all-reduce per message-size range NCCL picks algorithms for, up to
-  // a bucket's size: views of one buffer, so one allocation per GPU.
+  // a bucket's size, each over its own part of one buffer of ones (one
+  // allocation per GPU): afterwards every element holds the number of ranks.
   static constexpr std::int64_t kElements[] = {1, std::int64_t{1} << 14, std::int64_t{1} << 18,
                                                std::int64_t{1} << 22};
-  static constexpr std::int64_t kLargest = kElements[sizeof(kElements) / sizeof(kElements[0]) - 1];
+  std::int64_t total = 0;
+  for (const std::int64_t elements : kElements) total += elements;
   std::vector<at::Tensor> buffers;
   for (const auto& replica : replicas_) {
-    buffers.push_back(at::ones({kLargest}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
+    buffers.push_back(at::ones({total}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
   }
+  std::int64_t offset = 0;
   for (const std::int64_t elements : kElements) {
     std::vector<at::Tensor> parts;
-    for (const auto& buffer : buffers) parts.push_back(buffer.narrow(0, 0, elements));
+    for (const auto& buffer : buffers) parts.push_back(buffer.narrow(0, offset, elements));
     all_reduce(parts, ReduceOp::kSum);
+    offset += elements;
   }
   wait(timeout_);
-  // Every element went through the first all-reduce; the first also through
-  // the others: it holds ranks^4.
-  const double expected = std::pow(static_cast<double>(world_ranks_), 4.0);
   for (std::size_t r = 0; r < buffers.size(); ++r) {
-    const double first = buffers[r][0].item<double>();
-    const double last = buffers[r][kLargest - 1].item<double>();
-    if (first != expected || last != static_cast<double>(world_ranks_)) {
-      throw CommError(fmt::format("NCCL's first all-reduces gave {} and {} on {} instead of {} and {} (from the "
+    const double low = buffers[r].min().item<double>();
+    const double high = buffers[r].max().item<double>();
+    if (low != static_cast<double>(world_ranks_) || high != static_cast<double>(world_ranks_)) {
+      throw CommError(fmt::format("NCCL's first all-reduces gave values from {} to {} on {} instead of {} (the "
                                   "number of GPUs): the GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows "
                                   "how NCCL connected them",
-                                  first, last, context(r), expected, world_ranks_));
+                                  low, high, context(r), world_ranks_));
     }
   }
 }
