@@ -11,7 +11,7 @@
 /// read it every few steps, or accumulate tensor() on the device.
 
 // Note [Reading a step's loss]
-// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // The loss of step n is read when the host wants it, often after step n+1
 // was launched (a loop that prints the previous loss). Reading the device
 // tensor then would copy it on the reading thread's current stream, behind
@@ -20,9 +20,9 @@
 // the loss is made, it is also copied to pinned host memory with
 // non_blocking on the stream it was made on, and `ready` is recorded after
 // that copy; reading waits for that event only, then reads host memory.
-// The copy is one small transfer per step, queued behind the step's own
-// work; the pinned block goes back to LibTorch's host allocator, which
-// reuses it only once the copy is done. tensor() stays on the device, for
+// The copy is one small transfer per step, queued on the replica's stream
+// right after the loss; the pinned block goes back to LibTorch's host
+// allocator, which reuses it only once the copy is done. tensor() stays on the device, for
 // code that accumulates losses there.
 
 #include <memory>

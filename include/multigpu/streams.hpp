@@ -13,9 +13,10 @@
 //    that replicas sharing a GPU still overlap. Its gradient accumulators
 //    are created with S_r current, so autograd accumulates there too
 //    (GradientReducer::attach_hooks; one made before DataParallel keeps
-//    the user's stream: Note [Accumulators made before DataParallel]). Collectives of the gradient sync run
-//    on a communication stream C_d per GPU d (GradientReducer), so that
-//    backward goes on while buckets are reduced.
+//    the user's stream: Note [Accumulators made before DataParallel]).
+//    Collectives of the gradient sync run on a communication stream C_d
+//    per GPU d (GradientReducer), so that backward goes on while buckets
+//    are reduced.
 //
 // 2. Entry and exit (StreamFence). The caller works on its own current
 //    streams: a batch copied with non_blocking, zero_grad on each optimizer
