@@ -142,16 +142,21 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // queries events every 10 ms for as long as the communicator lives, so a
 // user capturing a model into an at::cuda::CUDAGraph on any thread while a
 // DataParallel with NCCL exists would fail now and then, at random. As
-// ProcessGroupNCCL does (pytorch #105182, #148594), the watchdog thread
+// ProcessGroupNCCL does (pytorch #148594, #160398), the watchdog thread
 // switches its own capture mode to thread-local
 // (detail::ThreadLocalCaptureMode, cudaThreadExchangeStreamCaptureMode):
 // its queries are then checked only against captures begun on the
-// watchdog's own thread, of which there are none. wait() does the same
-// around its queries, for a communicator destroyed (or waited for) while
-// another thread captures. Nothing else needs it: the other threads
-// multigpu owns (a replica's worker, the reducer's launch threads) make
-// CUDA calls only inside a DataParallel call, and a DataParallel call
-// itself cannot be captured (docs/data-parallel.md,
+// watchdog's own thread, of which there are none. Before that exchange, its
+// first CUDA call, the watchdog makes the first replica's GPU current: a
+// new thread's current device is GPU 0, and a runtime call there (the
+// exchange, an event query) would create a context on GPU 0, about half a
+// GiB, in every process of a job whose processes each see all GPUs (pytorch
+// #135273 and torchcomms #777 mend the same). wait() too switches to the
+// thread-local mode around its queries, for a communicator destroyed (or
+// waited for) while another thread captures. Nothing else needs it: the
+// other threads multigpu owns (a replica's worker, the reducer's launch
+// threads) make CUDA calls only inside a DataParallel call, and a
+// DataParallel call itself cannot be captured (docs/data-parallel.md,
 // "CUDA graphs"): it launches from several threads, registers each
 // collective with the watchdog on the host, and reads host-side state
 // (which buckets are ready, the optimizers' step counts, a GradScaler's
@@ -579,7 +584,9 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // own deadline), except a launch blocked past its deadline inside a
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
-  const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
+  // See Note [NCCL watchdog and CUDA graphs]: the device first, then the mode.
+  if (!replicas_.empty() && cudaSetDevice(replicas_[0].device().index()) != cudaSuccess) cudaGetLastError();
+  const detail::ThreadLocalCaptureMode capture_mode;
   if (!capture_mode.active()) {
     warn("the NCCL watchdog could not set its CUDA stream capture mode to thread-local: its event queries may "
          "invalidate CUDA graph captures made on other threads");
