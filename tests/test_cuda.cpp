@@ -495,7 +495,15 @@ TEST_SUITE("CUDA") {
     auto dp = two_on_one_gpu(net);
     dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
     // The first steps (buckets rebuilt in ready order) may wait for the GPU.
-    for (int s = 0; s < 2; ++s) dp.train_step(batch_on(gpu, 12, 142 + static_cast<std::uint64_t>(s)), mse).item();
+    // Their losses live until both are read, so that LibTorch's pinned host
+    // allocator has two blocks to hand to the next two steps: no pinned
+    // allocation (cudaHostAlloc) then happens while the GPU is held.
+    std::vector<multigpu::StepLoss> warm_up;
+    for (int s = 0; s < 2; ++s) {
+      warm_up.push_back(dp.train_step(batch_on(gpu, 12, 142 + static_cast<std::uint64_t>(s)), mse));
+    }
+    for (const auto& loss : warm_up) loss.item();
+    warm_up.clear();
     const multigpu::StepLoss first = dp.train_step(batch_on(gpu, 12, 140), mse);
     hold_current_stream();  // the next step's replicas start after it (entry fence)
     const multigpu::StepLoss second = dp.train_step(batch_on(gpu, 12, 141), mse);
