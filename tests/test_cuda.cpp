@@ -15,14 +15,20 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include <ATen/cuda/CUDAGraph.h>
 #include <ATen/cuda/Sleep.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include "multigpu/detail/event_pool.hpp"
+#include "multigpu/gloo/communicator.hpp"
 
 using multigpu::DataParallel;
 using multigpu::DataParallelOptions;
@@ -114,6 +120,24 @@ void hold_current_stream_of(const c10::Device& device) {
 bool current_stream_busy() {
   return cudaStreamQuery(c10::cuda::getCurrentCUDAStream(0).stream()) == cudaErrorNotReady;
 }
+
+/// Whether `stream` (of a GPU) still has work to do.
+bool stream_busy(const c10::Stream& stream) {
+  return cudaStreamQuery(c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, stream).stream()) ==
+         cudaErrorNotReady;
+}
+
+/// The collectives of a job of one process, for CrossProcessCommunicator
+/// without c10d: every collective over one process leaves the values as
+/// they are.
+class OneProcess : public multigpu::ProcessCollectives {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void all_reduce_sum(const at::Tensor& tensor) override { CHECK(tensor.is_cpu()); }
+  void broadcast(const at::Tensor& tensor, int) override { CHECK(tensor.is_cpu()); }
+  std::vector<std::string> all_gather_text(const std::string& value) override { return {value}; }
+};
 
 /// Two replicas on one GPU (the local backend): replica streams, the
 /// communication stream and every fence, with the one GPU a machine has.
@@ -462,6 +486,137 @@ TEST_SUITE("CUDA") {
     for (std::size_t i = 0; i < after.size(); ++i) CHECK(torch::equal(after[i], before[i]));
     dp.check_parity();
   }
+
+  TEST_CASE("CUDA: reading a step's loss does not wait for the next step") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    torch::manual_seed(14);
+    Net net;
+    auto dp = two_on_one_gpu(net);
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+    // The first steps (buckets rebuilt in ready order) may wait for the GPU.
+    // Their losses live until both are read, so that LibTorch's pinned host
+    // allocator has two blocks to hand to the next two steps: no pinned
+    // allocation (cudaHostAlloc) then happens while the GPU is held.
+    std::vector<multigpu::StepLoss> warm_up;
+    for (int s = 0; s < 2; ++s) {
+      warm_up.push_back(dp.train_step(batch_on(gpu, 12, 142 + static_cast<std::uint64_t>(s)), mse));
+    }
+    for (const auto& loss : warm_up) loss.item();
+    warm_up.clear();
+    const multigpu::StepLoss first = dp.train_step(batch_on(gpu, 12, 140), mse);
+    hold_current_stream();  // the next step's replicas start after it (entry fence)
+    const multigpu::StepLoss second = dp.train_step(batch_on(gpu, 12, 141), mse);
+    const double value = first.item();  // See Note [Reading a step's loss]
+    CHECK_MESSAGE(current_stream_busy(), "reading step 1's loss waited for step 2");
+    CHECK(value == doctest::Approx(first.tensor().item<double>()));
+    CHECK(std::isfinite(second.item()));
+  }
+
+  TEST_CASE("CUDA: an accumulator made before DataParallel is named once, with what to do") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    const std::string made_before = "was made before DataParallel";
+    for (const bool keep_graph : {false, true}) {
+      CAPTURE(keep_graph);
+      torch::manual_seed(15);
+      Net net;
+      net->to(gpu);
+      torch::Tensor kept;  // holds an autograd graph of the module: its accumulators, on this thread's stream
+      if (keep_graph) kept = mse(*net, batch_on(gpu, 12, 150));
+      multigpu_test::CapturedLog log;
+      auto dp = two_on_one_gpu(net);
+      dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.05));
+      for (int s = 0; s < 2; ++s) dp.train_step(batch_on(gpu, 12, 151 + static_cast<std::uint64_t>(s)), mse).item();
+      std::size_t found = 0;
+      for (const auto& line : log.warnings()) {
+        if (!contains(line, made_before)) continue;
+        ++found;
+        CHECK(contains(line, "replica 0 (cuda:0)"));
+        CHECK(contains(line, "Build DataParallel before running the module"));
+      }
+      CHECK(found == (keep_graph ? 1U : 0U));
+    }
+  }
+
+  TEST_CASE("CUDA: Gloo's host staging of a bucket does not wait for the replica's stream") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    const multigpu::ReplicaContext replica(gpu);
+    multigpu::CrossProcessCommunicator comm({replica}, std::make_shared<OneProcess>());
+    auto t = torch::arange(6, torch::TensorOptions().dtype(torch::kFloat).device(gpu));
+    torch::cuda::synchronize(0);
+    {
+      const multigpu::ReplicaContext::Scope on_replica(replica);
+      hold_current_stream_of(gpu);  // the rest of the replica's backward
+    }
+    // The gradient sync runs with a communication stream current, after the
+    // bucket's ready event only. See Note [Staging a GPU tensor for Gloo].
+    const c10::cuda::CUDAStreamGuard on_comm(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, 0));
+    comm.all_reduce({t}, multigpu::ReduceOp::kAverage);
+    CHECK_MESSAGE(stream_busy(*replica.stream()), "the staging waited for the replica's stream");
+    CHECK(torch::equal(t.cpu(), torch::arange(6, torch::kFloat)));
+  }
+
+#if MULTIGPU_WITH_NCCL
+  TEST_CASE("CUDA: a CUDA graph is captured on another thread while the NCCL watchdog watches a collective") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    multigpu::NcclCommunicator nccl({multigpu::ReplicaContext(gpu)});
+    auto t = torch::ones({4}, torch::TensorOptions().device(gpu));
+    {
+      // Unfinished for about half a second: the watchdog queries its event
+      // every 10 ms meanwhile. See Note [NCCL watchdog and CUDA graphs].
+      const c10::cuda::CUDAStreamGuard busy(c10::cuda::getStreamFromPool(false, 0));
+      hold_current_stream();
+      nccl.all_reduce({t}, multigpu::ReduceOp::kSum);
+    }
+    // A query refused during the capture throws in the watchdog, which warns
+    // and goes on: whether or not CUDA also invalidates the capture, the
+    // warning shows the bug.
+    multigpu_test::CapturedLog log;
+    std::string failure;
+    double doubled = 0;
+    std::thread capturing([&] {
+      try {
+        const c10::cuda::CUDAStreamGuard side(c10::cuda::getStreamFromPool(false, 0));
+        const auto x = torch::full({16}, 3.0f, torch::TensorOptions().device(gpu));
+        (void)(x * 2);  // the kernel loaded before the capture
+        c10::cuda::getCurrentCUDAStream(0).synchronize();  // this stream only: the collective stays unfinished
+        at::cuda::CUDAGraph graph;
+        graph.capture_begin();  // global capture mode, the default
+        const auto y = x * 2;
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        graph.capture_end();
+        graph.replay();
+        doubled = y.sum().item<double>();
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    });
+    capturing.join();
+    CHECK_MESSAGE(failure.empty(), failure);
+    CHECK(doubled == 96.0);
+    nccl.wait(std::chrono::seconds(30));
+    CHECK(nccl.failure().empty());
+    for (const auto& line : log.warnings()) CHECK_MESSAGE(!contains(line, "NCCL watchdog"), line);
+  }
+
+  TEST_CASE("CUDA: NCCL collectives take their events from the pool and give them back") {
+    MULTIGPU_TEST_NEEDS_GPUS(1);
+    const c10::Device gpu("cuda:0");
+    multigpu::NcclCommunicator nccl({multigpu::ReplicaContext(gpu)});
+    auto t = torch::ones({4}, torch::TensorOptions().device(gpu));
+    auto& pool = multigpu::detail::EventPool::instance();
+    const std::size_t before = pool.free_events(gpu);
+    CHECK(before >= 1);  // the warm-up's, given back
+    for (int i = 0; i < 10; ++i) {
+      nccl.all_reduce({t}, multigpu::ReduceOp::kSum);
+      nccl.wait(std::chrono::seconds(30));
+    }
+    CHECK(pool.free_events(gpu) == before);  // reused, not made anew
+  }
+#endif
 
 #if MULTIGPU_WITH_NCCL
   TEST_CASE("CUDA: the NCCL backend over two GPUs sums, averages and broadcasts values") {

@@ -10,6 +10,21 @@
 /// step, which keeps the GPU idle while the host prepares the next batch;
 /// read it every few steps, or accumulate tensor() on the device.
 
+// Note [Reading a step's loss]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The loss of step n is read when the host wants it, often after step n+1
+// was launched (a loop that prints the previous loss). Reading the device
+// tensor then would copy it on the reading thread's current stream, behind
+// everything queued there since: the whole of step n+1, which the exit
+// fence ordered onto the caller's stream (Note [Streams], rule 2). So, as
+// the loss is made, it is also copied to pinned host memory with
+// non_blocking on the stream it was made on, and `ready` is recorded after
+// that copy; reading waits for that event only, then reads host memory.
+// The copy is one small transfer per step, queued on the replica's stream
+// right after the loss; the pinned block goes back to LibTorch's host
+// allocator, which reuses it only once the copy is done. tensor() stays on the device, for
+// code that accumulates losses there.
+
 #include <memory>
 #include <optional>
 #include <utility>
@@ -27,9 +42,11 @@ class StepLoss {
  public:
   StepLoss() = default;
   /// `value`: a one-element tensor (float64) on the first replica's device;
-  /// `ready`: recorded where it was computed (null on the CPU).
-  explicit StepLoss(at::Tensor value, std::shared_ptr<c10::Event> ready = nullptr)
-      : value_(std::move(value)), ready_(std::move(ready)) {}
+  /// `ready`: recorded where it was computed (null on the CPU); `host`:
+  /// where a GPU's value is copied to, in pinned memory, complete once
+  /// `ready` has happened (see Note [Reading a step's loss]).
+  explicit StepLoss(at::Tensor value, std::shared_ptr<c10::Event> ready = nullptr, at::Tensor host = {})
+      : value_(std::move(value)), ready_(std::move(ready)), host_(std::move(host)) {}
 
   /// The loss as a number; waits for the step's work on the device the
   /// first time. Throws multigpu::Error for an empty StepLoss.
@@ -38,7 +55,7 @@ class StepLoss {
       if (!value_.defined()) throw Error("StepLoss: no loss here (a default-constructed StepLoss)");
       // Whatever thread or stream reads it: the value is complete first.
       if (ready_) compat::wait_for_event(*ready_);
-      cached_ = value_.item<double>();
+      cached_ = host_.defined() ? host_.item<double>() : value_.item<double>();  // See Note [Reading a step's loss]
     }
     return *cached_;
   }
@@ -53,6 +70,7 @@ class StepLoss {
  private:
   at::Tensor value_;
   std::shared_ptr<c10::Event> ready_;
+  at::Tensor host_;  // pinned; defined for a loss on a GPU
   mutable std::optional<double> cached_;
 };
 

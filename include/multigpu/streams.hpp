@@ -12,9 +12,11 @@
 // 1. Streams. Replica r computes on its own stream S_r (ReplicaContext), so
 //    that replicas sharing a GPU still overlap. Its gradient accumulators
 //    are created with S_r current, so autograd accumulates there too
-//    (GradientReducer::attach_hooks). Collectives of the gradient sync run
-//    on a communication stream C_d per GPU d (GradientReducer), so that
-//    backward goes on while buckets are reduced.
+//    (GradientReducer::attach_hooks; one made before DataParallel keeps
+//    the user's stream: Note [Accumulators made before DataParallel]).
+//    Collectives of the gradient sync run on a communication stream C_d
+//    per GPU d (GradientReducer), so that backward goes on while buckets
+//    are reduced.
 //
 // 2. Entry and exit (StreamFence). The caller works on its own current
 //    streams: a batch copied with non_blocking, zero_grad on each optimizer
@@ -71,6 +73,7 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
+#include "multigpu/detail/event_pool.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/replica.hpp"
 
@@ -132,9 +135,9 @@ class ReplicaStreamsCurrent {
 
   /// `waiter` waits (on the device) for the work queued so far on `producer`.
   static void wait_for(const c10::Stream& waiter, const c10::Stream& producer) {
-    c10::Event event(producer.device_type());
-    event.record(producer);
-    event.block(waiter);
+    const EventPool::Event event = pooled_event(producer.device());  // See Note [Event pool]
+    event->record(producer);
+    event->block(waiter);
   }
 
  private:

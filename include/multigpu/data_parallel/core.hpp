@@ -35,6 +35,7 @@
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
 #include "multigpu/detail/compat.hpp"
+#include "multigpu/detail/event_pool.hpp"
 #include "multigpu/detail/module_state.hpp"
 #include "multigpu/detail/tensor_text.hpp"
 #include "multigpu/error.hpp"
@@ -430,12 +431,17 @@ inline StepLoss DataParallelCore::combine_losses(const std::vector<at::Tensor>& 
     sum = sum.defined() ? sum + part : part;
   }
   std::shared_ptr<c10::Event> ready;
+  at::Tensor host;
   if (caller) {
     mark_used_on(sum, *caller);
-    ready = std::make_shared<c10::Event>(devices_[0].type());
-    ready->record(*current_stream(devices_[0]));
+    // See Note [Reading a step's loss] (step_loss.hpp) and Note [Event pool].
+    host = at::empty(sum.sizes(), at::TensorOptions().dtype(sum.scalar_type()).pinned_memory(true));
+    host.copy_(sum, /*non_blocking=*/true);
+    const c10::Stream stream = *current_stream(devices_[0]);
+    ready = pooled_event(stream.device());
+    ready->record(stream);
   }
-  return StepLoss(sum, std::move(ready));
+  return StepLoss(sum, std::move(ready), std::move(host));
 }
 
 // Note [A step that fails on one process]

@@ -169,6 +169,7 @@ class GradientReducer {
   void record_ready_events(std::size_t bucket);
   void join_communication();
   void attach_hooks();
+  void check_accumulator_stream(const torch::autograd::Node& accumulator, std::size_t replica, std::size_t param);
   void on_grad_ready(std::size_t replica, std::size_t param);
   void ensure_slot(std::size_t replica, std::size_t param);
   void mark_ready(std::size_t bucket);
@@ -194,6 +195,7 @@ class GradientReducer {
   std::vector<std::vector<at::Tensor>> slots_;          // [replica][param]
   std::vector<std::vector<char>> fired_;                // [replica][param], written by r's backward only
   std::vector<std::vector<compat::NodePtr>> accumulators_;
+  bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
   std::shared_ptr<Shared> shared_;
   std::vector<c10::Stream> comm_streams_;        // one per GPU; see Note [Streams]
   std::vector<std::size_t> comm_stream_of_;      // replica -> index into comm_streams_
@@ -395,10 +397,41 @@ inline void GradientReducer::attach_hooks() {
                                 names_[k], r));
       }
       if (accumulator == accumulators_[r][k]) continue;
+      check_accumulator_stream(*accumulator, r, k);
       accumulator->add_post_hook(std::make_unique<ReadyHook>(shared_, r, k));
       accumulators_[r][k] = std::move(accumulator);
     }
   }
+}
+
+// Note [Accumulators made before DataParallel]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// An accumulator takes as its stream the current stream of its device when
+// it is made, and autograd runs it there (Note [Streams], rule 1). One that
+// already exists when the reducer binds it, because an autograd graph of
+// the user's module was alive when DataParallel was built (an output or a
+// loss kept from before), keeps the user's stream: results stay right, since
+// autograd orders that stream against the replica's, but every step then
+// pays that ordering (an event per such parameter) and LibTorch 2.10 and
+// newer warn that the AccumulateGrad node's stream does not match its
+// inputs'. It cannot be replaced while the graph holding it lives (that
+// graph would then accumulate without our hook), so the reducer says once
+// what it found and what to do; an accumulator made later (the graph
+// gone, or torch::load giving the parameter a new one) is made on the
+// replica's stream, and the message does not come back.
+inline void GradientReducer::check_accumulator_stream(const torch::autograd::Node& accumulator, std::size_t replica,
+                                                      std::size_t param) {
+  const auto& own = replicas_[replica].stream();
+  if (!own || warned_accumulator_stream_ || accumulator.num_inputs() == 0) return;
+  const c10::Stream stream = accumulator.input_metadata(0).stream();
+  if (stream == *own) return;
+  warned_accumulator_stream_ = true;
+  warn(fmt::format("DataParallel: the gradient accumulator of parameter {} on replica {} ({}) was made before "
+                   "DataParallel, on stream {}, not on the replica's stream {}: results are right, but every step "
+                   "orders the two streams for each such parameter (and LibTorch 2.10 and newer warn about it). "
+                   "Build DataParallel before running the module, or free every tensor that still holds an autograd "
+                   "graph of it (outputs, losses) first",
+                   names_[param], replica, replicas_[replica].device().str(), stream.id(), own->id()));
 }
 
 inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param) {

@@ -1,6 +1,6 @@
 #pragma once
-// CUDA helpers: the one checking macro for CUDA runtime calls, and the
-// caching allocator's free mutex. Compiled only with MULTIGPU_WITH_CUDA.
+// CUDA helpers: the one checking macro for CUDA runtime calls, the
+// caching allocator's free mutex, the thread-local capture mode. Compiled only with MULTIGPU_WITH_CUDA.
 
 #include "multigpu/config.hpp"
 
@@ -52,7 +52,52 @@ namespace detail {
 // - Not guarded: the allocator's own release when a cudaMalloc fails (an
 //   allocation that runs out of memory while another thread launches a
 //   collective) and cudaFree in the user's code.
+// - NCCL's own set-up, kept out of the training steps. Since 2.22 NCCL
+//   connects the GPUs lazily by default (NCCL_RUNTIME_CONNECT=1): the
+//   channels and buffers of an algorithm (ring, tree, NVLS, ...) are set up
+//   by the first collective that uses it, with device allocations and, across
+//   processes, a bootstrap exchange. Left to the first step, that set-up
+//   would run inside a training collective: under its time-out, while the
+//   model's activations hold the memory it needs, and with the allocator's
+//   unguarded frees (above) free to interleave. NCCL chooses the algorithm by
+//   message size, so NcclCommunicator's warm-up all-reduces, at
+//   construction, 4 bytes, 64 KiB, 1 MiB and 16 MiB (the size range of
+//   gradient buckets, 25 MiB by default; the largest sizes all take the
+//   large-message algorithm), which connects what the buckets will use.
+//   The alternative, NCCL_RUNTIME_CONNECT=0, connects every algorithm at
+//   ncclCommInitRank; it is not an ncclConfig_t field (NCCL 2.30 has none)
+//   but an environment variable NCCL reads once per process, so a library
+//   must not set it: a user who wants every algorithm connected up front
+//   (at the price of the memory for all of them) sets it before the first
+//   communicator. The warm-up's buffer (17 MiB per GPU) goes back to the
+//   caching allocator, where the bucket buffers reuse it.
 inline std::mutex& cuda_free_mutex() { return compat::cuda_free_mutex(); }
+
+/// While in scope, the calling thread's CUDA calls are checked against graph
+/// captures begun on this thread only (cudaStreamCaptureModeThreadLocal),
+/// so that a background thread's event queries do not invalidate a capture
+/// another thread makes; the previous mode comes back at the end. Never
+/// throws: where the exchange fails, the mode stays as it was (active() is
+/// false). See Note [NCCL watchdog and CUDA graphs] in nccl/communicator.hpp.
+class ThreadLocalCaptureMode {
+ public:
+  ThreadLocalCaptureMode() noexcept {
+    active_ = cudaThreadExchangeStreamCaptureMode(&previous_) == cudaSuccess;
+    if (!active_) ::cudaGetLastError();
+  }
+  ~ThreadLocalCaptureMode() {
+    if (active_ && cudaThreadExchangeStreamCaptureMode(&previous_) != cudaSuccess) ::cudaGetLastError();
+  }
+  ThreadLocalCaptureMode(const ThreadLocalCaptureMode&) = delete;
+  ThreadLocalCaptureMode& operator=(const ThreadLocalCaptureMode&) = delete;
+
+  /// Whether the thread-local mode was set.
+  bool active() const { return active_; }
+
+ private:
+  cudaStreamCaptureMode previous_ = cudaStreamCaptureModeThreadLocal;  // exchanged in, then back out
+  bool active_ = false;
+};
 
 }  // namespace detail
 }  // namespace multigpu

@@ -40,12 +40,11 @@ class CrossProcessCommunicator : public Communicator {
   inline void broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) override;
 
  private:
-  /// Runs `fn` on a contiguous host copy of replica r's `tensor` (the tensor
-  /// itself when it is one already) and copies the result back.
+  /// Runs `fn` on a contiguous host copy of `tensor` (the tensor itself
+  /// when it is one already) and copies the result back.
   template <class Fn>
-  void on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn);
+  void on_host(const at::Tensor& tensor, Fn&& fn);
 
-  std::vector<ReplicaContext> replicas_;
   LocalCommunicator local_;
   std::shared_ptr<ProcessCollectives> group_;
   std::size_t world_replicas_ = 0;
@@ -56,27 +55,37 @@ class CrossProcessCommunicator : public Communicator {
 
 inline CrossProcessCommunicator::CrossProcessCommunicator(std::vector<ReplicaContext> replicas,
                                                           std::shared_ptr<ProcessCollectives> group)
-    : replicas_(replicas), local_(std::move(replicas)), group_(std::move(group)) {
+    : local_(std::move(replicas)), group_(std::move(group)) {
   const auto counts = group_->all_gather_text(std::to_string(local_.size()));
   for (const auto& count : counts) world_replicas_ += std::stoul(count);
 }
 
+// Note [Staging a GPU tensor for Gloo]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Gloo reduces host memory, so a GPU tensor is copied to the host, reduced,
+// and copied back, both copies blocking (pageable memory: ATen's copy_
+// synchronises the stream it ran on before it returns, so the host buffer
+// can go). Both run on the calling thread's current stream of the tensor's
+// GPU, as every collective does (Note [Streams], rule 3): during the
+// gradient sync that is the communication stream, which waits only for the
+// bucket's ready event, so the host waits for that bucket's gradients and
+// no more. (Copying back on the replica's own stream, as this once did,
+// made the host wait, for every bucket, for the replica's whole backward
+// queued so far: no overlap at all.) What runs on the replica's stream
+// later is ordered after the copy by the reducer's join event, and, the
+// copy being complete when copy_ returns, by the host itself.
 template <class Fn>
-void CrossProcessCommunicator::on_host(const at::Tensor& tensor, std::size_t r, Fn&& fn) {
+void CrossProcessCommunicator::on_host(const at::Tensor& tensor, Fn&& fn) {
   compat::NoGradGuard no_grad;
   const bool staged = !tensor.device().is_cpu() || !tensor.is_contiguous();
   at::Tensor host = staged ? tensor.to(at::kCPU).contiguous() : tensor;
   fn(host);
-  if (staged) {
-    const ReplicaContext::Scope scope(replicas_[r]);
-    tensor.copy_(host);
-    replicas_[r].synchronize();
-  }
+  if (staged) tensor.copy_(host);  // See Note [Staging a GPU tensor for Gloo]
 }
 
 inline void CrossProcessCommunicator::all_reduce(const std::vector<at::Tensor>& tensors, ReduceOp op) {
   local_.all_reduce(tensors, ReduceOp::kSum);
-  on_host(tensors[0], 0, [&](const at::Tensor& host) {
+  on_host(tensors[0], [&](const at::Tensor& host) {
     group_->all_reduce_sum(host);
     if (op == ReduceOp::kAverage) host.div_(static_cast<double>(world_replicas_));
   });
@@ -85,7 +94,7 @@ inline void CrossProcessCommunicator::all_reduce(const std::vector<at::Tensor>& 
 
 inline void CrossProcessCommunicator::broadcast(const std::vector<at::Tensor>& tensors, std::size_t root) {
   if (root >= tensors.size()) throw CommError(fmt::format("broadcast: root {} is not a replica", root));
-  on_host(tensors[root], root, [&](const at::Tensor& host) { group_->broadcast(host, 0); });
+  on_host(tensors[root], [&](const at::Tensor& host) { group_->broadcast(host, 0); });
   local_.broadcast(tensors, root);
 }
 

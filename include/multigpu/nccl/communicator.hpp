@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -37,6 +38,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/cuda.hpp"
+#include "multigpu/detail/event_pool.hpp"
 #include "multigpu/streams.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/replica.hpp"
@@ -125,11 +127,40 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // kernels, so the streams move on with whatever the buffers hold) and
 // records why; the next collective, wait() or the next training step
 // throws CommError with that reason. The set-up has a deadline too:
-// communicators are made non-blocking (NCCL >= 2.14) and polled, and one
-// small all-reduce at construction makes NCCL connect the GPUs (it does so
-// lazily) and checks the sum, so that a broken interconnect fails here with
-// a clear message and not in the middle of the first step. Every call
-// restores the caller's current device.
+// communicators are made non-blocking (NCCL >= 2.14) and polled, and a few
+// all-reduces at construction, from one element to a bucket's size, make
+// NCCL connect the GPUs for the algorithms the training's buckets will use
+// (it connects lazily: Note [NCCL and cudaFree]) and check the sums, so
+// that a broken interconnect fails here with a clear message and not in the
+// middle of the first step. Every call restores the caller's current device.
+
+// Note [NCCL watchdog and CUDA graphs]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// While a stream is captured into a CUDA graph in the default (global)
+// capture mode, a call that might synchronise, such as cudaEventQuery, made
+// by any thread of the process invalidates the capture. The watchdog
+// queries events every 10 ms for as long as the communicator lives, so a
+// user capturing a model into an at::cuda::CUDAGraph on any thread while a
+// DataParallel with NCCL exists would fail now and then, at random. As
+// ProcessGroupNCCL does (pytorch #148594, #160398), the watchdog thread
+// switches its own capture mode to thread-local
+// (detail::ThreadLocalCaptureMode, cudaThreadExchangeStreamCaptureMode):
+// its queries are then checked only against captures begun on the
+// watchdog's own thread, of which there are none. Before that exchange, its
+// first CUDA call, the watchdog makes the first replica's GPU current: a
+// new thread's current device is GPU 0, and a runtime call there (the
+// exchange, an event query) would create a context on GPU 0, about half a
+// GiB, in every process of a job whose processes each see all GPUs (pytorch
+// #135273 and torchcomms #777 mend the same). wait() too switches to the
+// thread-local mode around its queries, for a communicator destroyed (or
+// waited for) while another thread captures. Nothing else needs it: the
+// other threads multigpu owns (a replica's worker, the reducer's launch
+// threads) make CUDA calls only inside a DataParallel call, and a
+// DataParallel call itself cannot be captured (docs/data-parallel.md,
+// "CUDA graphs"): it launches from several threads, registers each
+// collective with the watchdog on the host, and reads host-side state
+// (which buckets are ready, the optimizers' step counts, a GradScaler's
+// flag) that a replayed graph would not update.
 
 /// NCCL collectives over distinct GPUs (see the file comment).
 class NcclCommunicator : public Communicator {
@@ -159,7 +190,7 @@ class NcclCommunicator : public Communicator {
  private:
   using Clock = std::chrono::steady_clock;
   struct Outstanding {
-    std::vector<std::unique_ptr<c10::Event>> done;  // per GPU
+    std::vector<detail::EventPool::Event> done;  // per GPU; see Note [Event pool]
     Clock::time_point deadline;
     std::string what;
   };
@@ -336,19 +367,35 @@ inline void NcclCommunicator::stop_watchdog() noexcept {
   watchdog_.join();
 }
 
+// See Note [NCCL and cudaFree] (detail/cuda.hpp), on lazy connection.
 inline void NcclCommunicator::warm_up() {
-  std::vector<at::Tensor> ones;
+  // One all-reduce per message-size range NCCL picks algorithms for, up to
+  // a bucket's size, each over its own part of one buffer of ones (one
+  // allocation per GPU): afterwards every element holds the number of ranks.
+  static constexpr std::int64_t kElements[] = {1, std::int64_t{1} << 14, std::int64_t{1} << 18,
+                                               std::int64_t{1} << 22};
+  std::int64_t total = 0;
+  for (const std::int64_t elements : kElements) total += elements;
+  std::vector<at::Tensor> buffers;
   for (const auto& replica : replicas_) {
-    ones.push_back(at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
+    buffers.push_back(at::ones({total}, at::TensorOptions().dtype(at::kFloat).device(replica.device())));
   }
-  all_reduce(ones, ReduceOp::kSum);
+  std::int64_t offset = 0;
+  for (const std::int64_t elements : kElements) {
+    std::vector<at::Tensor> parts;
+    for (const auto& buffer : buffers) parts.push_back(buffer.narrow(0, offset, elements));
+    all_reduce(parts, ReduceOp::kSum);
+    offset += elements;
+  }
   wait(timeout_);
-  for (std::size_t r = 0; r < ones.size(); ++r) {
-    const double sum = ones[r].item<double>();
-    if (sum != static_cast<double>(world_ranks_)) {
-      throw CommError(fmt::format("NCCL's first all-reduce gave {} on {} instead of {} (the number of GPUs): the "
-                                  "GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows how NCCL connected them",
-                                  sum, context(r), world_ranks_));
+  for (std::size_t r = 0; r < buffers.size(); ++r) {
+    const double low = buffers[r].min().item<double>();
+    const double high = buffers[r].max().item<double>();
+    if (low != static_cast<double>(world_ranks_) || high != static_cast<double>(world_ranks_)) {
+      throw CommError(fmt::format("NCCL's first all-reduces gave values from {} to {} on {} instead of {} (the "
+                                  "number of GPUs): the GPUs cannot exchange data correctly; NCCL_DEBUG=INFO shows "
+                                  "how NCCL connected them",
+                                  low, high, context(r), world_ranks_));
     }
   }
 }
@@ -462,8 +509,9 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
       const compat::NoGradGuard no_grad;
       tensors[r].copy_(io[r]);
     }
-    work.done.push_back(std::make_unique<c10::Event>(c10::DeviceType::CUDA));
-    work.done.back()->record(*detail::current_stream(replicas_[r].device()));
+    const c10::Stream stream = *detail::current_stream(replicas_[r].device());
+    work.done.push_back(detail::pooled_event(stream.device()));
+    work.done.back()->record(stream);
   }
   std::lock_guard<std::mutex> state(state_mutex_);
   launching_until_.reset();
@@ -536,6 +584,13 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // own deadline), except a launch blocked past its deadline inside a
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
+  // See Note [NCCL watchdog and CUDA graphs]: the device first, then the mode.
+  if (!replicas_.empty() && cudaSetDevice(replicas_[0].device().index()) != cudaSuccess) cudaGetLastError();
+  const detail::ThreadLocalCaptureMode capture_mode;
+  if (!capture_mode.active()) {
+    warn("the NCCL watchdog could not set its CUDA stream capture mode to thread-local: its event queries may "
+         "invalidate CUDA graph captures made on other threads");
+  }
   std::unique_lock<std::mutex> state(state_mutex_);
   while (!stopping_) {
     wake_.wait_for(state, std::chrono::milliseconds(10));
@@ -554,6 +609,7 @@ inline void NcclCommunicator::watch() {
 }
 
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
+  const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
   std::lock_guard<std::mutex> launching(launch_mutex_);
   const auto start = Clock::now();
   while (true) {
