@@ -1,0 +1,368 @@
+// Programs of other shapes than one module and one optimizer (issue 24),
+// against the one-device program in float64: a loss function that knows
+// its replica's place, several optimizers side by side, a frozen second
+// model. See Note [The replica's place] in multigpu/data_parallel.hpp and
+// Note [Several optimizers] in multigpu/data_parallel/core.hpp.
+
+#include "support.hpp"  // first: see its comment
+
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+using multigpu::DataParallel;
+using multigpu::ReplicaPlace;
+using multigpu_test::contains;
+
+namespace {
+
+std::vector<c10::Device> cpus(std::size_t n) { return std::vector<c10::Device>(n, c10::Device("cpu")); }
+
+torch::data::Example<> make_batch(std::int64_t n, std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return {torch::randn({n, 6}, torch::kFloat64), torch::randn({n, 3}, torch::kFloat64)};
+}
+
+double max_difference(const torch::nn::Module& a, const torch::nn::Module& b) {
+  double worst = 0;
+  auto theirs = b.named_parameters();
+  for (const auto& p : a.named_parameters()) {
+    worst = std::max(worst, (p.value() - theirs[p.key()]).abs().max().item<double>());
+  }
+  return worst;
+}
+
+// Two parts, each trained by an optimizer of its own.
+struct TwoPartImpl : torch::nn::Cloneable<TwoPartImpl> {
+  TwoPartImpl() { reset(); }
+  void reset() override {
+    body = register_module("body", torch::nn::Linear(6, 8));
+    head = register_module("head", torch::nn::Linear(8, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(torch::tanh(body(x))); }
+  torch::nn::Linear body{nullptr}, head{nullptr};
+};
+TORCH_MODULE(TwoPart);
+
+torch::Tensor mse(TwoPartImpl& net, const torch::data::Example<>& shard) {
+  return torch::mse_loss(net.forward(shard.data), shard.target);
+}
+
+std::pair<TwoPart, TwoPart> twin_models(std::uint64_t seed = 3) {
+  torch::manual_seed(seed);
+  TwoPart net;
+  net->to(torch::kFloat64);
+  TwoPart plain = std::dynamic_pointer_cast<TwoPartImpl>(net->clone());
+  return {net, plain};
+}
+
+// The body: SGD with momentum. The head: AdamW with two groups, weight
+// decay on the weight only, each group at its own rate.
+std::unique_ptr<torch::optim::SGD> make_body_sgd(TwoPartImpl& net) {
+  return std::make_unique<torch::optim::SGD>(net.body->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+}
+std::unique_ptr<torch::optim::AdamW> make_head_adamw(TwoPartImpl& net) {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{net.head->weight},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.01).weight_decay(0.1)));
+  groups.emplace_back(std::vector<torch::Tensor>{net.head->bias},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.03).weight_decay(0)));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups), torch::optim::AdamWOptions(0.02));
+}
+
+// A schedule on each primary: both head groups, and the body.
+void schedule(torch::optim::Optimizer& body, torch::optim::Optimizer& head, int step) {
+  body.param_groups()[0].options().set_lr(0.05 / (1.0 + 0.1 * step));
+  head.param_groups()[0].options().set_lr(0.01 * (1.0 - 0.05 * step));
+  head.param_groups()[1].options().set_lr(0.03 * (step % 2 == 0 ? 1.0 : 0.5));
+}
+
+// The one-device program of the two-optimizer tests: the head steps every
+// step, the body every second step on the gradients of two batches.
+struct PlainTwoOptimizers {
+  TwoPart net;
+  std::unique_ptr<torch::optim::SGD> body;
+  std::unique_ptr<torch::optim::AdamW> head;
+  explicit PlainTwoOptimizers(TwoPart plain)
+      : net(std::move(plain)), body(make_body_sgd(*net)), head(make_head_adamw(*net)) {}
+  void train(int step, std::int64_t batch_size) {
+    schedule(*body, *head, step);
+    mse(*net, make_batch(batch_size, 100 + step)).backward();
+    head->step();
+    head->zero_grad();
+    if (step % 2 == 1) {
+      body->step();
+      body->zero_grad();
+    }
+  }
+};
+
+void train_two_optimizers(DataParallel<TwoPart>& dp, int step, std::int64_t batch_size) {
+  schedule(dp.optimizer("body"), dp.optimizer("head"), step);
+  dp.forward_backward(make_batch(batch_size, 100 + step), mse);
+  dp.step("head");
+  dp.zero_grad("head");
+  if (step % 2 == 1) {
+    dp.step("body");
+    dp.zero_grad("body");
+  }
+}
+
+void check_two_optimizers(std::size_t replicas, std::int64_t batch_size) {
+  CAPTURE(replicas);
+  CAPTURE(batch_size);
+  auto [net, plain] = twin_models();
+  PlainTwoOptimizers reference(plain);
+  DataParallel<TwoPart> dp(net, cpus(replicas));
+  torch::optim::SGD& body = dp.make_optimizer("body", make_body_sgd);
+  torch::optim::AdamW& head = dp.make_optimizer("head", make_head_adamw);
+  CHECK(&dp.optimizer("body") == &body);
+  CHECK(&dp.optimizer<torch::optim::AdamW>("head") == &head);
+  for (int step = 0; step < 8; ++step) {
+    train_two_optimizers(dp, step, batch_size);
+    reference.train(step, batch_size);
+  }
+  CHECK(max_difference(*net, *plain) <= 1e-10);
+  dp.check_parity();
+  // Each follower's groups took its primary's options of the last step.
+  for (auto* follower : dp.optimizers("head")) {
+    CHECK(follower->param_groups()[0].options().get_lr() == doctest::Approx(0.01 * (1.0 - 0.05 * 7)));
+    CHECK(follower->param_groups()[1].options().get_lr() == doctest::Approx(0.03 * 0.5));
+  }
+  for (auto* follower : dp.optimizers("body")) {
+    CHECK(follower->param_groups()[0].options().get_lr() == doctest::Approx(0.05 / 1.7));
+  }
+  CHECK(dp.optimizers("body").size() == replicas);
+}
+
+// A distillation student, with a frozen teacher as a member of the module.
+struct DistillImpl : torch::nn::Cloneable<DistillImpl> {
+  DistillImpl() { reset(); }
+  void reset() override {
+    student = register_module("student", TwoPart());
+    teacher = register_module("teacher", TwoPart());
+  }
+  TwoPart student{nullptr}, teacher{nullptr};
+};
+TORCH_MODULE(Distill);
+
+torch::Tensor distill_loss(DistillImpl& net, const torch::data::Example<>& shard) {
+  torch::Tensor soft;
+  {
+    torch::NoGradGuard no_grad;
+    soft = net.teacher->forward(shard.data);
+  }
+  return torch::mse_loss(net.student->forward(shard.data), soft) + 0.5 * mse(*net.student, shard);
+}
+
+}  // namespace
+
+TEST_SUITE("DataParallel program shapes") {
+  TEST_CASE("a loss function may take its replica's place (index and device) as a third argument") {
+    // The teacher trained beside: its own DataParallel, whose replica on the
+    // loss function's device the place finds (no address comparisons).
+    for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 7}, {2, 7}, {3, 7},
+                                                                                          {3, 2}}) {
+      CAPTURE(k);
+      CAPTURE(batch_size);
+      auto [net, plain] = twin_models();
+      TwoPart teacher = twin_models(5).first;
+      DataParallel<TwoPart> teachers(teacher, cpus(k));
+      DataParallel<TwoPart> dp(net, cpus(k));
+      dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+      torch::optim::SGD reference(plain->parameters(), torch::optim::SGDOptions(0.1));
+      std::mutex lock;
+      std::multiset<std::size_t> seen;
+      const auto loss = [&](TwoPartImpl& replica, const torch::data::Example<>& shard, const ReplicaPlace& place) {
+        {
+          const std::lock_guard<std::mutex> hold(lock);
+          seen.insert(place.index);
+        }
+        CHECK(&replica == &dp.replica(place.index));
+        CHECK(place.device == dp.devices()[place.index]);
+        torch::Tensor target;
+        {
+          torch::NoGradGuard no_grad;
+          target = teachers.replica(place.index).forward(shard.data.to(place.device));
+        }
+        return torch::mse_loss(replica.forward(shard.data), target);
+      };
+      for (int step = 0; step < 4; ++step) {
+        const auto batch = make_batch(batch_size, 40 + step);
+        dp.train_step(batch, loss);
+        reference.zero_grad();
+        torch::Tensor target;
+        {
+          torch::NoGradGuard no_grad;
+          target = teacher->forward(batch.data);
+        }
+        torch::mse_loss(plain->forward(batch.data), target).backward();
+        reference.step();
+      }
+      CHECK(max_difference(*net, *plain) <= 1e-10);
+      dp.check_parity();
+      // A replica without samples sits the step out: it is never called.
+      const std::size_t active = std::min<std::size_t>(k, static_cast<std::size_t>(batch_size));
+      CHECK(seen.size() == 4 * active);
+      for (std::size_t r = 0; r < active; ++r) CHECK(seen.count(r) == 4);
+
+      // forward_backward and predict take it too; the two-argument form still works.
+      const auto batch = make_batch(batch_size, 60);
+      const auto predicted = dp.predict(batch, [&](TwoPartImpl& replica, const torch::data::Example<>& shard,
+                                                   const ReplicaPlace& place) {
+        return replica.forward(shard.data) + static_cast<double>(place.index);
+      });
+      const auto plain_predicted = dp.predict(batch, [](TwoPartImpl& replica, const torch::data::Example<>& shard) {
+        return replica.forward(shard.data);
+      });
+      const auto sizes = multigpu::split_batch(batch_size, k);
+      std::int64_t offset = 0;
+      for (std::size_t r = 0; r < k; ++r) {
+        const auto part = predicted.narrow(0, offset, sizes[r]) - plain_predicted.narrow(0, offset, sizes[r]);
+        if (sizes[r] > 0) CHECK(part.sub(static_cast<double>(r)).abs().max().item<double>() <= 1e-12);
+        offset += sizes[r];
+      }
+      dp.forward_backward(batch, loss);
+      dp.zero_grad();
+    }
+  }
+
+  TEST_CASE("two optimizers over disjoint parameters, stepping at different rates under schedules, train like one device (float64)") {
+    for (std::size_t k : {1, 2, 3}) check_two_optimizers(k, 13);
+    check_two_optimizers(3, 2);  // a batch smaller than K
+  }
+
+  TEST_CASE("stepping or zeroing an optimizer that does not exist names it and the ones there are") {
+    TwoPart net = twin_models().first;
+    DataParallel<TwoPart> dp(net, cpus(2));
+    const auto message_of = [](auto&& call) {
+      std::string message;
+      try {
+        call();
+      } catch (const multigpu::Error& e) {
+        message = e.what();
+      }
+      return message;
+    };
+    CHECK(contains(message_of([&] { dp.step("head"); }), "no optimizer yet"));
+    dp.make_optimizer("body", make_body_sgd);
+    dp.make_optimizer("head", make_head_adamw);
+    CHECK(message_of([&] { dp.step("tail"); }) ==
+          "step(name): no optimizer is named \"tail\"; the optimizers are: \"body\", \"head\"");
+    CHECK(message_of([&] { dp.zero_grad("tail"); }) ==
+          "zero_grad(name): no optimizer is named \"tail\"; the optimizers are: \"body\", \"head\"");
+    CHECK(message_of([&] { dp.optimizer(); }) ==
+          "optimizer: no optimizer was made without a name; the optimizers are: \"body\", \"head\"");
+    CHECK(message_of([&] { dp.make_optimizer("a head", make_head_adamw); }) ==
+          "make_optimizer(name, factory): \"a head\" is not a valid name: use letters, digits and underscores");
+    // A bad factory for a named optimizer leaves it as it was.
+    auto& head = dp.optimizer("head");
+    CHECK(contains(message_of([&] { dp.make_optimizer("head", [&](TwoPartImpl&) { return make_head_adamw(*net); }); }),
+                   "the previous optimizers are unchanged"));
+    CHECK(&dp.optimizer("head") == &head);
+    // train_step steps every optimizer; nothing was changed by the refusals.
+    dp.train_step(make_batch(5, 1), mse);
+    dp.check_parity();
+    CHECK(dp.steps() == 1);
+  }
+
+  TEST_CASE("save_state and load_state cover every optimizer, also on another number of replicas") {
+    const std::string path = "multigpu_test_two_optimizers.pt";
+    auto [net, plain] = twin_models();
+    PlainTwoOptimizers reference(plain);
+    DataParallel<TwoPart> dp(net, cpus(2));
+    dp.make_optimizer("body", make_body_sgd);
+    dp.make_optimizer("head", make_head_adamw);
+    for (int step = 0; step < 4; ++step) {
+      train_two_optimizers(dp, step, 7);
+      reference.train(step, 7);
+    }
+    dp.save_state(path);
+
+    TwoPart other = twin_models(11).first;
+    DataParallel<TwoPart> resumed(other, cpus(3));
+    resumed.make_optimizer("body", make_body_sgd);
+    resumed.make_optimizer("head", make_head_adamw);
+    const auto info = resumed.load_state(path);
+    CHECK(info.notes.empty());
+    CHECK(resumed.optimizer("head").param_groups()[1].options().get_lr() == doctest::Approx(0.03 * 0.5));
+    for (int step = 4; step < 8; ++step) {
+      train_two_optimizers(resumed, step, 7);
+      reference.train(step, 7);
+    }
+    CHECK(max_difference(*other, *plain) <= 1e-10);
+    resumed.check_parity();
+
+    // A checkpoint with an optimizer this DataParallel lacks is refused, and nothing changes.
+    TwoPart third = twin_models(12).first;
+    const auto before = std::dynamic_pointer_cast<TwoPartImpl>(third->clone());
+    DataParallel<TwoPart> lacking(third, cpus(2));
+    lacking.make_optimizer("body", make_body_sgd);
+    std::string message;
+    try {
+      lacking.load_state(path);
+    } catch (const multigpu::CheckpointError& e) {
+      message = e.what();
+    }
+    CHECK(contains(message, "holds the state of the optimizer \"head\", and this DataParallel has no such optimizer: "
+                            "make it (make_optimizer) before load_state, so that it is restored"));
+    CHECK(max_difference(*third, *before) == 0);
+    // One this DataParallel has and the checkpoint lacks starts afresh, and says so.
+    DataParallel<TwoPart> more(std::dynamic_pointer_cast<TwoPartImpl>(before->clone()), cpus(2));
+    more.make_optimizer("body", make_body_sgd);
+    more.make_optimizer("head", make_head_adamw);
+    more.make_optimizer("extra", [](TwoPartImpl& replica) {
+      return std::make_unique<torch::optim::SGD>(replica.head->parameters(), torch::optim::SGDOptions(0.1));
+    });
+    const auto more_info = more.load_state(path);
+    REQUIRE(more_info.notes.size() == 1);
+    CHECK(more_info.notes[0] == "the checkpoint has no state of the optimizer \"extra\": it starts afresh");
+    std::remove(path.c_str());
+  }
+
+  TEST_CASE("a frozen teacher in the module is never synchronised nor stepped, and distillation trains like one device (float64)") {
+    for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 9}, {2, 9}, {3, 9},
+                                                                                          {3, 2}}) {
+      CAPTURE(k);
+      CAPTURE(batch_size);
+      torch::manual_seed(21);
+      Distill net;
+      net->to(torch::kFloat64);
+      for (auto& p : net->teacher->parameters()) p.set_requires_grad(false);
+      Distill plain = std::dynamic_pointer_cast<DistillImpl>(net->clone());
+      const auto teacher_before = std::dynamic_pointer_cast<TwoPartImpl>(net->teacher->clone());
+      DataParallel<Distill> dp(net, cpus(k));
+      // The optimizer is given every parameter, the teacher's too, as a
+      // user would: a parameter without a gradient is never stepped.
+      dp.make_optimizer<torch::optim::AdamW>(torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+      torch::optim::AdamW reference(plain->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+      for (int step = 0; step < 6; ++step) {
+        const auto batch = make_batch(batch_size, 70 + step);
+        dp.train_step(batch, distill_loss);
+        reference.zero_grad();
+        distill_loss(*plain, batch).backward();
+        reference.step();
+      }
+      CHECK(max_difference(*net, *plain) <= 1e-10);
+      CHECK(max_difference(*net->teacher, *teacher_before) == 0);
+      dp.check_parity();
+      for (std::size_t r = 0; r < k; ++r) {
+        for (const auto& p : dp.replica(r).teacher->parameters()) {
+          CHECK_FALSE(p.requires_grad());
+          CHECK_FALSE(p.grad().defined());
+        }
+      }
+      // Not synchronised: the gradient buckets hold the student's parameters only.
+      if (k > 1) {
+        REQUIRE(dp.gradient_buckets() != nullptr);
+        std::size_t bucketed = 0;
+        for (const auto& bucket : *dp.gradient_buckets()) bucketed += bucket.parameters.size();
+        CHECK(bucketed == net->student->parameters().size());
+      }
+    }
+  }
+}
