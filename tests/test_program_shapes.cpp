@@ -159,6 +159,50 @@ torch::Tensor distill_loss(DistillImpl& net, const torch::data::Example<>& shard
   return torch::mse_loss(net.student->forward(shard.data), soft) + 0.5 * mse(*net.student, shard);
 }
 
+
+// A GAN in one container module: the batch's data are real samples, its
+// target the generator's noise (so that every replica draws nothing).
+struct GanImpl : torch::nn::Cloneable<GanImpl> {
+  GanImpl() { reset(); }
+  void reset() override {
+    g = register_module("g", torch::nn::Sequential(torch::nn::Linear(4, 5), torch::nn::Tanh(), torch::nn::Linear(5, 6)));
+    d = register_module("d", torch::nn::Sequential(torch::nn::Linear(6, 5), torch::nn::Tanh(), torch::nn::Linear(5, 1)));
+  }
+  torch::nn::Sequential g{nullptr}, d{nullptr};
+};
+TORCH_MODULE(Gan);
+
+torch::data::Example<> gan_batch(std::int64_t n, std::uint64_t seed) {
+  torch::manual_seed(seed);
+  return {torch::randn({n, 6}, torch::kFloat64) + 1.0, torch::randn({n, 4}, torch::kFloat64)};
+}
+
+// The discriminator's phase: back-propagates into the discriminator only.
+torch::Tensor discriminator_loss(GanImpl& gan, const torch::data::Example<>& shard) {
+  const auto real = gan.d->forward(shard.data);
+  const auto fake = gan.d->forward(gan.g->forward(shard.target).detach());
+  return torch::binary_cross_entropy_with_logits(real, torch::ones_like(real)) +
+         torch::binary_cross_entropy_with_logits(fake, torch::zeros_like(fake));
+}
+
+// The generator's phase: through the discriminator, whose gradients it also fills.
+torch::Tensor generator_loss(GanImpl& gan, const torch::data::Example<>& shard) {
+  const auto fake = gan.d->forward(gan.g->forward(shard.target));
+  return torch::binary_cross_entropy_with_logits(fake, torch::ones_like(fake));
+}
+
+std::unique_ptr<torch::optim::Adam> make_adam(torch::nn::Module& part) {
+  return std::make_unique<torch::optim::Adam>(part.parameters(),
+                                              torch::optim::AdamOptions(0.01).betas(std::make_tuple(0.5, 0.999)));
+}
+
+bool any_gradient(torch::nn::Module& part) {
+  for (const auto& p : part.parameters()) {
+    if (p.grad().defined() && p.grad().abs().sum().item<double>() != 0) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 TEST_SUITE("DataParallel program shapes") {
@@ -364,5 +408,109 @@ TEST_SUITE("DataParallel program shapes") {
         CHECK(bucketed == net->student->parameters().size());
       }
     }
+  }
+
+  TEST_CASE("a GAN step in phases (discriminator, then generator) trains like one device (float64)") {
+    for (const double cap_mib : {25.0, 1e-6}) {  // one bucket for both parts, or a bucket per parameter
+      for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 8}, {2, 8}, {3, 8},
+                                                                                            {3, 2}}) {
+        CAPTURE(cap_mib);
+        CAPTURE(k);
+        CAPTURE(batch_size);
+        torch::manual_seed(31);
+        Gan net;
+        net->to(torch::kFloat64);
+        Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
+        multigpu::DataParallelOptions options;
+        options.find_unused_parameters = true;  // a phase reaches part of the parameters
+        options.bucket_cap_mib = cap_mib;
+        DataParallel<Gan> dp(net, cpus(k), options);
+        dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
+        dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
+        auto plain_d = make_adam(*plain->d);
+        auto plain_g = make_adam(*plain->g);
+        for (int step = 0; step < 5; ++step) {
+          const auto batch = gan_batch(batch_size, 80 + step);
+          // pytorch/examples' DCGAN, step by step.
+          dp.zero_grad("d");
+          dp.forward_backward(batch, discriminator_loss);
+          if (step == 0 && k > 1) {
+            // The generator's part was not reached: its gradients stay zero
+            // and, in buckets of its own, are not reduced.
+            for (std::size_t r = 0; r < k; ++r) CHECK_FALSE(any_gradient(*dp.replica(r).g));
+            if (dp.gradient_buckets()->size() > 1) {
+              CHECK(dp.last_sync_stats()->buckets < dp.gradient_buckets()->size());
+            }
+          }
+          dp.step("d");
+          dp.zero_grad("g");
+          dp.forward_backward(batch, generator_loss);
+          dp.step("g");
+
+          plain_d->zero_grad();
+          discriminator_loss(*plain, batch).backward();
+          plain_d->step();
+          plain_g->zero_grad();
+          generator_loss(*plain, batch).backward();
+          plain_g->step();
+        }
+        CHECK(max_difference(*net, *plain) <= 1e-10);
+        dp.check_parity();
+      }
+    }
+  }
+
+  TEST_CASE("gradients accumulated on a part that the synchronising phase does not reach are still averaged") {
+    for (const std::size_t k : {2, 3}) {
+      CAPTURE(k);
+      torch::manual_seed(32);
+      Gan net;
+      net->to(torch::kFloat64);
+      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
+      multigpu::DataParallelOptions options;
+      options.find_unused_parameters = true;
+      options.bucket_cap_mib = 1e-6;  // the generator's gradients in buckets of their own
+      DataParallel<Gan> dp(net, cpus(k), options);
+      dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
+      dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
+      auto plain_d = make_adam(*plain->d);
+      auto plain_g = make_adam(*plain->g);
+      for (int step = 0; step < 3; ++step) {
+        const auto first = gan_batch(7, 90 + step);
+        const auto second = gan_batch(7, 95 + step);
+        {
+          auto guard = dp.no_sync();
+          dp.forward_backward(first, generator_loss);  // the generator's gradients differ between replicas here
+        }
+        dp.forward_backward(second, discriminator_loss);  // reaches the discriminator only, and syncs
+        dp.step();
+        dp.zero_grad();
+
+        generator_loss(*plain, first).backward();
+        discriminator_loss(*plain, second).backward();
+        plain_d->step();
+        plain_g->step();
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+      }
+      CHECK(max_difference(*net, *plain) <= 1e-10);
+      dp.check_parity();
+    }
+  }
+
+  TEST_CASE("a phase that reaches part of the parameters is an error naming them without find_unused_parameters") {
+    Gan net;
+    net->to(torch::kFloat64);
+    DataParallel<Gan> dp(net, cpus(2));
+    dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
+    std::string message;
+    try {
+      dp.forward_backward(gan_batch(4, 1), discriminator_loss);
+    } catch (const multigpu::Error& e) {
+      message = e.what();
+    }
+    CHECK(contains(message, "4 parameter(s) received no gradient in this step: g.0.weight (replica 0), g.0.bias "
+                            "(replica 0), g.2.weight (replica 0), g.2.bias (replica 0)"));
+    CHECK(contains(message, "find_unused_parameters = true"));
   }
 }
