@@ -5,6 +5,7 @@
 // Note [Several optimizers] in multigpu/data_parallel/core.hpp.
 
 #include "support.hpp"  // first: see its comment
+#include "small_net.hpp"
 
 #include <cstdio>
 #include <memory>
@@ -17,40 +18,21 @@
 using multigpu::DataParallel;
 using multigpu::ReplicaPlace;
 using multigpu_test::contains;
+using multigpu_test::small_net::cpus;
+using multigpu_test::small_net::mse;
 
 namespace {
-
-std::vector<c10::Device> cpus(std::size_t n) { return std::vector<c10::Device>(n, c10::Device("cpu")); }
 
 torch::data::Example<> make_batch(std::int64_t n, std::uint64_t seed) {
   torch::manual_seed(seed);
   return {torch::randn({n, 6}, torch::kFloat64), torch::randn({n, 3}, torch::kFloat64)};
 }
 
-double max_difference(const torch::nn::Module& a, const torch::nn::Module& b) {
-  double worst = 0;
-  auto theirs = b.named_parameters();
-  for (const auto& p : a.named_parameters()) {
-    worst = std::max(worst, (p.value() - theirs[p.key()]).abs().max().item<double>());
-  }
-  return worst;
-}
-
-// Two parts, each trained by an optimizer of its own.
-struct TwoPartImpl : torch::nn::Cloneable<TwoPartImpl> {
-  TwoPartImpl() { reset(); }
-  void reset() override {
-    body = register_module("body", torch::nn::Linear(6, 8));
-    head = register_module("head", torch::nn::Linear(8, 3));
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return head(torch::tanh(body(x))); }
-  torch::nn::Linear body{nullptr}, head{nullptr};
-};
-TORCH_MODULE(TwoPart);
-
-torch::Tensor mse(TwoPartImpl& net, const torch::data::Example<>& shard) {
-  return torch::mse_loss(net.forward(shard.data), shard.target);
-}
+// Two parts, fc1 and fc2, each trained by an optimizer of its own in the
+// tests of several optimizers ("body" and "head").
+using TwoPartImpl = multigpu_test::small_net::NetImpl;
+using TwoPart = multigpu_test::small_net::Net;
+using multigpu_test::small_net::max_difference;
 
 std::pair<TwoPart, TwoPart> twin_models(std::uint64_t seed = 3) {
   torch::manual_seed(seed);
@@ -63,13 +45,13 @@ std::pair<TwoPart, TwoPart> twin_models(std::uint64_t seed = 3) {
 // The body: SGD with momentum. The head: AdamW with two groups, weight
 // decay on the weight only, each group at its own rate.
 std::unique_ptr<torch::optim::SGD> make_body_sgd(TwoPartImpl& net) {
-  return std::make_unique<torch::optim::SGD>(net.body->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  return std::make_unique<torch::optim::SGD>(net.fc1->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 }
 std::unique_ptr<torch::optim::AdamW> make_head_adamw(TwoPartImpl& net) {
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(std::vector<torch::Tensor>{net.head->weight},
+  groups.emplace_back(std::vector<torch::Tensor>{net.fc2->weight},
                       std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.01).weight_decay(0.1)));
-  groups.emplace_back(std::vector<torch::Tensor>{net.head->bias},
+  groups.emplace_back(std::vector<torch::Tensor>{net.fc2->bias},
                       std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.03).weight_decay(0)));
   return std::make_unique<torch::optim::AdamW>(std::move(groups), torch::optim::AdamWOptions(0.02));
 }
@@ -360,7 +342,7 @@ TEST_SUITE("DataParallel program shapes") {
     more.make_optimizer("body", make_body_sgd);
     more.make_optimizer("head", make_head_adamw);
     more.make_optimizer("extra", [](TwoPartImpl& replica) {
-      return std::make_unique<torch::optim::SGD>(replica.head->parameters(), torch::optim::SGDOptions(0.1));
+      return std::make_unique<torch::optim::SGD>(replica.fc2->parameters(), torch::optim::SGDOptions(0.1));
     });
     const auto more_info = more.load_state(path);
     REQUIRE(more_info.notes.size() == 1);
