@@ -290,6 +290,14 @@ TEST_SUITE("DataParallel program shapes") {
     CHECK(contains(message_of([&] { dp.make_optimizer("head", [&](TwoPartImpl&) { return make_head_adamw(*net); }); }),
                    "the previous optimizers are unchanged"));
     CHECK(&dp.optimizer("head") == &head);
+    // With a GradScaler, which unscales every gradient once per step, one optimizer of several cannot step alone.
+    dp.set_grad_scaler(std::make_shared<multigpu::GradScaler>());
+    dp.forward_backward(make_batch(5, 2), mse);
+    CHECK(contains(message_of([&] { dp.step("head"); }),
+                   "step(\"head\") with a GradScaler: the scaler unscales every gradient and updates its scale once "
+                   "per step, so stepping one optimizer of several is not supported yet"));
+    dp.zero_grad();
+    dp.set_grad_scaler(nullptr);
     // train_step steps every optimizer; nothing was changed by the refusals.
     dp.train_step(make_batch(5, 1), mse);
     dp.check_parity();

@@ -624,9 +624,12 @@ inline void DataParallelCore::sync_gradients() {
 // they were made, which train_step does. zero_grad(name) zeroes, on every
 // replica, only the gradients of the parameters that optimizer holds, in
 // place: zeros agree everywhere, so a sync state stays what it was. Each
-// step, named or not, counts as one step (steps(), the GradScaler's update,
-// parity_check_every, the buffer broadcast). Nothing forbids two optimizers
-// over one parameter: the one-device program allows it too.
+// step, named or not, counts as one step (steps(), parity_check_every, the
+// buffer broadcast). A GradScaler unscales every gradient and updates once
+// per step, so with one it refuses step(name) while there are several
+// optimizers (a scaler that follows each optimizer's unscaling, as
+// PyTorch's does, is still to come). Nothing forbids two optimizers over
+// one parameter: the one-device program allows it too.
 inline DataParallelCore::ReplicatedOptimizer& DataParallelCore::find_optimizers(const std::string& name,
                                                                                const char* what) {
   for (auto& optimizer : optimizers_) {
@@ -653,6 +656,12 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
     throw Error("step() inside no_sync() would step replicas on different gradients; step after the guard is gone");
   }
   if (optimizers_.empty()) throw Error("step: no optimizer yet; call make_optimizer<Opt>(options) first");
+  if (only != nullptr && scaler_ && optimizers_.size() > 1) {
+    throw Error(fmt::format("step(\"{}\") with a GradScaler: the scaler unscales every gradient and updates its "
+                            "scale once per step, so stepping one optimizer of several is not supported yet; step "
+                            "them together with step() (or train_step), or train without a GradScaler",
+                            only->name));
+  }
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
   std::vector<ReplicatedOptimizer*> stepped;
