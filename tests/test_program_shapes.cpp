@@ -275,8 +275,20 @@ TEST_SUITE("DataParallel program shapes") {
       return message;
     };
     CHECK(contains(message_of([&] { dp.step("head"); }), "no optimizer yet"));
+    CHECK(message_of([&] { dp.update_options<torch::optim::SGDOptions>([](torch::optim::SGDOptions&) {}); }) ==
+          "update_options<Options>: no optimizer yet; call make_optimizer first");
     dp.make_optimizer("body", make_body_sgd);
     dp.make_optimizer("head", make_head_adamw);
+    // What was asked is named, not the helper that found there was no such optimizer.
+    CHECK(message_of([&] { dp.learning_rate(); }) ==
+          "learning_rate(): no optimizer was made without a name; the optimizers are: \"body\", \"head\"");
+    CHECK(contains(message_of([&] { dp.update_options<torch::optim::AdamOptions>([](torch::optim::AdamOptions&) {}); }),
+                   "update_options<Options>: no optimizer has a parameter group whose options are of type Options"));
+    {
+      auto guard = dp.no_sync();
+      CHECK(message_of([&] { dp.step("head"); }) ==
+            "step(\"head\") inside no_sync() would step replicas on different gradients; step after the guard is gone");
+    }
     CHECK(message_of([&] { dp.step("tail"); }) ==
           "step(name): no optimizer is named \"tail\"; the optimizers are: \"body\", \"head\"");
     CHECK(message_of([&] { dp.zero_grad("tail"); }) ==

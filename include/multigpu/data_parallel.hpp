@@ -259,7 +259,7 @@ class DataParallel {
   std::vector<torch::optim::Optimizer*> optimizers(const std::string& name = "") { return core_.optimizers(name); }
   /// Sets the learning rate of every parameter group of every replica's optimizers, all of them.
   void set_learning_rate(double lr) { core_.set_learning_rate(lr); }
-  /// The primary optimizer's learning rate (its first parameter group).
+  /// The primary optimizer's learning rate (its first parameter group): the one made without a name.
   double learning_rate() { return core_.learning_rate(); }
   /// Calls `fn(Options&)` on every parameter group's options of every
   /// replica's optimizers whose options are `Options`: one call changes any
@@ -540,6 +540,7 @@ template <class M>
 template <class Options, class Fn>
 void DataParallel<M>::update_options(Fn&& fn) {
   // With several optimizers of several classes, each takes the change its options can.
+  if (!core_.has_optimizer()) throw Error("update_options<Options>: no optimizer yet; call make_optimizer first");
   bool any = false;
   for (const std::string& name : core_.optimizer_names()) {
     for (auto* optimizer : core_.optimizers(name)) {
@@ -551,7 +552,10 @@ void DataParallel<M>::update_options(Fn&& fn) {
       }
     }
   }
-  if (!any) throw Error("update_options<Options>: the optimizer's options are of another type");
+  if (!any) {
+    throw Error("update_options<Options>: no optimizer has a parameter group whose options are of type Options; "
+                "name the options class of the optimizer to change (torch::optim::AdamOptions for Adam)");
+  }
 }
 
 }  // namespace multigpu

@@ -653,7 +653,9 @@ inline DataParallelCore::ReplicatedOptimizer& DataParallelCore::find_optimizers(
 inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const char* what) {
   require_usable(what);
   if (in_no_sync()) {
-    throw Error("step() inside no_sync() would step replicas on different gradients; step after the guard is gone");
+    throw Error(fmt::format("{} inside no_sync() would step replicas on different gradients; step after the guard "
+                            "is gone",
+                            only == nullptr ? std::string("step()") : fmt::format("step(\"{}\")", only->name)));
   }
   if (optimizers_.empty()) throw Error("step: no optimizer yet; call make_optimizer<Opt>(options) first");
   if (only != nullptr && scaler_ && optimizers_.size() > 1) {
@@ -798,7 +800,10 @@ inline void DataParallelCore::set_learning_rate(double lr) {
   }
 }
 
-inline double DataParallelCore::learning_rate() { return optimizer(0).param_groups().at(0).options().get_lr(); }
+// The optimizer made without a name: with named ones only, an Error naming them (ask optimizer(name)).
+inline double DataParallelCore::learning_rate() {
+  return find_optimizers("", "learning_rate()").replicas[0]->param_groups().at(0).options().get_lr();
+}
 
 
 }  // namespace detail
