@@ -663,6 +663,18 @@ inline void GradientReducer::launch_rest_and_wait() {
 // that reduces, never skipped. Across processes the other processes'
 // backward is not seen without one more collective per step, so there
 // every bucket is reduced, as before.
+//
+// "As they were" is not always what one device has: a .grad() here is never
+// None unless the user made it so (each is its slot from the start, and
+// zero_grad zeroes in place), and a .grad() set to None becomes a zero when
+// its bucket is reduced (one that also holds a reached parameter, or any
+// bucket across processes). DDP instead leaves a parameter that no rank
+// reached untouched, None included (one more collective of used flags per
+// step), and optimizers skip a None gradient. So an optimizer stepped over a
+// part that no phase reached steps it on zero gradients here (weight decay
+// and momentum move it, Adam counts the step), where LibTorch 2's
+// zero_grad() (set to None) on one device leaves it alone: a program in
+// phases steps the optimizers of the parts its phase reached (step(name)).
 inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
   std::size_t left = 0;
   for (std::size_t b : missing) {
