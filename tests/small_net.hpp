@@ -1,7 +1,9 @@
 #pragma once
 // A small model and helpers shared by the mixed-precision tests
-// (test_grad_scaler.cpp, test_comm_hook.cpp). Include support.hpp first.
+// (test_grad_scaler.cpp, test_comm_hook.cpp) and test_program_shapes.cpp.
+// Include support.hpp first.
 
+#include <algorithm>
 #include <cstddef>
 #include <vector>
 
@@ -31,6 +33,16 @@ inline void copy_parameters(const torch::nn::Module& from, torch::nn::Module& to
   torch::NoGradGuard no_grad;
   auto source = from.named_parameters();
   for (auto& p : to.named_parameters()) p.value().copy_(source[p.key()]);
+}
+
+/// The largest difference between the same-named parameters of two modules.
+inline double max_difference(const torch::nn::Module& a, const torch::nn::Module& b) {
+  double worst = 0;
+  auto theirs = b.named_parameters();
+  for (const auto& p : a.named_parameters()) {
+    worst = std::max(worst, (p.value() - theirs[p.key()]).abs().max().item<double>());
+  }
+  return worst;
 }
 
 }  // namespace small_net

@@ -65,6 +65,7 @@
 #include "multigpu/device.hpp"
 #include "multigpu/error.hpp"
 #include "multigpu/gradient_sync.hpp"
+#include "multigpu/replica.hpp"
 #include "multigpu/sampler.hpp"
 #include "multigpu/scatter.hpp"
 #include "multigpu/step_loss.hpp"
@@ -144,7 +145,9 @@ class DataParallel {
   /// One optimizer step on `batch`: forward_backward, step, zero_grad (with
   /// a GradScaler: the loss scaled, the gradients unscaled, the step skipped
   /// everywhere when any gradient is not finite; see grad_scaler.hpp).
-  /// `loss_fn(Module&, const Batch& shard)` returns the shard's scalar loss;
+  /// `loss_fn(Module&, const Batch& shard)` returns the shard's scalar loss
+  /// (a loss function may take a third argument, `const ReplicaPlace&`: its
+  /// replica's index and device; see Note [The replica's place]);
   /// returns the whole batch's loss (the size-weighted mean of the shards'
   /// losses, or their sum with LossReduction::kSum) as a StepLoss, which
   /// waits for the GPU only when read. Throws ReplicaError naming the
@@ -155,16 +158,23 @@ class DataParallel {
   StepLoss train_step(const Batch& batch, LossFn&& loss_fn);
 
   /// Forward and backward on every replica (each on its shard) and, unless
-  /// inside no_sync(), the gradient sync. Gradients accumulate.
+  /// inside no_sync(), the gradient sync. Gradients accumulate. `loss_fn`
+  /// as in train_step.
   template <class Batch, class LossFn>
   StepLoss forward_backward(const Batch& batch, LossFn&& loss_fn);
 
   /// Makes every replica's gradients the average (a no-op when they already agree).
   void sync_gradients() { core_.sync_gradients(); }
-  /// Steps every replica's optimizer (syncing gradients first if needed).
+  /// Steps every replica's optimizers, all of them (syncing gradients first if needed).
   void step() { core_.step(); }
+  /// Steps only the optimizer made as make_optimizer(name, factory), on
+  /// every replica (syncing gradients first if needed). See Note [Several
+  /// optimizers].
+  void step(const std::string& name) { core_.step(name); }
   /// Zeroes every replica's gradients (in place; they stay in their buckets).
   void zero_grad() { core_.zero_grad(); }
+  /// Zeroes, on every replica, only the gradients of the parameters that the optimizer `name` holds.
+  void zero_grad(const std::string& name) { core_.zero_grad(name); }
   /// Scales every replica's gradients so that their global norm is at most
   /// `max_norm` (after the sync, which it makes if needed; the same factor
   /// everywhere: see Note [Clipping across replicas]); with a GradScaler it
@@ -203,8 +213,9 @@ class DataParallel {
   /// Stops gradient synchronisation while the returned guard lives (gradient accumulation; see NoSyncGuard).
   [[nodiscard]] NoSyncGuard no_sync() { return NoSyncGuard(core_); }
 
-  /// Runs `fn(Module&, const Batch& shard)` on every replica's shard with
-  /// gradients off and gathers the outputs on the first device, in order.
+  /// Runs `fn(Module&, const Batch& shard)` (or `fn(Module&, const Batch&,
+  /// const ReplicaPlace&)`) on every replica's shard with gradients off and
+  /// gathers the outputs on the first device, in order.
   template <class Batch, class Fn>
   auto predict(const Batch& batch, Fn&& fn);
 
@@ -231,19 +242,28 @@ class DataParallel {
   /// the factory returns. See Note [Optimizers the user builds].
   template <class MakeOptimizer, class = std::enable_if_t<std::is_invocable<MakeOptimizer&, Module&>::value>>
   auto& make_optimizer(MakeOptimizer&& factory);
-  /// The primary replica's optimizer (of your module's parameters).
-  torch::optim::Optimizer& optimizer() { return core_.optimizer(0); }
-  /// The primary's optimizer as its own type.
+  /// As make_optimizer(factory), for one of several optimizers side by side:
+  /// the optimizer `name` (letters, digits and underscores), made beside the
+  /// others (or replacing the one of that name). step(name) and
+  /// zero_grad(name) step and zero it alone; step() and train_step step
+  /// every optimizer. See Note [Several optimizers].
+  template <class MakeOptimizer, class = std::enable_if_t<std::is_invocable<MakeOptimizer&, Module&>::value>>
+  auto& make_optimizer(const std::string& name, MakeOptimizer&& factory);
+  /// The primary replica's optimizer (of your module's parameters); with
+  /// `name`, the one made as make_optimizer(name, factory).
+  torch::optim::Optimizer& optimizer(const std::string& name = "") { return core_.optimizer(0, name); }
+  /// The primary's optimizer (`name`: as above) as its own type.
   template <class Opt>
-  Opt& optimizer();
-  /// Every replica's optimizer, in replica order.
-  std::vector<torch::optim::Optimizer*> optimizers() { return core_.optimizers(); }
-  /// Sets the learning rate of every parameter group of every replica's optimizer.
+  Opt& optimizer(const std::string& name = "");
+  /// Every replica's optimizer (`name`: as above), in replica order.
+  std::vector<torch::optim::Optimizer*> optimizers(const std::string& name = "") { return core_.optimizers(name); }
+  /// Sets the learning rate of every parameter group of every replica's optimizers, all of them.
   void set_learning_rate(double lr) { core_.set_learning_rate(lr); }
-  /// The primary optimizer's learning rate (its first parameter group).
+  /// The primary optimizer's learning rate (its first parameter group): the one made without a name.
   double learning_rate() { return core_.learning_rate(); }
   /// Calls `fn(Options&)` on every parameter group's options of every
-  /// replica's optimizer: one call changes any option everywhere.
+  /// replica's optimizers whose options are `Options`: one call changes any
+  /// option everywhere.
   template <class Options, class Fn>
   void update_options(Fn&& fn);
 
@@ -328,6 +348,31 @@ class DataParallel {
 // ---------------------------------------------------------------------------
 // Definitions: the template
 
+namespace detail {
+
+// Note [The replica's place]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A loss function (or predict's function) that needs to know where it runs
+// (to pick per-replica state, draw its own random numbers, or find a second
+// model's copy on its device) takes a third argument, `const ReplicaPlace&`:
+// its replica's index and device. Which form a function has is found at
+// compile time, so the two-argument form costs and changes nothing; a
+// generic lambda (`auto&...`) is given the third argument when it can take
+// it.
+template <class Fn, class Module, class Batch>
+decltype(auto) call_with_place(Fn& fn, Module& module, const Batch& shard, const ReplicaPlace& place) {
+  if constexpr (std::is_invocable<Fn&, Module&, const Batch&, const ReplicaPlace&>::value) {
+    return std::invoke(fn, module, shard, place);
+  } else {
+    static_assert(std::is_invocable<Fn&, Module&, const Batch&>::value,
+                  "the loss function must take (Module&, const Batch& shard) or (Module&, const Batch& shard, const "
+                  "multigpu::ReplicaPlace&)");
+    return std::invoke(fn, module, shard);
+  }
+}
+
+}  // namespace detail
+
 template <class M>
 std::vector<typename DataParallel<M>::ModulePtr> DataParallel<M>::make_replicas(const ModulePtr& master,
                                                                                const std::vector<c10::Device>& devices,
@@ -380,7 +425,7 @@ StepLoss DataParallel<M>::forward_backward(const Batch& batch, LossFn&& loss_fn)
   }
   return core_.forward_backward(sizes, [&](std::size_t r) -> at::Tensor {
     const Batch shard = shard_to(shards[r], core_.device(r));
-    return std::invoke(loss_fn, *replicas_[r], shard);
+    return detail::call_with_place(loss_fn, *replicas_[r], shard, ReplicaPlace{r, core_.device(r)});
   });
 }
 
@@ -402,7 +447,9 @@ StepLoss DataParallel<M>::train_step(const Batch& batch, LossFn&& loss_fn) {
 template <class M>
 template <class Batch, class Fn>
 auto DataParallel<M>::predict(const Batch& batch, Fn&& fn) {
-  using Output = std::decay_t<std::invoke_result_t<Fn&, Module&, const Batch&>>;
+  using Output = std::decay_t<decltype(detail::call_with_place(fn, std::declval<Module&>(),
+                                                                 std::declval<const Batch&>(),
+                                                                 std::declval<const ReplicaPlace&>()))>;
   const std::int64_t total = batch_size(batch);
   if (total <= 0) throw Error("predict: the batch has no samples");
   const std::vector<std::int64_t> sizes = split_batch(total, size());
@@ -415,7 +462,7 @@ auto DataParallel<M>::predict(const Batch& batch, Fn&& fn) {
       [&](std::size_t r) {
         const compat::NoGradGuard no_grad;
         const Batch shard = shard_to(shards[r], core_.device(r));
-        outputs[r].emplace(std::invoke(fn, *replicas_[r], shard));
+        outputs[r].emplace(detail::call_with_place(fn, *replicas_[r], shard, ReplicaPlace{r, core_.device(r)}));
       },
       "predict", active);
   std::vector<Output> parts;
@@ -454,6 +501,13 @@ struct is_optimizer_pointer<std::unique_ptr<Opt>> : std::is_base_of<torch::optim
 template <class M>
 template <class MakeOptimizer, class>
 auto& DataParallel<M>::make_optimizer(MakeOptimizer&& factory) {
+  return make_optimizer(std::string(), std::forward<MakeOptimizer>(factory));
+}
+
+template <class M>
+template <class MakeOptimizer, class>
+auto& DataParallel<M>::make_optimizer(const std::string& name, MakeOptimizer&& factory) {
+  if (!name.empty()) check_checkpoint_name(name, "make_optimizer(name, factory)");
   using Made = std::invoke_result_t<MakeOptimizer&, Module&>;
   static_assert(detail::is_optimizer_pointer<Made>::value,
                 "make_optimizer(factory): the factory must return a std::unique_ptr to a torch::optim::Optimizer or a "
@@ -468,15 +522,16 @@ auto& DataParallel<M>::make_optimizer(MakeOptimizer&& factory) {
   }
   std::vector<std::vector<at::Tensor>> parameters;
   for (std::size_t r = 0; r < size(); ++r) parameters.push_back(core_.parameters(r));
-  detail::check_replica_optimizers("make_optimizer(factory)", core_.parameter_names(), parameters, devices(), made);
-  core_.set_optimizers(std::move(optimizers));
-  return static_cast<Opt&>(core_.optimizer(0));
+  detail::check_replica_optimizers(name.empty() ? "make_optimizer(factory)" : "make_optimizer(name, factory)",
+                                   core_.parameter_names(), parameters, devices(), made);
+  core_.set_optimizers(std::move(optimizers), name);
+  return static_cast<Opt&>(core_.optimizer(0, name));
 }
 
 template <class M>
 template <class Opt>
-Opt& DataParallel<M>::optimizer() {
-  auto* typed = dynamic_cast<Opt*>(&core_.optimizer(0));
+Opt& DataParallel<M>::optimizer(const std::string& name) {
+  auto* typed = dynamic_cast<Opt*>(&core_.optimizer(0, name));
   if (typed == nullptr) throw Error("DataParallel::optimizer<Opt>(): the optimizer is of another type");
   return *typed;
 }
@@ -484,12 +539,22 @@ Opt& DataParallel<M>::optimizer() {
 template <class M>
 template <class Options, class Fn>
 void DataParallel<M>::update_options(Fn&& fn) {
-  for (auto* optimizer : core_.optimizers()) {
-    for (auto& group : optimizer->param_groups()) {
-      auto* options = dynamic_cast<Options*>(&group.options());
-      if (options == nullptr) throw Error("update_options<Options>: the optimizer's options are of another type");
-      fn(*options);
+  // With several optimizers of several classes, each takes the change its options can.
+  if (!core_.has_optimizer()) throw Error("update_options<Options>: no optimizer yet; call make_optimizer first");
+  bool any = false;
+  for (const std::string& name : core_.optimizer_names()) {
+    for (auto* optimizer : core_.optimizers(name)) {
+      for (auto& group : optimizer->param_groups()) {
+        auto* options = dynamic_cast<Options*>(&group.options());
+        if (options == nullptr) continue;
+        fn(*options);
+        any = true;
+      }
     }
+  }
+  if (!any) {
+    throw Error("update_options<Options>: no optimizer has a parameter group whose options are of type Options; "
+                "name the options class of the optimizer to change (torch::optim::AdamOptions for Adam)");
   }
 }
 

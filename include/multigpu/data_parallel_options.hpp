@@ -40,8 +40,10 @@ struct DataParallelOptions {
   /// type). bf16_compress_hook() and fp16_compress_hook() send half the
   /// bytes; see Note [Compressed gradients].
   std::shared_ptr<CommHook> comm_hook;
-  /// Parameters that get no gradient in a step count as zero. Off: such a
-  /// step is an error naming them (with overlap on), never a hang.
+  /// Parameters that get no gradient in a step count as zero (a part that
+  /// a phase, such as a GAN's, does not reach costs no collective in one
+  /// process: see Note [A backward that reaches part of the parameters]).
+  /// Off: such a step is an error naming them (with overlap on), never a hang.
   bool find_unused_parameters = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;

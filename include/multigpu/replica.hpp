@@ -4,6 +4,7 @@
 /// replica. Most of the library needs only this (communicators, the stream
 /// fence, the reducer); the threads that run replicas are in worker.hpp.
 
+#include <cstddef>
 #include <optional>
 
 #include <c10/core/Device.h>
@@ -13,6 +14,16 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 namespace multigpu {
+
+/// Where a loss function runs: DataParallel passes it as the third
+/// argument to a loss function that takes one (see Note [The replica's place]
+/// in data_parallel.hpp).
+struct ReplicaPlace {
+  /// The replica's index in this process, 0 .. size()-1 (0: your module).
+  std::size_t index;
+  /// The replica's device.
+  c10::Device device;
+};
 
 /// The device and, on GPUs, the private stream of one replica.
 class ReplicaContext {

@@ -266,13 +266,31 @@ inline ModuleTensors read_module(DataParallelCore& core, torch::serialize::Input
 struct Loaded {
   std::map<std::string, std::int64_t> meta;
   ModuleTensors module;
-  std::string optimizer;  // serialised; empty: none saved
+  std::map<std::string, std::string> optimizers;  // serialised, by name ("": made without a name)
   std::map<std::string, at::Tensor> random;
   CheckpointValues values;
   std::map<std::string, std::string> objects;  // serialised, by name
   std::uint64_t checksum = 0;
   ResumeInfo info;  // what it describes (the notes are added as it is applied)
 };
+
+/// An optimizer's name in messages.
+inline std::string optimizer_text(const std::string& name) {
+  return name.empty() ? std::string("the optimizer made without a name") : fmt::format("the optimizer \"{}\"", name);
+}
+
+/// The optimizers' states: the one made without a name as before named
+/// ones existed (a checkpoint without them keeps its checksum), then each
+/// named one with its name.
+inline void add_optimizers(Checksum& sum, const std::map<std::string, std::string>& optimizers) {
+  const auto unnamed = optimizers.find("");
+  sum.add(unnamed == optimizers.end() ? std::string() : unnamed->second);
+  for (const auto& [name, state] : optimizers) {
+    if (name.empty()) continue;
+    sum.add(name);
+    sum.add(state);
+  }
+}
 
 /// The checkpoint's description fields, checksummed in one order.
 inline void add_meta(Checksum& sum, const std::map<std::string, std::int64_t>& meta) {
@@ -345,13 +363,24 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   }
   loaded.module = read_module(core, archive, origin);
   at::Tensor optimizer;
-  if (archive.try_read(key("optimizer"), optimizer, /*is_buffer=*/true)) {
-    if (!core.has_optimizer()) {
-      throw CheckpointError(fmt::format("{} holds an optimizer state, and this DataParallel has no optimizer yet: call "
-                                        "make_optimizer<Opt>(options) before load_state, so that it is restored",
-                                        origin));
+  if (archive.try_read(key("optimizer"), optimizer, /*is_buffer=*/true)) loaded.optimizers[""] = tensor_bytes(optimizer);
+  torch::serialize::InputArchive named;
+  if (archive.try_read(key("optimizers"), named)) {
+    for (const std::string& name : named.keys()) {
+      if (named.try_read(name, optimizer, /*is_buffer=*/true)) loaded.optimizers[name] = tensor_bytes(optimizer);
     }
-    loaded.optimizer = tensor_bytes(optimizer);
+  }
+  if (!loaded.optimizers.empty() && !core.has_optimizer()) {
+    throw CheckpointError(fmt::format("{} holds an optimizer state, and this DataParallel has no optimizer yet: call "
+                                      "make_optimizer<Opt>(options) before load_state, so that it is restored",
+                                      origin));
+  }
+  const std::vector<std::string> made = core.optimizer_names();
+  for (const auto& saved : loaded.optimizers) {
+    if (std::find(made.begin(), made.end(), saved.first) != made.end()) continue;
+    throw CheckpointError(fmt::format("{} holds the state of {}, and this DataParallel has no such optimizer: make it "
+                                      "(make_optimizer) before load_state, so that it is restored",
+                                      origin, optimizer_text(saved.first)));
   }
   torch::serialize::InputArchive random;
   if (archive.try_read(key("random"), random)) {
@@ -390,7 +419,7 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   Checksum sum;
   add_meta(sum, loaded.meta);
   add_module(sum, loaded.module.parameters, loaded.module.buffers);
-  sum.add(loaded.optimizer);
+  add_optimizers(sum, loaded.optimizers);
   add_random(sum, loaded.random);
   add_values(sum, loaded.values.items());
   add_objects(sum, loaded.objects);
@@ -414,8 +443,11 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
     info.epoch = static_cast<std::size_t>(meta_value(loaded, "epoch", path));
     info.epoch_samples = meta_value(loaded, "epoch_samples", path);
   }
-  if (loaded.optimizer.empty() && core.has_optimizer()) {
-    info.notes.push_back("the checkpoint has no optimizer state: the optimizer starts afresh");
+  for (const std::string& name : core.optimizer_names()) {
+    if (loaded.optimizers.count(name) != 0) continue;
+    info.notes.push_back(name.empty() ? std::string("the checkpoint has no optimizer state: the optimizer starts afresh")
+                                      : fmt::format("the checkpoint has no state of {}: it starts afresh",
+                                                    optimizer_text(name)));
   }
   // A generator's state of another size (another LibTorch) would fail in
   // set_state, after the rest was applied: checked now.
@@ -641,10 +673,17 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
       torch::serialize::OutputArchive meta_part;
       for (const auto& [name, value] : meta) meta_part.write(name, c10::IValue(value));
       archive.write(checkpoint::key("meta"), meta_part);
-      const std::string optimizer = core.has_optimizer() ? core.optimizer_state() : std::string();
-      if (core.has_optimizer()) {
-        archive.write(checkpoint::key("optimizer"), checkpoint::bytes_tensor(optimizer), /*is_buffer=*/true);
+      std::map<std::string, std::string> optimizers;
+      for (const std::string& name : core.optimizer_names()) optimizers[name] = core.optimizer_state(name);
+      torch::serialize::OutputArchive named_part;
+      for (const auto& [name, state] : optimizers) {
+        if (name.empty()) {
+          archive.write(checkpoint::key("optimizer"), checkpoint::bytes_tensor(state), /*is_buffer=*/true);
+        } else {
+          named_part.write(name, checkpoint::bytes_tensor(state), /*is_buffer=*/true);
+        }
       }
+      if (optimizers.size() > optimizers.count("")) archive.write(checkpoint::key("optimizers"), named_part);
       torch::serialize::OutputArchive random_part;
       for (const auto& [name, state] : random) random_part.write(name, state, /*is_buffer=*/true);
       archive.write(checkpoint::key("random"), random_part);
@@ -668,7 +707,7 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
       std::vector<at::Tensor> buffers;
       for (const auto& buffer : core.buffers(0)) buffers.push_back(buffer);
       checkpoint::add_module(sum, core.parameters(0), buffers);
-      sum.add(optimizer);
+      checkpoint::add_optimizers(sum, optimizers);
       checkpoint::add_random(sum, random);
       checkpoint::add_values(sum, extras.values.items());
       checkpoint::add_objects(sum, objects);
@@ -700,20 +739,31 @@ inline ResumeInfo load_training_state(DataParallelCore& core, const std::string&
   // check): they go first, with their previous states kept to put back;
   // what follows cannot fail.
   const std::string origin = "the checkpoint " + path;
-  const std::string previous_optimizer =
-      !loaded.optimizer.empty() ? core.optimizer_state() : std::string();
+  std::map<std::string, std::string> previous_optimizers;  // of those loaded so far
+  const auto put_back_optimizers = [&] {
+    for (const auto& [name, state] : previous_optimizers) core.load_optimizer_state(state, "the previous state", name);
+  };
   const checkpoint::Objects objects = checkpoint::objects_of(core, extras);
   const auto previous_objects = checkpoint::save_objects(objects);
-  if (!loaded.optimizer.empty()) core.load_optimizer_state(loaded.optimizer, origin);
+  try {
+    for (const auto& [name, state] : loaded.optimizers) {
+      const std::string previous = core.optimizer_state(name);
+      core.load_optimizer_state(state, origin, name);
+      previous_optimizers[name] = previous;
+    }
+  } catch (...) {
+    put_back_optimizers();
+    throw;
+  }
   try {
     checkpoint::restore_objects(objects, loaded.objects, path, loaded.info);
   } catch (...) {
     checkpoint::restore_objects(objects, previous_objects, path, loaded.info);
-    if (!previous_optimizer.empty()) core.load_optimizer_state(previous_optimizer, "the previous state");
+    put_back_optimizers();
     throw;
   }
   core.assign_module_state(loaded.module.parameters, loaded.module.buffers);
-  if (!loaded.optimizer.empty() || !core.has_optimizer()) core.mark_consistent();
+  if (loaded.optimizers.size() == core.optimizer_names().size()) core.mark_consistent();
   ResumeInfo info = std::move(loaded.info);
   core.set_steps(info.step);
   const std::int64_t processes = info.processes;

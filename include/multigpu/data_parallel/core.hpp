@@ -82,8 +82,13 @@ class DataParallelCore {
   void run(const std::function<void(std::size_t)>& job, const char* what, const std::vector<bool>& active = {});
   void sync_gradients();
   bool gradients_synchronized() const { return !reducer_ || reducer_->synchronized(); }
-  void step();
+  /// Steps every optimizer.
+  void step() { step_optimizers(nullptr, "step"); }
+  /// Steps the optimizer named `name` only.
+  void step(const std::string& name) { step_optimizers(&find_optimizers(name, "step(name)"), "step(name)"); }
   void zero_grad();
+  /// Zeroes the gradients of the parameters that the optimizer `name` holds, on every replica.
+  void zero_grad(const std::string& name);
   /// See DataParallel::clip_grad_norm.
   at::Tensor clip_grad_norm(double max_norm, double norm_type);
   void set_grad_scaler(std::shared_ptr<GradScaler> scaler) { scaler_ = std::move(scaler); }
@@ -92,10 +97,16 @@ class DataParallelCore {
   void leave_no_sync() { --no_sync_depth_; }
   bool in_no_sync() const { return no_sync_depth_ > 0; }
 
-  void set_optimizers(std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers);
+  /// Makes `optimizers` (one per replica) the optimizer `name` ("": the
+  /// one made without a name), replacing the one of that name.
+  void set_optimizers(std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers, const std::string& name = "");
   bool has_optimizer() const { return !optimizers_.empty(); }
-  torch::optim::Optimizer& optimizer(std::size_t r = 0);
-  std::vector<torch::optim::Optimizer*> optimizers();
+  /// Replica r's optimizer `name`; Error naming the optimizers there are when there is none.
+  torch::optim::Optimizer& optimizer(std::size_t r = 0, const std::string& name = "");
+  /// Every replica's optimizer `name`, in replica order.
+  std::vector<torch::optim::Optimizer*> optimizers(const std::string& name = "");
+  /// The names of the optimizers, in the order they were first made ("": made without a name).
+  std::vector<std::string> optimizer_names() const;
   void set_learning_rate(double lr);
   double learning_rate();
 
@@ -126,18 +137,26 @@ class DataParallelCore {
   /// and buffer_names(), matching shapes and dtypes, on any device) into
   /// every replica; the replicas agree again afterwards.
   void assign_module_state(const std::vector<at::Tensor>& parameters, const std::vector<at::Tensor>& buffers);
-  /// The primary optimizer's state, serialised.
-  std::string optimizer_state();
-  /// Loads a serialised optimizer state into every replica's optimizer:
-  /// into all of them or, when it does not fit, into none.
-  void load_optimizer_state(const std::string& state, const std::string& origin);
+  /// The primary's optimizer `name`'s state, serialised.
+  std::string optimizer_state(const std::string& name = "");
+  /// Loads a serialised optimizer state into every replica's optimizer
+  /// `name`: into all of them or, when it does not fit, into none.
+  void load_optimizer_state(const std::string& state, const std::string& origin, const std::string& name = "");
   void set_steps(std::int64_t steps) { steps_ = steps; }
   /// After the module and every optimizer were given one state: the
   /// replicas agree again.
   void mark_consistent() { diverged_.clear(); }
 
  private:
-  void follow_primary_options();
+  /// One optimizer, made on every replica (see Note [Several optimizers]).
+  struct ReplicatedOptimizer {
+    std::string name;  // "": made without a name
+    std::vector<std::unique_ptr<torch::optim::Optimizer>> replicas;
+  };
+  ReplicatedOptimizer& find_optimizers(const std::string& name, const char* what);
+  /// Steps `only`, or every optimizer when it is null.
+  void step_optimizers(ReplicatedOptimizer* only, const char* what);
+  void follow_primary_options(const ReplicatedOptimizer& optimizer);
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
   bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
@@ -145,7 +164,7 @@ class DataParallelCore {
   bool spans_processes() const { return comm_->world_size() > size(); }
   void mark_micro_step();
   void finish_step_across_processes(std::exception_ptr failure);
-  void load_optimizer_into(std::size_t r, const std::string& state);
+  void load_optimizer_into(torch::optim::Optimizer& optimizer, std::size_t r, const std::string& state);
   StepLoss combine_losses(const std::vector<at::Tensor>& losses, const std::vector<double>& weights);
   void unscale_gradients();
   bool gradients_overflowed();
@@ -163,7 +182,7 @@ class DataParallelCore {
   std::vector<std::string> buffer_names_;
   std::vector<std::vector<at::Tensor>> buffers_;     // [replica][i]
   std::unique_ptr<GradientReducer> reducer_;         // null with one replica
-  std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers_;
+  std::vector<ReplicatedOptimizer> optimizers_;  // in the order first made
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
   TrainingProgress progress_;
@@ -595,15 +614,69 @@ inline void DataParallelCore::sync_gradients() {
   if (reducer_) reducer_->synchronize();
 }
 
-inline void DataParallelCore::step() {
-  require_usable("step");
+// Note [Several optimizers]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A program may train parts of its module with optimizers of their own (a
+// GAN's generator and discriminator, each with its Adam, stepped at its own
+// rate). Each is made by make_optimizer(name, factory) on every replica and
+// kept by its name; the one made without a name is named "". Every rule of
+// the single optimizer holds for each of them on its own: the factory's
+// optimizers are checked as one (Note [Optimizers the user builds]), the
+// followers take the options of the primary's groups before each step
+// (Note [The primary's optimizer options rule]), checkpoints save and load
+// each by its name. step(name) syncs the gradients when they are not synced
+// yet (all of them: the reducer's buckets do not follow optimizers) and
+// steps that optimizer alone; step() steps every optimizer, in the order
+// they were made, which train_step does. zero_grad(name) zeroes, on every
+// replica, only the gradients of the parameters that optimizer holds, in
+// place: zeros agree everywhere, so a sync state stays what it was. Each
+// step, named or not, counts as one step (steps(), parity_check_every, the
+// buffer broadcast). A GradScaler unscales every gradient and updates once
+// per step, so with one it refuses step(name) while there are several
+// optimizers (a scaler that follows each optimizer's unscaling, as
+// PyTorch's does, is still to come). Nothing forbids two optimizers over
+// one parameter: the one-device program allows it too.
+inline DataParallelCore::ReplicatedOptimizer& DataParallelCore::find_optimizers(const std::string& name,
+                                                                               const char* what) {
+  for (auto& optimizer : optimizers_) {
+    if (optimizer.name == name) return optimizer;
+  }
+  if (optimizers_.empty()) {
+    throw Error(fmt::format("{}: DataParallel has no optimizer yet; call make_optimizer first", what));
+  }
+  std::string known;
+  for (const auto& optimizer : optimizers_) {
+    known += fmt::format("{}{}", known.empty() ? "" : ", ",
+                         optimizer.name.empty() ? std::string("the one made without a name")
+                                                : fmt::format("\"{}\"", optimizer.name));
+  }
+  throw Error(fmt::format("{}: {}; the optimizers are: {}", what,
+                          name.empty() ? std::string("no optimizer was made without a name")
+                                       : fmt::format("no optimizer is named \"{}\"", name),
+                          known));
+}
+
+inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const char* what) {
+  require_usable(what);
   if (in_no_sync()) {
-    throw Error("step() inside no_sync() would step replicas on different gradients; step after the guard is gone");
+    throw Error(fmt::format("{} inside no_sync() would step replicas on different gradients; step after the guard "
+                            "is gone",
+                            only == nullptr ? std::string("step()") : fmt::format("step(\"{}\")", only->name)));
   }
   if (optimizers_.empty()) throw Error("step: no optimizer yet; call make_optimizer<Opt>(options) first");
+  if (only != nullptr && scaler_ && optimizers_.size() > 1) {
+    throw Error(fmt::format("step(\"{}\") with a GradScaler: the scaler unscales every gradient and updates its "
+                            "scale once per step, so stepping one optimizer of several is not supported yet; step "
+                            "them together with step() (or train_step), or train without a GradScaler",
+                            only->name));
+  }
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
-  follow_primary_options();
+  std::vector<ReplicatedOptimizer*> stepped;
+  for (auto& optimizer : optimizers_) {
+    if (only == nullptr || only == &optimizer) stepped.push_back(&optimizer);
+  }
+  for (const auto* optimizer : stepped) follow_primary_options(*optimizer);
   bool skip = false;
   if (scaler_) {
     unscale_gradients();
@@ -613,7 +686,11 @@ inline void DataParallelCore::step() {
   }
   if (!skip) {
     try {
-      workers_.run([&](std::size_t r) { optimizers_[r]->step(); }, "the optimizer step");
+      workers_.run(
+          [&](std::size_t r) {
+            for (auto* optimizer : stepped) optimizer->replicas[r]->step();
+          },
+          "the optimizer step");
     } catch (const ReplicaError& e) {
       // Across processes this process alone may have failed (a step() failure is not agreed on).
       if (size() > 1 || spans_processes()) {
@@ -638,15 +715,17 @@ inline void DataParallelCore::step() {
 // each step the other optimizers take the primary's options, group by group,
 // so that the replicas cannot drift apart; a change made to another replica's
 // optimizer alone is overwritten. Copying a few scalars per group per step
-// costs nothing next to the step.
-inline void DataParallelCore::follow_primary_options() {
-  auto& primary = optimizers_[0]->param_groups();
-  for (std::size_t r = 1; r < optimizers_.size(); ++r) {
-    auto& groups = optimizers_[r]->param_groups();
+// costs nothing next to the step. With several optimizers the rule holds
+// for each (Note [Several optimizers]).
+inline void DataParallelCore::follow_primary_options(const ReplicatedOptimizer& optimizer) {
+  auto& primary = optimizer.replicas[0]->param_groups();
+  const std::string which = optimizer.name.empty() ? "" : fmt::format(" \"{}\"", optimizer.name);
+  for (std::size_t r = 1; r < optimizer.replicas.size(); ++r) {
+    auto& groups = optimizer.replicas[r]->param_groups();
     if (groups.size() != primary.size()) {
-      throw Error(fmt::format("step: the primary optimizer has {} parameter groups, replica {}'s has {}: add "
+      throw Error(fmt::format("step: the primary optimizer{} has {} parameter groups, replica {}'s has {}: add "
                               "parameter groups to every optimizer in dp.optimizers(), not only to dp.optimizer()",
-                              primary.size(), r, groups.size()));
+                              which, primary.size(), r, groups.size()));
     }
     for (std::size_t g = 0; g < groups.size(); ++g) {
       if (primary[g].has_options()) groups[g].set_options(primary[g].options().clone());
@@ -670,33 +749,67 @@ inline void DataParallelCore::zero_grad() {
   }
 }
 
-inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers) {
+inline void DataParallelCore::zero_grad(const std::string& name) {
+  auto& optimizer = find_optimizers(name, "zero_grad(name)");
+  const auto fence = fenced();
+  workers_.run(
+      [&](std::size_t r) {
+        const compat::NoGradGuard no_grad;
+        for (auto& group : optimizer.replicas[r]->param_groups()) {
+          for (auto& p : group.params()) {
+            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+          }
+        }
+      },
+      "zeroing gradients");
+}
+
+inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::optim::Optimizer>> optimizers,
+                                             const std::string& name) {
   if (optimizers.size() != size()) {
     throw Error(fmt::format("DataParallel: {} optimizers for {} replicas", optimizers.size(), size()));
   }
-  optimizers_ = std::move(optimizers);
+  for (auto& optimizer : optimizers_) {
+    if (optimizer.name == name) {
+      optimizer.replicas = std::move(optimizers);
+      return;
+    }
+  }
+  optimizers_.push_back({name, std::move(optimizers)});
 }
 
-inline torch::optim::Optimizer& DataParallelCore::optimizer(std::size_t r) {
+inline torch::optim::Optimizer& DataParallelCore::optimizer(std::size_t r, const std::string& name) {
   if (optimizers_.empty()) throw Error("DataParallel has no optimizer yet; call make_optimizer<Opt>(options) first");
-  return *optimizers_.at(r);
+  return *find_optimizers(name, "optimizer").replicas.at(r);
 }
 
-inline std::vector<torch::optim::Optimizer*> DataParallelCore::optimizers() {
+inline std::vector<torch::optim::Optimizer*> DataParallelCore::optimizers(const std::string& name) {
   std::vector<torch::optim::Optimizer*> out;
-  for (auto& optimizer : optimizers_) out.push_back(optimizer.get());
+  if (optimizers_.empty()) return out;
+  for (auto& optimizer : find_optimizers(name, "optimizers").replicas) out.push_back(optimizer.get());
   return out;
+}
+
+inline std::vector<std::string> DataParallelCore::optimizer_names() const {
+  std::vector<std::string> names;
+  for (const auto& optimizer : optimizers_) names.push_back(optimizer.name);
+  return names;
 }
 
 inline void DataParallelCore::set_learning_rate(double lr) {
   if (!(lr >= 0) || !std::isfinite(lr)) throw Error(fmt::format("set_learning_rate: {} is not a learning rate", lr));
   if (optimizers_.empty()) throw Error("set_learning_rate: no optimizer yet; call make_optimizer<Opt>(options) first");
   for (auto& optimizer : optimizers_) {
-    for (auto& group : optimizer->param_groups()) group.options().set_lr(lr);
+    for (auto& replica : optimizer.replicas) {
+      for (auto& group : replica->param_groups()) group.options().set_lr(lr);
+    }
   }
 }
 
-inline double DataParallelCore::learning_rate() { return optimizer(0).param_groups().at(0).options().get_lr(); }
+// The optimizer made without a name: with named ones only, an Error naming them (ask optimizer(name)).
+inline double DataParallelCore::learning_rate() {
+  return find_optimizers("", "learning_rate()").replicas[0]->param_groups().at(0).options().get_lr();
+}
 
 
 }  // namespace detail

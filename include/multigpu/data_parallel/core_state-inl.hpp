@@ -76,10 +76,11 @@ inline void DataParallelCore::broadcast_buffers() {
 inline void DataParallelCore::resync_from_primary() {
   const auto fence = fenced();
   broadcast_from_primary();
-  if (size() > 1 && !optimizers_.empty()) {
-    const std::string state = optimizer_state();
+  for (auto& optimizer : optimizers_) {
+    if (size() == 1) break;
+    const std::string state = optimizer_state(optimizer.name);
     const ReplicaStreamsCurrent on_replicas(contexts_);
-    for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
+    for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(*optimizer.replicas[r], r, state);
   }
   diverged_.clear();
 }
@@ -132,8 +133,8 @@ inline void DataParallelCore::assign_module_state(const std::vector<at::Tensor>&
   }
 }
 
-inline std::string DataParallelCore::optimizer_state() {
-  auto& primary = optimizer(0);
+inline std::string DataParallelCore::optimizer_state(const std::string& name) {
+  auto& primary = optimizer(0, name);
   const auto fence = fenced();
   const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
   std::ostringstream state;
@@ -146,34 +147,37 @@ inline std::string DataParallelCore::optimizer_state() {
 // All or none: the primary's state is kept first, so that a state which
 // fails half-way (another optimizer, another number of parameters) can be
 // put back; once it fits the primary, it fits every replica (same module).
-inline void DataParallelCore::load_optimizer_state(const std::string& state, const std::string& origin) {
-  optimizer(0);  // throws when there is none
-  const std::string previous = optimizer_state();
+inline void DataParallelCore::load_optimizer_state(const std::string& state, const std::string& origin,
+                                                   const std::string& name) {
+  auto& optimizer = find_optimizers(name, "load_optimizer");
+  const std::string previous = optimizer_state(name);
   const auto fence = fenced();
   const ReplicaStreamsCurrent on_replicas(contexts_);
   try {
-    load_optimizer_into(0, state);
+    load_optimizer_into(*optimizer.replicas[0], 0, state);
   } catch (const c10::Error& e) {
     try {
-      load_optimizer_into(0, previous);
+      load_optimizer_into(*optimizer.replicas[0], 0, previous);
     } catch (const c10::Error&) {
       diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
     }
-    throw CheckpointError(fmt::format("cannot load the optimizer state of {}: {}; the optimizers are unchanged",
-                                      origin, e.what_without_backtrace()));
+    throw CheckpointError(fmt::format("cannot load the optimizer{} state of {}: {}; the optimizers are unchanged",
+                                      name.empty() ? "" : fmt::format(" \"{}\"", name), origin,
+                                      e.what_without_backtrace()));
   }
-  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(r, state);
+  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(*optimizer.replicas[r], r, state);
 }
 
 // LibTorch's Optimizer::load adds the saved entries to the state it has and
 // keeps the others: cleared first, the state is the saved one and nothing else.
-inline void DataParallelCore::load_optimizer_into(std::size_t r, const std::string& state) {
+inline void DataParallelCore::load_optimizer_into(torch::optim::Optimizer& optimizer, std::size_t r,
+                                                  const std::string& state) {
   std::istringstream input(state);
   torch::serialize::InputArchive archive;
   archive.load_from(input, devices_[r]);
-  optimizers_[r]->state().clear();
-  optimizers_[r]->load(archive);
-  compat::restore_param_group_options(*optimizers_[r], archive);  // See Note [Parameter group options on load]
+  optimizer.state().clear();
+  optimizer.load(archive);
+  compat::restore_param_group_options(optimizer, archive);  // See Note [Parameter group options on load]
 }
 
 inline std::optional<SyncStats> DataParallelCore::last_sync_stats() const {

@@ -175,6 +175,10 @@ class GradientReducer {
   void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
   void launch_not_ready();
+  /// Of the `missing` buckets (incomplete after backward), marks those that
+  /// need no reduction as done without one. See Note [A backward that
+  /// reaches part of the parameters].
+  void leave_alone_unreached(const std::vector<std::size_t>& missing);
   /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
   void launch_rest_and_wait();
   bool across_processes() const { return comm_.world_size() > comm_.size(); }
@@ -194,6 +198,10 @@ class GradientReducer {
   std::vector<std::size_t> bucket_of_;                  // param -> bucket
   std::vector<std::vector<at::Tensor>> slots_;          // [replica][param]
   std::vector<std::vector<char>> fired_;                // [replica][param], written by r's backward only
+  // [replica][param]: a gradient arrived since the parameter's last
+  // reduction (or zeroing); written by r's backward and zero(r) only. See
+  // Note [A backward that reaches part of the parameters].
+  std::vector<std::vector<char>> unreduced_;
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
   std::shared_ptr<Shared> shared_;
@@ -345,6 +353,7 @@ inline void GradientReducer::build_buckets(const std::vector<std::size_t>& order
 
   slots_.assign(n_replicas, std::vector<at::Tensor>(n_params));
   fired_.assign(n_replicas, std::vector<char>(n_params, 0));
+  if (unreduced_.empty()) unreduced_.assign(n_replicas, std::vector<char>(n_params, 0));  // kept by a rebuild
   if (accumulators_.empty()) accumulators_.assign(n_replicas, std::vector<compat::NodePtr>(n_params));
   bucket_state_.clear();
   bucket_state_.resize(buckets_.size());
@@ -452,6 +461,7 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
 
 inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
   ensure_slot(replica, param);
+  unreduced_[replica][param] = 1;
   if (!armed_.load()) return;
   if (fired_[replica][param] != 0) {
     fired_twice_ = true;  // reported by finish_backward
@@ -668,6 +678,52 @@ inline void GradientReducer::launch_rest_and_wait() {
   }
 }
 
+// Note [A backward that reaches part of the parameters]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A program in phases (a GAN's discriminator phase back-propagates into the
+// discriminator only) leaves whole parts of the module without a gradient
+// in a step, on every replica alike. By default that is an error naming the
+// parameters (a forgotten part of the model is found at once); with
+// find_unused_parameters the step goes on. Within one process, the hooks
+// tell exactly which gradients arrived: a bucket none of whose parameters
+// received a gradient on any replica since its last reduction (this
+// backward's, or an earlier one inside no_sync(); a reduction or zeroing
+// clears the mark) holds what every replica already agrees on. It is left
+// alone: not reduced, its gradients as they were, as in the one-device
+// program. Every other bucket is reduced as usual, an unreached parameter's
+// gradient as it is. So a phase costs no collective for the part it did not reach, and
+// gradients accumulated on that part earlier are averaged by the next step
+// that reduces, never skipped. Across processes the other processes'
+// backward is not seen without one more collective per step, so there
+// every bucket is reduced, as before.
+//
+// "As they were" is not always what one device has: a .grad() here is never
+// None unless the user made it so (each is its slot from the start, and
+// zero_grad zeroes in place), and a .grad() set to None becomes a zero when
+// its bucket is reduced (one that also holds a reached parameter, or any
+// bucket across processes). DDP instead leaves a parameter that no rank
+// reached untouched, None included (one more collective of used flags per
+// step), and optimizers skip a None gradient. So an optimizer stepped over a
+// part that no phase reached steps it on zero gradients here (weight decay
+// and momentum move it, Adam counts the step), where LibTorch 2's
+// zero_grad() (set to None) on one device leaves it alone: a program in
+// phases steps the optimizers of the parts its phase reached (step(name)).
+inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
+  std::size_t left = 0;
+  for (std::size_t b : missing) {
+    bool untouched = true;
+    for (std::size_t k : buckets_[b].parameters) {
+      for (const auto& row : unreduced_) untouched = untouched && row[k] == 0;
+    }
+    if (!untouched) continue;
+    bucket_state_[b].launched->store(true);  // launch() passes it by
+    mark_ready(b);
+    ++left;
+  }
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  stats_.buckets -= left;
+}
+
 inline void GradientReducer::finish_backward() {
   const auto backward_done = std::chrono::steady_clock::now();
   armed_ = false;
@@ -690,6 +746,9 @@ inline void GradientReducer::finish_backward() {
   std::vector<std::size_t> missing;
   for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
     if (!bucket_state_[b].ready->load()) missing.push_back(b);
+  }
+  if (!missing.empty() && options_.overlap && options_.find_unused_parameters && !across_processes()) {
+    leave_alone_unreached(missing);
   }
   if (!missing.empty() && options_.overlap && !options_.find_unused_parameters) {
     std::vector<std::size_t> unused_params;
@@ -717,6 +776,7 @@ inline void GradientReducer::finish_backward() {
                      unused.size(), list));
   }
   launch_rest_and_wait();
+  for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
   record_order_ = false;
   std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -755,6 +815,7 @@ inline void GradientReducer::synchronize() {
     mark_ready(b);
   }
   wait_for_launched("gradient sync");
+  for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
 }
 
@@ -763,6 +824,7 @@ inline void GradientReducer::zero(std::size_t replica) {
   compat::NoGradGuard no_grad;
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
+  std::fill(unreduced_[replica].begin(), unreduced_[replica].end(), 0);  // zeros agree everywhere
 }
 
 inline void GradientReducer::abandon_step() noexcept {
