@@ -123,34 +123,83 @@ inline void replace_file_atomically(const std::string& path,
   }
 }
 
-/// Writes `content` to `path` atomically (see replace_file_atomically), through
-/// the descriptor of the temporary it created.
-inline void write_file_atomically(const std::string& path, std::string_view content) {
-  auto [temporary, fd] = create_temporary_beside(path);
-  try {
-    for (std::size_t done = 0; done < content.size();) {
-      const ssize_t written = ::write(fd, content.data() + done, content.size() - done);
+// Note [A full disk fails a save, not the program]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// LibTorch's stream writer, given a file name or a stream, throws c10::Error
+// when a write fails (a full disk, a quota, a read-only remount, EIO), and
+// throws again from its destructor while that first error unwinds: the
+// program ends in std::terminate, leaving a partial temporary that keeps the
+// disk full. So nothing but this file writes a checkpoint's bytes: LibTorch
+// serialises through a function (OutputArchive::save_to(writer)) that hands
+// them to a FileSink, which writes them with write(2) and checks every
+// return. A sink never reports a failure to the serialiser: it keeps the
+// first errno, writes nothing more, and answers "all written", so that the
+// serialiser ends normally. Only then is the failure thrown, as one
+// multigpu::Error naming the file and the reason (strerror), with the
+// temporary removed and the file it was to replace untouched. fsync and
+// close are checked too: a file system may report a full disk (NFS, a
+// quota) or EIO only there.
+
+/// Writes bytes to a descriptor with write(2), keeping the first failure
+/// (see Note [A full disk fails a save, not the program]).
+class FileSink {
+ public:
+  /// A sink writing to `fd` (not owned).
+  explicit FileSink(int fd) : fd_(fd) {}
+  /// Writes the `size` bytes at `data`, unless a write failed before;
+  /// returns `size` in any case, so that a serialiser goes on to its end.
+  std::size_t write(const void* data, std::size_t size) noexcept {
+    const char* bytes = static_cast<const char*>(data);
+    for (std::size_t done = 0; error_ == 0 && done < size;) {
+      const ssize_t written = ::write(fd_, bytes + done, size - done);
       if (written < 0 && errno == EINTR) continue;
       if (written <= 0) {
-        throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary,
-                                std::strerror(written < 0 ? errno : ENOSPC)));
+        error_ = written < 0 ? errno : ENOSPC;
+      } else {
+        done += static_cast<std::size_t>(written);
       }
-      done += static_cast<std::size_t>(written);
     }
-    if (::fsync(fd) != 0) {
-      throw Error(fmt::format("cannot write {}: flushing {} failed: {}", path, temporary, std::strerror(errno)));
-    }
+    return size;
+  }
+  /// The errno of the first failed write; 0 when none failed.
+  int error() const { return error_; }
+
+ private:
+  int fd_;
+  int error_ = 0;
+};
+
+/// Writes a file at `path` atomically: `produce` writes its bytes into a
+/// sink on a new temporary beside it, which is checked, flushed and renamed
+/// over `path`. If `produce` throws or any write, flush or rename fails, the
+/// temporary is removed, `path` keeps its old content, and the error
+/// propagates (file-system failures as multigpu::Error naming `path`, the
+/// temporary and the reason). See Note [A full disk fails a save, not the
+/// program].
+inline void write_file_atomically_with(const std::string& path, const std::function<void(FileSink&)>& produce) {
+  auto [temporary, fd] = create_temporary_beside(path);
+  const auto failed = [&](const char* doing, int error) {
+    return Error(fmt::format("cannot write {}: {} {} failed: {}", path, doing, temporary, std::strerror(error)));
+  };
+  try {
+    FileSink sink(fd);
+    produce(sink);
+    if (sink.error() != 0) throw failed("writing", sink.error());
+    if (::fsync(fd) != 0) throw failed("flushing", errno);
     const int closing = fd;
     fd = -1;
-    if (::close(closing) != 0) {
-      throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
-    }
+    if (::close(closing) != 0) throw failed("writing", errno);
     move_into_place(temporary, path, /*synced=*/true);
   } catch (...) {
     if (fd >= 0) ::close(fd);
     std::remove(temporary.c_str());
     throw;
   }
+}
+
+/// Writes `content` to `path` atomically (see write_file_atomically_with).
+inline void write_file_atomically(const std::string& path, std::string_view content) {
+  write_file_atomically_with(path, [content](FileSink& sink) { sink.write(content.data(), content.size()); });
 }
 
 }  // namespace detail
