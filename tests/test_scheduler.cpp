@@ -576,6 +576,32 @@ TEST_SUITE("scheduler") {
     CHECK(plan[3].command == "run --gpu 0");
     CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/a.log"));
   }
+
+  TEST_CASE("{task} and {gpu} go into a command as one shell word each: a name with a semicolon or a quote is data") {
+    using multigpu::detail::shell_word;
+    CHECK(shell_word("sym-0.125") == "sym-0.125");
+    CHECK(shell_word("0,1") == "0,1");
+    CHECK(shell_word("") == "''");
+    CHECK(shell_word("a b") == "'a b'");
+    CHECK(shell_word("it's") == "'it'\\''s'");
+    const std::string dir = fresh_dir("quoted");
+    const auto tasks = multigpu::parse_tasks("[name=lr=0.1;bs=32] echo run-name={task}\n"
+                                             "[name=it's] echo run-name={task} gpu={gpu}\n",
+                                             "quoted.tasks");
+    REQUIRE(tasks.size() == 2);
+    multigpu::Scheduler scheduler(fast_options(dir, "cpu"));
+    const auto plan = scheduler.plan(tasks);
+    CHECK(plan[0].command == "echo run-name='lr=0.1;bs=32'");
+    CHECK(plan[1].command == "echo run-name='it'\\''s' gpu=''");
+    const auto summary = scheduler.run(tasks);
+    REQUIRE(summary.count(TaskStatus::kDone) == 2);
+    const std::string semicolon = read_file(result_of(summary, "lr=0.1;bs=32").log_path);
+    INFO(semicolon);
+    CHECK(contains(semicolon, "\nrun-name=lr=0.1;bs=32\n"));
+    const std::string quote = read_file(result_of(summary, "it's").log_path);
+    INFO(quote);
+    CHECK(contains(quote, "\nrun-name=it's gpu=\n"));
+  }
 }
 
 TEST_SUITE("task files") {

@@ -4,12 +4,14 @@
 /// what an in-process task gets (TaskContext), and what happened to it
 /// (TaskStatus, TaskResult).
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -53,7 +55,7 @@ struct Task {
   /// Unique; used for the log file's name (made file-safe) and the summary.
   std::string name;
   /// A shell command (`/bin/sh -c`); `{gpu}` becomes the CUDA_VISIBLE_DEVICES
-  /// value given to it, `{task}` its name.
+  /// value given to it, `{task}` its name, each as one shell word.
   std::string command;
   /// Or: a callable run in this process.
   std::function<void(TaskContext&)> function;
@@ -188,6 +190,40 @@ inline std::string fill_placeholders(const std::string& text, const std::map<std
     out += text[i];
   }
   return out;
+}
+
+// Note [What the runner puts into a command is quoted]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A task's command runs under /bin/sh -c, and {task} and {gpu} are filled in
+// at run time with text that is data, not shell code: a name such as
+// "lr=0.1;bs=32" pasted as it is would run "bs=32" as a second command. So
+// they go in as one shell word each, as GNU parallel inserts its arguments:
+// a value of letters, digits and @%+=:,./_- only as it is (the usual names
+// and "0,1" read as before), anything else in single quotes, a single quote
+// inside as '\''. Write them outside quotes ("{task}" would keep the
+// quotes); for the name as shell text, say so: eval "... $MULTIGPU_TASK".
+// Grid values ({NAME} of a grid line) are the task file's own text and stay
+// as written, like the rest of the line.
+
+/// `text` as one POSIX shell word: as it is when it holds only characters
+/// the shell leaves alone, else in single quotes (see Note [What the runner
+/// puts into a command is quoted]).
+inline std::string shell_word(std::string_view text) {
+  const auto plain = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           std::string_view("@%+=:,./_-").find(c) != std::string_view::npos;
+  };
+  if (!text.empty() && std::all_of(text.begin(), text.end(), plain)) return std::string(text);
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+/// A task's command with {gpu} (its CUDA_VISIBLE_DEVICES value) and {task}
+/// (its name) filled in, each as one shell word.
+inline std::string command_for(const std::string& command, const std::string& visible_devices,
+                               const std::string& name) {
+  return fill_placeholders(command, {{"gpu", shell_word(visible_devices)}, {"task", shell_word(name)}});
 }
 
 }  // namespace detail
