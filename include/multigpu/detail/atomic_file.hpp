@@ -56,10 +56,10 @@ inline void sync_folder_of(const std::string& path) {
 // A temporary's name is predictable (the target's, the pid, a counter), and
 // the folders it is made in (a log folder, a checkpoint folder) may be
 // writable by others: a symbolic link planted at that name would be followed,
-// and the file it points to overwritten. So the temporary is created here,
-// before the writer runs, with O_CREAT | O_EXCL | O_NOFOLLOW: a name that
-// exists already, as a link or anything else, is never opened but skipped
-// for the next one (and left alone: it is not ours). The writer then opens a
+// and the file it points to overwritten. So the temporary is created here
+// with O_CREAT | O_EXCL | O_NOFOLLOW: a name that exists already, as a link
+// or anything else, is never opened but skipped for the next one (and left
+// alone: it is not ours). The bytes go through the descriptor of the
 // regular file this process has just made. Before the rename, the name must
 // still be a regular file, so that no link is ever renamed over the target.
 
@@ -102,25 +102,6 @@ inline void move_into_place(const std::string& temporary, const std::string& pat
                             std::strerror(errno)));
   }
   sync_folder_of(path);
-}
-
-/// Calls `write(temporary_path)` to produce the file, then moves it over
-/// `path` atomically. The temporary exists (empty) when `write` is called:
-/// see Note [Temporary files are made, never found]. If `write` throws or
-/// anything fails, the temporary file is removed, `path` keeps its old
-/// content, and the error propagates (as multigpu::Error naming the path,
-/// for file-system failures).
-inline void replace_file_atomically(const std::string& path,
-                                    const std::function<void(const std::string&)>& write) {
-  const auto [temporary, fd] = create_temporary_beside(path);
-  ::close(fd);
-  try {
-    write(temporary);
-    move_into_place(temporary, path);
-  } catch (...) {
-    std::remove(temporary.c_str());
-    throw;
-  }
 }
 
 // Note [A full disk fails a save, not the program]
