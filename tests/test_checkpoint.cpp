@@ -15,16 +15,17 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <sys/mount.h>
 #include <unistd.h>
 
 #include "distributed/recipe.hpp"
+#include "tiny_file_system.hpp"
 
 namespace {
 
 using multigpu_test::contains;
 using multigpu_test::RecipeNet;
 using multigpu_test::RecipeNetImpl;
+using multigpu_test::TinyFileSystem;
 
 /// A data set of `size` samples of the recipe's shapes, the same every time.
 class Samples : public torch::data::datasets::Dataset<Samples> {
@@ -134,41 +135,6 @@ struct Schedule {
     archive.read("good_steps", value);
     good_steps = value.toInt();
   }
-};
-
-/// A tmpfs of `size` mounted on a new folder `path` for the time of a test,
-/// unmounted when it ends (also when it fails). Needs the right to mount
-/// (root, or CAP_SYS_ADMIN): without it, mounted() is false.
-struct TinyFileSystem {
-  TinyFileSystem(std::filesystem::path where, const char* size) : path(std::move(where)) {
-    std::filesystem::create_directories(path);
-    mounted_ = ::mount("tmpfs", path.c_str(), "tmpfs", 0, (std::string("size=") + size).c_str()) == 0;
-    if (!mounted_) why = std::strerror(errno);
-  }
-  ~TinyFileSystem() {
-    if (mounted_) ::umount2(path.c_str(), MNT_DETACH);
-  }
-  TinyFileSystem(const TinyFileSystem&) = delete;
-  TinyFileSystem& operator=(const TinyFileSystem&) = delete;
-  bool mounted() const { return mounted_; }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  /// Takes every free byte left, into the file "filler".
-  void fill() const {
-    const int fd = ::open(file("filler").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    REQUIRE(fd >= 0);
-    const std::string block(4096, 'x');
-    while (::write(fd, block.data(), block.size()) > 0) {
-    }
-    const std::string byte(1, 'x');
-    while (::write(fd, byte.data(), 1) > 0) {
-    }
-    ::close(fd);
-  }
-  std::filesystem::path path;
-  std::string why;
-
- private:
-  bool mounted_ = false;
 };
 
 /// The names in `folder`, sorted.

@@ -158,7 +158,9 @@ class FileSink {
 /// temporary and the reason). See Note [A full disk fails a save, not the
 /// program].
 inline void write_file_atomically_with(const std::string& path, const std::function<void(FileSink&)>& produce) {
-  auto [temporary, fd] = create_temporary_beside(path);
+  auto created = create_temporary_beside(path);  // not bound to names: C++17 lambdas cannot capture those
+  const std::string temporary = std::move(created.first);
+  int fd = created.second;
   const auto failed = [&](const char* doing, int error) {
     return Error(fmt::format("cannot write {}: {} {} failed: {}", path, doing, temporary, std::strerror(error)));
   };
