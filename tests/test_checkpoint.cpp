@@ -551,6 +551,12 @@ TEST_SUITE("checkpoints") {
     CHECK(dp.load_state(last).step == 1);
     dp.train_step(multigpu_test::recipe_batch(1), loss);  // and it goes on
     std::filesystem::remove(disk.file("filler"));
+    disk.read_only(true);  // a read-only remount: the same, with its reason
+    const std::string read_only = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_state(last));
+    CHECK(contains(read_only, last));
+    CHECK(contains(read_only, std::strerror(EROFS)));
+    CHECK(read_file(last) == saved);
+    disk.read_only(false);
     dp.save_state(last);
     CHECK(dp.load_state(last).step == 2);
   }

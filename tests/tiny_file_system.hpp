@@ -44,6 +44,10 @@ struct TinyFileSystem {
     }
     ::close(fd);
   }
+  /// Remounts it read-only (true) or writable again (false).
+  void read_only(bool on) const {
+    REQUIRE(::mount(nullptr, path.c_str(), nullptr, MS_REMOUNT | (on ? MS_RDONLY : 0), nullptr) == 0);
+  }
   std::filesystem::path path;
   std::string why;
 
