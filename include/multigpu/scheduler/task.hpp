@@ -55,7 +55,7 @@ struct Task {
   /// Unique; used for the log file's name (made file-safe) and the summary.
   std::string name;
   /// A shell command (`/bin/sh -c`); `{gpu}` becomes the CUDA_VISIBLE_DEVICES
-  /// value given to it, `{task}` its name, each as one shell word.
+  /// value given to it, `{task}` its name, each quoted for the shell.
   std::string command;
   /// Or: a callable run in this process.
   std::function<void(TaskContext&)> function;
@@ -197,33 +197,77 @@ inline std::string fill_placeholders(const std::string& text, const std::map<std
 // A task's command runs under /bin/sh -c, and {task} and {gpu} are filled in
 // at run time with text that is data, not shell code: a name such as
 // "lr=0.1;bs=32" pasted as it is would run "bs=32" as a second command. So
-// they go in as one shell word each, as GNU parallel inserts its arguments:
-// a value of letters, digits and @%+=:,./_- only as it is (the usual names
-// and "0,1" read as before), anything else in single quotes, a single quote
-// inside as '\''. Write them outside quotes ("{task}" would keep the
-// quotes); for the name as shell text, say so: eval "... $MULTIGPU_TASK".
-// Grid values ({NAME} of a grid line) are the task file's own text and stay
-// as written, like the rest of the line.
+// each goes in written so that the shell reads back exactly the value, as
+// GNU parallel inserts its arguments, where it stands in the command:
+// - outside quotes, as one word: a value of letters, digits and
+//   @%+=:,./_- only as it is (the usual names and "0,1" read as before),
+//   anything else in single quotes, a single quote inside as '\'';
+// - inside "...", with a backslash before $ ` " and \;
+// - inside '...', with a single quote as '\''.
+// So `--name {task}`, "name={task}" and 'name={task}' all give the name.
+// Where the quotes are is read simply (quotes and backslashes, no nesting
+// of $(...) inside "..."). There is no unquoted form: for the name as shell
+// text, say so: eval "... $MULTIGPU_TASK". Grid values ({NAME} of a grid
+// line) are the task file's own text and stay as written, like the rest of
+// the line.
 
-/// `text` as one POSIX shell word: as it is when it holds only characters
-/// the shell leaves alone, else in single quotes (see Note [What the runner
-/// puts into a command is quoted]).
-inline std::string shell_word(std::string_view text) {
+/// Where a place in a shell command is: outside quotes, inside '...', or inside "...".
+enum class ShellQuoting { kNone, kSingle, kDouble };
+
+/// `text` written so that the shell reads it back unchanged at a place
+/// quoted as `quoting` says; outside quotes as one word (see Note [What the
+/// runner puts into a command is quoted]).
+inline std::string shell_quoted(std::string_view text, ShellQuoting quoting) {
+  std::string out;
+  if (quoting == ShellQuoting::kDouble) {
+    for (const char c : text) {
+      if (c == '$' || c == '`' || c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    return out;
+  }
   const auto plain = [](char c) {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
            std::string_view("@%+=:,./_-").find(c) != std::string_view::npos;
   };
-  if (!text.empty() && std::all_of(text.begin(), text.end(), plain)) return std::string(text);
-  std::string out = "'";
+  if (quoting == ShellQuoting::kNone && !text.empty() && std::all_of(text.begin(), text.end(), plain)) {
+    return std::string(text);
+  }
   for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
+  return quoting == ShellQuoting::kSingle ? out : "'" + out + "'";
 }
 
 /// A task's command with {gpu} (its CUDA_VISIBLE_DEVICES value) and {task}
-/// (its name) filled in, each as one shell word.
+/// (its name) filled in, each read back by the shell as it is (see Note
+/// [What the runner puts into a command is quoted]).
 inline std::string command_for(const std::string& command, const std::string& visible_devices,
                                const std::string& name) {
-  return fill_placeholders(command, {{"gpu", shell_word(visible_devices)}, {"task", shell_word(name)}});
+  const std::map<std::string, std::string> values{{"gpu", visible_devices}, {"task", name}};
+  std::string out;
+  ShellQuoting quoting = ShellQuoting::kNone;
+  for (std::size_t i = 0; i < command.size(); ++i) {
+    const char c = command[i];
+    if (c == '{') {
+      const std::size_t close = command.find('}', i);
+      const auto found = close == std::string::npos ? values.end() : values.find(command.substr(i + 1, close - i - 1));
+      if (found != values.end()) {
+        out += shell_quoted(found->second, quoting);
+        i = close;
+        continue;
+      }
+    }
+    out += c;
+    if (quoting == ShellQuoting::kSingle) {
+      if (c == '\'') quoting = ShellQuoting::kNone;
+    } else if (c == '\\' && i + 1 < command.size()) {
+      out += command[++i];  // an escaped character: no quote
+    } else if (c == '"') {
+      quoting = quoting == ShellQuoting::kDouble ? ShellQuoting::kNone : ShellQuoting::kDouble;
+    } else if (c == '\'' && quoting == ShellQuoting::kNone) {
+      quoting = ShellQuoting::kSingle;
+    }
+  }
+  return out;
 }
 
 }  // namespace detail
