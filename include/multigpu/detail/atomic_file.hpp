@@ -168,10 +168,16 @@ inline void write_file_atomically_with(const std::string& path, const std::funct
     FileSink sink(fd);
     produce(sink);
     if (sink.error() != 0) throw failed("writing", sink.error());
-    if (::fsync(fd) != 0) throw failed("flushing", errno);
+    int flushed = 0;
+    do {
+      flushed = ::fsync(fd);
+    } while (flushed != 0 && errno == EINTR);  // a signal during the flush: flush again
+    if (flushed != 0) throw failed("flushing", errno);
     const int closing = fd;
     fd = -1;
-    if (::close(closing) != 0) throw failed("writing", errno);
+    // EINTR from close: the descriptor is closed all the same (Linux), and
+    // the bytes are on disk since the fsync above; not a failed save.
+    if (::close(closing) != 0 && errno != EINTR) throw failed("writing", errno);
     move_into_place(temporary, path, /*synced=*/true);
   } catch (...) {
     if (fd >= 0) ::close(fd);
