@@ -21,12 +21,15 @@ namespace multigpu_test {
 /// without it, mounted() is false and why says why.
 struct TinyFileSystem {
   TinyFileSystem(std::filesystem::path where, const char* size) : path(std::move(where)) {
-    std::filesystem::create_directories(path);
+    made_ = std::filesystem::create_directories(path);
     mounted_ = ::mount("tmpfs", path.c_str(), "tmpfs", 0, (std::string("size=") + size).c_str()) == 0;
-    if (!mounted_) why = std::strerror(errno);
+    if (!mounted_) {
+      why = std::strerror(errno);
+      if (made_) ::rmdir(path.c_str());  // where it cannot mount (a CI container), no empty folder is left in /tmp
+    }
   }
   ~TinyFileSystem() {
-    if (mounted_ && ::umount2(path.c_str(), MNT_DETACH) == 0) ::rmdir(path.c_str());
+    if (mounted_ && ::umount2(path.c_str(), MNT_DETACH) == 0 && made_) ::rmdir(path.c_str());
   }
   TinyFileSystem(const TinyFileSystem&) = delete;
   TinyFileSystem& operator=(const TinyFileSystem&) = delete;
@@ -52,6 +55,7 @@ struct TinyFileSystem {
   std::string why;
 
  private:
+  bool made_ = false;
   bool mounted_ = false;
 };
 
