@@ -591,15 +591,21 @@ TEST_SUITE("scheduler") {
     const std::string dir = fresh_dir("quoted");
     const auto tasks = multigpu::parse_tasks("[name=lr=0.1;bs=32] echo run-name={task}\n"
                                              "[name=it's] echo run-name={task} gpu={gpu}\n"
-                                             "[name=a\"$HOME\"`b`\\c;'d'] printf '%s\\n' \"dq={task} gpu=[{gpu}]\" 'sq={task}'\n",
+                                             "[name=a\"$HOME\"`b`\\c;'d'] printf '%s\\n' \"dq={task} gpu=[{gpu}]\" 'sq={task}'\n"
+                                             "[name=x;id] printf '%s\\n' \"cs=$(printf %s {task})\" "
+                                             "\"bq=`printf %s \\\"{task}\\\"`\"\n",
                                              "quoted.tasks");
-    REQUIRE(tasks.size() == 3);
+    REQUIRE(tasks.size() == 4);
     multigpu::Scheduler scheduler(fast_options(dir, "cpu"));
     const auto plan = scheduler.plan(tasks);
     CHECK(plan[0].command == "echo run-name='lr=0.1;bs=32'");
     CHECK(plan[1].command == "echo run-name='it'\\''s' gpu=''");
+    // Inside "$(...)" and "`...`" the quoting starts afresh: there the name
+    // is one word too, not shell code (escaped for "..." it would be).
+    CHECK(multigpu::detail::command_for("echo \"$(basename {task})\"", "", "a;b") == "echo \"$(basename 'a;b')\"");
+    CHECK(multigpu::detail::command_for("echo \"`basename {task}`\"", "", "a;$b") == "echo \"`basename 'a;\\$b'`\"");
     const auto summary = scheduler.run(tasks);
-    REQUIRE(summary.count(TaskStatus::kDone) == 3);
+    REQUIRE(summary.count(TaskStatus::kDone) == 4);
     const std::string semicolon = read_file(result_of(summary, "lr=0.1;bs=32").log_path);
     INFO(semicolon);
     CHECK(contains(semicolon, "\nrun-name=lr=0.1;bs=32\n"));
@@ -610,6 +616,9 @@ TEST_SUITE("scheduler") {
     const std::string quoted = read_file(result_of(summary, name).log_path);
     INFO(quoted);
     CHECK(contains(quoted, "\ndq=" + name + " gpu=[]\nsq=" + name + "\n"));
+    const std::string substituted = read_file(result_of(summary, "x;id").log_path);
+    INFO(substituted);
+    CHECK(contains(substituted, "\ncs=x;id\nbq=x;id\n"));
   }
 }
 

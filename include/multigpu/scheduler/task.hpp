@@ -205,11 +205,15 @@ inline std::string fill_placeholders(const std::string& text, const std::map<std
 // - inside "...", with a backslash before $ ` " and \;
 // - inside '...', with a single quote as '\''.
 // So `--name {task}`, "name={task}" and 'name={task}' all give the name.
-// Where the quotes are is read simply (quotes and backslashes, no nesting
-// of $(...) inside "..."). There is no unquoted form: for the name as shell
-// text, say so: eval "... $MULTIGPU_TASK". Grid values ({NAME} of a grid
-// line) are the task file's own text and stay as written, like the rest of
-// the line.
+// Where the quotes are is read simply: quotes, backslashes, and command
+// substitutions, $(...) and `...`, inside which the quoting starts afresh
+// (so "$(basename {task})" gets the name as one word: escaped for "..." it
+// would be shell code there); inside `...` the backslashes that the shell
+// takes off first are doubled. Not read: a `...` nested as \`...\`, a case
+// pattern's ')' inside $(...), bash's $'...'. There is no unquoted form:
+// for the name as shell text, say so: eval "... $MULTIGPU_TASK". Grid
+// values ({NAME} of a grid line) are the task file's own text and stay as
+// written, like the rest of the line.
 
 /// Where a place in a shell command is: outside quotes, inside '...', or inside "...".
 enum class ShellQuoting { kNone, kSingle, kDouble };
@@ -243,6 +247,19 @@ inline std::string shell_quoted(std::string_view text, ShellQuoting quoting) {
 inline std::string command_for(const std::string& command, const std::string& visible_devices,
                                const std::string& name) {
   const std::map<std::string, std::string> values{{"gpu", visible_devices}, {"task", name}};
+  // A command substitution open at a place: the quoting it stands in, and
+  // for $(...) how many '(' of its own are open.
+  struct Substitution {
+    ShellQuoting around;
+    bool backquoted;
+    int parentheses;
+  };
+  std::vector<Substitution> substitutions;
+  const auto in_double_backquotes = [&substitutions] {
+    const auto s = std::find_if(substitutions.rbegin(), substitutions.rend(),
+                                [](const Substitution& each) { return each.backquoted; });
+    return s != substitutions.rend() && s->around == ShellQuoting::kDouble;
+  };
   std::string out;
   ShellQuoting quoting = ShellQuoting::kNone;
   for (std::size_t i = 0; i < command.size(); ++i) {
@@ -251,7 +268,17 @@ inline std::string command_for(const std::string& command, const std::string& vi
       const std::size_t close = command.find('}', i);
       const auto found = close == std::string::npos ? values.end() : values.find(command.substr(i + 1, close - i - 1));
       if (found != values.end()) {
-        out += shell_quoted(found->second, quoting);
+        std::string text = shell_quoted(found->second, quoting);
+        for (auto s = substitutions.rbegin(); s != substitutions.rend(); ++s) {
+          if (!s->backquoted) continue;
+          std::string escaped;  // the shell first reads \\ \` \$ (and \" in "...") inside `...` as \ ` $ "
+          for (const char t : text) {
+            if (t == '\\' || t == '`' || t == '$' || (t == '"' && s->around == ShellQuoting::kDouble)) escaped += '\\';
+            escaped += t;
+          }
+          text = std::move(escaped);
+        }
+        out += text;
         i = close;
         continue;
       }
@@ -260,7 +287,32 @@ inline std::string command_for(const std::string& command, const std::string& vi
     if (quoting == ShellQuoting::kSingle) {
       if (c == '\'') quoting = ShellQuoting::kNone;
     } else if (c == '\\' && i + 1 < command.size()) {
-      out += command[++i];  // an escaped character: no quote
+      const bool quote = command[i + 1] == '"' && in_double_backquotes();  // \" inside "`...`" is a quote there
+      out += command[++i];                                                  // else an escaped character: no quote
+      if (quote) quoting = quoting == ShellQuoting::kDouble ? ShellQuoting::kNone : ShellQuoting::kDouble;
+    } else if (c == '$' && i + 1 < command.size() && command[i + 1] == '(') {
+      out += command[++i];
+      substitutions.push_back({quoting, false, 0});
+      quoting = ShellQuoting::kNone;
+    } else if (c == '`') {
+      if (quoting == ShellQuoting::kNone && !substitutions.empty() && substitutions.back().backquoted) {
+        quoting = substitutions.back().around;
+        substitutions.pop_back();
+      } else {
+        substitutions.push_back({quoting, true, 0});
+        quoting = ShellQuoting::kNone;
+      }
+    } else if ((c == '(' || c == ')') && quoting == ShellQuoting::kNone && !substitutions.empty() &&
+               !substitutions.back().backquoted) {
+      auto& substitution = substitutions.back();
+      if (c == '(') {
+        ++substitution.parentheses;
+      } else if (substitution.parentheses > 0) {
+        --substitution.parentheses;
+      } else {
+        quoting = substitution.around;
+        substitutions.pop_back();
+      }
     } else if (c == '"') {
       quoting = quoting == ShellQuoting::kDouble ? ShellQuoting::kNone : ShellQuoting::kDouble;
     } else if (c == '\'' && quoting == ShellQuoting::kNone) {
