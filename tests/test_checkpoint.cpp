@@ -3,7 +3,10 @@
 
 #include "support.hpp"
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -11,15 +14,18 @@
 #include <type_traits>
 #include <vector>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "distributed/recipe.hpp"
+#include "tiny_file_system.hpp"
 
 namespace {
 
 using multigpu_test::contains;
 using multigpu_test::RecipeNet;
 using multigpu_test::RecipeNetImpl;
+using multigpu_test::TinyFileSystem;
 
 /// A data set of `size` samples of the recipe's shapes, the same every time.
 class Samples : public torch::data::datasets::Dataset<Samples> {
@@ -130,6 +136,14 @@ struct Schedule {
     good_steps = value.toInt();
   }
 };
+
+/// The names in `folder`, sorted.
+std::vector<std::string> names_in(const std::filesystem::path& folder) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
 
 }  // namespace
 
@@ -486,11 +500,8 @@ TEST_SUITE("checkpoints") {
     // A file-system failure of the atomic write (here: renaming over a
     // folder) is one too, with its message.
     std::filesystem::create_directories(scratch.file("taken") + "/inside");
-    const std::string renamed = MULTIGPU_TEST_MESSAGE(
-        multigpu::CheckpointError,
-        multigpu::detail::checkpoint::replace_atomically(scratch.file("taken"), [](const std::string& temporary) {
-          std::ofstream(temporary, std::ios::binary) << "bytes";
-        }));
+    const std::string renamed =
+        MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_optimizer(scratch.file("taken")));
     CHECK(contains(renamed, "cannot write " + scratch.file("taken") + ": renaming "));
     // A failing step is not a checkpoint's failure.
     bool caught_as_checkpoint = false;
@@ -504,5 +515,63 @@ TEST_SUITE("checkpoints") {
     } catch (const multigpu::ReplicaError&) {
     }
     CHECK_FALSE(caught_as_checkpoint);
+  }
+
+  TEST_CASE("a checkpoint to a full disk is one CheckpointError: no temporary left, the last one intact, training goes on") {
+    Scratch scratch;
+    TinyFileSystem disk(scratch.path / "disk", "256k");
+    if (!disk.mounted()) {
+      MESSAGE("skipped: mounting a tmpfs on " << disk.path.string() << " is not permitted here (" << disk.why << ")");
+      return;
+    }
+    const std::string last = disk.file("last.pt");
+    auto net = multigpu_test::recipe_model(1);
+    multigpu::DataParallel<RecipeNet> dp(net, std::vector<c10::Device>(2, c10::Device("cpu")));
+    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer());
+    auto loss = [](RecipeNetImpl& m, const std::pair<torch::Tensor, torch::Tensor>& s) {
+      return multigpu_test::recipe_loss(m, s.first, s.second);
+    };
+    dp.train_step(multigpu_test::recipe_batch(0), loss);
+    dp.save_state(last);
+    const std::string saved = read_file(last);
+    disk.fill();
+    dp.train_step(multigpu_test::recipe_batch(1), loss);
+    const std::string full = std::strerror(ENOSPC);
+    for (const auto& [what, message] :
+         {std::pair<std::string, std::string>{"save_state",
+                                              MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_state(last))},
+          {"save", MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save(last))},
+          {"save_optimizer", MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_optimizer(last))}}) {
+      INFO(what << ": " << message);
+      CHECK(contains(message, "cannot write " + last + ": writing " + last + ".tmp-"));
+      CHECK(contains(message, full));
+      CHECK(names_in(disk.path) == std::vector<std::string>{"filler", "last.pt"});  // the temporary removed
+      CHECK(read_file(last) == saved);                                               // the last one intact
+    }
+    CHECK(dp.load_state(last).step == 1);
+    dp.train_step(multigpu_test::recipe_batch(1), loss);  // and it goes on
+    std::filesystem::remove(disk.file("filler"));
+    disk.read_only(true);  // a read-only remount: the same, with its reason
+    const std::string read_only = MULTIGPU_TEST_MESSAGE(multigpu::CheckpointError, dp.save_state(last));
+    CHECK(contains(read_only, last));
+    CHECK(contains(read_only, std::strerror(EROFS)));
+    CHECK(read_file(last) == saved);
+    disk.read_only(false);
+    dp.save_state(last);
+    CHECK(dp.load_state(last).step == 2);
+  }
+
+  TEST_CASE("FileSink keeps the first failed write and tells the serialiser every byte was taken") {
+    const int fd = ::open("/dev/full", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+      MESSAGE("skipped: /dev/full cannot be opened here");
+      return;
+    }
+    multigpu::detail::FileSink sink(fd);
+    CHECK(sink.write("bytes", 5) == 5);
+    CHECK(sink.error() == ENOSPC);
+    CHECK(sink.write("more", 4) == 4);
+    CHECK(sink.error() == ENOSPC);
+    ::close(fd);
   }
 }

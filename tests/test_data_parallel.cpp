@@ -522,8 +522,8 @@ TEST_SUITE("DataParallel checkpoints") {
     dp.save(path);
     Mlp before;
     torch::load(before, path);
-    CHECK_THROWS(multigpu::detail::replace_file_atomically(path, [](const std::string& temporary) {
-      multigpu::detail::write_file_atomically(temporary, "half a checkpoint");
+    CHECK_THROWS(multigpu::detail::write_file_atomically_with(path, [](multigpu::detail::FileSink& sink) {
+      sink.write("half a checkpoint", 6);
       throw std::runtime_error("disk full");
     }));
     Mlp after;

@@ -5,10 +5,12 @@
 
 #include "support.hpp"  // first: see its comment
 
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -25,6 +27,7 @@
 #include "multigpu/distributed.hpp"
 
 #include "distributed/recipe.hpp"
+#include "tiny_file_system.hpp"
 
 using multigpu::DistributedOptions;
 using multigpu::read_distributed_env;
@@ -742,6 +745,35 @@ TEST_SUITE("distributed checkpoints") {
     }
     std::remove(early.c_str());
     std::remove(late.c_str());
+  }
+
+  TEST_CASE("a full disk under rank 0's save_state: every rank gets a CheckpointError from that call, at once") {
+    multigpu_test::TinyFileSystem disk(scratch("full"), "256k");
+    if (!disk.mounted()) {
+      MESSAGE("skipped: mounting a tmpfs on " << disk.path.string() << " is not permitted here (" << disk.why << ")");
+      return;
+    }
+    disk.fill();
+    const auto start = std::chrono::steady_clock::now();
+    const auto exits = run_job("full", 2, fmt::format("--replicas 1 --steps 3 --save-at-step 1 --checkpoint {}",
+                                                      disk.file("state.pt")),
+                               {}, /*timeout_ms=*/30000);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    CHECK(seconds < 20);  // agreed in the save, not found out at the next collective's time-out
+    const std::string rank0 = read_text(scratch("full0"));
+    const std::string rank1 = read_text(scratch("full1"));
+    INFO("rank 0: ", rank0, "\nrank 1: ", rank1);
+    CHECK(exits[0].exit_code == 2);
+    CHECK(exits[1].exit_code == 2);
+    CHECK(contains(rank0, "save_state: cannot write " + disk.file("state.pt") + ": writing "));
+    CHECK(contains(rank0, std::strerror(ENOSPC)));
+    CHECK(contains(rank1, "save_state: rank 0 could not write the checkpoint " + disk.file("state.pt")));
+    CHECK(std::filesystem::exists(disk.file("filler")));
+    CHECK_FALSE(std::filesystem::exists(disk.file("state.pt")));
+    for (int rank = 0; rank < 2; ++rank) {
+      std::remove(scratch(fmt::format("full{}", rank)).c_str());
+      std::remove(scratch(fmt::format("fulllog{}", rank)).c_str());
+    }
   }
 }
 

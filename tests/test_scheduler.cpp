@@ -576,6 +576,50 @@ TEST_SUITE("scheduler") {
     CHECK(plan[3].command == "run --gpu 0");
     CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/a.log"));
   }
+
+  TEST_CASE("{task} and {gpu} go into a command so that the shell reads back the value: a ';' or a quote is data") {
+    using multigpu::detail::shell_quoted;
+    using multigpu::detail::ShellQuoting;
+    CHECK(shell_quoted("sym-0.125", ShellQuoting::kNone) == "sym-0.125");
+    CHECK(shell_quoted("0,1", ShellQuoting::kNone) == "0,1");
+    CHECK(shell_quoted("", ShellQuoting::kNone) == "''");
+    CHECK(shell_quoted("a b", ShellQuoting::kNone) == "'a b'");
+    CHECK(shell_quoted("it's", ShellQuoting::kNone) == "'it'\\''s'");
+    CHECK(shell_quoted("it's", ShellQuoting::kSingle) == "it'\\''s");
+    CHECK(shell_quoted("a\"$b`\\", ShellQuoting::kDouble) == "a\\\"\\$b\\`\\\\");
+    CHECK(shell_quoted("", ShellQuoting::kDouble).empty());
+    const std::string dir = fresh_dir("quoted");
+    const auto tasks = multigpu::parse_tasks("[name=lr=0.1;bs=32] echo run-name={task}\n"
+                                             "[name=it's] echo run-name={task} gpu={gpu}\n"
+                                             "[name=a\"$HOME\"`b`\\c;'d'] printf '%s\\n' \"dq={task} gpu=[{gpu}]\" 'sq={task}'\n"
+                                             "[name=x;id] printf '%s\\n' \"cs=$(printf %s {task})\" "
+                                             "\"bq=`printf %s \\\"{task}\\\"`\"\n",
+                                             "quoted.tasks");
+    REQUIRE(tasks.size() == 4);
+    multigpu::Scheduler scheduler(fast_options(dir, "cpu"));
+    const auto plan = scheduler.plan(tasks);
+    CHECK(plan[0].command == "echo run-name='lr=0.1;bs=32'");
+    CHECK(plan[1].command == "echo run-name='it'\\''s' gpu=''");
+    // Inside "$(...)" and "`...`" the quoting starts afresh: there the name
+    // is one word too, not shell code (escaped for "..." it would be).
+    CHECK(multigpu::detail::command_for("echo \"$(basename {task})\"", "", "a;b") == "echo \"$(basename 'a;b')\"");
+    CHECK(multigpu::detail::command_for("echo \"`basename {task}`\"", "", "a;$b") == "echo \"`basename 'a;\\$b'`\"");
+    const auto summary = scheduler.run(tasks);
+    REQUIRE(summary.count(TaskStatus::kDone) == 4);
+    const std::string semicolon = read_file(result_of(summary, "lr=0.1;bs=32").log_path);
+    INFO(semicolon);
+    CHECK(contains(semicolon, "\nrun-name=lr=0.1;bs=32\n"));
+    const std::string quote = read_file(result_of(summary, "it's").log_path);
+    INFO(quote);
+    CHECK(contains(quote, "\nrun-name=it's gpu=\n"));
+    const std::string name = "a\"$HOME\"`b`\\c;'d'";
+    const std::string quoted = read_file(result_of(summary, name).log_path);
+    INFO(quoted);
+    CHECK(contains(quoted, "\ndq=" + name + " gpu=[]\nsq=" + name + "\n"));
+    const std::string substituted = read_file(result_of(summary, "x;id").log_path);
+    INFO(substituted);
+    CHECK(contains(substituted, "\ncs=x;id\nbq=x;id\n"));
+  }
 }
 
 TEST_SUITE("task files") {

@@ -596,11 +596,11 @@ TEST_SUITE("scheduler: its files") {
       CHECK_FALSE(std::filesystem::is_symlink(std::filesystem::symlink_status(target)));
       CHECK(all_links(links));  // left alone: not ours
     }
-    SUBCASE("replace_file_atomically, whose writer opens the temporary by name (checkpoints)") {
+    SUBCASE("write_file_atomically_with, whose writer streams into the temporary (checkpoints)") {
       const std::string target = dir + "/model.pt";
       const auto links = plant(target, 5);
-      multigpu::detail::replace_file_atomically(target, [](const std::string& temporary) {
-        std::ofstream(temporary, std::ios::binary) << "weights\n";
+      multigpu::detail::write_file_atomically_with(target, [](multigpu::detail::FileSink& sink) {
+        sink.write("weights\n", 8);
       });
       CHECK(read_file(target) == "weights\n");
       CHECK(all_links(links));

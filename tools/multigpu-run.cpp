@@ -45,8 +45,10 @@ in '\' continues on the next. Options in brackets before a command:
                     never measured gets a GPU to itself
 Grids: 'grid NAME = V1 V2 ...' defines {NAME}; a later line using {NAME}
 runs once per value, and once per combination with several grids.
-{gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name;
-{{ and }} are literal braces. Example:
+{gpu} is the CUDA_VISIBLE_DEVICES value given to the task, {task} its name,
+each quoted so that the shell reads back the value, in or outside quotes
+(for the name as shell code: eval "$MULTIGPU_TASK"); grid values are pasted
+as written; {{ and }} are literal braces. Example:
   grid rate = 0.1 0.2 0.4
   grid kind = sym asym
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}

@@ -82,7 +82,9 @@ namespace multigpu {
 //
 // Atomic. The file is written beside its place under a temporary name,
 // flushed, and renamed over it (detail/atomic_file.hpp): a process killed
-// while saving leaves the last good checkpoint in place.
+// while saving leaves the last good checkpoint in place, and a full disk
+// is a CheckpointError (see Note [A full disk fails a save, not the
+// program]).
 //
 // Several processes. save_state and load_state are collective: every rank
 // calls them. Rank 0 alone writes (after gathering every rank's random

@@ -55,6 +55,11 @@ case "$case_name" in
     set +e; "$tool" -q --gpus cpu mixed.tasks > mixed.out; status=$?; set -e
     [[ $status == 1 ]] || fail "exit status $status for a failed task"
     grep -q "failed: broken (exit code 4), log multigpu-logs/broken.log" mixed.out || fail "$(cat mixed.out)"
+    # {task} is quoted for the shell: a name with ";" or a quote is data, not a second command.
+    printf '%s\n' "[name=lr=0.1;bs=32] echo run-name={task}" "[name=it's] echo run-name={task}" > quoted.tasks
+    "$tool" -q --gpus cpu --log-dir quoted-logs quoted.tasks > quoted.out || fail "quoted names: $(cat quoted.out)"
+    grep -qx "run-name=lr=0.1;bs=32" quoted-logs/lr_0.1_bs_32.log || fail "$(cat quoted-logs/lr_0.1_bs_32.log)"
+    grep -qx "run-name=it's" quoted-logs/it_s.log || fail "$(cat quoted-logs/it_s.log)"
     ;;
   sigint)
     # Ctrl-C twice: the children stop, the summary is written, exit status 130.

@@ -229,11 +229,11 @@ inline torch::serialize::InputArchive open(const std::string& path, const char* 
   return archive;
 }
 
-/// replace_file_atomically, whose file-system failures (plain Error) become
-/// CheckpointError with the same message.
-inline void replace_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
+/// write_file_atomically_with, whose file-system failures (plain Error)
+/// become CheckpointError with the same message.
+inline void write_atomically(const std::string& path, const std::function<void(FileSink&)>& produce) {
   try {
-    replace_file_atomically(path, write);
+    write_file_atomically_with(path, produce);
   } catch (const CheckpointError&) {
     throw;
   } catch (const Error& e) {
@@ -241,17 +241,15 @@ inline void replace_atomically(const std::string& path, const std::function<void
   }
 }
 
-/// Writes `archive` to `path` atomically; errors name `path` and why.
+/// Writes `archive` to `path` atomically; errors (a full disk too) name
+/// `path` and why. See Note [A full disk fails a save, not the program].
 inline void write(torch::serialize::OutputArchive& archive, const std::string& path) {
   check_checkpoint_path(path);
-  replace_atomically(path, [&](const std::string& temporary) {
-    errno = 0;
+  write_atomically(path, [&](FileSink& sink) {
     try {
-      archive.save_to(temporary);
+      archive.save_to([&sink](const void* data, std::size_t size) { return sink.write(data, size); });
     } catch (const c10::Error& e) {
-      const int saved = errno;
-      throw CheckpointError(fmt::format("cannot write the checkpoint {}: {}{}", path, e.what_without_backtrace(),
-                                        saved != 0 ? fmt::format(" ({})", std::strerror(saved)) : ""));
+      throw CheckpointError(fmt::format("cannot write the checkpoint {}: {}", path, e.what_without_backtrace()));
     }
   });
 }
@@ -598,15 +596,7 @@ inline void load_module(DataParallelCore& core, const std::string& path) {
 
 inline void save_optimizer(DataParallelCore& core, const std::string& path) {
   const std::string state = core.optimizer_state();
-  checkpoint::replace_atomically(path, [&](const std::string& temporary) {
-    std::ofstream out(temporary, std::ios::binary);
-    out << state;
-    out.close();
-    if (!out) {
-      throw CheckpointError(
-          fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
-    }
-  });
+  checkpoint::write_atomically(path, [&state](FileSink& sink) { sink.write(state.data(), state.size()); });
 }
 
 inline void load_optimizer(DataParallelCore& core, const std::string& path) {

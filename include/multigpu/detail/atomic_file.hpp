@@ -56,10 +56,10 @@ inline void sync_folder_of(const std::string& path) {
 // A temporary's name is predictable (the target's, the pid, a counter), and
 // the folders it is made in (a log folder, a checkpoint folder) may be
 // writable by others: a symbolic link planted at that name would be followed,
-// and the file it points to overwritten. So the temporary is created here,
-// before the writer runs, with O_CREAT | O_EXCL | O_NOFOLLOW: a name that
-// exists already, as a link or anything else, is never opened but skipped
-// for the next one (and left alone: it is not ours). The writer then opens a
+// and the file it points to overwritten. So the temporary is created here
+// with O_CREAT | O_EXCL | O_NOFOLLOW: a name that exists already, as a link
+// or anything else, is never opened but skipped for the next one (and left
+// alone: it is not ours). The bytes go through the descriptor of the
 // regular file this process has just made. Before the rename, the name must
 // still be a regular file, so that no link is ever renamed over the target.
 
@@ -104,53 +104,91 @@ inline void move_into_place(const std::string& temporary, const std::string& pat
   sync_folder_of(path);
 }
 
-/// Calls `write(temporary_path)` to produce the file, then moves it over
-/// `path` atomically. The temporary exists (empty) when `write` is called:
-/// see Note [Temporary files are made, never found]. If `write` throws or
-/// anything fails, the temporary file is removed, `path` keeps its old
-/// content, and the error propagates (as multigpu::Error naming the path,
-/// for file-system failures).
-inline void replace_file_atomically(const std::string& path,
-                                    const std::function<void(const std::string&)>& write) {
-  const auto [temporary, fd] = create_temporary_beside(path);
-  ::close(fd);
-  try {
-    write(temporary);
-    move_into_place(temporary, path);
-  } catch (...) {
-    std::remove(temporary.c_str());
-    throw;
-  }
-}
+// Note [A full disk fails a save, not the program]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// LibTorch's stream writer, given a file name or a stream, throws c10::Error
+// when a write fails (a full disk, a quota, a read-only remount, EIO), and
+// throws again from its destructor while that first error unwinds: the
+// program ends in std::terminate, leaving a partial temporary that keeps the
+// disk full. So nothing but this file writes a checkpoint's bytes: LibTorch
+// serialises through a function (OutputArchive::save_to(writer)) that hands
+// them to a FileSink, which writes them with write(2) and checks every
+// return. A sink never reports a failure to the serialiser: it keeps the
+// first errno, writes nothing more, and answers "all written", so that the
+// serialiser ends normally. Only then is the failure thrown, as one
+// multigpu::Error naming the file and the reason (strerror), with the
+// temporary removed and the file it was to replace untouched. fsync and
+// close are checked too: a file system may report a full disk (NFS, a
+// quota) or EIO only there.
 
-/// Writes `content` to `path` atomically (see replace_file_atomically), through
-/// the descriptor of the temporary it created.
-inline void write_file_atomically(const std::string& path, std::string_view content) {
-  auto [temporary, fd] = create_temporary_beside(path);
-  try {
-    for (std::size_t done = 0; done < content.size();) {
-      const ssize_t written = ::write(fd, content.data() + done, content.size() - done);
+/// Writes bytes to a descriptor with write(2), keeping the first failure
+/// (see Note [A full disk fails a save, not the program]).
+class FileSink {
+ public:
+  /// A sink writing to `fd` (not owned).
+  explicit FileSink(int fd) : fd_(fd) {}
+  /// Writes the `size` bytes at `data`, unless a write failed before;
+  /// returns `size` in any case, so that a serialiser goes on to its end.
+  std::size_t write(const void* data, std::size_t size) noexcept {
+    const char* bytes = static_cast<const char*>(data);
+    for (std::size_t done = 0; error_ == 0 && done < size;) {
+      const ssize_t written = ::write(fd_, bytes + done, size - done);
       if (written < 0 && errno == EINTR) continue;
       if (written <= 0) {
-        throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary,
-                                std::strerror(written < 0 ? errno : ENOSPC)));
+        error_ = written < 0 ? errno : ENOSPC;
+      } else {
+        done += static_cast<std::size_t>(written);
       }
-      done += static_cast<std::size_t>(written);
     }
-    if (::fsync(fd) != 0) {
-      throw Error(fmt::format("cannot write {}: flushing {} failed: {}", path, temporary, std::strerror(errno)));
-    }
+    return size;
+  }
+  /// The errno of the first failed write; 0 when none failed.
+  int error() const { return error_; }
+
+ private:
+  int fd_;
+  int error_ = 0;
+};
+
+/// Writes a file at `path` atomically: `produce` writes its bytes into a
+/// sink on a new temporary beside it, which is checked, flushed and renamed
+/// over `path`. If `produce` throws or any write, flush or rename fails, the
+/// temporary is removed, `path` keeps its old content, and the error
+/// propagates (file-system failures as multigpu::Error naming `path`, the
+/// temporary and the reason). See Note [A full disk fails a save, not the
+/// program].
+inline void write_file_atomically_with(const std::string& path, const std::function<void(FileSink&)>& produce) {
+  auto created = create_temporary_beside(path);  // not bound to names: C++17 lambdas cannot capture those
+  const std::string temporary = std::move(created.first);
+  int fd = created.second;
+  const auto failed = [&](const char* doing, int error) {
+    return Error(fmt::format("cannot write {}: {} {} failed: {}", path, doing, temporary, std::strerror(error)));
+  };
+  try {
+    FileSink sink(fd);
+    produce(sink);
+    if (sink.error() != 0) throw failed("writing", sink.error());
+    int flushed = 0;
+    do {
+      flushed = ::fsync(fd);
+    } while (flushed != 0 && errno == EINTR);  // a signal during the flush: flush again
+    if (flushed != 0) throw failed("flushing", errno);
     const int closing = fd;
     fd = -1;
-    if (::close(closing) != 0) {
-      throw Error(fmt::format("cannot write {}: writing {} failed: {}", path, temporary, std::strerror(errno)));
-    }
+    // EINTR from close: the descriptor is closed all the same (Linux), and
+    // the bytes are on disk since the fsync above; not a failed save.
+    if (::close(closing) != 0 && errno != EINTR) throw failed("writing", errno);
     move_into_place(temporary, path, /*synced=*/true);
   } catch (...) {
     if (fd >= 0) ::close(fd);
     std::remove(temporary.c_str());
     throw;
   }
+}
+
+/// Writes `content` to `path` atomically (see write_file_atomically_with).
+inline void write_file_atomically(const std::string& path, std::string_view content) {
+  write_file_atomically_with(path, [content](FileSink& sink) { sink.write(content.data(), content.size()); });
 }
 
 }  // namespace detail

@@ -325,7 +325,7 @@ inline void SchedulerCore::start(Job& job, const std::vector<std::size_t>& devic
   append_to_file(result.log_path, fmt::format("### multigpu: task {}, attempt {}, on {}, CUDA_VISIBLE_DEVICES={}, {}\n",
                                               job.task.name, result.attempts, on, visible, iso8601(result.start)));
   if (!job.task.command.empty()) {
-    const std::string command = fill_placeholders(job.task.command, {{"gpu", visible}, {"task", job.task.name}});
+    const std::string command = command_for(job.task.command, visible, job.task.name);
     append_to_file(result.log_path, fmt::format("### command: {}\n", command));
     const auto env = environment_with({{"CUDA_VISIBLE_DEVICES", visible},
                                        {"MULTIGPU_TASK", job.task.name},
@@ -539,7 +539,7 @@ inline std::vector<PlannedTask> SchedulerCore::plan(const std::vector<Task>& tas
         if (!pool_[d].is_cpu()) p.visible_devices += (p.visible_devices.empty() ? "" : ",") + pool_[d].visible_devices_token;
       }
       if (!task.command.empty()) {
-        p.command = fill_placeholders(task.command, {{"gpu", p.visible_devices}, {"task", task.name}});
+        p.command = command_for(task.command, p.visible_devices, task.name);
       }
     }
     planned.push_back(std::move(p));

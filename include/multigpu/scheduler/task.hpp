@@ -4,12 +4,14 @@
 /// what an in-process task gets (TaskContext), and what happened to it
 /// (TaskStatus, TaskResult).
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -53,7 +55,7 @@ struct Task {
   /// Unique; used for the log file's name (made file-safe) and the summary.
   std::string name;
   /// A shell command (`/bin/sh -c`); `{gpu}` becomes the CUDA_VISIBLE_DEVICES
-  /// value given to it, `{task}` its name.
+  /// value given to it, `{task}` its name, each quoted for the shell.
   std::string command;
   /// Or: a callable run in this process.
   std::function<void(TaskContext&)> function;
@@ -186,6 +188,136 @@ inline std::string fill_placeholders(const std::string& text, const std::map<std
       }
     }
     out += text[i];
+  }
+  return out;
+}
+
+// Note [What the runner puts into a command is quoted]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A task's command runs under /bin/sh -c, and {task} and {gpu} are filled in
+// at run time with text that is data, not shell code: a name such as
+// "lr=0.1;bs=32" pasted as it is would run "bs=32" as a second command. So
+// each goes in written so that the shell reads back exactly the value, as
+// GNU parallel inserts its arguments, where it stands in the command:
+// - outside quotes, as one word: a value of letters, digits and
+//   @%+=:,./_- only as it is (the usual names and "0,1" read as before),
+//   anything else in single quotes, a single quote inside as '\'';
+// - inside "...", with a backslash before $ ` " and \;
+// - inside '...', with a single quote as '\''.
+// So `--name {task}`, "name={task}" and 'name={task}' all give the name.
+// Where the quotes are is read simply: quotes, backslashes, and command
+// substitutions, $(...) and `...`, inside which the quoting starts afresh
+// (so "$(basename {task})" gets the name as one word: escaped for "..." it
+// would be shell code there); inside `...` the backslashes that the shell
+// takes off first are doubled. Not read: a `...` nested as \`...\`, a case
+// pattern's ')' inside $(...), bash's $'...'. There is no unquoted form:
+// for the name as shell text, say so: eval "... $MULTIGPU_TASK". Grid
+// values ({NAME} of a grid line) are the task file's own text and stay as
+// written, like the rest of the line.
+
+/// Where a place in a shell command is: outside quotes, inside '...', or inside "...".
+enum class ShellQuoting { kNone, kSingle, kDouble };
+
+/// `text` written so that the shell reads it back unchanged at a place
+/// quoted as `quoting` says; outside quotes as one word (see Note [What the
+/// runner puts into a command is quoted]).
+inline std::string shell_quoted(std::string_view text, ShellQuoting quoting) {
+  std::string out;
+  if (quoting == ShellQuoting::kDouble) {
+    for (const char c : text) {
+      if (c == '$' || c == '`' || c == '"' || c == '\\') out += '\\';
+      out += c;
+    }
+    return out;
+  }
+  const auto plain = [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           std::string_view("@%+=:,./_-").find(c) != std::string_view::npos;
+  };
+  if (quoting == ShellQuoting::kNone && !text.empty() && std::all_of(text.begin(), text.end(), plain)) {
+    return std::string(text);
+  }
+  for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoting == ShellQuoting::kSingle ? out : "'" + out + "'";
+}
+
+/// A task's command with {gpu} (its CUDA_VISIBLE_DEVICES value) and {task}
+/// (its name) filled in, each read back by the shell as it is (see Note
+/// [What the runner puts into a command is quoted]).
+inline std::string command_for(const std::string& command, const std::string& visible_devices,
+                               const std::string& name) {
+  const std::map<std::string, std::string> values{{"gpu", visible_devices}, {"task", name}};
+  // A command substitution open at a place: the quoting it stands in, and
+  // for $(...) how many '(' of its own are open.
+  struct Substitution {
+    ShellQuoting around;
+    bool backquoted;
+    int parentheses;
+  };
+  std::vector<Substitution> substitutions;
+  const auto in_double_backquotes = [&substitutions] {
+    const auto s = std::find_if(substitutions.rbegin(), substitutions.rend(),
+                                [](const Substitution& each) { return each.backquoted; });
+    return s != substitutions.rend() && s->around == ShellQuoting::kDouble;
+  };
+  std::string out;
+  ShellQuoting quoting = ShellQuoting::kNone;
+  for (std::size_t i = 0; i < command.size(); ++i) {
+    const char c = command[i];
+    if (c == '{') {
+      const std::size_t close = command.find('}', i);
+      const auto found = close == std::string::npos ? values.end() : values.find(command.substr(i + 1, close - i - 1));
+      if (found != values.end()) {
+        std::string text = shell_quoted(found->second, quoting);
+        for (auto s = substitutions.rbegin(); s != substitutions.rend(); ++s) {
+          if (!s->backquoted) continue;
+          std::string escaped;  // the shell first reads \\ \` \$ (and \" in "...") inside `...` as \ ` $ "
+          for (const char t : text) {
+            if (t == '\\' || t == '`' || t == '$' || (t == '"' && s->around == ShellQuoting::kDouble)) escaped += '\\';
+            escaped += t;
+          }
+          text = std::move(escaped);
+        }
+        out += text;
+        i = close;
+        continue;
+      }
+    }
+    out += c;
+    if (quoting == ShellQuoting::kSingle) {
+      if (c == '\'') quoting = ShellQuoting::kNone;
+    } else if (c == '\\' && i + 1 < command.size()) {
+      const bool quote = command[i + 1] == '"' && in_double_backquotes();  // \" inside "`...`" is a quote there
+      out += command[++i];                                                  // else an escaped character: no quote
+      if (quote) quoting = quoting == ShellQuoting::kDouble ? ShellQuoting::kNone : ShellQuoting::kDouble;
+    } else if (c == '$' && i + 1 < command.size() && command[i + 1] == '(') {
+      out += command[++i];
+      substitutions.push_back({quoting, false, 0});
+      quoting = ShellQuoting::kNone;
+    } else if (c == '`') {
+      if (quoting == ShellQuoting::kNone && !substitutions.empty() && substitutions.back().backquoted) {
+        quoting = substitutions.back().around;
+        substitutions.pop_back();
+      } else {
+        substitutions.push_back({quoting, true, 0});
+        quoting = ShellQuoting::kNone;
+      }
+    } else if ((c == '(' || c == ')') && quoting == ShellQuoting::kNone && !substitutions.empty() &&
+               !substitutions.back().backquoted) {
+      auto& substitution = substitutions.back();
+      if (c == '(') {
+        ++substitution.parentheses;
+      } else if (substitution.parentheses > 0) {
+        --substitution.parentheses;
+      } else {
+        quoting = substitution.around;
+        substitutions.pop_back();
+      }
+    } else if (c == '"') {
+      quoting = quoting == ShellQuoting::kDouble ? ShellQuoting::kNone : ShellQuoting::kDouble;
+    } else if (c == '\'' && quoting == ShellQuoting::kNone) {
+      quoting = ShellQuoting::kSingle;
+    }
   }
   return out;
 }
