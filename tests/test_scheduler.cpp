@@ -604,6 +604,10 @@ TEST_SUITE("scheduler") {
     // is one word too, not shell code (escaped for "..." it would be).
     CHECK(multigpu::detail::command_for("echo \"$(basename {task})\"", "", "a;b") == "echo \"$(basename 'a;b')\"");
     CHECK(multigpu::detail::command_for("echo \"`basename {task}`\"", "", "a;$b") == "echo \"`basename 'a;\\$b'`\"");
+    // ${task} is the shell's parameter expansion, left to the shell: filled
+    // in, a name "(id)" would make "$(id)" and run id.
+    CHECK(multigpu::detail::command_for("echo \"${task}\" ${gpu} '${task}' \\${task}", "0", "(id)") ==
+          "echo \"${task}\" ${gpu} '$(id)' \\$'(id)'");
     const auto summary = scheduler.run(tasks);
     REQUIRE(summary.count(TaskStatus::kDone) == 4);
     const std::string semicolon = read_file(result_of(summary, "lr=0.1;bs=32").log_path);

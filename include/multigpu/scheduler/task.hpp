@@ -213,7 +213,9 @@ inline std::string fill_placeholders(const std::string& text, const std::map<std
 // pattern's ')' inside $(...), bash's $'...'. There is no unquoted form:
 // for the name as shell text, say so: eval "... $MULTIGPU_TASK". Grid
 // values ({NAME} of a grid line) are the task file's own text and stay as
-// written, like the rest of the line.
+// written, like the rest of the line. "${task}" is the shell's own
+// parameter expansion and is left to the shell: filled in there, a name
+// starting with "(" would make "$(" and run as a command.
 
 /// Where a place in a shell command is: outside quotes, inside '...', or inside "...".
 enum class ShellQuoting { kNone, kSingle, kDouble };
@@ -262,9 +264,11 @@ inline std::string command_for(const std::string& command, const std::string& vi
   };
   std::string out;
   ShellQuoting quoting = ShellQuoting::kNone;
+  bool after_dollar = false;  // the last character read was a $ the shell expands
   for (std::size_t i = 0; i < command.size(); ++i) {
     const char c = command[i];
-    if (c == '{') {
+    const bool shell_braces = std::exchange(after_dollar, false);  // ${task} is the shell's, not ours
+    if (c == '{' && !shell_braces) {
       const std::size_t close = command.find('}', i);
       const auto found = close == std::string::npos ? values.end() : values.find(command.substr(i + 1, close - i - 1));
       if (found != values.end()) {
@@ -284,6 +288,7 @@ inline std::string command_for(const std::string& command, const std::string& vi
       }
     }
     out += c;
+    after_dollar = c == '$' && quoting != ShellQuoting::kSingle;
     if (quoting == ShellQuoting::kSingle) {
       if (c == '\'') quoting = ShellQuoting::kNone;
     } else if (c == '\\' && i + 1 < command.size()) {
