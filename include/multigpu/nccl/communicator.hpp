@@ -202,6 +202,8 @@ class NcclCommunicator : public Communicator {
     return fmt::format("replica {} ({})", r, replicas_[r].device().str());
   }
   void check_devices() const;
+  // The first replica's GPU (-1 for none): made current around CUDA calls on callers' threads.
+  int first_device() const noexcept { return replicas_.empty() ? -1 : replicas_[0].device().index(); }
   void init(const NcclWorld& world);
   void warm_up();
   std::string end_group(const char* what);
@@ -461,7 +463,7 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
     }
   }
   // See Note [Restoring the current device] (detail/cuda.hpp): NCCL restores this one after the group.
-  const detail::RestoreCudaDevice restore_device(replicas_[0].device().index());
+  const detail::RestoreCudaDevice restore_device(first_device());
   std::lock_guard<std::mutex> launching(launch_mutex_);
   check_usable();
   const auto deadline = Clock::now() + timeout_;
@@ -570,7 +572,7 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
   // See Note [NCCL watchdog and CUDA graphs]: the device first, then the mode.
-  if (!replicas_.empty() && cudaSetDevice(replicas_[0].device().index()) != cudaSuccess) cudaGetLastError();
+  if (first_device() >= 0 && cudaSetDevice(first_device()) != cudaSuccess) cudaGetLastError();
   const detail::ThreadLocalCaptureMode capture_mode;
   if (!capture_mode.active()) {
     warn("the NCCL watchdog could not set its CUDA stream capture mode to thread-local: its event queries may "
@@ -596,7 +598,7 @@ inline void NcclCommunicator::watch() {
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
   // The event queries, and the mode exchange, with a GPU of the events current: on a thread that had none, they
   // would create a context on GPU 0 (Note [Restoring the current device] in detail/cuda.hpp).
-  const detail::RestoreCudaDevice restore_device(replicas_[0].device().index());
+  const detail::RestoreCudaDevice restore_device(first_device());
   const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
   std::lock_guard<std::mutex> launching(launch_mutex_);
   const auto start = Clock::now();
@@ -627,7 +629,7 @@ inline NcclCommunicator::~NcclCommunicator() {
   } catch (const std::exception&) {
     return;  // aborted (ncclCommAbort released them); the reason was logged
   }
-  const detail::RestoreCudaDevice restore_device(replicas_[0].device().index());  // as in collective()
+  const detail::RestoreCudaDevice restore_device(first_device());  // as in collective()
   std::lock_guard<std::mutex> launching(launch_mutex_);
   for (std::size_t r = 0; r < comms_.size(); ++r) {
     if (comms_[r] == nullptr) continue;
