@@ -21,6 +21,7 @@
 
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/cuda/Sleep.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -615,6 +616,55 @@ TEST_SUITE("CUDA") {
       nccl.wait(std::chrono::seconds(30));
     }
     CHECK(pool.free_events(gpu) == before);  // reused, not made anew
+  }
+
+  TEST_CASE("CUDA: NCCL calls on fresh threads create no context on GPU 0 when only GPU 1 is used") {
+    // A fresh thread reports device 0 without having a context there; putting
+    // that device "back" with cudaSetDevice, or querying an event while it is
+    // current, would create one. See Note [Restoring the current device]
+    // (detail/cuda.hpp). With one GPU, the GPU used is GPU 0: nothing to tell.
+    MULTIGPU_TEST_NEEDS_GPUS(2);
+    if (at::detail::getCUDAHooks().hasPrimaryContext(0)) {
+      std::cout << "multigpu test skipped: GPU 0 already has a context in this process (an earlier test, or "
+                   "cudaMemGetInfo without NVML); run this case on its own, as ctest does"
+                << std::endl;
+      return;
+    }
+    const c10::Device gpu("cuda:1");
+    auto nccl = std::make_unique<multigpu::NcclCommunicator>(std::vector<multigpu::ReplicaContext>{
+        multigpu::ReplicaContext(gpu)});  // set-up and warm-up on this thread, whose device is 0 too
+    const bool after_setup = at::detail::getCUDAHooks().hasPrimaryContext(0);
+    auto t = torch::ones({4}, torch::TensorOptions().device(gpu));
+    std::string failure;
+    int device_after = -1;
+    std::thread launching([&] {
+      try {
+        nccl->all_reduce({t}, multigpu::ReduceOp::kSum);
+        if (cudaGetDevice(&device_after) != cudaSuccess) device_after = -2;
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    });
+    launching.join();
+    const bool after_collective = at::detail::getCUDAHooks().hasPrimaryContext(0);
+    std::thread waiting([&] {
+      try {
+        nccl->wait(std::chrono::seconds(30));
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+    });
+    waiting.join();
+    const bool after_wait = at::detail::getCUDAHooks().hasPrimaryContext(0);
+    std::thread destroying([&] { nccl.reset(); });  // waits, finalizes: on a fresh thread
+    destroying.join();
+    CHECK_MESSAGE(failure.empty(), failure);
+    CHECK(torch::equal(t.cpu(), torch::ones({4})));
+    CHECK(device_after == 1);  // left on the GPU it used, not put on GPU 0
+    CHECK_FALSE(after_setup);
+    CHECK_FALSE(after_collective);
+    CHECK_FALSE(after_wait);
+    CHECK_FALSE(at::detail::getCUDAHooks().hasPrimaryContext(0));
   }
 #endif
 

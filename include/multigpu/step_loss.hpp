@@ -8,7 +8,10 @@
 ///
 /// Reading the value on every step makes the host wait for the GPU on every
 /// step, which keeps the GPU idle while the host prepares the next batch;
-/// read it every few steps, or accumulate tensor() on the device.
+/// read it every few steps, or accumulate tensor() on the device. A StepLoss
+/// of a GPU step holds a small block of pinned host memory for as long as it
+/// lives: to keep many steps' losses, keep item()'s double (or tensor()),
+/// not the StepLoss.
 
 // Note [Reading a step's loss]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -24,6 +27,12 @@
 // right after the loss; the pinned block goes back to LibTorch's host
 // allocator, which reuses it only once the copy is done. tensor() stays on the device, for
 // code that accumulates losses there.
+// The pinned block, and the event, belong to the StepLoss until it is
+// destroyed, read or not: each live StepLoss holds one block of page-locked
+// host memory that the allocator cannot hand out again. A loop that keeps
+// every step's StepLoss (a vector of them for a plot) pins one more block per
+// step, for as long as it keeps them; keep only what you need: the double
+// that item() returns, or tensor() (on the device), not the StepLoss.
 
 #include <memory>
 #include <optional>

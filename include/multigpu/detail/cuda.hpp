@@ -1,6 +1,7 @@
 #pragma once
 // CUDA helpers: the one checking macro for CUDA runtime calls, the
-// caching allocator's free mutex, the thread-local capture mode. Compiled only with MULTIGPU_WITH_CUDA.
+// caching allocator's free mutex, the thread-local capture mode, the current
+// device made current again. Compiled only with MULTIGPU_WITH_CUDA.
 
 #include "multigpu/config.hpp"
 
@@ -9,6 +10,7 @@
 #include <mutex>
 #include <string>
 
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <cuda_runtime_api.h>
 #include <fmt/core.h>
 
@@ -97,6 +99,63 @@ class ThreadLocalCaptureMode {
  private:
   cudaStreamCaptureMode previous_ = cudaStreamCaptureModeThreadLocal;  // exchanged in, then back out
   bool active_ = false;
+};
+
+// Note [Restoring the current device]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Code that makes a replica's GPU current on the caller's thread (the NCCL
+// communicator's set-up, collectives, wait and destructor) puts the
+// caller's device back afterwards. Since CUDA 12, cudaSetDevice creates the
+// primary context of the device it names when the process has none there
+// (about 500 MiB of GPU memory), and a thread that never chose a device
+// reports device 0 from cudaGetDevice without any context. Putting "device
+// 0" back on such a thread (a user's thread in a process that uses GPU 3
+// only, a destructor run on a fresh thread) would create a context on GPU 0
+// in every process of a job whose processes all see every GPU. So
+// RestoreCudaDevice puts the previous device back only where a primary
+// context exists on it, which is also the case for a device the thread set
+// itself (under CUDA 12); elsewhere the last device made current stays
+// current, a GPU the code used, whose context already exists. LibTorch's
+// device guards do the same (c10::cuda::MaybeSetDevice, which checks
+// cuDevicePrimaryCtxGetState through hasPrimaryContext). NCCL saves and
+// restores the current device itself around a group, so the device is made
+// current before ncclGroupStart: NCCL then restores a device that has a
+// context. Runtime calls that need a context but name no device (an event
+// query, the capture-mode exchange) run where a used GPU is current for the
+// same reason (see Note [NCCL watchdog and CUDA graphs] in
+// nccl/communicator.hpp).
+
+/// Remembers the calling thread's current CUDA device and, given a device
+/// (>= 0), makes that one current; at the end makes the remembered device
+/// current again where a context exists on it (see Note [Restoring the
+/// current device]). Never throws: where `device` cannot be made current,
+/// the CUDA calls that follow fail and say so.
+class RestoreCudaDevice {
+ public:
+  explicit RestoreCudaDevice(int device = -1) noexcept {
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      cudaGetLastError();
+      previous_ = -1;
+    }
+    if (device >= 0 && device != previous_ && cudaSetDevice(device) != cudaSuccess) cudaGetLastError();
+  }
+  ~RestoreCudaDevice() {
+    int current = -1;
+    if (previous_ < 0 || (cudaGetDevice(&current) == cudaSuccess && current == previous_)) return;
+    cudaGetLastError();
+    bool has_context = false;
+    try {
+      has_context = at::detail::getCUDAHooks().hasPrimaryContext(previous_);
+    } catch (...) {
+      has_context = false;  // unknown: setting it could create one
+    }
+    if (has_context && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+  }
+  RestoreCudaDevice(const RestoreCudaDevice&) = delete;
+  RestoreCudaDevice& operator=(const RestoreCudaDevice&) = delete;
+
+ private:
+  int previous_ = -1;
 };
 
 }  // namespace detail

@@ -151,9 +151,12 @@ inline NcclWorld agree_on_nccl_world(ProcessCollectives& processes, std::size_t 
 // new thread's current device is GPU 0, and a runtime call there (the
 // exchange, an event query) would create a context on GPU 0, about half a
 // GiB, in every process of a job whose processes each see all GPUs (pytorch
-// #135273 and torchcomms #777 mend the same). wait() too switches to the
-// thread-local mode around its queries, for a communicator destroyed (or
-// waited for) while another thread captures. Nothing else needs it: the
+// #135273 and torchcomms #777 mend the same). wait() too makes the first
+// replica's GPU current, then switches to the thread-local mode around its
+// queries, for a communicator destroyed (or waited for) on another thread,
+// maybe a fresh one, while another thread captures; it puts the caller's
+// device back only where that has a context (Note [Restoring the current
+// device] in detail/cuda.hpp). Nothing else needs the mode: the
 // other threads multigpu owns (a replica's worker, the reducer's launch
 // threads) make CUDA calls only inside a DataParallel call, and a
 // DataParallel call itself cannot be captured (docs/data-parallel.md,
@@ -199,6 +202,8 @@ class NcclCommunicator : public Communicator {
     return fmt::format("replica {} ({})", r, replicas_[r].device().str());
   }
   void check_devices() const;
+  // The first replica's GPU (-1 for none): made current around CUDA calls on callers' threads.
+  int first_device() const noexcept { return replicas_.empty() ? -1 : replicas_[0].device().index(); }
   void init(const NcclWorld& world);
   void warm_up();
   std::string end_group(const char* what);
@@ -249,25 +254,6 @@ inline ncclDataType_t nccl_type(at::ScalarType type) {
   if (type == at::kBFloat16 && compat::nccl_bfloat16(bfloat16)) return bfloat16;
   throw CommError(fmt::format("NCCL {} has no type for {}", nccl_version_string(), c10::toString(type)));
 }
-
-/// The current device on entry, made current again on exit.
-class RestoreCudaDevice {
- public:
-  RestoreCudaDevice() {
-    if (cudaGetDevice(&device_) != cudaSuccess) {
-      cudaGetLastError();
-      device_ = -1;
-    }
-  }
-  ~RestoreCudaDevice() {
-    if (device_ >= 0) cudaSetDevice(device_);
-  }
-  RestoreCudaDevice(const RestoreCudaDevice&) = delete;
-  RestoreCudaDevice& operator=(const RestoreCudaDevice&) = delete;
-
- private:
-  int device_ = -1;
-};
 
 }  // namespace detail
 
@@ -476,7 +462,8 @@ void NcclCommunicator::collective(const char* what, const std::vector<at::Tensor
       io[r] = t.is_contiguous() || (same_layout && t.is_non_overlapping_and_dense()) ? t : t.contiguous();
     }
   }
-  const detail::RestoreCudaDevice restore_device;
+  // See Note [Restoring the current device] (detail/cuda.hpp): NCCL restores this one after the group.
+  const detail::RestoreCudaDevice restore_device(first_device());
   std::lock_guard<std::mutex> launching(launch_mutex_);
   check_usable();
   const auto deadline = Clock::now() + timeout_;
@@ -585,7 +572,7 @@ inline void NcclCommunicator::abort_all(const std::string& reason) {
 // blocking NCCL (< 2.14), which only ncclCommAbort from another thread ends.
 inline void NcclCommunicator::watch() {
   // See Note [NCCL watchdog and CUDA graphs]: the device first, then the mode.
-  if (!replicas_.empty() && cudaSetDevice(replicas_[0].device().index()) != cudaSuccess) cudaGetLastError();
+  if (first_device() >= 0 && cudaSetDevice(first_device()) != cudaSuccess) cudaGetLastError();
   const detail::ThreadLocalCaptureMode capture_mode;
   if (!capture_mode.active()) {
     warn("the NCCL watchdog could not set its CUDA stream capture mode to thread-local: its event queries may "
@@ -609,6 +596,9 @@ inline void NcclCommunicator::watch() {
 }
 
 inline void NcclCommunicator::wait(std::chrono::milliseconds timeout) {
+  // The event queries, and the mode exchange, with a GPU of the events current: on a thread that had none, they
+  // would create a context on GPU 0 (Note [Restoring the current device] in detail/cuda.hpp).
+  const detail::RestoreCudaDevice restore_device(first_device());
   const detail::ThreadLocalCaptureMode capture_mode;  // See Note [NCCL watchdog and CUDA graphs]
   std::lock_guard<std::mutex> launching(launch_mutex_);
   const auto start = Clock::now();
@@ -639,7 +629,7 @@ inline NcclCommunicator::~NcclCommunicator() {
   } catch (const std::exception&) {
     return;  // aborted (ncclCommAbort released them); the reason was logged
   }
-  const detail::RestoreCudaDevice restore_device;
+  const detail::RestoreCudaDevice restore_device(first_device());  // as in collective()
   std::lock_guard<std::mutex> launching(launch_mutex_);
   for (std::size_t r = 0; r < comms_.size(); ++r) {
     if (comms_[r] == nullptr) continue;
