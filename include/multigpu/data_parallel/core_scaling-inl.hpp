@@ -77,9 +77,11 @@ inline bool DataParallelCore::gradients_overflowed() {
 // per parameter, on the CPU the very loop of per-tensor ops that
 // torch::nn::utils::clip_grad_norm_ runs. Its arithmetic is kept too: each
 // gradient's norm in its own dtype, their norm (or, with one gradient, that
-// norm itself), max_norm / (norm + 1e-6) clamped at 1; float64 gradients
-// give the same bits as clip_grad_norm_. The norm is float32, or float64
-// when a gradient is (a float16 model's norm in float32, as before).
+// norm itself), max_norm / (norm + 1e-6) clamped at 1. On the CPU float64
+// gradients give the same bits as clip_grad_norm_ (tested within 1e-12, so
+// that another LibTorch's reduction order may differ in the last bit); a
+// GPU's fused norm may round differently there. The norm is float32, or
+// float64 when a gradient is (a float16 model's norm in float32, as before).
 inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_type) {
   require_usable("clip_grad_norm");
   if (!(max_norm > 0) || std::isnan(max_norm)) {
