@@ -307,6 +307,7 @@ struct TensorsOf {
   }
 };
 
+/// TensorsOf<T>::visit: false where `value` holds a type it cannot see into.
 template <class T>
 bool visit_tensors(const T& value, const std::function<void(const at::Tensor&)>& fn) {
   return TensorsOf<T>::visit(value, fn);
