@@ -309,6 +309,20 @@ TEST_SUITE("clip_grad_norm") {
     }
   }
 
+  TEST_CASE("a replica whose gradients were set to none is left alone, the others are clipped") {
+    Net net;
+    DataParallel<Net> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    dp.forward_backward(make_batch(9), mse);
+    for (auto& p : dp.replica(1).parameters()) p.mutable_grad().reset();  // what its zero_grad() does on 2.x
+    const double norm = dp.clip_grad_norm(1e-3).item<double>();  // the foreach op refuses an empty list
+    CHECK(norm > 1e-3);
+    double clipped = 0;
+    for (const auto& p : net->parameters()) clipped += p.grad().pow(2).sum().item<double>();
+    CHECK(std::sqrt(clipped) == doctest::Approx(1e-3).epsilon(1e-3));
+    for (const auto& p : dp.replica(1).parameters()) CHECK_FALSE(p.grad().defined());
+  }
+
   TEST_CASE("the infinity norm, one replica, and bad arguments") {
     Net net;
     DataParallel<Net> dp(net, cpus(1));

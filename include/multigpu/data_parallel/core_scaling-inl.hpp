@@ -123,6 +123,10 @@ inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_
     }
     const at::Tensor factor = (max_norm / (total + 1e-6)).clamp_max(1.0);
     for (std::size_t r = 0; r < size(); ++r) {
+      // A foreach op refuses an empty list: a replica whose gradients were
+      // all set to none behind our back (its module's zero_grad()) has
+      // nothing to scale.
+      if (grads[r].empty()) continue;
       compat::foreach_mul_(grads[r], r == 0 ? factor : factor.to(devices_[r]));
     }
   }
