@@ -69,6 +69,32 @@ struct UnusedNetImpl : torch::nn::Cloneable<UnusedNetImpl> {
 };
 TORCH_MODULE(UnusedNet);
 
+/// A predict output type with BatchTraits but no for_each_tensor.
+struct Opaque {
+  torch::Tensor hidden;
+};
+/// One whose BatchTraits lists its tensors.
+struct Listed {
+  torch::Tensor first, second;
+};
+
+}  // namespace
+
+template <>
+struct multigpu::BatchTraits<Opaque> {
+  static Opaque gather(const std::vector<Opaque>& parts, const c10::Device& /*device*/) { return parts.front(); }
+};
+
+template <>
+struct multigpu::BatchTraits<Listed> {
+  static void for_each_tensor(const Listed& value, const std::function<void(const at::Tensor&)>& fn) {
+    fn(value.first);
+    fn(value.second);
+  }
+};
+
+namespace {
+
 std::vector<c10::Device> cpus(std::size_t n) { return std::vector<c10::Device>(n, c10::Device("cpu")); }
 
 torch::data::Example<> make_batch(std::int64_t n, std::uint64_t seed = 7) {
@@ -338,7 +364,7 @@ TEST_SUITE("DataParallel modules") {
     CHECK(torch::equal(without, with));
   }
 
-  TEST_CASE("BatchNorm: buffers follow the primary after each step, and training matches with one replica") {
+  TEST_CASE("BatchNorm: buffers follow the primary, and one replica trains and zeroes gradients as the plain loop") {
     torch::manual_seed(6);
     BnNet reference;
     BnNet wrapped;
@@ -355,6 +381,18 @@ TEST_SUITE("DataParallel modules") {
     }
     check_same_parameters(*reference, one.module(), 1e-6, 1e-7);
     CHECK(torch::allclose(reference->bn->running_mean, one.module().bn->running_mean));
+    // One replica has no buckets: its zero_grad is the plain optimizer's
+    // (LibTorch 2.x sets gradients to none, 1.13 zeroes them in place).
+    reference_optimizer.zero_grad();
+    const auto ours = wrapped->parameters();
+    const auto theirs = reference->parameters();
+    for (std::size_t k = 0; k < ours.size(); ++k) {
+      REQUIRE(ours[k].grad().defined() == theirs[k].grad().defined());
+      if (ours[k].grad().defined()) CHECK(ours[k].grad().abs().sum().item<double>() == 0);
+    }
+#if TORCH_VERSION_MAJOR >= 2
+    CHECK_FALSE(wrapped->fc1->weight.grad().defined());
+#endif
 
     BnNet four;
     DataParallel<BnNet> dp(four, cpus(4));
@@ -756,6 +794,59 @@ TEST_SUITE("DataParallel inference and sync statistics") {
     CHECK(two.size(0) == 2);
   }
 
+  TEST_CASE("predict outputs that are not one tensor come back whole and in order") {
+    Mlp net;
+    DataParallel<Mlp> dp(net, cpus(3));
+    const auto x = torch::randn({7, 6});
+    const auto direct = [&] {
+      torch::NoGradGuard no_grad;
+      return net->forward(x);
+    }();
+    const auto tuple = dp.predict(x, [](MlpImpl& m, const torch::Tensor& s) {
+      const auto y = m.forward(s);
+      return std::make_tuple(y, y.argmax(1), std::make_pair(y * 2, y.sum(1)));
+    });
+    CHECK(torch::allclose(std::get<0>(tuple), direct, 1e-6, 1e-7));
+    CHECK(torch::equal(std::get<1>(tuple), direct.argmax(1)));
+    CHECK(torch::allclose(std::get<2>(tuple).first, direct * 2, 1e-6, 1e-7));
+    CHECK(torch::allclose(std::get<2>(tuple).second, direct.sum(1), 1e-5, 1e-6));
+    const auto example = dp.predict(x, [](MlpImpl& m, const torch::Tensor& s) {
+      return torch::data::Example<>(m.forward(s), s);
+    });
+    CHECK(torch::allclose(example.data, direct, 1e-6, 1e-7));
+    CHECK(torch::equal(example.target, x));
+    const auto rows = dp.predict(x, [](MlpImpl& m, const torch::Tensor& s) {
+      std::vector<torch::Tensor> out;
+      const auto y = m.forward(s);
+      for (std::int64_t i = 0; i < y.size(0); ++i) out.push_back(y[i]);
+      return out;
+    });
+    REQUIRE(rows.size() == 7);
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      CHECK(torch::allclose(rows[i], direct[static_cast<std::int64_t>(i)], 1e-6, 1e-7));
+    }
+  }
+
+  TEST_CASE("visit_tensors finds every tensor of a nested output, and says when it cannot see into one") {
+    const auto a = torch::zeros({1});
+    const auto b = torch::ones({2});
+    const auto c = torch::ones({3});
+    std::vector<std::int64_t> seen;
+    const auto record = [&](const torch::Tensor& t) { seen.push_back(t.numel()); };
+    const std::tuple<torch::Tensor, std::vector<std::pair<torch::Tensor, torch::Tensor>>, torch::data::Example<>,
+                     torch::data::TensorExample>
+        nested{a, {{b, c}, {c, a}}, {b, c}, torch::data::TensorExample(a)};
+    CHECK(multigpu::detail::visit_tensors(nested, record));
+    CHECK(seen == std::vector<std::int64_t>{1, 2, 3, 3, 1, 2, 3, 1});
+    seen.clear();
+    const std::pair<torch::Tensor, Opaque> mixed{b, Opaque{c}};
+    CHECK_FALSE(multigpu::detail::visit_tensors(mixed, record));  // the tensor it can see is still visited
+    CHECK(seen == std::vector<std::int64_t>{2});
+    seen.clear();
+    CHECK(multigpu::detail::visit_tensors(std::vector<Listed>{Listed{a, b}}, record));  // through BatchTraits
+    CHECK(seen == std::vector<std::int64_t>{1, 2});
+  }
+
   TEST_CASE("buckets follow reverse registration order, and the sync overlaps backward") {
     DataParallelOptions options;
     options.bucket_cap_mib = 0.0001;
@@ -854,6 +945,28 @@ TEST_SUITE("DataParallel bucket order") {
       CHECK(torch::equal(dp.replica(r).bn->running_var, net->bn->running_var));
       CHECK(dp.replica(r).bn->num_batches_tracked.item<std::int64_t>() == 3);
     }
+  }
+
+  TEST_CASE("the buffer broadcast writes the receivers only, never the primary's own buffers") {
+    // An in-place write bumps a tensor's version, and autograd refuses a
+    // backward through a buffer saved by a forward (BatchNorm in eval mode
+    // saves its running statistics) once it was written.
+    torch::manual_seed(8);
+    BnNet net;
+    DataParallel<BnNet> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    dp.train_step(make_batch(9), mse<BnNetImpl>);
+    dp.eval();
+    const auto output = net->forward(torch::randn({4, 6}));  // saves running_mean and running_var
+    {
+      torch::NoGradGuard no_grad;
+      for (std::size_t r = 1; r < 3; ++r) dp.replica(r).bn->running_mean.fill_(-1);
+    }
+    const auto version = net->bn->running_mean._version();
+    dp.broadcast_buffers();
+    CHECK(net->bn->running_mean._version() == version);
+    output.sum().backward();  // "modified by an inplace operation" if the primary's buffer had been written
+    dp.check_parity();
   }
 
   TEST_CASE("several launch threads are refused for a backend that needs one order of collectives") {

@@ -273,6 +273,56 @@ TEST_SUITE("clip_grad_norm") {
     }
   }
 
+  TEST_CASE("float64 gradients: the norm and the clipped gradients of torch::nn::utils::clip_grad_norm_") {
+    const double inf = std::numeric_limits<double>::infinity();
+    for (const std::size_t replicas : {std::size_t{1}, std::size_t{3}}) {
+      for (const double norm_type : {2.0, 1.0, 3.5, inf}) {
+        CAPTURE(replicas);
+        CAPTURE(norm_type);
+        torch::manual_seed(3);
+        Net net;
+        net->to(torch::kDouble);
+        DataParallel<Net> dp(net, cpus(replicas));
+        dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+        auto batch = make_batch(9);
+        batch = {batch.data.to(torch::kDouble), batch.target.to(torch::kDouble)};
+        dp.forward_backward(batch, mse);
+        // Their clip_grad_norm_ on copies of the synchronised gradients.
+        std::vector<torch::Tensor> theirs;
+        for (const auto& p : net->parameters()) {
+          theirs.push_back(p.detach().clone().requires_grad_(true));
+          theirs.back().mutable_grad() = p.grad().clone();
+        }
+        const double max_norm = 0.01;
+        const double expected = torch::nn::utils::clip_grad_norm_(theirs, max_norm, norm_type);
+        const torch::Tensor norm = dp.clip_grad_norm(max_norm, norm_type);
+        CHECK((norm.scalar_type() == torch::kDouble));
+        CHECK(std::abs(norm.item<double>() - expected) <= 1e-12 * expected);
+        for (std::size_t r = 0; r < replicas; ++r) {
+          const auto clipped = dp.replica(r).parameters();
+          for (std::size_t i = 0; i < theirs.size(); ++i) {
+            CHECK((clipped[i].grad() - theirs[i].grad()).abs().max().item<double>() <=
+                  1e-12 * theirs[i].grad().abs().max().item<double>());
+          }
+        }
+      }
+    }
+  }
+
+  TEST_CASE("a replica whose gradients were set to none is left alone, the others are clipped") {
+    Net net;
+    DataParallel<Net> dp(net, cpus(3));
+    dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+    dp.forward_backward(make_batch(9), mse);
+    for (auto& p : dp.replica(1).parameters()) p.mutable_grad().reset();  // what its zero_grad() does on 2.x
+    const double norm = dp.clip_grad_norm(1e-3).item<double>();  // the foreach op refuses an empty list
+    CHECK(norm > 1e-3);
+    double clipped = 0;
+    for (const auto& p : net->parameters()) clipped += p.grad().pow(2).sum().item<double>();
+    CHECK(std::sqrt(clipped) == doctest::Approx(1e-3).epsilon(1e-3));
+    for (const auto& p : dp.replica(1).parameters()) CHECK_FALSE(p.grad().defined());
+  }
+
   TEST_CASE("the infinity norm, one replica, and bad arguments") {
     Net net;
     DataParallel<Net> dp(net, cpus(1));

@@ -171,7 +171,10 @@ class DataParallel {
   /// every replica (syncing gradients first if needed). See Note [Several
   /// optimizers].
   void step(const std::string& name) { core_.step(name); }
-  /// Zeroes every replica's gradients (in place; they stay in their buckets).
+  /// Zeroes every replica's gradients (in place; they stay in their
+  /// buckets). One replica in one process has no buckets: like the plain
+  /// loop's optimizer.zero_grad(), it sets them to none on LibTorch 2.x and
+  /// zeroes them on 1.13 (see Note [Zeroing gradients with one replica]).
   void zero_grad() { core_.zero_grad(); }
   /// Zeroes, on every replica, only the gradients of the parameters that the optimizer `name` holds.
   void zero_grad(const std::string& name) { core_.zero_grad(name); }
@@ -179,8 +182,9 @@ class DataParallel {
   /// `max_norm` (after the sync, which it makes if needed; the same factor
   /// everywhere: see Note [Clipping across replicas]); with a GradScaler it
   /// unscales them first. Call it between forward_backward and step().
-  /// Returns the norm before clipping, a 0-dimensional float tensor on the
-  /// first device (reading it waits for the device). `norm_type`: p of the
+  /// Returns the norm before clipping, a 0-dimensional float tensor (double
+  /// for float64 gradients, equal to torch::nn::utils::clip_grad_norm_'s) on
+  /// the first device (reading it waits for the device). `norm_type`: p of the
   /// p-norm, or infinity for the largest absolute value.
   at::Tensor clip_grad_norm(double max_norm, double norm_type = 2.0) {
     return core_.clip_grad_norm(max_norm, norm_type);
@@ -470,12 +474,16 @@ auto DataParallel<M>::predict(const Batch& batch, Fn&& fn) {
     if (output) parts.push_back(std::move(*output));
   }
   // Gathered on the caller's streams, after the replicas' work: the result
-  // is the caller's. See Note [Streams], rule 4, for the parts.
+  // is the caller's. See Note [Predict's outputs on the caller's streams].
   core_.caller_waits_for_replicas();
-  if constexpr (std::is_same<Output, at::Tensor>::value) {
-    for (const auto& part : parts) detail::mark_used_on_current_stream(part);
+  bool seen_all = true;
+  for (const auto& part : parts) {
+    seen_all = detail::visit_tensors(part, [](const at::Tensor& t) { detail::mark_used_on_current_stream(t); }) &&
+               seen_all;
   }
-  return gather_outputs(parts, core_.device(0));
+  Output gathered = gather_outputs(parts, core_.device(0));
+  if (!seen_all) core_.host_waits_for_callers();
+  return gathered;
 }
 
 template <class M>

@@ -18,10 +18,13 @@
 ///     static MyBatch to(const MyBatch& b, const c10::Device& device) { ... }
 ///     // optional, for DataParallel::predict outputs:
 ///     static MyBatch gather(const std::vector<MyBatch>& parts, const c10::Device& device) { ... }
+///     // optional, for predict outputs on GPUs (without it predict waits for the GPU):
+///     static void for_each_tensor(const MyBatch& b, const std::function<void(const at::Tensor&)>& fn) { ... }
 ///   };
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -288,6 +291,99 @@ struct BatchTraits<std::pair<First, Second>> {
 
 // ---------------------------------------------------------------------------
 // Definitions
+
+namespace detail {
+
+/// Calls `fn(const at::Tensor&)` on every tensor of a value: a tensor, or a
+/// std::vector, std::tuple, std::pair or torch::data::Example of them,
+/// nested, or a type whose BatchTraits has for_each_tensor. visit() returns
+/// false where it met a type it cannot look into (the tensors it could see
+/// were still visited).
+template <class T, class Enable = void>
+struct TensorsOf {
+  template <class Fn>
+  static bool visit(const T& /*value*/, Fn& /*fn*/) {
+    return false;
+  }
+};
+
+/// TensorsOf<T>::visit: false where `value` holds a type it cannot see into.
+template <class T>
+bool visit_tensors(const T& value, const std::function<void(const at::Tensor&)>& fn) {
+  return TensorsOf<T>::visit(value, fn);
+}
+
+template <>
+struct TensorsOf<at::Tensor> {
+  template <class Fn>
+  static bool visit(const at::Tensor& tensor, Fn& fn) {
+    fn(tensor);
+    return true;
+  }
+};
+
+template <class T, class Allocator>
+struct TensorsOf<std::vector<T, Allocator>> {
+  template <class Fn>
+  static bool visit(const std::vector<T, Allocator>& list, Fn& fn) {
+    bool all = true;
+    for (const auto& element : list) all = TensorsOf<T>::visit(element, fn) && all;
+    return all;
+  }
+};
+
+template <class... Fields>
+struct TensorsOf<std::tuple<Fields...>> {
+  template <class Fn>
+  static bool visit(const std::tuple<Fields...>& fields, Fn& fn) {
+    return std::apply(
+        [&](const auto&... field) {
+          bool all = true;
+          ((all = TensorsOf<std::decay_t<decltype(field)>>::visit(field, fn) && all), ...);
+          return all;
+        },
+        fields);
+  }
+};
+
+template <class First, class Second>
+struct TensorsOf<std::pair<First, Second>> {
+  template <class Fn>
+  static bool visit(const std::pair<First, Second>& pair, Fn& fn) {
+    const bool first = TensorsOf<First>::visit(pair.first, fn);
+    return TensorsOf<Second>::visit(pair.second, fn) && first;
+  }
+};
+
+template <class Data, class Target>
+struct TensorsOf<torch::data::Example<Data, Target>> {
+  template <class Fn>
+  static bool visit(const torch::data::Example<Data, Target>& example, Fn& fn) {
+    const bool data = TensorsOf<Data>::visit(example.data, fn);
+    return TensorsOf<Target>::visit(example.target, fn) && data;
+  }
+};
+
+template <class Data>
+struct TensorsOf<torch::data::Example<Data, torch::data::example::NoTarget>> {
+  template <class Fn>
+  static bool visit(const torch::data::Example<Data, torch::data::example::NoTarget>& example, Fn& fn) {
+    return TensorsOf<Data>::visit(example.data, fn);
+  }
+};
+
+/// A type of yours whose BatchTraits lists its tensors.
+template <class T>
+struct TensorsOf<T, std::void_t<decltype(BatchTraits<T>::for_each_tensor(
+                        std::declval<const T&>(), std::declval<const std::function<void(const at::Tensor&)>&>()))>> {
+  template <class Fn>
+  static bool visit(const T& value, Fn& fn) {
+    BatchTraits<T>::for_each_tensor(value, std::function<void(const at::Tensor&)>(std::ref(fn)));
+    return true;
+  }
+};
+
+}  // namespace detail
 
 template <class Batch>
 std::vector<Batch> split_shards(const Batch& batch, const std::vector<std::int64_t>& sizes) {

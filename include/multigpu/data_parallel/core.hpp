@@ -78,6 +78,10 @@ class DataParallelCore {
   /// Inside a fence: the caller's streams wait for the replicas' work so far
   /// (what the fence's end does), so that the caller can read their results.
   void caller_waits_for_replicas() { fence_.leave(); }
+  /// The host waits for the caller's current streams on every replica's
+  /// device (for predict outputs it cannot see into: Note [Predict's
+  /// outputs on the caller's streams]).
+  void host_waits_for_callers();
   /// Runs `job(r)` on every replica with `active[r]` (all when empty).
   void run(const std::function<void(std::size_t)>& job, const char* what, const std::vector<bool>& active = {});
   void sync_gradients();
@@ -320,6 +324,29 @@ inline void DataParallelCore::require_usable(const char* what) const {
     throw Error(fmt::format("{}: {}. Call resync_from_primary() to copy the primary replica to the others, or "
                             "build a new DataParallel",
                             what, diverged_));
+  }
+}
+
+// Note [Predict's outputs on the caller's streams]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// predict's outputs are made on the replicas' streams, and the caller's
+// streams read them: the gather (a cat, a copy between GPUs) and, where
+// a part is returned as it is (an element of a std::vector output on the
+// first device), the caller's own kernels. The fence orders those reads
+// after the replicas' work (Note [Streams], rule 2), and every tensor of
+// every part is marked as used on the caller's current stream of its
+// device (rule 4), so that the caching allocator does not give its memory
+// to the replica's stream again before the caller's reads are done. The
+// parts are any mix of tensors, std::vector, std::tuple, std::pair and
+// torch::data::Example, nested; detail::visit_tensors (scatter.hpp) finds
+// their tensors, and a batch type of yours lists its own through its
+// BatchTraits' for_each_tensor. A type it cannot see into cannot be marked:
+// then the host waits for the caller's streams after the gather instead
+// (correct, and a host wait per call: give the type for_each_tensor). On
+// CPUs there is nothing to mark and nothing to wait for.
+inline void DataParallelCore::host_waits_for_callers() {
+  for (const auto& device : devices_) {
+    if (const auto stream = current_stream(device)) stream->synchronize();
   }
 }
 
@@ -733,6 +760,19 @@ inline void DataParallelCore::follow_primary_options(const ReplicatedOptimizer& 
   }
 }
 
+// Note [Zeroing gradients with one replica]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// With several replicas (or processes) every gradient is a slot of a bucket
+// (Note [Gradient buckets]) and is zeroed in place, one kernel per bucket:
+// the bucket is the memory the all-reduce works on. One replica in one
+// process has no reducer and no bucket, so nothing needs the memory, and
+// zero_grad does what the plain loop's optimizer.zero_grad() does on the
+// LibTorch in use: from 2.0 on it sets every gradient to none, so that the
+// next backward steals its first gradient instead of adding it to zeros
+// (no kernel per parameter to zero, none to add, and the memory is free
+// between steps); LibTorch 1.13 zeroes in place (detached, as its
+// optimizer does). DataParallel(1) then trains, and allocates, exactly as
+// the plain loop.
 inline void DataParallelCore::zero_grad() {
   const auto fence = fenced();
   progress_.on_zero_grad();
@@ -745,7 +785,13 @@ inline void DataParallelCore::zero_grad() {
   const compat::NoGradGuard no_grad;
   const ReplicaContext::Scope on_replica(contexts_[0]);
   for (auto& p : parameters_[0]) {
-    if (p.grad().defined()) p.mutable_grad().zero_();
+    if (!p.grad().defined()) continue;
+    if (compat::kZeroGradSetsToNone) {
+      p.mutable_grad().reset();
+    } else {
+      p.mutable_grad().detach_();
+      p.mutable_grad().zero_();
+    }
   }
 }
 
@@ -757,7 +803,12 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
         const compat::NoGradGuard no_grad;
         for (auto& group : optimizer.replicas[r]->param_groups()) {
           for (auto& p : group.params()) {
-            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+            if (!p.grad().defined()) continue;
+            if (!reducer_ && compat::kZeroGradSetsToNone) {
+              p.mutable_grad().reset();  // no buckets: as zero_grad() (Note [Zeroing gradients with one replica])
+            } else {
+              p.mutable_grad().zero_();  // in place: a bucket's view stays one
+            }
           }
         }
       },

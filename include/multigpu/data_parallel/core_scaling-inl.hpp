@@ -71,6 +71,17 @@ inline bool DataParallelCore::gradients_overflowed() {
 // are unscaled first (once per step: see Note [Gradient scaling across
 // replicas]); an overflowed step has an infinite or NaN norm, and step()
 // skips it anyway.
+//
+// The norm and the scaling are foreach ops (Note [Foreach ops across
+// versions]): on a GPU a few fused launches per replica, not one or two
+// per parameter, on the CPU the very loop of per-tensor ops that
+// torch::nn::utils::clip_grad_norm_ runs. Its arithmetic is kept too: each
+// gradient's norm in its own dtype, their norm (or, with one gradient, that
+// norm itself), max_norm / (norm + 1e-6) clamped at 1. On the CPU float64
+// gradients give the same bits as clip_grad_norm_ (tested within 1e-12, so
+// that another LibTorch's reduction order may differ in the last bit); a
+// GPU's fused norm may round differently there. The norm is float32, or
+// float64 when a gradient is (a float16 model's norm in float32, as before).
 inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_type) {
   require_usable("clip_grad_norm");
   if (!(max_norm > 0) || std::isnan(max_norm)) {
@@ -91,20 +102,32 @@ inline at::Tensor DataParallelCore::clip_grad_norm(double max_norm, double norm_
   const compat::NoGradGuard no_grad;
   const auto caller = current_stream(devices_[0]);
   const ReplicaStreamsCurrent on_replicas(contexts_);
-  std::vector<at::Tensor> norms;
-  for (const auto& p : parameters_[0]) {
-    if (p.grad().defined()) norms.push_back(p.grad().norm(norm_type).to(at::kFloat));
+  std::vector<std::vector<at::Tensor>> grads(size());  // [replica], the defined ones
+  at::ScalarType dtype = at::kFloat;  // the norm's: float, or double when a gradient is
+  for (std::size_t r = 0; r < size(); ++r) {
+    for (const auto& p : parameters_[r]) {
+      if (!p.grad().defined()) continue;
+      grads[r].push_back(p.grad());
+      if (r == 0 && p.grad().scalar_type() == at::kDouble) dtype = at::kDouble;
+    }
   }
-  at::Tensor total = at::zeros({}, at::TensorOptions().device(devices_[0]).dtype(at::kFloat));
-  if (!norms.empty()) {
-    const at::Tensor stacked = at::stack(norms);
-    total = std::isinf(norm_type) ? stacked.max() : stacked.norm(norm_type);
+  at::Tensor total = at::zeros({}, at::TensorOptions().device(devices_[0]).dtype(dtype));
+  if (!grads[0].empty()) {
+    std::vector<at::Tensor> norms = at::_foreach_norm(grads[0], norm_type);
+    for (auto& norm : norms) norm = norm.to(dtype);
+    if (norms.size() == 1) {
+      total = norms[0];
+    } else {
+      const at::Tensor stacked = at::stack(norms);
+      total = std::isinf(norm_type) ? stacked.max() : stacked.norm(norm_type);
+    }
     const at::Tensor factor = (max_norm / (total + 1e-6)).clamp_max(1.0);
     for (std::size_t r = 0; r < size(); ++r) {
-      const at::Tensor here = r == 0 ? factor : factor.to(devices_[r]);
-      for (const auto& p : parameters_[r]) {
-        if (p.grad().defined()) p.grad().mul_(here);
-      }
+      // A foreach op refuses an empty list: a replica whose gradients were
+      // all set to none behind our back (its module's zero_grad()) has
+      // nothing to scale.
+      if (grads[r].empty()) continue;
+      compat::foreach_mul_(grads[r], r == 0 ? factor : factor.to(devices_[r]));
     }
   }
   if (caller) mark_used_on(total, *caller);  // read on the caller's stream (Note [Streams], rule 4)

@@ -30,11 +30,23 @@ inline void DataParallelCore::broadcast_from_primary() {
 // primary to every replica after each step. One collective per buffer
 // would cost a launch (and, across processes, a round trip) per BatchNorm
 // tensor: a ResNet-50 has 160. Instead the buffers of one dtype are packed
-// into one flat tensor per replica, broadcast once, and unpacked on the
-// other replicas: one collective per dtype (two for BatchNorm: float
-// statistics, int64 counters). Parameters, broadcast only at construction
-// and by resync_from_primary(), go one by one, so that a large model never
-// needs a second copy of itself.
+// into one flat tensor on the sender (one cat), broadcast once, and
+// unpacked on the receivers with one foreach copy per replica (Note
+// [Foreach ops across versions]): one collective per dtype (two for
+// BatchNorm: float statistics, int64 counters), and per replica a few
+// launches, not one per buffer. A receiver's flat tensor is only allocated
+// (its old values would be overwritten), and the sender never copies into
+// its own buffers: in one process replica 0 is the root and keeps its
+// buffers untouched (their version counters too, which autograd checks
+// when a buffer saved by a forward is used in backward). Across processes
+// replica 0 receives on every rank but rank 0, and which one this process
+// is the communicator does not say: there replica 0 packs and unpacks as
+// before. Keeping the buffers as views of one flat tensor per dtype (as
+// the gradient buckets are) would save the pack too, but a module owns
+// its buffers and may replace them (load_state_dict, a user's own
+// assignment), which would silently detach them from the flat tensor.
+// Parameters, broadcast only at construction and by resync_from_primary(),
+// go one by one, so that a large model never needs a second copy of itself.
 inline void DataParallelCore::broadcast_buffers() {
   if (comm_->world_size() == 1) return;
   const auto fence = fenced();
@@ -42,34 +54,34 @@ inline void DataParallelCore::broadcast_buffers() {
   // Packed, broadcast and unpacked on the replicas' streams, between the
   // kernels that use the buffers: no wait for the host (Note [Streams], rule 3).
   const ReplicaStreamsCurrent on_replicas(contexts_);
+  const bool primary_is_root = !spans_processes();
   std::map<at::ScalarType, std::vector<std::size_t>> by_type;  // dtype -> buffer indices, in module order
   for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
     if (buffers_[0][i].defined()) by_type[buffers_[0][i].scalar_type()].push_back(i);
   }
-  std::vector<std::vector<at::Tensor>> packed;  // [dtype group][replica]
   for (const auto& group : by_type) {
+    std::int64_t numel = 0;
+    for (std::size_t i : group.second) numel += buffers_[0][i].numel();
     std::vector<at::Tensor> flat(size());
-    for (std::size_t r = 0; r < size(); ++r) {
+    {
       std::vector<at::Tensor> parts;
-      for (std::size_t i : group.second) parts.push_back(buffers_[r][i].reshape({-1}));
-      flat[r] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
+      for (std::size_t i : group.second) parts.push_back(buffers_[0][i].reshape({-1}));
+      flat[0] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
     }
+    for (std::size_t r = 1; r < size(); ++r) flat[r] = at::empty({numel}, flat[0].options().device(devices_[r]));
     comm_->broadcast(flat, 0);
-    packed.push_back(std::move(flat));
-  }
-  // Replica 0 too: in another process than global rank 0 it receives as well
-  // (on the root itself it gets back its own values).
-  std::size_t g = 0;
-  for (const auto& group : by_type) {
-    for (std::size_t r = 0; r < size(); ++r) {
+    for (std::size_t r = primary_is_root ? 1 : 0; r < size(); ++r) {
+      std::vector<at::Tensor> targets;
+      std::vector<at::Tensor> sources;
       std::int64_t offset = 0;
       for (std::size_t i : group.second) {
-        at::Tensor& buffer = buffers_[r][i];
-        buffer.copy_(packed[g][r].narrow(0, offset, buffer.numel()).view(buffer.sizes()));
+        const at::Tensor& buffer = buffers_[r][i];
+        targets.push_back(buffer);
+        sources.push_back(flat[r].narrow(0, offset, buffer.numel()).view(buffer.sizes()));
         offset += buffer.numel();
       }
+      compat::foreach_copy_(targets, sources);
     }
-    ++g;
   }
 }
 

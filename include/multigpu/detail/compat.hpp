@@ -26,6 +26,7 @@
 #include <thread>
 #include <utility>
 
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Event.h>
@@ -254,6 +255,41 @@ inline void restore_param_group_options(torch::optim::Optimizer& optimizer, torc
   (void)archive;
 #endif
 }
+
+// Note [Foreach ops across versions]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A foreach op takes a list of tensors and, on CUDA, launches one fused
+// kernel per chunk of the list instead of one per tensor (on the CPU it
+// loops, with exactly the per-tensor op's results). LibTorch 1.13 has
+// _foreach_norm and _foreach_mul_ with a host Scalar only; _foreach_copy_
+// (found by its header) and _foreach_mul_ by a 0-dimensional tensor (the
+// overload came in 2.1: a version test, since a Tensor converts silently to
+// a one-element TensorList) came later. Where they are missing these loop,
+// as the callers did before.
+
+/// dst[i].copy_(src[i]) for every i.
+inline void foreach_copy_(at::TensorList dst, at::TensorList src) {
+#if __has_include(<ATen/ops/_foreach_copy.h>)
+  at::_foreach_copy_(dst, src);
+#else
+  for (std::size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i]);
+#endif
+}
+
+/// tensors[i].mul_(factor) for every i; `factor` is a 0-dimensional tensor
+/// on their device (never read on the host).
+inline void foreach_mul_(at::TensorList tensors, const at::Tensor& factor) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  at::_foreach_mul_(tensors, factor);
+#else
+  for (const auto& tensor : tensors) tensor.mul_(factor);
+#endif
+}
+
+/// Whether LibTorch's Optimizer::zero_grad() sets the gradients to none
+/// (2.0 on; 1.13 zeroes them in place): DataParallel does what the plain
+/// loop would (see Note [Zeroing gradients with one replica]).
+inline constexpr bool kZeroGradSetsToNone = TORCH_VERSION_MAJOR >= 2;
 
 }  // namespace compat
 }  // namespace multigpu
