@@ -608,10 +608,19 @@ TEST_SUITE("scheduler: its files") {
     SUBCASE("a run's summary and done records") {
       auto options = fast_options(dir, "0");
       multigpu::detail::make_directories(options.log_dir + "/.done");
+      // The next 300 names, each planted for one of the three files in turn:
+      // every write of the run meets links, and none runs out of names
+      // (kTemporaryAttempts), however often the summary is written (Note
+      // [How often the summary is written]).
+      const std::vector<std::string> targets = {options.log_dir + "/summary.json", options.log_dir + "/summary.csv",
+                                                options.log_dir + "/.done/made.json"};
+      const std::string next = multigpu::detail::temporary_path_for(targets[0]);
+      const std::string middle = next.substr(targets[0].size(), next.rfind('-') + 1 - targets[0].size());
+      const long number = std::atol(next.c_str() + next.rfind('-') + 1);
       std::vector<std::string> links;
-      for (const std::string name : {"/summary.json", "/summary.csv", "/.done/made.json"}) {
-        const auto planted = plant(options.log_dir + name, 300);
-        links.insert(links.end(), planted.begin(), planted.end());
+      for (long n = number + 1; n <= number + 300; ++n) {
+        links.push_back(targets[static_cast<std::size_t>(n % 3)] + middle + std::to_string(n));
+        std::filesystem::create_symlink(std::filesystem::absolute(outside), links.back());
       }
       FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
       const auto summary = scheduler.run(
