@@ -15,7 +15,7 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <sched.h>
+#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -60,8 +60,8 @@ namespace detail {
 //   child before it sends the parent-death signal), or when the signal comes
 //   from the scheduler's pid (the kernel sends it so; the scheduler itself
 //   never sends SIGUSR1, a task's shell has another pid).
-// - A failure to start is reported: the supervisor and the shell write the
-//   errno of a failed open, fork or execve (a command over the kernel's
+// - A failure to start is reported: the supervisor writes the
+//   errno of a failed open, posix_spawn or execve (a command over the kernel's
 //   128 KiB argument limit: E2BIG) into a close-on-exec pipe, so the error
 //   reaches the scheduler as an exception about that one task.
 //
@@ -201,35 +201,28 @@ inline void close_from(int first) {
   leave(WIFEXITED(status) ? WEXITSTATUS(status) : 127);
 }
 
-/// What the shell's start needs (see exec_shell).
-struct ShellStart {
-  char* const* argv;
-  char* const* envp;
-};
-
-/// The shell's side of its start: runs on its own stack in the supervisor's
-/// memory until execve replaces it (CLONE_VFORK: the supervisor waits).
-inline int exec_shell(void* arg) {
-  const auto* start = static_cast<const ShellStart*>(arg);
+/// Starts the shell with posix_spawn, with every signal unblocked (a
+/// blocked signal would stay blocked across execve). glibc's posix_spawn
+/// starts a child that shares the supervisor's memory until its execve
+/// (CLONE_VM|CLONE_VFORK), so that the supervisor's page tables (a copy of
+/// the scheduler's: LibTorch alone maps 100 MB) are not copied for a process
+/// that replaces them at once: a fork here copied them twice per task, half
+/// of a short task's cost. It takes nothing but system calls in the child and
+/// reports the execve's error itself, and the sanitizers know it (a raw clone
+/// would run instrumented code on a stack they do not know, sharing memory).
+/// Returns the shell's pid, or ends the supervisor through fail() with the
+/// error.
+inline pid_t start_shell(char* const* argv, char* const* envp) {
+  posix_spawnattr_t attributes;
+  int error = ::posix_spawnattr_init(&attributes);
   sigset_t none;
   sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);  // a blocked signal would stay blocked across execve
-  ::execve("/bin/sh", start->argv, start->envp);
-  fail(errno);
-}
-
-/// Starts the shell as posix_spawn does: a child that shares the
-/// supervisor's memory until its execve, so that the supervisor's page
-/// tables (a copy of the scheduler's: LibTorch alone maps 100 MB) are not
-/// copied for a process that replaces them at once. Copying them twice per
-/// task, here and for the supervisor, was half of a short task's cost.
-/// Returns the shell's pid, or -1 with errno set.
-inline pid_t start_shell(char* const* argv, char* const* envp) {
-  // The stack the shell runs on until its execve: the supervisor's own copy
-  // of this block (untouched, so unmapped, in the scheduler).
-  alignas(64) static char stack[256 * 1024];
-  ShellStart start{argv, envp};
-  return ::clone(exec_shell, stack + sizeof(stack), CLONE_VM | CLONE_VFORK | SIGCHLD, &start);
+  if (error == 0) error = ::posix_spawnattr_setsigmask(&attributes, &none);
+  if (error == 0) error = ::posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK);
+  pid_t shell = -1;
+  if (error == 0) error = ::posix_spawn(&shell, "/bin/sh", nullptr, &attributes, argv, envp);
+  if (error != 0) fail(error);
+  return shell;
 }
 
 /// The supervisor's life, in the forked child. Only async-signal-safe calls:
@@ -268,7 +261,6 @@ inline pid_t start_shell(char* const* argv, char* const* envp) {
   close_from(keep_fd >= 0 ? kKeptFd + 1 : kErrorFd + 1);
 
   const pid_t shell = start_shell(argv, envp);
-  if (shell < 0) fail(errno);
   report(kShellPid, static_cast<int>(shell));
   ::close(kErrorFd);
 
