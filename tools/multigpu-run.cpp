@@ -133,7 +133,12 @@ int show_status(const std::string& log_dir, std::string summary, bool watch, dou
 // only the loading). main() then gives GLIBC_TUNABLES back its old value,
 // so the tasks inherit the environment they were given. Where transparent
 // huge pages are off, the tunable changes nothing. MULTIGPU_RUN_HUGE_PAGES=0
-// skips all of it.
+// skips all of it. Under AddressSanitizer or ThreadSanitizer their runtime's
+// own .preinit_array entry (libasan_preinit.o, libtsan_preinit.o) is linked
+// before ours and runs first, so the restart runs in an initialised runtime
+// (checked: the tool's tests pass under both). Their allocator replaces
+// malloc, so the tunable does nothing there; the restart is kept so that a
+// sanitizer build runs the same path as a release build.
 constexpr const char* kRestartMark = "MULTIGPU_RUN_RESTARTED=";        // then the old GLIBC_TUNABLES, if any
 constexpr const char* kNoTunablesMark = "MULTIGPU_RUN_RESTARTED_NO_TUNABLES=1";
 constexpr const char* kHugePages = "glibc.malloc.hugetlb=1";
