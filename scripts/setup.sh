@@ -19,6 +19,7 @@ packages=(
   clang libclang-rt-14-dev  # the fuzz stage of the tests (libFuzzer)
   doxygen               # the API reference (docs/Doxyfile), checked by the docs test
   ccache                # compiler cache shared by every clone (scripts/configure.sh)
+  parallel              # GNU parallel, the yardstick of benchmarks/scheduler_vs_parallel.sh
 )
 
 if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then

@@ -13,6 +13,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <sys/resource.h>
@@ -321,6 +322,32 @@ TEST_SUITE("scheduler: dependencies") {
     CHECK(json["tasks"][1]["error"] == "not run: task train, which it runs after, failed");
   }
 
+  TEST_CASE("a failure ends only the waiting tasks reachable from it, as a scan of every task would") {
+    // See Note [Dependencies at scale]. t0 failed, t6 is done; t1..t5 and t7 wait.
+    const std::vector<std::vector<std::size_t>> after_lists = {{}, {0}, {1}, {4, 2}, {}, {4}, {}, {6}};
+    std::vector<multigpu::TaskResult> results(after_lists.size());
+    std::vector<const multigpu::TaskResult*> pointers;
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      results[i].name = "t" + std::to_string(i);
+      pointers.push_back(&results[i]);
+    }
+    results[0].status = TaskStatus::kFailed;
+    results[6].status = TaskStatus::kDone;
+    const auto waiting = [](std::size_t i) { return i != 0 && i != 6; };
+    const auto dependents = multigpu::detail::dependents_of(after_lists);
+    CHECK(dependents[4] == std::vector<std::size_t>{3, 5});
+    const auto candidates = multigpu::detail::waiting_dependents(dependents, {0}, waiting);
+    CHECK(candidates == std::vector<std::size_t>{1, 2, 3});
+    const auto not_run = multigpu::detail::tasks_not_run(after_lists, pointers, candidates, waiting);
+    REQUIRE(not_run.size() == 3);
+    CHECK(not_run[0] == std::pair<std::size_t, std::string>{1, "not run: task t0, which it runs after, failed"});
+    CHECK(not_run[1] == std::pair<std::size_t, std::string>{
+                            2, "not run: task t1, which it runs after, was not run (task t0 failed)"});
+    CHECK(not_run[2] == std::pair<std::size_t, std::string>{
+                            3, "not run: task t2, which it runs after, was not run (task t0 failed)"});
+    CHECK(multigpu::detail::waiting_dependents(dependents, {6}, waiting) == std::vector<std::size_t>{7});
+  }
+
   TEST_CASE("real sh tasks on CPU slots: a grid of train and eval, the eval of a failed train not run") {
     const std::string dir = fresh_dir("deps_sh");
     std::ofstream(dir + "/deps.tasks") << "grid rate = 1 2 3\n"
@@ -608,10 +635,19 @@ TEST_SUITE("scheduler: its files") {
     SUBCASE("a run's summary and done records") {
       auto options = fast_options(dir, "0");
       multigpu::detail::make_directories(options.log_dir + "/.done");
+      // The next 300 names, each planted for one of the three files in turn:
+      // every write of the run meets links, and none runs out of names
+      // (kTemporaryAttempts), however often the summary is written (Note
+      // [How often the summary is written]).
+      const std::vector<std::string> targets = {options.log_dir + "/summary.json", options.log_dir + "/summary.csv",
+                                                options.log_dir + "/.done/made.json"};
+      const std::string next = multigpu::detail::temporary_path_for(targets[0]);
+      const std::string middle = next.substr(targets[0].size(), next.rfind('-') + 1 - targets[0].size());
+      const long number = std::atol(next.c_str() + next.rfind('-') + 1);
       std::vector<std::string> links;
-      for (const std::string name : {"/summary.json", "/summary.csv", "/.done/made.json"}) {
-        const auto planted = plant(options.log_dir + name, 300);
-        links.insert(links.end(), planted.begin(), planted.end());
+      for (long n = number + 1; n <= number + 300; ++n) {
+        links.push_back(targets[static_cast<std::size_t>(n % 3)] + middle + std::to_string(n));
+        std::filesystem::create_symlink(std::filesystem::absolute(outside), links.back());
       }
       FakeScheduler scheduler(options, FakeRuntime::with_gpus(1));
       const auto summary = scheduler.run(
@@ -622,6 +658,24 @@ TEST_SUITE("scheduler: its files") {
       CHECK(all_links(links));
     }
     CHECK(read_file(outside) == "precious\n");
+  }
+
+  TEST_CASE("the summary written task by task has the layout of one JSON document written at once") {
+    // See summary_json: its tasks are appended as text, one object at a time.
+    std::vector<multigpu::TaskResult> results(2);
+    results[0].name = "first";
+    results[0].status = TaskStatus::kDone;
+    results[0].devices = {"cuda:0", "cuda:1"};
+    results[0].exit_code = 0;
+    results[0].error = "two\nlines";
+    results[1].name = "second";
+    for (std::size_t count : {0, 1, 2}) {
+      std::vector<const multigpu::TaskResult*> pointers;
+      for (std::size_t i = 0; i < count; ++i) pointers.push_back(&results[i]);
+      const std::string text = multigpu::detail::summary_json(pointers, true, false, 1.5);
+      CHECK(text == nlohmann::ordered_json::parse(text).dump(2) + "\n");
+      CHECK(nlohmann::json::parse(text)["tasks"].size() == count);
+    }
   }
 
   TEST_CASE("a command with bytes that are not UTF-8 is recorded byte for byte: the next run skips it") {

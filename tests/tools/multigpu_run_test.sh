@@ -2,7 +2,7 @@
 # Tests of the multigpu-run command, as a user runs it. Usage:
 #   multigpu_run_test.sh TOOL SOURCE_DIR WORK_DIR CASE
 # CASE: grid | sigint | errors | grace | orphans | lock | status | after | fail_fast | sessions | torchrun |
-#       nohup | durations | max_tasks
+#       nohup | durations | max_tasks | huge_pages
 # Exit status 77: skipped (the reason on stderr).
 set -euo pipefail
 tool="$1"; source_dir="$2"; work="$3"; case_name="$4"
@@ -368,6 +368,24 @@ TASKS
       || fail "$status $(cat small.out)"
     "$tool" --dry-run --gpus cpu --max-tasks 4 small.tasks > raised.out 2>&1 || fail "$(cat raised.out)"
     grep -q "^4 task(s) from small.tasks" raised.out || fail "$(cat raised.out)"
+    ;;
+  huge_pages)
+    # See Note [Huge pages for the scheduler's memory] in tools/multigpu-run.cpp:
+    # the runner restarted itself with glibc's huge-page tunable (its mark is
+    # in the environment the runner started with, which its fork, the
+    # supervisor, shows in /proc; glibc rewrites GLIBC_TUNABLES' own text
+    # there), and the task gets the GLIBC_TUNABLES it was given, or none,
+    # and no mark of the restart.
+    printf '%s\n' '[name=env] tr "\0" "\n" < /proc/$PPID/environ | grep -q "^MULTIGPU_RUN_RESTARTED" && echo runner-has-huge-pages; env | grep -E "^(GLIBC_TUNABLES|MULTIGPU_RUN)" || true' > env.tasks
+    env -u GLIBC_TUNABLES "$tool" -q --gpus cpu --log-dir none env.tasks > none.out 2>&1 || fail "$(cat none.out)"
+    grep -q "^runner-has-huge-pages$" none/env.log || fail "the runner has no huge-page tunable: $(cat none/env.log)"
+    if grep -E "^(GLIBC_TUNABLES|MULTIGPU_RUN)" none/env.log; then fail "the task got the restart's environment"; fi
+    GLIBC_TUNABLES=glibc.malloc.arena_max=2 "$tool" -q --gpus cpu --log-dir given env.tasks > given.out 2>&1 || fail "$(cat given.out)"
+    grep -q "^runner-has-huge-pages$" given/env.log || fail "$(cat given/env.log)"
+    [[ "$(grep -E "^(GLIBC_TUNABLES|MULTIGPU_RUN)" given/env.log)" == "GLIBC_TUNABLES=glibc.malloc.arena_max=2" ]] \
+      || fail "the task's GLIBC_TUNABLES: $(cat given/env.log)"
+    MULTIGPU_RUN_HUGE_PAGES=0 "$tool" -q --gpus cpu --log-dir off env.tasks > off.out 2>&1 || fail "$(cat off.out)"
+    if grep -q "^runner-has-huge-pages$" off/env.log; then fail "MULTIGPU_RUN_HUGE_PAGES=0 did not turn it off"; fi
     ;;
   *) fail "unknown case $case_name" ;;
 esac

@@ -93,7 +93,11 @@ class SchedulerCore {
   void finish(Running& running);
   void conclude(Job& job, const std::vector<std::size_t>& devices, bool success, bool out_of_memory);
   void release_cache_unless_in_use(const Running& ended);
+  void set_queued(Job& job, bool queued);
+  void ended_for_good(const Job& job);
+  void end_dependents_not_run(std::vector<Job>& jobs);
   void write_summary(const std::vector<Job>& jobs, bool final_write);
+  std::chrono::milliseconds until_summary_due() const;
   void print_status(const std::vector<Job>& jobs, bool force);
   void stop_for_failure(const Job& job);
   // GPU memory: see gpu_memory.hpp.
@@ -137,6 +141,15 @@ class SchedulerCore {
   bool warned_query_ = false;
   int lock_fd_ = -1;  // the log folder's lock, kept by command tasks' supervisors too
   std::vector<std::vector<std::size_t>> after_;  // per task: the tasks it runs after (see Note [Dependencies])
+  // See Note [Dependencies at scale] in dependencies.hpp:
+  std::vector<std::vector<std::size_t>> dependents_;  // per task: the tasks that run after it
+  std::vector<std::size_t> not_done_before_;  // per task: how many of its after_ are not done or skipped yet
+  std::set<std::size_t> ready_;               // queued tasks with not_done_before_ 0, in the order given
+  std::size_t queued_count_ = 0;              // queued tasks, ready or not
+  std::vector<std::size_t> failed_since_;     // tasks ended failed or interrupted, whose dependents are not ended yet
+  std::vector<const TaskResult*> results_;    // per task: its result, for tasks_not_run
+  // See Note [How often the summary is written] in reporting.hpp:
+  std::chrono::steady_clock::time_point next_summary_{};
   std::string run_error_;  // the scheduler's own error that ended run(), for the summary
   std::string fail_fast_task_;  // the task whose failure stops the run (SchedulerOptions::fail_fast)
   GpuReservations reservations_;  // see Note [A GPU promised to a task] in reservations.hpp
@@ -441,6 +454,10 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
   const bool stopping = stop_.load();
   if (success) {
     result.status = TaskStatus::kDone;
+    const auto index = static_cast<std::size_t>(&job - jobs_->data());
+    for (std::size_t after_it : dependents_[index]) {  // see Note [Dependencies at scale] in dependencies.hpp
+      if (--not_done_before_[after_it] == 0 && (*jobs_)[after_it].queued) ready_.insert(after_it);
+    }
     append_to_file(result.log_path, fmt::format("### done in {:.1f} s\n", result.seconds));
     if (!job.task.done_marker.empty() && !path_exists(job.task.done_marker)) {
       warn(fmt::format("task {} succeeded but did not create its done marker {}; a rerun will run it again",
@@ -463,6 +480,7 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
     }
   } else if (stopping) {
     result.status = TaskStatus::kInterrupted;
+    ended_for_good(job);
     append_to_file(result.log_path, fmt::format("### interrupted after {:.1f} s ({})\n", result.seconds, result.error));
   } else if (result.attempts <= options_.retries && !draining_) {
     // Another device next time: it may be this one that is crowded or broken.
@@ -472,16 +490,45 @@ inline void SchedulerCore::conclude(Job& job, const std::vector<std::size_t>& de
       for (std::size_t d : devices) job.avoid.insert(d);
     }
     result.status = TaskStatus::kPending;
-    job.queued = true;
+    set_queued(job, true);
     append_to_file(result.log_path, fmt::format("### failed ({}){}; retrying ({} of {})\n", result.error,
                                                 out_of_memory ? ", out of GPU memory" : "", result.attempts,
                                                 options_.retries));
   } else {
     result.status = TaskStatus::kFailed;
+    ended_for_good(job);
     if (draining_ && result.attempts <= options_.retries) result.error += " (not retried: the run was draining after Ctrl-C)";
     append_to_file(result.log_path, fmt::format("### failed after {:.1f} s: {}\n", result.seconds, result.error));
     stop_for_failure(job);
   }
+}
+
+inline void SchedulerCore::set_queued(Job& job, bool queued) {
+  // See Note [Dependencies at scale] in dependencies.hpp.
+  if (job.queued == queued) return;
+  job.queued = queued;
+  const auto index = static_cast<std::size_t>(&job - jobs_->data());
+  if (queued) {
+    ++queued_count_;
+    if (not_done_before_[index] == 0) ready_.insert(index);
+  } else {
+    --queued_count_;
+    ready_.erase(index);
+  }
+}
+
+inline void SchedulerCore::ended_for_good(const Job& job) {
+  const auto index = static_cast<std::size_t>(&job - jobs_->data());
+  if (!dependents_[index].empty()) failed_since_.push_back(index);
+}
+
+inline void SchedulerCore::end_dependents_not_run(std::vector<Job>& jobs) {
+  // See Note [Dependencies] and Note [Dependencies at scale] in dependencies.hpp.
+  if (failed_since_.empty()) return;
+  const auto ended = end_tasks_not_run(after_, dependents_, jobs, results_, failed_since_);
+  failed_since_.clear();
+  for (std::size_t i : ended) set_queued(jobs[i], false);
+  if (!ended.empty()) summary_dirty_ = true;
 }
 
 inline void SchedulerCore::release_cache_unless_in_use(const Running& ended) {

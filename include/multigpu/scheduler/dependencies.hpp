@@ -5,12 +5,14 @@
 /// cycles) and, during a run, when a task may start and which tasks cannot
 /// run because a task they run after failed.
 
+#include <algorithm>
 #include <cstddef>
 #include <exception>
 #include <map>
 #include <optional>
-#include <utility>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fmt/core.h>
@@ -111,32 +113,71 @@ inline std::optional<DependencyProblem> find_dependency_problem(const std::vecto
   return std::nullopt;
 }
 
-/// Whether a task may start, given the results so far of the tasks it runs
-/// after (`results[d]` for each d in `after`).
-inline bool dependencies_met(const std::vector<std::size_t>& after, const std::vector<const TaskResult*>& results) {
-  for (std::size_t d : after) {
-    const TaskStatus status = results[d]->status;
-    if (status != TaskStatus::kDone && status != TaskStatus::kSkipped) return false;
+// Note [Dependencies at scale]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// The run loop must not look at every task on every event: with 100,000
+// tasks that made a run's cost grow with the square of its size (a chain of
+// 2,000 dependent tasks took 135 s). So the scheduler keeps, per task, how
+// many of the tasks it runs after are not done or skipped yet, and the
+// queued tasks whose count is 0, in the order given; only those are
+// dispatched, and a task that ends done lowers the counts of the tasks that
+// run after it (dependents_of). A task that fails for
+// good is remembered, and only the waiting tasks reachable from it through
+// `after` are looked at (tasks_not_run's `candidates`): what they end with is
+// what looking at every task would give.
+
+/// Per task, the tasks that run after it (`after` turned round; a task named
+/// twice in one `after` is listed twice, as it is counted twice).
+inline std::vector<std::vector<std::size_t>> dependents_of(const std::vector<std::vector<std::size_t>>& after) {
+  std::vector<std::vector<std::size_t>> dependents(after.size());
+  for (std::size_t i = 0; i < after.size(); ++i) {
+    for (std::size_t d : after[i]) dependents[d].push_back(i);
   }
-  return true;
+  return dependents;
 }
 
-/// The tasks that can never run because a task they run after failed or was
-/// interrupted, transitively (see Note [Dependencies]): each with the error
-/// it ends with. `waiting[i]`: task i has not started and may still start.
-inline std::vector<std::pair<std::size_t, std::string>> tasks_not_run(
-    const std::vector<std::vector<std::size_t>>& after, const std::vector<const TaskResult*>& results,
-    std::vector<bool> waiting) {
+/// The waiting tasks (`waiting(i)`) that run after one of `roots`, directly
+/// or through other waiting tasks, in ascending order.
+template <class Waiting>
+std::vector<std::size_t> waiting_dependents(const std::vector<std::vector<std::size_t>>& dependents,
+                                            const std::vector<std::size_t>& roots, const Waiting& waiting) {
+  std::vector<std::size_t> found;
+  std::set<std::size_t> seen;
+  std::vector<std::size_t> stack(roots.begin(), roots.end());
+  while (!stack.empty()) {
+    const std::size_t task = stack.back();
+    stack.pop_back();
+    for (std::size_t next : dependents[task]) {
+      if (!waiting(next) || !seen.insert(next).second) continue;
+      found.push_back(next);
+      stack.push_back(next);
+    }
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+/// The tasks among `candidates` (ascending) that can never run because a
+/// task they run after failed or was interrupted, transitively (see Note
+/// [Dependencies]): each with the error it ends with. `waiting(i)`: task i
+/// has not started and may still start. Every task that can be ended must be
+/// among the candidates (waiting_dependents of the tasks that failed).
+template <class Waiting>
+std::vector<std::pair<std::size_t, std::string>> tasks_not_run(const std::vector<std::vector<std::size_t>>& after,
+                                                               const std::vector<const TaskResult*>& results,
+                                                               const std::vector<std::size_t>& candidates,
+                                                               const Waiting& waiting) {
   std::vector<std::pair<std::size_t, std::string>> not_run;
   std::map<std::size_t, std::string> cause;  // task not run -> the task that failed ("task X failed")
+  const auto still_waiting = [&](std::size_t i) { return waiting(i) && cause.count(i) == 0; };
   const auto failed = [&](std::size_t d) {
-    return !waiting[d] &&
+    return !still_waiting(d) &&
            (results[d]->status == TaskStatus::kFailed || results[d]->status == TaskStatus::kInterrupted);
   };
   for (bool changed = true; changed;) {
     changed = false;
-    for (std::size_t i = 0; i < after.size(); ++i) {
-      if (!waiting[i]) continue;
+    for (std::size_t i : candidates) {
+      if (!still_waiting(i)) continue;
       for (std::size_t d : after[i]) {
         if (!failed(d) && cause.count(d) == 0) continue;
         std::string error;
@@ -151,7 +192,6 @@ inline std::vector<std::pair<std::size_t, std::string>> tasks_not_run(
           cause[i] = fmt::format("task {} {}", results[d]->name, outcome);
         }
         not_run.emplace_back(i, std::move(error));
-        waiting[i] = false;
         changed = true;
         break;
       }
@@ -161,30 +201,30 @@ inline std::vector<std::pair<std::size_t, std::string>> tasks_not_run(
 }
 
 /// Ends the scheduler's queued jobs (`.task`, `.result`, `.queued`) that
-/// cannot run (tasks_not_run): failed, with the error, also in their logs.
-/// Fills `results` with every job's result, for dependencies_met. Returns
-/// whether it ended any.
+/// cannot run because one of `failed` (tasks that failed or were interrupted
+/// for good) did not run to its end (tasks_not_run): failed, with the
+/// error, also in their logs. `results[i]` is `&jobs[i].result`. Returns the
+/// jobs it ended; their `.queued` is left to the caller.
 template <class Job>
-bool end_tasks_not_run(const std::vector<std::vector<std::size_t>>& after, std::vector<Job>& jobs,
-                       std::vector<const TaskResult*>& results) {
-  std::vector<bool> waiting;
-  for (const auto& job : jobs) {
-    results.push_back(&job.result);
-    waiting.push_back(job.queued);
-  }
-  const auto not_run = tasks_not_run(after, results, std::move(waiting));
+std::vector<std::size_t> end_tasks_not_run(const std::vector<std::vector<std::size_t>>& after,
+                                           const std::vector<std::vector<std::size_t>>& dependents,
+                                           std::vector<Job>& jobs, const std::vector<const TaskResult*>& results,
+                                           const std::vector<std::size_t>& failed) {
+  const auto waiting = [&](std::size_t i) { return jobs[i].queued; };
+  const auto not_run = tasks_not_run(after, results, waiting_dependents(dependents, failed, waiting), waiting);
+  std::vector<std::size_t> ended;
   for (const auto& [i, error] : not_run) {
     Job& job = jobs[i];
-    job.queued = false;
     job.result.status = TaskStatus::kFailed;
     job.result.error = error;
+    ended.push_back(i);
     try {
       append_to_file(job.result.log_path, fmt::format("### multigpu: task {} {}\n", job.task.name, error));
     } catch (const std::exception&) {
       // The log only repeats the summary's error; the run goes on without it.
     }
   }
-  return !not_run.empty();
+  return ended;
 }
 
 }  // namespace detail

@@ -1,8 +1,10 @@
 #pragma once
 /// @file
 /// What a running scheduler reports: its summary files, rewritten as tasks
-/// start and end, and the status line (SchedulerCore's members for these).
+/// start and end (see Note [How often the summary is written]), and the
+/// status line (SchedulerCore's members for these).
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -11,6 +13,9 @@
 #include <vector>
 
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <fmt/core.h>
 
@@ -23,7 +28,37 @@
 namespace multigpu {
 namespace detail {
 
+// Note [How often the summary is written]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Writing the summary costs time in proportion to the number of tasks (each
+// task is a line of both files), and rewriting it at every start and end
+// made a run's cost grow with the square of its size: 10,000 tasks of `true`
+// were not finished after 400 s. So after a write, the next one waits ten
+// times as long as that write took (kSummaryPause): the summary then costs
+// at most about a tenth of the scheduler's time, whatever the number of
+// tasks, and the time a task waits for a slot stays flat. With a few hundred
+// tasks a write takes about a millisecond, and the file is still
+// rewritten within a few milliseconds of each change; with 100,000 it may
+// be seconds behind. A change is never lost: the loop wakes when the held
+// back write is due, and the run's end (done, drained, stopped, or the
+// scheduler's own error) writes the final summary at once. What a SIGKILL of
+// the scheduler can cost is the changes of that last pause: `status` then
+// shows a task that had ended as still running or pending, and a rerun
+// checks each task's done marker, not the summary, so nothing is run twice
+// or skipped because of it.
+
+/// After a summary write, the next waits this many times as long as the write took.
+inline constexpr int kSummaryPause = 10;
+
+inline std::chrono::milliseconds SchedulerCore::until_summary_due() const {
+  const auto now = std::chrono::steady_clock::now();
+  if (now >= next_summary_) return std::chrono::milliseconds(0);
+  // Rounded up: a wait of 0 ms before it is due would spin.
+  return std::chrono::ceil<std::chrono::milliseconds>(next_summary_ - now);
+}
+
 inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool final_write) {
+  const auto began = std::chrono::steady_clock::now();
   std::vector<const TaskResult*> results;
   results.reserve(jobs.size());
   // A task that has not run in this run keeps the peak measured before, so
@@ -71,6 +106,15 @@ inline void SchedulerCore::write_summary(const std::vector<Job>& jobs, bool fina
       warn(fmt::format("the summary was not written ({}); trying again as tasks end", e.what()));
     }
   }
+#if defined(__GLIBC__)
+  // The text and its pieces are freed, but glibc keeps their pages, and
+  // every page of ours is a page table entry that the fork of each task's
+  // supervisor copies: give them back.
+  ::malloc_trim(0);
+#endif
+  // A failed write waits as long: see Note [How often the summary is written].
+  const auto ended = std::chrono::steady_clock::now();
+  next_summary_ = ended + (ended - began) * kSummaryPause;
 }
 
 inline void SchedulerCore::print_status(const std::vector<Job>& jobs, bool force) {

@@ -58,6 +58,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   summary_.json_path = base + ".json";
   summary_.csv_path = base + ".csv";
   std::vector<Job> jobs;
+  jobs.reserve(tasks.size());
   for (const auto& task : tasks) {
     Job job;
     job.task = task;
@@ -75,7 +76,24 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   }
   jobs_ = &jobs;
   after_ = dependency_indexes(tasks);
-  const bool has_dependencies = std::any_of(tasks.begin(), tasks.end(), [](const Task& t) { return !t.after.empty(); });
+  // See Note [Dependencies at scale] in dependencies.hpp.
+  dependents_ = dependents_of(after_);
+  not_done_before_.assign(jobs.size(), 0);
+  ready_.clear();
+  queued_count_ = 0;
+  failed_since_.clear();
+  results_.clear();
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    results_.push_back(&jobs[i].result);
+    for (std::size_t d : after_[i]) {
+      const TaskStatus status = jobs[d].result.status;
+      if (status != TaskStatus::kDone && status != TaskStatus::kSkipped) ++not_done_before_[i];
+    }
+    if (jobs[i].queued) {
+      jobs[i].queued = false;
+      set_queued(jobs[i], true);
+    }
+  }
   stop_ = false;
   drain_ = false;
   draining_ = false;
@@ -92,6 +110,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
   const SignalWatch signals(options_.handle_signals);
   run_start_ = std::chrono::steady_clock::now();
   last_status_ = {};
+  next_summary_ = {};
   write_summary(jobs, false);
 
   bool stopping = false;
@@ -173,29 +192,32 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       }
       if (!stopping && !draining_ && !own_error) {
         // See Note [Dependencies] in dependencies.hpp. Not once stopping: waiting tasks stay pending.
-        std::vector<const TaskResult*> results;
-        if (has_dependencies && !stop_.load() && end_tasks_not_run(after_, jobs, results)) summary_dirty_ = true;
-        for (auto& job : jobs) {
-          if (!job.queued) continue;
-          queue_empty = false;
+        if (!stop_.load()) end_dependents_not_run(jobs);
+        queue_empty = queued_count_ == 0;
+        // Only the tasks whose dependencies are met, in the order given (Note
+        // [Dependencies at scale]); the others hold no device. start() or a
+        // failure takes a task out of ready_, a retry may put it back.
+        std::size_t index = 0;
+        for (auto next = ready_.begin(); next != ready_.end(); next = ready_.upper_bound(index)) {
+          index = *next;
+          Job& job = jobs[index];
           if (stop_.load() || drain_.load() || signals.any()) break;  // asked to stop since the top of the loop
           if (std::none_of(load_.begin(), load_.end(), [&](int l) { return l < options_.max_per_device; })) break;
-          const auto& after = after_[static_cast<std::size_t>(&job - jobs.data())];
-          if (!after.empty() && (results.empty() || !dependencies_met(after, results))) continue;  // holds no device
           if (!devices_now) {
             devices_now = query_devices();
             measure_tasks(*devices_now);  // what ours use now, so that the room is right
           }
           if (const std::string why = never_fits(job, *devices_now); !why.empty()) {
-            job.queued = false;  // see Note [Packing tasks by memory] in gpu_memory.hpp
+            set_queued(job, false);  // see Note [Packing tasks by memory] in gpu_memory.hpp
             job.result.status = TaskStatus::kFailed;
             job.result.error = "not run: " + why;
+            ended_for_good(job);
             summary_dirty_ = true;
             stop_for_failure(job);
             continue;
           }
           if (auto placement = place(job, *devices_now)) {
-            job.queued = false;
+            set_queued(job, false);
             job.waiting_since.reset();
             start(job, *placement);
             continue;
@@ -226,8 +248,9 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           if (busy.empty()) busy = room;
           if (!job.waiting_since) job.waiting_since = now;
           if (options_.busy_wait_limit.count() > 0 && now - *job.waiting_since >= options_.busy_wait_limit) {
-            job.queued = false;
+            set_queued(job, false);
             job.result.status = TaskStatus::kFailed;
+            ended_for_good(job);
             job.result.error = fmt::format("no device became free within {} s: {}",
                                            options_.busy_wait_limit.count() / 1000.0, busy);
             summary_dirty_ = true;
@@ -235,7 +258,7 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
           }
         }
       }
-      if (summary_dirty_) write_summary(jobs, false);
+      if (summary_dirty_ && until_summary_due().count() == 0) write_summary(jobs, false);
       print_status(jobs, false);
     } catch (const std::exception& e) {
       // See Note [The scheduler's own errors].
@@ -255,12 +278,14 @@ inline RunSummary SchedulerCore::run(const std::vector<Task>& tasks) {
       for (const auto& r : running_) {
         if (r->child) children.push_back(r->child->exit_fd());
       }
-      wake_.wait(children, options_.poll_interval);
+      // A summary held back (Note [How often the summary is written]) is written when due.
+      wake_.wait(children, summary_dirty_ ? std::min(options_.poll_interval, until_summary_due())
+                                          : options_.poll_interval);
     }
   }
 
   // A drain that left nothing unstarted (the queue was empty) cut nothing short.
-  const bool left_queued = std::any_of(jobs.begin(), jobs.end(), [](const Job& job) { return job.queued; });
+  const bool left_queued = queued_count_ > 0;
   summary_.interrupted = stopping || (draining_ && left_queued);
   if (own_error) {
     try {

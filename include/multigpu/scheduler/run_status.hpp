@@ -29,8 +29,10 @@ namespace multigpu {
 
 // Note [Seeing a run from anywhere]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-// The scheduler rewrites its summary (LOG_DIR/summary.json) atomically at
-// every change: a task starts, ends or is retried. Besides each task's
+// The scheduler rewrites its summary (LOG_DIR/summary.json) atomically
+// after every change: a task starts, ends or is retried (with many tasks,
+// soon after it: see Note [How often the summary is written] in
+// scheduler/reporting.hpp). Besides each task's
 // outcome it says which tasks are running, since when, the scheduler's pid
 // and host, how many tasks run at once, and when it was written. Any process
 // can read it at any time (a rename never shows half a file), so `status`

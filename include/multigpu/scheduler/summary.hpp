@@ -98,29 +98,39 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
                                 double seconds, const SummaryLive& live = {}) {
   using Json = nlohmann::ordered_json;  // keys in the order written, for people reading the file
   const auto milliseconds = [](double value) { return std::round(value * 1000) / 1000; };
-  Json tasks = Json::array();
+  // One task's object at a time, appended as text: a document of every task
+  // at once took several times the file's size in memory, for 100,000 tasks
+  // hundreds of MB (the text is the same: each object indented as an
+  // element of "tasks").
+  std::string tasks = results.empty() ? "[]" : "[\n";
   std::size_t counts[5] = {};
   for (std::size_t i = 0; i < results.size(); ++i) {
     const TaskResult& r = *results[i];
     ++counts[static_cast<int>(r.status)];
-    tasks.push_back(Json{{"task", r.name},
-                         {"status", to_string(r.status)},
-                         {"running", i < live.running.size() && live.running[i]},
-                         {"devices", r.devices},
-                         {"cuda_visible_devices", r.visible_devices},
-                         {"start", iso8601(r.start)},
-                         {"start_unix", unix_seconds(r.start)},
-                         {"seconds", milliseconds(r.seconds)},
-                         {"attempts", r.attempts},
-                         {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
-                         {"error", r.error},
-                         {"out_of_memory", r.out_of_memory},
-                         {"peak_gpu_mib", r.peak_gpu_bytes < 0 ? Json(nullptr) : Json(r.peak_gpu_bytes >> 20)},
-                         {"gpu_seconds", milliseconds(r.gpu_seconds)},
-                         {"memory_note", r.memory_note},
-                         {"log", r.log_path}});
+    const Json task{{"task", r.name},
+                    {"status", to_string(r.status)},
+                    {"running", i < live.running.size() && live.running[i]},
+                    {"devices", r.devices},
+                    {"cuda_visible_devices", r.visible_devices},
+                    {"start", iso8601(r.start)},
+                    {"start_unix", unix_seconds(r.start)},
+                    {"seconds", milliseconds(r.seconds)},
+                    {"attempts", r.attempts},
+                    {"exit_code", r.exit_code ? Json(*r.exit_code) : Json(nullptr)},
+                    {"error", r.error},
+                    {"out_of_memory", r.out_of_memory},
+                    {"peak_gpu_mib", r.peak_gpu_bytes < 0 ? Json(nullptr) : Json(r.peak_gpu_bytes >> 20)},
+                    {"gpu_seconds", milliseconds(r.gpu_seconds)},
+                    {"memory_note", r.memory_note},
+                    {"log", r.log_path}};
+    tasks += "    ";
+    for (const char c : task.dump(2, ' ', false, Json::error_handler_t::replace)) {
+      tasks += c;
+      if (c == '\n') tasks += "    ";
+    }
+    tasks += i + 1 < results.size() ? ",\n" : "\n  ]";
   }
-  const Json summary{{"tasks", std::move(tasks)},
+  const Json summary{{"tasks", Json::array()},
                      {"finished", finished},
                      {"interrupted", interrupted},
                      {"fail_fast_task", live.fail_fast_task.empty() ? Json(nullptr) : Json(live.fail_fast_task)},
@@ -136,7 +146,9 @@ inline std::string summary_json(const std::vector<const TaskResult*>& results, b
                      {"host", live.host},
                      {"slots", live.slots},
                      {"updated_unix", unix_seconds(std::chrono::system_clock::now())}};
-  return summary.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+  std::string text = summary.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+  const std::string head = "{\n  \"tasks\": ";  // then "[]" in `text`
+  return head + tasks + text.substr(head.size() + 2);
 }
 
 /// summary.csv's text: a header line, then one line per task.
