@@ -672,6 +672,8 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
   }
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
+  // After a zero_grad(name) since the sync: see Note [Gradients of parameters no backward reached].
+  if (reducer_) reducer_->release_unreached();
   std::vector<ReplicatedOptimizer*> stepped;
   for (auto& optimizer : optimizers_) {
     if (only == nullptr || only == &optimizer) stepped.push_back(&optimizer);
@@ -758,6 +760,7 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
         for (auto& group : optimizer.replicas[r]->param_groups()) {
           for (auto& p : group.params()) {
             if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+            if (reducer_) reducer_->note_zeroed(r, p);
           }
         }
       },

@@ -255,5 +255,11 @@ inline void restore_param_group_options(torch::optim::Optimizer& optimizer, torc
 #endif
 }
 
+/// Whether LibTorch's Optimizer::zero_grad() sets the gradients to none
+/// (2.0 on; 1.13 zeroes them in place): DataParallel gives a parameter no
+/// backward reached the gradient the plain loop would (see Note [Gradients
+/// of parameters no backward reached]).
+inline constexpr bool kZeroGradSetsToNone = TORCH_VERSION_MAJOR >= 2;
+
 }  // namespace compat
 }  // namespace multigpu
