@@ -191,6 +191,10 @@ class GradientReducer {
   void leave_alone_unreached(const std::vector<std::size_t>& missing);
   /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
   void launch_rest_and_wait();
+  /// Across processes with find_unused_parameters: makes reached_ say
+  /// whether any replica of any process reached each parameter (one
+  /// all-reduce). See Note [Gradients of parameters no backward reached].
+  void agree_on_reached();
   bool across_processes() const { return comm_.world_size() > comm_.size(); }
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
@@ -699,6 +703,7 @@ inline void GradientReducer::launch_rest_and_wait() {
   launch_not_ready();
   try {
     wait_for_launched("gradient sync");
+    agree_on_reached();  // every process passes here, a failed step's too
   } catch (...) {
     abandon_step();
     throw;
@@ -835,6 +840,7 @@ inline void GradientReducer::synchronize() {
     mark_ready(b);
   }
   wait_for_launched("gradient sync");
+  agree_on_reached();
   for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
   release_unreached();
@@ -887,15 +893,44 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   is pointed at its slot, which the reduction filled, by the same
 //   release_unreached after that sync.
 //
+// - Across processes, whether another rank reached a parameter is agreed
+//   on after each reduction of every bucket (launch_rest_and_wait, which
+//   every process runs in a synchronising step, a failed one's too, and
+//   synchronize()): one all-reduce of a flag per parameter, what DDP's
+//   reducer does for find_unused_parameters, and a host wait for its
+//   result. From then on every process's reached_ says whether any replica
+//   anywhere reached it, so every process releases the same parameters.
+//   zero_grad and zero_grad(name) clear the flags alike on every process
+//   (they run the same program), and across processes a step() after any
+//   forward_backward syncs first (Note [A failed micro-step across
+//   processes]), so the flags a step reads are always agreed ones.
+//
 // So the optimizers skip it as on one device, and a caller reading it
-// after forward_backward sees None as on one device. Across processes
-// another rank's backward is not seen without one more collective per step
-// (DDP all-reduces per-parameter used flags for this), so there nothing is
-// released yet: such a parameter is stepped on zeros, unlike one device; a
-// program in phases there steps the optimizers of the parts its phase
-// reached (step(name)).
+// after forward_backward sees None as on one device. Without
+// find_unused_parameters nothing is tracked nor agreed: every backward
+// reaches every parameter.
+inline void GradientReducer::agree_on_reached() {
+  if (!options_.find_unused_parameters || !across_processes()) return;
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(replicas_);
+  std::vector<float> local(names_.size(), 0.0F);
+  for (std::size_t k = 0; k < names_.size(); ++k) {
+    for (const auto& row : reached_) local[k] = row[k] != 0 ? 1.0F : local[k];
+  }
+  std::vector<at::Tensor> flags;
+  for (const auto& replica : replicas_) {
+    flags.push_back(at::tensor(local, at::TensorOptions().dtype(at::kFloat)).to(replica.device()));
+  }
+  comm_.all_reduce(flags, ReduceOp::kSum);
+  const at::Tensor agreed = flags[0].cpu();  // a host wait, as DDP's
+  for (std::size_t k = 0; k < names_.size(); ++k) {
+    const char reached = agreed.data_ptr<float>()[k] > 0 ? 1 : 0;
+    for (auto& row : reached_) row[k] = reached;
+  }
+}
+
 inline void GradientReducer::release_unreached() {
-  if (!options_.find_unused_parameters || across_processes()) return;
+  if (!options_.find_unused_parameters) return;
   for (std::size_t k = 0; k < names_.size(); ++k) {
     bool reached = false;
     for (const auto& row : reached_) reached = reached || row[k] != 0;
