@@ -217,9 +217,10 @@ class GradientReducer {
   // Note [A backward that reaches part of the parameters].
   std::vector<std::vector<char>> unreduced_;
   // [replica][param]: a gradient arrived since the parameter's gradient was
-  // zeroed where LibTorch's zero_grad sets it to None; written by r's
-  // backward, zero(r) and note_zeroed(r) only. See Note [Gradients of
-  // parameters no backward reached].
+  // zeroed where LibTorch's zero_grad sets it to None (across processes,
+  // after a sync: on any replica of any process); written by r's backward,
+  // and between backwards only. See Note [Gradients of parameters no
+  // backward reached].
   std::vector<std::vector<char>> reached_;
   std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // any replica's parameter -> its index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
@@ -871,7 +872,7 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 // step. Here every gradient is its bucket slot, zeroed in place, so a GAN's
 // step() after a phase that reached only the discriminator would move the
 // generator. PyTorch's DDP leaves a parameter that no rank used untouched,
-// None included; so does this, within one process:
+// None included; so does this:
 //
 // - reached_[r][k] says whether replica r's backward gave parameter k a
 //   gradient since it was zeroed: its hook sets it (hooks run inside
@@ -892,7 +893,6 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   samples in the step that reaches it again fires no hook: its .grad()
 //   is pointed at its slot, which the reduction filled, by the same
 //   release_unreached after that sync.
-//
 // - Across processes, whether another rank reached a parameter is agreed
 //   on after each reduction of every bucket (launch_rest_and_wait, which
 //   every process runs in a synchronising step, a failed one's too, and
