@@ -582,10 +582,15 @@ void remove_job_files(const std::vector<std::string>& names) {
 /// step (the failing one its own, containing `reason`; the other one naming
 /// the failing rank and that reason), nothing may hang, and both must end
 /// bit for bit where a run that never saw that batch ends. Step 0 is the
-/// one that records the order of the gradient buckets.
-void check_one_rank_failure(const std::string& kind, int fault_rank, const std::string& reason, int fail_step = 1) {
-  const std::string common = "--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001";
-  const std::string name = fmt::format("{}at{}", kind, fail_step);
+/// one that records the order of the gradient buckets. `phases`: trains
+/// with find_unused_parameters, fc2 alone after step 0 (worker.cpp's
+/// --phases), so that the step also agrees on which parameters any rank
+/// reached (Note [Gradients of parameters no backward reached]).
+void check_one_rank_failure(const std::string& kind, int fault_rank, const std::string& reason, int fail_step = 1,
+                            bool phases = false) {
+  const std::string common =
+      fmt::format("--replicas 2 --steps 4 --double 1 --bucket-cap-mib 0.0001{}", phases ? " --phases 1" : "");
+  const std::string name = fmt::format("{}at{}{}", kind, fail_step, phases ? "phases" : "");
   const auto skipped = run_job("skip" + name, 2, fmt::format("{} --skip-step {}", common, fail_step));
   for (const auto& exit : skipped) REQUIRE(exit.success());
   const auto start = std::chrono::steady_clock::now();
@@ -647,10 +652,41 @@ void check_failed_micro_step(const std::string& kind, int micro_steps, const std
   remove_job_files({name, "zero" + name});
 }
 
+// See Note [Gradients of parameters no backward reached].
+TEST_SUITE("distributed training") {
+  TEST_CASE("a part that no rank reached since zero_grad keeps the one-device gradient: 2 processes x 2 replicas (float64)") {
+    const int steps = 4;
+    auto plain = multigpu_test::recipe_model(multigpu_test::kRecipeSeed);
+    plain->to(torch::kDouble);
+    torch::optim::SGD optimizer(plain->parameters(), multigpu_test::recipe_phase_optimizer());
+    for (int step = 0; step < steps; ++step) {
+      auto [x, y] = multigpu_test::recipe_batch(step);
+      optimizer.zero_grad();  // None on LibTorch 2, zeros on 1.13
+      multigpu_test::recipe_phase_loss(*plain, x.to(torch::kDouble), y.to(torch::kDouble), step).backward();
+      optimizer.step();
+    }
+    const auto exits = run_job("phases", 2, fmt::format("--replicas 2 --steps {} --double 1 --phases 1", steps));
+    for (int rank = 0; rank < 2; ++rank) {
+      INFO("rank ", rank, ": ", exits[static_cast<std::size_t>(rank)].describe(), "\n",
+           read_text(scratch(fmt::format("phaseslog{}", rank))));
+      REQUIRE(exits[static_cast<std::size_t>(rank)].success());
+      CHECK((parameters_of("phases", rank) - multigpu_test::flat_parameters(*plain)).abs().max().item<double>() <=
+            1e-10);
+    }
+    remove_job_files({"phases"});
+  }
+}
+
 // See Note [A step that fails on one process].
 TEST_SUITE("a step that fails on one process") {
   TEST_CASE("the loss function throws on rank 1 only: both skip the step, the next ones train as without that batch") {
     check_one_rank_failure("throw", 1, "deliberate failure at step 1");
+  }
+
+  TEST_CASE("in phases with find_unused_parameters, a step failing on one rank: both skip it, as without that batch") {
+    check_one_rank_failure("throw", 1, "deliberate failure at step 2", 2, /*phases=*/true);
+    check_one_rank_failure("empty", 1, "forward_backward: the batch has no samples", 2, /*phases=*/true);
+    check_one_rank_failure("nan", 0, "the loss is nan (DataParallelOptions::check_finite_loss)", 0, /*phases=*/true);
   }
 
   TEST_CASE("check_finite_loss sees a NaN on rank 0 only: both skip the step, the next ones train as without it") {

@@ -178,6 +178,17 @@ std::unique_ptr<torch::optim::Adam> make_adam(torch::nn::Module& part) {
                                               torch::optim::AdamOptions(0.01).betas(std::make_tuple(0.5, 0.999)));
 }
 
+std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& part) {
+  return std::make_unique<torch::optim::AdamW>(part.parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+}
+
+// Whether each parameter of `part` has a gradient, in order.
+std::vector<bool> defined_gradients(torch::nn::Module& part) {
+  std::vector<bool> defined;
+  for (const auto& p : part.parameters()) defined.push_back(p.grad().defined());
+  return defined;
+}
+
 bool any_gradient(torch::nn::Module& part) {
   for (const auto& p : part.parameters()) {
     if (p.grad().defined() && p.grad().abs().sum().item<double>() != 0) return true;
@@ -497,6 +508,69 @@ TEST_SUITE("DataParallel program shapes") {
       }
       CHECK(max_difference(*net, *plain) <= 1e-10);
       dp.check_parity();
+    }
+  }
+
+  // See Note [Gradients of parameters no backward reached]: step() after a
+  // phase that reached the discriminator only must leave the generator as
+  // one device does, which AdamW's weight decay (and its step count) show.
+  TEST_CASE("step() after a phase that reached part of the parameters leaves the other part as one device does (float64)") {
+    enum class Program { kNeverReached, kReachedOnceThenTrainStep, kReachedOnceThenZeroGradByName };
+    for (const Program program :
+         {Program::kNeverReached, Program::kReachedOnceThenTrainStep, Program::kReachedOnceThenZeroGradByName}) {
+      for (const double cap_mib : {25.0, 1e-6}) {  // one bucket for both parts, or a bucket per parameter
+        // One replica has no buckets, and its zero_grad() (unnamed) zeroes in
+        // place here: train_step then leaves the generator's zeros, not None.
+        const std::vector<std::size_t> replicas = program == Program::kReachedOnceThenTrainStep
+                                                      ? std::vector<std::size_t>{2, 3}
+                                                      : std::vector<std::size_t>{1, 2, 3};
+        for (const std::size_t k : replicas) {
+          CAPTURE(static_cast<int>(program));
+          CAPTURE(cap_mib);
+          CAPTURE(k);
+          torch::manual_seed(31);
+          Gan net;
+          net->to(torch::kFloat64);
+          Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
+          multigpu::DataParallelOptions options;
+          options.find_unused_parameters = true;
+          options.bucket_cap_mib = cap_mib;
+          DataParallel<Gan> dp(net, cpus(k), options);
+          dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
+          dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
+          auto plain_d = make_adamw(*plain->d);
+          auto plain_g = make_adamw(*plain->g);
+          if (program != Program::kNeverReached) {
+            const auto batch = gan_batch(8, 9);
+            dp.train_step(batch, generator_loss);
+            generator_loss(*plain, batch).backward();
+            plain_d->step();
+            plain_g->step();
+          }
+          for (int step = 0; step < 3; ++step) {
+            const auto batch = gan_batch(8, 10 + step);
+            plain_d->zero_grad();  // what this LibTorch's zero_grad does: None on 2.x, zeros on 1.13
+            plain_g->zero_grad();
+            discriminator_loss(*plain, batch).backward();
+            if (program == Program::kReachedOnceThenZeroGradByName) {
+              dp.zero_grad("d");
+              dp.zero_grad("g");
+              dp.forward_backward(batch, discriminator_loss);
+              for (std::size_t r = 0; r < k; ++r) {
+                CHECK(defined_gradients(*dp.replica(r).g) == defined_gradients(*plain->g));
+              }
+              dp.step();
+            } else {
+              dp.train_step(batch, discriminator_loss);  // steps both optimizers, then zeroes
+            }
+            plain_d->step();
+            plain_g->step();
+          }
+          CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
+          CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
+          dp.check_parity();
+        }
+      }
     }
   }
 

@@ -56,6 +56,17 @@ inline torch::Tensor recipe_loss(RecipeNetImpl& net, const torch::Tensor& x, con
   return torch::mse_loss(net.forward(x), y, summed ? at::Reduction::Sum : at::Reduction::Mean);
 }
 
+/// A program in phases: step 0 reaches the whole model, the later steps fc2
+/// only (fc1's output detached), so fc1's gradients are what zero_grad left.
+inline torch::Tensor recipe_phase_loss(RecipeNetImpl& net, const torch::Tensor& x, const torch::Tensor& y, int step) {
+  if (step == 0) return recipe_loss(net, x, y);
+  return torch::mse_loss(net.fc2(torch::tanh(net.fc1(x)).detach()), y);
+}
+
+/// The phases' optimizer: weight decay and momentum move a parameter whose
+/// gradient is zero, and skip one whose gradient is None.
+inline torch::optim::SGDOptions recipe_phase_optimizer() { return recipe_optimizer().weight_decay(0.1); }
+
 /// Every parameter, flattened and concatenated, for comparisons.
 inline torch::Tensor flat_parameters(torch::nn::Module& module) {
   std::vector<torch::Tensor> parts;

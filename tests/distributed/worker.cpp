@@ -29,7 +29,9 @@
 // --bucket-cap-mib X sets the bucket cap; --report-time 1 prints the
 // training loop's time per step. --sync-bn 1 trains
 // recipe_bn_model, converted to SyncBatchNorm, in float64, and writes its
-// parameters and buffers (flat_state) to --out.
+// parameters and buffers (flat_state) to --out. --phases 1 trains with
+// find_unused_parameters and recipe_phase_optimizer (weight decay), the
+// whole model at step 0 and fc2 alone after (recipe_phase_loss).
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -77,6 +79,7 @@ struct Args {
   bool report_time = false;
   bool sync_bn = false;
   int accumulate = 0;  // 0: train_step; M: M micro-steps in no_sync(), then step()
+  bool phases = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -108,6 +111,7 @@ Args parse(int argc, char** argv) {
     else if (name == "--report-time") args.report_time = value == "1";
     else if (name == "--sync-bn") args.sync_bn = value == "1";
     else if (name == "--accumulate") args.accumulate = std::stoi(value);
+    else if (name == "--phases") args.phases = value == "1";
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -163,9 +167,11 @@ int main(int argc, char** argv) {
     if (args.scaler) dp_options.grad_scaler = std::make_shared<multigpu::GradScaler>();
     if (args.bucket_cap_mib > 0) dp_options.bucket_cap_mib = args.bucket_cap_mib;
     if (args.fail_kind == "nan") dp_options.check_finite_loss = true;
+    if (args.phases) dp_options.find_unused_parameters = true;
     multigpu::DataParallel<multigpu_test::RecipeNet> dp(
         net, std::vector<c10::Device>(static_cast<std::size_t>(args.replicas), c10::Device(args.device)), dp_options);
-    dp.make_optimizer<torch::optim::SGD>(multigpu_test::recipe_optimizer(args.summed));
+    dp.make_optimizer<torch::optim::SGD>(args.phases ? multigpu_test::recipe_phase_optimizer()
+                                                     : multigpu_test::recipe_optimizer(args.summed));
 
     if (!args.resume.empty()) {
       const multigpu::ResumeInfo info = dp.load_state(args.resume);
@@ -202,6 +208,7 @@ int main(int argc, char** argv) {
         if (fail_now && args.fail_kind == "unused") {  // fc1's parameters get no gradient
           return torch::mse_loss(model.fc2(torch::tanh(model.fc1(shard.first).detach())), shard.second);
         }
+        if (args.phases) return multigpu_test::recipe_phase_loss(model, shard.first, shard.second, step);
         if (fail_now && args.fail_kind == "zero") {
           return multigpu_test::recipe_loss(model, shard.first, shard.second, args.summed) * 0.0;
         }

@@ -656,7 +656,10 @@ inline void DataParallelCore::sync_gradients() {
 // steps that optimizer alone; step() steps every optimizer, in the order
 // they were made, which train_step does. zero_grad(name) zeroes, on every
 // replica, only the gradients of the parameters that optimizer holds, in
-// place: zeros agree everywhere, so a sync state stays what it was. Each
+// place: zeros agree everywhere, so a sync state stays what it was (one
+// replica in one process has no buckets: there it is that optimizer's own
+// zero_grad, None on LibTorch 2, as in the plain loop; see also Note
+// [Gradients of parameters no backward reached]). Each
 // step, named or not, counts as one step (steps(), parity_check_every, the
 // buffer broadcast). A GradScaler unscales every gradient and updates once
 // per step, so with one it refuses step(name) while there are several
@@ -699,6 +702,8 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
   }
   const auto fence = fenced();
   if (reducer_ && !reducer_->synchronized()) reducer_->synchronize();
+  // After a zero_grad(name) since the sync: see Note [Gradients of parameters no backward reached].
+  if (reducer_) reducer_->release_unreached();
   std::vector<ReplicatedOptimizer*> stepped;
   for (auto& optimizer : optimizers_) {
     if (only == nullptr || only == &optimizer) stepped.push_back(&optimizer);
@@ -800,15 +805,15 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
   const auto fence = fenced();
   workers_.run(
       [&](std::size_t r) {
+        if (!reducer_) {
+          optimizer.replicas[r]->zero_grad();  // no buckets: as the plain loop (None on LibTorch 2)
+          return;
+        }
         const compat::NoGradGuard no_grad;
         for (auto& group : optimizer.replicas[r]->param_groups()) {
           for (auto& p : group.params()) {
-            if (!p.grad().defined()) continue;
-            if (!reducer_ && compat::kZeroGradSetsToNone) {
-              p.mutable_grad().reset();  // no buckets: as zero_grad() (Note [Zeroing gradients with one replica])
-            } else {
-              p.mutable_grad().zero_();  // in place: a bucket's view stays one
-            }
+            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+            if (reducer_) reducer_->note_zeroed(r, p);
           }
         }
       },

@@ -51,6 +51,7 @@
 #include <optional>
 #include <shared_mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -129,6 +130,15 @@ class GradientReducer {
   bool synchronized() const { return synchronized_; }
   /// Zeroes replica r's gradients (run it on r's worker).
   void zero(std::size_t replica);
+  /// Replica r's gradient of `param` was zeroed in place by the caller
+  /// (zero_grad(name)); a tensor that is no trainable parameter is ignored.
+  /// See Note [Gradients of parameters no backward reached].
+  void note_zeroed(std::size_t replica, const at::Tensor& param);
+  /// After a sync: sets to None, on every replica, the gradients of the
+  /// parameters that no replica reached since they were zeroed, as the
+  /// one-device program has them, and points every other one released
+  /// before at its slot. See Note [Gradients of parameters no backward reached].
+  void release_unreached();
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
   /// The gradients may differ from the other replicas': the next step() or
@@ -181,6 +191,10 @@ class GradientReducer {
   void leave_alone_unreached(const std::vector<std::size_t>& missing);
   /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
   void launch_rest_and_wait();
+  /// Across processes with find_unused_parameters: makes reached_ say
+  /// whether any replica of any process reached each parameter (one
+  /// all-reduce). See Note [Gradients of parameters no backward reached].
+  void agree_on_reached();
   bool across_processes() const { return comm_.world_size() > comm_.size(); }
   void reduce(std::size_t bucket);
   void wait_for_launched(const char* what);
@@ -202,6 +216,13 @@ class GradientReducer {
   // reduction (or zeroing); written by r's backward and zero(r) only. See
   // Note [A backward that reaches part of the parameters].
   std::vector<std::vector<char>> unreduced_;
+  // [replica][param]: a gradient arrived since the parameter's gradient was
+  // zeroed where LibTorch's zero_grad sets it to None (across processes,
+  // after a sync: on any replica of any process); written by r's backward,
+  // and between backwards only. See Note [Gradients of parameters no
+  // backward reached].
+  std::vector<std::vector<char>> reached_;
+  std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // any replica's parameter -> its index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
   std::shared_ptr<Shared> shared_;
@@ -285,6 +306,13 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
     }
   }
   shared_->reducer = this;
+  reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
+  for (std::size_t r = 0; r < params_.size(); ++r) {
+    for (std::size_t k = 0; k < names_.size(); ++k) {
+      reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
+      index_of_.emplace(params_[r][k].unsafeGetTensorImpl(), k);
+    }
+  }
   for (const auto& replica : replicas_) {
     std::size_t index = comm_streams_.size();
     if (replica.stream()) {
@@ -455,6 +483,9 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
     slot.copy_(grad);
   } else {
     slot.zero_();  // set to None means zero
+    // Not reached on this replica since it was set to None (a hook marks
+    // it reached after this). See Note [Gradients of parameters no backward reached].
+    reached_[replica][param] = 0;
   }
   grad = slot;
 }
@@ -462,6 +493,7 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
 inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
   ensure_slot(replica, param);
   unreduced_[replica][param] = 1;
+  reached_[replica][param] = 1;
   if (!armed_.load()) return;
   if (fired_[replica][param] != 0) {
     fired_twice_ = true;  // reported by finish_backward
@@ -672,6 +704,7 @@ inline void GradientReducer::launch_rest_and_wait() {
   launch_not_ready();
   try {
     wait_for_launched("gradient sync");
+    agree_on_reached();  // every process passes here, a failed step's too
   } catch (...) {
     abandon_step();
     throw;
@@ -697,17 +730,9 @@ inline void GradientReducer::launch_rest_and_wait() {
 // backward is not seen without one more collective per step, so there
 // every bucket is reduced, as before.
 //
-// "As they were" is not always what one device has: a .grad() here is never
-// None unless the user made it so (each is its slot from the start, and
-// zero_grad zeroes in place), and a .grad() set to None becomes a zero when
-// its bucket is reduced (one that also holds a reached parameter, or any
-// bucket across processes). DDP instead leaves a parameter that no rank
-// reached untouched, None included (one more collective of used flags per
-// step), and optimizers skip a None gradient. So an optimizer stepped over a
-// part that no phase reached steps it on zero gradients here (weight decay
-// and momentum move it, Adam counts the step), where LibTorch 2's
-// zero_grad() (set to None) on one device leaves it alone: a program in
-// phases steps the optimizers of the parts its phase reached (step(name)).
+// A parameter that no replica reached since it was zeroed gets the
+// gradient the one-device program has (None on LibTorch 2) before the
+// optimizers step: see Note [Gradients of parameters no backward reached].
 inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
   std::size_t left = 0;
   for (std::size_t b : missing) {
@@ -779,6 +804,7 @@ inline void GradientReducer::finish_backward() {
   for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
   record_order_ = false;
+  release_unreached();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - backward_done).count();
@@ -815,8 +841,10 @@ inline void GradientReducer::synchronize() {
     mark_ready(b);
   }
   wait_for_launched("gradient sync");
+  agree_on_reached();
   for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
+  release_unreached();
 }
 
 inline void GradientReducer::zero(std::size_t replica) {
@@ -825,6 +853,96 @@ inline void GradientReducer::zero(std::size_t replica) {
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
   std::fill(unreduced_[replica].begin(), unreduced_[replica].end(), 0);  // zeros agree everywhere
+  if (compat::kZeroGradSetsToNone) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
+}
+
+inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& param) {
+  if (!compat::kZeroGradSetsToNone) return;
+  const auto found = index_of_.find(param.unsafeGetTensorImpl());
+  if (found != index_of_.end() && params_[replica][found->second].is_same(param)) reached_[replica][found->second] = 0;
+}
+
+// Note [Gradients of parameters no backward reached]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// In the one-device program a parameter that no backward reached since
+// zero_grad has the gradient zero_grad left: None on LibTorch 2 (its
+// Optimizer::zero_grad sets to none), zeros on 1.13 once it ever had one
+// (None before its first). An optimizer skips a None gradient and steps a
+// zero one: weight decay and momentum move the parameter, Adam counts the
+// step. Here every gradient is its bucket slot, zeroed in place, so a GAN's
+// step() after a phase that reached only the discriminator would move the
+// generator. PyTorch's DDP leaves a parameter that no rank used untouched,
+// None included; so does this:
+//
+// - reached_[r][k] says whether replica r's backward gave parameter k a
+//   gradient since it was zeroed: its hook sets it (hooks run inside
+//   no_sync() too); zero(r) and note_zeroed (zero_grad(name)) clear it
+//   where LibTorch's zero_grad sets to none, never on 1.13; a .grad() the
+//   user set to None clears it when a sync finds it so (ensure_slot). It
+//   starts as whether the parameter had a gradient when DataParallel was
+//   built.
+// - With find_unused_parameters (without it every synchronising backward
+//   reaches every parameter, or fails), after each synchronisation and
+//   before the optimizers step, release_unreached sets to None, on every
+//   replica, the .grad() of each parameter reached on no replica. Its slot
+//   stays in its bucket, holding zeros (nothing reached it since it was
+//   zeroed, and the reduction of zeros is zero); the next hook that gives
+//   it a gradient, or the next zeroing, points .grad() at the slot again
+//   (ensure_slot), so a parameter that a phase left out pays one copy when
+//   it is next reached, and nothing else changes. A replica without
+//   samples in the step that reaches it again fires no hook: its .grad()
+//   is pointed at its slot, which the reduction filled, by the same
+//   release_unreached after that sync.
+// - Across processes, whether another rank reached a parameter is agreed
+//   on after each reduction of every bucket (launch_rest_and_wait, which
+//   every process runs in a synchronising step, a failed one's too, and
+//   synchronize()): one all-reduce of a flag per parameter, what DDP's
+//   reducer does for find_unused_parameters, and a host wait for its
+//   result. From then on every process's reached_ says whether any replica
+//   anywhere reached it, so every process releases the same parameters.
+//   zero_grad and zero_grad(name) clear the flags alike on every process
+//   (they run the same program), and across processes a step() after any
+//   forward_backward syncs first (Note [A failed micro-step across
+//   processes]), so the flags a step reads are always agreed ones.
+//
+// So the optimizers skip it as on one device, and a caller reading it
+// after forward_backward sees None as on one device. Without
+// find_unused_parameters nothing is tracked nor agreed: every backward
+// reaches every parameter.
+inline void GradientReducer::agree_on_reached() {
+  if (!options_.find_unused_parameters || !across_processes()) return;
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(replicas_);
+  std::vector<float> local(names_.size(), 0.0F);
+  for (std::size_t k = 0; k < names_.size(); ++k) {
+    for (const auto& row : reached_) local[k] = row[k] != 0 ? 1.0F : local[k];
+  }
+  std::vector<at::Tensor> flags;
+  for (const auto& replica : replicas_) {
+    flags.push_back(at::tensor(local, at::TensorOptions().dtype(at::kFloat)).to(replica.device()));
+  }
+  comm_.all_reduce(flags, ReduceOp::kSum);
+  const at::Tensor agreed = flags[0].cpu();  // a host wait, as DDP's
+  for (std::size_t k = 0; k < names_.size(); ++k) {
+    const char reached = agreed.data_ptr<float>()[k] > 0 ? 1 : 0;
+    for (auto& row : reached_) row[k] = reached;
+  }
+}
+
+inline void GradientReducer::release_unreached() {
+  if (!options_.find_unused_parameters) return;
+  for (std::size_t k = 0; k < names_.size(); ++k) {
+    bool reached = false;
+    for (const auto& row : reached_) reached = reached || row[k] != 0;
+    for (std::size_t r = 0; r < params_.size(); ++r) {
+      at::Tensor& grad = params_[r][k].mutable_grad();
+      if (!reached) {
+        grad.reset();
+      } else if (!grad.defined()) {
+        grad = slots_[r][k];  // released before, reached elsewhere since: the slot holds the average
+      }
+    }
+  }
 }
 
 inline void GradientReducer::abandon_step() noexcept {

@@ -288,7 +288,8 @@ inline void foreach_mul_(at::TensorList tensors, const at::Tensor& factor) {
 
 /// Whether LibTorch's Optimizer::zero_grad() sets the gradients to none
 /// (2.0 on; 1.13 zeroes them in place): DataParallel does what the plain
-/// loop would (see Note [Zeroing gradients with one replica]).
+/// loop would (see Note [Zeroing gradients with one replica] and Note
+/// [Gradients of parameters no backward reached]).
 inline constexpr bool kZeroGradSetsToNone = TORCH_VERSION_MAJOR >= 2;
 
 }  // namespace compat
