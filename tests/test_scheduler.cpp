@@ -577,7 +577,7 @@ TEST_SUITE("scheduler") {
     CHECK_FALSE(multigpu::detail::path_exists(dir + "/logs/a.log"));
   }
 
-  TEST_CASE("{task} and {gpu} go into a command so that the shell reads back the value: a ';' or a quote is data") {
+  TEST_CASE("{task} and {gpu} go into a command so that the shell reads back the value: a semicolon or a quote is data") {
     using multigpu::detail::shell_quoted;
     using multigpu::detail::ShellQuoting;
     CHECK(shell_quoted("sym-0.125", ShellQuoting::kNone) == "sym-0.125");
