@@ -125,7 +125,7 @@ struct CollectiveRecord {
   char purpose[56] = {};       ///< from CollectivePurpose ("" when none was set)
   char dtype[16] = {};         ///< "float", "double", "text", ...
   std::int64_t bytes = 0;      ///< this process's bytes
-  CollectiveState state = CollectiveState::kStarted;
+  CollectiveState state = CollectiveState::kStarted;  ///< started, done or failed
   std::int64_t started_us = 0;  ///< microseconds since the trace was made
   std::int64_t ended_us = -1;   ///< -1 while it runs
 
