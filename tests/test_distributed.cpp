@@ -524,6 +524,7 @@ TEST_SUITE("distributed training") {
     CHECK(job.survivor.exit_code == 2);
     CHECK(contains(job.report, "rank 1 ("));
     CHECK(contains(job.report, "stopped responding"));
+    CHECK(contains(job.report, "rank 1 did not answer with a trace (gone or stuck)"));  // See Note [The collective trace]
     CHECK(seconds_in(job.report) < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
   }
 
@@ -533,6 +534,9 @@ TEST_SUITE("distributed training") {
     CHECK(job.survivor.exit_code == 2);
     CHECK(contains(job.report, "time-out 2000 ms"));
     CHECK(contains(job.report, "every other rank is still alive"));
+    // Stuck outside any collective (in its loss function): it posts no trace.
+    CHECK(contains(job.report, "rank 0 waits in all_reduce #"));
+    CHECK(contains(job.report, "rank 1 did not answer with a trace (gone or stuck)"));
   }
 }
 
