@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <functional>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -17,6 +18,8 @@
 
 #include "multigpu/collective_trace.hpp"
 #include "multigpu/distributed.hpp"
+
+#include "distributed/recipe.hpp"
 
 using multigpu::CollectivePurpose;
 using multigpu::CollectiveTrace;
@@ -34,9 +37,57 @@ void issue_step(CollectiveTrace& trace, int buckets) {
   trace.finish(trace.start("broadcast", 64, "float"), true);
 }
 
+/// The error of a DataParallel over 2 CPU replicas whose exchange_text
+/// stands for a second process: the fingerprints differ, and that
+/// process's description is this one's, changed by `edit`. "" when none.
+std::string model_check_error(const std::function<std::string(std::string)>& edit) {
+  multigpu::DataParallelOptions options;
+  int calls = 0;
+  options.exchange_text = [&](const std::string& mine) -> std::vector<std::string> {
+    ++calls;
+    if (calls == 1) return {mine, mine + " on another process"};
+    return {mine, edit(mine)};
+  };
+  try {
+    multigpu::DataParallel<multigpu_test::RecipeNet> dp(multigpu_test::recipe_model(1),
+                                                        std::vector<c10::Device>(2, c10::Device("cpu")), options);
+  } catch (const multigpu::DistributedError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+/// `text` with the first `from` replaced by `to`.
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  const auto at = text.find(from);
+  REQUIRE(at != std::string::npos);
+  return text.replace(at, from.size(), to);
+}
+
 }  // namespace
 
+// See Note [Checking the model across processes]; with real processes: test_distributed.cpp.
 TEST_SUITE("collective trace") {
+  TEST_CASE("model check: a parameter of another shape, a missing or extra one, another option, each named") {
+    CHECK(model_check_error([](std::string d) { return replaced(d, "fc1.bias Float[16]", "fc1.bias Float[17]"); }) ==
+          "DataParallel: the processes built different models or options (found at construction, before any step): "
+          "rank 1's parameter fc1.bias Float[17], rank 0's parameter fc1.bias Float[16]; every process must build the "
+          "same model (parameters and buffers in the same order, with the same shapes and dtypes) with the same "
+          "DataParallelOptions");
+    CHECK(contains(model_check_error([](std::string d) { return replaced(d, "parameter fc2.bias Float[2]\n", ""); }),
+                   "rank 0's parameter fc2.bias Float[2] is not in rank 1's model (rank 1 has 3 parameters and "
+                   "buffers, rank 0 4);"));
+    CHECK(contains(model_check_error([](std::string d) {
+                     return replaced(d, "parameter fc2.bias Float[2]\n", "parameter fc2.bias Float[2]\nbuffer n Long[]\n");
+                   }),
+                   "rank 1's buffer n Long[] is not in rank 0's model (rank 1 has 5 parameters and buffers, rank 0 4);"));
+    CHECK(contains(model_check_error([](std::string d) { return replaced(d, "comm_hook none", "comm_hook bf16"); }),
+                   "rank 1's setting DataParallelOptions::comm_hook bf16, rank 0's setting "
+                   "DataParallelOptions::comm_hook none;"));
+    // Fingerprints that differ (another build's hash) over the same descriptions: no error.
+    CHECK(model_check_error([](std::string d) { return d; }).empty());
+  }
+
   TEST_CASE("records what was issued, with the purpose of the issuing thread, and keeps the last N") {
     CollectiveTrace trace(5);
     issue_step(trace, 3);  // #0..#3

@@ -58,31 +58,39 @@ inline void DataParallelCore::check_same_model_across_processes() {
     return;
   }
   const auto descriptions = options_.exchange_text(description);
-  const auto split = [](const std::string& text) {
+  // A description's lines of one kind: its parameters and buffers, or its settings.
+  const auto lines_of = [](const std::string& text, bool settings) {
     std::vector<std::string> out;
     std::size_t begin = 0;
     for (std::size_t end; (end = text.find('\n', begin)) != std::string::npos; begin = end + 1) {
-      out.push_back(text.substr(begin, end - begin));
+      std::string line = text.substr(begin, end - begin);
+      if ((line.rfind("setting ", 0) == 0) == settings) out.push_back(std::move(line));
     }
     return out;
   };
-  const auto reference = split(descriptions[0]);
   for (std::size_t rank = 1; rank < descriptions.size(); ++rank) {
-    const auto other = split(descriptions[rank]);
-    const std::size_t common = std::min(reference.size(), other.size());
-    std::size_t k = 0;
-    while (k < common && reference[k] == other[k]) ++k;
-    if (k == common && reference.size() == other.size()) continue;
     std::string difference;
-    if (k < common) {
-      difference = fmt::format("rank {}'s {}, rank 0's {}", rank, other[k], reference[k]);
-    } else if (other.size() > reference.size()) {
-      difference = fmt::format("rank {} has more parameters and buffers than rank 0: rank {}'s {} is not in rank "
-                               "0's model", rank, rank, other[k]);
-    } else {
-      difference = fmt::format("rank {} has fewer parameters and buffers than rank 0: rank 0's {} is not in rank "
-                               "{}'s model", rank, reference[k], rank);
+    for (const bool settings : {false, true}) {
+      const auto reference = lines_of(descriptions[0], settings);
+      const auto other = lines_of(descriptions[rank], settings);
+      const std::size_t common = std::min(reference.size(), other.size());
+      std::size_t k = 0;
+      while (k < common && reference[k] == other[k]) ++k;
+      if (k == common && reference.size() == other.size()) continue;
+      if (k < common) {
+        difference = fmt::format("rank {}'s {}, rank 0's {}", rank, other[k], reference[k]);
+      } else if (other.size() > reference.size()) {
+        difference = fmt::format("rank {}'s {} is not in rank 0's model", rank, other[k]);
+      } else {
+        difference = fmt::format("rank 0's {} is not in rank {}'s model", reference[k], rank);
+      }
+      if (reference.size() != other.size()) {
+        difference += fmt::format(" (rank {} has {} parameters and buffers, rank 0 {})", rank, other.size(),
+                                  reference.size());
+      }
+      break;
     }
+    if (difference.empty()) continue;
     throw DistributedError(fmt::format(
         "DataParallel: the processes built different models or options (found at construction, before any step): "
         "{}; every process must build the same model (parameters and buffers in the same order, with the same "
