@@ -43,7 +43,8 @@ namespace multigpu {
 //      default 2000; 0 turns it off) collectives it issued in a ring of
 //      fixed records: the sequence number (the same on every process for
 //      the same collective, since all issue them in one order), the kind,
-//      the purpose, the bytes and dtype, the state (started, done, failed)
+//      the purpose, the bytes and dtype, the state (started, done, failed:
+//      a Gloo collective runs on the calling thread, so none waits queued)
 //      and the times. A record holds no pointer to anything that may die
 //      (the purpose is copied into a fixed buffer), and the ring allocates
 //      nothing after construction, so recording costs two clock reads, a
@@ -71,8 +72,14 @@ namespace multigpu {
 //      which is async-signal-safe; a thread reads it and prints).
 //
 // What is traced: the collectives of the ProcessGroup (Gloo, and the
-// all-gathers through the store). The NCCL communicator's own collectives
-// are not (yet) recorded.
+// all-gathers through the store), which are every collective across
+// processes but the NCCL communicator's: those are enqueued on streams
+// (a queued state until their event completes) and are not recorded yet.
+// Collectives among the replicas of one process cannot desynchronise
+// processes and are not recorded either. Before any of this, DataParallel
+// checks that the processes built the same model (Note [Checking the model
+// across processes]), since a collective of another size cannot be named
+// afterwards.
 
 /// What the collectives issued on this thread are for, while it lives:
 /// "gradient bucket" with index 3 reads "gradient bucket 3" in the trace.
