@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -22,7 +23,6 @@
 
 #include <ATen/ATen.h>
 #include <fmt/core.h>
-#include <csignal>
 #include <signal.h>
 #include <unistd.h>
 
