@@ -14,6 +14,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "multigpu/collective_trace.hpp"
@@ -229,5 +230,44 @@ TEST_SUITE("collective trace") {
     CHECK(default_disposition);
     ::close(pipe_fds[0]);
     ::close(pipe_fds[1]);
+  }
+
+  TEST_CASE("dump_trace_on_signal: a flood of signals while the dump waits never blocks the handler") {
+    // In a child, which the test kills if it hangs: the dump goes to a pipe
+    // nobody reads yet, so the dumping thread soon waits, and the requests
+    // pile up in the handler's pipe until it is full; a handler that then
+    // blocked would never return from raise (Note [The collective trace], 4).
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      int out[2];
+      if (::pipe(out) != 0) ::_exit(3);
+      {
+        auto group = multigpu::ProcessGroup::create(multigpu::DistributedEnv{});
+        group->dump_trace_on_signal(SIGUSR2, out[1]);
+        for (int k = 0; k < 100000; ++k) std::raise(SIGUSR2);
+        std::thread drain([&] {
+          char buffer[4096];
+          while (::read(out[0], buffer, sizeof(buffer)) > 0) {
+          }
+        });
+        group.reset();  // ends the dumping thread after the requests it still holds
+        ::close(out[1]);
+        drain.join();
+      }
+      ::_exit(0);
+    }
+    int status = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (::waitpid(child, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ::kill(child, SIGKILL);
+        ::waitpid(child, &status, 0);
+        FAIL("the child still raised SIGUSR2 after 30 s: the signal handler blocked");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
   }
 }

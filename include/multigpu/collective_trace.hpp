@@ -69,7 +69,11 @@ namespace multigpu {
 //   4. The dump (text or JSON) is a copy taken under the lock: on demand
 //      by ProcessGroup::trace(), or on a signal the user asked for
 //      (dump_trace_on_signal: the handler only writes a byte to a pipe,
-//      which is async-signal-safe; a thread reads it and prints).
+//      which is async-signal-safe; a thread reads it and prints). The
+//      pipe is the process's, made once and never closed, and its write
+//      end never blocks: a handler running on another thread while the
+//      group ends writes into it, not into a reused descriptor, and a
+//      flood of signals drops requests instead of blocking the handler.
 //
 // What is traced: the collectives of the ProcessGroup (Gloo, and the
 // all-gathers through the store), which are every collective across

@@ -7,6 +7,7 @@
 #include "multigpu/config.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <signal.h>
 #include <unistd.h>
@@ -47,11 +49,30 @@
 namespace multigpu {
 
 namespace detail {
-/// The pipe that dump_trace_on_signal's handler writes to (-1: none); an
-/// atomic int is lock-free, so reading it in a signal handler is safe.
+/// The write end of the pipe that dump_trace_on_signal's handler writes to
+/// (-1: no group dumps on a signal); an atomic int is lock-free, so reading
+/// it in a signal handler is safe.
 inline std::atomic<int>& trace_signal_pipe() {
   static std::atomic<int> fd{-1};
   return fd;
+}
+/// That pipe's ends, made on first use and never closed: a handler that
+/// read the write end just before its group ended still writes into this
+/// pipe, never into a descriptor whose number was reused since. The write
+/// end never blocks, so a handler never waits for the dumping thread.
+inline const std::array<int, 2>& trace_signal_pipe_ends() {
+  static const std::array<int, 2> ends = [] {
+    std::array<int, 2> fds{-1, -1};
+    if (::pipe(fds.data()) != 0) {
+      throw DistributedError(
+          fmt::format("dump_trace_on_signal: no pipe for the signal handler: {}", std::strerror(errno)));
+    }
+    ::fcntl(fds[0], F_SETFD, FD_CLOEXEC);
+    ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+    ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
+    return fds;
+  }();
+  return ends;
 }
 }  // namespace detail
 
@@ -173,7 +194,6 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
 #endif
   std::thread heartbeat_;
   std::thread dumper_;  // see dump_trace_on_signal
-  int dump_pipe_[2] = {-1, -1};
   int dump_signal_ = 0;
   struct sigaction dump_previous_ {};
   std::mutex heartbeat_mutex_;
@@ -202,13 +222,14 @@ inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds 
 inline ProcessGroup::~ProcessGroup() {
   stop_heartbeat();
   if (dumper_.joinable()) {
+    // The handler first, then its pipe: the pipe stays open (see trace_signal_pipe_ends).
     ::sigaction(dump_signal_, &dump_previous_, nullptr);
     detail::trace_signal_pipe().store(-1);
     const char quit = 'q';
-    (void)!::write(dump_pipe_[1], &quit, 1);
+    while (::write(detail::trace_signal_pipe_ends()[1], &quit, 1) != 1 && (errno == EAGAIN || errno == EINTR)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // full of dump requests: the dumper drains it
+    }
     dumper_.join();
-    ::close(dump_pipe_[0]);
-    ::close(dump_pipe_[1]);
   }
 #if MULTIGPU_WITH_DISTRIBUTED
   if (!store_) return;
@@ -545,13 +566,9 @@ inline std::vector<std::string> ProcessGroup::agree_on_failures(const std::strin
 
 inline void ProcessGroup::dump_trace_on_signal(int signal, int fd) {
   if (dumper_.joinable()) throw DistributedError("dump_trace_on_signal: this process group dumps on a signal already");
-  if (::pipe(dump_pipe_) != 0) {
-    throw DistributedError(fmt::format("dump_trace_on_signal: no pipe for the signal handler: {}", std::strerror(errno)));
-  }
+  const auto& ends = detail::trace_signal_pipe_ends();
   int none = -1;
-  if (!detail::trace_signal_pipe().compare_exchange_strong(none, dump_pipe_[1])) {
-    ::close(dump_pipe_[0]);
-    ::close(dump_pipe_[1]);
+  if (!detail::trace_signal_pipe().compare_exchange_strong(none, ends[1])) {
     throw DistributedError("dump_trace_on_signal: another process group of this process dumps on a signal already");
   }
   struct sigaction action {};
@@ -559,31 +576,39 @@ inline void ProcessGroup::dump_trace_on_signal(int signal, int fd) {
     const int saved = errno;
     const int pipe_in = detail::trace_signal_pipe().load();
     const char dump = 'd';
-    if (pipe_in >= 0) (void)!::write(pipe_in, &dump, 1);
+    if (pipe_in >= 0) (void)!::write(pipe_in, &dump, 1);  // full: a dump is pending anyway
     errno = saved;
   };
   sigemptyset(&action.sa_mask);
   action.sa_flags = SA_RESTART;
-  dump_signal_ = signal;
   if (::sigaction(signal, &action, &dump_previous_) != 0) {
+    const int error = errno;
     detail::trace_signal_pipe().store(-1);
-    ::close(dump_pipe_[0]);
-    ::close(dump_pipe_[1]);
     throw DistributedError(fmt::format("dump_trace_on_signal: signal {} cannot be caught: {}", signal,
-                                       std::strerror(errno)));
+                                       std::strerror(error)));
   }
-  dumper_ = std::thread([this, fd] {
-    char byte = 0;
-    while (::read(dump_pipe_[0], &byte, 1) == 1 && byte == 'd') {
-      const std::string text = fmt::format("multigpu: rank {}'s collective trace ({} issued, the last {} kept):\n{}",
-                                           env_.rank, trace_.issued(), trace_.capacity(), trace_.text());
-      for (std::size_t done = 0; done < text.size();) {
-        const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-        if (n <= 0) break;
-        done += static_cast<std::size_t>(n);
+  dump_signal_ = signal;
+  try {
+    dumper_ = std::thread([this, fd, pipe_out = ends[0]] {
+      for (char byte = 0;;) {
+        const ssize_t got = ::read(pipe_out, &byte, 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got != 1 || byte == 'q') return;
+        const std::string text = fmt::format("multigpu: rank {}'s collective trace ({} issued, the last {} kept):\n{}",
+                                             env_.rank, trace_.issued(), trace_.capacity(), trace_.text());
+        for (std::size_t done = 0; done < text.size();) {
+          const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) break;
+          done += static_cast<std::size_t>(n);
+        }
       }
-    }
-  });
+    });
+  } catch (...) {
+    ::sigaction(signal, &dump_previous_, nullptr);
+    detail::trace_signal_pipe().store(-1);
+    throw;
+  }
 }
 
 inline void ProcessGroup::stop_heartbeat() noexcept {
