@@ -194,6 +194,17 @@ TEST_SUITE("collective trace") {
     CHECK(contains(CollectiveTrace::first_difference({a.summary(), b.summary()}), "traces agree up to #0"));
   }
 
+  TEST_CASE("summaries: ranks further apart than a summary holds differ where the one behind stopped") {
+    // A summary keeps 32 records: rank 0's are #8..#39, rank 1's #68..#99.
+    CollectiveTrace zero(100);
+    CollectiveTrace one(100);
+    for (int k = 0; k < 20; ++k) issue_step(zero, 1);
+    for (int k = 0; k < 50; ++k) issue_step(one, 1);
+    CHECK(CollectiveTrace::first_difference({zero.summary(), one.summary()}) ==
+          "the processes' collectives first differ at #40: rank 0 issued no collective #40: its last is broadcast #39 "
+          "(buffers, 64 B float) (done); rank 1's record of #40 is no longer kept");
+  }
+
   TEST_CASE("a summary reads back as it was written") {
     CollectiveTrace trace(100);
     for (int k = 0; k < 50; ++k) issue_step(trace, 1);

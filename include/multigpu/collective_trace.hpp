@@ -62,9 +62,10 @@ namespace multigpu {
 //      short while (peers fail at about the same time, since they wait as
 //      long). A process that ended posts its summary when its group ends,
 //      so a rank that went on to finish is still heard. The first sequence
-//      number at which two summaries differ in kind, purpose, bytes or
-//      dtype is where they took different paths; where they agree
-//      throughout, the one with fewer records is behind. A rank with no
+//      number that one process issued and another did not (known from the
+//      counts, also where the record is no longer kept), or at which both
+//      records differ in kind, purpose, bytes or dtype, is where they took
+//      different paths. A rank with no
 //      summary is named as not answering.
 //   4. The dump (text or JSON) is a copy taken under the lock: on demand
 //      by ProcessGroup::trace(), or on a signal the user asked for
@@ -309,26 +310,33 @@ class CollectiveTrace {
       return fmt::format("rank {}'s record of #{} is no longer kept", r, sequence);
     };
     std::string found;
-    // The first sequence number at which some answering rank differs from the lowest answering rank.
-    std::int64_t low = -1;
-    std::int64_t high = -1;
-    for (std::size_t r = 0; r < summaries.size(); ++r) {
-      if (summaries[r].empty() || by_rank[r].empty()) continue;
-      low = low < 0 ? by_rank[r].begin()->first : std::max(low, by_rank[r].begin()->first);
-      high = std::max(high, issued[r]);
-    }
-    std::size_t reference = summaries.size();
+    std::size_t reference = summaries.size();  // the lowest answering rank
     for (std::size_t r = 0; r < summaries.size() && reference == summaries.size(); ++r) {
       if (!summaries[r].empty()) reference = r;
     }
-    for (std::int64_t s = std::max<std::int64_t>(low, 0); found.empty() && reference < summaries.size() && s < high; ++s) {
+    // Where some answering rank first differs from the reference: one of
+    // them issued collective #s and the other did not (known from the
+    // counts alone, also where the record is no longer kept), or both
+    // records are kept and are not the same call. The candidates are the
+    // kept records' numbers and every rank's count.
+    std::int64_t high = 0;
+    std::vector<std::int64_t> candidates;
+    for (std::size_t r = 0; r < summaries.size(); ++r) {
+      if (summaries[r].empty()) continue;
+      high = std::max(high, issued[r]);
+      candidates.push_back(issued[r]);
+      for (const auto& kept : by_rank[r]) candidates.push_back(kept.first);
+    }
+    std::sort(candidates.begin(), candidates.end());
+    candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+    for (const std::int64_t s : candidates) {
+      if (!found.empty() || s >= high) break;
       for (std::size_t r = reference + 1; r < summaries.size(); ++r) {
         if (summaries[r].empty()) continue;
         const auto a = by_rank[reference].find(s);
         const auto b = by_rank[r].find(s);
-        const bool differ = (a == by_rank[reference].end()) != (b == by_rank[r].end()) ||
-                            (a != by_rank[reference].end() && !a->second.same_call(b->second));
-        if (differ) {
+        const bool both_kept = a != by_rank[reference].end() && b != by_rank[r].end();
+        if ((issued[reference] > s) != (issued[r] > s) || (both_kept && !a->second.same_call(b->second))) {
           found = fmt::format("the processes' collectives first differ at #{}: {}; {}", s, where(reference, s),
                               where(r, s));
           break;
