@@ -574,6 +574,23 @@ TEST_SUITE("DataParallel program shapes") {
     }
   }
 
+  TEST_CASE("the reducer keeps which parameters a backward reached only with find_unused_parameters") {
+    for (const bool find_unused : {false, true}) {
+      CAPTURE(find_unused);
+      std::vector<std::vector<torch::Tensor>> params;
+      std::vector<multigpu::ReplicaContext> contexts;
+      for (int r = 0; r < 2; ++r) {
+        params.push_back({torch::zeros({3}, torch::requires_grad())});
+        contexts.emplace_back(torch::Device(torch::kCPU));
+      }
+      multigpu::LocalCommunicator comm(contexts);
+      multigpu::detail::ReducerOptions options;
+      options.find_unused_parameters = find_unused;
+      const multigpu::detail::GradientReducer reducer(params, {"w"}, contexts, comm, options);
+      CHECK(reducer.tracks_reached() == find_unused);
+    }
+  }
+
   TEST_CASE("a phase that reaches part of the parameters is an error naming them without find_unused_parameters") {
     Gan net;
     net->to(torch::kFloat64);

@@ -139,6 +139,10 @@ class GradientReducer {
   /// one-device program has them, and points every other one released
   /// before at its slot. See Note [Gradients of parameters no backward reached].
   void release_unreached();
+  /// Whether it keeps which parameters a backward reached: only with
+  /// find_unused_parameters, which alone reads it. See Note [Gradients of
+  /// parameters no backward reached].
+  bool tracks_reached() const { return !reached_.empty(); }
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
   /// The gradients may differ from the other replicas': the next step() or
@@ -219,10 +223,10 @@ class GradientReducer {
   // [replica][param]: a gradient arrived since the parameter's gradient was
   // zeroed where LibTorch's zero_grad sets it to None (across processes,
   // after a sync: on any replica of any process); written by r's backward,
-  // and between backwards only. See Note [Gradients of parameters no
-  // backward reached].
+  // and between backwards only; empty without find_unused_parameters. See
+  // Note [Gradients of parameters no backward reached].
   std::vector<std::vector<char>> reached_;
-  std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // any replica's parameter -> its index
+  std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // with reached_: a replica's parameter -> index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
   std::shared_ptr<Shared> shared_;
@@ -306,11 +310,13 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
     }
   }
   shared_->reducer = this;
-  reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
-  for (std::size_t r = 0; r < params_.size(); ++r) {
-    for (std::size_t k = 0; k < names_.size(); ++k) {
-      reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
-      index_of_.emplace(params_[r][k].unsafeGetTensorImpl(), k);
+  if (options_.find_unused_parameters) {  // read only then: see Note [Gradients of parameters no backward reached]
+    reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
+    for (std::size_t r = 0; r < params_.size(); ++r) {
+      for (std::size_t k = 0; k < names_.size(); ++k) {
+        reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
+        index_of_.emplace(params_[r][k].unsafeGetTensorImpl(), k);
+      }
     }
   }
   for (const auto& replica : replicas_) {
@@ -485,7 +491,7 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
     slot.zero_();  // set to None means zero
     // Not reached on this replica since it was set to None (a hook marks
     // it reached after this). See Note [Gradients of parameters no backward reached].
-    reached_[replica][param] = 0;
+    if (tracks_reached()) reached_[replica][param] = 0;
   }
   grad = slot;
 }
@@ -493,7 +499,7 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
 inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
   ensure_slot(replica, param);
   unreduced_[replica][param] = 1;
-  reached_[replica][param] = 1;
+  if (tracks_reached()) reached_[replica][param] = 1;
   if (!armed_.load()) return;
   if (fired_[replica][param] != 0) {
     fired_twice_ = true;  // reported by finish_backward
@@ -853,11 +859,11 @@ inline void GradientReducer::zero(std::size_t replica) {
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
   std::fill(unreduced_[replica].begin(), unreduced_[replica].end(), 0);  // zeros agree everywhere
-  if (compat::kZeroGradSetsToNone) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
+  if (tracks_reached() && compat::kZeroGradSetsToNone) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
 }
 
 inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& param) {
-  if (!compat::kZeroGradSetsToNone) return;
+  if (!tracks_reached() || !compat::kZeroGradSetsToNone) return;
   const auto found = index_of_.find(param.unsafeGetTensorImpl());
   if (found != index_of_.end() && params_[replica][found->second].is_same(param)) reached_[replica][found->second] = 0;
 }
@@ -907,8 +913,9 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //
 // So the optimizers skip it as on one device, and a caller reading it
 // after forward_backward sees None as on one device. Without
-// find_unused_parameters nothing is tracked nor agreed: every backward
-// reaches every parameter.
+// find_unused_parameters nothing is tracked nor agreed (reached_ is empty,
+// so hooks, zeroing and zero_grad(name) pay nothing for it): every
+// synchronising backward reaches every parameter.
 inline void GradientReducer::agree_on_reached() {
   if (!options_.find_unused_parameters || !across_processes()) return;
   const compat::NoGradGuard no_grad;
