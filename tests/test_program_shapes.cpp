@@ -173,6 +173,25 @@ torch::Tensor generator_loss(GanImpl& gan, const torch::data::Example<>& shard) 
   return torch::binary_cross_entropy_with_logits(fake, torch::ones_like(fake));
 }
 
+// Gives its input no gradient in backward (an undefined one), as some
+// autograd functions do for inputs they do not differentiate.
+struct NoGradient : torch::autograd::Function<NoGradient> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* /*context*/, const torch::Tensor& x) {
+    return x.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* /*context*/,
+                                                 const torch::autograd::variable_list& /*grads*/) {
+    return {torch::Tensor()};
+  }
+};
+
+// The discriminator's phase, plus a term whose backward brings the
+// generator's first weight an undefined gradient.
+torch::Tensor discriminator_loss_through_nothing(GanImpl& gan, const torch::data::Example<>& shard) {
+  const auto weight = gan.g->named_parameters()["0.weight"];
+  return discriminator_loss(gan, shard) + 0.0 * NoGradient::apply(weight).sum();
+}
+
 std::unique_ptr<torch::optim::Adam> make_adam(torch::nn::Module& part) {
   return std::make_unique<torch::optim::Adam>(part.parameters(),
                                               torch::optim::AdamOptions(0.01).betas(std::make_tuple(0.5, 0.999)));
@@ -571,6 +590,41 @@ TEST_SUITE("DataParallel program shapes") {
           dp.check_parity();
         }
       }
+    }
+  }
+
+  // See Note [Gradients of parameters no backward reached]: a backward may
+  // bring a parameter an undefined gradient, which leaves its .grad() alone
+  // (None after zero_grad on LibTorch 2); AdamW's weight decay shows
+  // whether it was stepped.
+  TEST_CASE("a parameter whose backward brings an undefined gradient is not reached, as on one device (float64)") {
+    for (const std::size_t k : {2, 3}) {
+      CAPTURE(k);
+      torch::manual_seed(33);
+      Gan net;
+      net->to(torch::kFloat64);
+      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
+      multigpu::DataParallelOptions options;
+      options.find_unused_parameters = true;
+      DataParallel<Gan> dp(net, cpus(k), options);
+      dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
+      dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
+      auto plain_d = make_adamw(*plain->d);
+      auto plain_g = make_adamw(*plain->g);
+      for (int step = 0; step < 3; ++step) {
+        const auto batch = gan_batch(8, 40 + step);
+        dp.train_step(batch, discriminator_loss_through_nothing);
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+        discriminator_loss_through_nothing(*plain, batch).backward();
+        plain_d->step();
+        plain_g->step();
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+      }
+      CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
+      CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
+      dp.check_parity();
     }
   }
 

@@ -184,7 +184,9 @@ class GradientReducer {
   void join_communication();
   void attach_hooks();
   void check_accumulator_stream(const torch::autograd::Node& accumulator, std::size_t replica, std::size_t param);
-  void on_grad_ready(std::size_t replica, std::size_t param);
+  /// `defined`: the hook's incoming gradient was defined (else the
+  /// parameter counts as not reached by it).
+  void on_grad_ready(std::size_t replica, std::size_t param, bool defined);
   void ensure_slot(std::size_t replica, std::size_t param);
   void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
@@ -272,13 +274,16 @@ class GradientReducer::ReadyHook : public torch::autograd::FunctionPostHook {
   ReadyHook(std::weak_ptr<Shared> shared, std::size_t replica, std::size_t param)
       : shared_(std::move(shared)), replica_(replica), param_(param) {}
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                            const torch::autograd::variable_list& /*inputs*/) override {
+                                            const torch::autograd::variable_list& inputs) override {
     if (auto shared = shared_.lock()) {
       // Hooks of different replicas run concurrently; each touches its own
       // replica's state, and the shared counters are atomic. The lock only
       // keeps the reducer alive while the hook runs.
       std::shared_lock<std::shared_mutex> lock(shared->mutex);
-      if (shared->reducer != nullptr) shared->reducer->on_grad_ready(replica_, param_);
+      // An undefined incoming gradient (a function whose backward gives
+      // none) leaves .grad() alone: ready, but not reached, as in DDP.
+      const bool defined = !inputs.empty() && inputs[0].defined();
+      if (shared->reducer != nullptr) shared->reducer->on_grad_ready(replica_, param_, defined);
     }
     return outputs;
   }
@@ -496,10 +501,10 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
   grad = slot;
 }
 
-inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
+inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param, bool defined) {
   ensure_slot(replica, param);
   unreduced_[replica][param] = 1;
-  if (tracks_reached()) reached_[replica][param] = 1;
+  if (tracks_reached() && defined) reached_[replica][param] = 1;
   if (!armed_.load()) return;
   if (fired_[replica][param] != 0) {
     fired_twice_ = true;  // reported by finish_backward
@@ -881,8 +886,10 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 // None included; so does this:
 //
 // - reached_[r][k] says whether replica r's backward gave parameter k a
-//   gradient since it was zeroed: its hook sets it (hooks run inside
-//   no_sync() too); zero(r) and note_zeroed (zero_grad(name)) clear it
+//   gradient since it was zeroed: its hook sets it when the gradient it
+//   brings is defined (a backward may bring an undefined one, which
+//   leaves .grad() alone; DDP checks the same), hooks run inside
+//   no_sync() too; zero(r) and note_zeroed (zero_grad(name)) clear it
 //   where LibTorch's zero_grad sets to none, never on 1.13; a .grad() the
 //   user set to None clears it when a sync finds it so (ensure_slot). It
 //   starts as whether the parameter had a gradient when DataParallel was
