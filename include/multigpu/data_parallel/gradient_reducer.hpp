@@ -228,6 +228,7 @@ class GradientReducer {
   // and between backwards only; empty without find_unused_parameters. See
   // Note [Gradients of parameters no backward reached].
   std::vector<std::vector<char>> reached_;
+  std::vector<char> released_;  // [param], with reached_: release_unreached set .grad() to None on every replica
   std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // with reached_: a replica's parameter -> index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
@@ -317,6 +318,7 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
   shared_->reducer = this;
   if (options_.find_unused_parameters) {  // read only then: see Note [Gradients of parameters no backward reached]
     reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
+    released_.assign(names_.size(), 0);
     for (std::size_t r = 0; r < params_.size(); ++r) {
       for (std::size_t k = 0; k < names_.size(); ++k) {
         reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
@@ -905,7 +907,10 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   it is next reached, and nothing else changes. A replica without
 //   samples in the step that reaches it again fires no hook: its .grad()
 //   is pointed at its slot, which the reduction filled, by the same
-//   release_unreached after that sync.
+//   release_unreached after that sync. Only a gradient that
+//   release_unreached itself set to None (released_) is pointed back so: a
+//   gradient the user set to None between backward and step() stays None,
+//   and the optimizers skip it as on one device.
 // - Across processes, whether another rank reached a parameter is agreed
 //   on after each reduction of every bucket (launch_rest_and_wait, which
 //   every process runs in a synchronising step, a failed one's too, and
@@ -952,10 +957,11 @@ inline void GradientReducer::release_unreached() {
       at::Tensor& grad = params_[r][k].mutable_grad();
       if (!reached) {
         grad.reset();
-      } else if (!grad.defined()) {
-        grad = slots_[r][k];  // released before, reached elsewhere since: the slot holds the average
+      } else if (!grad.defined() && released_[k] != 0) {
+        grad = slots_[r][k];  // released here before, reached elsewhere since: the slot holds the average
       }
     }
+    released_[k] = reached ? 0 : 1;  // a None that the user set stays None
   }
 }
 
