@@ -559,6 +559,7 @@ inline void DataParallelCore::finish_step_across_processes(std::exception_ptr fa
   }
   const auto discard = [&] {
     reducer_->forget_order_recording();
+    reducer_->restore_reached();  // See Note [Gradients of parameters no backward reached]
     zero_after_failure();
   };
   if (failure && (comm_failed || !reducer_->broken().empty() || !comm_->failure().empty())) {

@@ -143,6 +143,15 @@ class GradientReducer {
   /// find_unused_parameters, which alone reads it. See Note [Gradients of
   /// parameters no backward reached].
   bool tracks_reached() const { return !reached_.empty(); }
+  /// Across processes, after a synchronising step that every process
+  /// discarded: the reached flags become what they were before it, as if
+  /// its batch had not been there. See Note [Gradients of parameters no
+  /// backward reached].
+  void restore_reached() {
+    if (!tracks_reached() || !across_processes()) return;
+    reached_ = reached_kept_;
+    released_ = released_kept_;
+  }
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
   /// The gradients may differ from the other replicas': the next step() or
@@ -229,6 +238,8 @@ class GradientReducer {
   // Note [Gradients of parameters no backward reached].
   std::vector<std::vector<char>> reached_;
   std::vector<char> released_;  // [param], with reached_: release_unreached set .grad() to None on every replica
+  std::vector<std::vector<char>> reached_kept_;  // across processes: reached_ before this synchronising step
+  std::vector<char> released_kept_;              // and released_
   std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // with reached_: a replica's parameter -> index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
@@ -538,6 +549,10 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   attach_hooks();
   active_ = active;
   sync_this_step_ = sync;
+  if (sync && tracks_reached() && across_processes()) {  // a discarded step puts them back: restore_reached()
+    reached_kept_ = reached_;
+    released_kept_ = released_;
+  }
   synchronized_ = false;
   fired_twice_ = false;
   for (auto& row : fired_) std::fill(row.begin(), row.end(), 0);
@@ -921,7 +936,13 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   zero_grad and zero_grad(name) clear the flags alike on every process
 //   (they run the same program), and across processes a step() after any
 //   forward_backward syncs first (Note [A failed micro-step across
-//   processes]), so the flags a step reads are always agreed ones.
+//   processes]), so the flags a step reads are always agreed ones. A
+//   synchronising step that every process discards (Note [A step that
+//   fails on one process]) must leave no trace, but its backward marked
+//   what it reached, and on LibTorch 1.13 the zeroing that follows keeps
+//   the marks (its zero_grad does not set to none): so prepare_backward
+//   keeps the flags and the discard puts them back (restore_reached)
+//   before zeroing.
 //
 // So the optimizers skip it as on one device, and a caller reading it
 // after forward_backward sees None as on one device. Without
