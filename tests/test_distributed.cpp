@@ -675,6 +675,20 @@ TEST_SUITE("distributed training") {
     }
     remove_job_files({"phases"});
   }
+
+  // See Note [Options every process must share].
+  TEST_CASE("find_unused_parameters set on one rank only: every rank stops at construction, naming the ranks") {
+    const auto exits = run_job("unusedmix", 2, "--replicas 2 --steps 2 --double 1", {"--phases 1", ""},
+                               /*timeout_ms=*/10000, std::chrono::seconds(40));
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string report = read_text(scratch(fmt::format("unusedmix{}", rank)));
+      INFO("rank ", rank, ": ", report, "\n", read_text(scratch(fmt::format("unusedmixlog{}", rank))));
+      CHECK(exits[static_cast<std::size_t>(rank)].exit_code == 2);
+      CHECK(contains(report, "DataParallelOptions::find_unused_parameters is true on rank(s) 0 and false on rank(s) "
+                             "1; every process must set it alike"));
+    }
+    remove_job_files({"unusedmix"});
+  }
 }
 
 // See Note [A step that fails on one process].

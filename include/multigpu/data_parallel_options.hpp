@@ -44,6 +44,8 @@ struct DataParallelOptions {
   /// a phase, such as a GAN's, does not reach costs no collective in one
   /// process: see Note [A backward that reaches part of the parameters]).
   /// Off: such a step is an error naming them (with overlap on), never a hang.
+  /// Across processes every process must set it alike (checked when
+  /// DataParallel is built: see Note [Options every process must share]).
   bool find_unused_parameters = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;

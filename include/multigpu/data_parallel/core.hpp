@@ -3,6 +3,7 @@
 // replicas as torch::nn::Module, their workers, streams, communicator,
 // gradient reducer and optimizers. DataParallel<M> forwards to it.
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -162,6 +163,9 @@ class DataParallelCore {
   void step_optimizers(ReplicatedOptimizer* only, const char* what);
   void follow_primary_options(const ReplicatedOptimizer& optimizer);
   void broadcast_from_primary();
+  /// Across processes, at construction: throws an Error naming the ranks
+  /// when the options every process must share differ. Collective.
+  void check_options_agree();
   void zero_after_failure() noexcept;
   bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
   /// The gradient sync spans several processes.
@@ -284,6 +288,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     }
   }
   if (comm_->world_size() > 1) {
+    check_options_agree();
     broadcast_from_primary();
     std::vector<std::string> trainable_names;
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
@@ -302,6 +307,46 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     reducer_ = std::make_unique<GradientReducer>(std::move(trainable), std::move(trainable_names), contexts_, *comm_,
                                                  reducer);
   }
+}
+
+// Note [Options every process must share]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// find_unused_parameters decides whether a synchronising step issues one
+// more collective (the all-reduce of the reached flags, Note [Gradients of
+// parameters no backward reached]) and whether a phase may leave parameters
+// out. A process that set it and one that did not would issue different
+// collectives in the first step that reaches part of the parameters, and
+// hang or fail there, far from the cause. So every process says its value
+// at construction, in one all-reduce of a row per process (as
+// checkpoint_io's agree does), before the parameters are broadcast; when
+// they differ, every process throws the same Error naming the ranks, and
+// no step has run.
+inline void DataParallelCore::check_options_agree() {
+  const auto processes = static_cast<std::size_t>(std::max(options_.processes, 1));
+  if (processes == 1 || !spans_processes()) return;
+  const auto fence = fenced();
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  std::vector<float> votes(processes, 0.0F);
+  votes[static_cast<std::size_t>(options_.process_rank)] = options_.find_unused_parameters ? 2.0F : 1.0F;
+  std::vector<at::Tensor> tensors;
+  for (std::size_t r = 0; r < size(); ++r) {
+    const at::Tensor row = at::tensor(votes, at::TensorOptions().dtype(at::kFloat));
+    tensors.push_back((r == 0 ? row : at::zeros_like(row)).to(devices_[r]));  // one row per process
+  }
+  comm_->all_reduce(tensors, ReduceOp::kSum);
+  const at::Tensor agreed = tensors[0].cpu();
+  std::string with;
+  std::string without;
+  for (std::size_t k = 0; k < processes; ++k) {
+    std::string& list = agreed.data_ptr<float>()[k] > 1.5F ? with : without;
+    list += fmt::format("{}{}", list.empty() ? "" : ", ", k);
+  }
+  if (with.empty() || without.empty()) return;
+  throw Error(fmt::format("DataParallel: DataParallelOptions::find_unused_parameters is true on rank(s) {} and false "
+                          "on rank(s) {}; every process must set it alike (with it each step adds a collective that "
+                          "every process must issue): set it the same on every rank",
+                          with, without));
 }
 
 // A collective that failed after the call that launched it returned (the
