@@ -855,12 +855,8 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
           optimizer.replicas[r]->zero_grad();  // no buckets: as the plain loop (None on LibTorch 2)
           return;
         }
-        const compat::NoGradGuard no_grad;
         for (auto& group : optimizer.replicas[r]->param_groups()) {
-          for (auto& p : group.params()) {
-            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
-            if (reducer_) reducer_->note_zeroed(r, p);
-          }
+          for (auto& p : group.params()) reducer_->zero_gradient(r, p);  // in place; the reducer decides the rest
         }
       },
       "zeroing gradients");

@@ -130,10 +130,10 @@ class GradientReducer {
   bool synchronized() const { return synchronized_; }
   /// Zeroes replica r's gradients (run it on r's worker).
   void zero(std::size_t replica);
-  /// Replica r's gradient of `param` was zeroed in place by the caller
-  /// (zero_grad(name)); a tensor that is no trainable parameter is ignored.
-  /// See Note [Gradients of parameters no backward reached].
-  void note_zeroed(std::size_t replica, const at::Tensor& param);
+  /// Zeroes replica r's gradient of `param` in place (zero_grad(name); run
+  /// it on r's worker), a trainable parameter's or any other's. See Note
+  /// [Gradients of parameters no backward reached].
+  void zero_gradient(std::size_t replica, const at::Tensor& param);
   /// After a sync: sets to None, on every replica, the gradients of the
   /// parameters that no replica reached since they were zeroed, as the
   /// one-device program has them, and points every other one released
@@ -185,6 +185,12 @@ class GradientReducer {
     std::vector<int> remaining;  // per replica: its gradients still to come (each written by r's backward only)
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
   };
+
+  // Whether zeroing a gradient makes it one that no backward reached: what
+  // LibTorch's zero_grad does to it (None on 2.x, zeros on 1.13) decides,
+  // here alone for gradients in buckets. See Note [Gradients of parameters
+  // no backward reached].
+  static constexpr bool kZeroingUnreaches = compat::kZeroGradSetsToNone;
 
   void check_usable() const;
   void build_buckets(const std::vector<std::size_t>& order);
@@ -881,11 +887,13 @@ inline void GradientReducer::zero(std::size_t replica) {
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
   std::fill(unreduced_[replica].begin(), unreduced_[replica].end(), 0);  // zeros agree everywhere
-  if (tracks_reached() && compat::kZeroGradSetsToNone) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
+  if (tracks_reached() && kZeroingUnreaches) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
 }
 
-inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& param) {
-  if (!tracks_reached() || !compat::kZeroGradSetsToNone) return;
+inline void GradientReducer::zero_gradient(std::size_t replica, const at::Tensor& param) {
+  const compat::NoGradGuard no_grad;
+  if (param.grad().defined()) param.mutable_grad().zero_();  // in place: a bucket's view stays one
+  if (!tracks_reached() || !kZeroingUnreaches) return;
   const auto found = index_of_.find(param.unsafeGetTensorImpl());
   if (found != index_of_.end() && params_[replica][found->second].is_same(param)) reached_[replica][found->second] = 0;
 }
@@ -906,8 +914,9 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   gradient since it was zeroed: its hook sets it when the gradient it
 //   brings is defined (a backward may bring an undefined one, which
 //   leaves .grad() alone; DDP checks the same), hooks run inside
-//   no_sync() too; zero(r) and note_zeroed (zero_grad(name)) clear it
-//   where LibTorch's zero_grad sets to none, never on 1.13; a .grad() the
+//   no_sync() too; zero(r) and zero_gradient (zero_grad(name)) clear it
+//   where LibTorch's zero_grad sets to none, never on 1.13
+//   (kZeroingUnreaches, the one place that decides); a .grad() the
 //   user set to None clears it when a sync finds it so (ensure_slot). It
 //   starts as whether the parameter had a gradient when DataParallel was
 //   built.
