@@ -142,6 +142,28 @@ torch::Tensor distill_loss(DistillImpl& net, const torch::data::Example<>& shard
 }
 
 
+// An EMA copy beside the trained model (mean teacher, MoCo, BYOL): a
+// frozen member, so DataParallel never synchronises nor steps it, updated
+// on every replica from that replica's trained weights after each step.
+// The trained weights are the same on every replica after a step, so the
+// copies stay the same too, with no collective.
+struct WithEmaImpl : torch::nn::Cloneable<WithEmaImpl> {
+  WithEmaImpl() { reset(); }
+  void reset() override {
+    student = register_module("student", TwoPart());
+    ema = register_module("ema", TwoPart());
+  }
+  TwoPart student{nullptr}, ema{nullptr};
+};
+TORCH_MODULE(WithEma);
+
+void update_ema(WithEmaImpl& net, double decay) {
+  const torch::NoGradGuard no_grad;
+  const auto trained = net.student->parameters();
+  const auto averaged = net.ema->parameters();
+  for (std::size_t i = 0; i < trained.size(); ++i) averaged[i].mul_(decay).add_(trained[i], 1.0 - decay);
+}
+
 // A GAN in one container module: the batch's data are real samples, its
 // target the generator's noise (so that every replica draws nothing).
 struct GanImpl : torch::nn::Cloneable<GanImpl> {
@@ -439,6 +461,44 @@ TEST_SUITE("DataParallel program shapes") {
         for (const auto& bucket : *dp.gradient_buckets()) bucketed += bucket.parameters.size();
         CHECK(bucketed == net->student->parameters().size());
       }
+    }
+  }
+
+  // See docs/data-parallel.md, "An EMA copy".
+  TEST_CASE("an EMA copy updated on every replica after each step matches the one-device EMA (float64)") {
+    for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 8}, {2, 8}, {3, 8},
+                                                                                          {3, 2}}) {
+      CAPTURE(k);
+      CAPTURE(batch_size);
+      torch::manual_seed(35);
+      WithEma net;
+      net->to(torch::kFloat64);
+      {
+        const torch::NoGradGuard no_grad;
+        for (std::size_t i = 0; i < net->ema->parameters().size(); ++i) {
+          net->ema->parameters()[i].copy_(net->student->parameters()[i]);
+        }
+      }
+      for (auto& p : net->ema->parameters()) p.set_requires_grad(false);  // before DataParallel is built
+      WithEma plain = std::dynamic_pointer_cast<WithEmaImpl>(net->clone());
+      DataParallel<WithEma> dp(net, cpus(k));
+      dp.make_optimizer("student", [](WithEmaImpl& m) { return make_body_sgd(*m.student); });
+      auto plain_optimizer = make_body_sgd(*plain->student);
+      const auto loss = [](WithEmaImpl& m, const torch::data::Example<>& shard) { return mse(*m.student, shard); };
+      for (int step = 0; step < 5; ++step) {
+        const auto batch = make_batch(batch_size, 60 + step);
+        dp.train_step(batch, loss);
+        for (std::size_t r = 0; r < k; ++r) update_ema(dp.replica(r), 0.9);
+
+        plain_optimizer->zero_grad();
+        loss(*plain, batch).backward();
+        plain_optimizer->step();
+        update_ema(*plain, 0.9);
+      }
+      CHECK(max_difference(*net->student, *plain->student) <= 1e-10);
+      for (std::size_t r = 0; r < k; ++r) CHECK(max_difference(*dp.replica(r).ema, *plain->ema) <= 1e-10);
+      CHECK(max_difference(*net->ema, *net->student) > 1e-6);  // the copy lags the trained weights
+      dp.check_parity();
     }
   }
 
