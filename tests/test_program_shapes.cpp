@@ -230,6 +230,47 @@ std::vector<bool> defined_gradients(torch::nn::Module& part) {
   return defined;
 }
 
+Gan seeded_gan(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  Gan gan;
+  gan->to(torch::kFloat64);
+  return gan;
+}
+
+multigpu::DataParallelOptions phase_options(double cap_mib) {
+  multigpu::DataParallelOptions options;
+  options.find_unused_parameters = true;  // a phase reaches part of the parameters
+  options.bucket_cap_mib = cap_mib;
+  return options;
+}
+
+// A GAN (seeded) on k CPU replicas with find_unused_parameters and buckets
+// of cap_mib, its one-device twin, and on each an optimizer per part, "d"
+// and "g", that `make` builds (make_adam, make_adamw).
+struct GanTwins {
+  template <typename Make>
+  GanTwins(std::uint64_t seed, std::size_t k, Make make, double cap_mib = 25.0)
+      : net(seeded_gan(seed)),
+        plain(std::dynamic_pointer_cast<GanImpl>(net->clone())),
+        dp(net, cpus(k), phase_options(cap_mib)),
+        plain_d(make(*plain->d)),
+        plain_g(make(*plain->g)) {
+    dp.make_optimizer("d", [make](GanImpl& gan) { return make(*gan.d); });
+    dp.make_optimizer("g", [make](GanImpl& gan) { return make(*gan.g); });
+  }
+  /// Both parts as on one device, every replica as the primary.
+  void check_like_one_device() {
+    CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
+    CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
+    dp.check_parity();
+  }
+  Gan net;
+  Gan plain;
+  DataParallel<Gan> dp;
+  std::unique_ptr<torch::optim::Optimizer> plain_d;
+  std::unique_ptr<torch::optim::Optimizer> plain_g;
+};
+
 bool any_gradient(torch::nn::Module& part) {
   for (const auto& p : part.parameters()) {
     if (p.grad().defined() && p.grad().abs().sum().item<double>() != 0) return true;
@@ -509,18 +550,8 @@ TEST_SUITE("DataParallel program shapes") {
         CAPTURE(cap_mib);
         CAPTURE(k);
         CAPTURE(batch_size);
-        torch::manual_seed(31);
-        Gan net;
-        net->to(torch::kFloat64);
-        Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-        multigpu::DataParallelOptions options;
-        options.find_unused_parameters = true;  // a phase reaches part of the parameters
-        options.bucket_cap_mib = cap_mib;
-        DataParallel<Gan> dp(net, cpus(k), options);
-        dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
-        dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
-        auto plain_d = make_adam(*plain->d);
-        auto plain_g = make_adam(*plain->g);
+        GanTwins twins(31, k, &make_adam, cap_mib);
+        auto& [net, plain, dp, plain_d, plain_g] = twins;
         for (int step = 0; step < 5; ++step) {
           const auto batch = gan_batch(batch_size, 80 + step);
           // pytorch/examples' DCGAN, step by step.
@@ -555,18 +586,8 @@ TEST_SUITE("DataParallel program shapes") {
   TEST_CASE("gradients accumulated on a part that the synchronising phase does not reach are still averaged") {
     for (const std::size_t k : {2, 3}) {
       CAPTURE(k);
-      torch::manual_seed(32);
-      Gan net;
-      net->to(torch::kFloat64);
-      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-      multigpu::DataParallelOptions options;
-      options.find_unused_parameters = true;
-      options.bucket_cap_mib = 1e-6;  // the generator's gradients in buckets of their own
-      DataParallel<Gan> dp(net, cpus(k), options);
-      dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
-      dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
-      auto plain_d = make_adam(*plain->d);
-      auto plain_g = make_adam(*plain->g);
+      GanTwins twins(32, k, &make_adam, /*cap_mib=*/1e-6);  // the generator's gradients in buckets of their own
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
       for (int step = 0; step < 3; ++step) {
         const auto first = gan_batch(7, 90 + step);
         const auto second = gan_batch(7, 95 + step);
@@ -607,18 +628,8 @@ TEST_SUITE("DataParallel program shapes") {
           CAPTURE(static_cast<int>(program));
           CAPTURE(cap_mib);
           CAPTURE(k);
-          torch::manual_seed(31);
-          Gan net;
-          net->to(torch::kFloat64);
-          Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-          multigpu::DataParallelOptions options;
-          options.find_unused_parameters = true;
-          options.bucket_cap_mib = cap_mib;
-          DataParallel<Gan> dp(net, cpus(k), options);
-          dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
-          dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
-          auto plain_d = make_adamw(*plain->d);
-          auto plain_g = make_adamw(*plain->g);
+          GanTwins twins(31, k, &make_adamw, cap_mib);
+          auto& [net, plain, dp, plain_d, plain_g] = twins;
           if (program != Program::kNeverReached) {
             const auto batch = gan_batch(8, 9);
             dp.train_step(batch, generator_loss);
@@ -645,9 +656,7 @@ TEST_SUITE("DataParallel program shapes") {
             plain_d->step();
             plain_g->step();
           }
-          CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
-          CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
-          dp.check_parity();
+          twins.check_like_one_device();
         }
       }
     }
@@ -660,17 +669,8 @@ TEST_SUITE("DataParallel program shapes") {
   TEST_CASE("a parameter whose backward brings an undefined gradient is not reached, as on one device (float64)") {
     for (const std::size_t k : {2, 3}) {
       CAPTURE(k);
-      torch::manual_seed(33);
-      Gan net;
-      net->to(torch::kFloat64);
-      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-      multigpu::DataParallelOptions options;
-      options.find_unused_parameters = true;
-      DataParallel<Gan> dp(net, cpus(k), options);
-      dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
-      dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
-      auto plain_d = make_adamw(*plain->d);
-      auto plain_g = make_adamw(*plain->g);
+      GanTwins twins(33, k, &make_adamw);
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
       for (int step = 0; step < 3; ++step) {
         const auto batch = gan_batch(8, 40 + step);
         dp.train_step(batch, discriminator_loss_through_nothing);
@@ -682,9 +682,7 @@ TEST_SUITE("DataParallel program shapes") {
         plain_d->zero_grad();
         plain_g->zero_grad();
       }
-      CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
-      CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
-      dp.check_parity();
+      twins.check_like_one_device();
     }
   }
 
@@ -694,17 +692,8 @@ TEST_SUITE("DataParallel program shapes") {
   TEST_CASE("a gradient the user sets to None between backward and step() stays None and is not stepped (float64)") {
     for (const std::size_t k : {2, 3}) {
       CAPTURE(k);
-      torch::manual_seed(34);
-      Gan net;
-      net->to(torch::kFloat64);
-      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-      multigpu::DataParallelOptions options;
-      options.find_unused_parameters = true;
-      DataParallel<Gan> dp(net, cpus(k), options);
-      dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
-      dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
-      auto plain_d = make_adamw(*plain->d);
-      auto plain_g = make_adamw(*plain->g);
+      GanTwins twins(34, k, &make_adamw);
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
       for (int step = 0; step < 3; ++step) {
         const auto batch = gan_batch(8, 50 + step);
         dp.zero_grad();
@@ -723,9 +712,7 @@ TEST_SUITE("DataParallel program shapes") {
         plain_d->step();
         plain_g->step();
       }
-      CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
-      CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
-      dp.check_parity();
+      twins.check_like_one_device();
     }
   }
 
