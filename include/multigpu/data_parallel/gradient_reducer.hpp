@@ -148,7 +148,7 @@ class GradientReducer {
   /// its batch had not been there. See Note [Gradients of parameters no
   /// backward reached].
   void restore_reached() {
-    if (!tracks_reached() || !across_processes()) return;
+    if (!tracks_reached() || !across_processes() || reached_kept_.empty()) return;  // kept by prepare_backward
     reached_ = reached_kept_;
     released_ = released_kept_;
   }
