@@ -31,7 +31,8 @@
 // in the same order by every process, and completion order is a race. After backward,
 // buckets that never completed hold parameters without a gradient in this
 // step: an error naming them, or (find_unused_parameters) reduced as they
-// are. The accumulators are kept alive here; hooks reach the reducer through
+// are, each keeping the gradient the one-device program has (Note
+// [Gradients of parameters no backward reached]). The accumulators are kept alive here; hooks reach the reducer through
 // a weak pointer, so hooks that outlive it do nothing.
 //
 // Gradients are averaged over replicas; DataParallel scales each replica's
@@ -830,7 +831,8 @@ inline void GradientReducer::finish_backward() {
     if (unused.size() > shown) list += fmt::format(" and {} more", unused.size() - shown);
     fail(fmt::format("{} parameter(s) received no gradient in this step: {}. Their gradients cannot be "
                      "synchronised during backward; if the model does not use them every step, set "
-                     "DataParallelOptions::find_unused_parameters = true (they count as zero), or freeze "
+                     "DataParallelOptions::find_unused_parameters = true (each then keeps the gradient it has on one "
+                     "device: None after zero_grad on LibTorch 2, which no optimizer steps), or freeze "
                      "them (requires_grad false) before building DataParallel",
                      unused.size(), list));
   }
