@@ -716,6 +716,44 @@ TEST_SUITE("DataParallel program shapes") {
     }
   }
 
+  // A gradient set to None by hand before the next backward means zero on
+  // one device. A replica without samples fires no hook: it must still add
+  // zeros (not what its bucket held before) and step the parameter as the
+  // others do. See zero_slots_of_none in gradient_reducer.hpp.
+  TEST_CASE("a gradient set to None by hand before a step that a replica does not reach trains like one device") {
+    for (const bool find_unused : {false, true}) {
+      for (const std::size_t k : {2, 3}) {
+        CAPTURE(find_unused);
+        CAPTURE(k);
+        auto [net, plain] = twin_models(36);
+        multigpu::DataParallelOptions options;
+        options.find_unused_parameters = find_unused;
+        DataParallel<TwoPart> dp(net, cpus(k), options);
+        dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+        torch::optim::SGD plain_sgd(plain->parameters(), torch::optim::SGDOptions(0.1));
+        for (int step = 0; step < 2; ++step) {
+          const auto full = make_batch(6, 70 + step);
+          dp.forward_backward(full, mse);
+          mse(*plain, full).backward();
+          dp.step();
+          plain_sgd.step();
+          for (std::size_t r = 0; r < k; ++r) {
+            for (auto& p : dp.replica(r).parameters()) p.mutable_grad().reset();
+          }
+          for (auto& p : plain->parameters()) p.mutable_grad().reset();
+          const auto one = make_batch(1, 80 + step);  // replicas 1.. get no sample
+          dp.train_step(one, mse);
+          plain_sgd.zero_grad();
+          mse(*plain, one).backward();
+          plain_sgd.step();
+          plain_sgd.zero_grad();
+        }
+        CHECK(max_difference(*net, *plain) <= 1e-10);
+        dp.check_parity();
+      }
+    }
+  }
+
   TEST_CASE("the reducer keeps which parameters a backward reached only with find_unused_parameters") {
     for (const bool find_unused : {false, true}) {
       CAPTURE(find_unused);

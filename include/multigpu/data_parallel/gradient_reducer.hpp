@@ -135,10 +135,9 @@ class GradientReducer {
   /// it on r's worker), a trainable parameter's or any other's. See Note
   /// [Gradients of parameters no backward reached].
   void zero_gradient(std::size_t replica, const at::Tensor& param);
-  /// After a sync: sets to None, on every replica, the gradients of the
-  /// parameters that no replica reached since they were zeroed, as the
-  /// one-device program has them, and points every other one released
-  /// before at its slot. See Note [Gradients of parameters no backward reached].
+  /// Sets to None, on every replica, the gradients of the parameters that
+  /// no replica reached since they were zeroed, as the one-device program
+  /// has them. See Note [Gradients of parameters no backward reached].
   void release_unreached();
   /// Whether it keeps which parameters a backward reached: only with
   /// find_unused_parameters, which alone reads it. See Note [Gradients of
@@ -151,7 +150,6 @@ class GradientReducer {
   void restore_reached() {
     if (!tracks_reached() || !across_processes() || reached_kept_.empty()) return;  // kept by prepare_backward
     reached_ = reached_kept_;
-    released_ = released_kept_;
   }
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
@@ -210,7 +208,10 @@ class GradientReducer {
   /// Of the `missing` buckets (incomplete after backward), marks those that
   /// need no reduction as done without one. See Note [A backward that
   /// reaches part of the parameters].
-  void leave_alone_unreached(const std::vector<std::size_t>& missing);
+  /// The buckets of `missing` left alone.
+  std::vector<std::size_t> leave_alone_unreached(const std::vector<std::size_t>& missing);
+  void zero_slots_of_none(const std::vector<bool>& active);
+  void point_inactive_at_slots(const std::vector<std::size_t>& left_alone);
   /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
   void launch_rest_and_wait();
   /// Across processes with find_unused_parameters: makes reached_ say
@@ -244,9 +245,7 @@ class GradientReducer {
   // and between backwards only; empty without find_unused_parameters. See
   // Note [Gradients of parameters no backward reached].
   std::vector<std::vector<char>> reached_;
-  std::vector<char> released_;  // [param], with reached_: release_unreached set .grad() to None on every replica
   std::vector<std::vector<char>> reached_kept_;  // across processes: reached_ before this synchronising step
-  std::vector<char> released_kept_;              // and released_
   std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // with reached_: a replica's parameter -> index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
@@ -336,7 +335,6 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
   shared_->reducer = this;
   if (options_.find_unused_parameters) {  // read only then: see Note [Gradients of parameters no backward reached]
     reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
-    released_.assign(names_.size(), 0);
     for (std::size_t r = 0; r < params_.size(); ++r) {
       for (std::size_t k = 0; k < names_.size(); ++k) {
         reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
@@ -558,8 +556,8 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   sync_this_step_ = sync;
   if (sync && tracks_reached() && across_processes()) {  // a discarded step puts them back: restore_reached()
     reached_kept_ = reached_;
-    released_kept_ = released_;
   }
+  if (sync) zero_slots_of_none(active);
   synchronized_ = false;
   fired_twice_ = false;
   for (auto& row : fired_) std::fill(row.begin(), row.end(), 0);
@@ -768,8 +766,8 @@ inline void GradientReducer::launch_rest_and_wait() {
 // A parameter that no replica reached since it was zeroed gets the
 // gradient the one-device program has (None on LibTorch 2) before the
 // optimizers step: see Note [Gradients of parameters no backward reached].
-inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
-  std::size_t left = 0;
+inline std::vector<std::size_t> GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
+  std::vector<std::size_t> left;
   for (std::size_t b : missing) {
     bool untouched = true;
     for (std::size_t k : buckets_[b].parameters) {
@@ -778,10 +776,53 @@ inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t
     if (!untouched) continue;
     bucket_state_[b].launched->store(true);  // launch() passes it by
     mark_ready(b);
-    ++left;
+    left.push_back(b);
   }
   std::lock_guard<std::mutex> lock(stats_mutex_);
-  stats_.buckets -= left;
+  stats_.buckets -= left.size();
+  return left;
+}
+
+// A replica without samples in a synchronising step fires no hook, and its
+// gradients go into the buckets as they are. One that is None (set so by
+// hand, or released: Note [Gradients of parameters no backward reached])
+// means zero there, so its slot is zeroed first, never left holding what
+// an earlier step put there; the gradient stays None until the reduction
+// fills the slot (point_inactive_at_slots), and stays None where its bucket
+// is left alone, as on every other replica.
+inline void GradientReducer::zero_slots_of_none(const std::vector<bool>& active) {
+  for (std::size_t r = 0; r < active.size(); ++r) {
+    if (active[r]) continue;
+    const ReplicaContext::Scope scope(replicas_[r]);  // on r's stream, before its ready events
+    const compat::NoGradGuard no_grad;
+    for (std::size_t k = 0; k < names_.size(); ++k) {
+      if (params_[r][k].grad().defined()) {
+        ensure_slot(r, k);
+        continue;
+      }
+      slots_[r][k].zero_();
+      if (tracks_reached()) reached_[r][k] = 0;
+    }
+  }
+}
+
+// After the reduction: the None gradients of a replica without samples
+// (zero_slots_of_none) get the average their reduced slots hold, as every
+// other replica's, unless no replica reached the parameter
+// (release_unreached then keeps them None).
+inline void GradientReducer::point_inactive_at_slots(const std::vector<std::size_t>& left_alone) {
+  if (std::all_of(active_.begin(), active_.end(), [](bool a) { return a; })) return;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    if (std::find(left_alone.begin(), left_alone.end(), b) != left_alone.end()) continue;
+    for (std::size_t k : buckets_[b].parameters) {
+      bool reached = !tracks_reached();
+      for (const auto& row : reached_) reached = reached || row[k] != 0;
+      for (std::size_t r = 0; r < params_.size() && reached; ++r) {
+        at::Tensor& grad = params_[r][k].mutable_grad();
+        if (!active_[r] && !grad.defined()) grad = slots_[r][k];
+      }
+    }
+  }
 }
 
 inline void GradientReducer::finish_backward() {
@@ -807,8 +848,9 @@ inline void GradientReducer::finish_backward() {
   for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
     if (!bucket_state_[b].ready->load()) missing.push_back(b);
   }
+  std::vector<std::size_t> left_alone;
   if (!missing.empty() && options_.overlap && options_.find_unused_parameters && !across_processes()) {
-    leave_alone_unreached(missing);
+    left_alone = leave_alone_unreached(missing);
   }
   if (!missing.empty() && options_.overlap && !options_.find_unused_parameters) {
     std::vector<std::size_t> unused_params;
@@ -840,6 +882,7 @@ inline void GradientReducer::finish_backward() {
   for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
   record_order_ = false;
+  point_inactive_at_slots(left_alone);
   release_unreached();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
@@ -932,11 +975,12 @@ inline void GradientReducer::zero_gradient(std::size_t replica, const at::Tensor
 //   (ensure_slot), so a parameter that a phase left out pays one copy when
 //   it is next reached, and nothing else changes. A replica without
 //   samples in the step that reaches it again fires no hook: its .grad()
-//   is pointed at its slot, which the reduction filled, by the same
-//   release_unreached after that sync. Only a gradient that
-//   release_unreached itself set to None (released_) is pointed back so: a
-//   gradient the user set to None between backward and step() stays None,
-//   and the optimizers skip it as on one device.
+//   is pointed at its slot, which the reduction filled, after that sync
+//   (point_inactive_at_slots); a replica with samples that did not reach
+//   it while another did is pointed there before the reduction
+//   (launch_not_ready). Nothing else points a None gradient back: one that
+//   the user set to None between backward and step() stays None, and the
+//   optimizers skip it as on one device.
 // - Across processes, whether another rank reached a parameter is agreed
 //   on after each reduction of every bucket (launch_rest_and_wait, which
 //   every process runs in a synchronising step, a failed one's too, and
@@ -987,13 +1031,8 @@ inline void GradientReducer::release_unreached() {
     for (const auto& row : reached_) reached = reached || row[k] != 0;
     for (std::size_t r = 0; r < params_.size(); ++r) {
       at::Tensor& grad = params_[r][k].mutable_grad();
-      if (!reached) {
-        grad.reset();
-      } else if (!grad.defined() && released_[k] != 0) {
-        grad = slots_[r][k];  // released here before, reached elsewhere since: the slot holds the average
-      }
+      if (!reached) grad.reset();
     }
-    released_[k] = reached ? 0 : 1;  // a None that the user set stays None
   }
 }
 
