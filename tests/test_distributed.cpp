@@ -679,6 +679,20 @@ TEST_SUITE("distributed training") {
     }
     remove_job_files({"phases"});
   }
+
+  // See Note [Checking the model across processes].
+  TEST_CASE("find_unused_parameters set on one rank only: every rank stops at construction, naming the ranks") {
+    const auto exits = run_job("unusedmix", 2, "--replicas 2 --steps 2 --double 1", {"--phases 1", ""},
+                               /*timeout_ms=*/10000, std::chrono::seconds(40));
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string report = read_text(scratch(fmt::format("unusedmix{}", rank)));
+      INFO("rank ", rank, ": ", report, "\n", read_text(scratch(fmt::format("unusedmixlog{}", rank))));
+      CHECK(exits[static_cast<std::size_t>(rank)].exit_code == 2);
+      CHECK(contains(report, "rank 1's setting DataParallelOptions::find_unused_parameters false, rank 0's setting "
+                             "DataParallelOptions::find_unused_parameters true"));
+    }
+    remove_job_files({"unusedmix"});
+  }
 }
 
 // See Note [A step that fails on one process].
@@ -690,17 +704,12 @@ TEST_SUITE("a step that fails on one process") {
   TEST_CASE("in phases with find_unused_parameters, a step failing on one rank: both skip it, as without that batch") {
     check_one_rank_failure("throw", 1, "deliberate failure at step 2", 2, /*phases=*/true);
     check_one_rank_failure("empty", 1, "forward_backward: the batch has no samples", 2, /*phases=*/true);
-    if (multigpu::compat::kZeroGradSetsToNone) {
-      check_one_rank_failure("nan", 0, "the loss is nan (DataParallelOptions::check_finite_loss)", 0, /*phases=*/true);
-    } else {
-      // A known limit on LibTorch 1.13 (whose zero_grad zeroes in place): the
-      // discarded step's backward on rank 1 still marks the parameters it
-      // reached as having had a gradient, so from then on they hold zeros
-      // rather than None and weight decay moves them, where the program
-      // without that batch skips them. Found by CI's compat stage; to be
-      // mended by restoring the reached flags of a discarded step.
-      MESSAGE("skipped on LibTorch 1.13: a discarded first step still counts as having reached its parameters");
-    }
+    // On LibTorch 1.13 (whose zero_grad zeroes in place) this needs the
+    // discarded step's reached flags put back: its backward on rank 1 marked
+    // what it reached, which would then hold zeros rather than None, and
+    // weight decay would move them where the program without that batch
+    // skips them.
+    check_one_rank_failure("nan", 0, "the loss is nan (DataParallelOptions::check_finite_loss)", 0, /*phases=*/true);
   }
 
   TEST_CASE("check_finite_loss sees a NaN on rank 0 only: both skip the step, the next ones train as without it") {

@@ -142,6 +142,28 @@ torch::Tensor distill_loss(DistillImpl& net, const torch::data::Example<>& shard
 }
 
 
+// An EMA copy beside the trained model (mean teacher, MoCo, BYOL): a
+// frozen member, so DataParallel never synchronises nor steps it, updated
+// on every replica from that replica's trained weights after each step.
+// The trained weights are the same on every replica after a step, so the
+// copies stay the same too, with no collective.
+struct WithEmaImpl : torch::nn::Cloneable<WithEmaImpl> {
+  WithEmaImpl() { reset(); }
+  void reset() override {
+    student = register_module("student", TwoPart());
+    ema = register_module("ema", TwoPart());
+  }
+  TwoPart student{nullptr}, ema{nullptr};
+};
+TORCH_MODULE(WithEma);
+
+void update_ema(WithEmaImpl& net, double decay) {
+  const torch::NoGradGuard no_grad;
+  const auto trained = net.student->parameters();
+  const auto averaged = net.ema->parameters();
+  for (std::size_t i = 0; i < trained.size(); ++i) averaged[i].mul_(decay).add_(trained[i], 1.0 - decay);
+}
+
 // A GAN in one container module: the batch's data are real samples, its
 // target the generator's noise (so that every replica draws nothing).
 struct GanImpl : torch::nn::Cloneable<GanImpl> {
@@ -173,6 +195,25 @@ torch::Tensor generator_loss(GanImpl& gan, const torch::data::Example<>& shard) 
   return torch::binary_cross_entropy_with_logits(fake, torch::ones_like(fake));
 }
 
+// Gives its input no gradient in backward (an undefined one), as some
+// autograd functions do for inputs they do not differentiate.
+struct NoGradient : torch::autograd::Function<NoGradient> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* /*context*/, const torch::Tensor& x) {
+    return x.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* /*context*/,
+                                                 const torch::autograd::variable_list& /*grads*/) {
+    return {torch::Tensor()};
+  }
+};
+
+// The discriminator's phase, plus a term whose backward brings the
+// generator's first weight an undefined gradient.
+torch::Tensor discriminator_loss_through_nothing(GanImpl& gan, const torch::data::Example<>& shard) {
+  const auto weight = gan.g->named_parameters()["0.weight"];
+  return discriminator_loss(gan, shard) + 0.0 * NoGradient::apply(weight).sum();
+}
+
 std::unique_ptr<torch::optim::Adam> make_adam(torch::nn::Module& part) {
   return std::make_unique<torch::optim::Adam>(part.parameters(),
                                               torch::optim::AdamOptions(0.01).betas(std::make_tuple(0.5, 0.999)));
@@ -188,6 +229,47 @@ std::vector<bool> defined_gradients(torch::nn::Module& part) {
   for (const auto& p : part.parameters()) defined.push_back(p.grad().defined());
   return defined;
 }
+
+Gan seeded_gan(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  Gan gan;
+  gan->to(torch::kFloat64);
+  return gan;
+}
+
+multigpu::DataParallelOptions phase_options(double cap_mib) {
+  multigpu::DataParallelOptions options;
+  options.find_unused_parameters = true;  // a phase reaches part of the parameters
+  options.bucket_cap_mib = cap_mib;
+  return options;
+}
+
+// A GAN (seeded) on k CPU replicas with find_unused_parameters and buckets
+// of cap_mib, its one-device twin, and on each an optimizer per part, "d"
+// and "g", that `make` builds (make_adam, make_adamw).
+struct GanTwins {
+  template <typename Make>
+  GanTwins(std::uint64_t seed, std::size_t k, Make make, double cap_mib = 25.0)
+      : net(seeded_gan(seed)),
+        plain(std::dynamic_pointer_cast<GanImpl>(net->clone())),
+        dp(net, cpus(k), phase_options(cap_mib)),
+        plain_d(make(*plain->d)),
+        plain_g(make(*plain->g)) {
+    dp.make_optimizer("d", [make](GanImpl& gan) { return make(*gan.d); });
+    dp.make_optimizer("g", [make](GanImpl& gan) { return make(*gan.g); });
+  }
+  /// Both parts as on one device, every replica as the primary.
+  void check_like_one_device() {
+    CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
+    CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
+    dp.check_parity();
+  }
+  Gan net;
+  Gan plain;
+  DataParallel<Gan> dp;
+  std::unique_ptr<torch::optim::Optimizer> plain_d;
+  std::unique_ptr<torch::optim::Optimizer> plain_g;
+};
 
 bool any_gradient(torch::nn::Module& part) {
   for (const auto& p : part.parameters()) {
@@ -423,6 +505,44 @@ TEST_SUITE("DataParallel program shapes") {
     }
   }
 
+  // See docs/data-parallel.md, "An EMA copy".
+  TEST_CASE("an EMA copy updated on every replica after each step matches the one-device EMA (float64)") {
+    for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 8}, {2, 8}, {3, 8},
+                                                                                          {3, 2}}) {
+      CAPTURE(k);
+      CAPTURE(batch_size);
+      torch::manual_seed(35);
+      WithEma net;
+      net->to(torch::kFloat64);
+      {
+        const torch::NoGradGuard no_grad;
+        for (std::size_t i = 0; i < net->ema->parameters().size(); ++i) {
+          net->ema->parameters()[i].copy_(net->student->parameters()[i]);
+        }
+      }
+      for (auto& p : net->ema->parameters()) p.set_requires_grad(false);  // before DataParallel is built
+      WithEma plain = std::dynamic_pointer_cast<WithEmaImpl>(net->clone());
+      DataParallel<WithEma> dp(net, cpus(k));
+      dp.make_optimizer("student", [](WithEmaImpl& m) { return make_body_sgd(*m.student); });
+      auto plain_optimizer = make_body_sgd(*plain->student);
+      const auto loss = [](WithEmaImpl& m, const torch::data::Example<>& shard) { return mse(*m.student, shard); };
+      for (int step = 0; step < 5; ++step) {
+        const auto batch = make_batch(batch_size, 60 + step);
+        dp.train_step(batch, loss);
+        for (std::size_t r = 0; r < k; ++r) update_ema(dp.replica(r), 0.9);
+
+        plain_optimizer->zero_grad();
+        loss(*plain, batch).backward();
+        plain_optimizer->step();
+        update_ema(*plain, 0.9);
+      }
+      CHECK(max_difference(*net->student, *plain->student) <= 1e-10);
+      for (std::size_t r = 0; r < k; ++r) CHECK(max_difference(*dp.replica(r).ema, *plain->ema) <= 1e-10);
+      CHECK(max_difference(*net->ema, *net->student) > 1e-6);  // the copy lags the trained weights
+      dp.check_parity();
+    }
+  }
+
   TEST_CASE("a GAN step in phases (discriminator, then generator) trains like one device (float64)") {
     for (const double cap_mib : {25.0, 1e-6}) {  // one bucket for both parts, or a bucket per parameter
       for (const auto& [k, batch_size] : std::vector<std::pair<std::size_t, std::int64_t>>{{1, 8}, {2, 8}, {3, 8},
@@ -430,18 +550,8 @@ TEST_SUITE("DataParallel program shapes") {
         CAPTURE(cap_mib);
         CAPTURE(k);
         CAPTURE(batch_size);
-        torch::manual_seed(31);
-        Gan net;
-        net->to(torch::kFloat64);
-        Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-        multigpu::DataParallelOptions options;
-        options.find_unused_parameters = true;  // a phase reaches part of the parameters
-        options.bucket_cap_mib = cap_mib;
-        DataParallel<Gan> dp(net, cpus(k), options);
-        dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
-        dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
-        auto plain_d = make_adam(*plain->d);
-        auto plain_g = make_adam(*plain->g);
+        GanTwins twins(31, k, &make_adam, cap_mib);
+        auto& [net, plain, dp, plain_d, plain_g] = twins;
         for (int step = 0; step < 5; ++step) {
           const auto batch = gan_batch(batch_size, 80 + step);
           // pytorch/examples' DCGAN, step by step.
@@ -476,18 +586,8 @@ TEST_SUITE("DataParallel program shapes") {
   TEST_CASE("gradients accumulated on a part that the synchronising phase does not reach are still averaged") {
     for (const std::size_t k : {2, 3}) {
       CAPTURE(k);
-      torch::manual_seed(32);
-      Gan net;
-      net->to(torch::kFloat64);
-      Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-      multigpu::DataParallelOptions options;
-      options.find_unused_parameters = true;
-      options.bucket_cap_mib = 1e-6;  // the generator's gradients in buckets of their own
-      DataParallel<Gan> dp(net, cpus(k), options);
-      dp.make_optimizer("d", [](GanImpl& gan) { return make_adam(*gan.d); });
-      dp.make_optimizer("g", [](GanImpl& gan) { return make_adam(*gan.g); });
-      auto plain_d = make_adam(*plain->d);
-      auto plain_g = make_adam(*plain->g);
+      GanTwins twins(32, k, &make_adam, /*cap_mib=*/1e-6);  // the generator's gradients in buckets of their own
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
       for (int step = 0; step < 3; ++step) {
         const auto first = gan_batch(7, 90 + step);
         const auto second = gan_batch(7, 95 + step);
@@ -528,18 +628,8 @@ TEST_SUITE("DataParallel program shapes") {
           CAPTURE(static_cast<int>(program));
           CAPTURE(cap_mib);
           CAPTURE(k);
-          torch::manual_seed(31);
-          Gan net;
-          net->to(torch::kFloat64);
-          Gan plain = std::dynamic_pointer_cast<GanImpl>(net->clone());
-          multigpu::DataParallelOptions options;
-          options.find_unused_parameters = true;
-          options.bucket_cap_mib = cap_mib;
-          DataParallel<Gan> dp(net, cpus(k), options);
-          dp.make_optimizer("d", [](GanImpl& gan) { return make_adamw(*gan.d); });
-          dp.make_optimizer("g", [](GanImpl& gan) { return make_adamw(*gan.g); });
-          auto plain_d = make_adamw(*plain->d);
-          auto plain_g = make_adamw(*plain->g);
+          GanTwins twins(31, k, &make_adamw, cap_mib);
+          auto& [net, plain, dp, plain_d, plain_g] = twins;
           if (program != Program::kNeverReached) {
             const auto batch = gan_batch(8, 9);
             dp.train_step(batch, generator_loss);
@@ -566,11 +656,118 @@ TEST_SUITE("DataParallel program shapes") {
             plain_d->step();
             plain_g->step();
           }
-          CHECK(max_difference(*net->g, *plain->g) <= 1e-10);
-          CHECK(max_difference(*net->d, *plain->d) <= 1e-10);
-          dp.check_parity();
+          twins.check_like_one_device();
         }
       }
+    }
+  }
+
+  // See Note [Gradients of parameters no backward reached]: a backward may
+  // bring a parameter an undefined gradient, which leaves its .grad() alone
+  // (None after zero_grad on LibTorch 2); AdamW's weight decay shows
+  // whether it was stepped.
+  TEST_CASE("a parameter whose backward brings an undefined gradient is not reached, as on one device (float64)") {
+    for (const std::size_t k : {2, 3}) {
+      CAPTURE(k);
+      GanTwins twins(33, k, &make_adamw);
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
+      for (int step = 0; step < 3; ++step) {
+        const auto batch = gan_batch(8, 40 + step);
+        dp.train_step(batch, discriminator_loss_through_nothing);
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+        discriminator_loss_through_nothing(*plain, batch).backward();
+        plain_d->step();
+        plain_g->step();
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+      }
+      twins.check_like_one_device();
+    }
+  }
+
+  // See Note [Gradients of parameters no backward reached]: a gradient set
+  // to None between backward and step() is skipped by the optimizer on one
+  // device, and must be here too.
+  TEST_CASE("a gradient the user sets to None between backward and step() stays None and is not stepped (float64)") {
+    for (const std::size_t k : {2, 3}) {
+      CAPTURE(k);
+      GanTwins twins(34, k, &make_adamw);
+      auto& [net, plain, dp, plain_d, plain_g] = twins;
+      for (int step = 0; step < 3; ++step) {
+        const auto batch = gan_batch(8, 50 + step);
+        dp.zero_grad();
+        dp.forward_backward(batch, generator_loss);  // reaches both parts
+        for (std::size_t r = 0; r < k; ++r) {
+          for (auto& p : dp.replica(r).g->parameters()) p.mutable_grad().reset();
+        }
+        dp.step();
+        for (std::size_t r = 0; r < k; ++r) {
+          for (const bool defined : defined_gradients(*dp.replica(r).g)) CHECK_FALSE(defined);
+        }
+        plain_d->zero_grad();
+        plain_g->zero_grad();
+        generator_loss(*plain, batch).backward();
+        for (auto& p : plain->g->parameters()) p.mutable_grad().reset();
+        plain_d->step();
+        plain_g->step();
+      }
+      twins.check_like_one_device();
+    }
+  }
+
+  // A gradient set to None by hand before the next backward means zero on
+  // one device. A replica without samples fires no hook: it must still add
+  // zeros (not what its bucket held before) and step the parameter as the
+  // others do. See zero_slots_of_none in gradient_reducer.hpp.
+  TEST_CASE("a gradient set to None by hand before a step that a replica does not reach trains like one device") {
+    for (const bool find_unused : {false, true}) {
+      for (const std::size_t k : {2, 3}) {
+        CAPTURE(find_unused);
+        CAPTURE(k);
+        auto [net, plain] = twin_models(36);
+        multigpu::DataParallelOptions options;
+        options.find_unused_parameters = find_unused;
+        DataParallel<TwoPart> dp(net, cpus(k), options);
+        dp.make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.1));
+        torch::optim::SGD plain_sgd(plain->parameters(), torch::optim::SGDOptions(0.1));
+        for (int step = 0; step < 2; ++step) {
+          const auto full = make_batch(6, 70 + step);
+          dp.forward_backward(full, mse);
+          mse(*plain, full).backward();
+          dp.step();
+          plain_sgd.step();
+          for (std::size_t r = 0; r < k; ++r) {
+            for (auto& p : dp.replica(r).parameters()) p.mutable_grad().reset();
+          }
+          for (auto& p : plain->parameters()) p.mutable_grad().reset();
+          const auto one = make_batch(1, 80 + step);  // replicas 1.. get no sample
+          dp.train_step(one, mse);
+          plain_sgd.zero_grad();
+          mse(*plain, one).backward();
+          plain_sgd.step();
+          plain_sgd.zero_grad();
+        }
+        CHECK(max_difference(*net, *plain) <= 1e-10);
+        dp.check_parity();
+      }
+    }
+  }
+
+  TEST_CASE("the reducer keeps which parameters a backward reached only with find_unused_parameters") {
+    for (const bool find_unused : {false, true}) {
+      CAPTURE(find_unused);
+      std::vector<std::vector<torch::Tensor>> params;
+      std::vector<multigpu::ReplicaContext> contexts;
+      for (int r = 0; r < 2; ++r) {
+        params.push_back({torch::zeros({3}, torch::requires_grad())});
+        contexts.emplace_back(torch::Device(torch::kCPU));
+      }
+      multigpu::LocalCommunicator comm(contexts);
+      multigpu::detail::ReducerOptions options;
+      options.find_unused_parameters = find_unused;
+      const multigpu::detail::GradientReducer reducer(params, {"w"}, contexts, comm, options);
+      CHECK(reducer.tracks_reached() == find_unused);
     }
   }
 
@@ -587,6 +784,7 @@ TEST_SUITE("DataParallel program shapes") {
     }
     CHECK(contains(message, "4 parameter(s) received no gradient in this step: g.0.weight (replica 0), g.0.bias "
                             "(replica 0), g.2.weight (replica 0), g.2.bias (replica 0)"));
-    CHECK(contains(message, "find_unused_parameters = true"));
+    CHECK(contains(message, "find_unused_parameters = true (each then keeps the gradient it has on one device: None "
+                            "after zero_grad on LibTorch 2, which no optimizer steps)"));
   }
 }

@@ -40,10 +40,14 @@ struct DataParallelOptions {
   /// type). bf16_compress_hook() and fp16_compress_hook() send half the
   /// bytes; see Note [Compressed gradients].
   std::shared_ptr<CommHook> comm_hook;
-  /// Parameters that get no gradient in a step count as zero (a part that
-  /// a phase, such as a GAN's, does not reach costs no collective in one
-  /// process: see Note [A backward that reaches part of the parameters]).
+  /// Parameters that get no gradient in a step keep the gradient they have
+  /// on one device (None after zero_grad on LibTorch 2, so no optimizer
+  /// steps them; a part that a phase, such as a GAN's, does not reach costs
+  /// no collective in one process: see Note [A backward that reaches part
+  /// of the parameters]).
   /// Off: such a step is an error naming them (with overlap on), never a hang.
+  /// Across processes every process must set it alike (checked when
+  /// DataParallel is built: see Note [Checking the model across processes]).
   bool find_unused_parameters = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;

@@ -3,6 +3,7 @@
 // replicas as torch::nn::Module, their workers, streams, communicator,
 // gradient reducer and optimizers. DataParallel<M> forwards to it.
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -564,6 +565,7 @@ inline void DataParallelCore::finish_step_across_processes(std::exception_ptr fa
   }
   const auto discard = [&] {
     reducer_->forget_order_recording();
+    reducer_->restore_reached();  // See Note [Gradients of parameters no backward reached]
     zero_after_failure();
   };
   if (failure && (comm_failed || !reducer_->broken().empty() || !comm_->failure().empty())) {
@@ -815,12 +817,8 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
           optimizer.replicas[r]->zero_grad();  // no buckets: as the plain loop (None on LibTorch 2)
           return;
         }
-        const compat::NoGradGuard no_grad;
         for (auto& group : optimizer.replicas[r]->param_groups()) {
-          for (auto& p : group.params()) {
-            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
-            if (reducer_) reducer_->note_zeroed(r, p);
-          }
+          for (auto& p : group.params()) reducer_->zero_gradient(r, p);  // in place; the reducer decides the rest
         }
       },
       "zeroing gradients");

@@ -31,7 +31,8 @@
 // in the same order by every process, and completion order is a race. After backward,
 // buckets that never completed hold parameters without a gradient in this
 // step: an error naming them, or (find_unused_parameters) reduced as they
-// are. The accumulators are kept alive here; hooks reach the reducer through
+// are, each keeping the gradient the one-device program has (Note
+// [Gradients of parameters no backward reached]). The accumulators are kept alive here; hooks reach the reducer through
 // a weak pointer, so hooks that outlive it do nothing.
 //
 // Gradients are averaged over replicas; DataParallel scales each replica's
@@ -130,15 +131,26 @@ class GradientReducer {
   bool synchronized() const { return synchronized_; }
   /// Zeroes replica r's gradients (run it on r's worker).
   void zero(std::size_t replica);
-  /// Replica r's gradient of `param` was zeroed in place by the caller
-  /// (zero_grad(name)); a tensor that is no trainable parameter is ignored.
-  /// See Note [Gradients of parameters no backward reached].
-  void note_zeroed(std::size_t replica, const at::Tensor& param);
-  /// After a sync: sets to None, on every replica, the gradients of the
-  /// parameters that no replica reached since they were zeroed, as the
-  /// one-device program has them, and points every other one released
-  /// before at its slot. See Note [Gradients of parameters no backward reached].
+  /// Zeroes replica r's gradient of `param` in place (zero_grad(name); run
+  /// it on r's worker), a trainable parameter's or any other's. See Note
+  /// [Gradients of parameters no backward reached].
+  void zero_gradient(std::size_t replica, const at::Tensor& param);
+  /// Sets to None, on every replica, the gradients of the parameters that
+  /// no replica reached since they were zeroed, as the one-device program
+  /// has them. See Note [Gradients of parameters no backward reached].
   void release_unreached();
+  /// Whether it keeps which parameters a backward reached: only with
+  /// find_unused_parameters, which alone reads it. See Note [Gradients of
+  /// parameters no backward reached].
+  bool tracks_reached() const { return !reached_.empty(); }
+  /// Across processes, after a synchronising step that every process
+  /// discarded: the reached flags become what they were before it, as if
+  /// its batch had not been there. See Note [Gradients of parameters no
+  /// backward reached].
+  void restore_reached() {
+    if (!tracks_reached() || !across_processes() || reached_kept_.empty()) return;  // kept by prepare_backward
+    reached_ = reached_kept_;
+  }
   /// Every replica was zeroed: gradients agree again.
   void mark_zeroed() { synchronized_ = true; }
   /// The gradients may differ from the other replicas': the next step() or
@@ -173,6 +185,12 @@ class GradientReducer {
     std::vector<std::unique_ptr<c10::Event>> ready_events;  // per replica, GPUs only
   };
 
+  // Whether zeroing a gradient makes it one that no backward reached: what
+  // LibTorch's zero_grad does to it (None on 2.x, zeros on 1.13) decides,
+  // here alone for gradients in buckets. See Note [Gradients of parameters
+  // no backward reached].
+  static constexpr bool kZeroingUnreaches = compat::kZeroGradSetsToNone;
+
   void check_usable() const;
   void build_buckets(const std::vector<std::size_t>& order);
   void rebuild_buckets();
@@ -180,7 +198,9 @@ class GradientReducer {
   void join_communication();
   void attach_hooks();
   void check_accumulator_stream(const torch::autograd::Node& accumulator, std::size_t replica, std::size_t param);
-  void on_grad_ready(std::size_t replica, std::size_t param);
+  /// `defined`: the hook's incoming gradient was defined (else the
+  /// parameter counts as not reached by it).
+  void on_grad_ready(std::size_t replica, std::size_t param, bool defined);
   void ensure_slot(std::size_t replica, std::size_t param);
   void mark_ready(std::size_t bucket);
   void launch(std::size_t bucket);
@@ -188,7 +208,10 @@ class GradientReducer {
   /// Of the `missing` buckets (incomplete after backward), marks those that
   /// need no reduction as done without one. See Note [A backward that
   /// reaches part of the parameters].
-  void leave_alone_unreached(const std::vector<std::size_t>& missing);
+  /// The buckets of `missing` left alone.
+  std::vector<std::size_t> leave_alone_unreached(const std::vector<std::size_t>& missing);
+  void zero_slots_of_none(const std::vector<bool>& active);
+  void point_inactive_at_slots(const std::vector<std::size_t>& left_alone);
   /// Launches every bucket not launched yet and waits for all; a failure abandons the step.
   void launch_rest_and_wait();
   /// Across processes with find_unused_parameters: makes reached_ say
@@ -219,10 +242,11 @@ class GradientReducer {
   // [replica][param]: a gradient arrived since the parameter's gradient was
   // zeroed where LibTorch's zero_grad sets it to None (across processes,
   // after a sync: on any replica of any process); written by r's backward,
-  // and between backwards only. See Note [Gradients of parameters no
-  // backward reached].
+  // and between backwards only; empty without find_unused_parameters. See
+  // Note [Gradients of parameters no backward reached].
   std::vector<std::vector<char>> reached_;
-  std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // any replica's parameter -> its index
+  std::vector<std::vector<char>> reached_kept_;  // across processes: reached_ before this synchronising step
+  std::unordered_map<const c10::TensorImpl*, std::size_t> index_of_;  // with reached_: a replica's parameter -> index
   std::vector<std::vector<compat::NodePtr>> accumulators_;
   bool warned_accumulator_stream_ = false;  // See Note [Accumulators made before DataParallel]
   std::shared_ptr<Shared> shared_;
@@ -268,13 +292,16 @@ class GradientReducer::ReadyHook : public torch::autograd::FunctionPostHook {
   ReadyHook(std::weak_ptr<Shared> shared, std::size_t replica, std::size_t param)
       : shared_(std::move(shared)), replica_(replica), param_(param) {}
   torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                            const torch::autograd::variable_list& /*inputs*/) override {
+                                            const torch::autograd::variable_list& inputs) override {
     if (auto shared = shared_.lock()) {
       // Hooks of different replicas run concurrently; each touches its own
       // replica's state, and the shared counters are atomic. The lock only
       // keeps the reducer alive while the hook runs.
       std::shared_lock<std::shared_mutex> lock(shared->mutex);
-      if (shared->reducer != nullptr) shared->reducer->on_grad_ready(replica_, param_);
+      // An undefined incoming gradient (a function whose backward gives
+      // none) leaves .grad() alone: ready, but not reached, as in DDP.
+      const bool defined = !inputs.empty() && inputs[0].defined();
+      if (shared->reducer != nullptr) shared->reducer->on_grad_ready(replica_, param_, defined);
     }
     return outputs;
   }
@@ -306,11 +333,13 @@ inline GradientReducer::GradientReducer(std::vector<std::vector<at::Tensor>> par
     }
   }
   shared_->reducer = this;
-  reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
-  for (std::size_t r = 0; r < params_.size(); ++r) {
-    for (std::size_t k = 0; k < names_.size(); ++k) {
-      reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
-      index_of_.emplace(params_[r][k].unsafeGetTensorImpl(), k);
+  if (options_.find_unused_parameters) {  // read only then: see Note [Gradients of parameters no backward reached]
+    reached_.assign(params_.size(), std::vector<char>(names_.size(), 0));
+    for (std::size_t r = 0; r < params_.size(); ++r) {
+      for (std::size_t k = 0; k < names_.size(); ++k) {
+        reached_[r][k] = params_[r][k].grad().defined() ? 1 : 0;  // as the one-device program has it
+        index_of_.emplace(params_[r][k].unsafeGetTensorImpl(), k);
+      }
     }
   }
   for (const auto& replica : replicas_) {
@@ -485,15 +514,15 @@ inline void GradientReducer::ensure_slot(std::size_t replica, std::size_t param)
     slot.zero_();  // set to None means zero
     // Not reached on this replica since it was set to None (a hook marks
     // it reached after this). See Note [Gradients of parameters no backward reached].
-    reached_[replica][param] = 0;
+    if (tracks_reached()) reached_[replica][param] = 0;
   }
   grad = slot;
 }
 
-inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param) {
+inline void GradientReducer::on_grad_ready(std::size_t replica, std::size_t param, bool defined) {
   ensure_slot(replica, param);
   unreduced_[replica][param] = 1;
-  reached_[replica][param] = 1;
+  if (tracks_reached() && defined) reached_[replica][param] = 1;
   if (!armed_.load()) return;
   if (fired_[replica][param] != 0) {
     fired_twice_ = true;  // reported by finish_backward
@@ -525,6 +554,10 @@ inline void GradientReducer::prepare_backward(const std::vector<bool>& active, b
   attach_hooks();
   active_ = active;
   sync_this_step_ = sync;
+  if (sync && tracks_reached() && across_processes()) {  // a discarded step puts them back: restore_reached()
+    reached_kept_ = reached_;
+  }
+  if (sync) zero_slots_of_none(active);
   synchronized_ = false;
   fired_twice_ = false;
   for (auto& row : fired_) std::fill(row.begin(), row.end(), 0);
@@ -737,8 +770,8 @@ inline void GradientReducer::launch_rest_and_wait() {
 // A parameter that no replica reached since it was zeroed gets the
 // gradient the one-device program has (None on LibTorch 2) before the
 // optimizers step: see Note [Gradients of parameters no backward reached].
-inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
-  std::size_t left = 0;
+inline std::vector<std::size_t> GradientReducer::leave_alone_unreached(const std::vector<std::size_t>& missing) {
+  std::vector<std::size_t> left;
   for (std::size_t b : missing) {
     bool untouched = true;
     for (std::size_t k : buckets_[b].parameters) {
@@ -747,10 +780,53 @@ inline void GradientReducer::leave_alone_unreached(const std::vector<std::size_t
     if (!untouched) continue;
     bucket_state_[b].launched->store(true);  // launch() passes it by
     mark_ready(b);
-    ++left;
+    left.push_back(b);
   }
   std::lock_guard<std::mutex> lock(stats_mutex_);
-  stats_.buckets -= left;
+  stats_.buckets -= left.size();
+  return left;
+}
+
+// A replica without samples in a synchronising step fires no hook, and its
+// gradients go into the buckets as they are. One that is None (set so by
+// hand, or released: Note [Gradients of parameters no backward reached])
+// means zero there, so its slot is zeroed first, never left holding what
+// an earlier step put there; the gradient stays None until the reduction
+// fills the slot (point_inactive_at_slots), and stays None where its bucket
+// is left alone, as on every other replica.
+inline void GradientReducer::zero_slots_of_none(const std::vector<bool>& active) {
+  for (std::size_t r = 0; r < active.size(); ++r) {
+    if (active[r]) continue;
+    const ReplicaContext::Scope scope(replicas_[r]);  // on r's stream, before its ready events
+    const compat::NoGradGuard no_grad;
+    for (std::size_t k = 0; k < names_.size(); ++k) {
+      if (params_[r][k].grad().defined()) {
+        ensure_slot(r, k);
+        continue;
+      }
+      slots_[r][k].zero_();
+      if (tracks_reached()) reached_[r][k] = 0;
+    }
+  }
+}
+
+// After the reduction: the None gradients of a replica without samples
+// (zero_slots_of_none) get the average their reduced slots hold, as every
+// other replica's, unless no replica reached the parameter
+// (release_unreached then keeps them None).
+inline void GradientReducer::point_inactive_at_slots(const std::vector<std::size_t>& left_alone) {
+  if (std::all_of(active_.begin(), active_.end(), [](bool a) { return a; })) return;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    if (std::find(left_alone.begin(), left_alone.end(), b) != left_alone.end()) continue;
+    for (std::size_t k : buckets_[b].parameters) {
+      bool reached = !tracks_reached();
+      for (const auto& row : reached_) reached = reached || row[k] != 0;
+      for (std::size_t r = 0; r < params_.size() && reached; ++r) {
+        at::Tensor& grad = params_[r][k].mutable_grad();
+        if (!active_[r] && !grad.defined()) grad = slots_[r][k];
+      }
+    }
+  }
 }
 
 inline void GradientReducer::finish_backward() {
@@ -776,8 +852,9 @@ inline void GradientReducer::finish_backward() {
   for (std::size_t b = 0; b < bucket_state_.size(); ++b) {
     if (!bucket_state_[b].ready->load()) missing.push_back(b);
   }
+  std::vector<std::size_t> left_alone;
   if (!missing.empty() && options_.overlap && options_.find_unused_parameters && !across_processes()) {
-    leave_alone_unreached(missing);
+    left_alone = leave_alone_unreached(missing);
   }
   if (!missing.empty() && options_.overlap && !options_.find_unused_parameters) {
     std::vector<std::size_t> unused_params;
@@ -800,7 +877,8 @@ inline void GradientReducer::finish_backward() {
     if (unused.size() > shown) list += fmt::format(" and {} more", unused.size() - shown);
     fail(fmt::format("{} parameter(s) received no gradient in this step: {}. Their gradients cannot be "
                      "synchronised during backward; if the model does not use them every step, set "
-                     "DataParallelOptions::find_unused_parameters = true (they count as zero), or freeze "
+                     "DataParallelOptions::find_unused_parameters = true (each then keeps the gradient it has on one "
+                     "device: None after zero_grad on LibTorch 2, which no optimizer steps), or freeze "
                      "them (requires_grad false) before building DataParallel",
                      unused.size(), list));
   }
@@ -808,6 +886,7 @@ inline void GradientReducer::finish_backward() {
   for (auto& row : unreduced_) std::fill(row.begin(), row.end(), 0);
   synchronized_ = true;
   record_order_ = false;
+  point_inactive_at_slots(left_alone);
   release_unreached();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.exposed_ms =
@@ -857,11 +936,13 @@ inline void GradientReducer::zero(std::size_t replica) {
   for (auto& bucket : bucket_state_) bucket.buffers[replica].zero_();
   for (std::size_t k = 0; k < names_.size(); ++k) ensure_slot(replica, k);
   std::fill(unreduced_[replica].begin(), unreduced_[replica].end(), 0);  // zeros agree everywhere
-  if (compat::kZeroGradSetsToNone) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
+  if (tracks_reached() && kZeroingUnreaches) std::fill(reached_[replica].begin(), reached_[replica].end(), 0);
 }
 
-inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& param) {
-  if (!compat::kZeroGradSetsToNone) return;
+inline void GradientReducer::zero_gradient(std::size_t replica, const at::Tensor& param) {
+  const compat::NoGradGuard no_grad;
+  if (param.grad().defined()) param.mutable_grad().zero_();  // in place: a bucket's view stays one
+  if (!tracks_reached() || !kZeroingUnreaches) return;
   const auto found = index_of_.find(param.unsafeGetTensorImpl());
   if (found != index_of_.end() && params_[replica][found->second].is_same(param)) reached_[replica][found->second] = 0;
 }
@@ -879,9 +960,12 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 // None included; so does this:
 //
 // - reached_[r][k] says whether replica r's backward gave parameter k a
-//   gradient since it was zeroed: its hook sets it (hooks run inside
-//   no_sync() too); zero(r) and note_zeroed (zero_grad(name)) clear it
-//   where LibTorch's zero_grad sets to none, never on 1.13; a .grad() the
+//   gradient since it was zeroed: its hook sets it when the gradient it
+//   brings is defined (a backward may bring an undefined one, which
+//   leaves .grad() alone; DDP checks the same), hooks run inside
+//   no_sync() too; zero(r) and zero_gradient (zero_grad(name)) clear it
+//   where LibTorch's zero_grad sets to none, never on 1.13
+//   (kZeroingUnreaches, the one place that decides); a .grad() the
 //   user set to None clears it when a sync finds it so (ensure_slot). It
 //   starts as whether the parameter had a gradient when DataParallel was
 //   built.
@@ -895,8 +979,12 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   (ensure_slot), so a parameter that a phase left out pays one copy when
 //   it is next reached, and nothing else changes. A replica without
 //   samples in the step that reaches it again fires no hook: its .grad()
-//   is pointed at its slot, which the reduction filled, by the same
-//   release_unreached after that sync.
+//   is pointed at its slot, which the reduction filled, after that sync
+//   (point_inactive_at_slots); a replica with samples that did not reach
+//   it while another did is pointed there before the reduction
+//   (launch_not_ready). Nothing else points a None gradient back: one that
+//   the user set to None between backward and step() stays None, and the
+//   optimizers skip it as on one device.
 // - Across processes, whether another rank reached a parameter is agreed
 //   on after each reduction of every bucket (launch_rest_and_wait, which
 //   every process runs in a synchronising step, a failed one's too, and
@@ -907,12 +995,19 @@ inline void GradientReducer::note_zeroed(std::size_t replica, const at::Tensor& 
 //   zero_grad and zero_grad(name) clear the flags alike on every process
 //   (they run the same program), and across processes a step() after any
 //   forward_backward syncs first (Note [A failed micro-step across
-//   processes]), so the flags a step reads are always agreed ones.
+//   processes]), so the flags a step reads are always agreed ones. A
+//   synchronising step that every process discards (Note [A step that
+//   fails on one process]) must leave no trace, but its backward marked
+//   what it reached, and on LibTorch 1.13 the zeroing that follows keeps
+//   the marks (its zero_grad does not set to none): so prepare_backward
+//   keeps the flags and the discard puts them back (restore_reached)
+//   before zeroing.
 //
 // So the optimizers skip it as on one device, and a caller reading it
 // after forward_backward sees None as on one device. Without
-// find_unused_parameters nothing is tracked nor agreed: every backward
-// reaches every parameter.
+// find_unused_parameters nothing is tracked nor agreed (reached_ is empty,
+// so hooks, zeroing and zero_grad(name) pay nothing for it): every
+// synchronising backward reaches every parameter.
 inline void GradientReducer::agree_on_reached() {
   if (!options_.find_unused_parameters || !across_processes()) return;
   const compat::NoGradGuard no_grad;
@@ -943,11 +1038,7 @@ inline void GradientReducer::release_unreached() {
     for (const auto& row : reached_) reached = reached || row[k] != 0;
     for (std::size_t r = 0; r < params_.size(); ++r) {
       at::Tensor& grad = params_[r][k].mutable_grad();
-      if (!reached) {
-        grad.reset();
-      } else if (!grad.defined()) {
-        grad = slots_[r][k];  // released before, reached elsewhere since: the slot holds the average
-      }
+      if (!reached) grad.reset();
     }
   }
 }
