@@ -45,6 +45,10 @@ struct DataParallelOptions {
   /// process: see Note [A backward that reaches part of the parameters]).
   /// Off: such a step is an error naming them (with overlap on), never a hang.
   bool find_unused_parameters = false;
+  /// Each parameter's optimizer state lives on one replica, which steps
+  /// it and broadcasts the result (see Note [Sharded optimizer state]):
+  /// about 1/K of the state per replica, the unsharded parameters exactly.
+  bool shard_optimizer_state = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;
   /// The loss function runs under autocast to this precision on every

@@ -15,6 +15,8 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -31,6 +33,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel/autocast.hpp"
 #include "multigpu/data_parallel/gradient_reducer.hpp"
+#include "multigpu/data_parallel/optimizer_shards.hpp"
 #include "multigpu/data_parallel/training_progress.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
@@ -113,6 +116,13 @@ class DataParallelCore {
   std::vector<std::string> optimizer_names() const;
   void set_learning_rate(double lr);
   double learning_rate();
+  /// Whether each parameter's optimizer state lives on one replica (see Note [Sharded optimizer state]).
+  bool sharded() const { return !owners_.empty(); }
+  /// The replica that owns each parameter's optimizer state (in the order
+  /// of parameter_names()); empty when unsharded.
+  const std::vector<std::size_t>& parameter_owners() const { return owners_; }
+  /// The bytes of optimizer state (every optimizer's) that each replica holds.
+  std::vector<std::int64_t> optimizer_state_bytes() const;
 
   void broadcast_buffers();
   void resync_from_primary();
@@ -156,11 +166,24 @@ class DataParallelCore {
   struct ReplicatedOptimizer {
     std::string name;  // "": made without a name
     std::vector<std::unique_ptr<torch::optim::Optimizer>> replicas;
+    // Sharded: [replica][group] every parameter of the group as built; each
+    // optimizer holds only its replica's share (Note [Sharded optimizer state]).
+    std::vector<std::vector<std::vector<at::Tensor>>> groups;
+    std::vector<std::size_t> parameters;  // sharded: the indices of the parameters it holds, ascending
   };
   ReplicatedOptimizer& find_optimizers(const std::string& name, const char* what);
   /// Steps `only`, or every optimizer when it is null.
   void step_optimizers(ReplicatedOptimizer* only, const char* what);
   void follow_primary_options(const ReplicatedOptimizer& optimizer);
+  /// Replica r's optimizer keeps only the parameters (and state) that r owns.
+  void keep_owned(torch::optim::Optimizer& optimizer, std::size_t r,
+                  const std::vector<std::vector<at::Tensor>>& groups) const;
+  /// Every parameter of the stepped optimizers goes from its owner to the other replicas.
+  void broadcast_from_owners(const std::vector<ReplicatedOptimizer*>& stepped);
+  std::string serialized_state(torch::optim::Optimizer& optimizer) const;
+  std::string gathered_optimizer_state(ReplicatedOptimizer& optimizer);
+  /// Loads `state` into replica r's optimizer, sharded or not (see Note [Sharded optimizer state]).
+  void load_optimizer_share(ReplicatedOptimizer& optimizer, std::size_t r, const std::string& state);
   void broadcast_from_primary();
   void zero_after_failure() noexcept;
   bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
@@ -187,6 +210,7 @@ class DataParallelCore {
   std::vector<std::vector<at::Tensor>> buffers_;     // [replica][i]
   std::unique_ptr<GradientReducer> reducer_;         // null with one replica
   std::vector<ReplicatedOptimizer> optimizers_;  // in the order first made
+  std::vector<std::size_t> owners_;  // [parameter] the replica owning its optimizer state; empty: unsharded
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
   TrainingProgress progress_;
@@ -271,6 +295,18 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
       const bool trainable_here = parameters_[0][i].requires_grad();
       if (parameters_[r][i].requires_grad() != trainable_here) parameters_[r][i].set_requires_grad(trainable_here);
     }
+  }
+  if (options_.shard_optimizer_state && spans_processes()) {
+    throw Error(fmt::format("DataParallelOptions::shard_optimizer_state across processes ({} replicas over every "
+                            "process, {} here) is not supported yet: shard within one process, or turn it off",
+                            comm_->world_size(), size()));
+  }
+  if (options_.shard_optimizer_state && size() > 1) {  // See Note [Sharded optimizer state]
+    std::vector<std::int64_t> bytes;
+    for (const auto& p : parameters_[0]) {
+      bytes.push_back(p.requires_grad() ? static_cast<std::int64_t>(p.numel() * p.element_size()) : 0);
+    }
+    owners_ = assign_parameter_owners(bytes, size());
   }
   // See Note [SyncBatchNorm across replicas].
   rendezvous_ = OwnedRendezvous(c10::make_intrusive<ReplicaRendezvous>(*comm_, contexts_, options_.collective_timeout));
@@ -723,6 +759,7 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
             for (auto* optimizer : stepped) optimizer->replicas[r]->step();
           },
           "the optimizer step");
+      if (sharded()) broadcast_from_owners(stepped);
     } catch (const ReplicaError& e) {
       // Across processes this process alone may have failed (a step() failure is not agreed on).
       if (size() > 1 || spans_processes()) {
@@ -810,11 +847,18 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
           return;
         }
         const compat::NoGradGuard no_grad;
-        for (auto& group : optimizer.replicas[r]->param_groups()) {
-          for (auto& p : group.params()) {
-            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
-            if (reducer_) reducer_->note_zeroed(r, p);
+        const auto zero = [&](const at::Tensor& p) {
+          if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+          reducer_->note_zeroed(r, p);
+        };
+        if (sharded()) {  // every parameter of the optimizer, not only r's share
+          for (const auto& group : optimizer.groups[r]) {
+            for (const auto& p : group) zero(p);
           }
+          return;
+        }
+        for (auto& group : optimizer.replicas[r]->param_groups()) {
+          for (auto& p : group.params()) zero(p);
         }
       },
       "zeroing gradients");
@@ -825,13 +869,36 @@ inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::
   if (optimizers.size() != size()) {
     throw Error(fmt::format("DataParallel: {} optimizers for {} replicas", optimizers.size(), size()));
   }
+  std::vector<std::vector<std::vector<at::Tensor>>> groups;
+  if (sharded()) {  // See Note [Sharded optimizer state]
+    for (const auto& optimizer : optimizers) {
+      check_shardable(*optimizer, name.empty() ? "make_optimizer" : fmt::format("make_optimizer(\"{}\")", name));
+    }
+    for (std::size_t r = 0; r < size(); ++r) {
+      groups.emplace_back();
+      for (const auto& group : optimizers[r]->param_groups()) groups.back().push_back(group.params());
+      keep_owned(*optimizers[r], r, groups.back());
+    }
+  }
+  std::vector<std::size_t> held;
+  if (sharded()) {
+    std::unordered_set<const void*> in_groups;
+    for (const auto& group : groups[0]) {
+      for (const auto& p : group) in_groups.insert(p.unsafeGetTensorImpl());
+    }
+    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+      if (in_groups.count(parameters_[0][i].unsafeGetTensorImpl()) > 0) held.push_back(i);
+    }
+  }
   for (auto& optimizer : optimizers_) {
     if (optimizer.name == name) {
       optimizer.replicas = std::move(optimizers);
+      optimizer.groups = std::move(groups);
+      optimizer.parameters = std::move(held);
       return;
     }
   }
-  optimizers_.push_back({name, std::move(optimizers)});
+  optimizers_.push_back({name, std::move(optimizers), std::move(groups), std::move(held)});
 }
 
 inline torch::optim::Optimizer& DataParallelCore::optimizer(std::size_t r, const std::string& name) {
