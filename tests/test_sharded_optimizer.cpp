@@ -314,7 +314,12 @@ TEST_SUITE("sharded optimizer state") {
       ThreeLayer resumed = fresh_model(99);
       DataParallel<ThreeLayer> dp(resumed, cpus(layout.replicas), sharding(layout.sharded));
       dp.make_optimizer(make_adamw);
-      dp.load_state(scratch_file(layout.file));
+      const std::string said = dp.load_state(scratch_file(layout.file)).describe();
+      const bool saved_sharded = std::string(layout.file) == "sharded.pt";
+      CHECK(contains(said, "optimizer state saved") == (saved_sharded != (layout.sharded && layout.replicas > 1)));
+      if (saved_sharded && !layout.sharded) {
+        CHECK(contains(said, "optimizer state saved sharded over the replicas, resuming whole on every replica"));
+      }
       train_steps(dp, 3, 6);
       dp.check_parity();
       if (layout.replicas == 2) {
