@@ -89,6 +89,16 @@ std::unique_ptr<torch::optim::Adam> make_adam(ThreeLayerImpl& net) {
   return std::make_unique<torch::optim::Adam>(net.parameters(), torch::optim::AdamOptions(0.01).weight_decay(0.02));
 }
 
+// Adagrad makes its state when it is built; RMSprop keeps three tensors.
+std::unique_ptr<torch::optim::Adagrad> make_adagrad(ThreeLayerImpl& net) {
+  return std::make_unique<torch::optim::Adagrad>(net.parameters(), torch::optim::AdagradOptions(0.05));
+}
+
+std::unique_ptr<torch::optim::RMSprop> make_rmsprop(ThreeLayerImpl& net) {
+  return std::make_unique<torch::optim::RMSprop>(net.parameters(),
+                                                 torch::optim::RMSpropOptions(0.01).momentum(0.5).centered(true));
+}
+
 // A schedule set on the primary's groups before each step.
 void schedule(torch::optim::Optimizer& optimizer) {
   for (std::size_t g = 0; g < optimizer.param_groups().size(); ++g) {
@@ -211,6 +221,16 @@ TEST_SUITE("sharded optimizer state") {
   TEST_CASE("Adam, and AdamW with two parameter groups under a schedule: sharded is unsharded, bit for bit") {
     check_sharded_is_unsharded(make_adam, Extra::kNone);
     check_sharded_is_unsharded(make_adamw, Extra::kNone);
+  }
+
+  TEST_CASE("Adagrad (state made when built) and centered RMSprop: sharded is unsharded, bit for bit") {
+    check_sharded_is_unsharded(make_adagrad, Extra::kNone);
+    check_sharded_is_unsharded(make_rmsprop, Extra::kNone);
+    DataParallel<ThreeLayer> dp(fresh_model(), cpus(3), sharding(true));
+    dp.make_optimizer(make_adagrad);
+    std::size_t entries = 0;
+    for (auto* optimizer : dp.optimizers()) entries += optimizer->state().size();
+    CHECK(entries == fresh_model()->parameters().size());  // each parameter's state once, on its owner
   }
 
   TEST_CASE("with clip_grad_norm, a GradScaler and no_sync, sharded is unsharded, bit for bit") {
@@ -360,6 +380,32 @@ TEST_SUITE("sharded optimizer state") {
     reference.train_step(make_batch(11, 4), mse);
     CHECK(same_parameters(*net, *twin));
     std::filesystem::remove(scratch_file("other.pt"));
+  }
+
+  TEST_CASE("several named optimizers, stepped and zeroed one by one: sharded is unsharded, bit for bit") {
+    const ThreeLayer start = fresh_model();
+    ThreeLayer sharded = copy_of(start);
+    ThreeLayer unsharded = copy_of(start);
+    for (auto* net : {&sharded, &unsharded}) {
+      DataParallel<ThreeLayer> dp(*net, cpus(3), sharding(net == &sharded));
+      dp.make_optimizer("first", [](ThreeLayerImpl& m) {
+        return std::make_unique<torch::optim::Adam>(m.fc1->parameters(), torch::optim::AdamOptions(0.01));
+      });
+      dp.make_optimizer("rest", [](ThreeLayerImpl& m) {
+        std::vector<torch::Tensor> rest = m.fc2->parameters();
+        for (const auto& p : m.fc3->parameters()) rest.push_back(p);
+        return std::make_unique<torch::optim::SGD>(rest, torch::optim::SGDOptions(0.05).momentum(0.9));
+      });
+      for (int step = 0; step < 4; ++step) {
+        dp.zero_grad("first");
+        dp.zero_grad("rest");
+        dp.forward_backward(make_batch(10, 60 + step), mse);
+        dp.step(step % 2 == 0 ? "first" : "rest");
+      }
+      dp.check_parity();
+    }
+    CHECK(same_parameters(*sharded, *unsharded));
+    CHECK_FALSE(same_parameters(*sharded, *start));
   }
 
   TEST_CASE("zero_grad(name) zeroes every parameter of that optimizer, not only a replica's share") {

@@ -282,7 +282,8 @@ class DataParallel {
   void check_parity() { core_.check_parity(); }
   /// Copies the primary's buffers to every replica (done after each step by default).
   void broadcast_buffers() { core_.broadcast_buffers(); }
-  /// Copies the primary's parameters, buffers and optimizer state to every replica.
+  /// Copies the primary's parameters, buffers and optimizer state to every
+  /// replica (with a sharded optimizer state, each owner keeps its own).
   void resync_from_primary() { core_.resync_from_primary(); }
   /// Timings of the last gradient sync (nullopt with one replica).
   std::optional<SyncStats> last_sync_stats() const { return core_.last_sync_stats(); }
