@@ -870,6 +870,7 @@ inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::
     throw Error(fmt::format("DataParallel: {} optimizers for {} replicas", optimizers.size(), size()));
   }
   std::vector<std::vector<std::vector<at::Tensor>>> groups;
+  std::vector<std::size_t> held;
   if (sharded()) {  // See Note [Sharded optimizer state]
     for (const auto& optimizer : optimizers) {
       check_shardable(*optimizer, name.empty() ? "make_optimizer" : fmt::format("make_optimizer(\"{}\")", name));
@@ -879,9 +880,6 @@ inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::
       for (const auto& group : optimizers[r]->param_groups()) groups.back().push_back(group.params());
       keep_owned(*optimizers[r], r, groups.back());
     }
-  }
-  std::vector<std::size_t> held;
-  if (sharded()) {
     std::unordered_set<const void*> in_groups;
     for (const auto& group : groups[0]) {
       for (const auto& p : group) in_groups.insert(p.unsafeGetTensorImpl());
