@@ -292,6 +292,21 @@ TEST_SUITE("sharded optimizer state") {
     CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.optimizer()), "no optimizer yet"));
   }
 
+  TEST_CASE("across processes the option is refused when the DataParallel is built, for now") {
+    // A communicator that says other processes take part, as a ProcessGroup's does.
+    struct SeesTwoProcesses : multigpu::LocalCommunicator {
+      using LocalCommunicator::LocalCommunicator;
+      std::size_t world_size() const override { return 2 * size(); }
+    };
+    auto options = sharding(true);
+    options.make_communicator = [](const std::vector<multigpu::ReplicaContext>& replicas) {
+      return std::make_unique<SeesTwoProcesses>(replicas);
+    };
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, DataParallel<ThreeLayer>(fresh_model(), cpus(2), options)),
+                   "DataParallelOptions::shard_optimizer_state across processes (4 replicas over every process, 2 "
+                   "here) is not supported yet"));
+  }
+
   TEST_CASE("one replica has nothing to shard and trains as before") {
     DataParallel<ThreeLayer> dp(fresh_model(), cpus(1), sharding(true));
     dp.make_optimizer(make_adam);
