@@ -501,14 +501,16 @@ Json evaluate_targets(const Json& report) {
                            {"met", ratio <= 1.02},
                            {"measured", fmt::format("x{:.3f}", ratio)}});
       }
-      const std::string sharded = fmt::format("DataParallel({}), sharded optimizer state", e["replicas"].get<std::size_t>());
+      const std::string unsharded_name = fmt::format("DataParallel({})", e["replicas"].get<std::size_t>());
+      const std::string sharded = unsharded_name + ", sharded optimizer state";
       if (e["contender"] == sharded) {
         for (const auto& unsharded : report["steps"]) {
-          if (unsharded["model"] != e["model"] || unsharded["contender"] != fmt::format("DataParallel({})", e["replicas"].get<std::size_t>())) continue;
+          if (unsharded["model"] != e["model"] || unsharded["contender"] != unsharded_name) continue;
           const double ratio = e["step_ms"].get<double>() / unsharded["step_ms"].get<double>();
-          targets.push_back({{"target", fmt::format("{} step time <= 1.05x unsharded ({})", sharded, e["model"].get<std::string>())},
-                             {"met", ratio <= 1.05},
-                             {"measured", fmt::format("x{:.3f}", ratio)}});
+          targets.push_back(
+              {{"target", fmt::format("{} step time <= 1.05x unsharded ({})", sharded, e["model"].get<std::string>())},
+               {"met", ratio <= 1.05},
+               {"measured", fmt::format("x{:.3f}", ratio)}});
         }
       }
       if (e.contains("sync")) {
