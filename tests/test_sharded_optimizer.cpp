@@ -435,3 +435,77 @@ TEST_SUITE("sharded optimizer state") {
     }
   }
 }
+
+TEST_SUITE("sharded optimizer state") {
+  TEST_CASE("dp.optimizer()'s groups list every parameter, as unsharded, and a loop over them sees them all") {
+    DataParallel<ThreeLayer> dp(fresh_model(), cpus(3), sharding(true));
+    dp.make_optimizer(make_adamw);
+    for (int step = 0; step < 2; ++step) dp.train_step(make_batch(9, 70 + step), mse);
+    for (std::size_t r = 0; r < 3; ++r) {
+      CAPTURE(r);
+      const auto& groups = dp.optimizers()[r]->param_groups();
+      REQUIRE(groups.size() == 2);
+      CHECK(groups[0].params().size() == 3);
+      CHECK(groups[1].params().size() == 3);
+    }
+    // The state, though, is each owner's alone, and stays so after a save.
+    const auto held = [&] {
+      std::vector<std::size_t> entries;
+      for (auto* optimizer : dp.optimizers()) entries.push_back(optimizer->state().size());
+      return entries;
+    };
+    const auto before = held();
+    CHECK(std::accumulate(before.begin(), before.end(), std::size_t{0}) == 6);
+    const std::string path = scratch_file("groups.pt");
+    dp.save_state(path);
+    CHECK(held() == before);
+    std::filesystem::remove(path);
+  }
+
+  TEST_CASE("a parameter group added to every replica's optimizer later is sharded too: sharded is unsharded") {
+    const ThreeLayer start = fresh_model();
+    ThreeLayer sharded = copy_of(start);
+    ThreeLayer unsharded = copy_of(start);
+    for (auto* net : {&sharded, &unsharded}) {
+      DataParallel<ThreeLayer> dp(*net, cpus(3), sharding(net == &sharded));
+      dp.make_optimizer([](ThreeLayerImpl& m) {
+        return std::make_unique<torch::optim::Adam>(m.fc1->parameters(), torch::optim::AdamOptions(0.01));
+      });
+      dp.train_step(make_batch(10, 80), mse);
+      for (std::size_t r = 0; r < 3; ++r) {
+        auto& replica = dp.replica(r);
+        std::vector<torch::Tensor> rest = replica.fc2->parameters();
+        for (const auto& p : replica.fc3->parameters()) rest.push_back(p);
+        dp.optimizers()[r]->add_param_group(torch::optim::OptimizerParamGroup(
+            rest, std::make_unique<torch::optim::AdamOptions>(torch::optim::AdamOptions(0.02))));
+      }
+      for (int step = 1; step < 4; ++step) dp.train_step(make_batch(10, 80 + step), mse);
+      dp.check_parity();
+      if (net == &sharded) {
+        std::size_t entries = 0;
+        for (auto* optimizer : dp.optimizers()) entries += optimizer->state().size();
+        CHECK(entries == 6);  // each parameter's state once, on its owner
+      }
+    }
+    CHECK(same_parameters(*sharded, *unsharded));
+  }
+
+  TEST_CASE("a tensor that is not a parameter, added to a group later, is refused at the step, naming the replica") {
+    ThreeLayer net = fresh_model();
+    DataParallel<ThreeLayer> dp(net, cpus(2), sharding(true));
+    dp.make_optimizer("all", make_sgd);
+    for (std::size_t r = 0; r < 2; ++r) {
+      dp.optimizers("all")[r]->add_param_group(torch::optim::OptimizerParamGroup(
+          {torch::zeros({4, 5}, torch::kFloat64).requires_grad_()},
+          std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(0.1))));
+    }
+    const ThreeLayer before = copy_of(net);
+    dp.forward_backward(make_batch(6, 5), mse);
+    CHECK(contains(MULTIGPU_TEST_MESSAGE(multigpu::Error, dp.step()),
+                   "replica 0's optimizer \"all\" holds a tensor of shape [4, 5] that is not a parameter of its "
+                   "module: with DataParallelOptions::shard_optimizer_state each tensor an optimizer steps needs an "
+                   "owner"));
+    CHECK(same_parameters(*net, *before));  // nothing stepped
+    CHECK(dp.optimizers("all")[0]->param_groups()[0].params().size() == 6);  // the groups are whole again
+  }
+}

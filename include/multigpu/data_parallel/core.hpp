@@ -16,7 +16,6 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -166,18 +165,15 @@ class DataParallelCore {
   struct ReplicatedOptimizer {
     std::string name;  // "": made without a name
     std::vector<std::unique_ptr<torch::optim::Optimizer>> replicas;
-    // Sharded: [replica][group] every parameter of the group as built; each
-    // optimizer holds only its replica's share (Note [Sharded optimizer state]).
-    std::vector<std::vector<std::vector<at::Tensor>>> groups;
-    std::vector<std::size_t> parameters;  // sharded: the indices of the parameters it holds, ascending
   };
   ReplicatedOptimizer& find_optimizers(const std::string& name, const char* what);
   /// Steps `only`, or every optimizer when it is null.
   void step_optimizers(ReplicatedOptimizer* only, const char* what);
   void follow_primary_options(const ReplicatedOptimizer& optimizer);
-  /// Replica r's optimizer keeps only the parameters (and state) that r owns.
-  void keep_owned(torch::optim::Optimizer& optimizer, std::size_t r,
-                  const std::vector<std::vector<at::Tensor>>& groups) const;
+  /// The index (in parameter_names()) of replica r's parameter `p`, held by the optimizer named `name`.
+  std::size_t parameter_index(std::size_t r, const at::Tensor& p, const std::string& name) const;
+  /// Sharded: replica r's optimizer drops the state of the parameters that r does not own.
+  void drop_unowned_state(torch::optim::Optimizer& optimizer, std::size_t r) const;
   /// Every parameter of the stepped optimizers goes from its owner to the other replicas.
   void broadcast_from_owners(const std::vector<ReplicatedOptimizer*>& stepped);
   std::string serialized_state(torch::optim::Optimizer& optimizer) const;
@@ -211,6 +207,7 @@ class DataParallelCore {
   std::unique_ptr<GradientReducer> reducer_;         // null with one replica
   std::vector<ReplicatedOptimizer> optimizers_;  // in the order first made
   std::vector<std::size_t> owners_;  // [parameter] the replica owning its optimizer state; empty: unsharded
+  std::vector<std::unordered_map<const void*, std::size_t>> parameter_index_;  // sharded: [replica] TensorImpl -> i
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
   TrainingProgress progress_;
@@ -307,6 +304,12 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
       bytes.push_back(p.requires_grad() ? static_cast<std::int64_t>(p.numel() * p.element_size()) : 0);
     }
     owners_ = assign_parameter_owners(bytes, size());
+    parameter_index_.resize(size());
+    for (std::size_t r = 0; r < size(); ++r) {
+      for (std::size_t i = 0; i < parameters_[r].size(); ++i) {
+        parameter_index_[r].emplace(parameters_[r][i].unsafeGetTensorImpl(), i);
+      }
+    }
   }
   // See Note [SyncBatchNorm across replicas].
   rendezvous_ = OwnedRendezvous(c10::make_intrusive<ReplicaRendezvous>(*comm_, contexts_, options_.collective_timeout));
@@ -753,13 +756,32 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
     unscaled_ = false;
   }
   if (!skip) {
+    // Sharded, each replica's optimizer steps its share only (Note [Sharded optimizer state]).
+    std::vector<std::unique_ptr<OwnedShare>> shares;
+    for (auto* optimizer : stepped) {
+      for (std::size_t r = 0; r < size() && sharded(); ++r) {
+        shares.push_back(std::make_unique<OwnedShare>(*optimizer->replicas[r], [&](const at::Tensor& p) {
+          return owners_[parameter_index(r, p, optimizer->name)] == r;
+        }));
+      }
+    }
     try {
       workers_.run(
           [&](std::size_t r) {
             for (auto* optimizer : stepped) optimizer->replicas[r]->step();
           },
           "the optimizer step");
-      if (sharded()) broadcast_from_owners(stepped);
+      shares.clear();  // the whole groups again
+      if (sharded()) {
+        try {
+          broadcast_from_owners(stepped);
+        } catch (const std::exception& e) {
+          diverged_ = fmt::format("broadcasting the stepped parameters from their owners failed, so the replicas "
+                                  "may differ ({})",
+                                  e.what());
+          throw;
+        }
+      }
     } catch (const ReplicaError& e) {
       // Across processes this process alone may have failed (a step() failure is not agreed on).
       if (size() > 1 || spans_processes()) {
@@ -847,18 +869,11 @@ inline void DataParallelCore::zero_grad(const std::string& name) {
           return;
         }
         const compat::NoGradGuard no_grad;
-        const auto zero = [&](const at::Tensor& p) {
-          if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
-          reducer_->note_zeroed(r, p);
-        };
-        if (sharded()) {  // every parameter of the optimizer, not only r's share
-          for (const auto& group : optimizer.groups[r]) {
-            for (const auto& p : group) zero(p);
-          }
-          return;
-        }
         for (auto& group : optimizer.replicas[r]->param_groups()) {
-          for (auto& p : group.params()) zero(p);
+          for (auto& p : group.params()) {
+            if (p.grad().defined()) p.mutable_grad().zero_();  // in place: a bucket's view stays one
+            if (reducer_) reducer_->note_zeroed(r, p);
+          }
         }
       },
       "zeroing gradients");
@@ -869,34 +884,19 @@ inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::
   if (optimizers.size() != size()) {
     throw Error(fmt::format("DataParallel: {} optimizers for {} replicas", optimizers.size(), size()));
   }
-  std::vector<std::vector<std::vector<at::Tensor>>> groups;
-  std::vector<std::size_t> held;
   if (sharded()) {  // See Note [Sharded optimizer state]
     for (const auto& optimizer : optimizers) {
       check_shardable(*optimizer, name.empty() ? "make_optimizer" : fmt::format("make_optimizer(\"{}\")", name));
     }
-    for (std::size_t r = 0; r < size(); ++r) {
-      groups.emplace_back();
-      for (const auto& group : optimizers[r]->param_groups()) groups.back().push_back(group.params());
-      keep_owned(*optimizers[r], r, groups.back());
-    }
-    std::unordered_set<const void*> in_groups;
-    for (const auto& group : groups[0]) {
-      for (const auto& p : group) in_groups.insert(p.unsafeGetTensorImpl());
-    }
-    for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
-      if (in_groups.count(parameters_[0][i].unsafeGetTensorImpl()) > 0) held.push_back(i);
-    }
+    for (std::size_t r = 0; r < size(); ++r) drop_unowned_state(*optimizers[r], r);  // Adagrad's, made when built
   }
   for (auto& optimizer : optimizers_) {
     if (optimizer.name == name) {
       optimizer.replicas = std::move(optimizers);
-      optimizer.groups = std::move(groups);
-      optimizer.parameters = std::move(held);
       return;
     }
   }
-  optimizers_.push_back({name, std::move(optimizers), std::move(groups), std::move(held)});
+  optimizers_.push_back({name, std::move(optimizers)});
 }
 
 inline torch::optim::Optimizer& DataParallelCore::optimizer(std::size_t r, const std::string& name) {

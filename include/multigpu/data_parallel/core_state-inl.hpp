@@ -162,10 +162,9 @@ inline std::string DataParallelCore::serialized_state(torch::optim::Optimizer& o
 }
 
 // See Note [Sharded optimizer state]: the owners' entries are lent to the
-// primary's optimizer (moved, not copied) while it saves its whole groups.
+// primary's optimizer (moved, not copied) while it saves, then given back.
 inline std::string DataParallelCore::gathered_optimizer_state(ReplicatedOptimizer& optimizer) {
-  auto& primary = *optimizer.replicas[0];
-  auto& state = primary.state();
+  auto& state = optimizer.replicas[0]->state();
   std::vector<std::size_t> lent;
   const auto give_back = [&] {
     for (const std::size_t i : lent) {
@@ -175,23 +174,22 @@ inline std::string DataParallelCore::gathered_optimizer_state(ReplicatedOptimize
           std::move(found->second);
       state.erase(found);
     }
-    keep_owned(primary, 0, optimizer.groups[0]);
   };
   try {
-    for (std::size_t g = 0; g < optimizer.groups[0].size(); ++g) {
-      primary.param_groups().at(g).params() = optimizer.groups[0][g];
+    for (const auto& group : optimizer.replicas[0]->param_groups()) {
+      for (const auto& p : group.params()) {
+        const std::size_t i = parameter_index(0, p, optimizer.name);
+        const std::size_t owner = owners_[i];
+        if (owner == 0) continue;
+        auto& theirs = optimizer.replicas[owner]->state();
+        const auto found = theirs.find(compat::optimizer_state_key(parameters_[owner][i]));
+        if (found == theirs.end()) continue;
+        lent.push_back(i);
+        state[compat::optimizer_state_key(p)] = std::move(found->second);
+        theirs.erase(found);
+      }
     }
-    for (const std::size_t i : optimizer.parameters) {
-      const std::size_t owner = owners_[i];
-      if (owner == 0) continue;
-      auto& theirs = optimizer.replicas[owner]->state();
-      const auto found = theirs.find(compat::optimizer_state_key(parameters_[owner][i]));
-      if (found == theirs.end()) continue;
-      state[compat::optimizer_state_key(parameters_[0][i])] = std::move(found->second);
-      theirs.erase(found);
-      lent.push_back(i);
-    }
-    std::string saved = serialized_state(primary);
+    std::string saved = serialized_state(*optimizer.replicas[0]);
     give_back();
     return saved;
   } catch (...) {
@@ -203,44 +201,38 @@ inline std::string DataParallelCore::gathered_optimizer_state(ReplicatedOptimize
 inline void DataParallelCore::load_optimizer_share(ReplicatedOptimizer& optimizer, std::size_t r,
                                                    const std::string& state) {
   auto& mine = *optimizer.replicas[r];
-  if (!sharded()) {
-    load_optimizer_into(mine, r, state);
-    return;
-  }
-  try {
-    for (std::size_t g = 0; g < optimizer.groups[r].size(); ++g) {
-      mine.param_groups().at(g).params() = optimizer.groups[r][g];
-    }
-    load_optimizer_into(mine, r, state);
-  } catch (...) {
-    keep_owned(mine, r, optimizer.groups[r]);
-    throw;
-  }
-  keep_owned(mine, r, optimizer.groups[r]);
+  load_optimizer_into(mine, r, state);
+  if (sharded()) drop_unowned_state(mine, r);
 }
 
-inline void DataParallelCore::keep_owned(torch::optim::Optimizer& optimizer, std::size_t r,
-                                         const std::vector<std::vector<at::Tensor>>& groups) const {
-  std::unordered_map<const void*, std::size_t> index;
-  for (std::size_t i = 0; i < parameters_[r].size(); ++i) index.emplace(parameters_[r][i].unsafeGetTensorImpl(), i);
+inline std::size_t DataParallelCore::parameter_index(std::size_t r, const at::Tensor& p,
+                                                     const std::string& name) const {
+  const auto found = parameter_index_.at(r).find(p.unsafeGetTensorImpl());
+  if (found != parameter_index_[r].end()) return found->second;
+  throw Error(fmt::format("replica {}'s optimizer{} holds a tensor of shape {} that is not a parameter of its "
+                          "module: with DataParallelOptions::shard_optimizer_state each tensor an optimizer "
+                          "steps needs an owner among the replicas, so a parameter group (add_param_group too) "
+                          "may hold only the module's parameters",
+                          r, name.empty() ? "" : fmt::format(" \"{}\"", name), shape_text(p.sizes())));
+}
+
+inline void DataParallelCore::drop_unowned_state(torch::optim::Optimizer& optimizer, std::size_t r) const {
   auto& state = optimizer.state();
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    std::vector<at::Tensor> mine;
-    for (const auto& p : groups[g]) {
-      if (owners_[index.at(p.unsafeGetTensorImpl())] == r) {
-        mine.push_back(p);
-      } else {
-        state.erase(compat::optimizer_state_key(p));
-      }
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      const auto found = parameter_index_[r].find(p.unsafeGetTensorImpl());
+      const bool mine = found != parameter_index_[r].end() && owners_[found->second] == r;
+      if (!mine) state.erase(compat::optimizer_state_key(p));
     }
-    optimizer.param_groups().at(g).params() = std::move(mine);
   }
 }
 
 inline void DataParallelCore::broadcast_from_owners(const std::vector<ReplicatedOptimizer*>& stepped) {
   std::vector<bool> changed(parameter_names_.size(), false);
   for (const auto* optimizer : stepped) {
-    for (const std::size_t i : optimizer->parameters) changed[i] = true;
+    for (const auto& group : optimizer->replicas[0]->param_groups()) {
+      for (const auto& p : group.params()) changed[parameter_index(0, p, optimizer->name)] = true;
+    }
   }
   const compat::NoGradGuard no_grad;
   const ReplicaStreamsCurrent on_replicas(contexts_);

@@ -12,6 +12,7 @@
 #include <numeric>
 #include <string>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include <c10/util/Type.h>
@@ -44,16 +45,21 @@ namespace detail {
 //   weigh nothing. The same sizes give the same owners on every replica and
 //   every run, so nothing needs to be agreed.
 // - The optimizers are built as unsharded ones (make_optimizer's options
-//   and factory forms alike, with the usual checks), then each replica's
-//   optimizer keeps, in each parameter group, only the parameters it owns
-//   (a group may become empty), and drops any state made for the others
-//   (Adagrad makes its state at construction). Groups keep their options, so
-//   any torch::optim optimizer whose state is per parameter works; the
-//   primary's groups still carry the options that the followers take before
-//   each step (Note [The primary's optimizer options rule]), so learning-rate
-//   schedules set on dp.optimizer() work as before. An optimizer whose state
-//   spans parameters (LBFGS keeps one history over all of them) cannot be
-//   split and is refused when it is made.
+//   and factory forms alike, with the usual checks) and keep their whole
+//   groups: dp.optimizer().param_groups() lists every parameter, as
+//   unsharded, so what a user's code reads there (a scheduler, a loop over
+//   the parameters) is unchanged. Each replica's optimizer drops the state
+//   made for parameters it does not own (Adagrad makes it when built), and
+//   only for its step its groups hold its share (OwnedShare: a group may be
+//   empty there). Groups keep their options, and the primary's still reach
+//   the followers before each step (Note [The primary's optimizer options
+//   rule]), so learning-rate schedules work as before; a parameter group
+//   added to every replica's optimizer later is sharded the same way. Any
+//   torch::optim optimizer whose step treats each parameter on its own
+//   works. Not one that keeps state across parameters (LBFGS keeps one
+//   history over all of them): it is refused when it is made. Nor, silently,
+//   a user's class whose step reads a quantity over a whole group (a norm of
+//   all its parameters): each replica would compute it over its share.
 // - A step: the gradients are all-reduced as before (every replica holds
 //   the averaged gradient, so clip_grad_norm's global norm and a
 //   GradScaler's overflow check need nothing new), each replica's
@@ -61,20 +67,20 @@ namespace detail {
 //   optimizers is broadcast from its owner. The owner's arithmetic is the
 //   unsharded replica's, and the broadcast copies bits, so sharded training
 //   gives exactly the unsharded parameters.
-// - What reads an optimizer's parameters (zero_grad(name), checkpoints)
-//   uses the groups as they were built, kept beside the optimizers.
 // - Checkpoints stay layout-independent: to save, each owner's state
-//   entries are moved (pointers, no copies) into the primary's optimizer
-//   with its groups put back whole, the primary saves the usual LibTorch
-//   archive, and everything is moved back. To load, each replica's
-//   optimizer loads the archive with its whole groups and then drops what
-//   it does not own. So a checkpoint loads sharded or not, on any number of
-//   replicas, with the usual all-or-nothing rule.
+//   entries are moved (pointers, no copies) into the primary's optimizer,
+//   the primary saves the usual LibTorch archive, and every entry goes back
+//   to its owner, whether the save worked or threw. To load, each replica's
+//   optimizer loads the archive and then drops what it does not own. So a
+//   checkpoint loads sharded or not, on any number of replicas, with the
+//   usual all-or-nothing rule.
 // - One replica in one process has nothing to shard; across processes
 //   the option is refused for now (owners would span ranks, and a
 //   checkpoint would have to be gathered over processes).
-// Not yet: reduce-scattering the gradients to their owners (ZeRO-2), and
-// loading without a whole copy of the state on each replica for a moment.
+// Not yet: reduce-scattering the gradients to their owners (ZeRO-2),
+// saving without the whole state serialized in host memory, loading without
+// a whole copy of it on each replica for a moment, and one broadcast per
+// owner instead of one per parameter.
 
 /// The replica (0..replicas-1) that owns each parameter's optimizer state,
 /// given each parameter's size in bytes: balanced by bytes, deterministic.
@@ -106,6 +112,35 @@ inline void check_shardable(const torch::optim::Optimizer& optimizer, const std:
                           "(SGD, Adam, AdamW, Adagrad, RMSprop); turn sharding off to use it",
                           what, c10::demangle(typeid(optimizer).name())));
 }
+
+/// While it lives, `optimizer`'s groups hold only the parameters that
+/// `owned` accepts (a replica's share, for its step); then the whole groups
+/// again, so that what reads param_groups() between steps sees them all.
+class OwnedShare {
+ public:
+  template <class Owned>
+  OwnedShare(torch::optim::Optimizer& optimizer, const Owned& owned) : optimizer_(optimizer) {
+    std::vector<std::vector<at::Tensor>> shares;  // all made before any group changes: `owned` may throw
+    for (const auto& group : optimizer_.param_groups()) {
+      shares.emplace_back();
+      for (const auto& p : group.params()) {
+        if (owned(p)) shares.back().push_back(p);
+      }
+    }
+    for (std::size_t g = 0; g < shares.size(); ++g) {
+      whole_.push_back(std::exchange(optimizer_.param_groups()[g].params(), std::move(shares[g])));
+    }
+  }
+  ~OwnedShare() {
+    for (std::size_t g = 0; g < whole_.size(); ++g) optimizer_.param_groups()[g].params() = std::move(whole_[g]);
+  }
+  OwnedShare(const OwnedShare&) = delete;
+  OwnedShare& operator=(const OwnedShare&) = delete;
+
+ private:
+  torch::optim::Optimizer& optimizer_;
+  std::vector<std::vector<at::Tensor>> whole_;
+};
 
 /// The bytes of the tensors in one parameter's optimizer state: exact for
 /// LibTorch's SGD, Adam, AdamW, Adagrad and RMSprop; for another class, the
