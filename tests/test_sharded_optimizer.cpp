@@ -509,3 +509,29 @@ TEST_SUITE("sharded optimizer state") {
     CHECK(dp.optimizers("all")[0]->param_groups()[0].params().size() == 6);  // the groups are whole again
   }
 }
+
+TEST_SUITE("sharded optimizer state") {
+  TEST_CASE("replicas that own nothing (two parameters on four replicas) step nothing: sharded is unsharded") {
+    torch::manual_seed(5);
+    auto start = std::make_shared<OtherImpl>();
+    start->to(torch::kFloat64);
+    const auto loss = [](OtherImpl& net, const torch::data::Example<>& shard) {
+      return torch::mse_loss(net.forward(shard.data), shard.target);
+    };
+    std::vector<std::shared_ptr<OtherImpl>> trained;
+    for (const bool sharded : {true, false}) {
+      auto net = std::dynamic_pointer_cast<OtherImpl>(start->clone());
+      DataParallel<OtherImpl> dp(net, cpus(4), sharding(sharded));
+      dp.make_optimizer<torch::optim::Adam>(torch::optim::AdamOptions(0.05));
+      for (int step = 0; step < 3; ++step) dp.train_step(make_batch(12, 90 + step), loss);
+      dp.check_parity();
+      if (sharded) {
+        const auto bytes = dp.optimizer_state_bytes();
+        CHECK(std::count(bytes.begin(), bytes.end(), std::int64_t{0}) == 2);
+      }
+      trained.push_back(net);
+    }
+    CHECK(same_parameters(*trained[0], *trained[1]));
+    CHECK_FALSE(same_parameters(*trained[0], *start));
+  }
+}
