@@ -85,6 +85,7 @@ struct Contender {
   std::size_t replicas = 1;
   std::function<void()> step;
   std::function<std::optional<multigpu::SyncStats>()> sync_stats;
+  std::function<std::vector<std::int64_t>()> optimizer_state_bytes;  // per replica
   c10::Device device{c10::kCPU};
   std::vector<double> round_step_ms;
   std::vector<multigpu::SyncStats> stats;
@@ -121,16 +122,24 @@ std::vector<Contender> contenders_for(const torch::data::Example<>& batch, const
   for (std::size_t k : replica_counts) {
     std::vector<c10::Device> devices;
     for (std::size_t r = 0; r < k; ++r) devices.push_back(pool[r % pool.size()]);
-    auto dp = std::make_shared<multigpu::DataParallel<Holder>>(make_model<Holder>(), devices);
-    dp->template make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.01).momentum(0.9));
-    auto data = std::make_shared<torch::data::Example<>>(batch.data.to(first), batch.target.to(first));
-    Contender contender;
-    contender.name = fmt::format("DataParallel({})", k);
-    contender.replicas = k;
-    contender.device = first;
-    contender.step = [dp, data, cross_entropy] { (void)dp->train_step(*data, cross_entropy); };
-    contender.sync_stats = [dp] { return dp->last_sync_stats(); };
-    out.push_back(std::move(contender));
+    // Side by side: each replica with the whole optimizer state, and (with
+    // several replicas) with its share only (Note [Sharded optimizer state]).
+    for (const bool sharded : {false, true}) {
+      if (sharded && k == 1) continue;
+      multigpu::DataParallelOptions options;
+      options.shard_optimizer_state = sharded;
+      auto dp = std::make_shared<multigpu::DataParallel<Holder>>(make_model<Holder>(), devices, options);
+      dp->template make_optimizer<torch::optim::SGD>(torch::optim::SGDOptions(0.01).momentum(0.9));
+      auto data = std::make_shared<torch::data::Example<>>(batch.data.to(first), batch.target.to(first));
+      Contender contender;
+      contender.name = fmt::format("DataParallel({}){}", k, sharded ? ", sharded optimizer state" : "");
+      contender.replicas = k;
+      contender.device = first;
+      contender.step = [dp, data, cross_entropy] { (void)dp->train_step(*data, cross_entropy); };
+      contender.sync_stats = [dp] { return dp->last_sync_stats(); };
+      contender.optimizer_state_bytes = [dp] { return dp->optimizer_state_bytes(); };
+      out.push_back(std::move(contender));
+    }
   }
 
 #if MULTIGPU_WITH_CUDA
@@ -215,6 +224,12 @@ Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector
                     {"round_step_ms", c.round_step_ms},
                     {"samples_per_second", 1000.0 * static_cast<double>(batch_size) / ms},
                     {"ratio_to_plain", ms / plain_ms}};
+      std::string state;
+      if (c.optimizer_state_bytes) {
+        const auto bytes = c.optimizer_state_bytes();
+        entry["optimizer_state_bytes"] = bytes;
+        state = fmt::format("  optimizer state {:.2f} MiB on replica 0", static_cast<double>(bytes.at(0)) / (1 << 20));
+      }
       if (!c.stats.empty()) {
         std::vector<double> exposed, last, total;
         for (const auto& s : c.stats) {
@@ -230,8 +245,8 @@ Json run_step_benchmarks(const std::vector<c10::Device>& pool, const std::vector
                          {"exposed_below_last_bucket_plus_10pct_step",
                           median(exposed) < median(last) + 0.1 * ms}};
       }
-      fmt::print("  {:<48} {:>9.3f} ms/step {:>9.0f} samples/s  x{:.3f} of plain\n", c.name, ms,
-                 entry["samples_per_second"].get<double>(), ms / plain_ms);
+      fmt::print("  {:<48} {:>9.3f} ms/step {:>9.0f} samples/s  x{:.3f} of plain{}\n", c.name, ms,
+                 entry["samples_per_second"].get<double>(), ms / plain_ms, state);
       results.push_back(entry);
     }
   }
@@ -485,6 +500,18 @@ Json evaluate_targets(const Json& report) {
         targets.push_back({{"target", fmt::format("DataParallel(1) step time <= 1.02x plain ({})", e["model"].get<std::string>())},
                            {"met", ratio <= 1.02},
                            {"measured", fmt::format("x{:.3f}", ratio)}});
+      }
+      const std::string unsharded_name = fmt::format("DataParallel({})", e["replicas"].get<std::size_t>());
+      const std::string sharded = unsharded_name + ", sharded optimizer state";
+      if (e["contender"] == sharded) {
+        for (const auto& unsharded : report["steps"]) {
+          if (unsharded["model"] != e["model"] || unsharded["contender"] != unsharded_name) continue;
+          const double ratio = e["step_ms"].get<double>() / unsharded["step_ms"].get<double>();
+          targets.push_back(
+              {{"target", fmt::format("{} step time <= 1.05x unsharded ({})", sharded, e["model"].get<std::string>())},
+               {"met", ratio <= 1.05},
+               {"measured", fmt::format("x{:.3f}", ratio)}});
+        }
       }
       if (e.contains("sync")) {
         targets.push_back({{"target", fmt::format("exposed sync < last bucket + 10% of step ({}, {})",

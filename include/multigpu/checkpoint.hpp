@@ -206,6 +206,11 @@ struct ResumeInfo {
   std::size_t replicas = 1;
   /// Samples of the largest optimizer step over every process (0: unknown).
   std::int64_t batch = 0;
+  /// Whether the optimizer state was sharded over the replicas when saved
+  /// (DataParallelOptions::shard_optimizer_state; false for older checkpoints).
+  bool saved_sharded = false;
+  /// Whether the optimizer state is sharded now.
+  bool sharded = false;
   /// What could not be restored exactly (said by describe()).
   std::vector<std::string> notes;
 
@@ -230,6 +235,11 @@ struct ResumeInfo {
         const auto now = static_cast<std::int64_t>(replicas) * processes;
         out += fmt::format("; {} -> {} samples per replica", (batch + before - 1) / before, (batch + now - 1) / now);
       }
+    }
+    if (saved_sharded != sharded) {
+      const auto layout = [](bool on) { return on ? "sharded over the replicas" : "whole on every replica"; };
+      out += fmt::format("\noptimizer state saved {}, resuming {} (the same state either way)", layout(saved_sharded),
+                         layout(sharded));
     }
     for (const auto& note : notes) out += "\n" + note;
     return out;

@@ -265,6 +265,10 @@ class DataParallel {
   void set_learning_rate(double lr) { core_.set_learning_rate(lr); }
   /// The primary optimizer's learning rate (its first parameter group): the one made without a name.
   double learning_rate() { return core_.learning_rate(); }
+  /// The bytes of optimizer state (of every optimizer) each replica holds,
+  /// in replica order: sharded (DataParallelOptions::shard_optimizer_state)
+  /// about 1/K of the unsharded state each.
+  std::vector<std::int64_t> optimizer_state_bytes() const { return core_.optimizer_state_bytes(); }
   /// Calls `fn(Options&)` on every parameter group's options of every
   /// replica's optimizers whose options are `Options`: one call changes any
   /// option everywhere.
@@ -278,7 +282,8 @@ class DataParallel {
   void check_parity() { core_.check_parity(); }
   /// Copies the primary's buffers to every replica (done after each step by default).
   void broadcast_buffers() { core_.broadcast_buffers(); }
-  /// Copies the primary's parameters, buffers and optimizer state to every replica.
+  /// Copies the primary's parameters, buffers and optimizer state to every
+  /// replica (with a sharded optimizer state, each owner keeps its own).
   void resync_from_primary() { core_.resync_from_primary(); }
   /// Timings of the last gradient sync (nullopt with one replica).
   std::optional<SyncStats> last_sync_stats() const { return core_.last_sync_stats(); }

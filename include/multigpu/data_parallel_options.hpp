@@ -49,6 +49,10 @@ struct DataParallelOptions {
   /// Across processes every process must set it alike (checked when
   /// DataParallel is built: see Note [Checking the model across processes]).
   bool find_unused_parameters = false;
+  /// Each parameter's optimizer state lives on one replica, which steps
+  /// it and broadcasts the result (see Note [Sharded optimizer state]):
+  /// about 1/K of the state per replica, the unsharded parameters exactly.
+  bool shard_optimizer_state = false;
   /// Whether the loss function returns a mean or a sum over its shard.
   LossReduction loss_reduction = LossReduction::kMean;
   /// The loss function runs under autocast to this precision on every

@@ -436,6 +436,9 @@ inline Loaded read_training_state(DataParallelCore& core, const std::string& pat
   info.processes = core.options().processes;
   info.replicas = core.size();
   info.batch = meta_value(loaded, "batch", path);
+  const auto sharded = loaded.meta.find("sharded_optimizer_state");  // absent before sharding existed
+  info.saved_sharded = sharded != loaded.meta.end() && sharded->second != 0;
+  info.sharded = core.sharded();
   info.has_data_position = meta_value(loaded, "has_data_position", path) != 0;
   if (info.has_data_position) {
     info.epoch = static_cast<std::size_t>(meta_value(loaded, "epoch", path));
@@ -644,7 +647,8 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
           {"processes", options.processes},
           {"replicas", static_cast<std::int64_t>(core.size())},
           {"batch", progress.largest_step() * options.processes},
-          {"has_data_position", progress.sampler() ? 1 : 0}};
+          {"has_data_position", progress.sampler() ? 1 : 0},
+          {"sharded_optimizer_state", core.sharded() ? 1 : 0}};
       if (const auto& sampler = progress.sampler()) {
         std::size_t epoch = progress.epoch();
         std::int64_t seen = progress.epoch_samples();

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,7 @@
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel/autocast.hpp"
 #include "multigpu/data_parallel/gradient_reducer.hpp"
+#include "multigpu/data_parallel/optimizer_shards.hpp"
 #include "multigpu/data_parallel/training_progress.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/atomic_file.hpp"
@@ -114,6 +116,13 @@ class DataParallelCore {
   std::vector<std::string> optimizer_names() const;
   void set_learning_rate(double lr);
   double learning_rate();
+  /// Whether each parameter's optimizer state lives on one replica (see Note [Sharded optimizer state]).
+  bool sharded() const { return !owners_.empty(); }
+  /// The replica that owns each parameter's optimizer state (in the order
+  /// of parameter_names()); empty when unsharded.
+  const std::vector<std::size_t>& parameter_owners() const { return owners_; }
+  /// The bytes of optimizer state (every optimizer's) that each replica holds.
+  std::vector<std::int64_t> optimizer_state_bytes() const;
 
   void broadcast_buffers();
   void resync_from_primary();
@@ -162,6 +171,16 @@ class DataParallelCore {
   /// Steps `only`, or every optimizer when it is null.
   void step_optimizers(ReplicatedOptimizer* only, const char* what);
   void follow_primary_options(const ReplicatedOptimizer& optimizer);
+  /// The index (in parameter_names()) of replica r's parameter `p`, held by the optimizer named `name`.
+  std::size_t parameter_index(std::size_t r, const at::Tensor& p, const std::string& name) const;
+  /// Sharded: replica r's optimizer drops the state of the parameters that r does not own.
+  void drop_unowned_state(torch::optim::Optimizer& optimizer, std::size_t r) const;
+  /// Every parameter of the stepped optimizers goes from its owner to the other replicas.
+  void broadcast_from_owners(const std::vector<ReplicatedOptimizer*>& stepped);
+  std::string serialized_state(torch::optim::Optimizer& optimizer) const;
+  std::string gathered_optimizer_state(ReplicatedOptimizer& optimizer);
+  /// Loads `state` into replica r's optimizer, sharded or not (see Note [Sharded optimizer state]).
+  void load_optimizer_share(ReplicatedOptimizer& optimizer, std::size_t r, const std::string& state);
   void broadcast_from_primary();
   /// Throws, on every process alike, when the processes' models differ in
   /// their parameters or buffers (names, shapes, dtypes, trainable).
@@ -192,6 +211,8 @@ class DataParallelCore {
   std::vector<std::vector<at::Tensor>> buffers_;     // [replica][i]
   std::unique_ptr<GradientReducer> reducer_;         // null with one replica
   std::vector<ReplicatedOptimizer> optimizers_;  // in the order first made
+  std::vector<std::size_t> owners_;  // [parameter] the replica owning its optimizer state; empty: unsharded
+  std::vector<std::unordered_map<const void*, std::size_t>> parameter_index_;  // sharded: [replica] TensorImpl -> i
   int no_sync_depth_ = 0;
   std::int64_t steps_ = 0;
   TrainingProgress progress_;
@@ -275,6 +296,24 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
       const bool trainable_here = parameters_[0][i].requires_grad();
       if (parameters_[r][i].requires_grad() != trainable_here) parameters_[r][i].set_requires_grad(trainable_here);
+    }
+  }
+  if (options_.shard_optimizer_state && spans_processes()) {
+    throw Error(fmt::format("DataParallelOptions::shard_optimizer_state across processes ({} replicas over every "
+                            "process, {} here) is not supported yet: shard within one process, or turn it off",
+                            comm_->world_size(), size()));
+  }
+  if (options_.shard_optimizer_state && size() > 1) {  // See Note [Sharded optimizer state]
+    std::vector<std::int64_t> bytes;
+    for (const auto& p : parameters_[0]) {
+      bytes.push_back(p.requires_grad() ? static_cast<std::int64_t>(p.numel() * p.element_size()) : 0);
+    }
+    owners_ = assign_parameter_owners(bytes, size());
+    parameter_index_.resize(size());
+    for (std::size_t r = 0; r < size(); ++r) {
+      for (std::size_t i = 0; i < parameters_[r].size(); ++i) {
+        parameter_index_[r].emplace(parameters_[r][i].unsafeGetTensorImpl(), i);
+      }
     }
   }
   // See Note [SyncBatchNorm across replicas].
@@ -725,12 +764,32 @@ inline void DataParallelCore::step_optimizers(ReplicatedOptimizer* only, const c
     unscaled_ = false;
   }
   if (!skip) {
+    // Sharded, each replica's optimizer steps its share only (Note [Sharded optimizer state]).
+    std::vector<std::unique_ptr<OwnedShare>> shares;
+    for (auto* optimizer : stepped) {
+      for (std::size_t r = 0; r < size() && sharded(); ++r) {
+        shares.push_back(std::make_unique<OwnedShare>(*optimizer->replicas[r], [&](const at::Tensor& p) {
+          return owners_[parameter_index(r, p, optimizer->name)] == r;
+        }));
+      }
+    }
     try {
       workers_.run(
           [&](std::size_t r) {
             for (auto* optimizer : stepped) optimizer->replicas[r]->step();
           },
           "the optimizer step");
+      shares.clear();  // the whole groups again
+      if (sharded()) {
+        try {
+          broadcast_from_owners(stepped);
+        } catch (const std::exception& e) {
+          diverged_ = fmt::format("broadcasting the stepped parameters from their owners failed, so the replicas "
+                                  "may differ ({})",
+                                  e.what());
+          throw;
+        }
+      }
     } catch (const ReplicaError& e) {
       // Across processes this process alone may have failed (a step() failure is not agreed on).
       if (size() > 1 || spans_processes()) {
@@ -828,6 +887,12 @@ inline void DataParallelCore::set_optimizers(std::vector<std::unique_ptr<torch::
                                              const std::string& name) {
   if (optimizers.size() != size()) {
     throw Error(fmt::format("DataParallel: {} optimizers for {} replicas", optimizers.size(), size()));
+  }
+  if (sharded()) {  // See Note [Sharded optimizer state]
+    for (const auto& optimizer : optimizers) {
+      check_shardable(*optimizer, name.empty() ? "make_optimizer" : fmt::format("make_optimizer(\"{}\")", name));
+    }
+    for (std::size_t r = 0; r < size(); ++r) drop_unowned_state(*optimizers[r], r);  // Adagrad's, made when built
   }
   for (auto& optimizer : optimizers_) {
     if (optimizer.name == name) {

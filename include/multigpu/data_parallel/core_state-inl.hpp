@@ -177,7 +177,7 @@ inline void DataParallelCore::resync_from_primary() {
   const auto fence = fenced();
   broadcast_from_primary();
   for (auto& optimizer : optimizers_) {
-    if (size() == 1) break;
+    if (size() == 1 || sharded()) break;  // sharded, each owner holds the only copy of its state
     const std::string state = optimizer_state(optimizer.name);
     const ReplicaStreamsCurrent on_replicas(contexts_);
     for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(*optimizer.replicas[r], r, state);
@@ -237,11 +237,106 @@ inline std::string DataParallelCore::optimizer_state(const std::string& name) {
   auto& primary = optimizer(0, name);
   const auto fence = fenced();
   const ReplicaStreamsCurrent on_replicas(contexts_);  // read after the replicas' work
+  if (sharded()) return gathered_optimizer_state(find_optimizers(name, "optimizer_state"));
+  return serialized_state(primary);
+}
+
+inline std::string DataParallelCore::serialized_state(torch::optim::Optimizer& optimizer) const {
   std::ostringstream state;
   torch::serialize::OutputArchive archive;
-  primary.save(archive);
+  optimizer.save(archive);
   archive.save_to(state);
   return state.str();
+}
+
+// See Note [Sharded optimizer state]: the owners' entries are lent to the
+// primary's optimizer (moved, not copied) while it saves, then given back.
+inline std::string DataParallelCore::gathered_optimizer_state(ReplicatedOptimizer& optimizer) {
+  auto& state = optimizer.replicas[0]->state();
+  std::vector<std::size_t> lent;
+  const auto give_back = [&] {
+    for (const std::size_t i : lent) {
+      const auto found = state.find(compat::optimizer_state_key(parameters_[0][i]));
+      if (found == state.end()) continue;
+      optimizer.replicas[owners_[i]]->state()[compat::optimizer_state_key(parameters_[owners_[i]][i])] =
+          std::move(found->second);
+      state.erase(found);
+    }
+  };
+  try {
+    for (const auto& group : optimizer.replicas[0]->param_groups()) {
+      for (const auto& p : group.params()) {
+        const std::size_t i = parameter_index(0, p, optimizer.name);
+        const std::size_t owner = owners_[i];
+        if (owner == 0) continue;
+        auto& theirs = optimizer.replicas[owner]->state();
+        const auto found = theirs.find(compat::optimizer_state_key(parameters_[owner][i]));
+        if (found == theirs.end()) continue;
+        lent.push_back(i);
+        state[compat::optimizer_state_key(p)] = std::move(found->second);
+        theirs.erase(found);
+      }
+    }
+    std::string saved = serialized_state(*optimizer.replicas[0]);
+    give_back();
+    return saved;
+  } catch (...) {
+    give_back();
+    throw;
+  }
+}
+
+inline void DataParallelCore::load_optimizer_share(ReplicatedOptimizer& optimizer, std::size_t r,
+                                                   const std::string& state) {
+  auto& mine = *optimizer.replicas[r];
+  load_optimizer_into(mine, r, state);
+  if (sharded()) drop_unowned_state(mine, r);
+}
+
+inline std::size_t DataParallelCore::parameter_index(std::size_t r, const at::Tensor& p,
+                                                     const std::string& name) const {
+  const auto found = parameter_index_.at(r).find(p.unsafeGetTensorImpl());
+  if (found != parameter_index_[r].end()) return found->second;
+  throw Error(fmt::format("replica {}'s optimizer{} holds a tensor of shape {} that is not a parameter of its "
+                          "module: with DataParallelOptions::shard_optimizer_state each tensor an optimizer "
+                          "steps needs an owner among the replicas, so a parameter group (add_param_group too) "
+                          "may hold only the module's parameters",
+                          r, name.empty() ? "" : fmt::format(" \"{}\"", name), shape_text(p.sizes())));
+}
+
+inline void DataParallelCore::drop_unowned_state(torch::optim::Optimizer& optimizer, std::size_t r) const {
+  auto& state = optimizer.state();
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      const auto found = parameter_index_[r].find(p.unsafeGetTensorImpl());
+      const bool mine = found != parameter_index_[r].end() && owners_[found->second] == r;
+      if (!mine) state.erase(compat::optimizer_state_key(p));
+    }
+  }
+}
+
+inline void DataParallelCore::broadcast_from_owners(const std::vector<ReplicatedOptimizer*>& stepped) {
+  std::vector<bool> changed(parameter_names_.size(), false);
+  for (const auto* optimizer : stepped) {
+    for (const auto& group : optimizer->replicas[0]->param_groups()) {
+      for (const auto& p : group.params()) changed[parameter_index(0, p, optimizer->name)] = true;
+    }
+  }
+  const compat::NoGradGuard no_grad;
+  const ReplicaStreamsCurrent on_replicas(contexts_);
+  for (std::size_t i = 0; i < changed.size(); ++i) {
+    if (changed[i]) comm_->broadcast(same_tensor_on_every_replica(i, false), owners_[i]);
+  }
+}
+
+inline std::vector<std::int64_t> DataParallelCore::optimizer_state_bytes() const {
+  std::vector<std::int64_t> bytes(size(), 0);
+  for (const auto& optimizer : optimizers_) {
+    for (std::size_t r = 0; r < size(); ++r) {
+      for (const auto& entry : optimizer.replicas[r]->state()) bytes[r] += optimizer_param_state_bytes(*entry.second);
+    }
+  }
+  return bytes;
 }
 
 // All or none: the primary's state is kept first, so that a state which
@@ -254,10 +349,10 @@ inline void DataParallelCore::load_optimizer_state(const std::string& state, con
   const auto fence = fenced();
   const ReplicaStreamsCurrent on_replicas(contexts_);
   try {
-    load_optimizer_into(*optimizer.replicas[0], 0, state);
+    load_optimizer_share(optimizer, 0, state);
   } catch (const c10::Error& e) {
     try {
-      load_optimizer_into(*optimizer.replicas[0], 0, previous);
+      load_optimizer_share(optimizer, 0, previous);
     } catch (const c10::Error&) {
       diverged_ = "loading an optimizer state failed half-way and the primary's could not be put back";
     }
@@ -265,7 +360,7 @@ inline void DataParallelCore::load_optimizer_state(const std::string& state, con
                                       name.empty() ? "" : fmt::format(" \"{}\"", name), origin,
                                       e.what_without_backtrace()));
   }
-  for (std::size_t r = 1; r < size(); ++r) load_optimizer_into(*optimizer.replicas[r], r, state);
+  for (std::size_t r = 1; r < size(); ++r) load_optimizer_share(optimizer, r, state);
 }
 
 // LibTorch's Optimizer::load adds the saved entries to the state it has and

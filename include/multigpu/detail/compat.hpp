@@ -23,7 +23,9 @@
 #include "multigpu/config.hpp"
 
 #include <chrono>
+#include <sstream>
 #include <thread>
+#include <type_traits>
 #include <utility>
 
 #include <ATen/ATen.h>
@@ -291,6 +293,23 @@ inline void foreach_mul_(at::TensorList tensors, const at::Tensor& factor) {
 /// loop would (see Note [Zeroing gradients with one replica] and Note
 /// [Gradients of parameters no backward reached]).
 inline constexpr bool kZeroGradSetsToNone = TORCH_VERSION_MAJOR >= 2;
+
+// An optimizer's state() is keyed by the parameter's TensorImpl: its address
+// from LibTorch 2.0 on, the address as text before (what
+// c10::guts::to_string made of it).
+using OptimizerStateMap = std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>;
+
+/// The key of `parameter`'s entry in an optimizer's state().
+template <class Key = OptimizerStateMap::key_type>
+Key optimizer_state_key(const at::Tensor& parameter) {
+  if constexpr (std::is_same<Key, std::string>::value) {
+    std::ostringstream text;
+    text << static_cast<const void*>(parameter.unsafeGetTensorImpl());
+    return text.str();
+  } else {
+    return parameter.unsafeGetTensorImpl();
+  }
+}
 
 }  // namespace compat
 }  // namespace multigpu
