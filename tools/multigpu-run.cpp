@@ -5,6 +5,8 @@
 //   multigpu-run --gpus cpu --max-per-gpu 4 examples/tasks/noise_grid.tasks
 //   multigpu-run --dry-run experiments.tasks
 //   multigpu-run status [LOG_DIR] [--watch]     # from any terminal, during or after a run
+//   multigpu-run --slurm --partition gpu --time 4:00:00 experiments.tasks   # the same tasks as Slurm array jobs
+//   multigpu-run cancel LOG_DIR                 # a --slurm run: cancel what is queued or running
 //
 // Exit status: 0 every task done or skipped, 1 some failed (also when that
 // stopped the run: --fail-fast), 2 bad usage or task file (or the log folder
@@ -30,6 +32,8 @@
 #include <multigpu/scheduler.hpp>
 #include <multigpu/scheduler/run_status.hpp>
 #include <multigpu/scheduler/text.hpp>
+
+#include "slurm_backend.hpp"
 
 namespace {
 
@@ -196,6 +200,25 @@ __attribute__((section(".preinit_array"), used)) void (*const restart_at_start)(
 
 int main(int argc, char** argv) {
   undo_restart_environment();  // see Note [Huge pages for the scheduler's memory]
+  // `--slurm [sbatch options...] TASKS`: what follows --slurm, but the last
+  // argument (the task file), goes to sbatch as it is.
+  std::vector<std::string> sbatch_options;
+  bool slurm = false;
+  std::vector<char*> own_arguments;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--slurm") == 0 && !slurm) {
+      slurm = true;
+      for (int j = i + 1; j + 1 < argc; ++j) sbatch_options.emplace_back(argv[j]);
+      if (i + 1 < argc) own_arguments.push_back(argv[argc - 1]);
+      break;
+    }
+    own_arguments.push_back(argv[i]);
+  }
+  if (slurm) {
+    argc = static_cast<int>(own_arguments.size());
+    own_arguments.push_back(nullptr);
+    argv = own_arguments.data();
+  }
   CLI::App app{"Runs a file of tasks over a pool of GPUs: each task starts as soon as a GPU is free."};
   app.footer(kTaskFileHelp);
   std::string task_file;
@@ -219,6 +242,19 @@ int main(int argc, char** argv) {
   status->add_option("--interval", watch_interval, "Seconds between redraws with --watch")
       ->capture_default_str()
       ->check(CLI::Range(0.1, 3600.0));
+  auto* cancel = app.add_subcommand("cancel", "A --slurm run: cancel its tasks still queued or running");
+  std::string cancel_dir = "multigpu-logs";
+  cancel->add_option("log-dir", cancel_dir, "The run's --log-dir")->capture_default_str();
+  auto* slurm_task = app.add_subcommand("slurm-task", "")->group("");  // what each array task runs
+  std::string slurm_task_dir;
+  std::string slurm_task_offset;
+  slurm_task->add_option("log-dir", slurm_task_dir)->required();
+  slurm_task->add_option("offset", slurm_task_offset)->required();
+  int throttle = 0;
+  bool no_follow = false;
+  app.add_option("--throttle", throttle, "With --slurm: at most N tasks of each array at once (sbatch --array=...%N)")
+      ->check(CLI::Range(1, 1000000));
+  app.add_flag("--no-follow", no_follow, "With --slurm: submit and return (see the run with `multigpu-run status`)");
   app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
   std::string max_per_gpu = "1";
   std::string memory_margin = "1G";
@@ -271,12 +307,17 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
+  if (slurm_task->parsed()) return slurm_backend::run_task(slurm_task_dir, slurm_task_offset);
+  if (cancel->parsed()) return slurm_backend::cancel(cancel_dir);
   if (status->parsed()) {
     // `multigpu-run --log-dir DIR status`: the main command's folder, unless status names one.
     if (status->get_option("log-dir")->count() == 0 && app.get_option("--log-dir")->count() > 0) {
       status_dir = options.log_dir;
     }
     try {
+      if (std::filesystem::exists(slurm_backend::slurm_dir(status_dir) + "/run.json")) {
+        return slurm_backend::show_status(status_dir);
+      }
       return show_status(status_dir, status_summary, watch, watch_interval);
     } catch (const std::exception& e) {
       fmt::print(stderr, "multigpu-run status: {}\n", e.what());
@@ -343,8 +384,32 @@ int main(int argc, char** argv) {
   // run on a write: SIGHUP stops it the orderly way instead.
   std::signal(SIGPIPE, SIG_IGN);
 
+  if (!slurm && (throttle > 0 || no_follow)) {
+    fmt::print(stderr, "multigpu-run: --throttle and --no-follow are for --slurm, which was not given\n");
+    return 2;
+  }
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
+    if (slurm && dry_run) {
+      fmt::print(stderr, "multigpu-run: --dry-run with --slurm is not there yet; --dry-run without --slurm lists "
+                         "the tasks that would run\n");
+      return 2;
+    }
+    if (slurm) {
+      slurm_backend::SubmitOptions submit;
+      submit.sbatch = sbatch_options;
+      submit.log_dir = options.log_dir;
+      submit.retries = options.retries;
+      submit.cpu_only = options.devices == "cpu";
+      submit.force = options.force;
+      submit.force_tasks = options.force_tasks;
+      submit.throttle = throttle;
+      submit.follow = !no_follow;
+      submit.quiet = quiet;
+      return slurm_backend::submit(tasks, task_file, submit);
+    }
+    // A local run in a folder that held a --slurm submission: `status` shows this run.
+    std::filesystem::remove(slurm_backend::slurm_dir(options.log_dir) + "/run.json");
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());
