@@ -59,6 +59,8 @@ as written; {{ and }} are literal braces. Example:
   grid kind = sym asym
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
   [name=eval-{kind}-{rate} after={kind}-{rate}] ./eval out/{kind}-{rate}
+On a Slurm cluster, the same file as array jobs (docs/scheduler.md):
+  multigpu-run [options] --slurm [sbatch options...] TASKS
 )";
 
 volatile std::sig_atomic_t g_watch_stop = 0;
