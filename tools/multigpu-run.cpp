@@ -392,11 +392,6 @@ int main(int argc, char** argv) {
   }
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
-    if (slurm && dry_run) {
-      fmt::print(stderr, "multigpu-run: --dry-run with --slurm is not there yet; --dry-run without --slurm lists "
-                         "the tasks that would run\n");
-      return 2;
-    }
     if (slurm) {
       slurm_backend::SubmitOptions submit;
       submit.sbatch = sbatch_options;
@@ -407,11 +402,13 @@ int main(int argc, char** argv) {
       submit.force_tasks = options.force_tasks;
       submit.throttle = throttle;
       submit.follow = !no_follow;
+      submit.dry_run = dry_run;
       submit.quiet = quiet;
       return slurm_backend::submit(tasks, task_file, submit);
     }
     // A local run in a folder that held a --slurm submission: `status` shows this run.
-    std::filesystem::remove(slurm_backend::slurm_dir(options.log_dir) + "/run.json");
+    std::error_code ignored;
+    if (!options.log_dir.empty()) std::filesystem::remove(slurm_backend::slurm_dir(options.log_dir) + "/run.json", ignored);
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());

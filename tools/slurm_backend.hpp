@@ -45,6 +45,7 @@ struct SubmitOptions {
   std::vector<std::string> force_tasks;
   int throttle = 0;  ///< %N on each array (0: none)
   bool follow = true;
+  bool dry_run = false;  ///< print the sbatch commands, submit nothing
   bool quiet = false;
   double poll_seconds = 1;
 };
@@ -199,7 +200,8 @@ inline int cancel(const std::string& log_dir) {
 
 /// The summary files, from the rows, as a local run writes them.
 inline multigpu::RunSummary write_summary(const std::string& log_dir, const std::vector<multigpu::Task>& all,
-                                          const std::set<std::string>& skipped, double seconds) {
+                                          const std::set<std::string>& skipped, double seconds,
+                                          const std::string& not_submitted = "") {
   multigpu::RunSummary summary;
   summary.seconds = seconds;
   std::map<std::string, Row> rows;
@@ -210,6 +212,8 @@ inline multigpu::RunSummary write_summary(const std::string& log_dir, const std:
     r.log_path = log_path(log_dir, task.name);
     if (skipped.count(task.name) != 0) {
       r.status = multigpu::TaskStatus::kSkipped;
+    } else if (!not_submitted.empty()) {
+      r.error = not_submitted;
     } else if (const auto row = rows.find(task.name); row != rows.end()) {
       const auto& s = row->second.status;
       const auto& state = row->second.state;
@@ -254,7 +258,7 @@ inline multigpu::RunSummary write_summary(const std::string& log_dir, const std:
 /// Submits one sbatch; waits and retries while refused for the submit limit.
 /// Returns the job id, or throws SchedulerError with sbatch's message.
 inline std::string sbatch(const std::vector<std::string>& argv) {
-  for (int wait_seconds = 5;; wait_seconds = std::min(wait_seconds * 2, 300)) {
+  for (int wait_seconds = 2;; wait_seconds = std::min(wait_seconds * 2, 300)) {
     const auto out = run_command(argv);
     if (out.status == 0) {
       std::string id = out.text.substr(0, out.text.find_first_of(";\n"));
@@ -295,9 +299,11 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
   options.log_dir = fs::absolute(options.log_dir).lexically_normal().string();
   if (!options.log_dir.empty() && options.log_dir.back() == '/') options.log_dir.pop_back();
   const std::string& log_dir = options.log_dir;
-  multigpu::detail::make_directories(slurm_dir(log_dir));
-  const int lock = multigpu::detail::lock_log_dir(log_dir);  // a local run of this folder is refused meanwhile
-  (void)lock;
+  if (!options.dry_run) {
+    multigpu::detail::make_directories(slurm_dir(log_dir));
+    const int lock = multigpu::detail::lock_log_dir(log_dir);  // a local run of this folder is refused meanwhile
+    (void)lock;
+  }
   // A live submission of this folder: refused.
   {
     std::vector<std::string> live;
@@ -334,11 +340,6 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     }
   }
   const int max_array = multigpu::slurm::max_array_size(run_command({"scontrol", "show", "config"}).text);
-  // A fresh record of this submission.
-  fs::remove_all(slurm_dir(log_dir) + "/status");
-  fs::remove(slurm_dir(log_dir) + "/jobs.txt");
-  multigpu::detail::make_directories(slurm_dir(log_dir) + "/status");
-  multigpu::detail::make_directories(slurm_dir(log_dir) + "/out");
   // Order: tasks without [after=] on a task of this run grouped by request, then the others as they become ready.
   std::vector<const multigpu::Task*> order;
   std::map<std::pair<int, std::int64_t>, std::vector<const multigpu::Task*>> groups;
@@ -388,20 +389,27 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
       it = waiting.erase(it);
     }
   }
-  Json run{{"task_file", fs::absolute(task_file).string()}, {"retries", options.retries}, {"tasks", Json::array()}};
-  for (const auto* task : order) {
-    run["tasks"].push_back({{"name", task->name},
-                            {"command", task->command},
-                            {"done_marker", task->done_marker},
-                            {"devices", task->devices}});
-  }
-  multigpu::detail::write_file_atomically(slurm_dir(log_dir) + "/run.json", run.dump(2) + "\n");
   const std::string script = slurm_dir(log_dir) + "/array.sh";
-  multigpu::detail::write_file_atomically(
-      script, fmt::format("#!/bin/sh\n# multigpu-run --slurm: each array task runs its task of {}\nexec {} slurm-task {} \"$1\"\n",
-                          task_file, multigpu::detail::shell_quoted(self_path(), multigpu::detail::ShellQuoting::kNone),
-                          multigpu::detail::shell_quoted(log_dir, multigpu::detail::ShellQuoting::kNone)));
-  fs::permissions(script, fs::perms::owner_all | fs::perms::group_read | fs::perms::others_read);
+  if (!options.dry_run) {  // a fresh record of this submission
+    fs::remove_all(slurm_dir(log_dir) + "/status");
+    fs::remove(slurm_dir(log_dir) + "/jobs.txt");
+    multigpu::detail::make_directories(slurm_dir(log_dir) + "/status");
+    multigpu::detail::make_directories(slurm_dir(log_dir) + "/out");
+    Json run{{"task_file", fs::absolute(task_file).string()}, {"retries", options.retries}, {"tasks", Json::array()}};
+    for (const auto* task : order) {
+      run["tasks"].push_back({{"name", task->name},
+                              {"command", task->command},
+                              {"done_marker", task->done_marker},
+                              {"devices", task->devices}});
+    }
+    multigpu::detail::write_file_atomically(slurm_dir(log_dir) + "/run.json", run.dump(2) + "\n");
+    multigpu::detail::write_file_atomically(
+        script,
+        fmt::format("#!/bin/sh\n# multigpu-run --slurm: each array task runs its task of {}\nexec {} slurm-task {} \"$1\"\n",
+                    task_file, multigpu::detail::shell_quoted(self_path(), multigpu::detail::ShellQuoting::kNone),
+                    multigpu::detail::shell_quoted(log_dir, multigpu::detail::ShellQuoting::kNone)));
+    fs::permissions(script, fs::perms::owner_all | fs::perms::group_read | fs::perms::others_read);
+  }
   fmt::print("{} task(s) from {} to Slurm ({} skipped: done already) in {} job submission(s); logs in {}\n",
              order.size(), task_file, skipped.size(), submissions.size(), log_dir);
   std::map<std::string, std::string> job_of;
@@ -409,7 +417,7 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
   std::size_t submitted = 0;
   try {
     for (const auto& s : submissions) {
-      std::vector<std::string> argv{"sbatch", "--parsable", "--job-name", s.count == 1 ? s.task->name : "multigpu-run",
+      std::vector<std::string> argv{"sbatch", "--parsable", "--job-name", s.count == 1 ? order[s.offset]->name : "multigpu-run",
                                     fmt::format("--array=0-{}{}", s.count - 1,
                                                 options.throttle > 0 ? fmt::format("%{}", options.throttle) : ""),
                                     "--output", slurm_dir(log_dir) + "/out/%A_%a.out", "--open-mode=append"};
@@ -423,6 +431,15 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
       argv.insert(argv.end(), options.sbatch.begin(), options.sbatch.end());
       argv.push_back(script);
       argv.push_back(std::to_string(s.offset));
+      if (options.dry_run) {
+        std::string line;
+        for (const auto& arg : argv) line += " " + multigpu::detail::shell_quoted(arg, multigpu::detail::ShellQuoting::kNone);
+        std::string names;
+        for (std::size_t i = 0; i < s.count; ++i) names += (i == 0 ? "" : ", ") + order[s.offset + i]->name;
+        fmt::print(" {}\n    # {}\n", line, names);
+        for (std::size_t i = 0; i < s.count; ++i) job_of[order[s.offset + i]->name] = fmt::format("<{}>", order[s.offset + i]->name);
+        continue;
+      }
       const std::string id = sbatch(argv);
       std::string lines;
       for (std::size_t i = 0; i < s.count; ++i) {
@@ -433,13 +450,21 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
       submitted += s.count;
     }
   } catch (const multigpu::SchedulerError& e) {
+    // All or nothing: what was submitted is cancelled, so that no task is
+    // both in Slurm and reported as not submitted (See Note [A task file on Slurm]).
+    std::vector<std::string> cancel_argv{"scancel"};
+    for (const auto& entry : job_of) cancel_argv.push_back(entry.second);
+    if (cancel_argv.size() > 1) run_command(cancel_argv);
+    std::error_code ignored;
+    fs::remove(slurm_dir(log_dir) + "/jobs.txt", ignored);
     fmt::print(stderr, "multigpu-run: {}\n", e.what());
-    fmt::print(stderr, "multigpu-run: {} of {} task(s) were submitted (LOG_DIR/.slurm/jobs.txt); the others were "
-                       "not: `multigpu-run cancel {}` ends those submitted\n",
-               submitted, order.size(), log_dir);
-    write_summary(log_dir, tasks, skipped, 0);
+    fmt::print(stderr, "multigpu-run: nothing is left submitted ({} of {} task(s) had been, and were cancelled); "
+                       "correct it and submit again\n",
+               submitted, order.size());
+    write_summary(log_dir, tasks, skipped, 0, "not submitted: " + std::string(e.what()));
     return 2;
   }
+  if (options.dry_run) return 0;
   fmt::print("submitted: Slurm job(s) ");
   {
     std::set<std::string> ids;
@@ -525,9 +550,20 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
     multigpu::detail::append_to_file(log, fmt::format("### multigpu: Slurm requeued the task (SLURM_RESTART_COUNT={}); "
                                                       "it runs again\n", restarts));
   }
-  {
-    multigpu::DeviceManager devices;
-    multigpu::detail::append_to_file(log, devices.report("auto").text());
+  // The device report from a child of its own: a CUDA context made here
+  // would hold GPU memory for as long as the task runs.
+  if (const pid_t reporter = ::fork(); reporter == 0) {
+    try {
+      multigpu::DeviceManager devices;
+      multigpu::detail::append_to_file(log, devices.report("auto").text());
+    } catch (const std::exception& e) {
+      multigpu::detail::append_to_file(log, fmt::format("### multigpu: no device report: {}\n", e.what()));
+    }
+    ::_exit(0);
+  } else if (reporter > 0) {
+    int ignored = 0;
+    while (::waitpid(reporter, &ignored, 0) < 0 && errno == EINTR) {
+    }
   }
   const std::string command = multigpu::detail::command_for(task.command, gpus, task.name);
   int code = 0;

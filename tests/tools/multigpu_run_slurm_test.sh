@@ -2,7 +2,7 @@
 # Tests of `multigpu-run --slurm` against a real single-node Slurm that the
 # test starts and stops itself (tests/tools/slurm_cluster.sh). Usage:
 #   multigpu_run_slurm_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: cluster | submit | live | cancel | requeue | errors | max_array
+# CASE: cluster | submit | live | cancel | requeue | errors | max_array | limits
 # Exit status 77: skipped (the reason on stderr): not root, or Slurm and munge
 # not installed (scripts/setup.sh installs them).
 set -euo pipefail
@@ -132,10 +132,43 @@ TASKS
   max_array)
     # 7 tasks with MaxArraySize=3: three arrays (3, 3, 1), every task run once.
     for i in 1 2 3 4 5 6 7; do echo "[name=t$i] echo ran t$i"; done > seven.tasks
+    # --dry-run: the sbatch commands, nothing submitted or written.
+    "$tool" --dry-run --throttle 2 --slurm --time 5 seven.tasks > dry.out 2>&1 || fail "$(cat dry.out)"
+    [[ $(grep -c "^  sbatch --parsable --job-name [^ ]* --array=0-[02]%2 .* --gres=gpu:1 --time 5 .*/array.sh [036]$" dry.out) == 3 ]] \
+      || fail "dry run: $(cat dry.out)"
+    grep -q "^    # t4, t5, t6$" dry.out || fail "dry run: $(cat dry.out)"
+    [[ -z $(squeue -h) && ! -e multigpu-logs/.slurm/run.json ]] || fail "the dry run submitted: $(squeue)"
     "$tool" --throttle 2 --slurm seven.tasks > run.out 2>&1 || fail "$(cat run.out)"
     grep -q "7 task(s) from seven.tasks to Slurm (0 skipped: done already) in 3 job submission(s)" run.out || fail "$(cat run.out)"
     grep -q "7 task(s): 7 done" run.out || fail "$(cat run.out)"
     for i in 1 2 3 4 5 6 7; do grep -q "^ran t$i$" "multigpu-logs/t$i.log" || fail "t$i"; done
+    ;;
+  limits)
+    # An sbatch in front of the real one: the first call is refused for the submit limit (waited
+    # for, then submitted), the third for a wrong partition (what was submitted is cancelled).
+    mkdir bin
+    real_sbatch=$(command -v sbatch)
+    cat > bin/sbatch <<SBATCH
+#!/bin/sh
+n=\$(( \$(cat "$work/calls" 2>/dev/null || echo 0) + 1 )); echo \$n > "$work/calls"
+case \$n in
+  1) echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)" >&2; exit 1 ;;
+  3) echo "sbatch: error: invalid partition specified: nosuch" >&2; exit 1 ;;
+esac
+exec "$real_sbatch" "\$@"
+SBATCH
+    chmod +x bin/sbatch
+    printf '[name=one] sleep 20\n[name=two gpus=2] sleep 20\n' > two.tasks
+    set +e; PATH="$work/bin:$PATH" "$tool" --slurm two.tasks > run.out 2>&1; code=$?; set -e
+    [[ $code == 2 ]] || fail "exit status $code: $(cat run.out)"
+    grep -q "sbatch refused for the submit limit (sbatch: error: QOSMaxSubmitJobPerUserLimit); trying again in 2 s" run.out \
+      || fail "$(cat run.out)"
+    grep -q "sbatch refused the submission: sbatch: error: invalid partition specified: nosuch" run.out || fail "$(cat run.out)"
+    grep -q "nothing is left submitted (1 of 2 task(s) had been, and were cancelled)" run.out || fail "$(cat run.out)"
+    queue_empty || fail "left in Slurm: $(squeue)"
+    grep -q '"error": "not submitted: sbatch refused the submission' multigpu-logs/summary.json \
+      || fail "$(cat multigpu-logs/summary.json)"
+    "$tool" status multigpu-logs | grep -Eq "^two +not submitted" || fail "$("$tool" status multigpu-logs)"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

@@ -50,9 +50,10 @@ namespace slurm {
 // - State is read from those status files plus squeue (never sacct, which
 //   needs slurmdbd): `status` and the follower combine them with
 //   task_state(). The submitted JOBID_INDEX of each task is appended to
-//   LOG_DIR/.slurm/jobs.txt right after its sbatch returned, so a submission
-//   that fails half-way leaves every task either submitted and recorded, or
-//   not submitted and reported as such.
+//   LOG_DIR/.slurm/jobs.txt right after its sbatch returned. A submission
+//   that fails half-way (sbatch refused, other than for the submit limit)
+//   cancels what it had submitted: every task is then either in Slurm and
+//   recorded, or not submitted and reported as such, never both.
 // - A requeued array task (preemption, scontrol requeue) runs the wrapper
 //   again with SLURM_RESTART_COUNT set: same name, same log, appended.
 // - sbatch refused for the submit limit (MaxSubmitJobs of a QOS or an
@@ -79,6 +80,7 @@ inline void check_sbatch_options(const std::vector<std::string>& options) {
       {"--mem", "memory comes from the task file's [mem=SIZE]"},
   };
   for (const auto& option : options) {
+    if (option.size() < 2 || option[0] != '-') continue;  // an option's value
     const std::string name = option.substr(0, option.find('='));
     const auto owned = kOwned.find(name.size() > 2 && name[1] != '-' ? name.substr(0, 2) : name);
     if (owned != kOwned.end()) {
