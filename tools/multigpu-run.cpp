@@ -33,7 +33,7 @@
 #include <multigpu/scheduler/run_status.hpp>
 #include <multigpu/scheduler/text.hpp>
 
-#include "slurm_backend.hpp"
+#include <multigpu/scheduler/slurm_run.hpp>
 
 namespace {
 
@@ -309,17 +309,15 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
-  if (slurm_task->parsed()) return slurm_backend::run_task(slurm_task_dir, slurm_task_offset);
-  if (cancel->parsed()) return slurm_backend::cancel(cancel_dir);
+  if (slurm_task->parsed()) return multigpu::slurm::run_task(slurm_task_dir, slurm_task_offset);
+  if (cancel->parsed()) return multigpu::slurm::cancel(cancel_dir);
   if (status->parsed()) {
     // `multigpu-run --log-dir DIR status`: the main command's folder, unless status names one.
     if (status->get_option("log-dir")->count() == 0 && app.get_option("--log-dir")->count() > 0) {
       status_dir = options.log_dir;
     }
     try {
-      if (std::filesystem::exists(slurm_backend::slurm_dir(status_dir) + "/run.json")) {
-        return slurm_backend::show_status(status_dir);
-      }
+      if (multigpu::slurm::is_submission(status_dir)) return multigpu::slurm::print_status(status_dir);
       return show_status(status_dir, status_summary, watch, watch_interval);
     } catch (const std::exception& e) {
       fmt::print(stderr, "multigpu-run status: {}\n", e.what());
@@ -393,7 +391,7 @@ int main(int argc, char** argv) {
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
     if (slurm) {
-      slurm_backend::SubmitOptions submit;
+      multigpu::slurm::SubmitOptions submit;
       submit.sbatch = sbatch_options;
       submit.log_dir = options.log_dir;
       submit.retries = options.retries;
@@ -404,11 +402,10 @@ int main(int argc, char** argv) {
       submit.follow = !no_follow;
       submit.dry_run = dry_run;
       submit.quiet = quiet;
-      return slurm_backend::submit(tasks, task_file, submit);
+      return multigpu::slurm::submit(tasks, task_file, submit);
     }
     // A local run in a folder that held a --slurm submission: `status` shows this run.
-    std::error_code ignored;
-    if (!options.log_dir.empty()) std::filesystem::remove(slurm_backend::slurm_dir(options.log_dir) + "/run.json", ignored);
+    multigpu::slurm::forget_submission(options.log_dir);
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());

@@ -1,9 +1,14 @@
-// multigpu-run --slurm: submitting a task file as Slurm array jobs, following
-// it, `status`, `cancel`, and the per-task wrapper that each array task runs.
-// The decisions are in multigpu/scheduler/slurm.hpp (See Note [A task file on
-// Slurm]); this file runs sbatch, squeue and scancel.
 #pragma once
+/// @file
+/// `multigpu-run --slurm`: submitting a task file as Slurm array jobs and
+/// following it (slurm::submit), `multigpu-run status` and `cancel` of such a
+/// run, and the per-task wrapper that each array task runs (slurm::run_task).
+/// Runs sbatch, squeue, scontrol and scancel; the decisions are in
+/// scheduler/slurm.hpp (Note [A task file on Slurm]). Not included by
+/// scheduler.hpp.
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -15,6 +20,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fcntl.h>
@@ -24,31 +30,55 @@
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
 
-#include <multigpu/device.hpp>
-#include <multigpu/detail/atomic_file.hpp>
-#include <multigpu/scheduler.hpp>
-#include <multigpu/scheduler/run_status.hpp>
-#include <multigpu/scheduler/slurm.hpp>
-#include <multigpu/scheduler/summary.hpp>
+#include "multigpu/detail/atomic_file.hpp"
+#include "multigpu/device.hpp"
+#include "multigpu/error.hpp"
+#include "multigpu/scheduler/done_record.hpp"
+#include "multigpu/scheduler/log_dir.hpp"
+#include "multigpu/scheduler/run_status.hpp"
+#include "multigpu/scheduler/slurm.hpp"
+#include "multigpu/scheduler/summary.hpp"
+#include "multigpu/scheduler/task.hpp"
 
-namespace slurm_backend {
+namespace multigpu {
+namespace slurm {
+
+/// What `multigpu-run --slurm` was given besides the task file.
+struct SubmitOptions {
+  std::vector<std::string> sbatch;    ///< The user's sbatch options, as given.
+  std::string log_dir = "multigpu-logs";  ///< Where the logs, the summary and LOG_DIR/.slurm go.
+  int retries = 0;                    ///< Extra attempts of a failed task, in its allocation.
+  bool cpu_only = false;              ///< No GRES asked (--gpus cpu).
+  bool force = false;                 ///< Run tasks whose done marker exists.
+  std::vector<std::string> force_tasks;  ///< Run these even when done.
+  int throttle = 0;                   ///< At most this many tasks of each array at once (0: no limit).
+  bool follow = true;                 ///< Follow the run until it ends (Ctrl-C leaves it).
+  bool dry_run = false;               ///< Print the sbatch commands, submit nothing.
+  bool quiet = false;                 ///< No progress lines.
+  double poll_seconds = 1;            ///< Between looks at squeue while following.
+};
+
+/// Submits `tasks` (read from `task_file`) to Slurm and, with
+/// `options.follow`, follows them to their end, printing progress, and writes
+/// the summary; SIGINT then stops following and leaves the tasks. Returns the
+/// exit status of multigpu-run: 0, 1 (some failed), 2 (refused), 130
+/// (stopped following). Throws SchedulerError for input refused before
+/// anything is submitted.
+int submit(const std::vector<Task>& tasks, const std::string& task_file, SubmitOptions options);
+/// What each array task runs (`multigpu-run slurm-task LOG_DIR OFFSET`): its task, with retries. Returns the task's exit status.
+int run_task(const std::string& log_dir, const std::string& offset);
+/// Whether `log_dir` holds a --slurm submission (what `multigpu-run status` shows).
+bool is_submission(const std::string& log_dir);
+/// Forgets the --slurm submission recorded in `log_dir` (a local run of the folder begins).
+void forget_submission(const std::string& log_dir);
+/// Prints the status table of a --slurm run: each task's state, job, node, GPUs, time, attempts and last log line.
+int print_status(const std::string& log_dir);
+/// Cancels the tasks of a --slurm run still queued or running, each by JOBID_INDEX; returns 0, or 1 when scancel failed.
+int cancel(const std::string& log_dir);
+
+namespace detail {
 
 using Json = nlohmann::json;
-
-/// What --slurm was given besides the task file.
-struct SubmitOptions {
-  std::vector<std::string> sbatch;  ///< The user's sbatch options, as given.
-  std::string log_dir;
-  int retries = 0;
-  bool cpu_only = false;  ///< --gpus cpu: no GRES asked
-  bool force = false;
-  std::vector<std::string> force_tasks;
-  int throttle = 0;  ///< %N on each array (0: none)
-  bool follow = true;
-  bool dry_run = false;  ///< print the sbatch commands, submit nothing
-  bool quiet = false;
-  double poll_seconds = 1;
-};
 
 inline volatile std::sig_atomic_t g_stop_following = 0;
 
@@ -620,4 +650,22 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
   return code == 0 ? 1 : code;
 }
 
-}  // namespace slurm_backend
+}  // namespace detail
+
+inline int submit(const std::vector<Task>& tasks, const std::string& task_file, SubmitOptions options) {
+  return detail::submit(tasks, task_file, std::move(options));
+}
+inline int run_task(const std::string& log_dir, const std::string& offset) { return detail::run_task(log_dir, offset); }
+inline bool is_submission(const std::string& log_dir) {
+  std::error_code error;
+  return std::filesystem::exists(detail::slurm_dir(log_dir) + "/run.json", error);
+}
+inline void forget_submission(const std::string& log_dir) {
+  std::error_code ignored;
+  if (!log_dir.empty()) std::filesystem::remove(detail::slurm_dir(log_dir) + "/run.json", ignored);
+}
+inline int print_status(const std::string& log_dir) { return detail::show_status(log_dir); }
+inline int cancel(const std::string& log_dir) { return detail::cancel(log_dir); }
+
+}  // namespace slurm
+}  // namespace multigpu
