@@ -67,6 +67,7 @@ TASKS
     set +e; "$tool" --slurm grid.tasks > again.out 2>&1; code=$?; set -e
     grep -q "5 task(s) from grid.tasks to Slurm (2 skipped" again.out || fail "$(cat again.out)"
     grep -q "7 task(s): 3 done, 2 failed, 2 skipped" again.out || fail "$(cat again.out)"
+    "$tool" status multigpu-logs | grep -Eq "^train-0.1 +skipped" || fail "$("$tool" status multigpu-logs)"
     ;;
   live)
     # A second submission of a folder whose tasks are queued or running is refused; cancel ends them.

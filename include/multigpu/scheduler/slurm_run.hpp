@@ -80,7 +80,12 @@ namespace detail {
 
 using Json = nlohmann::json;
 
-inline volatile std::sig_atomic_t g_stop_following = 0;
+/// Set by SIGINT while following: stop following (a function's static, so
+/// that including the header defines nothing).
+inline volatile std::sig_atomic_t& stop_following() {
+  static volatile std::sig_atomic_t flag = 0;
+  return flag;
+}
 
 /// A command's output (stdout and stderr together) and exit status.
 struct Output {
@@ -187,6 +192,9 @@ inline std::vector<Row> rows_of(const std::string& log_dir) {
     }
     rows.push_back(std::move(row));
   }
+  if (run.contains("skipped")) {
+    for (const auto& name : run["skipped"]) rows.push_back({name.get<std::string>(), "", "skipped", Json()});
+  }
   return rows;
 }
 
@@ -202,7 +210,10 @@ inline int show_status(const std::string& log_dir) {
     const bool has = s.is_object();
     fmt::print("{:<24} {:<10} {:<12} {:<10} {:<8} {:>8} {:>8}  {}\n", row.name, row.state, row.job,
                has ? s.value("node", "") : "", has ? s.value("gpus", "") : "",
-               has ? multigpu::detail::short_duration(s.value("seconds", 0.0)) : "",
+               has ? multigpu::detail::short_duration(row.state == "running"
+                                                          ? multigpu::detail::unix_now() - s.value("start", 0.0)
+                                                          : s.value("seconds", 0.0))
+                   : "",
                has ? std::to_string(s.value("attempts", 0)) : "",
                multigpu::detail::last_log_line(log_path(log_dir, row.name), 60));
   }
@@ -425,7 +436,8 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     fs::remove(slurm_dir(log_dir) + "/jobs.txt");
     multigpu::detail::make_directories(slurm_dir(log_dir) + "/status");
     multigpu::detail::make_directories(slurm_dir(log_dir) + "/out");
-    Json run{{"task_file", fs::absolute(task_file).string()}, {"retries", options.retries}, {"tasks", Json::array()}};
+    Json run{{"task_file", fs::absolute(task_file).string()}, {"retries", options.retries}, {"tasks", Json::array()},
+             {"skipped", Json(std::vector<std::string>(skipped.begin(), skipped.end()))}};
     for (const auto* task : order) {
       run["tasks"].push_back({{"name", task->name},
                               {"command", task->command},
@@ -507,7 +519,7 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     fmt::print("see them with `multigpu-run status {}`; cancel with `multigpu-run cancel {}`\n", log_dir, log_dir);
     return 0;
   }
-  std::signal(SIGINT, [](int) { g_stop_following = 1; });
+  std::signal(SIGINT, [](int) { stop_following() = 1; });
   std::string last;
   while (true) {
     const auto rows = rows_of(log_dir);
@@ -525,10 +537,10 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     std::fflush(stdout);
     last = line;
     if (over) break;
-    for (double waited = 0; waited < options.poll_seconds && g_stop_following == 0; waited += 0.05) {
+    for (double waited = 0; waited < options.poll_seconds && stop_following() == 0; waited += 0.05) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    if (g_stop_following != 0) {
+    if (stop_following() != 0) {
       fmt::print("\nstopped following; the tasks go on in Slurm. See them with `multigpu-run status {}`, cancel "
                  "them with `multigpu-run cancel {}`\n",
                  log_dir, log_dir);
