@@ -256,6 +256,10 @@ int main(int argc, char** argv) {
   bool no_follow = false;
   app.add_option("--throttle", throttle, "With --slurm: at most N tasks of each array at once (sbatch --array=...%N)")
       ->check(CLI::Range(1, 1000000));
+  double poll_seconds = 10;
+  app.add_option("--poll", poll_seconds, "With --slurm: seconds between looks at squeue while following")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
   app.add_flag("--no-follow", no_follow, "With --slurm: submit and return (see the run with `multigpu-run status`)");
   app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
   std::string max_per_gpu = "1";
@@ -384,8 +388,8 @@ int main(int argc, char** argv) {
   // run on a write: SIGHUP stops it the orderly way instead.
   std::signal(SIGPIPE, SIG_IGN);
 
-  if (!slurm && (throttle > 0 || no_follow)) {
-    fmt::print(stderr, "multigpu-run: --throttle and --no-follow are for --slurm, which was not given\n");
+  if (!slurm && (throttle > 0 || no_follow || app.get_option("--poll")->count() > 0)) {
+    fmt::print(stderr, "multigpu-run: --throttle, --poll and --no-follow are for --slurm, which was not given\n");
     return 2;
   }
   try {
@@ -401,6 +405,7 @@ int main(int argc, char** argv) {
       submit.throttle = throttle;
       submit.follow = !no_follow;
       submit.dry_run = dry_run;
+      submit.poll_seconds = poll_seconds;
       submit.quiet = quiet;
       return multigpu::slurm::submit(tasks, task_file, submit);
     }

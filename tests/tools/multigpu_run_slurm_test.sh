@@ -45,7 +45,7 @@ grid rate = 0.1 0.2
 [name=broken] echo about to fail; exit 4
 [name=never after=broken] echo should not run
 TASKS
-    set +e; "$tool" --retries 1 --slurm --time 5 grid.tasks > run.out 2>&1; code=$?; set -e
+    set +e; "$tool" --retries 1 --poll 0.5 --slurm --time 5 grid.tasks > run.out 2>&1; code=$?; set -e
     [[ $code == 1 ]] || fail "exit status $code: $(cat run.out)"
     grep -q "7 task(s) from grid.tasks to Slurm (0 skipped" run.out || fail "$(cat run.out)"
     grep -q "7 task(s): 5 done, 2 failed, 0 skipped" run.out || fail "$(cat run.out)"
@@ -64,7 +64,7 @@ TASKS
     "$tool" status multigpu-logs > status.out
     grep -Eq "^flaky +done +[0-9]+_[0-9]+ +[^ ]+ +[0-9] .* 2  second" status.out || fail "$(cat status.out)"
     # Again: the two with done markers are skipped, the others run again.
-    set +e; "$tool" --slurm grid.tasks > again.out 2>&1; code=$?; set -e
+    set +e; "$tool" --poll 0.5 --slurm grid.tasks > again.out 2>&1; code=$?; set -e
     grep -q "5 task(s) from grid.tasks to Slurm (2 skipped" again.out || fail "$(cat again.out)"
     grep -q "7 task(s): 3 done, 2 failed, 2 skipped" again.out || fail "$(cat again.out)"
     "$tool" status multigpu-logs | grep -Eq "^train-0.1 +skipped" || fail "$("$tool" status multigpu-logs)"
@@ -72,8 +72,8 @@ TASKS
   live)
     # A second submission of a folder whose tasks are queued or running is refused; cancel ends them.
     printf '[name=slow-%s] sleep 30\n' a b > slow.tasks
-    "$tool" --no-follow --slurm slow.tasks > first.out
-    set +e; "$tool" --slurm slow.tasks > second.out 2>&1; code=$?; set -e
+    "$tool" --no-follow --poll 0.5 --slurm slow.tasks > first.out
+    set +e; "$tool" --poll 0.5 --slurm slow.tasks > second.out 2>&1; code=$?; set -e
     [[ $code == 2 ]] && grep -q "belongs to a submission whose 2 task(s) are still queued or running" second.out \
       || fail "second submission: $code $(cat second.out)"
     "$tool" cancel multigpu-logs > cancel.out
@@ -83,7 +83,7 @@ TASKS
   cancel)
     # Ctrl-C stops following and leaves the tasks; status shows them; cancel ends each task, not the array.
     printf '[name=a] sleep 30\n[name=b] sleep 30\n' > slow.tasks
-    env --default-signal=INT "$tool" --slurm slow.tasks > run.out 2>&1 &
+    env --default-signal=INT "$tool" --poll 0.5 --slurm slow.tasks > run.out 2>&1 &
     pid=$!
     for _ in $(seq 100); do grep -q "2 running" run.out && break; sleep 0.1; done
     kill -INT "$pid"; set +e; wait "$pid"; code=$?; set -e
@@ -99,7 +99,7 @@ TASKS
     # A requeued array task runs again under its name, its log appended, with SLURM_RESTART_COUNT
     # (6 to 7 s here: cred_expire=5, Note [A Slurm cluster for the tests]).
     printf '[name=long] echo "start restart=${SLURM_RESTART_COUNT:-0}"; sleep 3\n' > requeue.tasks
-    "$tool" --slurm requeue.tasks > run.out 2>&1 &
+    "$tool" --poll 0.5 --slurm requeue.tasks > run.out 2>&1 &
     pid=$!
     for _ in $(seq 100); do grep -q "start restart=0" multigpu-logs/long.log 2>/dev/null && break; sleep 0.1; done
     job=$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)
@@ -113,33 +113,33 @@ TASKS
     # Each a clear message, nothing submitted.
     echo '[name=x] true' > one.tasks
     set +e
-    PATH=/nonexistent "$tool" --slurm one.tasks > path.out 2>&1; code=$?
+    PATH=/nonexistent "$tool" --poll 0.5 --slurm one.tasks > path.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "--slurm: sbatch is not on PATH" path.out || fail "no sbatch: $code $(cat path.out)"
-    "$tool" --slurm --array=0-3 one.tasks > array.out 2>&1; code=$?
+    "$tool" --poll 0.5 --slurm --array=0-3 one.tasks > array.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "the sbatch option --array=0-3 is set by multigpu-run itself" array.out \
       || fail "--array: $code $(cat array.out)"
-    "$tool" --slurm -o out.txt one.tasks > output.out 2>&1; code=$?
+    "$tool" --poll 0.5 --slurm -o out.txt one.tasks > output.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "the sbatch option -o is set by multigpu-run itself: each task's log is" output.out \
       || fail "-o: $code $(cat output.out)"
-    "$tool" --slurm one.tasks > gres.out 2>&1; code=$?
+    "$tool" --poll 0.5 --slurm one.tasks > gres.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "the tasks ask for GPUs (--gres=gpu:N), but no node of this cluster has GPUs" gres.out \
       || fail "no GRES: $code $(cat gres.out)"
     set -e
     [[ -z $(squeue -h) ]] || fail "something was submitted: $(squeue)"
     # CPU tasks run there.
-    "$tool" --gpus cpu --slurm one.tasks > cpu.out 2>&1 || fail "$(cat cpu.out)"
+    "$tool" --gpus cpu --poll 0.5 --slurm one.tasks > cpu.out 2>&1 || fail "$(cat cpu.out)"
     grep -q "1 task(s): 1 done" cpu.out || fail "$(cat cpu.out)"
     ;;
   max_array)
     # 7 tasks with MaxArraySize=3: three arrays (3, 3, 1), every task run once.
     for i in 1 2 3 4 5 6 7; do echo "[name=t$i] echo ran t$i"; done > seven.tasks
     # --dry-run: the sbatch commands, nothing submitted or written.
-    "$tool" --dry-run --throttle 2 --slurm --time 5 seven.tasks > dry.out 2>&1 || fail "$(cat dry.out)"
+    "$tool" --dry-run --throttle 2 --poll 0.5 --slurm --time 5 seven.tasks > dry.out 2>&1 || fail "$(cat dry.out)"
     [[ $(grep -c "^  sbatch --parsable --job-name [^ ]* --array=0-[02]%2 .* --gres=gpu:1 --time 5 .*/array.sh [036]$" dry.out) == 3 ]] \
       || fail "dry run: $(cat dry.out)"
     grep -q "^    # t4, t5, t6$" dry.out || fail "dry run: $(cat dry.out)"
     [[ -z $(squeue -h) && ! -e multigpu-logs/.slurm/run.json ]] || fail "the dry run submitted: $(squeue)"
-    "$tool" --throttle 2 --slurm seven.tasks > run.out 2>&1 || fail "$(cat run.out)"
+    "$tool" --throttle 2 --poll 0.5 --slurm seven.tasks > run.out 2>&1 || fail "$(cat run.out)"
     grep -q "7 task(s) from seven.tasks to Slurm (0 skipped: done already) in 3 job submission(s)" run.out || fail "$(cat run.out)"
     grep -q "7 task(s): 7 done" run.out || fail "$(cat run.out)"
     for i in 1 2 3 4 5 6 7; do grep -q "^ran t$i$" "multigpu-logs/t$i.log" || fail "t$i"; done
@@ -160,7 +160,7 @@ exec "$real_sbatch" "\$@"
 SBATCH
     chmod +x bin/sbatch
     printf '[name=one] sleep 20\n[name=two gpus=2] sleep 20\n' > two.tasks
-    set +e; PATH="$work/bin:$PATH" "$tool" --slurm two.tasks > run.out 2>&1; code=$?; set -e
+    set +e; PATH="$work/bin:$PATH" "$tool" --poll 0.5 --slurm two.tasks > run.out 2>&1; code=$?; set -e
     [[ $code == 2 ]] || fail "exit status $code: $(cat run.out)"
     grep -q "sbatch refused for the submit limit (sbatch: error: QOSMaxSubmitJobPerUserLimit); trying again in 2 s" run.out \
       || fail "$(cat run.out)"

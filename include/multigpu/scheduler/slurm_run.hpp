@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -55,7 +56,7 @@ struct SubmitOptions {
   bool follow = true;                 ///< Follow the run until it ends (Ctrl-C leaves it).
   bool dry_run = false;               ///< Print the sbatch commands, submit nothing.
   bool quiet = false;                 ///< No progress lines.
-  double poll_seconds = 1;            ///< Between looks at squeue while following.
+  double poll_seconds = 10;           ///< Between looks at squeue while following (a cluster's squeue is shared: not too often).
 };
 
 /// Submits `tasks` (read from `task_file`) to Slurm and, with
@@ -147,15 +148,13 @@ inline std::map<std::string, std::string> submitted_jobs(const std::string& log_
   return jobs;
 }
 
-/// JOBID_INDEX -> squeue state, for the jobs given (one squeue call).
-inline std::map<std::string, std::string> queue_states(const std::map<std::string, std::string>& jobs) {
-  std::set<std::string> ids;
-  for (const auto& entry : jobs) ids.insert(entry.second.substr(0, entry.second.find('_')));
+/// JOBID_INDEX -> squeue state of this user's jobs (one squeue call; by
+/// user, not by job id: squeue -j fails for a job slurmctld has forgotten),
+/// or nothing when squeue failed (slurmctld not answering: state unknown).
+inline std::optional<std::map<std::string, std::string>> queue_states() {
+  const auto out = run_command({"squeue", "-h", "-r", "--me", "-o", "%i %T"});
+  if (out.status != 0) return std::nullopt;
   std::map<std::string, std::string> states;
-  if (ids.empty()) return states;
-  std::string list;
-  for (const auto& id : ids) list += (list.empty() ? "" : ",") + id;
-  const auto out = run_command({"squeue", "-h", "-r", "-o", "%i %T", "-j", list});
   std::istringstream lines(out.text);
   std::string id;
   std::string state;
@@ -174,7 +173,8 @@ struct Row {
 inline std::vector<Row> rows_of(const std::string& log_dir) {
   const Json run = read_json(slurm_dir(log_dir) + "/run.json");
   const auto jobs = submitted_jobs(log_dir);
-  const auto states = queue_states(jobs);
+  const auto states =
+      jobs.empty() ? std::optional<std::map<std::string, std::string>>(std::map<std::string, std::string>()) : queue_states();
   std::vector<Row> rows;
   if (!run.is_object()) return rows;
   for (const auto& task : run["tasks"]) {
@@ -186,9 +186,13 @@ inline std::vector<Row> rows_of(const std::string& log_dir) {
       row.state = "not submitted";
     } else {
       row.job = job->second;
-      const auto state = states.find(row.job);
-      row.state = multigpu::slurm::task_state(row.status.is_object() ? row.status.value("state", "") : "",
-                                              state == states.end() ? "" : state->second);
+      const std::string file_state = row.status.is_object() ? row.status.value("state", "") : "";
+      if (!states) {
+        row.state = file_state == "done" || file_state == "failed" ? file_state : "unknown";  // asked again later
+      } else {
+        const auto state = states->find(row.job);
+        row.state = multigpu::slurm::task_state(file_state, state == states->end() ? "" : state->second);
+      }
     }
     rows.push_back(std::move(row));
   }
@@ -198,7 +202,9 @@ inline std::vector<Row> rows_of(const std::string& log_dir) {
   return rows;
 }
 
-inline bool is_final(const std::string& state) { return state != "queued" && state != "running" && state != "requeued"; }
+inline bool is_final(const std::string& state) {
+  return state != "queued" && state != "running" && state != "requeued" && state != "unknown";
+}
 
 /// `multigpu-run status LOG_DIR` for a Slurm run.
 inline int show_status(const std::string& log_dir) {
