@@ -16,7 +16,9 @@
 # start, so that a Slurm already on the machine, or another test's cluster,
 # is untouched. Every daemon runs in the foreground (-D) as a child of the
 # test, and is ended by its pid: by slurm_cluster_stop, which the caller
-# runs on exit also when it fails.
+# runs on exit also when it fails, and, should the test itself be killed
+# (ctest's time-out), by the kernel: each daemon is started with a parent-death
+# signal (setpriv --pdeathsig KILL).
 #
 # Requeue delay: slurmctld holds a requeued job until its begin time, now +
 # the credential lifetime + 1 (slurm.conf(5), AuthInfo cred_expire: "This
@@ -55,7 +57,7 @@ slurm_cluster_start() {
     return 77
   fi
   local binary
-  for binary in munged slurmctld slurmd sbatch squeue scontrol scancel python3; do
+  for binary in munged slurmctld slurmd sbatch squeue scontrol scancel python3 setpriv; do
     if ! command -v "$binary" > /dev/null && [[ ! -x /usr/sbin/$binary ]]; then
       echo "skipped: $binary is not installed (Debian: apt-get install slurmctld slurmd slurm-client munge;" \
            "scripts/setup.sh does it)" >&2
@@ -70,7 +72,7 @@ slurm_cluster_start() {
   chown munge:munge "$dir/munge"; chmod 700 "$dir/munge"
   dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
   chown munge:munge "$dir/munge/munge.key"; chmod 400 "$dir/munge/munge.key"
-  runuser -u munge -- munged -F --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
+  setpriv --reuid munge --regid munge --clear-groups --pdeathsig KILL -- munged -F --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
     --pid-file="$dir/munge/munged.pid" --seed-file="$dir/munge/munged.seed" --log-file="$dir/munge/munged.log" \
     > "$dir/log/munged.out" 2>&1 &
   slurm_cluster_pids+=($!)
@@ -120,9 +122,9 @@ CONF
     echo "munged did not start: $(cat "$dir/log/munged.out" "$dir/munge/munged.log" 2>/dev/null)" >&2
     return 1
   fi
-  slurmctld -D -i -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 &
+  setpriv --pdeathsig KILL -- slurmctld -D -i -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 &
   slurm_cluster_pids+=($!)
-  slurmd -D -f "$dir/slurm.conf" > "$dir/log/slurmd.out" 2>&1 &
+  setpriv --pdeathsig KILL -- slurmd -D -f "$dir/slurm.conf" > "$dir/log/slurmd.out" 2>&1 &
   slurm_cluster_pids+=($!)
   for _ in $(seq 200); do
     [[ $(sinfo -h -N -o %t 2>/dev/null) == idle ]] && return 0
