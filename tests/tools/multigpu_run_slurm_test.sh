@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tests of `multigpu-run --slurm` against a real single-node Slurm that the
 # test starts and stops itself (tests/tools/slurm_cluster.sh). Usage:
-#   multigpu_run_slurm_test.sh TOOL SOURCE_DIR WORK_DIR CASE
-# CASE: cluster | submit | live | cancel | requeue | errors | max_array | limits
+#   multigpu_run_slurm_test.sh TOOL SOURCE_DIR WORK_DIR CASE [QUICKSTART]
+# CASE: cluster | submit | live | cancel | requeue | errors | max_array | limits | quickstart
 # Exit status 77: skipped (the reason on stderr): not root, or Slurm and munge
 # not installed (scripts/setup.sh installs them).
 set -euo pipefail
@@ -170,6 +170,22 @@ SBATCH
     grep -q '"error": "not submitted: sbatch refused the submission' multigpu-logs/summary.json \
       || fail "$(cat multigpu-logs/summary.json)"
     "$tool" status multigpu-logs | grep -Eq "^two +not submitted" || fail "$("$tool" status multigpu-logs)"
+    ;;
+  quickstart)
+    # Preemption of a training written with --resume auto: requeued mid-training, it
+    # continues from its checkpoint (SIGTERM saves at once; the rerun resumes).
+    quickstart="${5:?the quickstart program}"
+    printf '[name=train] %s --devices cpu,cpu --allow-duplicates --epochs 4 --max-batches 30 --batch-size 32 --save-every 10 --state-dir %s --checkpoint %s --resume auto\n' \
+      "$quickstart" "$work/state" "$work/model.pt" > train.tasks
+    "$tool" --gpus cpu --poll 0.5 --slurm train.tasks > run.out 2>&1 &
+    pid=$!
+    for _ in $(seq 600); do [[ -e state/step-20.pt ]] && break; sleep 0.1; done
+    [[ -e state/step-20.pt ]] || fail "no checkpoint at step 20: $(cat multigpu-logs/train.log)"
+    scontrol requeue "$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)"
+    wait "$pid" || fail "run: $(cat run.out) $(cat multigpu-logs/train.log)"
+    grep -q "Slurm requeued the task (SLURM_RESTART_COUNT=1)" multigpu-logs/train.log \
+      && grep -q "^resumed from $work/state/step-" multigpu-logs/train.log || fail "$(cat multigpu-logs/train.log)"
+    [[ -e model.pt ]] || fail "no final model"
     ;;
   *) fail "unknown case $case_name" ;;
 esac

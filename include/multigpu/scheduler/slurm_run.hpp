@@ -307,9 +307,13 @@ inline multigpu::RunSummary write_summary(const std::string& log_dir, const std:
 inline std::string sbatch(const std::vector<std::string>& argv) {
   for (int wait_seconds = 2;; wait_seconds = std::min(wait_seconds * 2, 300)) {
     const auto out = run_command(argv);
-    if (out.status == 0) {
-      std::string id = out.text.substr(0, out.text.find_first_of(";\n"));
-      return id;
+    if (out.status == 0) {  // the job id's line ("123" or "123;cluster"), among any warnings
+      std::istringstream lines(out.text);
+      for (std::string line; std::getline(lines, line);) {
+        const std::string id = line.substr(0, line.find(';'));
+        if (!id.empty() && std::all_of(id.begin(), id.end(), [](char c) { return c >= '0' && c <= '9'; })) return id;
+      }
+      throw multigpu::SchedulerError(fmt::format("sbatch gave no job id: {}", out.text));
     }
     if (!multigpu::slurm::is_submit_limit(out.text)) {
       throw multigpu::SchedulerError(fmt::format("sbatch refused the submission: {}", out.text));
@@ -630,6 +634,13 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
       if (fd >= 0) {
         ::dup2(fd, 1);
         ::dup2(fd, 2);
+      }
+      // A batch script without --ntasks has SLURM_PROCID=0 (and LOCALID, NODEID) but no
+      // SLURM_NTASKS, which multigpu's multi-process set-up refuses as half a
+      // launch: the task is one process, as it is locally (an srun inside
+      // sets both again).
+      if (std::getenv("SLURM_NTASKS") == nullptr) {
+        for (const char* name : {"SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}) ::unsetenv(name);
       }
       ::setenv("MULTIGPU_TASK", task.name.c_str(), 1);
       ::setenv("MULTIGPU_TASK_ATTEMPT", std::to_string(attempt).c_str(), 1);
