@@ -48,10 +48,8 @@ namespace slurm {
 //   LOG_DIR/.slurm/status/NAME.json (state, node, GPUs, time, attempts,
 //   restarts) up to date. Its exit status is the task's, so afterok works.
 //   Without sbatch's --ntasks, Slurm sets SLURM_PROCID=0 but not
-//   SLURM_NTASKS in the script, which the multi-process set-up
-//   (distributed/) refuses as half a launch: the wrapper unsets
-//   SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID then, so that a training
-//   task is one process, as locally.
+//   SLURM_NTASKS in the script: a training task is one process, as locally
+//   (See Note [A Slurm batch script is one process]).
 // - State is read from those status files plus squeue (never sacct, which
 //   needs slurmdbd): `status` and the follower combine them with
 //   task_state(). The submitted JOBID_INDEX of each task is appended to
