@@ -33,9 +33,21 @@
 # launch of a step on this one idle node.
 
 slurm_cluster_pids=()
+slurm_cluster_conf=""  # set once the cluster's daemons are started
 
 slurm_cluster_stop() {
   local pid
+  # Jobs still there (a failed case) first: slurmstepd and the tasks are not
+  # the daemons' children and would outlive them.
+  # Only this cluster's (SLURM_CONF named explicitly), never a Slurm of the machine's.
+  if [[ -n $slurm_cluster_conf ]] && [[ -n $(SLURM_CONF=$slurm_cluster_conf timeout 5 squeue -h 2>/dev/null) ]]; then
+    SLURM_CONF=$slurm_cluster_conf timeout 5 scancel -u "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 50); do
+      [[ -z $(SLURM_CONF=$slurm_cluster_conf timeout 5 squeue -h 2>/dev/null) ]] && break
+      sleep 0.1
+    done
+  fi
+  slurm_cluster_conf=""
   for pid in "${slurm_cluster_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${slurm_cluster_pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -122,6 +134,7 @@ CONF
     echo "munged did not start: $(cat "$dir/log/munged.out" "$dir/munge/munged.log" 2>/dev/null)" >&2
     return 1
   fi
+  slurm_cluster_conf="$dir/slurm.conf"
   setpriv --pdeathsig KILL -- slurmctld -D -i -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 &
   slurm_cluster_pids+=($!)
   setpriv --pdeathsig KILL -- slurmd -D -f "$dir/slurm.conf" > "$dir/log/slurmd.out" 2>&1 &

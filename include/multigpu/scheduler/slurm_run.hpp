@@ -70,7 +70,8 @@ int submit(const std::vector<Task>& tasks, const std::string& task_file, SubmitO
 int run_task(const std::string& log_dir, const std::string& offset);
 /// Whether `log_dir` holds a --slurm submission (what `multigpu-run status` shows).
 bool is_submission(const std::string& log_dir);
-/// Forgets the --slurm submission recorded in `log_dir` (a local run of the folder begins).
+/// Forgets the --slurm submission recorded in `log_dir` (a local run of the
+/// folder begins); throws SchedulerError while its tasks are queued or running.
 void forget_submission(const std::string& log_dir);
 /// Prints the status table of a --slurm run: each task's state, job, node, GPUs, time, attempts and last log line.
 int print_status(const std::string& log_dir);
@@ -204,6 +205,23 @@ inline std::vector<Row> rows_of(const std::string& log_dir) {
 
 inline bool is_final(const std::string& state) {
   return state != "queued" && state != "running" && state != "requeued" && state != "unknown";
+}
+
+/// Throws SchedulerError when tasks of the --slurm submission in `log_dir`
+/// are still queued or running (or squeue cannot tell): a second run of the
+/// folder, with or without --slurm, is refused meanwhile, as locally.
+inline void refuse_live(const std::string& log_dir, const std::string& asked) {
+  std::vector<std::string> live;
+  for (const auto& row : rows_of(log_dir)) {
+    if (!row.job.empty() && !is_final(row.state)) live.push_back(row.job);
+  }
+  if (!live.empty()) {
+    throw multigpu::SchedulerError(fmt::format(
+        "{}: the log folder {} belongs to a submission whose {} task(s) are still queued or running (Slurm "
+        "jobs {}{}); follow it with `multigpu-run status {}`, end it with `multigpu-run cancel {}`, or give "
+        "another --log-dir",
+        asked, log_dir, live.size(), live.front(), live.size() > 1 ? ", ..." : "", log_dir, log_dir));
+  }
 }
 
 /// `multigpu-run status LOG_DIR` for a Slurm run.
@@ -355,20 +373,7 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     const int lock = multigpu::detail::lock_log_dir(log_dir);  // a local run of this folder is refused meanwhile
     (void)lock;
   }
-  // A live submission of this folder: refused.
-  {
-    std::vector<std::string> live;
-    for (const auto& row : rows_of(log_dir)) {
-      if (!row.job.empty() && !is_final(row.state)) live.push_back(row.job);
-    }
-    if (!live.empty()) {
-      throw multigpu::SchedulerError(fmt::format(
-          "--slurm: the log folder {} belongs to a submission whose {} task(s) are still queued or running (Slurm "
-          "jobs {}{}); follow it with `multigpu-run status {}`, end it with `multigpu-run cancel {}`, or give "
-          "another --log-dir",
-          log_dir, live.size(), live.front(), live.size() > 1 ? ", ..." : "", log_dir, log_dir));
-    }
-  }
+  refuse_live(log_dir, "--slurm");
   // Which tasks run; GPUs asked where the cluster has none.
   std::vector<const multigpu::Task*> to_run;
   std::set<std::string> skipped;
@@ -457,8 +462,9 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
     multigpu::detail::write_file_atomically(slurm_dir(log_dir) + "/run.json", run.dump(2) + "\n");
     multigpu::detail::write_file_atomically(
         script,
-        fmt::format("#!/bin/sh\n# multigpu-run --slurm: each array task runs its task of {}\nexec {} slurm-task {} \"$1\"\n",
-                    task_file, multigpu::detail::shell_quoted(self_path(), multigpu::detail::ShellQuoting::kNone),
+        fmt::format("#!/bin/sh\n# multigpu-run --slurm: each array task runs its task of LOG_DIR/.slurm/run.json\n"
+                    "exec {} slurm-task {} \"$1\"\n",
+                    multigpu::detail::shell_quoted(self_path(), multigpu::detail::ShellQuoting::kNone),
                     multigpu::detail::shell_quoted(log_dir, multigpu::detail::ShellQuoting::kNone)));
     fs::permissions(script, fs::perms::owner_all | fs::perms::group_read | fs::perms::others_read);
   }
@@ -493,23 +499,31 @@ inline int submit(const std::vector<multigpu::Task>& tasks, const std::string& t
         continue;
       }
       const std::string id = sbatch(argv);
+      submitted += s.count;
       std::string lines;
       for (std::size_t i = 0; i < s.count; ++i) {
         job_of[order[s.offset + i]->name] = fmt::format("{}_{}", id, i);
         lines += fmt::format("{}_{} {}\n", id, i, order[s.offset + i]->name);
       }
       multigpu::detail::append_to_file(slurm_dir(log_dir) + "/jobs.txt", lines);
-      submitted += s.count;
     }
-  } catch (const multigpu::SchedulerError& e) {
+  } catch (const std::exception& e) {
     // All or nothing: what was submitted is cancelled, so that no task is
     // both in Slurm and reported as not submitted (See Note [A task file on Slurm]).
     std::vector<std::string> cancel_argv{"scancel"};
     for (const auto& entry : job_of) cancel_argv.push_back(entry.second);
-    if (cancel_argv.size() > 1) run_command(cancel_argv);
+    fmt::print(stderr, "multigpu-run: {}\n", e.what());
+    if (cancel_argv.size() > 1) {
+      const auto cancelled = run_command(cancel_argv);
+      if (cancelled.status != 0) {  // jobs.txt stays: status and cancel still see them
+        fmt::print(stderr, "multigpu-run: the {} task(s) submitted before could not be cancelled ({}); see them "
+                           "with `multigpu-run status {}`, cancel them with `multigpu-run cancel {}`\n",
+                   submitted, cancelled.text.substr(0, cancelled.text.find('\n')), log_dir, log_dir);
+        return 2;
+      }
+    }
     std::error_code ignored;
     fs::remove(slurm_dir(log_dir) + "/jobs.txt", ignored);
-    fmt::print(stderr, "multigpu-run: {}\n", e.what());
     fmt::print(stderr, "multigpu-run: nothing is left submitted ({} of {} task(s) had been, and were cancelled); "
                        "correct it and submit again\n",
                submitted, order.size());
@@ -635,13 +649,6 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
         ::dup2(fd, 1);
         ::dup2(fd, 2);
       }
-      // A batch script without --ntasks has SLURM_PROCID=0 (and LOCALID, NODEID) but no
-      // SLURM_NTASKS, which multigpu's multi-process set-up refuses as half a
-      // launch: the task is one process, as it is locally (an srun inside
-      // sets both again).
-      if (std::getenv("SLURM_NTASKS") == nullptr) {
-        for (const char* name : {"SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"}) ::unsetenv(name);
-      }
       ::setenv("MULTIGPU_TASK", task.name.c_str(), 1);
       ::setenv("MULTIGPU_TASK_ATTEMPT", std::to_string(attempt).c_str(), 1);
       ::execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
@@ -690,8 +697,11 @@ inline bool is_submission(const std::string& log_dir) {
   return std::filesystem::exists(detail::slurm_dir(log_dir) + "/run.json", error);
 }
 inline void forget_submission(const std::string& log_dir) {
+  if (log_dir.empty() || !is_submission(log_dir)) return;
+  // Where Slurm's commands are (squeue tells whether its tasks are live).
+  if (detail::on_path("squeue")) detail::refuse_live(log_dir, "a run on this machine");
   std::error_code ignored;
-  if (!log_dir.empty()) std::filesystem::remove(detail::slurm_dir(log_dir) + "/run.json", ignored);
+  std::filesystem::remove(detail::slurm_dir(log_dir) + "/run.json", ignored);
 }
 inline int print_status(const std::string& log_dir) { return detail::show_status(log_dir); }
 inline int cancel(const std::string& log_dir) { return detail::cancel(log_dir); }
