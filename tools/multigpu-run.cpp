@@ -392,6 +392,22 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "multigpu-run: --throttle, --poll and --no-follow are for --slurm, which was not given\n");
     return 2;
   }
+  if (slurm) {  // the local pool's options, which Slurm's placement would silently ignore
+    for (const char* name : {"--max-per-gpu", "--memory-margin", "--memory-threshold", "--busy-wait-limit",
+                             "--grace-period", "--fail-fast", "--summary"}) {
+      if (app.get_option(name)->count() > 0) {
+        fmt::print(stderr, "multigpu-run: {} is for a run on this machine's GPUs, not for --slurm (Slurm places the "
+                           "tasks; the summary is LOG_DIR/summary.json)\n", name);
+        return 2;
+      }
+    }
+    if (app.get_option("--gpus")->count() > 0 && options.devices != "cpu") {
+      fmt::print(stderr, "multigpu-run: --gpus {} chooses this machine's GPUs; with --slurm, Slurm gives each task "
+                         "its GPUs ([gpus=N] in the task file, --gpus-per-task N): give no --gpus, or --gpus cpu for "
+                         "tasks without GPUs\n", options.devices);
+      return 2;
+    }
+  }
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
     if (slurm) {

@@ -11,7 +11,15 @@ rm -rf "$work"; mkdir -p "$work"; cd "$work"
 fail() { echo "FAILED: $*" >&2; exit 1; }
 # shellcheck source=slurm_cluster.sh
 source "$source_dir/tests/tools/slurm_cluster.sh"
-trap slurm_cluster_stop EXIT
+# multigpu-run followers started in the background, ended by pid on the way out (a follower
+# whose slurmctld is gone would ask squeue for ever).
+followers=()
+stop_all() {
+  local pid
+  for pid in "${followers[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  slurm_cluster_stop
+}
+trap stop_all EXIT
 gpus=4
 [[ $case_name == errors ]] && gpus=0
 [[ $case_name == max_array ]] && export SLURM_TEST_MAX_ARRAY_SIZE=3
@@ -44,11 +52,12 @@ grid rate = 0.1 0.2
 [name=flaky] if [ -e flaky.once ]; then echo second; else touch flaky.once; echo first; exit 3; fi
 [name=broken] echo about to fail; exit 4
 [name=never after=broken] echo should not run
+[name=quoting] printf '%s|%s|%s\n' "a  b" '$HOME "x" `y`' "it's"
 TASKS
     set +e; "$tool" --retries 1 --poll 0.5 --slurm --time 5 grid.tasks > run.out 2>&1; code=$?; set -e
     [[ $code == 1 ]] || fail "exit status $code: $(cat run.out)"
-    grep -q "7 task(s) from grid.tasks to Slurm (0 skipped" run.out || fail "$(cat run.out)"
-    grep -q "7 task(s): 5 done, 2 failed, 0 skipped" run.out || fail "$(cat run.out)"
+    grep -q "8 task(s) from grid.tasks to Slurm (0 skipped" run.out || fail "$(cat run.out)"
+    grep -q "8 task(s): 6 done, 2 failed, 0 skipped" run.out || fail "$(cat run.out)"
     grep -q "failed: broken (exit code 4)" run.out || fail "$(cat run.out)"
     grep -q "failed: never (not run: its Slurm job ended without running it" run.out || fail "$(cat run.out)"
     grep -q "^rate 0.1 task train-0.1 on gpu [0-3]$" multigpu-logs/train-0.1.log || fail "$(cat multigpu-logs/train-0.1.log)"
@@ -57,6 +66,8 @@ TASKS
     grep -q "^eval after both$" multigpu-logs/eval.log || fail "$(cat multigpu-logs/eval.log)"
     grep -q "retrying (1 of 1)" multigpu-logs/flaky.log && grep -q "^second$" multigpu-logs/flaky.log \
       || fail "$(cat multigpu-logs/flaky.log)"
+    # The command reaches the shell as written: quotes, $, backquotes, spaces.
+    grep -Fxq 'a  b|$HOME "x" `y`|it'"'"'s' multigpu-logs/quoting.log || fail "$(cat multigpu-logs/quoting.log)"
     [[ ! -e multigpu-logs/never.log ]] || fail "never ran: $(cat multigpu-logs/never.log)"
     grep -q '"task": "train-0.2"' multigpu-logs/summary.json && grep -q '"status": "done"' multigpu-logs/summary.json \
       || fail "$(cat multigpu-logs/summary.json)"
@@ -65,8 +76,8 @@ TASKS
     grep -Eq "^flaky +done +[0-9]+_[0-9]+ +[^ ]+ +[0-9] .* 2  second" status.out || fail "$(cat status.out)"
     # Again: the two with done markers are skipped, the others run again.
     set +e; "$tool" --poll 0.5 --slurm grid.tasks > again.out 2>&1; code=$?; set -e
-    grep -q "5 task(s) from grid.tasks to Slurm (2 skipped" again.out || fail "$(cat again.out)"
-    grep -q "7 task(s): 3 done, 2 failed, 2 skipped" again.out || fail "$(cat again.out)"
+    grep -q "6 task(s) from grid.tasks to Slurm (2 skipped" again.out || fail "$(cat again.out)"
+    grep -q "8 task(s): 4 done, 2 failed, 2 skipped" again.out || fail "$(cat again.out)"
     "$tool" status multigpu-logs | grep -Eq "^train-0.1 +skipped" || fail "$("$tool" status multigpu-logs)"
     ;;
   live)
@@ -76,6 +87,9 @@ TASKS
     set +e; "$tool" --poll 0.5 --slurm slow.tasks > second.out 2>&1; code=$?; set -e
     [[ $code == 2 ]] && grep -q "belongs to a submission whose 2 task(s) are still queued or running" second.out \
       || fail "second submission: $code $(cat second.out)"
+    set +e; "$tool" --gpus cpu slow.tasks > local.out 2>&1; code=$?; set -e
+    [[ $code == 2 ]] && grep -q "a run on this machine: the log folder .* belongs to a submission whose 2 task" local.out \
+      || fail "local run of a live folder: $code $(cat local.out)"
     "$tool" cancel multigpu-logs > cancel.out
     grep -q "cancelled 2 task(s)" cancel.out || fail "$(cat cancel.out)"
     queue_empty || fail "cancel left $(squeue)"
@@ -84,7 +98,7 @@ TASKS
     # Ctrl-C stops following and leaves the tasks; status shows them; cancel ends each task, not the array.
     printf '[name=a] sleep 30\n[name=b] sleep 30\n' > slow.tasks
     env --default-signal=INT "$tool" --poll 0.5 --slurm slow.tasks > run.out 2>&1 &
-    pid=$!
+    pid=$!; followers+=("$pid")
     for _ in $(seq 100); do grep -q "2 running" run.out && break; sleep 0.1; done
     kill -INT "$pid"; set +e; wait "$pid"; code=$?; set -e
     [[ $code == 130 ]] || fail "exit status $code after Ctrl-C: $(cat run.out)"
@@ -100,7 +114,7 @@ TASKS
     # (6 to 7 s here: cred_expire=5, Note [A Slurm cluster for the tests]).
     printf '[name=long] echo "start restart=${SLURM_RESTART_COUNT:-0}"; sleep 3\n' > requeue.tasks
     "$tool" --poll 0.5 --slurm requeue.tasks > run.out 2>&1 &
-    pid=$!
+    pid=$!; followers+=("$pid")
     for _ in $(seq 100); do grep -q "start restart=0" multigpu-logs/long.log 2>/dev/null && break; sleep 0.1; done
     job=$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)
     scontrol requeue "$job"
@@ -121,6 +135,9 @@ TASKS
     "$tool" --poll 0.5 --slurm -o out.txt one.tasks > output.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "the sbatch option -o is set by multigpu-run itself: each task's log is" output.out \
       || fail "-o: $code $(cat output.out)"
+    "$tool" --fail-fast --poll 0.5 --slurm one.tasks > local.out 2>&1; code=$?
+    [[ $code == 2 ]] && grep -q -- "--fail-fast is for a run on this machine's GPUs, not for --slurm" local.out \
+      || fail "--fail-fast: $code $(cat local.out)"
     "$tool" --poll 0.5 --slurm one.tasks > gres.out 2>&1; code=$?
     [[ $code == 2 ]] && grep -q -- "the tasks ask for GPUs (--gres=gpu:N), but no node of this cluster has GPUs" gres.out \
       || fail "no GRES: $code $(cat gres.out)"
@@ -178,7 +195,7 @@ SBATCH
     printf '[name=train] %s --devices cpu,cpu --allow-duplicates --epochs 4 --max-batches 30 --batch-size 32 --save-every 10 --state-dir %s --checkpoint %s --resume auto\n' \
       "$quickstart" "$work/state" "$work/model.pt" > train.tasks
     "$tool" --gpus cpu --poll 0.5 --slurm train.tasks > run.out 2>&1 &
-    pid=$!
+    pid=$!; followers+=("$pid")
     for _ in $(seq 600); do [[ -e state/step-20.pt ]] && break; sleep 0.1; done
     [[ -e state/step-20.pt ]] || fail "no checkpoint at step 20: $(cat multigpu-logs/train.log)"
     scontrol requeue "$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)"
