@@ -56,8 +56,11 @@ TEST_CASE("slurm: [gpus=N] asks for GRES and [mem=] for memory") {
 
 TEST_CASE("slurm: a refusal for the submit limit is told from other refusals") {
   CHECK(slurm::is_submit_limit("sbatch: error: QOSMaxSubmitJobPerUserLimit\nsbatch: error: Batch job submission failed"));
-  CHECK(slurm::is_submit_limit("Batch job submission failed: Job violates accounting/QOS policy (job submit limit, "
-                               "user's size and/or time limits)"));
+  CHECK(slurm::is_submit_limit("sbatch: error: AssocGrpSubmitJobsLimit\nsbatch: error: Batch job submission failed"));
+  // The same second line follows a time over the QOS's limit, which waiting never cures.
+  CHECK_FALSE(slurm::is_submit_limit("sbatch: error: QOSMaxWallDurationPerJobLimit\nsbatch: error: Batch job submission "
+                                     "failed: Job violates accounting/QOS policy (job submit limit, user's size and/or "
+                                     "time limits)"));
   CHECK_FALSE(slurm::is_submit_limit("sbatch: error: invalid partition specified: gpu"));
 }
 

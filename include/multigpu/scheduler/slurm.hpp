@@ -133,10 +133,13 @@ inline std::vector<std::string> resource_options(const Task& task, bool cpu_only
   return options;
 }
 
-/// Whether sbatch's error text is a refusal for the submit limit (MaxSubmitJobs), to wait and retry.
+/// Whether sbatch's error text is a refusal for the submit limit (MaxSubmitJobs,
+/// GrpSubmitJobs), to wait and retry: by the reason line (AssocMaxSubmitJobLimit,
+/// QOSMaxSubmitJobPerUserLimit, AssocGrpSubmitJobsLimit...), since the line after it,
+/// "Job violates accounting/QOS policy (job submit limit, user's size and/or time
+/// limits)", is the same for a time or size over a limit, which waiting never cures.
 inline bool is_submit_limit(std::string_view error) {
-  return error.find("MaxSubmitJob") != std::string_view::npos ||
-         error.find("job submit limit") != std::string_view::npos;
+  return error.find("MaxSubmitJob") != std::string_view::npos || error.find("GrpSubmitJob") != std::string_view::npos;
 }
 
 /// Whether a task counts as done already (the local rule, Note [A done marker's command]).
