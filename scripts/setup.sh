@@ -20,6 +20,7 @@ packages=(
   doxygen               # the API reference (docs/Doxyfile), checked by the docs test
   ccache                # compiler cache shared by every clone (scripts/configure.sh)
   parallel              # GNU parallel, the yardstick of benchmarks/scheduler_vs_parallel.sh
+  slurmctld slurmd slurm-client munge  # a Slurm of the tests' own, for multigpu-run --slurm (tests/tools/slurm_cluster.sh)
 )
 
 if [[ "${MULTIGPU_SKIP_APT:-0}" == "1" ]]; then

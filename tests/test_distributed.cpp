@@ -175,6 +175,19 @@ TEST_SUITE("distributed environment") {
     CHECK(overridden.master_port == 4321);
   }
 
+  TEST_CASE("an sbatch script (SLURM_PROCID without SLURM_NTASKS) is a single process") {
+    const auto script = read_distributed_env(
+        {}, fake_env({{"SLURM_PROCID", "0"}, {"SLURM_LOCALID", "0"}, {"SLURM_NODEID", "0"}, {"SLURM_NNODES", "1"}}));
+    CHECK(script.launcher == "none");
+    CHECK(script.world_size == 1);
+    CHECK(script.rank == 0);
+    const auto mpi = read_distributed_env(
+        {}, fake_env({{"SLURM_PROCID", "0"}, {"SLURM_LOCALID", "0"}, {"OMPI_COMM_WORLD_RANK", "1"},
+                      {"OMPI_COMM_WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}));
+    CHECK(mpi.launcher == "openmpi");
+    CHECK(mpi.rank == 1);
+  }
+
   TEST_CASE("a missing or inconsistent variable is an error naming it") {
     CHECK(env_error({{"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}) ==
           "WORLD_SIZE=2 is set but RANK is not: every process needs its own rank, 0..1");

@@ -5,6 +5,8 @@
 //   multigpu-run --gpus cpu --max-per-gpu 4 examples/tasks/noise_grid.tasks
 //   multigpu-run --dry-run experiments.tasks
 //   multigpu-run status [LOG_DIR] [--watch]     # from any terminal, during or after a run
+//   multigpu-run --slurm --partition gpu --time 4:00:00 experiments.tasks   # the same tasks as Slurm array jobs
+//   multigpu-run cancel LOG_DIR                 # a --slurm run: cancel what is queued or running
 //
 // Exit status: 0 every task done or skipped, 1 some failed (also when that
 // stopped the run: --fail-fast), 2 bad usage or task file (or the log folder
@@ -31,6 +33,8 @@
 #include <multigpu/scheduler/run_status.hpp>
 #include <multigpu/scheduler/text.hpp>
 
+#include <multigpu/scheduler/slurm_run.hpp>
+
 namespace {
 
 constexpr const char* kTaskFileHelp = R"(
@@ -55,6 +59,8 @@ as written; {{ and }} are literal braces. Example:
   grid kind = sym asym
   [name={kind}-{rate} done=out/{kind}-{rate}/model.pt] ./train --noise {rate} --type {kind} --out out/{kind}-{rate}
   [name=eval-{kind}-{rate} after={kind}-{rate}] ./eval out/{kind}-{rate}
+On a Slurm cluster, the same file as array jobs (docs/scheduler.md):
+  multigpu-run [options] --slurm [sbatch options...] TASKS
 )";
 
 volatile std::sig_atomic_t g_watch_stop = 0;
@@ -196,6 +202,25 @@ __attribute__((section(".preinit_array"), used)) void (*const restart_at_start)(
 
 int main(int argc, char** argv) {
   undo_restart_environment();  // see Note [Huge pages for the scheduler's memory]
+  // `--slurm [sbatch options...] TASKS`: what follows --slurm, but the last
+  // argument (the task file), goes to sbatch as it is.
+  std::vector<std::string> sbatch_options;
+  bool slurm = false;
+  std::vector<char*> own_arguments;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--slurm") == 0 && !slurm) {
+      slurm = true;
+      for (int j = i + 1; j + 1 < argc; ++j) sbatch_options.emplace_back(argv[j]);
+      if (i + 1 < argc) own_arguments.push_back(argv[argc - 1]);
+      break;
+    }
+    own_arguments.push_back(argv[i]);
+  }
+  if (slurm) {
+    argc = static_cast<int>(own_arguments.size());
+    own_arguments.push_back(nullptr);
+    argv = own_arguments.data();
+  }
   CLI::App app{"Runs a file of tasks over a pool of GPUs: each task starts as soon as a GPU is free."};
   app.footer(kTaskFileHelp);
   std::string task_file;
@@ -219,6 +244,23 @@ int main(int argc, char** argv) {
   status->add_option("--interval", watch_interval, "Seconds between redraws with --watch")
       ->capture_default_str()
       ->check(CLI::Range(0.1, 3600.0));
+  auto* cancel = app.add_subcommand("cancel", "A --slurm run: cancel its tasks still queued or running");
+  std::string cancel_dir = "multigpu-logs";
+  cancel->add_option("log-dir", cancel_dir, "The run's --log-dir")->capture_default_str();
+  auto* slurm_task = app.add_subcommand("slurm-task", "")->group("");  // what each array task runs
+  std::string slurm_task_dir;
+  std::string slurm_task_offset;
+  slurm_task->add_option("log-dir", slurm_task_dir)->required();
+  slurm_task->add_option("offset", slurm_task_offset)->required();
+  int throttle = 0;
+  bool no_follow = false;
+  app.add_option("--throttle", throttle, "With --slurm: at most N tasks of each array at once (sbatch --array=...%N)")
+      ->check(CLI::Range(1, 1000000));
+  double poll_seconds = 10;
+  app.add_option("--poll", poll_seconds, "With --slurm: seconds between looks at squeue while following")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
+  app.add_flag("--no-follow", no_follow, "With --slurm: submit and return (see the run with `multigpu-run status`)");
   app.add_option("--gpus", options.devices, "Device pool: 0,1,2,3 | auto | all | cpu")->capture_default_str();
   std::string max_per_gpu = "1";
   std::string memory_margin = "1G";
@@ -271,12 +313,15 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
+  if (slurm_task->parsed()) return multigpu::slurm::run_task(slurm_task_dir, slurm_task_offset);
+  if (cancel->parsed()) return multigpu::slurm::cancel(cancel_dir);
   if (status->parsed()) {
     // `multigpu-run --log-dir DIR status`: the main command's folder, unless status names one.
     if (status->get_option("log-dir")->count() == 0 && app.get_option("--log-dir")->count() > 0) {
       status_dir = options.log_dir;
     }
     try {
+      if (multigpu::slurm::is_submission(status_dir)) return multigpu::slurm::print_status(status_dir);
       return show_status(status_dir, status_summary, watch, watch_interval);
     } catch (const std::exception& e) {
       fmt::print(stderr, "multigpu-run status: {}\n", e.what());
@@ -343,8 +388,45 @@ int main(int argc, char** argv) {
   // run on a write: SIGHUP stops it the orderly way instead.
   std::signal(SIGPIPE, SIG_IGN);
 
+  if (!slurm && (throttle > 0 || no_follow || app.get_option("--poll")->count() > 0)) {
+    fmt::print(stderr, "multigpu-run: --throttle, --poll and --no-follow are for --slurm, which was not given\n");
+    return 2;
+  }
+  if (slurm) {  // the local pool's options, which Slurm's placement would silently ignore
+    for (const char* name : {"--max-per-gpu", "--memory-margin", "--memory-threshold", "--busy-wait-limit",
+                             "--grace-period", "--fail-fast", "--summary"}) {
+      if (app.get_option(name)->count() > 0) {
+        fmt::print(stderr, "multigpu-run: {} is for a run on this machine's GPUs, not for --slurm (Slurm places the "
+                           "tasks; the summary is LOG_DIR/summary.json)\n", name);
+        return 2;
+      }
+    }
+    if (app.get_option("--gpus")->count() > 0 && options.devices != "cpu") {
+      fmt::print(stderr, "multigpu-run: --gpus {} chooses this machine's GPUs; with --slurm, Slurm gives each task "
+                         "its GPUs ([gpus=N] in the task file, --gpus-per-task N): give no --gpus, or --gpus cpu for "
+                         "tasks without GPUs\n", options.devices);
+      return 2;
+    }
+  }
   try {
     const auto tasks = multigpu::read_task_file(task_file, gpus_per_task, max_tasks);
+    if (slurm) {
+      multigpu::slurm::SubmitOptions submit;
+      submit.sbatch = sbatch_options;
+      submit.log_dir = options.log_dir;
+      submit.retries = options.retries;
+      submit.cpu_only = options.devices == "cpu";
+      submit.force = options.force;
+      submit.force_tasks = options.force_tasks;
+      submit.throttle = throttle;
+      submit.follow = !no_follow;
+      submit.dry_run = dry_run;
+      submit.poll_seconds = poll_seconds;
+      submit.quiet = quiet;
+      return multigpu::slurm::submit(tasks, task_file, submit);
+    }
+    // A local run in a folder that held a --slurm submission: `status` shows this run.
+    multigpu::slurm::forget_submission(options.log_dir);
     multigpu::Scheduler scheduler(options);
     std::string pool;
     for (const auto& device : scheduler.pool()) pool += (pool.empty() ? "" : ", ") + (device.is_cpu() ? std::string("cpu") : device.label());

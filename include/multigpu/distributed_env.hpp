@@ -11,7 +11,8 @@
 ///   one per machine NODE_RANK, NNODES (with RANK/WORLD_SIZE absent: one
 ///                   process per machine, each driving all its devices)
 ///   SLURM (srun)    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID,
-///                   SLURM_NNODES, SLURM_NTASKS_PER_NODE
+///                   SLURM_NNODES, SLURM_NTASKS_PER_NODE (only when
+///                   SLURM_NTASKS is set: an sbatch script is one process)
 ///   Open MPI        OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
 ///                   OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE
 /// and, for every launcher with more than one process, MASTER_ADDR and
@@ -147,6 +148,14 @@ inline std::string show(const EnvInt& setting) { return fmt::format("{}={}", set
 
 }  // namespace detail
 
+// Note [A Slurm batch script is one process]
+// sbatch without --ntasks runs its script with SLURM_PROCID, SLURM_LOCALID
+// and SLURM_NODEID set but no SLURM_NTASKS; only srun (or sbatch --ntasks)
+// sets SLURM_NTASKS. Such a script, and every program it starts without srun
+// (multigpu-run --slurm's tasks, mpirun's processes), is one process of its
+// own, not half a launch: Slurm's variables count only with SLURM_NTASKS, as
+// Lightning's SLURMEnvironment is used only when SLURM_NTASKS is set.
+
 /// Reads this process's place in the job from `lookup` (the process
 /// environment by default), with `options` overriding single values. Without
 /// any launcher variable: a single process. Throws DistributedError naming
@@ -196,7 +205,7 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
     chosen = torchrun;
   } else if (any_set(nodes)) {
     chosen = nodes;
-  } else if (any_set(slurm)) {
+  } else if (slurm.world_size.value) {  // See Note [A Slurm batch script is one process]
     chosen = slurm;
   } else if (any_set(openmpi)) {
     chosen = openmpi;
