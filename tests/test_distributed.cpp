@@ -153,7 +153,7 @@ TEST_SUITE("distributed environment") {
 
   TEST_CASE("SLURM's and Open MPI's variables, and explicit values over them") {
     const auto slurm = read_distributed_env(
-        {}, fake_env({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+        {}, fake_env({{"SLURM_STEP_ID", "0"}, {"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
                       {"SLURM_NTASKS_PER_NODE", "4(x2)"}, {"SLURM_NODEID", "1"}, {"SLURM_NNODES", "2"},
                       {"MASTER_ADDR", "node1"}, {"MASTER_PORT", "29400"}}));
     CHECK(slurm.launcher == "slurm");
@@ -186,6 +186,25 @@ TEST_SUITE("distributed environment") {
                       {"OMPI_COMM_WORLD_SIZE", "2"}, {"MASTER_ADDR", "a"}, {"MASTER_PORT", "1"}}));
     CHECK(mpi.launcher == "openmpi");
     CHECK(mpi.rank == 1);
+    CHECK(script.note.empty());
+  }
+
+  TEST_CASE("an sbatch --ntasks script or an salloc shell (SLURM_NTASKS without SLURM_STEP_ID) runs alone and says so") {
+    const auto script = read_distributed_env(
+        {}, fake_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "0"}, {"SLURM_NODEID", "0"}}));
+    CHECK(script.launcher == "none");
+    CHECK(script.world_size == 1);
+    CHECK(script.note ==
+          "SLURM_NTASKS=4 is set, but this process is no srun step (SLURM_STEP_ID is unset: a batch script or an "
+          "salloc shell), so it runs as a single process; start it with srun to run 4 processes");
+    const auto step = read_distributed_env(
+        {}, fake_env({{"SLURM_STEPID", "2"}, {"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "4"}, {"MASTER_ADDR", "a"},
+                      {"MASTER_PORT", "1"}}));
+    CHECK(step.launcher == "slurm");
+    CHECK(step.rank == 3);
+    CHECK(step.note.empty());
+    const auto one = read_distributed_env({}, fake_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}}));
+    CHECK(one.note.empty());
   }
 
   TEST_CASE("a missing or inconsistent variable is an error naming it") {
@@ -207,7 +226,7 @@ TEST_SUITE("distributed environment") {
     CHECK(contains(env_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}}), "MASTER_PORT is not set"));
     CHECK(env_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}) ==
           "MASTER_PORT=70000 is not a TCP port; valid ports are 1..65535");
-    CHECK(env_error({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}}) ==
+    CHECK(env_error({{"SLURM_STEP_ID", "0"}, {"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "4"}}) ==
           "SLURM_PROCID=4 is out of range for SLURM_NTASKS=4: valid ranks are 0..3");
   }
 }

@@ -11,8 +11,9 @@
 ///   one per machine NODE_RANK, NNODES (with RANK/WORLD_SIZE absent: one
 ///                   process per machine, each driving all its devices)
 ///   SLURM (srun)    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID,
-///                   SLURM_NNODES, SLURM_NTASKS_PER_NODE (only when
-///                   SLURM_NTASKS is set: an sbatch script is one process)
+///                   SLURM_NNODES, SLURM_NTASKS_PER_NODE (only in an
+///                   srun step, with SLURM_STEP_ID: a batch script is one
+///                   process)
 ///   Open MPI        OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
 ///                   OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE
 /// and, for every launcher with more than one process, MASTER_ADDR and
@@ -74,6 +75,9 @@ struct DistributedEnv {
   std::string world_size_source = "world size";
   /// Where master_addr came from, for messages: "MASTER_ADDR" or "DistributedOptions::master_addr".
   std::string master_addr_source = "MASTER_ADDR";
+  /// Something the user may not expect about how the place was read (empty
+  /// when nothing): e.g. a Slurm batch script with --ntasks running alone.
+  std::string note;
 
   /// Whether the job has more than one process.
   bool distributed() const { return world_size > 1; }
@@ -149,12 +153,19 @@ inline std::string show(const EnvInt& setting) { return fmt::format("{}={}", set
 }  // namespace detail
 
 // Note [A Slurm batch script is one process]
-// sbatch without --ntasks runs its script with SLURM_PROCID, SLURM_LOCALID
-// and SLURM_NODEID set but no SLURM_NTASKS; only srun (or sbatch --ntasks)
-// sets SLURM_NTASKS. Such a script, and every program it starts without srun
-// (multigpu-run --slurm's tasks, mpirun's processes), is one process of its
-// own, not half a launch: Slurm's variables count only with SLURM_NTASKS, as
-// Lightning's SLURMEnvironment is used only when SLURM_NTASKS is set.
+// Slurm's variables describe this process only inside a job step, that is
+// under srun, which always sets SLURM_STEP_ID. The batch script of sbatch
+// (and the shell of salloc) is no step: it has SLURM_PROCID, SLURM_LOCALID
+// and SLURM_NODEID, and with --ntasks N also SLURM_NTASKS=N, all of them
+// describing the allocation, yet it is one process, and so is every
+// program it starts without srun (multigpu-run --slurm's tasks, mpirun's
+// processes). Reading rank 0 of N there would wait for N-1 processes that
+// never come. So Slurm's variables count only with SLURM_STEP_ID (or its
+// old spelling SLURM_STEPID); Lightning's SLURMEnvironment asks for
+// SLURM_NTASKS, which the batch script of sbatch --ntasks has too. Where
+// SLURM_NTASKS says more than one, the process runs alone and says so
+// (DistributedEnv::note), naming srun, since running alone may not be
+// what was meant.
 
 /// Reads this process's place in the job from `lookup` (the process
 /// environment by default), with `options` overriding single values. Without
@@ -205,8 +216,8 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
     chosen = torchrun;
   } else if (any_set(nodes)) {
     chosen = nodes;
-  } else if (slurm.world_size.value) {  // See Note [A Slurm batch script is one process]
-    chosen = slurm;
+  } else if (slurm.world_size.value && (lookup("SLURM_STEP_ID") || lookup("SLURM_STEPID"))) {
+    chosen = slurm;  // See Note [A Slurm batch script is one process]
   } else if (any_set(openmpi)) {
     chosen = openmpi;
   }
@@ -221,6 +232,11 @@ inline DistributedEnv read_distributed_env(const DistributedOptions& options = {
 
   DistributedEnv env;
   env.launcher = chosen.name;
+  if (env.launcher == "none" && slurm.world_size.value && *slurm.world_size.value > 1) {
+    env.note = fmt::format("{} is set, but this process is no srun step (SLURM_STEP_ID is unset: a batch script or an "
+                           "salloc shell), so it runs as a single process; start it with srun to run {} processes",
+                           detail::show(slurm.world_size), *slurm.world_size.value);
+  }
   if (!chosen.rank.value && !chosen.world_size.value) {
     if (chosen.local_rank.value || chosen.local_world_size.value) {
       const EnvInt& set = chosen.local_rank.value ? chosen.local_rank : chosen.local_world_size;

@@ -88,8 +88,9 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   /// the variable, the address or the ranks missing.
   static std::shared_ptr<ProcessGroup> from_environment(const DistributedOptions& options = {},
                                                         const EnvLookup& lookup = process_environment()) {
-    return std::shared_ptr<ProcessGroup>(
-        new ProcessGroup(read_distributed_env(options, lookup), options.timeout, options.trace_size));
+    const DistributedEnv env = read_distributed_env(options, lookup);
+    if (!env.note.empty()) fmt::print(stderr, "multigpu: {}\n", env.note);
+    return std::shared_ptr<ProcessGroup>(new ProcessGroup(env, options.timeout, options.trace_size));
   }
   /// The same from an already read environment.
   static std::shared_ptr<ProcessGroup> create(const DistributedEnv& env,
