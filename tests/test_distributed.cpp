@@ -27,6 +27,7 @@
 #include "multigpu/distributed.hpp"
 
 #include "distributed/recipe.hpp"
+#include "net_namespaces.hpp"
 #include "tiny_file_system.hpp"
 
 using multigpu::DistributedOptions;
@@ -923,6 +924,25 @@ TEST_SUITE("distributed rendezvous") {
       std::remove(scratch("world1").c_str());
       std::remove(scratch("worldlog1").c_str());
     }
+  }
+}
+
+TEST_SUITE("distributed over a network of namespaces") {
+  TEST_CASE("the namespaces, their links and their processes are gone when the helper is, also after a throw") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    std::string bridge;
+    pid_t sleeper = 0;
+    CHECK_THROWS_AS(([&] {
+                      multigpu_test::NetNamespaces net(2);
+                      bridge = net.bridge();
+                      sleeper = net.start(1, "sleep 600", multigpu::detail::environment_with({}), "/dev/null").pid();
+                      CHECK(multigpu_test::run_command("ip netns list").output.find(net.host(1)) != std::string::npos);
+                      throw std::runtime_error("a failing test");
+                    }()),
+                    std::runtime_error);
+    const std::string left = multigpu_test::run_command("ip netns list").output;
+    CHECK(left.find(bridge.substr(0, bridge.size() - 2)) == std::string::npos);
+    CHECK(::kill(sleeper, 0) != 0);  // killed and reaped
   }
 }
 
