@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -284,17 +285,26 @@ std::string worker_tsan_options() {
   return fmt::format("{}:report_bugs=0", options);
 }
 
+/// The environment of rank `rank` of `world` (torchrun's variables) meeting
+/// at `master_addr`:`port`, with `extra` variables.
+std::vector<std::string> rank_environment(int rank, int world, const std::string& master_addr, int port,
+                                          std::vector<std::pair<std::string, std::string>> extra = {}) {
+  std::vector<std::pair<std::string, std::string>> values{{"RANK", std::to_string(rank)},
+                                                          {"WORLD_SIZE", std::to_string(world)},
+                                                          {"LOCAL_RANK", std::to_string(rank)},
+                                                          {"LOCAL_WORLD_SIZE", std::to_string(world)},
+                                                          {"MASTER_ADDR", master_addr},
+                                                          {"MASTER_PORT", std::to_string(port)},
+                                                          {"OMP_NUM_THREADS", "1"},
+                                                          {"TSAN_OPTIONS", worker_tsan_options()}};
+  values.insert(values.end(), extra.begin(), extra.end());
+  return multigpu::detail::environment_with(values);
+}
+
 /// Starts the worker as rank `rank` of `world` (torchrun's variables) with `arguments`.
 std::unique_ptr<multigpu::detail::ChildProcess> start_rank(int rank, int world, int port, const std::string& arguments,
                                                            const std::string& log) {
-  const auto environment = multigpu::detail::environment_with({{"RANK", std::to_string(rank)},
-                                                               {"WORLD_SIZE", std::to_string(world)},
-                                                               {"LOCAL_RANK", std::to_string(rank)},
-                                                               {"LOCAL_WORLD_SIZE", std::to_string(world)},
-                                                               {"MASTER_ADDR", "127.0.0.1"},
-                                                               {"MASTER_PORT", std::to_string(port)},
-                                                               {"OMP_NUM_THREADS", "1"},
-                                                               {"TSAN_OPTIONS", worker_tsan_options()}});
+  const auto environment = rank_environment(rank, world, "127.0.0.1", port);
   std::remove(log.c_str());
   return std::make_unique<multigpu::detail::ChildProcess>(
       fmt::format("exec '{}' {}", multigpu_test::distributed_worker(), arguments), environment, log);
@@ -927,7 +937,129 @@ TEST_SUITE("distributed rendezvous") {
   }
 }
 
+TEST_SUITE("distributed network interface") {
+  TEST_CASE("without GLOO_SOCKET_IFNAME Gloo listens on the address that reaches MASTER_ADDR, and says so") {
+    const auto env = read_distributed_env({}, fake_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+                                                        {"MASTER_PORT", "29500"}}));
+    const auto master = multigpu::detail::resolve_master(env);
+    const auto choice = multigpu::detail::choose_network(env, master.get(), nullptr, nullptr);
+    CHECK(choice.address == "127.0.0.1");
+    CHECK(choice.interfaces.empty());
+    CHECK(choice.description == "rank 1: Gloo uses 127.0.0.1 on lo (the address this host reaches MASTER_ADDR=127.0.0.1 "
+                                "from; GLOO_SOCKET_IFNAME chooses another)");
+    // An empty GLOO_SOCKET_IFNAME is no choice; NCCL_SOCKET_IFNAME is passed through, and said.
+    CHECK(multigpu::detail::choose_network(env, master.get(), "", "ib0").description ==
+          "rank 1: Gloo uses 127.0.0.1 on lo (the address this host reaches MASTER_ADDR=127.0.0.1 from; "
+          "GLOO_SOCKET_IFNAME chooses another); NCCL_SOCKET_IFNAME=ib0 for NCCL");
+  }
+
+  TEST_CASE("GLOO_SOCKET_IFNAME: its interfaces and nothing else, and one that does not exist is named") {
+    const auto env = read_distributed_env({}, fake_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+                                                        {"MASTER_PORT", "29500"}}));
+    const auto master = multigpu::detail::resolve_master(env);
+    const auto choice = multigpu::detail::choose_network(env, master.get(), "lo,lo", nullptr);
+    CHECK(choice.interfaces == std::vector<std::string>{"lo", "lo"});
+    CHECK(choice.description == "rank 0: Gloo uses interface lo, lo (GLOO_SOCKET_IFNAME)");
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::DistributedError, multigpu::detail::choose_network(env, master.get(), "lo,nosuch0", nullptr));
+    CHECK(contains(message, "rank 0: GLOO_SOCKET_IFNAME='lo,nosuch0' names an interface this host does not have "
+                            "('nosuch0'); its interfaces are lo (127.0.0.1)"));
+    CHECK(contains(message, "or unset it to use the one that reaches MASTER_ADDR=127.0.0.1"));
+  }
+}
+
+/// The port every namespaced job meets on: each host is a namespace of its own, where nothing else listens.
+constexpr int kNamespacedPort = 29500;
+
+/// Runs the worker as `world` processes, rank k on host k of `net` (rank 0,
+/// the master, on host 0: MASTER_ADDR is another host's address for every
+/// other rank), with `extra` variables; like run_job otherwise.
+std::vector<multigpu::detail::ProcessExit> run_job_on_hosts(
+    multigpu_test::NetNamespaces& net, const std::string& name, int world, const std::string& arguments,
+    const std::vector<std::pair<std::string, std::string>>& extra = {}, int timeout_ms = 60000,
+    std::chrono::seconds limit = std::chrono::seconds(120)) {
+  std::vector<multigpu::detail::ChildProcess*> ranks;
+  for (int rank = 0; rank < world; ++rank) {
+    const std::string log = scratch(fmt::format("{}log{}", name, rank));
+    std::remove(log.c_str());
+    ranks.push_back(&net.start(rank,
+                               fmt::format("'{}' {} --out {} --timeout-ms {}", multigpu_test::distributed_worker(),
+                                           arguments, scratch(fmt::format("{}{}", name, rank)), timeout_ms),
+                               rank_environment(rank, world, multigpu_test::NetNamespaces::address(0),
+                                                kNamespacedPort, extra),
+                               log));
+  }
+  std::vector<multigpu::detail::ProcessExit> exits;
+  for (auto* rank : ranks) exits.push_back(finish(*rank, limit));
+  return exits;
+}
+
+/// Removes the files of the `world`-process job `name`.
+void remove_files_of(const std::string& name, int world) {
+  for (int rank = 0; rank < world; ++rank) {
+    std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+    std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+  }
+}
+
+/// Trains the recipe as `world` processes x `replicas` replicas over
+/// loopback, then on `world` namespaced hosts with `extra` variables, and
+/// checks that every rank ends bit for bit alike, and that each rank said
+/// which interface Gloo uses (`said(rank)`, in its output).
+void check_hosts_train_like_loopback(int world, int replicas,
+                                     const std::vector<std::pair<std::string, std::string>>& extra,
+                                     const std::function<std::string(int)>& said) {
+  multigpu_test::NetNamespaces net(world);
+  const std::string arguments = fmt::format("--replicas {} --steps 3", replicas);
+  const std::string loop = fmt::format("loop{}", world);
+  const std::string hosts = fmt::format("hosts{}", world);
+  const auto looped = run_job(loop, world, arguments);
+  const auto start = std::chrono::steady_clock::now();
+  const auto networked = run_job_on_hosts(net, hosts, world, arguments, extra);
+  MESSAGE(world, " namespaced hosts trained 3 steps in ",
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s");
+  for (int rank = 0; rank < world; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    const std::string log = read_text(scratch(fmt::format("{}log{}", hosts, rank)));
+    INFO("rank ", rank, " over loopback: ", looped[k].describe(), "\n",
+         read_text(scratch(fmt::format("{}log{}", loop, rank))), "\non host ", net.host(rank), ": ",
+         networked[k].describe(), "\n", log);
+    REQUIRE(looped[k].success());
+    REQUIRE(networked[k].success());
+    CHECK(contains(log, said(rank)));
+    CHECK(torch::equal(parameters_of(hosts, rank), parameters_of(loop, rank)));
+  }
+  remove_files_of(loop, world);
+  remove_files_of(hosts, world);
+}
+
 TEST_SUITE("distributed over a network of namespaces") {
+  TEST_CASE("2 hosts train bit for bit as 2 processes over loopback, each choosing the interface that reaches the master") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(2, 2, {{"GLOO_SOCKET_IFNAME", ""}}, [](int rank) {
+      return fmt::format("multigpu: rank {0}: Gloo uses 198.51.100.{1} on wire (the address this host reaches "
+                         "MASTER_ADDR=198.51.100.1 from; GLOO_SOCKET_IFNAME chooses another)",
+                         rank, rank + 1);
+    });
+  }
+
+  TEST_CASE("3 hosts train bit for bit as 3 processes over loopback") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(3, 1, {{"GLOO_SOCKET_IFNAME", ""}}, [](int rank) {
+      return fmt::format("multigpu: rank {}: Gloo uses 198.51.100.{} on wire", rank, rank + 1);
+    });
+  }
+
+  TEST_CASE("GLOO_SOCKET_IFNAME is honoured and NCCL_SOCKET_IFNAME passed through: 2 hosts train as over loopback") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(2, 1, {{"GLOO_SOCKET_IFNAME", "wire"}, {"NCCL_SOCKET_IFNAME", "wire"}},
+                                    [](int rank) {
+                                      return fmt::format("multigpu: rank {}: Gloo uses interface wire "
+                                                         "(GLOO_SOCKET_IFNAME); NCCL_SOCKET_IFNAME=wire for NCCL",
+                                                         rank);
+                                    });
+  }
+
   TEST_CASE("the namespaces, their links and their processes are gone when the helper is, also after a throw") {
     MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
     std::string bridge;

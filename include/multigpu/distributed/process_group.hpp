@@ -257,21 +257,27 @@ inline void ProcessGroup::connect() {
   }
 
   auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout_);
+  // See Note [Choosing the network interface].
+  const detail::NetworkChoice network = detail::choose_network(env_, addresses.get(), std::getenv("GLOO_SOCKET_IFNAME"),
+                                                               std::getenv("NCCL_SOCKET_IFNAME"));
+  log(LogLevel::kInfo, network.description);
   try {
-    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    } else if (detail::is_loopback(env_.master_addr)) {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    } else {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    for (const auto& name : network.interfaces) {
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+    }
+    if (network.interfaces.empty()) {
+      gloo_options->devices.push_back(network.address.empty()
+                                          ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                          : c10d::ProcessGroupGloo::createDeviceForHostname(network.address));
     }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("multigpu/gloo", store_);
     gloo_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env_.rank, env_.world_size, gloo_options);
   } catch (...) {
-    throw DistributedError(fmt::format("rank {}: the Gloo process group could not connect the {} processes: {}. "
-                                       "On machines with several networks set GLOO_SOCKET_IFNAME to the interface "
-                                       "that reaches the others",
-                                       env_.rank, env_.world_size, detail::current_error()));
+    throw DistributedError(fmt::format("rank {}: the Gloo process group could not connect the {} processes: {} ({}). "
+                                       "Set GLOO_SOCKET_IFNAME to the interface that reaches the others; this "
+                                       "host's are {}",
+                                       env_.rank, env_.world_size, detail::current_error(), network.description,
+                                       detail::interfaces_here()));
   }
   start_heartbeat();
 }
