@@ -1078,6 +1078,171 @@ TEST_SUITE("distributed over a network of namespaces") {
   }
 }
 
+/// A fault on 2 namespaced hosts: when each rank ended, after the fault, and what it said.
+struct NetworkFault {
+  std::vector<multigpu::detail::ProcessExit> exits;
+  std::vector<std::string> reports;  // each rank's --out ("failed after S s: message")
+  std::vector<std::string> logs;
+  std::vector<double> seconds;       // from the fault to the rank's end
+};
+
+/// Starts rank k of 2 on host k of `net` with `arguments` (rank 1 with
+/// `--mark`: it marks the step the fault lands in) and a time-out of
+/// `timeout_ms`, applies `fault` once rank 1 marked it (at once when
+/// `arguments` has no --mark-at-step), and waits for each rank to end
+/// (`continue_after` is called once rank 0 has, with the ranks, to let a
+/// stopped peer go on). `first`: the first rank started (1: rank 0, the
+/// master, never comes up).
+NetworkFault run_fault_on_hosts(
+    multigpu_test::NetNamespaces& net, const std::string& name, const std::string& arguments, int timeout_ms,
+    const std::function<void(std::vector<multigpu::detail::ChildProcess*>&)>& fault,
+    const std::function<void(std::vector<multigpu::detail::ChildProcess*>&)>& continue_after = {}, int first = 0) {
+  const std::string mark = scratch(name + "mark");
+  std::remove(mark.c_str());
+  std::vector<multigpu::detail::ChildProcess*> ranks(2, nullptr);
+  for (int rank = first; rank < 2; ++rank) {
+    const std::string log = scratch(fmt::format("{}log{}", name, rank));
+    std::remove(log.c_str());
+    ranks[static_cast<std::size_t>(rank)] = &net.start(
+        rank,
+        fmt::format("'{}' {} --mark {} --out {} --timeout-ms {}", multigpu_test::distributed_worker(), arguments, mark,
+                    scratch(fmt::format("{}{}", name, rank)), timeout_ms),
+        rank_environment(rank, 2, multigpu_test::NetNamespaces::address(0), kNamespacedPort), log);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  if (contains(arguments, "--mark-at-step")) {
+    while (!std::filesystem::exists(mark) && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  const auto fault_time = std::chrono::steady_clock::now();
+  fault(ranks);
+  NetworkFault result;
+  result.exits.resize(2);
+  result.seconds.assign(2, -1);
+  bool continued = !continue_after;
+  for (bool running = true; running && std::chrono::steady_clock::now() < deadline;) {
+    running = false;
+    for (std::size_t k = 0; k < 2; ++k) {
+      if (ranks[k] == nullptr || result.seconds[k] >= 0) continue;
+      if (ranks[k]->poll()) {
+        result.seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - fault_time).count();
+      } else {
+        running = true;
+      }
+    }
+    if (!continued && (ranks[0] == nullptr || result.seconds[0] >= 0)) {
+      continue_after(ranks);
+      continued = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    if (ranks[k] != nullptr) {
+      if (!ranks[k]->poll()) ranks[k]->kill_group(SIGKILL);
+      result.exits[k] = ranks[k]->wait_blocking();
+    }
+    result.reports.push_back(read_text(scratch(fmt::format("{}{}", name, rank))));
+    result.logs.push_back(read_text(scratch(fmt::format("{}log{}", name, rank))));
+    if (ranks[k] != nullptr) {
+      MESSAGE(name, ": rank ", rank, " ended ", result.seconds[k], " s after the fault (time-out ", timeout_ms / 1000.0,
+              " s): ", result.reports[k]);
+    }
+  }
+  remove_files_of(name, 2);
+  std::remove(mark.c_str());
+  return result;
+}
+
+/// Checks that rank `rank` of `fault` failed with a DistributedError
+/// (exit 2) containing each of `said`, within `limit` seconds of the fault.
+void check_named(const NetworkFault& fault, int rank, const std::vector<std::string>& said, double limit) {
+  const auto k = static_cast<std::size_t>(rank);
+  INFO("rank ", rank, ": ", fault.exits[k].describe(), "\n", fault.reports[k], "\n", fault.logs[k]);
+  CHECK(fault.exits[k].exit_code == 2);
+  for (const auto& text : said) CHECK(contains(fault.reports[k], text));
+  CHECK(fault.seconds[k] >= 0);
+  CHECK(fault.seconds[k] < limit);
+}
+
+constexpr int kFaultTimeoutMs = 3000;
+const std::string kMidStep = "--replicas 1 --steps 8 --mark-at-step 2 --fault-rank 1";
+
+TEST_SUITE("faults on a network of namespaces") {
+  TEST_CASE("a link cut mid-step: both ranks name the other, host and rank, and the collective, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "cut", kMidStep, kFaultTimeoutMs,
+                                          [&](auto&) { net.set_link(1, false); });
+    // Rank 1 waits out the time-out, then for the store it cannot reach (Note [Rendezvous failures]).
+    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    check_named(fault, 1, {"all-reduce of 178 Float values", "rank 0 (198.51.100.1 on ", "did not answer within"}, 15);
+  }
+
+  TEST_CASE("a peer SIGKILLed mid-step: the other names it, host and rank, and the collective") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "killed", kMidStep, kFaultTimeoutMs,
+                                          [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGKILL); });
+    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 10);
+  }
+
+  TEST_CASE("a peer SIGSTOPped mid-step: the other names it after the time-out, and it names the other once it goes on") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(
+        net, "stopped", kMidStep, kFaultTimeoutMs, [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGSTOP); },
+        [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGCONT); });
+    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    check_named(fault, 1, {"all-reduce of 178 Float values", "rank 0 (198.51.100.1 on "}, 20);
+  }
+
+  TEST_CASE("a partition during the rendezvous: each rank names whom it could not reach, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    net.set_link(1, false);
+    const auto fault = run_fault_on_hosts(net, "partition", "--replicas 1 --steps 2", kFaultTimeoutMs, [](auto&) {});
+    check_named(fault, 0, {"missing rank 1"}, 12);
+    check_named(fault, 1, {"rank 0 at 198.51.100.1:29500"}, 12);
+  }
+
+  TEST_CASE("a master that never comes up: the rank names rank 0 and its address, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "nomaster", "--replicas 1 --steps 2", kFaultTimeoutMs, [](auto&) {},
+                                          {}, /*first=*/1);
+    check_named(fault, 1, {"rank 0 at 198.51.100.1:29500"}, 12);
+  }
+
+  TEST_CASE("a slow link (netem: 200 ms delay, 5% loss) still trains, bit for bit") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto netem = multigpu_test::run_command(
+        fmt::format("tc -n {} qdisc add dev {} root netem delay 200ms loss 5%", net.bridge(),
+                    multigpu_test::NetNamespaces::port(1)));
+    if (netem.status != 0) {
+      MESSAGE("skipped: tc netem is not available here: " << netem.output);
+      std::cout << "multigpu test skipped: tc netem is not available here: " << netem.output << std::endl;
+      return;
+    }
+    const auto looped = run_job("slowloop", 2, "--replicas 1 --steps 3");
+    const auto start = std::chrono::steady_clock::now();
+    const auto slow = run_job_on_hosts(net, "slow", 2, "--replicas 1 --steps 3", {}, 5000);
+    MESSAGE("2 hosts on a slow link trained 3 steps in ",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s");
+    for (int rank = 0; rank < 2; ++rank) {
+      const auto k = static_cast<std::size_t>(rank);
+      INFO("rank ", rank, ": ", slow[k].describe(), "\n", read_text(scratch(fmt::format("slowlog{}", rank))));
+      REQUIRE(looped[k].success());
+      REQUIRE(slow[k].success());
+      CHECK(torch::equal(parameters_of("slow", rank), parameters_of("slowloop", rank)));
+    }
+    remove_files_of("slowloop", 2);
+    remove_files_of("slow", 2);
+  }
+}
+
 #if MULTIGPU_WITH_CUDA
 TEST_SUITE("CUDA") {
   // Two processes on one GPU: NCCL refuses two ranks on one GPU, so the

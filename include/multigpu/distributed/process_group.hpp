@@ -114,15 +114,15 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout);
   inline void connect();
   /// Checks in at the store and waits for the others (see Note [Rendezvous failures]).
-  inline void meet(const std::string& where);
+  inline void meet(const std::string& where, const std::string& record);
   inline void start_heartbeat();
   inline void stop_heartbeat() noexcept;
   /// Runs a collective under the group's lock, turning failures and
   /// time-outs into a DistributedError that names the silent ranks.
   template <class Fn>
-  void collective(const char* what, Fn&& fn);
+  void collective(const std::string& what, Fn&& fn);
   inline std::string diagnose_peers();
-  inline void check_usable(const char* what) const;
+  inline void check_usable(const std::string& what) const;
   std::chrono::milliseconds heartbeat_interval() const {
     return std::clamp(timeout_ / 4, std::chrono::milliseconds(50), std::chrono::milliseconds(1000));
   }
@@ -139,10 +139,15 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   c10::intrusive_ptr<c10d::TCPStore> heartbeat_store_;  // its own connection, so beats never wait for a collective
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_;
 #endif
-  std::thread heartbeat_;
-  std::mutex heartbeat_mutex_;
-  std::condition_variable heartbeat_cv_;
-  bool heartbeat_stop_ = false;
+  /// The heartbeat thread's state, shared with it: the thread may outlive
+  /// the group when a store operation blocks (see Note [Rendezvous failures]).
+  struct Heartbeat {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool stop = false;
+    bool done = true;  // the thread ended (or never started)
+  };
+  std::shared_ptr<Heartbeat> heartbeat_ = std::make_shared<Heartbeat>();
 };
 
 // ---------------------------------------------------------------------------
@@ -170,16 +175,19 @@ inline ProcessGroup::~ProcessGroup() {
   // Rank 0 serves the store: it stays until every rank has said goodbye (or
   // a short while, when the job already failed), so that no rank loses the
   // store while it still talks to it.
+  const auto limit = broken_.empty() ? std::min(timeout_, std::chrono::milliseconds(30000))
+                                     : std::chrono::milliseconds(1000);
   try {
-    store_->add("multigpu/finished", 1);
-    if (is_primary()) {
-      const auto limit = broken_.empty() ? std::min(timeout_, std::chrono::milliseconds(30000))
-                                         : std::chrono::milliseconds(1000);
-      const auto deadline = std::chrono::steady_clock::now() + limit;
-      while (store_->add("multigpu/finished", 0) < env_.world_size && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
+    detail::finish_within(limit + std::chrono::milliseconds(500),
+                          [store = store_, primary = is_primary(), world = env_.world_size, limit] {
+                            store->add("multigpu/finished", 1);
+                            if (!primary) return;
+                            const auto deadline = std::chrono::steady_clock::now() + limit;
+                            while (store->add("multigpu/finished", 0) < world &&
+                                   std::chrono::steady_clock::now() < deadline) {
+                              std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                            }
+                          });
   } catch (...) {
     // The store is gone (rank 0 ended first): nothing left to say goodbye to.
   }
@@ -195,6 +203,10 @@ inline void ProcessGroup::connect() {
   // See Note [Rendezvous failures].
   const std::string where = fmt::format("{}:{}", env_.master_addr, env_.master_port);
   const detail::AddressList addresses = detail::resolve_master(env_);
+  // See Note [Choosing the network interface].
+  const detail::NetworkChoice network = detail::choose_network(env_, addresses.get(), std::getenv("GLOO_SOCKET_IFNAME"),
+                                                               std::getenv("NCCL_SOCKET_IFNAME"));
+  log(LogLevel::kInfo, network.description);
   detail::ListenerProbe probe;
   if (!is_primary()) {
     probe = detail::probe_listener(addresses.get(), std::min(timeout_, std::chrono::milliseconds(2000)),
@@ -247,7 +259,10 @@ inline void ProcessGroup::connect() {
   if (!heartbeat_store_) throw unreachable("no answer");
 
   try {
-    meet(where);
+    // How the others name this process in their errors: its address, host and pid.
+    meet(where, fmt::format("{} on {}, pid {}",
+                            network.address.empty() ? fmt::format("{}", fmt::join(network.interfaces, ",")) : network.address,
+                            detail::this_host(), ::getpid()));
   } catch (const DistributedError&) {
     throw;
   } catch (...) {
@@ -257,10 +272,6 @@ inline void ProcessGroup::connect() {
   }
 
   auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout_);
-  // See Note [Choosing the network interface].
-  const detail::NetworkChoice network = detail::choose_network(env_, addresses.get(), std::getenv("GLOO_SOCKET_IFNAME"),
-                                                               std::getenv("NCCL_SOCKET_IFNAME"));
-  log(LogLevel::kInfo, network.description);
   try {
     for (const auto& name : network.interfaces) {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
@@ -282,7 +293,7 @@ inline void ProcessGroup::connect() {
   start_heartbeat();
 }
 
-inline void ProcessGroup::meet(const std::string& where) {
+inline void ProcessGroup::meet(const std::string& where, const std::string& record) {
   // See Note [Rendezvous failures].
   const auto bytes = [](const std::string& text) { return std::vector<std::uint8_t>(text.begin(), text.end()); };
   const auto text = [](const std::vector<std::uint8_t>& data) { return std::string(data.begin(), data.end()); };
@@ -322,7 +333,7 @@ inline void ProcessGroup::meet(const std::string& where) {
   std::vector<std::string> keys;
   for (int r = 0; r < env_.world_size; ++r) keys.push_back(fmt::format("multigpu/rank/{}", r));
   if (store_->check({kMismatchKey})) fail_on_mismatch();
-  store_->set(keys[static_cast<std::size_t>(env_.rank)], bytes(me));
+  store_->set(keys[static_cast<std::size_t>(env_.rank)], bytes(record));
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   const auto poll = std::clamp(timeout_ / 50, std::chrono::milliseconds(10), std::chrono::milliseconds(100));
   while (!store_->check(keys)) {
@@ -344,45 +355,62 @@ inline void ProcessGroup::meet(const std::string& where) {
 }
 
 inline void ProcessGroup::start_heartbeat() {
-  heartbeat_ = std::thread([this, interval = heartbeat_interval()] {
-    const std::string key = heartbeat_key(env_.rank);
-    std::unique_lock<std::mutex> lock(heartbeat_mutex_);
-    while (!heartbeat_stop_) {
+  // See Note [Rendezvous failures]: the thread owns what it touches, and is
+  // left behind when a beat blocks on a store that no longer answers.
+  heartbeat_->done = false;
+  std::thread([state = heartbeat_, store = heartbeat_store_, key = heartbeat_key(env_.rank),
+               interval = heartbeat_interval()]() mutable {
+    std::unique_lock<std::mutex> lock(state->mutex);
+    while (!state->stop) {
       lock.unlock();
       try {
-        heartbeat_store_->add(key, 1);
+        store->add(key, 1);
       } catch (...) {
-        return;  // the store is gone: a failing collective will say so (nothing may escape a thread)
+        lock.lock();
+        break;  // the store is gone: a failing collective will say so (nothing may escape a thread)
       }
       lock.lock();
-      heartbeat_cv_.wait_for(lock, interval, [this] { return heartbeat_stop_; });
+      state->cv.wait_for(lock, interval, [&] { return state->stop; });
     }
-  });
+    store.reset();
+    state->done = true;
+    state->cv.notify_all();
+  }).detach();
 }
 
 inline std::string ProcessGroup::diagnose_peers() {
+  // See Note [Rendezvous failures]: the store may not answer at all.
   const auto interval = heartbeat_interval();
-  std::vector<std::int64_t> before(static_cast<std::size_t>(env_.world_size));
+  const auto limit = interval * 4 + std::chrono::milliseconds(1000);
+  auto answer = std::make_shared<std::string>();
+  const std::string store_host = fmt::format("rank 0 ({}), which serves the rendezvous store,", peers_[0]);
   try {
-    for (int r = 0; r < env_.world_size; ++r) before[static_cast<std::size_t>(r)] = store_->add(heartbeat_key(r), 0);
-    std::this_thread::sleep_for(interval * 3);
-    std::vector<std::string> silent;
-    for (int r = 0; r < env_.world_size; ++r) {
-      if (r == env_.rank) continue;
-      if (store_->add(heartbeat_key(r), 0) == before[static_cast<std::size_t>(r)]) {
-        silent.push_back(fmt::format("rank {} ({})", r, peers_[static_cast<std::size_t>(r)]));
+    const bool answered = detail::finish_within(limit, [answer, store = store_, peers = peers_, rank = env_.rank,
+                                                        interval] {
+      const auto key = [](std::size_t r) { return fmt::format("multigpu/heartbeat/{}", r); };
+      std::vector<std::int64_t> before(peers.size());
+      for (std::size_t r = 0; r < peers.size(); ++r) before[r] = store->add(key(r), 0);
+      std::this_thread::sleep_for(interval * 3);
+      std::vector<std::string> silent;
+      for (std::size_t r = 0; r < peers.size(); ++r) {
+        if (static_cast<int>(r) == rank) continue;
+        if (store->add(key(r), 0) == before[r]) silent.push_back(fmt::format("rank {} ({})", r, peers[r]));
       }
-    }
-    if (silent.empty()) return "every other rank is still alive, so one of them is stuck or took another path";
-    return fmt::format("{} stopped responding (exited or killed)", fmt::join(silent, ", "));
+      *answer = silent.empty()
+                    ? "every other rank is still alive, so one of them is stuck or took another path"
+                    : fmt::format("{} stopped responding (exited, killed, stopped, or cut off from the network)",
+                                  fmt::join(silent, ", "));
+    });
+    if (answered) return *answer;
+    return fmt::format("{} did not answer within {} ms (exited, killed, stopped, or cut off from this host)", store_host,
+                       limit.count());
   } catch (...) {
-    return fmt::format("rank 0 ({}), which serves the rendezvous store, is unreachable (exited or killed)",
-                       peers_.empty() ? "" : peers_[0]);
+    return fmt::format("{} is unreachable (exited or killed)", store_host);
   }
 }
 
 template <class Fn>
-void ProcessGroup::collective(const char* what, Fn&& fn) {
+void ProcessGroup::collective(const std::string& what, Fn&& fn) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_usable(what);
   const auto start = std::chrono::steady_clock::now();
@@ -409,7 +437,9 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
            "(LibTorch 2.x sends them as bf16; fp16_compress_hook halves the bytes here)");
     });
   }
-  collective("all-reduce", [&] {
+  collective(fmt::format("all-reduce of {} {} values ({} bytes)", tensor.numel(), c10::toString(tensor.scalar_type()),
+                         tensor.numel() * static_cast<std::int64_t>(tensor.element_size())),
+             [&] {
     std::vector<at::Tensor> tensors{widen ? tensor.to(at::kFloat) : tensor};
     auto work = gloo_->allreduce(tensors, c10d::AllreduceOptions());
     work->wait(timeout_);
@@ -419,7 +449,10 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
 
 inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
   if (!distributed()) return;
-  collective("broadcast", [&] {
+  collective(fmt::format("broadcast from rank {} of {} {} values ({} bytes)", root, tensor.numel(),
+                         c10::toString(tensor.scalar_type()),
+                         tensor.numel() * static_cast<std::int64_t>(tensor.element_size())),
+             [&] {
     std::vector<at::Tensor> tensors{tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
@@ -469,15 +502,15 @@ inline std::vector<std::string> ProcessGroup::agree_on_failures(const std::strin
 }
 
 inline void ProcessGroup::stop_heartbeat() noexcept {
-  {
-    std::lock_guard<std::mutex> lock(heartbeat_mutex_);
-    heartbeat_stop_ = true;
-  }
-  heartbeat_cv_.notify_all();
-  if (heartbeat_.joinable()) heartbeat_.join();
+  // A beat blocked on a store that no longer answers is left behind after a
+  // second (see Note [Rendezvous failures]); otherwise the thread ends at once.
+  std::unique_lock<std::mutex> lock(heartbeat_->mutex);
+  heartbeat_->stop = true;
+  heartbeat_->cv.notify_all();
+  heartbeat_->cv.wait_for(lock, std::chrono::milliseconds(1000), [this] { return heartbeat_->done; });
 }
 
-inline void ProcessGroup::check_usable(const char* what) const {
+inline void ProcessGroup::check_usable(const std::string& what) const {
   if (!broken_.empty()) {
     throw DistributedError(fmt::format("{}: the process group is unusable after an earlier failure ({})", what,
                                        broken_));

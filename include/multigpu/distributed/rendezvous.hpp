@@ -87,6 +87,14 @@ inline std::string current_error() {
 // - Every store operation, in the rendezvous, the heartbeat thread and the
 //   destructor, catches whatever c10d throws: an exception escaping a thread
 //   or a destructor would end the process.
+// - c10d's store client waits for an answer without any time-out outside
+//   wait() and get() (add(), check() and set() block in recv() until TCP
+//   gives up, a quarter of an hour later), so a store whose host is cut off,
+//   or stopped (SIGSTOP), would hang whoever asks. Every store operation
+//   after the rendezvous (the heartbeat, the diagnosis of a failed
+//   collective, the goodbye of the destructor) therefore runs through
+//   finish_within(): on a thread of its own, waited for at most a limit,
+//   and past it left to end when the peer does, owning what it touches.
 
 /// getaddrinfo's answer, freed with it.
 using AddressList = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
@@ -275,6 +283,43 @@ inline NetworkChoice choose_network(const DistributedEnv& env, const addrinfo* m
   return choice;
 }
 
+/// Runs `fn` on a thread of its own and waits for it at most `limit`: true
+/// when it ended in time (what it threw is rethrown here), false past the
+/// limit, the thread then left to end on its own. `fn` must own whatever it
+/// touches (copies, shared pointers): it may outlive the caller. See Note
+/// [Rendezvous failures].
+template <class Fn>
+bool finish_within(std::chrono::milliseconds limit, Fn fn) {
+  struct Attempt {
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    bool done = false;
+    std::exception_ptr error;
+  };
+  auto attempt = std::make_shared<Attempt>();
+  std::thread runner([attempt, fn = std::move(fn)]() mutable {
+    std::exception_ptr error;
+    try {
+      fn();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(attempt->mutex);
+    attempt->error = error;
+    attempt->done = true;
+    attempt->done_cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(attempt->mutex);
+  if (!attempt->done_cv.wait_for(lock, limit, [&] { return attempt->done; })) {
+    runner.detach();
+    return false;
+  }
+  lock.unlock();
+  runner.join();
+  if (attempt->error) std::rethrow_exception(attempt->error);
+  return true;
+}
+
 #if MULTIGPU_WITH_DISTRIBUTED
 
 /// A TCPStore constructed (and, for a client, asked once) on a thread of its own, waited for at most
@@ -283,41 +328,16 @@ inline NetworkChoice choose_network(const DistributedEnv& env, const addrinfo* m
 inline c10::intrusive_ptr<c10d::TCPStore> open_store_within(const std::string& host,
                                                             const c10d::TCPStoreOptions& options,
                                                             std::chrono::milliseconds limit) {
-  struct Attempt {
-    std::mutex mutex;
-    std::condition_variable done_cv;
-    bool done = false;
-    c10::intrusive_ptr<c10d::TCPStore> store;
-    std::exception_ptr error;
-  };
-  auto attempt = std::make_shared<Attempt>();
-  std::thread opener([attempt, host, options] {
-    c10::intrusive_ptr<c10d::TCPStore> store;
-    std::exception_ptr error;
-    try {
-      store = c10::make_intrusive<c10d::TCPStore>(host, options);
-      // One round trip, within the limit too: LibTorch 1.13's constructor
-      // does not speak to the server, so a peer that accepts and never
-      // answers would block the first store call instead, with no time-out.
-      if (!options.isServer) store->check({"multigpu/hello"});
-    } catch (...) {
-      error = std::current_exception();
-    }
-    std::lock_guard<std::mutex> lock(attempt->mutex);
-    attempt->store = std::move(store);
-    attempt->error = error;
-    attempt->done = true;
-    attempt->done_cv.notify_all();
+  auto store = std::make_shared<c10::intrusive_ptr<c10d::TCPStore>>();
+  const bool opened = finish_within(limit, [store, host, options] {
+    *store = c10::make_intrusive<c10d::TCPStore>(host, options);
+    // One round trip, within the limit too: LibTorch 1.13's constructor
+    // does not speak to the server, so a peer that accepts and never
+    // answers would block the first store call instead, with no time-out.
+    if (!options.isServer) (*store)->check({"multigpu/hello"});
   });
-  std::unique_lock<std::mutex> lock(attempt->mutex);
-  if (!attempt->done_cv.wait_for(lock, limit, [&] { return attempt->done; })) {
-    opener.detach();
-    return {};
-  }
-  lock.unlock();
-  opener.join();
-  if (attempt->error) std::rethrow_exception(attempt->error);
-  return std::move(attempt->store);
+  if (!opened) return {};
+  return std::move(*store);
 }
 
 #endif  // MULTIGPU_WITH_DISTRIBUTED
