@@ -150,6 +150,14 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   std::shared_ptr<Heartbeat> heartbeat_ = std::make_shared<Heartbeat>();
 };
 
+namespace detail {
+/// "178 Float values (712 bytes)": what a collective carries, for its errors.
+inline std::string tensor_summary(const at::Tensor& tensor) {
+  return fmt::format("{} {} values ({} bytes)", tensor.numel(), c10::toString(tensor.scalar_type()),
+                     tensor.numel() * static_cast<std::int64_t>(tensor.element_size()));
+}
+}  // namespace detail
+
 // ---------------------------------------------------------------------------
 // Definitions
 
@@ -260,9 +268,9 @@ inline void ProcessGroup::connect() {
 
   try {
     // How the others name this process in their errors: its address, host and pid.
-    meet(where, fmt::format("{} on {}, pid {}",
-                            network.address.empty() ? fmt::format("{}", fmt::join(network.interfaces, ",")) : network.address,
-                            detail::this_host(), ::getpid()));
+    const std::string address =
+        network.address.empty() ? fmt::format("{}", fmt::join(network.interfaces, ",")) : network.address;
+    meet(where, fmt::format("{} on {}, pid {}", address, detail::this_host(), ::getpid()));
   } catch (const DistributedError&) {
     throw;
   } catch (...) {
@@ -405,7 +413,8 @@ inline std::string ProcessGroup::diagnose_peers() {
     return fmt::format("{} did not answer within {} ms (exited, killed, stopped, or cut off from this host)", store_host,
                        limit.count());
   } catch (...) {
-    return fmt::format("{} is unreachable (exited or killed)", store_host);
+    return fmt::format("{} did not answer ({}: exited, killed, stopped, or cut off from this host)", store_host,
+                       detail::current_error());
   }
 }
 
@@ -437,9 +446,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
            "(LibTorch 2.x sends them as bf16; fp16_compress_hook halves the bytes here)");
     });
   }
-  collective(fmt::format("all-reduce of {} {} values ({} bytes)", tensor.numel(), c10::toString(tensor.scalar_type()),
-                         tensor.numel() * static_cast<std::int64_t>(tensor.element_size())),
-             [&] {
+  collective(fmt::format("all-reduce of {}", detail::tensor_summary(tensor)), [&] {
     std::vector<at::Tensor> tensors{widen ? tensor.to(at::kFloat) : tensor};
     auto work = gloo_->allreduce(tensors, c10d::AllreduceOptions());
     work->wait(timeout_);
@@ -449,10 +456,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
 
 inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
   if (!distributed()) return;
-  collective(fmt::format("broadcast from rank {} of {} {} values ({} bytes)", root, tensor.numel(),
-                         c10::toString(tensor.scalar_type()),
-                         tensor.numel() * static_cast<std::int64_t>(tensor.element_size())),
-             [&] {
+  collective(fmt::format("broadcast from rank {} of {}", root, detail::tensor_summary(tensor)), [&] {
     std::vector<at::Tensor> tensors{tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
