@@ -1217,7 +1217,7 @@ TEST_SUITE("faults on a network of namespaces") {
     check_named(fault, 1, {"rank 0 at 198.51.100.1:29500"}, 12);
   }
 
-  TEST_CASE("a slow link (netem: 200 ms delay, 5% loss) still trains, bit for bit") {
+  TEST_CASE("a slow link (netem: 200 ms delay, 5 percent loss) still trains, bit for bit") {
     MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
     multigpu_test::NetNamespaces net(2);
     const auto netem = multigpu_test::run_command(
