@@ -119,8 +119,10 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   inline void stop_heartbeat() noexcept;
   /// Runs a collective under the group's lock, turning failures and
   /// time-outs into a DistributedError that names the silent ranks.
-  template <class Fn>
-  void collective(const std::string& what, Fn&& fn);
+  /// `describe()` says what was in flight; it is called only to report a
+  /// failure, so that no collective pays for formatting its text.
+  template <class Describe, class Fn>
+  void collective(Describe&& describe, Fn&& fn);
   inline std::string diagnose_peers();
   inline void check_usable(const std::string& what) const;
   std::chrono::milliseconds heartbeat_interval() const {
@@ -418,10 +420,10 @@ inline std::string ProcessGroup::diagnose_peers() {
   }
 }
 
-template <class Fn>
-void ProcessGroup::collective(const std::string& what, Fn&& fn) {
+template <class Describe, class Fn>
+void ProcessGroup::collective(Describe&& describe, Fn&& fn) {
   std::lock_guard<std::mutex> lock(mutex_);
-  check_usable(what);
+  if (!broken_.empty()) check_usable(describe());
   const auto start = std::chrono::steady_clock::now();
   try {
     fn();
@@ -429,7 +431,7 @@ void ProcessGroup::collective(const std::string& what, Fn&& fn) {
     const std::string cause = detail::current_error();
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
     broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}", env_.rank,
-                          what, env_.world_size, ms.count(), timeout_.count(), diagnose_peers(), cause);
+                          describe(), env_.world_size, ms.count(), timeout_.count(), diagnose_peers(), cause);
     throw DistributedError(broken_);
   }
 }
@@ -446,7 +448,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
            "(LibTorch 2.x sends them as bf16; fp16_compress_hook halves the bytes here)");
     });
   }
-  collective(fmt::format("all-reduce of {}", detail::tensor_summary(tensor)), [&] {
+  collective([&] { return fmt::format("all-reduce of {}", detail::tensor_summary(tensor)); }, [&] {
     std::vector<at::Tensor> tensors{widen ? tensor.to(at::kFloat) : tensor};
     auto work = gloo_->allreduce(tensors, c10d::AllreduceOptions());
     work->wait(timeout_);
@@ -456,7 +458,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
 
 inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
   if (!distributed()) return;
-  collective(fmt::format("broadcast from rank {} of {}", root, detail::tensor_summary(tensor)), [&] {
+  collective([&] { return fmt::format("broadcast from rank {} of {}", root, detail::tensor_summary(tensor)); }, [&] {
     std::vector<at::Tensor> tensors{tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
@@ -467,13 +469,13 @@ inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
 
 inline void ProcessGroup::barrier() {
   if (!distributed()) return;
-  collective("barrier", [&] { gloo_->barrier(c10d::BarrierOptions())->wait(timeout_); });
+  collective([] { return std::string("barrier"); }, [&] { gloo_->barrier(c10d::BarrierOptions())->wait(timeout_); });
 }
 
 inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string& value) {
   if (!distributed()) return {value};
   std::vector<std::string> out;
-  collective("exchange through the store", [&] {
+  collective([] { return std::string("exchange through the store"); }, [&] {
     const std::int64_t round = rounds_++;
     store_->set(fmt::format("multigpu/gather/{}/{}", round, env_.rank),
                 std::vector<std::uint8_t>(value.begin(), value.end()));
