@@ -94,7 +94,15 @@ inline std::string current_error() {
 //   after the rendezvous (the heartbeat, the diagnosis of a failed
 //   collective, the goodbye of the destructor) therefore runs through
 //   finish_within(): on a thread of its own, waited for at most a limit,
-//   and past it left to end when the peer does, owning what it touches.
+//   and past it left to end when the peer does, owning what it touches
+//   (copies, and shared pointers to the store and to the state it reports
+//   to), so that it never touches the group or the caller's stack. Such
+//   threads are few and bounded per group, never one per collective: two
+//   store openings, the heartbeat, one diagnosis (the group refuses every
+//   collective after its first failure) and one goodbye. One still blocked
+//   when the process exits ends with it (exit() does not wait for detached
+//   threads); only an answer arriving during the exit itself would run it
+//   on, into c10d's error path, while static objects are destroyed.
 
 /// getaddrinfo's answer, freed with it.
 using AddressList = std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)>;
