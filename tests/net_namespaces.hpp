@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <iostream>
@@ -29,11 +31,17 @@ namespace multigpu_test {
 // that every host's wire is plugged into (a veth pair: "wire" in the host,
 // "port<i>" on the bridge). Nothing is made in the machine's own network
 // namespace, and no namespace has a default route: traffic stays between
-// the hosts. Names start with "mg<pid>" (the test's pid), so that tests
-// running at the same time never meet. The destructor kills every process
-// started with start() (by its pid, its process group), then deletes each
-// link and namespace it made, by name, whether the test passed, failed or
-// threw. Needs root and iproute2's `ip`; why_not() says why it cannot run.
+// the hosts. Names start with "multigpu-test-<pid>-" (the test's pid), so
+// that tests running at the same time never meet. The destructor kills every
+// process started with start() (by its pid, its process group), then deletes
+// each link and namespace it made, by name, whether the test passed, failed
+// or threw. A test process that is killed (a CI time-out, SIGKILL) runs no
+// destructor: its processes are ended by their supervisors (ChildProcess
+// ends its command when the test process dies), and its namespaces are
+// removed by the next NetNamespaces made on the machine, which deletes every
+// "multigpu-test-<pid>-" namespace whose pid no longer runs, killing what
+// still runs inside it first. Needs root and iproute2's `ip`; why_not() says
+// why it cannot run.
 
 /// The exit status and output (stdout and stderr together) of a shell command.
 struct CommandResult {
@@ -61,7 +69,7 @@ class NetNamespaces {
   static std::string why_not() {
     if (::geteuid() != 0) return "network namespaces need root";
     if (run_command("command -v ip").status != 0) return "iproute2's `ip` is not installed";
-    const std::string probe = fmt::format("mg{}probe", ::getpid());
+    const std::string probe = fmt::format("{}probe", prefix_of(::getpid()));
     const CommandResult made = run_command(fmt::format("ip netns add {}", probe));
     if (made.status != 0) return "cannot make a network namespace: " + made.output;
     run_command(fmt::format("ip netns del {}", probe));
@@ -70,7 +78,8 @@ class NetNamespaces {
 
   /// Makes `hosts` hosts on one bridge; throws std::runtime_error naming the
   /// command that failed (whatever was made so far is removed).
-  explicit NetNamespaces(int hosts) : prefix_(fmt::format("mg{}", ::getpid())) {
+  explicit NetNamespaces(int hosts) : prefix_(prefix_of(::getpid())) {
+    remove_leftovers();
     try {
       make(bridge(), fmt::format("ip netns add {}", bridge()));
       must(fmt::format("ip -n {} link set lo up", bridge()));
@@ -131,19 +140,47 @@ class NetNamespaces {
     namespaces_.push_back(name);
   }
 
+  static std::string prefix_of(pid_t pid) { return fmt::format("multigpu-test-{}-", pid); }
+
+  /// The lines of `command`'s output (none when it fails).
+  static std::vector<std::string> lines_of(const std::string& command) {
+    const CommandResult result = run_command(command);
+    std::vector<std::string> lines;
+    if (result.status != 0) return lines;
+    for (std::size_t begin = 0; begin < result.output.size();) {
+      const std::size_t end = std::min(result.output.find('\n', begin), result.output.size());
+      if (end > begin) lines.push_back(result.output.substr(begin, end - begin));
+      begin = end + 1;
+    }
+    return lines;
+  }
+
+  /// Kills whatever runs in namespace `name` (it is ours: started inside it).
+  static void kill_inside(const std::string& name) noexcept {
+    for (const auto& pid : lines_of(fmt::format("ip netns pids {}", name))) {
+      if (pid.find_first_not_of("0123456789") == std::string::npos) ::kill(static_cast<pid_t>(std::stol(pid)), SIGKILL);
+    }
+  }
+
+  /// Removes the namespaces of test processes that were killed before their
+  /// destructor ran (see Note [Test hosts in network namespaces]).
+  static void remove_leftovers() noexcept {
+    const std::string prefix = "multigpu-test-";
+    for (const auto& line : lines_of("ip netns list")) {
+      const std::string name = line.substr(0, line.find(' '));  // "NAME (id: 3)"
+      if (name.rfind(prefix, 0) != 0) continue;
+      const std::string digits = name.substr(prefix.size(), name.find('-', prefix.size()) - prefix.size());
+      if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+      const auto owner = static_cast<pid_t>(std::stol(digits));
+      if (owner == ::getpid() || ::kill(owner, 0) == 0 || errno != ESRCH) continue;
+      kill_inside(name);
+      run_command("ip netns del " + name);  // its veth ends go with it, and their peers
+    }
+  }
+
   void remove() noexcept {
     children_.clear();  // each ChildProcess kills its process group by pid
-    for (const auto& name : namespaces_) {
-      // Anything still running in a namespace is ours: started inside it.
-      const CommandResult pids = run_command(fmt::format("ip netns pids {}", name));
-      for (std::size_t begin = 0; begin < pids.output.size();) {
-        const std::size_t end = pids.output.find('\n', begin);
-        const std::string pid = pids.output.substr(begin, end - begin);
-        if (!pid.empty() && pids.status == 0) ::kill(static_cast<pid_t>(std::stol(pid)), SIGKILL);
-        if (end == std::string::npos) break;
-        begin = end + 1;
-      }
-    }
+    for (const auto& name : namespaces_) kill_inside(name);
     for (const auto& name : ports_) run_command(fmt::format("ip -n {} link del {}", bridge(), name));
     ports_.clear();
     for (auto it = namespaces_.rbegin(); it != namespaces_.rend(); ++it) run_command("ip netns del " + *it);

@@ -1076,6 +1076,40 @@ TEST_SUITE("distributed over a network of namespaces") {
     CHECK(left.find(bridge.substr(0, bridge.size() - 2)) == std::string::npos);
     CHECK(::kill(sleeper, 0) != 0);  // killed and reaped
   }
+
+  TEST_CASE("the namespaces left by a test process that was killed are removed by the next helper made") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    // A pid that no longer runs: a child that ended and was reaped.
+    const pid_t dead = ::fork();
+    if (dead == 0) ::_exit(0);
+    REQUIRE(dead > 0);
+    ::waitpid(dead, nullptr, 0);
+    const std::string left = fmt::format("multigpu-test-{}-h0", dead);
+    multigpu_test::NetNamespaces::must("ip netns add " + left);
+    multigpu::detail::ChildProcess sleeper(fmt::format("exec ip netns exec {} sleep 600", left),
+                                           multigpu::detail::environment_with({}), "/dev/null");
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (multigpu_test::run_command("ip netns pids " + left).output.empty() &&
+           std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    {
+      multigpu_test::NetNamespaces net(2);
+      CHECK(multigpu_test::run_command("ip netns list").output.find(left) == std::string::npos);
+    }
+    // What ran inside it was killed.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!sleeper.poll().has_value() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const bool ended = sleeper.poll().has_value();
+    if (!ended) {
+      sleeper.kill_group(SIGKILL);
+      multigpu_test::run_command("ip netns del " + left);
+    }
+    REQUIRE(ended);
+    CHECK(sleeper.wait_blocking().signal == SIGKILL);
+  }
 }
 
 /// A fault on 2 namespaced hosts: when each rank ended, after the fault, and what it said.
