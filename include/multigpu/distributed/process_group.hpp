@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -22,6 +23,8 @@
 
 #include <ATen/ATen.h>
 #include <fmt/core.h>
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include "multigpu/comm.hpp"
@@ -160,6 +163,47 @@ inline std::string tensor_summary(const at::Tensor& tensor) {
 }
 }  // namespace detail
 
+namespace detail {
+
+// Note [SIGPIPE and Gloo's threads]
+// Gloo writes to its sockets with writev(), which has no MSG_NOSIGNAL: a
+// write to a peer that is gone raises SIGPIPE, whose default action ends
+// the process, before Gloo can turn EPIPE into an error naming the peer.
+// Python ignores SIGPIPE, so PyTorch never meets this; a C++ program does
+// (seen when a rank stopped with SIGSTOP goes on after its peer ended: it
+// died by SIGPIPE instead of naming the peer). Rather than change the
+// process's disposition, the threads that write to Gloo's sockets block
+// SIGPIPE: Gloo's device thread and ProcessGroupGloo's workers are made
+// while the constructing thread blocks it, and inherit its mask; that
+// thread takes any SIGPIPE left pending on itself (from the connection of
+// the full mesh) before unblocking. A signal blocked in a thread that
+// raised it stays pending there, harmless, and writev() returns EPIPE.
+
+/// Blocks SIGPIPE in this thread while it lives (see Note [SIGPIPE and Gloo's threads]).
+class SigpipeBlocked {
+ public:
+  SigpipeBlocked() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    ::pthread_sigmask(SIG_BLOCK, &pipe_, &previous_);
+  }
+  ~SigpipeBlocked() {
+    if (sigismember(&previous_, SIGPIPE) == 1) return;
+    const timespec none{};
+    while (::sigtimedwait(&pipe_, nullptr, &none) == SIGPIPE) {
+    }
+    ::pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
+  }
+  SigpipeBlocked(const SigpipeBlocked&) = delete;
+  SigpipeBlocked& operator=(const SigpipeBlocked&) = delete;
+
+ private:
+  sigset_t pipe_{};
+  sigset_t previous_{};
+};
+
+}  // namespace detail
+
 // ---------------------------------------------------------------------------
 // Definitions
 
@@ -282,6 +326,8 @@ inline void ProcessGroup::connect() {
   }
 
   auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout_);
+  // See Note [SIGPIPE and Gloo's threads].
+  const detail::SigpipeBlocked sigpipe_blocked;
   try {
     for (const auto& name : network.interfaces) {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
