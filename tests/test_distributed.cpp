@@ -535,6 +535,7 @@ TEST_SUITE("distributed training") {
     CHECK(job.survivor.exit_code == 2);
     CHECK(contains(job.report, "rank 1 ("));
     CHECK(contains(job.report, "stopped responding"));
+    CHECK(contains(job.report, "rank 1 did not answer with a trace (gone or stuck)"));  // See Note [The collective trace]
     CHECK(seconds_in(job.report) < 20.0);  // start-up, rendezvous, two steps, the failure and its diagnosis
   }
 
@@ -544,6 +545,9 @@ TEST_SUITE("distributed training") {
     CHECK(job.survivor.exit_code == 2);
     CHECK(contains(job.report, "time-out 2000 ms"));
     CHECK(contains(job.report, "every other rank is still alive"));
+    // Stuck outside any collective (in its loss function): it posts no trace.
+    CHECK(contains(job.report, "rank 0 waits in all_reduce #"));
+    CHECK(contains(job.report, "rank 1 did not answer with a trace (gone or stuck)"));
   }
 }
 
@@ -1210,9 +1214,9 @@ TEST_SUITE("faults on a network of namespaces") {
     const auto fault = run_fault_on_hosts(net, "cut", kMidStep, kFaultTimeoutMs,
                                           [&](auto&) { net.set_link(1, false); });
     // Rank 1 waits out the time-out, then for the store it cannot reach (Note [Rendezvous failures]).
-    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
     // c10d's store client of LibTorch 2 waits for its answer without a time-out, 1.13's gives up after it.
-    check_named(fault, 1, {"all-reduce of 178 Float values", "rank 0 (198.51.100.1 on ",
+    check_named(fault, 1, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 0 (198.51.100.1 on ",
                            "which serves the rendezvous store, did not answer"}, 15);
   }
 
@@ -1221,7 +1225,7 @@ TEST_SUITE("faults on a network of namespaces") {
     multigpu_test::NetNamespaces net(2);
     const auto fault = run_fault_on_hosts(net, "killed", kMidStep, kFaultTimeoutMs,
                                           [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGKILL); });
-    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 10);
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 10);
   }
 
   TEST_CASE("a peer SIGSTOPped mid-step: the other names it after the time-out, and it names the other once it goes on") {
@@ -1230,8 +1234,8 @@ TEST_SUITE("faults on a network of namespaces") {
     const auto fault = run_fault_on_hosts(
         net, "stopped", kMidStep, kFaultTimeoutMs, [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGSTOP); },
         [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGCONT); });
-    check_named(fault, 0, {"all-reduce of 178 Float values", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
-    check_named(fault, 1, {"all-reduce of 178 Float values", "rank 0 (198.51.100.1 on ", "did not answer"}, 20);
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    check_named(fault, 1, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 0 (198.51.100.1 on ", "did not answer"}, 20);
   }
 
   TEST_CASE("a partition during the rendezvous: each rank names whom it could not reach, within seconds") {
@@ -1276,6 +1280,78 @@ TEST_SUITE("faults on a network of namespaces") {
     }
     remove_files_of("slowloop", 2);
     remove_files_of("slow", 2);
+  }
+}
+
+/// Runs the worker as 2 processes with `per_rank` arguments and a short
+/// time-out, both of which must fail within seconds; returns each rank's
+/// report ("failed after S s: message") and checks that both contain
+/// every one of `expected`.
+std::vector<std::string> check_desync_named(const std::string& name, const std::string& arguments,
+                                            const std::vector<std::string>& per_rank,
+                                            const std::vector<std::string>& expected) {
+  const auto exits = run_job(name, 2, arguments + " --dump-trace 1", per_rank, /*timeout_ms=*/2000, std::chrono::seconds(40));
+  std::vector<std::string> reports;
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    reports.push_back(read_text(scratch(fmt::format("{}{}", name, rank))));
+    INFO("rank ", rank, ": ", exits[k].describe(), "\n", reports[k], "\n",
+         read_text(scratch(fmt::format("{}log{}", name, rank))));
+    CHECK(exits[k].exit_code == 2);
+    for (const auto& text : expected) CHECK(contains(reports[k], text));
+    CHECK(seconds_in(reports[k]) < 15.0);  // start-up, rendezvous, a few steps, the 2 s time-out and the diagnosis
+  }
+  remove_job_files({name});
+  return reports;
+}
+
+/// Runs the worker as 2 processes, rank 1 with `rank1` arguments; both must
+/// fail at once, at construction, with the error naming `difference`.
+void check_differs_at_construction(const std::string& name, const std::string& rank1, const std::string& difference) {
+  const auto exits = run_job(name, 2, "--replicas 1 --steps 3", {"", rank1}, 2000, std::chrono::seconds(40));
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    const std::string report = read_text(scratch(fmt::format("{}{}", name, rank)));
+    INFO("rank ", rank, ": ", exits[k].describe(), "\n", report);
+    CHECK(exits[k].exit_code == 2);
+    CHECK(contains(report, "DataParallel: the processes built different models or options (found at construction, "
+                           "before any step): " + difference + "; every process must"));
+    CHECK(seconds_in(report) < 5.0);
+  }
+  remove_job_files({name});
+}
+
+// See Note [The collective trace] and Note [Checking the model across processes].
+TEST_SUITE("collective trace across processes") {
+  TEST_CASE("a process that skips a step: the error names where the processes' collectives first differ") {
+    // Rank 1 leaves batch 1 out: it runs out of steps first and waits in the
+    // final barrier while rank 0 all-reduces its last step's first bucket.
+    check_desync_named("skipper", "--replicas 1 --steps 3", {"", "--skip-step 1"},
+                       {"the processes' collectives first differ at #", "rank 0 waits in all_reduce #",
+                        "(gradient bucket 0, ", "rank 1 waits in barrier #"});
+  }
+
+  TEST_CASE("a process whose model has another parameter shape: named at construction, before any step") {
+    check_differs_at_construction("shape", "--other-shape 1",
+                                  "rank 1's parameter fc2.weight Float[3, 16], rank 0's parameter fc2.weight "
+                                  "Float[2, 16]");
+  }
+
+  TEST_CASE("a process whose gradient buckets differ: named at construction, before any step") {
+    // Rank 1 buckets each parameter alone, rank 0 all in one bucket: the
+    // first all-reduce would have another size, which Gloo answers with
+    // std::terminate (Note [Checking the model across processes]).
+    check_differs_at_construction("buckets", "--bucket-cap-mib 0.0001",
+                                  "rank 1's setting DataParallelOptions::bucket_cap_mib 0.0001, rank 0's setting "
+                                  "DataParallelOptions::bucket_cap_mib 25");
+  }
+
+  TEST_CASE("a process that calls save_state alone: the error names save_state against the other's step") {
+    check_desync_named("savealone", "--replicas 1 --steps 4", {"", fmt::format("--save-at-step 1 --checkpoint {}",
+                                                                              scratch("savealone.ckpt"))},
+                       {"the processes' collectives first differ at #", "rank 1 waits in all_reduce #",
+                        "(save_state, 8 B Double)", "rank 0 waits in broadcast #", "(bucket order, "});
+    std::remove(scratch("savealone.ckpt").c_str());
   }
 }
 

@@ -39,6 +39,7 @@
 #include <c10/core/Device.h>
 #include <fmt/core.h>
 
+#include "multigpu/collective_trace.hpp"
 #include "multigpu/config.hpp"
 #include "multigpu/detail/compat.hpp"
 #include "multigpu/detail/tensor_text.hpp"

@@ -83,6 +83,11 @@ struct DataParallelOptions {
   /// step's gradient buckets (see Note [A step that fails on one process]).
   /// Set by ProcessGroup::data_parallel_options; null for one process.
   std::function<std::vector<std::string>(const std::string&)> agree_on_step;
+  /// Across processes: every process's text, by rank (through the store;
+  /// for small facts). Used at construction to check that every process
+  /// built the same model. Set by ProcessGroup::data_parallel_options; null
+  /// for one process.
+  std::function<std::vector<std::string>(const std::string&)> exchange_text;
 };
 
 }  // namespace multigpu

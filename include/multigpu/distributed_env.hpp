@@ -44,6 +44,9 @@ struct DistributedOptions {
   /// A rendezvous, collective or peer that takes longer fails with a
   /// DistributedError instead of hanging.
   std::chrono::milliseconds timeout = std::chrono::minutes(5);
+  /// Collectives kept in the process's trace (0: none); see Note [The
+  /// collective trace] in multigpu/collective_trace.hpp.
+  std::size_t trace_size = 2000;
 };
 
 /// This process's place in the job (see the file comment).

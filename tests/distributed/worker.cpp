@@ -35,6 +35,11 @@
 // parameters and buffers (flat_state) to --out. --phases 1 trains with
 // find_unused_parameters and recipe_phase_optimizer (weight decay), the
 // whole model at step 0 and fc2 alone after (recipe_phase_loss).
+// --other-shape 1 gives this process a model whose fc2 has 3 outputs (a
+// model that differs from the others'). --dump-trace 1 prints the
+// process's collective trace to stderr at the end, and after an error.
+// --trace-size N keeps N collectives in the trace (0: off; the benchmark
+// benchmarks/trace_overhead.sh compares them).
 //
 // Exit codes: 0 trained; 2 a multigpu error (message on stderr and in --out).
 
@@ -86,6 +91,9 @@ struct Args {
   int mark_at_step = -1;
   std::string mark;
   int steps_pause_ms = 0;
+  bool other_shape = false;
+  bool dump_trace = false;
+  int trace_size = 2000;
 };
 
 Args parse(int argc, char** argv) {
@@ -121,6 +129,9 @@ Args parse(int argc, char** argv) {
     else if (name == "--mark-at-step") args.mark_at_step = std::stoi(value);
     else if (name == "--mark") args.mark = value;
     else if (name == "--steps-pause-ms") args.steps_pause_ms = std::stoi(value);
+    else if (name == "--other-shape") args.other_shape = value == "1";
+    else if (name == "--dump-trace") args.dump_trace = value == "1";
+    else if (name == "--trace-size") args.trace_size = std::stoi(value);
     else {
       std::cerr << "distributed_worker: unknown option " << name << "\n";
       std::exit(64);
@@ -154,10 +165,12 @@ void train_sync_bn(const Args& args, multigpu::ProcessGroup& group) {
 int main(int argc, char** argv) {
   const Args args = parse(argc, argv);
   const auto start = std::chrono::steady_clock::now();
+  std::shared_ptr<multigpu::ProcessGroup> group;
   try {
     multigpu::DistributedOptions options;
     options.timeout = std::chrono::milliseconds(args.timeout_ms);
-    auto group = multigpu::ProcessGroup::from_environment(options);
+    options.trace_size = static_cast<std::size_t>(args.trace_size);
+    group = multigpu::ProcessGroup::from_environment(options);
     const int rank = group->rank();
     if (args.sync_bn) {
       train_sync_bn(args, *group);
@@ -168,6 +181,7 @@ int main(int argc, char** argv) {
     // must make them one.
     auto net = multigpu_test::recipe_model(multigpu_test::kRecipeSeed + static_cast<std::uint64_t>(rank));
     const auto dtype = args.double_precision ? torch::kDouble : torch::kFloat;
+    if (args.other_shape) net->fc2 = net->replace_module("fc2", torch::nn::Linear(16, 3));
     net->to(dtype);
     multigpu::DataParallelOptions dp_options = group->data_parallel_options();
     if (args.summed) dp_options.loss_reduction = multigpu::LossReduction::kSum;
@@ -282,12 +296,14 @@ int main(int argc, char** argv) {
                 << " ms per step\n";
     }
     group->barrier();  // every rank finished training (exercised by the tests)
+    if (args.dump_trace) std::cerr << "distributed_worker: trace\n" << group->trace().text();
     torch::save(multigpu_test::flat_parameters(*net).cpu(), args.out);
     if (args.scaler) torch::save(torch::tensor({dp.grad_scaler()->scale()}, torch::kDouble), args.out + ".scale");
     return 0;
   } catch (const multigpu::Error& e) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::cerr << "distributed_worker: " << e.what() << "\n";
+    if (args.dump_trace && group) std::cerr << "distributed_worker: trace\n" << group->trace().text();
     std::ofstream(args.out) << "failed after " << seconds << " s: " << e.what() << "\n";
     return 2;
   }

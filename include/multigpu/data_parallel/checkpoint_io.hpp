@@ -620,6 +620,7 @@ inline void attach_sampler(DataParallelCore& core, const DistributedSampler& sam
 
 inline void save_training_state(DataParallelCore& core, const std::string& path, const CheckpointExtras& extras) {
   core.check_communicator("save_state");
+  const CollectivePurpose purpose("save_state");
   std::string failure;
   try {
     core.require_usable("save_state");
@@ -713,6 +714,7 @@ inline void save_training_state(DataParallelCore& core, const std::string& path,
 
 inline ResumeInfo load_training_state(DataParallelCore& core, const std::string& path, CheckpointExtras& extras) {
   core.check_communicator("load_state");
+  const CollectivePurpose purpose("load_state");
   const auto fence = core.fenced();
   const ReplicaStreamsCurrent on_replicas(core.contexts());
   std::string failure;

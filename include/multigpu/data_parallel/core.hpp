@@ -162,6 +162,10 @@ class DataParallelCore {
   void step_optimizers(ReplicatedOptimizer* only, const char* what);
   void follow_primary_options(const ReplicatedOptimizer& optimizer);
   void broadcast_from_primary();
+  /// Throws, on every process alike, when the processes' models differ in
+  /// their parameters or buffers (names, shapes, dtypes, trainable).
+  /// Collective. See Note [Checking the model across processes].
+  void check_same_model_across_processes();
   void zero_after_failure() noexcept;
   bool agrees_across_processes() const { return options_.agree_on_step && reducer_ && !in_no_sync(); }
   /// The gradient sync spans several processes.
@@ -284,6 +288,7 @@ inline DataParallelCore::DataParallelCore(std::vector<std::shared_ptr<torch::nn:
     }
   }
   if (comm_->world_size() > 1) {
+    if (options_.exchange_text) check_same_model_across_processes();
     broadcast_from_primary();
     std::vector<std::string> trainable_names;
     for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
@@ -567,6 +572,7 @@ inline void DataParallelCore::finish_step_across_processes(std::exception_ptr fa
   }
   std::vector<std::string> failures;
   try {
+    const CollectivePurpose purpose("step agreement");
     failures = options_.agree_on_step(failure ? describe_exception(failure) : "");
   } catch (...) {
     discard();

@@ -51,6 +51,7 @@ inline void DataParallelCore::unscale_gradients() {
 inline bool DataParallelCore::gradients_overflowed() {
   const compat::NoGradGuard no_grad;
   const ReplicaStreamsCurrent on_replicas(contexts_);  // after the flags were set, on the replicas' streams
+  const CollectivePurpose purpose("scaler flag");
   comm_->all_reduce(found_inf_, ReduceOp::kSum);
   const bool overflowed = found_inf_[0].item<double>() > 0;  // the host wait a GradScaler costs
   found_inf_.clear();

@@ -13,12 +13,99 @@ inline std::vector<at::Tensor> DataParallelCore::same_tensor_on_every_replica(st
   return tensors;
 }
 
+// Note [Checking the model across processes]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Rank 0's parameters are broadcast to every process at construction, one
+// collective per parameter, and gradients are bucketed by the parameters'
+// sizes: a process whose model has another parameter (another shape, dtype
+// or count) pairs its broadcasts with the wrong ones, and fails or hangs
+// far from the cause; one whose gradient buckets differ (another
+// bucket_cap_mib, comm hook, ...) sends Gloo a message of another size,
+// which Gloo's I/O thread answers with std::terminate: no error can name
+// it afterwards. So, as PyTorch's verify_params_across_processes, every
+// process first describes its model (each parameter's and buffer's name,
+// dtype, shape and whether it trains) and the options that decide which
+// collectives a step issues and their sizes, and the processes compare:
+// one exchange of a short fingerprint through the store, and only when the
+// fingerprints differ the whole descriptions, from which every process
+// throws the same error naming the first difference against rank 0's.
+inline void DataParallelCore::check_same_model_across_processes() {
+  std::vector<std::string> lines;
+  for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+    const at::Tensor& p = parameters_[0][i];
+    lines.push_back(fmt::format("parameter {} {}{}{}", parameter_names_[i], c10::toString(p.scalar_type()),
+                                detail::shape_text(p.sizes()), p.requires_grad() ? "" : " (frozen)"));
+  }
+  for (std::size_t i = 0; i < buffer_names_.size(); ++i) {
+    const at::Tensor& b = buffers_[0][i];
+    lines.push_back(b.defined() ? fmt::format("buffer {} {}{}", buffer_names_[i], c10::toString(b.scalar_type()),
+                                              detail::shape_text(b.sizes()))
+                                : fmt::format("buffer {} (undefined)", buffer_names_[i]));
+  }
+  // The options that decide which collectives a step issues, and their sizes.
+  lines.push_back(fmt::format("setting DataParallelOptions::bucket_cap_mib {}", options_.bucket_cap_mib));
+  lines.push_back(fmt::format("setting DataParallelOptions::comm_hook {}",
+                              options_.comm_hook ? options_.comm_hook->name() : "none"));
+  lines.push_back(fmt::format("setting DataParallelOptions::find_unused_parameters {}", options_.find_unused_parameters));
+  lines.push_back(fmt::format("setting DataParallelOptions::broadcast_buffers {}", options_.broadcast_buffers));
+  lines.push_back(fmt::format("setting DataParallelOptions::grad_scaler {}", options_.grad_scaler ? "set" : "none"));
+  std::string description;
+  for (const auto& line : lines) description += line + "\n";
+  const CollectivePurpose purpose("model check");
+  const std::string fingerprint = fmt::format("{} {:x}", lines.size(), std::hash<std::string>{}(description));
+  const auto fingerprints = options_.exchange_text(fingerprint);
+  if (std::all_of(fingerprints.begin(), fingerprints.end(), [&](const std::string& f) { return f == fingerprints[0]; })) {
+    return;
+  }
+  const auto descriptions = options_.exchange_text(description);
+  // A description's lines of one kind: its parameters and buffers, or its settings.
+  const auto lines_of = [](const std::string& text, bool settings) {
+    std::vector<std::string> out;
+    std::size_t begin = 0;
+    for (std::size_t end; (end = text.find('\n', begin)) != std::string::npos; begin = end + 1) {
+      std::string line = text.substr(begin, end - begin);
+      if ((line.rfind("setting ", 0) == 0) == settings) out.push_back(std::move(line));
+    }
+    return out;
+  };
+  for (std::size_t rank = 1; rank < descriptions.size(); ++rank) {
+    std::string difference;
+    for (const bool settings : {false, true}) {
+      const auto reference = lines_of(descriptions[0], settings);
+      const auto other = lines_of(descriptions[rank], settings);
+      const std::size_t common = std::min(reference.size(), other.size());
+      std::size_t k = 0;
+      while (k < common && reference[k] == other[k]) ++k;
+      if (k == common && reference.size() == other.size()) continue;
+      if (k < common) {
+        difference = fmt::format("rank {}'s {}, rank 0's {}", rank, other[k], reference[k]);
+      } else if (other.size() > reference.size()) {
+        difference = fmt::format("rank {}'s {} is not in rank 0's model", rank, other[k]);
+      } else {
+        difference = fmt::format("rank 0's {} is not in rank {}'s model", reference[k], rank);
+      }
+      if (reference.size() != other.size()) {
+        difference += fmt::format(" (rank {} has {} parameters and buffers, rank 0 {})", rank, other.size(),
+                                  reference.size());
+      }
+      break;
+    }
+    if (difference.empty()) continue;
+    throw DistributedError(fmt::format(
+        "DataParallel: the processes built different models or options (found at construction, before any step): "
+        "{}; every process must build the same model (parameters and buffers in the same order, with the same "
+        "shapes and dtypes) with the same DataParallelOptions",
+        difference));
+  }
+}
+
 inline void DataParallelCore::broadcast_from_primary() {
   if (comm_->world_size() == 1) return;
   const auto fence = fenced();
   const compat::NoGradGuard no_grad;
   const ReplicaStreamsCurrent on_replicas(contexts_);
   for (std::size_t i = 0; i < parameter_names_.size(); ++i) {
+    const CollectivePurpose purpose("parameter", -1, parameter_names_[i].c_str());
     comm_->broadcast(same_tensor_on_every_replica(i, false), 0);
   }
   broadcast_buffers();
@@ -69,6 +156,7 @@ inline void DataParallelCore::broadcast_buffers() {
       flat[0] = parts.size() == 1 ? parts[0].clone() : at::cat(parts);
     }
     for (std::size_t r = 1; r < size(); ++r) flat[r] = at::empty({numel}, flat[0].options().device(devices_[r]));
+    const CollectivePurpose purpose("buffers");
     comm_->broadcast(flat, 0);
     for (std::size_t r = primary_is_root ? 1 : 0; r < size(); ++r) {
       std::vector<at::Tensor> targets;

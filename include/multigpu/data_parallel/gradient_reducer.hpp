@@ -579,7 +579,10 @@ inline void GradientReducer::rebuild_buckets() {
     for (const auto& replica : replicas_) {
       tensors.push_back(at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(replica.device()));
     }
-    comm_.broadcast(tensors, 0);
+    {
+      const CollectivePurpose purpose("bucket order");
+      comm_.broadcast(tensors, 0);
+    }
     const at::Tensor agreed = tensors[0].cpu();
     std::vector<char> seen(n, 0);
     for (std::size_t i = 0; i < n; ++i) {
@@ -640,6 +643,7 @@ inline void GradientReducer::reduce(std::size_t bucket) {
   for (std::size_t r = 0; r < replicas_.size(); ++r) {
     if (state.ready_events[r]) state.ready_events[r]->block(comm_streams_[comm_stream_of_[r]]);
   }
+  const CollectivePurpose purpose("gradient bucket", static_cast<std::int64_t>(bucket));
   if (options_.hook) {
     options_.hook->all_reduce_average(comm_, state.buffers);
   } else {
@@ -921,7 +925,10 @@ inline void GradientReducer::agree_on_reached() {
   for (const auto& replica : replicas_) {
     flags.push_back(at::tensor(local, at::TensorOptions().dtype(at::kFloat)).to(replica.device()));
   }
-  comm_.all_reduce(flags, ReduceOp::kSum);
+  {
+    const CollectivePurpose purpose("reached parameters");
+    comm_.all_reduce(flags, ReduceOp::kSum);
+  }
   const at::Tensor agreed = flags[0].cpu();  // a host wait, as DDP's
   for (std::size_t k = 0; k < names_.size(); ++k) {
     const char reached = agreed.data_ptr<float>()[k] > 0 ? 1 : 0;

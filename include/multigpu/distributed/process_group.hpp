@@ -7,11 +7,13 @@
 #include "multigpu/config.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -22,11 +24,13 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include "multigpu/collective_trace.hpp"
 #include "multigpu/comm.hpp"
 #include "multigpu/data_parallel_options.hpp"
 #include "multigpu/detail/compat.hpp"
@@ -46,6 +50,34 @@
 
 namespace multigpu {
 
+namespace detail {
+/// The write end of the pipe that dump_trace_on_signal's handler writes to
+/// (-1: no group dumps on a signal); an atomic int is lock-free, so reading
+/// it in a signal handler is safe.
+inline std::atomic<int>& trace_signal_pipe() {
+  static std::atomic<int> fd{-1};
+  return fd;
+}
+/// That pipe's ends, made on first use and never closed: a handler that
+/// read the write end just before its group ended still writes into this
+/// pipe, never into a descriptor whose number was reused since. The write
+/// end never blocks, so a handler never waits for the dumping thread.
+inline const std::array<int, 2>& trace_signal_pipe_ends() {
+  static const std::array<int, 2> ends = [] {
+    std::array<int, 2> fds{-1, -1};
+    if (::pipe(fds.data()) != 0) {
+      throw DistributedError(
+          fmt::format("dump_trace_on_signal: no pipe for the signal handler: {}", std::strerror(errno)));
+    }
+    ::fcntl(fds[0], F_SETFD, FD_CLOEXEC);
+    ::fcntl(fds[1], F_SETFD, FD_CLOEXEC);
+    ::fcntl(fds[1], F_SETFL, O_NONBLOCK);
+    return fds;
+  }();
+  return ends;
+}
+}  // namespace detail
+
 /// This process's membership of a multi-process job (see the file comment).
 /// Create one per process, before any DataParallel that uses it, and keep it
 /// alive as long as they are.
@@ -58,12 +90,14 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   /// the variable, the address or the ranks missing.
   static std::shared_ptr<ProcessGroup> from_environment(const DistributedOptions& options = {},
                                                         const EnvLookup& lookup = process_environment()) {
-    return std::shared_ptr<ProcessGroup>(new ProcessGroup(read_distributed_env(options, lookup), options.timeout));
+    return std::shared_ptr<ProcessGroup>(
+        new ProcessGroup(read_distributed_env(options, lookup), options.timeout, options.trace_size));
   }
   /// The same from an already read environment.
   static std::shared_ptr<ProcessGroup> create(const DistributedEnv& env,
-                                              std::chrono::milliseconds timeout = std::chrono::minutes(5)) {
-    return std::shared_ptr<ProcessGroup>(new ProcessGroup(env, timeout));
+                                              std::chrono::milliseconds timeout = std::chrono::minutes(5),
+                                              std::size_t trace_size = 2000) {
+    return std::shared_ptr<ProcessGroup>(new ProcessGroup(env, timeout, trace_size));
   }
   inline ~ProcessGroup() override;
   ProcessGroup(const ProcessGroup&) = delete;
@@ -113,21 +147,40 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   /// the store only when a process failed. Collective.
   inline std::vector<std::string> agree_on_failures(const std::string& failure);
 
+  /// The last collectives this process issued across processes: dump it
+  /// with trace().text() or trace().json() at any time, from any thread
+  /// (see Note [The collective trace]).
+  const CollectiveTrace& trace() const { return trace_; }
+  /// From now on, signal `signal` (SIGUSR2 by default) makes this process
+  /// write its trace's text to file descriptor `fd` (stderr by default):
+  /// the handler only writes a byte to a pipe (async-signal-safe), a thread
+  /// of the group writes the dump. One group per process at a time; undone
+  /// when the group ends. See Note [The collective trace], 4.
+  inline void dump_trace_on_signal(int signal = SIGUSR2, int fd = STDERR_FILENO);
+
  private:
-  inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout);
+  inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout, std::size_t trace_size);
   inline void connect();
   /// Checks in at the store and waits for the others (see Note [Rendezvous failures]).
   inline void meet(const std::string& where, const std::string& record);
   inline void start_heartbeat();
   inline void stop_heartbeat() noexcept;
-  /// Runs a collective under the group's lock, turning failures and
-  /// time-outs into a DistributedError that names the silent ranks.
-  /// `describe()` says what was in flight; it is called only to report a
-  /// failure, so that no collective pays for formatting its text.
-  template <class Describe, class Fn>
-  void collective(Describe&& describe, Fn&& fn);
-  inline std::string diagnose_peers();
-  inline void check_usable(const std::string& what) const;
+  /// Runs a collective under the group's lock, recording it in the trace
+  /// (`kind`, `bytes`, `dtype`, and the thread's CollectivePurpose), and
+  /// turning failures and time-outs into a DistributedError that names the
+  /// silent ranks (rank, address, host), the collective in flight, as its
+  /// trace record says it, and where the processes' traces differ. `what`
+  /// names it when the group refuses it after an earlier failure.
+  template <class Fn>
+  void collective(const char* what, const char* kind, std::int64_t bytes, const char* dtype, Fn&& fn);
+  /// Who of the others still beats (see Note [Rendezvous failures]); sets
+  /// `store_answered` to whether the store answered at all.
+  inline std::string diagnose_peers(bool& store_answered);
+  /// Posts this process's trace summary to the store and compares it with
+  /// the others' (see Note [The collective trace], 3).
+  inline std::string compare_traces();
+  std::string trace_key(int rank) const { return fmt::format("multigpu/trace/{}", rank); }
+  inline void check_usable(const char* what) const;
   std::chrono::milliseconds heartbeat_interval() const {
     return std::clamp(timeout_ / 4, std::chrono::milliseconds(50), std::chrono::milliseconds(1000));
   }
@@ -139,6 +192,7 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   std::mutex mutex_;       // one collective at a time: Gloo matches calls by order
   std::int64_t rounds_ = 0;  // all_gather_text calls so far (same on every process)
   std::vector<std::string> peers_;  // "host (pid N)" by rank
+  CollectiveTrace trace_;
 #if MULTIGPU_WITH_DISTRIBUTED
   c10::intrusive_ptr<c10d::TCPStore> store_;
   c10::intrusive_ptr<c10d::TCPStore> heartbeat_store_;  // its own connection, so beats never wait for a collective
@@ -153,15 +207,10 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
     bool done = true;  // the thread ended (or never started)
   };
   std::shared_ptr<Heartbeat> heartbeat_ = std::make_shared<Heartbeat>();
+  std::thread dumper_;  // see dump_trace_on_signal
+  int dump_signal_ = 0;
+  struct sigaction dump_previous_ {};
 };
-
-namespace detail {
-/// "178 Float values (712 bytes)": what a collective carries, for its errors.
-inline std::string tensor_summary(const at::Tensor& tensor) {
-  return fmt::format("{} {} values ({} bytes)", tensor.numel(), c10::toString(tensor.scalar_type()),
-                     tensor.numel() * static_cast<std::int64_t>(tensor.element_size()));
-}
-}  // namespace detail
 
 namespace detail {
 
@@ -207,8 +256,8 @@ class SigpipeBlocked {
 // ---------------------------------------------------------------------------
 // Definitions
 
-inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout)
-    : env_(std::move(env)), timeout_(timeout) {
+inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout, std::size_t trace_size)
+    : env_(std::move(env)), timeout_(timeout), trace_(trace_size) {
   if (timeout_.count() <= 0) throw DistributedError("DistributedOptions::timeout must be positive");
   peers_.assign(static_cast<std::size_t>(env_.world_size), "");
   if (!env_.distributed()) return;
@@ -224,6 +273,16 @@ inline ProcessGroup::ProcessGroup(DistributedEnv env, std::chrono::milliseconds 
 
 inline ProcessGroup::~ProcessGroup() {
   stop_heartbeat();
+  if (dumper_.joinable()) {
+    // The handler first, then its pipe: the pipe stays open (see trace_signal_pipe_ends).
+    ::sigaction(dump_signal_, &dump_previous_, nullptr);
+    detail::trace_signal_pipe().store(-1);
+    const char quit = 'q';
+    while (::write(detail::trace_signal_pipe_ends()[1], &quit, 1) != 1 && (errno == EAGAIN || errno == EINTR)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // full of dump requests: the dumper drains it
+    }
+    dumper_.join();
+  }
 #if MULTIGPU_WITH_DISTRIBUTED
   if (!store_) return;
   // Rank 0 serves the store: it stays until every rank has said goodbye (or
@@ -232,8 +291,13 @@ inline ProcessGroup::~ProcessGroup() {
   const auto limit = broken_.empty() ? std::min(timeout_, std::chrono::milliseconds(30000))
                                      : std::chrono::milliseconds(1000);
   try {
+    // A rank that went on and finished is still heard by one that fails
+    // later (Note [The collective trace], 3): its summary goes with its goodbye.
+    const std::string summary = broken_.empty() && trace_.capacity() > 0 ? trace_.summary() : std::string();
     detail::finish_within(limit + std::chrono::milliseconds(500),
-                          [store = store_, primary = is_primary(), world = env_.world_size, limit] {
+                          [store = store_, primary = is_primary(), world = env_.world_size, limit, summary,
+                           key = trace_key(env_.rank)] {
+                            if (!summary.empty()) store->set(key, std::vector<std::uint8_t>(summary.begin(), summary.end()));
                             store->add("multigpu/finished", 1);
                             if (!primary) return;
                             const auto deadline = std::chrono::steady_clock::now() + limit;
@@ -434,7 +498,7 @@ inline void ProcessGroup::start_heartbeat() {
   }).detach();
 }
 
-inline std::string ProcessGroup::diagnose_peers() {
+inline std::string ProcessGroup::diagnose_peers(bool& store_answered) {
   // See Note [Rendezvous failures]: the store may not answer at all.
   const auto interval = heartbeat_interval();
   const auto limit = interval * 4 + std::chrono::milliseconds(1000);
@@ -457,6 +521,7 @@ inline std::string ProcessGroup::diagnose_peers() {
                     : fmt::format("{} stopped responding (exited, killed, stopped, or cut off from the network)",
                                   fmt::join(silent, ", "));
     });
+    store_answered = answered;
     if (answered) return *answer;
     return fmt::format("{} did not answer within {} ms (exited, killed, stopped, or cut off from this host)", store_host,
                        limit.count());
@@ -466,20 +531,75 @@ inline std::string ProcessGroup::diagnose_peers() {
   }
 }
 
-template <class Describe, class Fn>
-void ProcessGroup::collective(Describe&& describe, Fn&& fn) {
+template <class Fn>
+void ProcessGroup::collective(const char* what, const char* kind, std::int64_t bytes, const char* dtype, Fn&& fn) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!broken_.empty()) check_usable(describe());
+  check_usable(what);
   const auto start = std::chrono::steady_clock::now();
+  const std::int64_t sequence = trace_.start(kind, bytes, dtype);
   try {
     fn();
   } catch (...) {
+    trace_.finish(sequence, false);
     const std::string cause = detail::current_error();
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
-    broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}", env_.rank,
-                          describe(), env_.world_size, ms.count(), timeout_.count(), diagnose_peers(), cause);
+    // What was in flight, as the trace records it (also with no trace kept).
+    CollectiveRecord in_flight;
+    in_flight.sequence = sequence;
+    std::snprintf(in_flight.kind, sizeof(in_flight.kind), "%s", kind);
+    std::snprintf(in_flight.dtype, sizeof(in_flight.dtype), "%s", dtype);
+    CollectivePurpose::write(in_flight.purpose, sizeof(in_flight.purpose));
+    in_flight.bytes = bytes;
+    bool store_answered = false;
+    const std::string peers = diagnose_peers(store_answered);
+    const std::string traces = store_answered ? compare_traces() : std::string();
+    broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}{}{}",
+                          env_.rank, in_flight.describe(), env_.world_size, ms.count(), timeout_.count(), peers,
+                          cause, traces.empty() ? "" : "; ", traces);
     throw DistributedError(broken_);
   }
+  trace_.finish(sequence, true);
+}
+
+inline std::string ProcessGroup::compare_traces() {
+  if (trace_.capacity() == 0) return "";
+  // The store is asked through finish_within (see Note [Rendezvous failures]):
+  // what was read when the limit passes is compared, the rest did not answer.
+  struct Exchange {
+    std::mutex mutex;
+    std::vector<std::string> summaries;
+  };
+  auto exchange = std::make_shared<Exchange>();
+  exchange->summaries.resize(static_cast<std::size_t>(env_.world_size));
+  exchange->summaries[static_cast<std::size_t>(env_.rank)] = trace_.summary();
+  // The others fail at about the same time (they wait as long): give them
+  // a few heartbeats to post theirs.
+  const auto wait = std::max(heartbeat_interval() * 6, std::chrono::milliseconds(2000));
+  std::vector<std::string> keys;
+  for (int r = 0; r < env_.world_size; ++r) keys.push_back(trace_key(r));
+  try {
+    detail::finish_within(wait + std::chrono::milliseconds(1000), [exchange, store = store_, keys, rank = env_.rank,
+                                                                   mine = exchange->summaries[static_cast<std::size_t>(
+                                                                       env_.rank)],
+                                                                   wait] {
+      store->set(keys[static_cast<std::size_t>(rank)], std::vector<std::uint8_t>(mine.begin(), mine.end()));
+      const auto deadline = std::chrono::steady_clock::now() + wait;
+      for (std::size_t r = 0; r < keys.size(); ++r) {
+        if (static_cast<int>(r) == rank) continue;
+        while (!store->check({keys[r]}) && std::chrono::steady_clock::now() < deadline) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        if (!store->check({keys[r]})) continue;
+        const auto bytes = store->get(keys[r]);
+        std::lock_guard<std::mutex> lock(exchange->mutex);
+        exchange->summaries[r].assign(bytes.begin(), bytes.end());
+      }
+    });
+  } catch (...) {
+    // The store is gone (rank 0 ended): compare what was read; the rest did not answer.
+  }
+  std::lock_guard<std::mutex> lock(exchange->mutex);
+  return CollectiveTrace::first_difference(exchange->summaries);
 }
 
 inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
@@ -494,7 +614,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
            "(LibTorch 2.x sends them as bf16; fp16_compress_hook halves the bytes here)");
     });
   }
-  collective([&] { return fmt::format("all-reduce of {}", detail::tensor_summary(tensor)); }, [&] {
+  collective("all-reduce", "all_reduce", static_cast<std::int64_t>(tensor.nbytes()), c10::toString(tensor.scalar_type()), [&] {
     std::vector<at::Tensor> tensors{widen ? tensor.to(at::kFloat) : tensor};
     auto work = gloo_->allreduce(tensors, c10d::AllreduceOptions());
     work->wait(timeout_);
@@ -504,7 +624,7 @@ inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
 
 inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
   if (!distributed()) return;
-  collective([&] { return fmt::format("broadcast from rank {} of {}", root, detail::tensor_summary(tensor)); }, [&] {
+  collective("broadcast", "broadcast", static_cast<std::int64_t>(tensor.nbytes()), c10::toString(tensor.scalar_type()), [&] {
     std::vector<at::Tensor> tensors{tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
@@ -515,13 +635,13 @@ inline void ProcessGroup::broadcast(const at::Tensor& tensor, int root) {
 
 inline void ProcessGroup::barrier() {
   if (!distributed()) return;
-  collective([] { return std::string("barrier"); }, [&] { gloo_->barrier(c10d::BarrierOptions())->wait(timeout_); });
+  collective("barrier", "barrier", 0, "-", [&] { gloo_->barrier(c10d::BarrierOptions())->wait(timeout_); });
 }
 
 inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string& value) {
   if (!distributed()) return {value};
   std::vector<std::string> out;
-  collective([] { return std::string("exchange through the store"); }, [&] {
+  collective("exchange through the store", "all_gather", static_cast<std::int64_t>(value.size()), "text", [&] {
     const std::int64_t round = rounds_++;
     store_->set(fmt::format("multigpu/gather/{}/{}", round, env_.rank),
                 std::vector<std::uint8_t>(value.begin(), value.end()));
@@ -537,7 +657,7 @@ inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string&
 
 inline void ProcessGroup::connect() {}
 inline void ProcessGroup::start_heartbeat() {}
-inline std::string ProcessGroup::diagnose_peers() { return ""; }
+inline std::string ProcessGroup::diagnose_peers(bool&) { return ""; }
 inline void ProcessGroup::all_reduce_sum(const at::Tensor&) {}
 inline void ProcessGroup::broadcast(const at::Tensor&, int) {}
 inline void ProcessGroup::barrier() {}
@@ -553,6 +673,53 @@ inline std::vector<std::string> ProcessGroup::agree_on_failures(const std::strin
   return all_gather_text(failure);
 }
 
+inline void ProcessGroup::dump_trace_on_signal(int signal, int fd) {
+  if (dumper_.joinable()) throw DistributedError("dump_trace_on_signal: this process group dumps on a signal already");
+  const auto& ends = detail::trace_signal_pipe_ends();
+  int none = -1;
+  if (!detail::trace_signal_pipe().compare_exchange_strong(none, ends[1])) {
+    throw DistributedError("dump_trace_on_signal: another process group of this process dumps on a signal already");
+  }
+  struct sigaction action {};
+  action.sa_handler = [](int) {
+    const int saved = errno;
+    const int pipe_in = detail::trace_signal_pipe().load();
+    const char dump = 'd';
+    if (pipe_in >= 0) (void)!::write(pipe_in, &dump, 1);  // full: a dump is pending anyway
+    errno = saved;
+  };
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  if (::sigaction(signal, &action, &dump_previous_) != 0) {
+    const int error = errno;
+    detail::trace_signal_pipe().store(-1);
+    throw DistributedError(fmt::format("dump_trace_on_signal: signal {} cannot be caught: {}", signal,
+                                       std::strerror(error)));
+  }
+  dump_signal_ = signal;
+  try {
+    dumper_ = std::thread([this, fd, pipe_out = ends[0]] {
+      for (char byte = 0;;) {
+        const ssize_t got = ::read(pipe_out, &byte, 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got != 1 || byte == 'q') return;
+        const std::string text = fmt::format("multigpu: rank {}'s collective trace ({} issued, the last {} kept):\n{}",
+                                             env_.rank, trace_.issued(), trace_.capacity(), trace_.text());
+        for (std::size_t done = 0; done < text.size();) {
+          const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) break;
+          done += static_cast<std::size_t>(n);
+        }
+      }
+    });
+  } catch (...) {
+    ::sigaction(signal, &dump_previous_, nullptr);
+    detail::trace_signal_pipe().store(-1);
+    throw;
+  }
+}
+
 inline void ProcessGroup::stop_heartbeat() noexcept {
   // A beat blocked on a store that no longer answers is left behind after a
   // second (see Note [Rendezvous failures]); otherwise the thread ends at once.
@@ -562,7 +729,7 @@ inline void ProcessGroup::stop_heartbeat() noexcept {
   heartbeat_->cv.wait_for(lock, std::chrono::milliseconds(1000), [this] { return heartbeat_->done; });
 }
 
-inline void ProcessGroup::check_usable(const std::string& what) const {
+inline void ProcessGroup::check_usable(const char* what) const {
   if (!broken_.empty()) {
     throw DistributedError(fmt::format("{}: the process group is unusable after an earlier failure ({})", what,
                                        broken_));
@@ -583,6 +750,7 @@ inline DataParallelOptions ProcessGroup::data_parallel_options(DataParallelOptio
   base.agree_on_step = [self = shared_from_this()](const std::string& failure) {
     return self->agree_on_failures(failure);
   };
+  base.exchange_text = [self = shared_from_this()](const std::string& value) { return self->all_gather_text(value); };
   return base;
 }
 

@@ -56,6 +56,7 @@ class CrossProcessCommunicator : public Communicator {
 inline CrossProcessCommunicator::CrossProcessCommunicator(std::vector<ReplicaContext> replicas,
                                                           std::shared_ptr<ProcessCollectives> group)
     : local_(std::move(replicas)), group_(std::move(group)) {
+  const CollectivePurpose purpose("replica count");
   const auto counts = group_->all_gather_text(std::to_string(local_.size()));
   for (const auto& count : counts) world_replicas_ += std::stoul(count);
 }

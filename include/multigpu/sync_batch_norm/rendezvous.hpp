@@ -351,6 +351,7 @@ inline void ReplicaRendezvous::all_reduce(std::size_t replica, SyncPhase phase, 
         if (tensors[r].defined()) continue;
         tensors[r] = at::zeros(tensor.sizes(), tensor.options().device(contexts_[r].device()));
       }
+      const CollectivePurpose purpose("sync-bn", -1, layer.c_str());
       comm->all_reduce(tensors, ReduceOp::kSum);
     } catch (const std::exception& e) {
       error = e.what();
