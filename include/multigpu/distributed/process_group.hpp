@@ -173,12 +173,14 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   /// names it when the group refuses it after an earlier failure.
   template <class Fn>
   void collective(const char* what, const char* kind, std::int64_t bytes, const char* dtype, Fn&& fn);
-  /// Who of the others still beats (see Note [Rendezvous failures]); sets
-  /// `store_answered` to whether the store answered at all.
-  inline std::string diagnose_peers(bool& store_answered);
+  /// Who of the others still beats (see Note [Rendezvous failures]): sets
+  /// `silent` to the ranks whose heartbeat stopped, and `store_answered`
+  /// to whether the store answered at all.
+  inline std::string diagnose_peers(bool& store_answered, std::vector<bool>& silent);
   /// Posts this process's trace summary to the store and compares it with
-  /// the others' (see Note [The collective trace], 3).
-  inline std::string compare_traces();
+  /// the others' (see Note [The collective trace], 3), waiting only for
+  /// those not `silent`.
+  inline std::string compare_traces(const std::vector<bool>& silent);
   std::string trace_key(int rank) const { return fmt::format("multigpu/trace/{}", rank); }
   inline void check_usable(const char* what) const;
   std::chrono::milliseconds heartbeat_interval() const {
@@ -498,15 +500,16 @@ inline void ProcessGroup::start_heartbeat() {
   }).detach();
 }
 
-inline std::string ProcessGroup::diagnose_peers(bool& store_answered) {
+inline std::string ProcessGroup::diagnose_peers(bool& store_answered, std::vector<bool>& silent_ranks) {
   // See Note [Rendezvous failures]: the store may not answer at all.
   const auto interval = heartbeat_interval();
   const auto limit = interval * 4 + std::chrono::milliseconds(1000);
   auto answer = std::make_shared<std::string>();
+  auto stopped = std::make_shared<std::vector<bool>>(peers_.size(), false);
   const std::string store_host = fmt::format("rank 0 ({}), which serves the rendezvous store,", peers_[0]);
   try {
-    const bool answered = detail::finish_within(limit, [answer, store = store_, peers = peers_, rank = env_.rank,
-                                                        interval] {
+    const bool answered = detail::finish_within(limit, [answer, stopped, store = store_, peers = peers_,
+                                                        rank = env_.rank, interval] {
       const auto key = [](std::size_t r) { return fmt::format("multigpu/heartbeat/{}", r); };
       std::vector<std::int64_t> before(peers.size());
       for (std::size_t r = 0; r < peers.size(); ++r) before[r] = store->add(key(r), 0);
@@ -514,7 +517,10 @@ inline std::string ProcessGroup::diagnose_peers(bool& store_answered) {
       std::vector<std::string> silent;
       for (std::size_t r = 0; r < peers.size(); ++r) {
         if (static_cast<int>(r) == rank) continue;
-        if (store->add(key(r), 0) == before[r]) silent.push_back(fmt::format("rank {} ({})", r, peers[r]));
+        if (store->add(key(r), 0) == before[r]) {
+          silent.push_back(fmt::format("rank {} ({})", r, peers[r]));
+          (*stopped)[r] = true;
+        }
       }
       *answer = silent.empty()
                     ? "every other rank is still alive, so one of them is stuck or took another path"
@@ -522,7 +528,10 @@ inline std::string ProcessGroup::diagnose_peers(bool& store_answered) {
                                   fmt::join(silent, ", "));
     });
     store_answered = answered;
-    if (answered) return *answer;
+    if (answered) {
+      silent_ranks = *stopped;  // written before the thread ended, which finish_within waited for
+      return *answer;
+    }
     return fmt::format("{} did not answer within {} ms (exited, killed, stopped, or cut off from this host)", store_host,
                        limit.count());
   } catch (...) {
@@ -551,8 +560,9 @@ void ProcessGroup::collective(const char* what, const char* kind, std::int64_t b
     CollectivePurpose::write(in_flight.purpose, sizeof(in_flight.purpose));
     in_flight.bytes = bytes;
     bool store_answered = false;
-    const std::string peers = diagnose_peers(store_answered);
-    const std::string traces = store_answered ? compare_traces() : std::string();
+    std::vector<bool> silent(peers_.size(), false);
+    const std::string peers = diagnose_peers(store_answered, silent);
+    const std::string traces = store_answered ? compare_traces(silent) : std::string();
     broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}{}{}",
                           env_.rank, in_flight.describe(), env_.world_size, ms.count(), timeout_.count(), peers,
                           cause, traces.empty() ? "" : "; ", traces);
@@ -561,7 +571,7 @@ void ProcessGroup::collective(const char* what, const char* kind, std::int64_t b
   trace_.finish(sequence, true);
 }
 
-inline std::string ProcessGroup::compare_traces() {
+inline std::string ProcessGroup::compare_traces(const std::vector<bool>& silent) {
   if (trace_.capacity() == 0) return "";
   // The store is asked through finish_within (see Note [Rendezvous failures]):
   // what was read when the limit passes is compared, the rest did not answer.
@@ -573,12 +583,14 @@ inline std::string ProcessGroup::compare_traces() {
   exchange->summaries.resize(static_cast<std::size_t>(env_.world_size));
   exchange->summaries[static_cast<std::size_t>(env_.rank)] = trace_.summary();
   // The others fail at about the same time (they wait as long): give them
-  // a few heartbeats to post theirs.
+  // a few heartbeats to post theirs; one whose heartbeat stopped is read
+  // once (it posted its summary when it ended, if it ended cleanly).
   const auto wait = std::max(heartbeat_interval() * 6, std::chrono::milliseconds(2000));
   std::vector<std::string> keys;
   for (int r = 0; r < env_.world_size; ++r) keys.push_back(trace_key(r));
   try {
-    detail::finish_within(wait + std::chrono::milliseconds(1000), [exchange, store = store_, keys, rank = env_.rank,
+    detail::finish_within(wait + std::chrono::milliseconds(1000), [exchange, store = store_, keys, silent,
+                                                                   rank = env_.rank,
                                                                    mine = exchange->summaries[static_cast<std::size_t>(
                                                                        env_.rank)],
                                                                    wait] {
@@ -586,7 +598,7 @@ inline std::string ProcessGroup::compare_traces() {
       const auto deadline = std::chrono::steady_clock::now() + wait;
       for (std::size_t r = 0; r < keys.size(); ++r) {
         if (static_cast<int>(r) == rank) continue;
-        while (!store->check({keys[r]}) && std::chrono::steady_clock::now() < deadline) {
+        while (!silent[r] && !store->check({keys[r]}) && std::chrono::steady_clock::now() < deadline) {
           std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
         if (!store->check({keys[r]})) continue;
@@ -657,7 +669,7 @@ inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string&
 
 inline void ProcessGroup::connect() {}
 inline void ProcessGroup::start_heartbeat() {}
-inline std::string ProcessGroup::diagnose_peers(bool&) { return ""; }
+inline std::string ProcessGroup::diagnose_peers(bool&, std::vector<bool>&) { return ""; }
 inline void ProcessGroup::all_reduce_sum(const at::Tensor&) {}
 inline void ProcessGroup::broadcast(const at::Tensor&, int) {}
 inline void ProcessGroup::barrier() {}
