@@ -11,6 +11,7 @@ packages=(
   cmake ninja-build g++ pkg-config
   python3-venv          # the project's virtual environment with pip's torch (scripts/find-torch.sh)
   libgloo-dev           # Gloo's headers, for multi-process training over c10d's ProcessGroupGloo
+  iproute2              # `ip netns`: the tests that make hosts out of network namespaces
   libfmt-dev            # messages
   doctest-dev           # tests
   libcli11-dev          # command-line programs (examples, multigpu-run)

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -27,6 +28,7 @@
 #include "multigpu/distributed.hpp"
 
 #include "distributed/recipe.hpp"
+#include "net_namespaces.hpp"
 #include "tiny_file_system.hpp"
 
 using multigpu::DistributedOptions;
@@ -315,17 +317,26 @@ std::string worker_tsan_options() {
   return fmt::format("{}:report_bugs=0", options);
 }
 
+/// The environment of rank `rank` of `world` (torchrun's variables) meeting
+/// at `master_addr`:`port`, with `extra` variables.
+std::vector<std::string> rank_environment(int rank, int world, const std::string& master_addr, int port,
+                                          std::vector<std::pair<std::string, std::string>> extra = {}) {
+  std::vector<std::pair<std::string, std::string>> values{{"RANK", std::to_string(rank)},
+                                                          {"WORLD_SIZE", std::to_string(world)},
+                                                          {"LOCAL_RANK", std::to_string(rank)},
+                                                          {"LOCAL_WORLD_SIZE", std::to_string(world)},
+                                                          {"MASTER_ADDR", master_addr},
+                                                          {"MASTER_PORT", std::to_string(port)},
+                                                          {"OMP_NUM_THREADS", "1"},
+                                                          {"TSAN_OPTIONS", worker_tsan_options()}};
+  values.insert(values.end(), extra.begin(), extra.end());
+  return multigpu::detail::environment_with(values);
+}
+
 /// Starts the worker as rank `rank` of `world` (torchrun's variables) with `arguments`.
 std::unique_ptr<multigpu::detail::ChildProcess> start_rank(int rank, int world, int port, const std::string& arguments,
                                                            const std::string& log) {
-  const auto environment = multigpu::detail::environment_with({{"RANK", std::to_string(rank)},
-                                                               {"WORLD_SIZE", std::to_string(world)},
-                                                               {"LOCAL_RANK", std::to_string(rank)},
-                                                               {"LOCAL_WORLD_SIZE", std::to_string(world)},
-                                                               {"MASTER_ADDR", "127.0.0.1"},
-                                                               {"MASTER_PORT", std::to_string(port)},
-                                                               {"OMP_NUM_THREADS", "1"},
-                                                               {"TSAN_OPTIONS", worker_tsan_options()}});
+  const auto environment = rank_environment(rank, world, "127.0.0.1", port);
   std::remove(log.c_str());
   return std::make_unique<multigpu::detail::ChildProcess>(
       fmt::format("exec '{}' {}", multigpu_test::distributed_worker(), arguments), environment, log);
@@ -968,6 +979,348 @@ TEST_SUITE("distributed rendezvous") {
       std::remove(scratch("world1").c_str());
       std::remove(scratch("worldlog1").c_str());
     }
+  }
+}
+
+TEST_SUITE("distributed network interface") {
+  TEST_CASE("without GLOO_SOCKET_IFNAME Gloo listens on the address that reaches MASTER_ADDR, and says so") {
+    const auto env = read_distributed_env({}, fake_env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+                                                        {"MASTER_PORT", "29500"}}));
+    const auto master = multigpu::detail::resolve_master(env);
+    const auto choice = multigpu::detail::choose_network(env, master.get(), nullptr, nullptr);
+    CHECK(choice.address == "127.0.0.1");
+    CHECK(choice.interfaces.empty());
+    CHECK(choice.description == "rank 1: Gloo uses 127.0.0.1 on lo (the address this host reaches MASTER_ADDR=127.0.0.1 "
+                                "from; GLOO_SOCKET_IFNAME chooses another)");
+    // An empty GLOO_SOCKET_IFNAME is no choice; NCCL_SOCKET_IFNAME is passed through, and said.
+    CHECK(multigpu::detail::choose_network(env, master.get(), "", "ib0").description ==
+          "rank 1: Gloo uses 127.0.0.1 on lo (the address this host reaches MASTER_ADDR=127.0.0.1 from; "
+          "GLOO_SOCKET_IFNAME chooses another); NCCL_SOCKET_IFNAME=ib0 for NCCL");
+  }
+
+  TEST_CASE("GLOO_SOCKET_IFNAME: its interfaces and nothing else, and one that does not exist is named") {
+    const auto env = read_distributed_env({}, fake_env({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"},
+                                                        {"MASTER_PORT", "29500"}}));
+    const auto master = multigpu::detail::resolve_master(env);
+    const auto choice = multigpu::detail::choose_network(env, master.get(), "lo,lo", nullptr);
+    CHECK(choice.interfaces == std::vector<std::string>{"lo", "lo"});
+    CHECK(choice.description == "rank 0: Gloo uses interface lo, lo (GLOO_SOCKET_IFNAME)");
+    const std::string message = MULTIGPU_TEST_MESSAGE(
+        multigpu::DistributedError, multigpu::detail::choose_network(env, master.get(), "lo,nosuch0", nullptr));
+    CHECK(contains(message, "rank 0: GLOO_SOCKET_IFNAME='lo,nosuch0' names an interface this host does not have "
+                            "('nosuch0'); its interfaces are lo (127.0.0.1)"));
+    CHECK(contains(message, "or unset it to use the one that reaches MASTER_ADDR=127.0.0.1"));
+  }
+}
+
+/// The port every namespaced job meets on: each host is a namespace of its own, where nothing else listens.
+constexpr int kNamespacedPort = 29500;
+
+/// Runs the worker as `world` processes, rank k on host k of `net` (rank 0,
+/// the master, on host 0: MASTER_ADDR is another host's address for every
+/// other rank), with `extra` variables; like run_job otherwise.
+std::vector<multigpu::detail::ProcessExit> run_job_on_hosts(
+    multigpu_test::NetNamespaces& net, const std::string& name, int world, const std::string& arguments,
+    const std::vector<std::pair<std::string, std::string>>& extra = {}, int timeout_ms = 60000,
+    std::chrono::seconds limit = std::chrono::seconds(120)) {
+  std::vector<multigpu::detail::ChildProcess*> ranks;
+  for (int rank = 0; rank < world; ++rank) {
+    const std::string log = scratch(fmt::format("{}log{}", name, rank));
+    std::remove(log.c_str());
+    ranks.push_back(&net.start(rank,
+                               fmt::format("'{}' {} --out {} --timeout-ms {}", multigpu_test::distributed_worker(),
+                                           arguments, scratch(fmt::format("{}{}", name, rank)), timeout_ms),
+                               rank_environment(rank, world, multigpu_test::NetNamespaces::address(0),
+                                                kNamespacedPort, extra),
+                               log));
+  }
+  std::vector<multigpu::detail::ProcessExit> exits;
+  for (auto* rank : ranks) exits.push_back(finish(*rank, limit));
+  return exits;
+}
+
+/// Removes the files of the `world`-process job `name`.
+void remove_files_of(const std::string& name, int world) {
+  for (int rank = 0; rank < world; ++rank) {
+    std::remove(scratch(fmt::format("{}{}", name, rank)).c_str());
+    std::remove(scratch(fmt::format("{}log{}", name, rank)).c_str());
+  }
+}
+
+/// Trains the recipe as `world` processes x `replicas` replicas over
+/// loopback, then on `world` namespaced hosts with `extra` variables, and
+/// checks that every rank ends bit for bit alike, and that each rank said
+/// which interface Gloo uses (`said(rank)`, in its output).
+void check_hosts_train_like_loopback(int world, int replicas,
+                                     const std::vector<std::pair<std::string, std::string>>& extra,
+                                     const std::function<std::string(int)>& said) {
+  multigpu_test::NetNamespaces net(world);
+  const std::string arguments = fmt::format("--replicas {} --steps 3", replicas);
+  const std::string loop = fmt::format("loop{}", world);
+  const std::string hosts = fmt::format("hosts{}", world);
+  const auto looped = run_job(loop, world, arguments);
+  const auto start = std::chrono::steady_clock::now();
+  const auto networked = run_job_on_hosts(net, hosts, world, arguments, extra);
+  MESSAGE(world, " namespaced hosts trained 3 steps in ",
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s");
+  for (int rank = 0; rank < world; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    const std::string log = read_text(scratch(fmt::format("{}log{}", hosts, rank)));
+    INFO("rank ", rank, " over loopback: ", looped[k].describe(), "\n",
+         read_text(scratch(fmt::format("{}log{}", loop, rank))), "\non host ", net.host(rank), ": ",
+         networked[k].describe(), "\n", log);
+    REQUIRE(looped[k].success());
+    REQUIRE(networked[k].success());
+    CHECK(contains(log, said(rank)));
+    CHECK(torch::equal(parameters_of(hosts, rank), parameters_of(loop, rank)));
+  }
+  remove_files_of(loop, world);
+  remove_files_of(hosts, world);
+}
+
+TEST_SUITE("distributed over a network of namespaces") {
+  TEST_CASE("2 hosts train bit for bit as 2 processes over loopback, each choosing the interface that reaches the master") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(2, 2, {{"GLOO_SOCKET_IFNAME", ""}}, [](int rank) {
+      return fmt::format("multigpu: rank {0}: Gloo uses 198.51.100.{1} on wire (the address this host reaches "
+                         "MASTER_ADDR=198.51.100.1 from; GLOO_SOCKET_IFNAME chooses another)",
+                         rank, rank + 1);
+    });
+  }
+
+  TEST_CASE("3 hosts train bit for bit as 3 processes over loopback") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(3, 1, {{"GLOO_SOCKET_IFNAME", ""}}, [](int rank) {
+      return fmt::format("multigpu: rank {}: Gloo uses 198.51.100.{} on wire", rank, rank + 1);
+    });
+  }
+
+  TEST_CASE("GLOO_SOCKET_IFNAME is honoured and NCCL_SOCKET_IFNAME passed through: 2 hosts train as over loopback") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    check_hosts_train_like_loopback(2, 1, {{"GLOO_SOCKET_IFNAME", "wire"}, {"NCCL_SOCKET_IFNAME", "wire"}},
+                                    [](int rank) {
+                                      return fmt::format("multigpu: rank {}: Gloo uses interface wire "
+                                                         "(GLOO_SOCKET_IFNAME); NCCL_SOCKET_IFNAME=wire for NCCL",
+                                                         rank);
+                                    });
+  }
+
+  TEST_CASE("the namespaces, their links and their processes are gone when the helper is, also after a throw") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    std::string bridge;
+    pid_t sleeper = 0;
+    CHECK_THROWS_AS(([&] {
+                      multigpu_test::NetNamespaces net(2);
+                      bridge = net.bridge();
+                      sleeper = net.start(1, "sleep 600", multigpu::detail::environment_with({}), "/dev/null").pid();
+                      CHECK(multigpu_test::run_command("ip netns list").output.find(net.host(1)) != std::string::npos);
+                      throw std::runtime_error("a failing test");
+                    }()),
+                    std::runtime_error);
+    const std::string left = multigpu_test::run_command("ip netns list").output;
+    CHECK(left.find(bridge.substr(0, bridge.size() - 2)) == std::string::npos);
+    CHECK(::kill(sleeper, 0) != 0);  // killed and reaped
+  }
+
+  TEST_CASE("the namespaces left by a test process that was killed are removed by the next helper made") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    // A pid that no longer runs: a child that ended and was reaped.
+    const pid_t dead = ::fork();
+    if (dead == 0) ::_exit(0);
+    REQUIRE(dead > 0);
+    ::waitpid(dead, nullptr, 0);
+    const std::string left = fmt::format("multigpu-test-{}-h0", dead);
+    multigpu_test::NetNamespaces::must("ip netns add " + left);
+    multigpu::detail::ChildProcess sleeper(fmt::format("exec ip netns exec {} sleep 600", left),
+                                           multigpu::detail::environment_with({}), "/dev/null");
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (multigpu_test::run_command("ip netns pids " + left).output.empty() &&
+           std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    {
+      multigpu_test::NetNamespaces net(2);
+      CHECK(multigpu_test::run_command("ip netns list").output.find(left) == std::string::npos);
+    }
+    // What ran inside it was killed.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!sleeper.poll().has_value() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const bool ended = sleeper.poll().has_value();
+    if (!ended) {
+      sleeper.kill_group(SIGKILL);
+      multigpu_test::run_command("ip netns del " + left);
+    }
+    REQUIRE(ended);
+    CHECK(sleeper.wait_blocking().signal == SIGKILL);
+  }
+}
+
+/// A fault on 2 namespaced hosts: when each rank ended, after the fault, and what it said.
+struct NetworkFault {
+  std::vector<multigpu::detail::ProcessExit> exits;
+  std::vector<std::string> reports;  // each rank's --out ("failed after S s: message")
+  std::vector<std::string> logs;
+  std::vector<double> seconds;       // from the fault to the rank's end
+};
+
+/// Starts rank k of 2 on host k of `net` with `arguments` (rank 1 with
+/// `--mark`: it marks the step the fault lands in) and a time-out of
+/// `timeout_ms`, applies `fault` once rank 1 marked it (at once when
+/// `arguments` has no --mark-at-step), and waits for each rank to end
+/// (`continue_after` is called once rank 0 has, with the ranks, to let a
+/// stopped peer go on). `first`: the first rank started (1: rank 0, the
+/// master, never comes up).
+NetworkFault run_fault_on_hosts(
+    multigpu_test::NetNamespaces& net, const std::string& name, const std::string& arguments, int timeout_ms,
+    const std::function<void(std::vector<multigpu::detail::ChildProcess*>&)>& fault,
+    const std::function<void(std::vector<multigpu::detail::ChildProcess*>&)>& continue_after = {}, int first = 0) {
+  const std::string mark = scratch(name + "mark");
+  std::remove(mark.c_str());
+  std::vector<multigpu::detail::ChildProcess*> ranks(2, nullptr);
+  for (int rank = first; rank < 2; ++rank) {
+    const std::string log = scratch(fmt::format("{}log{}", name, rank));
+    std::remove(log.c_str());
+    ranks[static_cast<std::size_t>(rank)] = &net.start(
+        rank,
+        fmt::format("'{}' {} --mark {} --out {} --timeout-ms {}", multigpu_test::distributed_worker(), arguments, mark,
+                    scratch(fmt::format("{}{}", name, rank)), timeout_ms),
+        rank_environment(rank, 2, multigpu_test::NetNamespaces::address(0), kNamespacedPort), log);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  if (contains(arguments, "--mark-at-step")) {
+    while (!std::filesystem::exists(mark) && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  const auto fault_time = std::chrono::steady_clock::now();
+  fault(ranks);
+  NetworkFault result;
+  result.exits.resize(2);
+  result.seconds.assign(2, -1);
+  bool continued = !continue_after;
+  for (bool running = true; running && std::chrono::steady_clock::now() < deadline;) {
+    running = false;
+    for (std::size_t k = 0; k < 2; ++k) {
+      if (ranks[k] == nullptr || result.seconds[k] >= 0) continue;
+      if (ranks[k]->poll()) {
+        result.seconds[k] = std::chrono::duration<double>(std::chrono::steady_clock::now() - fault_time).count();
+      } else {
+        running = true;
+      }
+    }
+    if (!continued && (ranks[0] == nullptr || result.seconds[0] >= 0)) {
+      continue_after(ranks);
+      continued = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto k = static_cast<std::size_t>(rank);
+    if (ranks[k] != nullptr) {
+      if (!ranks[k]->poll()) ranks[k]->kill_group(SIGKILL);
+      result.exits[k] = ranks[k]->wait_blocking();
+    }
+    result.reports.push_back(read_text(scratch(fmt::format("{}{}", name, rank))));
+    result.logs.push_back(read_text(scratch(fmt::format("{}log{}", name, rank))));
+    if (ranks[k] != nullptr) {
+      MESSAGE(name, ": rank ", rank, " ended ", result.seconds[k], " s after the fault (time-out ", timeout_ms / 1000.0,
+              " s): ", result.reports[k]);
+    }
+  }
+  remove_files_of(name, 2);
+  std::remove(mark.c_str());
+  return result;
+}
+
+/// Checks that rank `rank` of `fault` failed with a DistributedError
+/// (exit 2) containing each of `said`, within `limit` seconds of the fault.
+void check_named(const NetworkFault& fault, int rank, const std::vector<std::string>& said, double limit) {
+  const auto k = static_cast<std::size_t>(rank);
+  INFO("rank ", rank, ": ", fault.exits[k].describe(), "\n", fault.reports[k], "\n", fault.logs[k]);
+  CHECK(fault.exits[k].exit_code == 2);
+  for (const auto& text : said) CHECK(contains(fault.reports[k], text));
+  CHECK(fault.seconds[k] >= 0);
+  CHECK(fault.seconds[k] < limit);
+}
+
+constexpr int kFaultTimeoutMs = 3000;
+const std::string kMidStep = "--replicas 1 --steps 8 --mark-at-step 2 --fault-rank 1";
+
+TEST_SUITE("faults on a network of namespaces") {
+  TEST_CASE("a link cut mid-step: both ranks name the other, host and rank, and the collective, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "cut", kMidStep, kFaultTimeoutMs,
+                                          [&](auto&) { net.set_link(1, false); });
+    // Rank 1 waits out the time-out, then for the store it cannot reach (Note [Rendezvous failures]).
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    // c10d's store client of LibTorch 2 waits for its answer without a time-out, 1.13's gives up after it.
+    check_named(fault, 1, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 0 (198.51.100.1 on ",
+                           "which serves the rendezvous store, did not answer"}, 15);
+  }
+
+  TEST_CASE("a peer SIGKILLed mid-step: the other names it, host and rank, and the collective") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "killed", kMidStep, kFaultTimeoutMs,
+                                          [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGKILL); });
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 10);
+  }
+
+  TEST_CASE("a peer SIGSTOPped mid-step: the other names it after the time-out, and it names the other once it goes on") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(
+        net, "stopped", kMidStep, kFaultTimeoutMs, [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGSTOP); },
+        [](auto& ranks) { ::kill(ranks[1]->command_pid(), SIGCONT); });
+    check_named(fault, 0, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 1 (198.51.100.2 on ", "stopped responding"}, 12);
+    check_named(fault, 1, {"all_reduce #", "(gradient bucket 0, 712 B Float)", "rank 0 (198.51.100.1 on ", "did not answer"}, 20);
+  }
+
+  TEST_CASE("a partition during the rendezvous: each rank names whom it could not reach, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    net.set_link(1, false);
+    const auto fault = run_fault_on_hosts(net, "partition", "--replicas 1 --steps 2", kFaultTimeoutMs, [](auto&) {});
+    check_named(fault, 0, {"missing rank 1"}, 12);
+    check_named(fault, 1, {"rank 0 at 198.51.100.1:29500"}, 12);
+  }
+
+  TEST_CASE("a master that never comes up: the rank names rank 0 and its address, within seconds") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto fault = run_fault_on_hosts(net, "nomaster", "--replicas 1 --steps 2", kFaultTimeoutMs, [](auto&) {},
+                                          {}, /*first=*/1);
+    check_named(fault, 1, {"rank 0 at 198.51.100.1:29500"}, 12);
+  }
+
+  TEST_CASE("a slow link (netem: 200 ms delay, 5 percent loss) still trains, bit for bit") {
+    MULTIGPU_TEST_NEEDS_NET_NAMESPACES();
+    multigpu_test::NetNamespaces net(2);
+    const auto netem = multigpu_test::run_command(
+        fmt::format("tc -n {} qdisc add dev {} root netem delay 200ms loss 5%", net.bridge(),
+                    multigpu_test::NetNamespaces::port(1)));
+    if (netem.status != 0) {
+      MESSAGE("skipped: tc netem is not available here: " << netem.output);
+      std::cout << "multigpu test skipped: tc netem is not available here: " << netem.output << std::endl;
+      return;
+    }
+    const auto looped = run_job("slowloop", 2, "--replicas 1 --steps 3");
+    const auto start = std::chrono::steady_clock::now();
+    const auto slow = run_job_on_hosts(net, "slow", 2, "--replicas 1 --steps 3", {}, 5000);
+    MESSAGE("2 hosts on a slow link trained 3 steps in ",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), " s");
+    for (int rank = 0; rank < 2; ++rank) {
+      const auto k = static_cast<std::size_t>(rank);
+      INFO("rank ", rank, ": ", slow[k].describe(), "\n", read_text(scratch(fmt::format("slowlog{}", rank))));
+      REQUIRE(looped[k].success());
+      REQUIRE(slow[k].success());
+      CHECK(torch::equal(parameters_of("slow", rank), parameters_of("slowloop", rank)));
+    }
+    remove_files_of("slowloop", 2);
+    remove_files_of("slow", 2);
   }
 }
 

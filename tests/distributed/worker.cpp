@@ -5,7 +5,10 @@
 // parameters to --out. Faults on request: --die-at-step N makes rank
 // --fault-rank exit in the middle of step N (inside its loss function),
 // --hang-at-step N makes it stop there without exiting, --kill-at-step N
-// makes every rank SIGKILL itself there. Checkpoints: --checkpoint PATH
+// makes every rank SIGKILL itself there; --mark-at-step N makes rank
+// --fault-rank create the file --mark there and wait 500 ms (a test then
+// cuts its link, kills or stops it). --steps-pause-ms M waits M ms before
+// each step (a job that lasts long enough for a fault to land mid-run). Checkpoints: --checkpoint PATH
 // with --save-at-step N saves the training after step N (dp.save_state);
 // --resume PATH loads one before training and goes on from its step.
 // --scaler 1 trains
@@ -85,6 +88,9 @@ struct Args {
   bool sync_bn = false;
   int accumulate = 0;  // 0: train_step; M: M micro-steps in no_sync(), then step()
   bool phases = false;
+  int mark_at_step = -1;
+  std::string mark;
+  int steps_pause_ms = 0;
   bool other_shape = false;
   bool dump_trace = false;
   int trace_size = 2000;
@@ -120,6 +126,9 @@ Args parse(int argc, char** argv) {
     else if (name == "--sync-bn") args.sync_bn = value == "1";
     else if (name == "--accumulate") args.accumulate = std::stoi(value);
     else if (name == "--phases") args.phases = value == "1";
+    else if (name == "--mark-at-step") args.mark_at_step = std::stoi(value);
+    else if (name == "--mark") args.mark = value;
+    else if (name == "--steps-pause-ms") args.steps_pause_ms = std::stoi(value);
     else if (name == "--other-shape") args.other_shape = value == "1";
     else if (name == "--dump-trace") args.dump_trace = value == "1";
     else if (name == "--trace-size") args.trace_size = std::stoi(value);
@@ -195,6 +204,7 @@ int main(int argc, char** argv) {
     int trained_steps = 0;
     for (int step = static_cast<int>(dp.steps()); step < args.steps; ++step) {
       if (step == args.skip_step) continue;
+      std::this_thread::sleep_for(std::chrono::milliseconds(args.steps_pause_ms));
       auto [x, y] = multigpu_test::recipe_batch(step);
       auto batch = std::make_pair(multigpu_test::part_of(x, group->size(), rank).to(dtype),
                                   multigpu_test::part_of(y, group->size(), rank).to(dtype));
@@ -209,6 +219,10 @@ int main(int argc, char** argv) {
       auto loss = [&](multigpu_test::RecipeNetImpl& model, const std::pair<torch::Tensor, torch::Tensor>& shard) {
         if (rank == args.fault_rank && step == args.die_at_step) std::_Exit(7);  // killed mid-step
         if (step == args.kill_at_step) std::raise(SIGKILL);
+        if (rank == args.fault_rank && step == args.mark_at_step) {
+          std::ofstream(args.mark) << "step " << step << "\n";
+          std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        }
         if (rank == args.fault_rank && step == args.hang_at_step) {
           std::this_thread::sleep_for(std::chrono::hours(1));  // stuck mid-step
         }

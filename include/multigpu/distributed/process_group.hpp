@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -25,6 +26,7 @@
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <fmt/core.h>
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -161,19 +163,25 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   inline ProcessGroup(DistributedEnv env, std::chrono::milliseconds timeout, std::size_t trace_size);
   inline void connect();
   /// Checks in at the store and waits for the others (see Note [Rendezvous failures]).
-  inline void meet(const std::string& where);
+  inline void meet(const std::string& where, const std::string& record);
   inline void start_heartbeat();
   inline void stop_heartbeat() noexcept;
   /// Runs a collective under the group's lock, recording it in the trace
-  /// (`kind`, `bytes`, `dtype`), and turning failures and time-outs into a
-  /// DistributedError that names the silent ranks and where the processes'
-  /// traces differ.
+  /// (`kind`, `bytes`, `dtype`, and the thread's CollectivePurpose), and
+  /// turning failures and time-outs into a DistributedError that names the
+  /// silent ranks (rank, address, host), the collective in flight, as its
+  /// trace record says it, and where the processes' traces differ. `what`
+  /// names it when the group refuses it after an earlier failure.
   template <class Fn>
   void collective(const char* what, const char* kind, std::int64_t bytes, const char* dtype, Fn&& fn);
-  inline std::string diagnose_peers();
+  /// Who of the others still beats (see Note [Rendezvous failures]): sets
+  /// `silent` to the ranks whose heartbeat stopped, and `store_answered`
+  /// to whether the store answered at all.
+  inline std::string diagnose_peers(bool& store_answered, std::vector<bool>& silent);
   /// Posts this process's trace summary to the store and compares it with
-  /// the others' (see Note [The collective trace], 3).
-  inline std::string compare_traces();
+  /// the others' (see Note [The collective trace], 3), waiting only for
+  /// those not `silent`.
+  inline std::string compare_traces(const std::vector<bool>& silent);
   std::string trace_key(int rank) const { return fmt::format("multigpu/trace/{}", rank); }
   inline void check_usable(const char* what) const;
   std::chrono::milliseconds heartbeat_interval() const {
@@ -193,14 +201,60 @@ class ProcessGroup : public ProcessCollectives, public std::enable_shared_from_t
   c10::intrusive_ptr<c10d::TCPStore> heartbeat_store_;  // its own connection, so beats never wait for a collective
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_;
 #endif
-  std::thread heartbeat_;
+  /// The heartbeat thread's state, shared with it: the thread may outlive
+  /// the group when a store operation blocks (see Note [Rendezvous failures]).
+  struct Heartbeat {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool stop = false;
+    bool done = true;  // the thread ended (or never started)
+  };
+  std::shared_ptr<Heartbeat> heartbeat_ = std::make_shared<Heartbeat>();
   std::thread dumper_;  // see dump_trace_on_signal
   int dump_signal_ = 0;
   struct sigaction dump_previous_ {};
-  std::mutex heartbeat_mutex_;
-  std::condition_variable heartbeat_cv_;
-  bool heartbeat_stop_ = false;
 };
+
+namespace detail {
+
+// Note [SIGPIPE and Gloo's threads]
+// Gloo writes to its sockets with writev(), which has no MSG_NOSIGNAL: a
+// write to a peer that is gone raises SIGPIPE, whose default action ends
+// the process, before Gloo can turn EPIPE into an error naming the peer.
+// Python ignores SIGPIPE, so PyTorch never meets this; a C++ program does
+// (seen when a rank stopped with SIGSTOP goes on after its peer ended: it
+// died by SIGPIPE instead of naming the peer). Rather than change the
+// process's disposition, the threads that write to Gloo's sockets block
+// SIGPIPE: Gloo's device thread and ProcessGroupGloo's workers are made
+// while the constructing thread blocks it, and inherit its mask; that
+// thread takes any SIGPIPE left pending on itself (from the connection of
+// the full mesh) before unblocking. A signal blocked in a thread that
+// raised it stays pending there, harmless, and writev() returns EPIPE.
+
+/// Blocks SIGPIPE in this thread while it lives (see Note [SIGPIPE and Gloo's threads]).
+class SigpipeBlocked {
+ public:
+  SigpipeBlocked() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    ::pthread_sigmask(SIG_BLOCK, &pipe_, &previous_);
+  }
+  ~SigpipeBlocked() {
+    if (sigismember(&previous_, SIGPIPE) == 1) return;
+    const timespec none{};
+    while (::sigtimedwait(&pipe_, nullptr, &none) == SIGPIPE) {
+    }
+    ::pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
+  }
+  SigpipeBlocked(const SigpipeBlocked&) = delete;
+  SigpipeBlocked& operator=(const SigpipeBlocked&) = delete;
+
+ private:
+  sigset_t pipe_{};
+  sigset_t previous_{};
+};
+
+}  // namespace detail
 
 // ---------------------------------------------------------------------------
 // Definitions
@@ -237,21 +291,24 @@ inline ProcessGroup::~ProcessGroup() {
   // Rank 0 serves the store: it stays until every rank has said goodbye (or
   // a short while, when the job already failed), so that no rank loses the
   // store while it still talks to it.
+  const auto limit = broken_.empty() ? std::min(timeout_, std::chrono::milliseconds(30000))
+                                     : std::chrono::milliseconds(1000);
   try {
-    // A rank that went on and finished is still heard by one that fails later (Note [The collective trace], 3).
-    if (broken_.empty() && trace_.capacity() > 0) {
-      const std::string summary = trace_.summary();
-      store_->set(trace_key(env_.rank), std::vector<std::uint8_t>(summary.begin(), summary.end()));
-    }
-    store_->add("multigpu/finished", 1);
-    if (is_primary()) {
-      const auto limit = broken_.empty() ? std::min(timeout_, std::chrono::milliseconds(30000))
-                                         : std::chrono::milliseconds(1000);
-      const auto deadline = std::chrono::steady_clock::now() + limit;
-      while (store_->add("multigpu/finished", 0) < env_.world_size && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
+    // A rank that went on and finished is still heard by one that fails
+    // later (Note [The collective trace], 3): its summary goes with its goodbye.
+    const std::string summary = broken_.empty() && trace_.capacity() > 0 ? trace_.summary() : std::string();
+    detail::finish_within(limit + std::chrono::milliseconds(500),
+                          [store = store_, primary = is_primary(), world = env_.world_size, limit, summary,
+                           key = trace_key(env_.rank)] {
+                            if (!summary.empty()) store->set(key, std::vector<std::uint8_t>(summary.begin(), summary.end()));
+                            store->add("multigpu/finished", 1);
+                            if (!primary) return;
+                            const auto deadline = std::chrono::steady_clock::now() + limit;
+                            while (store->add("multigpu/finished", 0) < world &&
+                                   std::chrono::steady_clock::now() < deadline) {
+                              std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                            }
+                          });
   } catch (...) {
     // The store is gone (rank 0 ended first): nothing left to say goodbye to.
   }
@@ -267,6 +324,10 @@ inline void ProcessGroup::connect() {
   // See Note [Rendezvous failures].
   const std::string where = fmt::format("{}:{}", env_.master_addr, env_.master_port);
   const detail::AddressList addresses = detail::resolve_master(env_);
+  // See Note [Choosing the network interface].
+  const detail::NetworkChoice network = detail::choose_network(env_, addresses.get(), std::getenv("GLOO_SOCKET_IFNAME"),
+                                                               std::getenv("NCCL_SOCKET_IFNAME"));
+  log(LogLevel::kInfo, network.description);
   detail::ListenerProbe probe;
   if (!is_primary()) {
     probe = detail::probe_listener(addresses.get(), std::min(timeout_, std::chrono::milliseconds(2000)),
@@ -319,7 +380,10 @@ inline void ProcessGroup::connect() {
   if (!heartbeat_store_) throw unreachable("no answer");
 
   try {
-    meet(where);
+    // How the others name this process in their errors: its address, host and pid.
+    const std::string address =
+        network.address.empty() ? fmt::format("{}", fmt::join(network.interfaces, ",")) : network.address;
+    meet(where, fmt::format("{} on {}, pid {}", address, detail::this_host(), ::getpid()));
   } catch (const DistributedError&) {
     throw;
   } catch (...) {
@@ -329,26 +393,30 @@ inline void ProcessGroup::connect() {
   }
 
   auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout_);
+  // See Note [SIGPIPE and Gloo's threads].
+  const detail::SigpipeBlocked sigpipe_blocked;
   try {
-    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    } else if (detail::is_loopback(env_.master_addr)) {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    } else {
-      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    for (const auto& name : network.interfaces) {
+      gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+    }
+    if (network.interfaces.empty()) {
+      gloo_options->devices.push_back(network.address.empty()
+                                          ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                          : c10d::ProcessGroupGloo::createDeviceForHostname(network.address));
     }
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("multigpu/gloo", store_);
     gloo_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env_.rank, env_.world_size, gloo_options);
   } catch (...) {
-    throw DistributedError(fmt::format("rank {}: the Gloo process group could not connect the {} processes: {}. "
-                                       "On machines with several networks set GLOO_SOCKET_IFNAME to the interface "
-                                       "that reaches the others",
-                                       env_.rank, env_.world_size, detail::current_error()));
+    throw DistributedError(fmt::format("rank {}: the Gloo process group could not connect the {} processes: {} ({}). "
+                                       "Set GLOO_SOCKET_IFNAME to the interface that reaches the others; this "
+                                       "host's are {}",
+                                       env_.rank, env_.world_size, detail::current_error(), network.description,
+                                       detail::interfaces_here()));
   }
   start_heartbeat();
 }
 
-inline void ProcessGroup::meet(const std::string& where) {
+inline void ProcessGroup::meet(const std::string& where, const std::string& record) {
   // See Note [Rendezvous failures].
   const auto bytes = [](const std::string& text) { return std::vector<std::uint8_t>(text.begin(), text.end()); };
   const auto text = [](const std::vector<std::uint8_t>& data) { return std::string(data.begin(), data.end()); };
@@ -388,7 +456,7 @@ inline void ProcessGroup::meet(const std::string& where) {
   std::vector<std::string> keys;
   for (int r = 0; r < env_.world_size; ++r) keys.push_back(fmt::format("multigpu/rank/{}", r));
   if (store_->check({kMismatchKey})) fail_on_mismatch();
-  store_->set(keys[static_cast<std::size_t>(env_.rank)], bytes(me));
+  store_->set(keys[static_cast<std::size_t>(env_.rank)], bytes(record));
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   const auto poll = std::clamp(timeout_ / 50, std::chrono::milliseconds(10), std::chrono::milliseconds(100));
   while (!store_->check(keys)) {
@@ -410,40 +478,66 @@ inline void ProcessGroup::meet(const std::string& where) {
 }
 
 inline void ProcessGroup::start_heartbeat() {
-  heartbeat_ = std::thread([this, interval = heartbeat_interval()] {
-    const std::string key = heartbeat_key(env_.rank);
-    std::unique_lock<std::mutex> lock(heartbeat_mutex_);
-    while (!heartbeat_stop_) {
+  // See Note [Rendezvous failures]: the thread owns what it touches, and is
+  // left behind when a beat blocks on a store that no longer answers.
+  heartbeat_->done = false;
+  std::thread([state = heartbeat_, store = heartbeat_store_, key = heartbeat_key(env_.rank),
+               interval = heartbeat_interval()]() mutable {
+    std::unique_lock<std::mutex> lock(state->mutex);
+    while (!state->stop) {
       lock.unlock();
       try {
-        heartbeat_store_->add(key, 1);
+        store->add(key, 1);
       } catch (...) {
-        return;  // the store is gone: a failing collective will say so (nothing may escape a thread)
+        lock.lock();
+        break;  // the store is gone: a failing collective will say so (nothing may escape a thread)
       }
       lock.lock();
-      heartbeat_cv_.wait_for(lock, interval, [this] { return heartbeat_stop_; });
+      state->cv.wait_for(lock, interval, [&] { return state->stop; });
     }
-  });
+    store.reset();
+    state->done = true;
+    state->cv.notify_all();
+  }).detach();
 }
 
-inline std::string ProcessGroup::diagnose_peers() {
+inline std::string ProcessGroup::diagnose_peers(bool& store_answered, std::vector<bool>& silent_ranks) {
+  // See Note [Rendezvous failures]: the store may not answer at all.
   const auto interval = heartbeat_interval();
-  std::vector<std::int64_t> before(static_cast<std::size_t>(env_.world_size));
+  const auto limit = interval * 4 + std::chrono::milliseconds(1000);
+  auto answer = std::make_shared<std::string>();
+  auto stopped = std::make_shared<std::vector<bool>>(peers_.size(), false);
+  const std::string store_host = fmt::format("rank 0 ({}), which serves the rendezvous store,", peers_[0]);
   try {
-    for (int r = 0; r < env_.world_size; ++r) before[static_cast<std::size_t>(r)] = store_->add(heartbeat_key(r), 0);
-    std::this_thread::sleep_for(interval * 3);
-    std::vector<std::string> silent;
-    for (int r = 0; r < env_.world_size; ++r) {
-      if (r == env_.rank) continue;
-      if (store_->add(heartbeat_key(r), 0) == before[static_cast<std::size_t>(r)]) {
-        silent.push_back(fmt::format("rank {} ({})", r, peers_[static_cast<std::size_t>(r)]));
+    const bool answered = detail::finish_within(limit, [answer, stopped, store = store_, peers = peers_,
+                                                        rank = env_.rank, interval] {
+      const auto key = [](std::size_t r) { return fmt::format("multigpu/heartbeat/{}", r); };
+      std::vector<std::int64_t> before(peers.size());
+      for (std::size_t r = 0; r < peers.size(); ++r) before[r] = store->add(key(r), 0);
+      std::this_thread::sleep_for(interval * 3);
+      std::vector<std::string> silent;
+      for (std::size_t r = 0; r < peers.size(); ++r) {
+        if (static_cast<int>(r) == rank) continue;
+        if (store->add(key(r), 0) == before[r]) {
+          silent.push_back(fmt::format("rank {} ({})", r, peers[r]));
+          (*stopped)[r] = true;
+        }
       }
+      *answer = silent.empty()
+                    ? "every other rank is still alive, so one of them is stuck or took another path"
+                    : fmt::format("{} stopped responding (exited, killed, stopped, or cut off from the network)",
+                                  fmt::join(silent, ", "));
+    });
+    store_answered = answered;
+    if (answered) {
+      silent_ranks = *stopped;  // written before the thread ended, which finish_within waited for
+      return *answer;
     }
-    if (silent.empty()) return "every other rank is still alive, so one of them is stuck or took another path";
-    return fmt::format("{} stopped responding (exited or killed)", fmt::join(silent, ", "));
+    return fmt::format("{} did not answer within {} ms (exited, killed, stopped, or cut off from this host)", store_host,
+                       limit.count());
   } catch (...) {
-    return fmt::format("rank 0 ({}), which serves the rendezvous store, is unreachable (exited or killed)",
-                       peers_.empty() ? "" : peers_[0]);
+    return fmt::format("{} did not answer ({}: exited, killed, stopped, or cut off from this host)", store_host,
+                       detail::current_error());
   }
 }
 
@@ -459,39 +553,66 @@ void ProcessGroup::collective(const char* what, const char* kind, std::int64_t b
     trace_.finish(sequence, false);
     const std::string cause = detail::current_error();
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
-    const std::string peers = diagnose_peers();
-    const std::string traces = compare_traces();
+    // What was in flight, as the trace records it (also with no trace kept).
+    CollectiveRecord in_flight;
+    in_flight.sequence = sequence;
+    std::snprintf(in_flight.kind, sizeof(in_flight.kind), "%s", kind);
+    std::snprintf(in_flight.dtype, sizeof(in_flight.dtype), "%s", dtype);
+    CollectivePurpose::write(in_flight.purpose, sizeof(in_flight.purpose));
+    in_flight.bytes = bytes;
+    bool store_answered = false;
+    std::vector<bool> silent(peers_.size(), false);
+    const std::string peers = diagnose_peers(store_answered, silent);
+    const std::string traces = store_answered ? compare_traces(silent) : std::string();
     broken_ = fmt::format("rank {}: {} across {} processes failed after {} ms (time-out {} ms): {}; {}{}{}",
-                          env_.rank, what, env_.world_size, ms.count(), timeout_.count(), peers, cause,
-                          traces.empty() ? "" : "; ", traces);
+                          env_.rank, in_flight.describe(), env_.world_size, ms.count(), timeout_.count(), peers,
+                          cause, traces.empty() ? "" : "; ", traces);
     throw DistributedError(broken_);
   }
   trace_.finish(sequence, true);
 }
 
-inline std::string ProcessGroup::compare_traces() {
+inline std::string ProcessGroup::compare_traces(const std::vector<bool>& silent) {
   if (trace_.capacity() == 0) return "";
-  std::vector<std::string> summaries(static_cast<std::size_t>(env_.world_size));
-  summaries[static_cast<std::size_t>(env_.rank)] = trace_.summary();
+  // The store is asked through finish_within (see Note [Rendezvous failures]):
+  // what was read when the limit passes is compared, the rest did not answer.
+  struct Exchange {
+    std::mutex mutex;
+    std::vector<std::string> summaries;
+  };
+  auto exchange = std::make_shared<Exchange>();
+  exchange->summaries.resize(static_cast<std::size_t>(env_.world_size));
+  exchange->summaries[static_cast<std::size_t>(env_.rank)] = trace_.summary();
+  // The others fail at about the same time (they wait as long): give them
+  // a few heartbeats to post theirs; one whose heartbeat stopped is read
+  // once (it posted its summary when it ended, if it ended cleanly).
+  const auto wait = std::max(heartbeat_interval() * 6, std::chrono::milliseconds(2000));
+  std::vector<std::string> keys;
+  for (int r = 0; r < env_.world_size; ++r) keys.push_back(trace_key(r));
   try {
-    const std::string& mine = summaries[static_cast<std::size_t>(env_.rank)];
-    store_->set(trace_key(env_.rank), std::vector<std::uint8_t>(mine.begin(), mine.end()));
-    // The others fail at about the same time (they wait as long): give them
-    // a few heartbeats to post theirs.
-    const auto deadline = std::chrono::steady_clock::now() + std::max(heartbeat_interval() * 6, std::chrono::milliseconds(2000));
-    for (int r = 0; r < env_.world_size; ++r) {
-      if (r == env_.rank) continue;
-      while (!store_->check({trace_key(r)}) && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    detail::finish_within(wait + std::chrono::milliseconds(1000), [exchange, store = store_, keys, silent,
+                                                                   rank = env_.rank,
+                                                                   mine = exchange->summaries[static_cast<std::size_t>(
+                                                                       env_.rank)],
+                                                                   wait] {
+      store->set(keys[static_cast<std::size_t>(rank)], std::vector<std::uint8_t>(mine.begin(), mine.end()));
+      const auto deadline = std::chrono::steady_clock::now() + wait;
+      for (std::size_t r = 0; r < keys.size(); ++r) {
+        if (static_cast<int>(r) == rank) continue;
+        while (!silent[r] && !store->check({keys[r]}) && std::chrono::steady_clock::now() < deadline) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        if (!store->check({keys[r]})) continue;
+        const auto bytes = store->get(keys[r]);
+        std::lock_guard<std::mutex> lock(exchange->mutex);
+        exchange->summaries[r].assign(bytes.begin(), bytes.end());
       }
-      if (!store_->check({trace_key(r)})) continue;
-      const auto bytes = store_->get(trace_key(r));
-      summaries[static_cast<std::size_t>(r)].assign(bytes.begin(), bytes.end());
-    }
+    });
   } catch (...) {
     // The store is gone (rank 0 ended): compare what was read; the rest did not answer.
   }
-  return CollectiveTrace::first_difference(summaries);
+  std::lock_guard<std::mutex> lock(exchange->mutex);
+  return CollectiveTrace::first_difference(exchange->summaries);
 }
 
 inline void ProcessGroup::all_reduce_sum(const at::Tensor& tensor) {
@@ -549,7 +670,7 @@ inline std::vector<std::string> ProcessGroup::all_gather_text(const std::string&
 
 inline void ProcessGroup::connect() {}
 inline void ProcessGroup::start_heartbeat() {}
-inline std::string ProcessGroup::diagnose_peers() { return ""; }
+inline std::string ProcessGroup::diagnose_peers(bool&, std::vector<bool>&) { return ""; }
 inline void ProcessGroup::all_reduce_sum(const at::Tensor&) {}
 inline void ProcessGroup::broadcast(const at::Tensor&, int) {}
 inline void ProcessGroup::barrier() {}
@@ -613,12 +734,12 @@ inline void ProcessGroup::dump_trace_on_signal(int signal, int fd) {
 }
 
 inline void ProcessGroup::stop_heartbeat() noexcept {
-  {
-    std::lock_guard<std::mutex> lock(heartbeat_mutex_);
-    heartbeat_stop_ = true;
-  }
-  heartbeat_cv_.notify_all();
-  if (heartbeat_.joinable()) heartbeat_.join();
+  // A beat blocked on a store that no longer answers is left behind after a
+  // second (see Note [Rendezvous failures]); otherwise the thread ends at once.
+  std::unique_lock<std::mutex> lock(heartbeat_->mutex);
+  heartbeat_->stop = true;
+  heartbeat_->cv.notify_all();
+  heartbeat_->cv.wait_for(lock, std::chrono::milliseconds(1000), [this] { return heartbeat_->done; });
 }
 
 inline void ProcessGroup::check_usable(const char* what) const {
