@@ -2,7 +2,7 @@
 # Tests of `multigpu-run --slurm` against a real single-node Slurm that the
 # test starts and stops itself (tests/tools/slurm_cluster.sh). Usage:
 #   multigpu_run_slurm_test.sh TOOL SOURCE_DIR WORK_DIR CASE [QUICKSTART]
-# CASE: cluster | submit | live | cancel | requeue | errors | max_array | limits | quickstart
+# CASE: cluster | submit | live | cancel | requeue | signal | errors | max_array | limits | quickstart
 # Exit status 77: skipped (the reason on stderr): not root, or Slurm and munge
 # not installed (scripts/setup.sh installs them).
 set -euo pipefail
@@ -121,6 +121,20 @@ TASKS
     wait "$pid" || fail "run: $(cat run.out)"
     grep -q "start restart=0" multigpu-logs/long.log && grep -q "start restart=1" multigpu-logs/long.log \
       && grep -q "Slurm requeued the task (SLURM_RESTART_COUNT=1)" multigpu-logs/long.log || fail "$(cat multigpu-logs/long.log)"
+    grep -q "1 task(s): 1 done, 0 failed" run.out || fail "$(cat run.out)"
+    ;;
+  signal)
+    # A signal Slurm sends to the batch shell alone (sbatch --signal=B:USR1@90, scancel --batch) reaches
+    # the task, which a training uses to save before its time is up (Note [Signals for the task]).
+    printf '%s\n' "[name=sig] trap 'echo got USR1; exit 0' USR1; echo ready; while :; do sleep 0.2; done" > sig.tasks
+    "$tool" --poll 0.5 --slurm sig.tasks > run.out 2>&1 &
+    pid=$!; followers+=("$pid")
+    for _ in $(seq 200); do grep -q "^ready" multigpu-logs/sig.log 2>/dev/null && break; sleep 0.1; done
+    grep -q "^ready" multigpu-logs/sig.log || fail "the task did not start: $(cat run.out)"
+    job=$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)
+    scancel --batch --signal=USR1 "$job"
+    wait "$pid" || fail "run: $(cat run.out) $(cat multigpu-logs/sig.log)"
+    grep -q "got USR1" multigpu-logs/sig.log || fail "the task did not get the signal: $(cat multigpu-logs/sig.log)"
     grep -q "1 task(s): 1 done, 0 failed" run.out || fail "$(cat run.out)"
     ;;
   errors)

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -87,6 +88,26 @@ using Json = nlohmann::json;
 inline volatile std::sig_atomic_t& stop_following() {
   static volatile std::sig_atomic_t flag = 0;
   return flag;
+}
+
+// Note [Signals for the task]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Some of Slurm's signals go to the batch shell alone, not to every
+// process of the job: `sbatch --signal=B:USR1@90` (a training's cue to
+// save before its time limit, as Lightning and submitit use it) and
+// `scancel --batch --signal=...`. Here the batch shell execs the wrapper,
+// so such a signal reached only the wrapper, which died of it (USR1's
+// default action), leaving its task running unsupervised and reported
+// failed. The wrapper passes SIGUSR1 and SIGUSR2 on to the task's process
+// group (the task runs in one of its own, so a shell's children get it as
+// the shell does) and goes on waiting. SIGTERM and SIGINT are not passed
+// on: Slurm sends them (scancel, preemption, the time limit) to every
+// process of the job itself, and a second copy would read as a second
+// Ctrl-C to a training that saves on the first. A signal that arrives
+// between two attempts, or before the first, finds no task and is dropped.
+inline volatile std::sig_atomic_t& task_group() {
+  static volatile std::sig_atomic_t group = 0;
+  return group;
 }
 
 /// A command's output (stdout and stderr together) and exit status.
@@ -632,6 +653,14 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
     }
   }
   const std::string command = multigpu::detail::command_for(task.command, gpus, task.name);
+  struct sigaction pass_on {};
+  pass_on.sa_handler = [](int signal) {  // See Note [Signals for the task]
+    const pid_t group = static_cast<pid_t>(task_group());
+    if (group > 0) ::kill(-group, signal);
+  };
+  pass_on.sa_flags = SA_RESTART;
+  ::sigemptyset(&pass_on.sa_mask);
+  for (const int signal : {SIGUSR1, SIGUSR2}) ::sigaction(signal, &pass_on, nullptr);
   int code = 0;
   for (int attempt = 1; attempt <= retries + 1; ++attempt) {
     const auto marker_before = multigpu::detail::marker_time(task.done_marker);
@@ -644,6 +673,7 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
                                                       task.name, attempt, job, node, gpus, command));
     const pid_t child = ::fork();
     if (child == 0) {
+      ::setpgid(0, 0);
       const int fd = ::open(log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW, 0644);
       if (fd >= 0) {
         ::dup2(fd, 1);
@@ -654,9 +684,14 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
       ::execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
+    if (child > 0) {
+      ::setpgid(child, child);  // also here, so that no signal finds the group not yet made
+      task_group() = child;
+    }
     int wait_status = 0;
     while (::waitpid(child, &wait_status, 0) < 0 && errno == EINTR) {
     }
+    task_group() = 0;
     code = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : 128 + WTERMSIG(wait_status);
     const double seconds = multigpu::detail::unix_now() - started;
     status["seconds"] = seconds;
