@@ -655,8 +655,10 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
   const std::string command = multigpu::detail::command_for(task.command, gpus, task.name);
   struct sigaction pass_on {};
   pass_on.sa_handler = [](int signal) {  // See Note [Signals for the task]
+    const int saved_errno = errno;          // kill() of a group just gone sets it
     const pid_t group = static_cast<pid_t>(task_group());
     if (group > 0) ::kill(-group, signal);
+    errno = saved_errno;
   };
   pass_on.sa_flags = SA_RESTART;
   ::sigemptyset(&pass_on.sa_mask);
