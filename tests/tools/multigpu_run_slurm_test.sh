@@ -33,8 +33,12 @@ queue_empty() {
 
 case "$case_name" in
   cluster)
-    # Each array task gets a GPU of its own, named by Slurm in CUDA_VISIBLE_DEVICES.
-    sbatch --parsable --array=0-3 --gres=gpu:1 -o "$work/out_%a" --wrap 'echo "gpu=$CUDA_VISIBLE_DEVICES"; sleep 1' > /dev/null
+    # Each array task gets a GPU of its own, named by Slurm in CUDA_VISIBLE_DEVICES. Each task holds
+    # its GPU until two have started (20 s at most; the node's two CPUs run two at once): on a loaded
+    # machine tasks that ran one after the other could all get GPU 0 (seen once in the ThreadSanitizer stage).
+    sbatch --parsable --array=0-3 --gres=gpu:1 -o "$work/out_%a" --wrap "echo \"gpu=\$CUDA_VISIBLE_DEVICES\"; \
+      touch '$work/started_'\$SLURM_ARRAY_TASK_ID; \
+      for _ in \$(seq 200); do [ \$(ls '$work'/started_* | wc -l) -ge 2 ] && break; sleep 0.1; done" > /dev/null
     queue_empty || fail "the array did not end: $(squeue)"
     seen=$(cat out_* | sort -u | wc -l)
     [[ $seen -ge 2 ]] || fail "array tasks shared GPUs: $(cat out_*)"
