@@ -105,6 +105,11 @@ inline volatile std::sig_atomic_t& stop_following() {
 // process of the job itself, and a second copy would read as a second
 // Ctrl-C to a training that saves on the first. A signal that arrives
 // between two attempts, or before the first, finds no task and is dropped.
+// The handler is installed without SA_RESTART, so that the wrapper's
+// waitpid returns EINTR and is called again: under ThreadSanitizer a
+// handler runs late, when the interrupted call returns into the runtime,
+// and a waitpid the kernel restarted never returned (the task waited for
+// its USR1 and the wrapper for the task).
 inline volatile std::sig_atomic_t& task_group() {
   static volatile std::sig_atomic_t group = 0;
   return group;
@@ -660,7 +665,7 @@ inline int run_task(const std::string& log_dir, const std::string& offset_text) 
     if (group > 0) ::kill(-group, signal);
     errno = saved_errno;
   };
-  pass_on.sa_flags = SA_RESTART;
+  pass_on.sa_flags = 0;  // no SA_RESTART: see the Note
   ::sigemptyset(&pass_on.sa_mask);
   for (const int signal : {SIGUSR1, SIGUSR2}) ::sigaction(signal, &pass_on, nullptr);
   int code = 0;
