@@ -25,21 +25,21 @@ gpus=4
 [[ $case_name == max_array ]] && export SLURM_TEST_MAX_ARRAY_SIZE=3
 status=0; slurm_cluster_start "$work/cluster" "$gpus" || status=$?
 [[ $status == 0 ]] || exit "$status"
-# Waits until squeue lists none of the cluster's jobs (20 s at most).
+# Waits until squeue lists none of the cluster's jobs (SECONDS, 20 by default, at most).
 queue_empty() {
-  for _ in $(seq 200); do [[ -z $(squeue -h 2>/dev/null) ]] && return 0; sleep 0.1; done
+  for _ in $(seq $((${1:-20} * 10))); do [[ -z $(squeue -h 2>/dev/null) ]] && return 0; sleep 0.1; done
   return 1
 }
 
 case "$case_name" in
   cluster)
     # Each array task gets a GPU of its own, named by Slurm in CUDA_VISIBLE_DEVICES. Each task holds
-    # its GPU until two have started (20 s at most; the node's two CPUs run two at once): on a loaded
-    # machine tasks that ran one after the other could all get GPU 0 (seen once in the ThreadSanitizer stage).
+    # its GPU until two have started (15 s at most; the cluster's node has four CPUs): tasks that ran
+    # one after the other could all get GPU 0. Should Slurm not run two at once, the failure shows why.
     sbatch --parsable --array=0-3 --gres=gpu:1 -o "$work/out_%a" --wrap "echo \"gpu=\$CUDA_VISIBLE_DEVICES\"; \
       touch '$work/started_'\$SLURM_ARRAY_TASK_ID; \
-      for _ in \$(seq 200); do [ \$(ls '$work'/started_* | wc -l) -ge 2 ] && break; sleep 0.1; done" > /dev/null
-    queue_empty || fail "the array did not end: $(squeue)"
+      for _ in \$(seq 150); do [ \$(ls '$work'/started_* | wc -l) -ge 2 ] && break; sleep 0.1; done" > /dev/null
+    queue_empty 60 || fail "the array did not end: $(squeue -o '%i %T %r %C %b'; scontrol show node)"
     seen=$(cat out_* | sort -u | wc -l)
     [[ $seen -ge 2 ]] || fail "array tasks shared GPUs: $(cat out_*)"
     pids=("${slurm_cluster_pids[@]}")
@@ -137,6 +137,8 @@ TASKS
     grep -q "^ready" multigpu-logs/sig.log || fail "the task did not start: $(cat run.out)"
     job=$(awk '{print $1}' multigpu-logs/.slurm/jobs.txt)
     scancel --batch --signal=USR1 "$job"
+    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    ! kill -0 "$pid" 2>/dev/null || fail "the task did not end within 30 s of the signal: $(cat multigpu-logs/sig.log)"
     wait "$pid" || fail "run: $(cat run.out) $(cat multigpu-logs/sig.log)"
     grep -q "got USR1" multigpu-logs/sig.log || fail "the task did not get the signal: $(cat multigpu-logs/sig.log)"
     grep -q "1 task(s): 1 done, 0 failed" run.out || fail "$(cat run.out)"

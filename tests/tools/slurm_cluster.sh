@@ -47,6 +47,7 @@ slurm_cluster_stop() {
       sleep 0.1
     done
   fi
+  local conf="$slurm_cluster_conf"
   slurm_cluster_conf=""
   for pid in "${slurm_cluster_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${slurm_cluster_pids[@]}"; do
@@ -55,6 +56,24 @@ slurm_cluster_stop() {
     wait "$pid" 2>/dev/null || true
   done
   slurm_cluster_pids=()
+  # What scancel could not end (slurmctld already gone, a job that ignores SIGTERM): this
+  # cluster's slurmstepd and the jobs' processes, found by the SLURM_CONF they inherited.
+  [[ -n $conf ]] && slurm_cluster_kill_jobs "$conf"
+  return 0
+}
+
+# Sends SIGKILL to every slurmstepd and job process whose environment names CONF.
+slurm_cluster_kill_jobs() {
+  local conf="$1" entry pid
+  for entry in /proc/[0-9]*; do
+    pid="${entry#/proc/}"
+    [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+    tr '\0' '\n' 2>/dev/null < "$entry/environ" | grep -qxF "SLURM_CONF=$conf" || continue
+    if tr '\0' ' ' 2>/dev/null < "$entry/cmdline" | grep -q '^slurmstepd' \
+        || tr '\0' '\n' 2>/dev/null < "$entry/environ" | grep -q '^SLURM_JOB_ID='; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
 }
 
 # A TCP port nothing listens on now.
@@ -97,7 +116,12 @@ slurm_cluster_start() {
     fi
   done
   local host; host="$(hostname -s)"
-  local cpus; cpus="$(nproc)"
+  # Four CPUs, one thread per core, whatever the machine has (config_overrides makes slurmd take
+  # the configuration as it is): the cluster's checks need tasks running side by side, and on a
+  # CI's machine, CPUs=$(nproc) with CR_Core let array tasks run only one at a time (the others
+  # pending for "Resources"); a node declared with its layout and CR_CPU does not depend on how
+  # the machine's CPUs are laid out.
+  local cpus; cpus="$(nproc)"; ((cpus >= 4)) || cpus=4
   cat > "$dir/slurm.conf" <<CONF
 ClusterName=multigpu-test
 SlurmctldHost=$host(127.0.0.1)
@@ -117,7 +141,7 @@ SlurmdLogFile=$dir/log/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_CPU
 GresTypes=gpu
 SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
@@ -128,7 +152,7 @@ MinJobAge=300
 KillWait=2
 SchedulerParameters=sched_interval=1
 MaxArraySize=${SLURM_TEST_MAX_ARRAY_SIZE:-1001}
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=4000 $( ((gpus > 0)) && echo "Gres=gpu:$gpus") State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=4000 $( ((gpus > 0)) && echo "Gres=gpu:$gpus") State=UNKNOWN
 PartitionName=test Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
   {
